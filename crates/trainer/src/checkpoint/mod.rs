@@ -1,0 +1,147 @@
+//! Checkpoints: `checkpoints/step-NNNNNNNN/{model.safetensors, optimizer.safetensors, state.json}`.
+//!
+//! A checkpoint is written into a temporary directory (`.tmp-step-NNNNNNNN-PID`) and renamed into
+//! place once every file is complete and synced, so a reader never sees half of one; `state.json`
+//! is written last and is what marks a directory complete. Only the last `keep` complete
+//! checkpoints are kept, and an older one is deleted only after a newer one is complete.
+
+use crate::error::{io_err, Error, Result};
+use crate::models::params::ParamStore;
+use crate::optim::Optimizer;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "state.json";
+
+/// Everything besides tensors that a resumed run needs. Data order and learning rate are pure
+/// functions of (seed, step), so the step is the whole cursor.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    pub format: u32,
+    /// Completed optimizer steps.
+    pub step: i64,
+    /// Training tokens consumed.
+    pub tokens: i64,
+    pub seed: u64,
+    /// Wall-clock seconds spent training before this checkpoint (summed over resumes).
+    pub train_seconds: f64,
+    pub last_valid_loss: Option<f64>,
+}
+
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+pub fn step_dir(run_dir: &Path, step: i64) -> PathBuf {
+    checkpoints_dir(run_dir).join(format!("step-{step:08}"))
+}
+
+/// Complete checkpoints (those with a `state.json`), oldest first.
+pub fn list_complete(run_dir: &Path) -> Vec<(i64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(checkpoints_dir(run_dir)) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(i64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step: i64 = name.strip_prefix("step-")?.parse().ok()?;
+            let path = e.path();
+            path.join(STATE_FILE).is_file().then_some((step, path))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Writes a checkpoint atomically and prunes old ones down to `keep`.
+pub fn save(
+    run_dir: &Path,
+    state: &TrainState,
+    params: &ParamStore,
+    optimizer: &Optimizer,
+    keep: usize,
+) -> Result<PathBuf> {
+    let final_dir = step_dir(run_dir, state.step);
+    let parent = checkpoints_dir(run_dir);
+    std::fs::create_dir_all(&parent).map_err(io_err(format!("creating {}", parent.display())))?;
+    let tmp = parent.join(format!(".tmp-step-{:08}-{}", state.step, std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io_err(format!("removing {}", tmp.display())))?;
+    }
+    std::fs::create_dir(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+    params.save(&tmp.join(MODEL_FILE))?;
+    optimizer.save(&tmp.join(OPTIMIZER_FILE))?;
+    let json = serde_json::to_string_pretty(state).unwrap_or_default();
+    write_synced(&tmp.join(STATE_FILE), json.as_bytes())?;
+    for f in [MODEL_FILE, OPTIMIZER_FILE] {
+        sync_file(&tmp.join(f))?;
+    }
+    if final_dir.exists() {
+        // A checkpoint of the same step exists (a run resumed from an older checkpoint and
+        // reached this step again): it is replaced only now that the new one is complete.
+        let old = parent.join(format!(".old-step-{:08}-{}", state.step, std::process::id()));
+        std::fs::rename(&final_dir, &old).map_err(io_err(format!("moving {}", final_dir.display())))?;
+        std::fs::rename(&tmp, &final_dir).map_err(io_err(format!("renaming {}", tmp.display())))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tmp, &final_dir).map_err(io_err(format!("renaming {}", tmp.display())))?;
+    }
+    sync_dir(&parent);
+    prune(run_dir, keep)?;
+    Ok(final_dir)
+}
+
+fn prune(run_dir: &Path, keep: usize) -> Result<()> {
+    let all = list_complete(run_dir);
+    if all.len() > keep {
+        for (_, path) in &all[..all.len() - keep] {
+            std::fs::remove_dir_all(path).map_err(io_err(format!("removing {}", path.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads `state.json` of a checkpoint directory.
+pub fn read_state(dir: &Path) -> Result<TrainState> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::Checkpoint {
+        path: dir.to_path_buf(),
+        msg: format!("cannot read {STATE_FILE}: {e} (not a complete checkpoint)"),
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+        path: path.clone(),
+        msg: format!("malformed {STATE_FILE}: {e}"),
+    })
+}
+
+/// Loads model and optimizer state from a checkpoint directory; returns its train state.
+pub fn load(dir: &Path, params: &mut ParamStore, optimizer: &mut Optimizer) -> Result<TrainState> {
+    if !dir.is_dir() {
+        return Err(Error::Checkpoint { path: dir.to_path_buf(), msg: "no such checkpoint directory".into() });
+    }
+    let state = read_state(dir)?;
+    params.load(&dir.join(MODEL_FILE))?;
+    optimizer.load(&dir.join(OPTIMIZER_FILE))?;
+    Ok(state)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(io_err(format!("creating {}", path.display())))?;
+    f.write_all(bytes).map_err(io_err(format!("writing {}", path.display())))?;
+    f.sync_all().map_err(io_err(format!("syncing {}", path.display())))
+}
+
+fn sync_file(path: &Path) -> Result<()> {
+    let f = std::fs::File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
+    f.sync_all().map_err(io_err(format!("syncing {}", path.display())))
+}
+
+fn sync_dir(path: &Path) {
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = f.sync_all();
+    }
+}

@@ -1,0 +1,4 @@
+//! Token data: sources (token files, text, the built-in corpus) and batching.
+
+pub mod loader;
+pub mod source;

@@ -1,0 +1,187 @@
+//! Token sources: where the ids come from, checked once at open.
+//!
+//! - token files: flat little-endian uint16 or uint32 arrays (nanoGPT's `.bin`), memory-mapped;
+//! - text files: UTF-8, one token per byte (vocab 256);
+//! - the built-in corpus: Alice's Adventures in Wonderland (Project Gutenberg #11, public domain),
+//!   compiled into the binary so that the quickstart needs no download.
+
+use crate::error::{Error, Result};
+use crate::recipe::{SourceConfig, TokenDtype};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The built-in corpus, byte-level.
+pub static BUILTIN_CORPUS: &[u8] = include_bytes!("../../data/wonderland.txt");
+
+enum Storage {
+    Bytes(Vec<u8>),
+    Mapped { map: memmap2::Mmap, dtype: TokenDtype },
+}
+
+/// An immutable sequence of token ids.
+pub struct TokenData {
+    storage: Storage,
+    /// Where it came from, for messages.
+    pub name: String,
+}
+
+impl TokenData {
+    pub fn len(&self) -> usize {
+        match &self.storage {
+            Storage::Bytes(b) => b.len(),
+            Storage::Mapped { map, dtype } => map.len() / dtype.width(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Token id at position `i`.
+    pub fn get(&self, i: usize) -> i64 {
+        match &self.storage {
+            Storage::Bytes(b) => b[i] as i64,
+            Storage::Mapped { map, dtype: TokenDtype::Uint16 } => {
+                u16::from_le_bytes([map[2 * i], map[2 * i + 1]]) as i64
+            }
+            Storage::Mapped { map, dtype: TokenDtype::Uint32 } => {
+                let o = 4 * i;
+                u32::from_le_bytes([map[o], map[o + 1], map[o + 2], map[o + 3]]) as i64
+            }
+        }
+    }
+
+    /// Appends tokens `[start, start + n)` to `out`.
+    pub fn extend_window(&self, start: usize, n: usize, out: &mut Vec<i64>) {
+        match &self.storage {
+            Storage::Bytes(b) => out.extend(b[start..start + n].iter().map(|&x| x as i64)),
+            Storage::Mapped { map, dtype: TokenDtype::Uint16 } => out.extend(
+                map[2 * start..2 * (start + n)]
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]) as i64),
+            ),
+            Storage::Mapped { map, dtype: TokenDtype::Uint32 } => out.extend(
+                map[4 * start..4 * (start + n)]
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64),
+            ),
+        }
+    }
+
+    fn max_id(&self) -> i64 {
+        match &self.storage {
+            Storage::Bytes(b) => b.iter().copied().max().unwrap_or(0) as i64,
+            Storage::Mapped { map, dtype: TokenDtype::Uint16 } => map
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]) as i64)
+                .max()
+                .unwrap_or(0),
+            Storage::Mapped { map, dtype: TokenDtype::Uint32 } => map
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                .max()
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// Opens a source and checks it against the model: not missing, not empty, a whole number of
+/// tokens, every id below `vocab_size`. `key` names the recipe key in messages (`data.train`).
+pub fn open(cfg: &SourceConfig, key: &str, vocab_size: i64) -> Result<Arc<TokenData>> {
+    let data = match cfg {
+        SourceConfig::Builtin {} => TokenData {
+            storage: Storage::Bytes(BUILTIN_CORPUS.to_vec()),
+            name: "builtin:wonderland".to_string(),
+        },
+        SourceConfig::Text { path } => {
+            let bytes = read_file(path, key)?;
+            TokenData { storage: Storage::Bytes(bytes), name: path.display().to_string() }
+        }
+        SourceConfig::Tokens { path, dtype } => open_tokens(path, *dtype, key)?,
+    };
+    let err = |msg: String| Error::Data { path: format!("{key} = {}", data.name), msg };
+    if data.is_empty() {
+        return Err(err("is empty".to_string()));
+    }
+    let max = data.max_id();
+    if max >= vocab_size {
+        return Err(err(format!(
+            "holds token id {max} but model.vocab_size is {vocab_size} (ids must be < vocab_size)"
+        )));
+    }
+    Ok(Arc::new(data))
+}
+
+fn read_file(path: &Path, key: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::Data {
+        path: format!("{key} = {}", path.display()),
+        msg: format!("cannot read: {e}"),
+    })
+}
+
+fn open_tokens(path: &Path, dtype: TokenDtype, key: &str) -> Result<TokenData> {
+    let name = path.display().to_string();
+    let err = |msg: String| Error::Data { path: format!("{key} = {name}"), msg };
+    let file = std::fs::File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+    let meta = file.metadata().map_err(|e| err(format!("cannot stat: {e}")))?;
+    if !meta.is_file() {
+        return Err(err("is not a regular file".to_string()));
+    }
+    let width = dtype.width() as u64;
+    if meta.len() % width != 0 {
+        return Err(err(format!(
+            "size {} bytes is not a multiple of the token width ({width} bytes for {:?}); \
+             wrong dtype or a truncated file?",
+            meta.len(),
+            dtype
+        )));
+    }
+    if meta.len() == 0 {
+        return Err(err("is empty".to_string()));
+    }
+    // SAFETY: the file is opened read-only; the trainer never writes to its data files. A file
+    // truncated by another process while mapped would fault, as with any mmap reader (nanoGPT's
+    // np.memmap included).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| err(format!("cannot map: {e}")))?;
+    Ok(TokenData { storage: Storage::Mapped { map, dtype }, name })
+}
+
+/// A contiguous range of a token sequence: the train or validation part of a source.
+#[derive(Clone)]
+pub struct Span {
+    pub data: Arc<TokenData>,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl Span {
+    pub fn whole(data: Arc<TokenData>) -> Span {
+        let len = data.len();
+        Span { data, start: 0, len }
+    }
+
+    /// Splits off the last `fraction` as validation: (train, valid).
+    pub fn split(data: Arc<TokenData>, fraction: f64) -> (Span, Span) {
+        let n = data.len();
+        let n_valid = ((n as f64) * fraction).round() as usize;
+        let n_train = n - n_valid;
+        (
+            Span { data: data.clone(), start: 0, len: n_train },
+            Span { data, start: n_train, len: n_valid },
+        )
+    }
+
+    /// Checks that at least one window of `window` tokens fits.
+    pub fn check_fits(&self, window: usize, key: &str) -> Result<()> {
+        if self.len < window {
+            return Err(Error::Data {
+                path: format!("{key} = {}", self.data.name),
+                msg: format!(
+                    "has {} tokens but one training window needs seq_len + 1 = {window}",
+                    self.len
+                ),
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,51 @@
+//! Choosing the device a run trains on, and refusing one that this machine does not have.
+
+use crate::error::{Error, Result};
+use tch::Device;
+
+/// What the recipe asked for, before looking at the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+/// Parses `auto`, `cpu`, `cuda` (device 0) or `cuda:N`; None for anything else.
+pub fn parse_device_spec(text: &str) -> Option<DeviceSpec> {
+    match text {
+        "auto" => Some(DeviceSpec::Auto),
+        "cpu" => Some(DeviceSpec::Cpu),
+        "cuda" => Some(DeviceSpec::Cuda(0)),
+        _ => text.strip_prefix("cuda:")?.parse().ok().map(DeviceSpec::Cuda),
+    }
+}
+
+/// Resolves a device spec against this machine: `auto` is the first GPU when there is one.
+pub fn resolve(text: &str) -> Result<Device> {
+    let spec = parse_device_spec(text).ok_or_else(|| {
+        Error::Device(format!("run.device: expected auto, cpu, cuda or cuda:N, got {text:?}"))
+    })?;
+    let n_gpus = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
+    match spec {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Auto if n_gpus > 0 => Ok(Device::Cuda(0)),
+        DeviceSpec::Auto => Ok(Device::Cpu),
+        DeviceSpec::Cuda(_) if n_gpus == 0 => Err(Error::Device(format!(
+            "run.device = {text:?} but no CUDA device is visible on this machine (use cpu or auto)"
+        ))),
+        DeviceSpec::Cuda(i) if i >= n_gpus => Err(Error::Device(format!(
+            "run.device = {text:?} but this machine has {n_gpus} CUDA device(s): cuda:0..cuda:{}",
+            n_gpus - 1
+        ))),
+        DeviceSpec::Cuda(i) => Ok(Device::Cuda(i)),
+    }
+}
+
+pub fn describe(device: Device) -> String {
+    match device {
+        Device::Cpu => format!("cpu ({} threads)", tch::get_num_threads()),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}"),
+    }
+}

@@ -1,0 +1,16 @@
+//! The trainer's building blocks: one concept per module, one file per model or method.
+//! See DESIGN.md (shared) for the architecture and the contracts between modules.
+
+pub mod checkpoint;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod metrics;
+pub mod models;
+pub mod optim;
+pub mod recipe;
+pub mod recipes;
+pub mod schedule;
+pub mod signals;
+
+pub use error::{Error, Result};

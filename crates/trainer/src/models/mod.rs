@@ -1,0 +1,4 @@
+//! Models, one file per family, and the parameter store they register their weights in.
+
+pub mod params;
+pub mod transformer;

@@ -1,0 +1,166 @@
+//! An ordered store of named parameters.
+//!
+//! Models register each weight here under its Hugging Face key (`model.layers.0.mlp.up_proj.weight`)
+//! and keep a shallow clone for their forward pass, so both see the same storage. The order of
+//! registration is the order optimizers, checkpoints and gradient clipping walk: deterministic,
+//! unlike a hash map.
+
+use crate::error::{Error, Result};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+pub struct Param {
+    pub name: String,
+    pub tensor: Tensor,
+    pub trainable: bool,
+}
+
+pub struct ParamStore {
+    device: Device,
+    params: Vec<Param>,
+}
+
+impl ParamStore {
+    pub fn new(device: Device) -> ParamStore {
+        ParamStore { device, params: Vec::new() }
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Registers `init` (created on any device) under `name`, moves it to the store's device,
+    /// makes it a trainable leaf, and returns a handle that shares its storage.
+    pub fn add(&mut self, name: &str, init: Tensor) -> Tensor {
+        debug_assert!(self.params.iter().all(|p| p.name != name), "duplicate parameter {name}");
+        let tensor = init.to_device(self.device).detach().set_requires_grad(true);
+        let handle = tensor.shallow_clone();
+        self.params.push(Param { name: name.to_string(), tensor, trainable: true });
+        handle
+    }
+
+    /// Normal(0, std) initialised weight, drawn on the CPU generator so that a seed gives the same
+    /// model on every device.
+    pub fn normal(&mut self, name: &str, shape: &[i64], std: f64) -> Tensor {
+        let t = Tensor::randn(shape, (Kind::Float, Device::Cpu)) * std;
+        self.add(name, t)
+    }
+
+    pub fn ones(&mut self, name: &str, shape: &[i64]) -> Tensor {
+        self.add(name, Tensor::ones(shape, (Kind::Float, Device::Cpu)))
+    }
+
+    pub fn zeros(&mut self, name: &str, shape: &[i64]) -> Tensor {
+        self.add(name, Tensor::zeros(shape, (Kind::Float, Device::Cpu)))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Param> {
+        self.params.iter()
+    }
+
+    pub fn trainable(&self) -> impl Iterator<Item = &Param> {
+        self.params.iter().filter(|p| p.trainable)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.params.iter().find(|p| p.name == name).map(|p| &p.tensor)
+    }
+
+    pub fn num_params(&self) -> i64 {
+        self.params.iter().map(|p| p.tensor.numel() as i64).sum()
+    }
+
+    pub fn num_trainable(&self) -> i64 {
+        self.trainable().map(|p| p.tensor.numel() as i64).sum()
+    }
+
+    pub fn bytes(&self) -> i64 {
+        self.params.iter().map(|p| bytes_of(&p.tensor)).sum()
+    }
+
+    /// Converts every parameter to `kind` in place (the handles the model holds follow).
+    pub fn set_kind(&mut self, kind: Kind) {
+        tch::no_grad(|| {
+            for p in &mut self.params {
+                let converted = p.tensor.to_kind(kind);
+                p.tensor.set_data(&converted);
+            }
+        });
+    }
+
+    pub fn zero_grad(&mut self) {
+        for p in &mut self.params {
+            let mut g = p.tensor.grad();
+            if g.defined() {
+                let _ = g.detach_().zero_();
+            }
+        }
+    }
+
+    /// Writes all parameters to a safetensors file (on the CPU, in their own dtype).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let named: Vec<(&str, Tensor)> =
+            self.params.iter().map(|p| (p.name.as_str(), p.tensor.detach().to_device(Device::Cpu))).collect();
+        Tensor::write_safetensors(&named, path).map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg: crate::error::first_line(&e.to_string()),
+        })
+    }
+
+    /// Loads every parameter from a safetensors file. Every key must be present with the same
+    /// shape, and no extra keys may be present: a mismatch names the key and both shapes.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let loaded = read_safetensors(path)?;
+        copy_named(&mut self.params.iter().map(|p| (p.name.as_str(), &p.tensor)), loaded, path)
+    }
+}
+
+pub fn bytes_of(t: &Tensor) -> i64 {
+    t.numel() as i64 * t.kind().elt_size_in_bytes() as i64
+}
+
+/// Reads a safetensors file; a missing, truncated or corrupt file is one clear error.
+pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    if !path.is_file() {
+        return Err(Error::Checkpoint { path: path.to_path_buf(), msg: "file not found".into() });
+    }
+    Tensor::read_safetensors(path).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg: format!("cannot read safetensors (truncated or corrupt?): {}", crate::error::first_line(&e.to_string())),
+    })
+}
+
+/// Copies `loaded` into `targets` by name, checking that the two sets of names and every shape
+/// agree.
+pub fn copy_named<'a>(
+    targets: &mut dyn Iterator<Item = (&'a str, &'a Tensor)>,
+    loaded: Vec<(String, Tensor)>,
+    path: &Path,
+) -> Result<()> {
+    let mut loaded: std::collections::BTreeMap<String, Tensor> = loaded.into_iter().collect();
+    let err = |msg: String| Error::Checkpoint { path: path.to_path_buf(), msg };
+    let mut pairs = Vec::new();
+    for (name, target) in targets {
+        let Some(src) = loaded.remove(name) else {
+            return Err(err(format!("missing tensor {name} (expected shape {:?})", target.size())));
+        };
+        if src.size() != target.size() {
+            return Err(err(format!(
+                "tensor {name} has shape {:?} in the checkpoint but {:?} in the model",
+                src.size(),
+                target.size()
+            )));
+        }
+        pairs.push((target, src));
+    }
+    if let Some(extra) = loaded.keys().next() {
+        return Err(err(format!("unexpected tensor {extra} (not in the model)")));
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (target, src) in pairs {
+            let mut t = target.shallow_clone();
+            t.f_copy_(&src)?;
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,399 @@
+//! Decoder-only transformer, two families in one file:
+//!
+//! - Llama (Touvron et al. 2023; transformers' `modeling_llama.py`): RMSNorm, rotary position
+//!   embeddings (rotate-half convention) with configurable theta, SwiGLU MLP, grouped-query
+//!   attention, no biases, optionally tied input and output embeddings.
+//! - GPT-2 (Radford et al. 2019; transformers' `modeling_gpt2.py`): LayerNorm, learned absolute
+//!   positions, GELU (tanh approximation, `gelu_new`), biases everywhere, tied embeddings.
+//!
+//! Parameter names and shapes equal the Hugging Face checkpoint keys, so checkpoints map one to
+//! one: GPT-2's `Conv1D` weights are stored `[in, out]` as Hugging Face stores them.
+//! Attention goes through libtorch's `scaled_dot_product_attention` (flash kernels on CUDA).
+
+use super::params::ParamStore;
+use crate::recipe::ModelConfig;
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Gpt2,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransformerConfig {
+    pub family: Family,
+    pub vocab_size: i64,
+    pub d_model: i64,
+    pub n_layers: i64,
+    pub n_heads: i64,
+    pub n_kv_heads: i64,
+    pub d_ff: i64,
+    pub max_seq_len: i64,
+    pub rope_theta: f64,
+    pub norm_eps: f64,
+    pub tie_embeddings: bool,
+    pub dropout: f64,
+}
+
+impl TransformerConfig {
+    pub fn from_recipe(cfg: &ModelConfig) -> TransformerConfig {
+        match cfg {
+            ModelConfig::Llama {
+                vocab_size,
+                d_model,
+                n_layers,
+                n_heads,
+                n_kv_heads,
+                d_ff,
+                max_seq_len,
+                rope_theta,
+                norm_eps,
+                tie_embeddings,
+            } => TransformerConfig {
+                family: Family::Llama,
+                vocab_size: *vocab_size,
+                d_model: *d_model,
+                n_layers: *n_layers,
+                n_heads: *n_heads,
+                n_kv_heads: n_kv_heads.unwrap_or(*n_heads),
+                d_ff: *d_ff,
+                max_seq_len: *max_seq_len,
+                rope_theta: *rope_theta,
+                norm_eps: *norm_eps,
+                tie_embeddings: *tie_embeddings,
+                dropout: 0.0,
+            },
+            ModelConfig::Gpt2 {
+                vocab_size,
+                d_model,
+                n_layers,
+                n_heads,
+                d_ff,
+                max_seq_len,
+                norm_eps,
+                dropout,
+            } => TransformerConfig {
+                family: Family::Gpt2,
+                vocab_size: *vocab_size,
+                d_model: *d_model,
+                n_layers: *n_layers,
+                n_heads: *n_heads,
+                n_kv_heads: *n_heads,
+                d_ff: d_ff.unwrap_or(4 * d_model),
+                max_seq_len: *max_seq_len,
+                rope_theta: 0.0,
+                norm_eps: *norm_eps,
+                tie_embeddings: true,
+                dropout: *dropout,
+            },
+        }
+    }
+
+    pub fn head_dim(&self) -> i64 {
+        self.d_model / self.n_heads
+    }
+
+    /// Forward-pass FLOPs per token for training (6N plus attention), as in the PaLM paper's
+    /// appendix B, used for model FLOPs utilisation.
+    pub fn train_flops_per_token(&self, n_params_no_embed: i64, seq_len: i64) -> f64 {
+        6.0 * n_params_no_embed as f64
+            + 12.0 * (self.n_layers * self.d_model * seq_len) as f64
+    }
+}
+
+/// A dense projection. `transposed` weights are stored `[in, out]` (GPT-2's Conv1D); the others
+/// `[out, in]` (torch.nn.Linear).
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    transposed: bool,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        if self.transposed {
+            x.linear(&self.weight.tr(), self.bias.as_ref())
+        } else {
+            x.linear(&self.weight, self.bias.as_ref())
+        }
+    }
+}
+
+enum Norm {
+    Rms { weight: Tensor, eps: f64 },
+    Layer { weight: Tensor, bias: Tensor, eps: f64 },
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            // transformers' LlamaRMSNorm: normalise in fp32, scale in the input dtype.
+            Norm::Rms { weight, eps } => {
+                let kind = x.kind();
+                let xf = x.to_kind(Kind::Float);
+                let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+                let normed = (xf * (var + *eps).rsqrt()).to_kind(kind);
+                weight * normed
+            }
+            Norm::Layer { weight, bias, eps } => {
+                let d = weight.size()[0];
+                x.layer_norm([d], Some(weight), Some(bias), *eps, true)
+            }
+        }
+    }
+}
+
+enum Mlp {
+    /// down(silu(gate(x)) * up(x))
+    SwiGlu { gate: Linear, up: Linear, down: Linear },
+    /// proj(gelu_tanh(fc(x)))
+    Gelu { fc: Linear, proj: Linear },
+}
+
+struct Attention {
+    /// Llama: separate q, k, v projections. GPT-2: one fused c_attn.
+    qkv: Qkv,
+    out: Linear,
+}
+
+enum Qkv {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+struct Block {
+    norm1: Norm,
+    attn: Attention,
+    norm2: Norm,
+    mlp: Mlp,
+}
+
+pub struct Transformer {
+    pub config: TransformerConfig,
+    embed: Tensor,
+    positions: Option<Tensor>,
+    blocks: Vec<Block>,
+    final_norm: Norm,
+    /// None when tied to `embed`.
+    lm_head: Option<Tensor>,
+    /// RoPE tables `[max_seq_len, head_dim]`, built once (Llama only).
+    rope: Option<(Tensor, Tensor)>,
+}
+
+impl Transformer {
+    /// Builds the model, registering every parameter in `store` under its Hugging Face key.
+    /// Initialisation follows transformers' `_init_weights` (normal(0, 0.02); GPT-2 scales its
+    /// residual projections by 1/sqrt(2 * n_layers)). Call `tch::manual_seed` first.
+    pub fn new(config: &TransformerConfig, store: &mut ParamStore) -> Transformer {
+        match config.family {
+            Family::Llama => Self::new_llama(config, store),
+            Family::Gpt2 => Self::new_gpt2(config, store),
+        }
+    }
+
+    fn new_llama(c: &TransformerConfig, s: &mut ParamStore) -> Transformer {
+        let std = 0.02;
+        let (d, hd) = (c.d_model, c.head_dim());
+        let embed = s.normal("model.embed_tokens.weight", &[c.vocab_size, d], std);
+        let lin = |s: &mut ParamStore, name: String, out_f: i64, in_f: i64| Linear {
+            weight: s.normal(&name, &[out_f, in_f], std),
+            bias: None,
+            transposed: false,
+        };
+        let mut blocks = Vec::new();
+        for i in 0..c.n_layers {
+            let p = format!("model.layers.{i}");
+            let norm1 = Norm::Rms { weight: s.ones(&format!("{p}.input_layernorm.weight"), &[d]), eps: c.norm_eps };
+            let q = lin(s, format!("{p}.self_attn.q_proj.weight"), c.n_heads * hd, d);
+            let k = lin(s, format!("{p}.self_attn.k_proj.weight"), c.n_kv_heads * hd, d);
+            let v = lin(s, format!("{p}.self_attn.v_proj.weight"), c.n_kv_heads * hd, d);
+            let o = lin(s, format!("{p}.self_attn.o_proj.weight"), d, c.n_heads * hd);
+            let gate = lin(s, format!("{p}.mlp.gate_proj.weight"), c.d_ff, d);
+            let up = lin(s, format!("{p}.mlp.up_proj.weight"), c.d_ff, d);
+            let down = lin(s, format!("{p}.mlp.down_proj.weight"), d, c.d_ff);
+            let norm2 = Norm::Rms {
+                weight: s.ones(&format!("{p}.post_attention_layernorm.weight"), &[d]),
+                eps: c.norm_eps,
+            };
+            blocks.push(Block {
+                norm1,
+                attn: Attention { qkv: Qkv::Separate { q, k, v }, out: o },
+                norm2,
+                mlp: Mlp::SwiGlu { gate, up, down },
+            });
+        }
+        let final_norm = Norm::Rms { weight: s.ones("model.norm.weight", &[d]), eps: c.norm_eps };
+        let lm_head =
+            (!c.tie_embeddings).then(|| s.normal("lm_head.weight", &[c.vocab_size, d], std));
+        let rope = Some(rope_tables(hd, c.max_seq_len, c.rope_theta, s.device()));
+        Transformer { config: c.clone(), embed, positions: None, blocks, final_norm, lm_head, rope }
+    }
+
+    fn new_gpt2(c: &TransformerConfig, s: &mut ParamStore) -> Transformer {
+        let std = 0.02;
+        let proj_std = std / (2.0 * c.n_layers as f64).sqrt();
+        let d = c.d_model;
+        let embed = s.normal("transformer.wte.weight", &[c.vocab_size, d], std);
+        let positions = s.normal("transformer.wpe.weight", &[c.max_seq_len, d], std);
+        let conv1d = |s: &mut ParamStore, name: &str, in_f: i64, out_f: i64, std: f64| Linear {
+            weight: s.normal(&format!("{name}.weight"), &[in_f, out_f], std),
+            bias: Some(s.zeros(&format!("{name}.bias"), &[out_f])),
+            transposed: true,
+        };
+        let layer_norm = |s: &mut ParamStore, name: &str| Norm::Layer {
+            weight: s.ones(&format!("{name}.weight"), &[d]),
+            bias: s.zeros(&format!("{name}.bias"), &[d]),
+            eps: c.norm_eps,
+        };
+        let mut blocks = Vec::new();
+        for i in 0..c.n_layers {
+            let p = format!("transformer.h.{i}");
+            let norm1 = layer_norm(s, &format!("{p}.ln_1"));
+            let c_attn = conv1d(s, &format!("{p}.attn.c_attn"), d, 3 * d, std);
+            let c_proj = conv1d(s, &format!("{p}.attn.c_proj"), d, d, proj_std);
+            let norm2 = layer_norm(s, &format!("{p}.ln_2"));
+            let fc = conv1d(s, &format!("{p}.mlp.c_fc"), d, c.d_ff, std);
+            let proj = conv1d(s, &format!("{p}.mlp.c_proj"), c.d_ff, d, proj_std);
+            blocks.push(Block {
+                norm1,
+                attn: Attention { qkv: Qkv::Fused(c_attn), out: c_proj },
+                norm2,
+                mlp: Mlp::Gelu { fc, proj },
+            });
+        }
+        let final_norm = layer_norm(s, "transformer.ln_f");
+        Transformer {
+            config: c.clone(),
+            embed,
+            positions: Some(positions),
+            blocks,
+            final_norm,
+            lm_head: None,
+            rope: None,
+        }
+    }
+
+    /// Logits `[b, t, vocab]` for token ids `[b, t]`.
+    pub fn forward(&self, idx: &Tensor, train: bool) -> Tensor {
+        let c = &self.config;
+        let (b, t) = idx.size2().expect("token ids are [batch, time]");
+        let p_drop = if train { c.dropout } else { 0.0 };
+        let mut x = Tensor::embedding(&self.embed, idx, -1, false, false); // [b, t, d]
+        if let Some(pos) = &self.positions {
+            x = x + pos.narrow(0, 0, t); // learned positions [t, d]
+        }
+        if p_drop > 0.0 {
+            x = x.dropout(p_drop, train);
+        }
+        for block in &self.blocks {
+            let h = self.attention(&block.attn, &block.norm1.forward(&x), b, t, p_drop);
+            x = x + h;
+            let m = match &block.mlp {
+                Mlp::SwiGlu { gate, up, down } => {
+                    let xn = block.norm2.forward(&x);
+                    down.forward(&(gate.forward(&xn).silu() * up.forward(&xn)))
+                }
+                Mlp::Gelu { fc, proj } => {
+                    proj.forward(&fc.forward(&block.norm2.forward(&x)).gelu("tanh"))
+                }
+            };
+            x = x + if p_drop > 0.0 { m.dropout(p_drop, train) } else { m };
+        }
+        let x = self.final_norm.forward(&x);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        x.linear(head, None::<&Tensor>) // [b, t, vocab]
+    }
+
+    fn attention(&self, attn: &Attention, x: &Tensor, b: i64, t: i64, p_drop: f64) -> Tensor {
+        let c = &self.config;
+        let hd = c.head_dim();
+        let (q, k, v) = match &attn.qkv {
+            Qkv::Separate { q, k, v } => (q.forward(x), k.forward(x), v.forward(x)),
+            Qkv::Fused(qkv) => {
+                let parts = qkv.forward(x).split(c.d_model, -1);
+                (parts[0].shallow_clone(), parts[1].shallow_clone(), parts[2].shallow_clone())
+            }
+        };
+        // [b, t, h*hd] -> [b, h, t, hd]
+        let q = q.view([b, t, c.n_heads, hd]).transpose(1, 2);
+        let k = k.view([b, t, c.n_kv_heads, hd]).transpose(1, 2);
+        let v = v.view([b, t, c.n_kv_heads, hd]).transpose(1, 2);
+        let (q, k) = match &self.rope {
+            Some((cos, sin)) => {
+                let cos = cos.narrow(0, 0, t).to_kind(q.kind()); // [t, hd]
+                let sin = sin.narrow(0, 0, t).to_kind(q.kind());
+                (apply_rope(&q, &cos, &sin), apply_rope(&k, &cos, &sin))
+            }
+            None => (q, k),
+        };
+        let gqa = c.n_kv_heads != c.n_heads;
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<&Tensor>,
+            p_drop,
+            true,
+            None,
+            gqa,
+        ); // [b, h, t, hd]
+        let y = y.transpose(1, 2).contiguous().view([b, t, c.n_heads * hd]);
+        let y = attn.out.forward(&y);
+        if p_drop > 0.0 {
+            y.dropout(p_drop, true)
+        } else {
+            y
+        }
+    }
+
+    /// Mean next-token cross-entropy of `logits` against `targets` `[b, t]`, computed in fp32.
+    pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
+        let v = logits.size()[2];
+        logits
+            .view([-1, v])
+            .to_kind(Kind::Float)
+            .cross_entropy_loss::<Tensor>(&targets.view([-1]), None, tch::Reduction::Mean, -100, 0.0)
+    }
+
+    /// Parameters that are not embeddings (for FLOPs accounting).
+    pub fn num_params_no_embeddings(&self, store: &ParamStore) -> i64 {
+        store
+            .iter()
+            .filter(|p| !is_embedding(&p.name))
+            .map(|p| p.tensor.numel() as i64)
+            .sum()
+    }
+}
+
+/// Embedding tables (token and position): excluded from weight decay unless asked.
+pub fn is_embedding(name: &str) -> bool {
+    name.ends_with("embed_tokens.weight") || name.ends_with("wte.weight") || name.ends_with("wpe.weight")
+}
+
+/// Norm weights and biases: never weight-decayed.
+pub fn is_norm_or_bias(name: &str) -> bool {
+    name.ends_with(".bias") || name.contains("norm") || name.contains(".ln_")
+}
+
+/// cos and sin tables `[max_seq_len, head_dim]` of rotary embeddings, with the frequencies
+/// repeated over both halves as transformers' `LlamaRotaryEmbedding` does.
+fn rope_tables(head_dim: i64, max_seq_len: i64, theta: f64, device: tch::Device) -> (Tensor, Tensor) {
+    let exponents = Tensor::arange_start_step(0, head_dim, 2, (Kind::Int64, tch::Device::Cpu))
+        .to_kind(Kind::Float)
+        / head_dim as f64;
+    let inv_freq = Tensor::pow_scalar(theta, &exponents).reciprocal(); // [hd/2], fp32
+    let pos = Tensor::arange(max_seq_len, (Kind::Int64, tch::Device::Cpu)).to_kind(Kind::Float);
+    let freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0); // [t, hd/2]
+    let emb = Tensor::cat(&[&freqs, &freqs], -1); // [t, hd]
+    (emb.cos().to_device(device), emb.sin().to_device(device))
+}
+
+/// x * cos + rotate_half(x) * sin, for x `[b, h, t, hd]`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let x1 = x.narrow(3, 0, half);
+    let x2 = x.narrow(3, half, half);
+    let rotated = Tensor::cat(&[&(-x2), &x1], 3);
+    x * cos + rotated * sin
+}

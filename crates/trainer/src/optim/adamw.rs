@@ -1,0 +1,93 @@
+//! AdamW (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization"), written to give
+//! torch.optim.AdamW's single-tensor update (torch/optim/adamw.py, `_single_tensor_adam` with
+//! decoupled decay):
+//!
+//! ```text
+//! p   <- p * (1 - lr * wd)                       (decay group only)
+//! m   <- lerp(m, g, 1 - b1)
+//! v   <- b2 * v + (1 - b2) * g^2
+//! p   <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+//! ```
+//!
+//! The moments are owned here as named tensors so that they save, load and reset.
+
+use super::{grad_of, StateTensors};
+use tch::Tensor;
+
+pub struct AdamW {
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Completed steps; the bias corrections use step + 1 during a step.
+    pub step: i64,
+    slots: Vec<Slot>,
+}
+
+struct Slot {
+    name: String,
+    param: Tensor,
+    decay: bool,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+}
+
+impl AdamW {
+    /// `params`: (name, tensor, decay?) for every trainable parameter, in a fixed order.
+    pub fn new(params: Vec<(String, Tensor, bool)>, betas: [f64; 2], eps: f64, weight_decay: f64) -> AdamW {
+        let slots = params
+            .into_iter()
+            .map(|(name, param, decay)| {
+                let exp_avg = param.zeros_like().detach();
+                let exp_avg_sq = param.zeros_like().detach();
+                Slot { name, param, decay, exp_avg, exp_avg_sq }
+            })
+            .collect();
+        AdamW { betas, eps, weight_decay, step: 0, slots }
+    }
+
+    pub fn step(&mut self, lr: f64) {
+        self.step += 1;
+        let t = self.step as i32;
+        let [b1, b2] = self.betas;
+        let bias_correction1 = 1.0 - b1.powi(t);
+        let bias_correction2_sqrt = (1.0 - b2.powi(t)).sqrt();
+        let step_size = lr / bias_correction1;
+        tch::no_grad(|| {
+            for s in &mut self.slots {
+                let Some(g) = grad_of(&s.param) else { continue };
+                let mut p = s.param.shallow_clone();
+                if s.decay && self.weight_decay != 0.0 {
+                    let _ = p.g_mul_scalar_(1.0 - lr * self.weight_decay);
+                }
+                let _ = s.exp_avg.lerp_(&g, 1.0 - b1);
+                let _ = s.exp_avg_sq.g_mul_scalar_(b2);
+                let _ = s.exp_avg_sq.addcmul_(&g, &(&g * (1.0 - b2)));
+                let denom = (s.exp_avg_sq.sqrt() / bias_correction2_sqrt) + self.eps;
+                let _ = p.g_sub_(&(&s.exp_avg / denom * step_size));
+            }
+        });
+    }
+
+    /// Number of bytes of optimizer state.
+    pub fn state_bytes(&self) -> i64 {
+        self.slots
+            .iter()
+            .map(|s| crate::models::params::bytes_of(&s.exp_avg) + crate::models::params::bytes_of(&s.exp_avg_sq))
+            .sum()
+    }
+}
+
+impl StateTensors for AdamW {
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("step".to_string(), Tensor::from(self.step))];
+        for s in &self.slots {
+            out.push((format!("exp_avg.{}", s.name), s.exp_avg.shallow_clone()));
+            out.push((format!("exp_avg_sq.{}", s.name), s.exp_avg_sq.shallow_clone()));
+        }
+        out
+    }
+
+    fn set_step(&mut self, step: i64) {
+        self.step = step;
+    }
+}

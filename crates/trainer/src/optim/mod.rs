@@ -1,0 +1,141 @@
+//! Optimizers written in Rust that own their state tensors, so that state saves, loads and
+//! resets (tch's built-in optimizers hide theirs). A closed registry: one variant per `kind`.
+
+pub mod adamw;
+pub mod sgd;
+
+use crate::error::{Error, Result};
+use crate::models::params::{copy_named, read_safetensors, ParamStore};
+use crate::models::transformer::{is_embedding, is_norm_or_bias};
+use crate::recipe::OptimConfig;
+use std::path::Path;
+use tch::Tensor;
+
+pub use adamw::AdamW;
+pub use sgd::Sgd;
+
+/// Named state tensors of an optimizer; `step` is a scalar int64 tensor.
+pub trait StateTensors {
+    fn state_tensors(&self) -> Vec<(String, Tensor)>;
+    fn set_step(&mut self, step: i64);
+}
+
+pub enum Optimizer {
+    AdamW(AdamW),
+    Sgd(Sgd),
+}
+
+/// The gradient of `p`, or None when it has none (unused in this step).
+pub(crate) fn grad_of(p: &Tensor) -> Option<Tensor> {
+    let g = p.grad();
+    g.defined().then_some(g)
+}
+
+impl Optimizer {
+    /// Builds the optimizer over the trainable parameters of `store`. Norm weights and biases are
+    /// never decayed; embeddings only when `decay_embeddings`.
+    pub fn build(cfg: &OptimConfig, store: &ParamStore) -> Optimizer {
+        let groups = |decay_embeddings: bool| -> Vec<(String, Tensor, bool)> {
+            store
+                .trainable()
+                .map(|p| {
+                    let decay = !is_norm_or_bias(&p.name) && (decay_embeddings || !is_embedding(&p.name));
+                    (p.name.clone(), p.tensor.shallow_clone(), decay)
+                })
+                .collect()
+        };
+        match cfg {
+            OptimConfig::Adamw { betas, eps, weight_decay, decay_embeddings, .. } => {
+                Optimizer::AdamW(AdamW::new(groups(*decay_embeddings), *betas, *eps, *weight_decay))
+            }
+            OptimConfig::Sgd { momentum, dampening, nesterov, weight_decay, .. } => Optimizer::Sgd(
+                Sgd::new(groups(true), *momentum, *dampening, *nesterov, *weight_decay),
+            ),
+        }
+    }
+
+    pub fn step(&mut self, lr: f64) {
+        match self {
+            Optimizer::AdamW(o) => o.step(lr),
+            Optimizer::Sgd(o) => o.step(lr),
+        }
+    }
+
+    pub fn state_bytes(&self) -> i64 {
+        match self {
+            Optimizer::AdamW(o) => o.state_bytes(),
+            Optimizer::Sgd(o) => o.state_bytes(),
+        }
+    }
+
+    fn state(&self) -> &dyn StateTensors {
+        match self {
+            Optimizer::AdamW(o) => o,
+            Optimizer::Sgd(o) => o,
+        }
+    }
+
+    fn state_mut(&mut self) -> &mut dyn StateTensors {
+        match self {
+            Optimizer::AdamW(o) => o,
+            Optimizer::Sgd(o) => o,
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let named: Vec<(String, Tensor)> = self
+            .state()
+            .state_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach().to_device(tch::Device::Cpu)))
+            .collect();
+        Tensor::write_safetensors(&named, path).map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg: crate::error::first_line(&e.to_string()),
+        })
+    }
+
+    /// Loads state saved by `save`; names and shapes must match exactly.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let loaded = read_safetensors(path)?;
+        let step = loaded
+            .iter()
+            .find(|(n, _)| n == "step")
+            .map(|(_, t)| t.int64_value(&[]))
+            .ok_or_else(|| Error::Checkpoint { path: path.to_path_buf(), msg: "missing tensor step".into() })?;
+        let targets = self.state().state_tensors();
+        let loaded: Vec<(String, Tensor)> = loaded.into_iter().filter(|(n, _)| n != "step").collect();
+        copy_named(
+            &mut targets.iter().filter(|(n, _)| n != "step").map(|(n, t)| (n.as_str(), t)),
+            loaded,
+            path,
+        )?;
+        self.state_mut().set_step(step);
+        Ok(())
+    }
+}
+
+/// Clips the global L2 norm of all gradients to `max_norm` (torch.nn.utils.clip_grad_norm_) and
+/// returns the norm before clipping.
+pub fn clip_grad_norm(store: &ParamStore, max_norm: Option<f64>) -> f64 {
+    tch::no_grad(|| {
+        let grads: Vec<Tensor> = store.trainable().filter_map(|p| grad_of(&p.tensor)).collect();
+        if grads.is_empty() {
+            return 0.0;
+        }
+        let norms: Vec<Tensor> = grads.iter().map(|g| g.to_kind(tch::Kind::Float).norm()).collect();
+        let total = Tensor::stack(&norms, 0).norm();
+        let total_f = total.double_value(&[]);
+        if let Some(max_norm) = max_norm {
+            // torch: clip_coef = max_norm / (total + 1e-6), clamped to 1.0, applied always.
+            let coef = (max_norm / (total_f + 1e-6)).min(1.0);
+            if coef < 1.0 {
+                for g in &grads {
+                    let mut g = g.shallow_clone();
+                    let _ = g.g_mul_scalar_(coef);
+                }
+            }
+        }
+        total_f
+    })
+}

@@ -1,0 +1,551 @@
+//! The TOML schema of a recipe: typed sections, closed registries tagged by `kind`, defaults,
+//! and range checks whose messages name the key path.
+//!
+//! Deserialization rejects unknown keys and wrong types (`deny_unknown_fields`); `validate`
+//! rejects values out of range. Both are turned into one-line errors with the file location by
+//! `recipe::load`.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub run: RunConfig,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    pub train: TrainConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub name: String,
+    #[serde(default)]
+    pub seed: u64,
+    /// Run directory; relative paths are relative to the working directory.
+    pub out_dir: PathBuf,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default)]
+    pub precision: Precision,
+    /// Intra-op threads for libtorch on CPU; 0 keeps libtorch's default.
+    #[serde(default)]
+    pub threads: u32,
+    /// Peak dense TFLOP/s of the device at the run's precision (e.g. 989 for an H100 SXM in
+    /// bf16); when given, the summary reports model FLOPs utilisation.
+    #[serde(default)]
+    pub peak_tflops: Option<f64>,
+}
+
+fn default_device() -> String {
+    "auto".to_string()
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// fp32 weights and compute.
+    #[default]
+    #[serde(rename = "fp32")]
+    Fp32,
+    /// fp32 master weights and optimizer state, bf16 compute through CUDA autocast.
+    #[serde(rename = "bf16-mixed")]
+    Bf16Mixed,
+    /// bf16 weights, gradients, optimizer state and compute.
+    #[serde(rename = "bf16")]
+    Bf16,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16Mixed => "bf16-mixed",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The model registry. Each `kind` is one family of `models/transformer.rs`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ModelConfig {
+    /// RMSNorm, RoPE, SwiGLU, grouped-query attention, optional tied embeddings.
+    Llama {
+        vocab_size: i64,
+        d_model: i64,
+        n_layers: i64,
+        n_heads: i64,
+        /// Key/value heads for grouped-query attention; defaults to n_heads.
+        #[serde(default)]
+        n_kv_heads: Option<i64>,
+        /// Hidden width of the SwiGLU MLP (`intermediate_size`).
+        d_ff: i64,
+        max_seq_len: i64,
+        #[serde(default = "default_rope_theta")]
+        rope_theta: f64,
+        #[serde(default = "default_norm_eps")]
+        norm_eps: f64,
+        #[serde(default)]
+        tie_embeddings: bool,
+    },
+    /// LayerNorm, learned positions, GELU, biases, tied embeddings.
+    Gpt2 {
+        vocab_size: i64,
+        d_model: i64,
+        n_layers: i64,
+        n_heads: i64,
+        /// Hidden width of the MLP; defaults to 4 * d_model.
+        #[serde(default)]
+        d_ff: Option<i64>,
+        max_seq_len: i64,
+        #[serde(default = "default_gpt2_eps")]
+        norm_eps: f64,
+        #[serde(default)]
+        dropout: f64,
+    },
+}
+
+fn default_rope_theta() -> f64 {
+    10000.0
+}
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+fn default_gpt2_eps() -> f64 {
+    1e-5
+}
+
+impl ModelConfig {
+    pub fn vocab_size(&self) -> i64 {
+        match self {
+            ModelConfig::Llama { vocab_size, .. } | ModelConfig::Gpt2 { vocab_size, .. } => {
+                *vocab_size
+            }
+        }
+    }
+    pub fn max_seq_len(&self) -> i64 {
+        match self {
+            ModelConfig::Llama { max_seq_len, .. } | ModelConfig::Gpt2 { max_seq_len, .. } => {
+                *max_seq_len
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Tokens per training sequence; windows of seq_len + 1 tokens are read.
+    pub seq_len: i64,
+    pub train: SourceConfig,
+    /// A separate validation source; without one, the last `valid_fraction` of `train` is held out.
+    #[serde(default)]
+    pub valid: Option<SourceConfig>,
+    #[serde(default = "default_valid_fraction")]
+    pub valid_fraction: f64,
+}
+
+fn default_valid_fraction() -> f64 {
+    0.1
+}
+
+/// The data source registry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// The corpus that ships inside the binary (Alice's Adventures in Wonderland), byte-level.
+    Builtin {},
+    /// A UTF-8 text file, tokenised to bytes (vocab 256).
+    Text { path: PathBuf },
+    /// A flat little-endian array of token ids (nanoGPT's `.bin`), memory-mapped.
+    Tokens {
+        path: PathBuf,
+        #[serde(default)]
+        dtype: TokenDtype,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenDtype {
+    #[default]
+    Uint16,
+    Uint32,
+}
+
+impl TokenDtype {
+    pub fn width(self) -> usize {
+        match self {
+            TokenDtype::Uint16 => 2,
+            TokenDtype::Uint32 => 4,
+        }
+    }
+}
+
+/// The optimizer registry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum OptimConfig {
+    /// AdamW with decoupled weight decay (torch.optim.AdamW's update).
+    Adamw {
+        lr: f64,
+        #[serde(default = "default_betas")]
+        betas: [f64; 2],
+        #[serde(default = "default_eps")]
+        eps: f64,
+        #[serde(default = "default_weight_decay")]
+        weight_decay: f64,
+        /// Decay embeddings too (norms and biases are never decayed).
+        #[serde(default)]
+        decay_embeddings: bool,
+    },
+    /// SGD with momentum and optional Nesterov (torch.optim.SGD's update).
+    Sgd {
+        lr: f64,
+        #[serde(default)]
+        momentum: f64,
+        #[serde(default)]
+        dampening: f64,
+        #[serde(default)]
+        nesterov: bool,
+        #[serde(default)]
+        weight_decay: f64,
+    },
+}
+
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.95]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_weight_decay() -> f64 {
+    0.1
+}
+
+impl OptimConfig {
+    pub fn lr(&self) -> f64 {
+        match self {
+            OptimConfig::Adamw { lr, .. } | OptimConfig::Sgd { lr, .. } => *lr,
+        }
+    }
+}
+
+/// Learning-rate schedule: linear warmup from 0, then decay of the given shape to `min_lr` at
+/// the last step.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    #[serde(default)]
+    pub kind: DecayShape,
+    #[serde(default)]
+    pub warmup_steps: i64,
+    #[serde(default)]
+    pub min_lr: f64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        ScheduleConfig { kind: DecayShape::Constant, warmup_steps: 0, min_lr: 0.0 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DecayShape {
+    Cosine,
+    Linear,
+    #[default]
+    Constant,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Sequences per micro-batch.
+    pub batch_size: i64,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "one")]
+    pub grad_accum: i64,
+    /// Length of the run in optimizer steps; give this or `max_tokens`.
+    #[serde(default)]
+    pub max_steps: Option<i64>,
+    /// Length of the run in training tokens, rounded up to whole steps.
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    /// Clip the global gradient norm to this value; absent: no clipping.
+    #[serde(default)]
+    pub clip_grad_norm: Option<f64>,
+    /// Evaluate every this many steps (and always at the end); absent: only at the end.
+    #[serde(default)]
+    pub eval_every: Option<i64>,
+    #[serde(default = "default_eval_batches")]
+    pub eval_batches: i64,
+    #[serde(default = "default_log_every")]
+    pub log_every: i64,
+    /// Checkpoint every this many steps (and always at the end); absent: only at the end.
+    #[serde(default)]
+    pub checkpoint_every: Option<i64>,
+    /// How many checkpoints to keep; older ones are deleted once a newer one is complete.
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: i64,
+}
+
+fn one() -> i64 {
+    1
+}
+fn default_eval_batches() -> i64 {
+    10
+}
+fn default_log_every() -> i64 {
+    10
+}
+fn default_keep() -> i64 {
+    3
+}
+
+/// A failed range check: the key path and what was expected.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invalid {
+    pub key: String,
+    pub msg: String,
+}
+
+fn check(ok: bool, key: &str, msg: impl Into<String>) -> Result<(), Invalid> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Invalid { key: key.to_string(), msg: msg.into() })
+    }
+}
+
+impl Recipe {
+    /// Range checks that the types cannot express. The first failure is returned.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let r = &self.run;
+        check(!r.name.trim().is_empty(), "run.name", "expected a non-empty name")?;
+        check(!r.out_dir.as_os_str().is_empty(), "run.out_dir", "expected a directory path")?;
+        check(
+            crate::device::parse_device_spec(&r.device).is_some(),
+            "run.device",
+            format!("expected auto, cpu, cuda or cuda:N, got {:?}", r.device),
+        )?;
+        check(r.threads <= 1024, "run.threads", "expected at most 1024")?;
+        if let Some(p) = r.peak_tflops {
+            positive_finite(p, "run.peak_tflops")?;
+        }
+        self.validate_model()?;
+        self.validate_data()?;
+        self.validate_optim()?;
+        self.validate_train()?;
+        Ok(())
+    }
+
+    fn validate_model(&self) -> Result<(), Invalid> {
+        let seq_len = self.data.seq_len;
+        match &self.model {
+            ModelConfig::Llama {
+                vocab_size,
+                d_model,
+                n_layers,
+                n_heads,
+                n_kv_heads,
+                d_ff,
+                max_seq_len,
+                rope_theta,
+                norm_eps,
+                ..
+            } => {
+                common_model_checks(*vocab_size, *d_model, *n_layers, *n_heads, *max_seq_len)?;
+                check(*d_ff > 0, "model.d_ff", format!("expected a positive integer, got {d_ff}"))?;
+                let kv = n_kv_heads.unwrap_or(*n_heads);
+                check(kv > 0, "model.n_kv_heads", format!("expected a positive integer, got {kv}"))?;
+                check(
+                    n_heads % kv == 0,
+                    "model.n_kv_heads",
+                    format!("n_heads ({n_heads}) must be divisible by n_kv_heads ({kv})"),
+                )?;
+                check(
+                    (d_model / n_heads) % 2 == 0,
+                    "model.d_model",
+                    format!("head size d_model/n_heads = {} must be even for RoPE", d_model / n_heads),
+                )?;
+                check(*rope_theta > 0.0, "model.rope_theta", "expected a positive number")?;
+                check(*norm_eps > 0.0, "model.norm_eps", "expected a positive number")?;
+            }
+            ModelConfig::Gpt2 {
+                vocab_size, d_model, n_layers, n_heads, d_ff, max_seq_len, norm_eps, dropout,
+            } => {
+                common_model_checks(*vocab_size, *d_model, *n_layers, *n_heads, *max_seq_len)?;
+                if let Some(d_ff) = d_ff {
+                    check(*d_ff > 0, "model.d_ff", format!("expected a positive integer, got {d_ff}"))?;
+                }
+                check(*norm_eps > 0.0, "model.norm_eps", "expected a positive number")?;
+                check(
+                    (0.0..1.0).contains(dropout),
+                    "model.dropout",
+                    format!("expected a probability in [0, 1), got {dropout}"),
+                )?;
+            }
+        }
+        check(
+            seq_len <= self.model.max_seq_len(),
+            "data.seq_len",
+            format!(
+                "seq_len ({seq_len}) must not exceed model.max_seq_len ({})",
+                self.model.max_seq_len()
+            ),
+        )
+    }
+
+    fn validate_data(&self) -> Result<(), Invalid> {
+        let d = &self.data;
+        check(d.seq_len > 0, "data.seq_len", format!("expected a positive integer, got {}", d.seq_len))?;
+        check(
+            d.valid_fraction > 0.0 && d.valid_fraction < 1.0,
+            "data.valid_fraction",
+            format!("expected a fraction in (0, 1), got {}", d.valid_fraction),
+        )?;
+        for (key, src) in [("data.train", Some(&d.train)), ("data.valid", d.valid.as_ref())] {
+            if let Some(SourceConfig::Builtin {} | SourceConfig::Text { .. }) = src {
+                check(
+                    self.model.vocab_size() >= 256,
+                    "model.vocab_size",
+                    format!(
+                        "{key} is byte-level (256 token ids) but model.vocab_size is {}",
+                        self.model.vocab_size()
+                    ),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_optim(&self) -> Result<(), Invalid> {
+        match &self.optim {
+            OptimConfig::Adamw { lr, betas, eps, weight_decay, .. } => {
+                positive_finite(*lr, "optim.lr")?;
+                for (i, b) in betas.iter().enumerate() {
+                    check(
+                        (0.0..1.0).contains(b),
+                        "optim.betas",
+                        format!("expected betas in [0, 1), got betas[{i}] = {b}"),
+                    )?;
+                }
+                positive_finite(*eps, "optim.eps")?;
+                check(*weight_decay >= 0.0, "optim.weight_decay", "expected a non-negative number")?;
+            }
+            OptimConfig::Sgd { lr, momentum, dampening, nesterov, weight_decay } => {
+                positive_finite(*lr, "optim.lr")?;
+                check(*momentum >= 0.0, "optim.momentum", "expected a non-negative number")?;
+                check(*dampening >= 0.0, "optim.dampening", "expected a non-negative number")?;
+                check(*weight_decay >= 0.0, "optim.weight_decay", "expected a non-negative number")?;
+                check(
+                    !*nesterov || (*momentum > 0.0 && *dampening == 0.0),
+                    "optim.nesterov",
+                    "Nesterov momentum needs momentum > 0 and dampening = 0",
+                )?;
+            }
+        }
+        let s = &self.schedule;
+        check(s.warmup_steps >= 0, "schedule.warmup_steps", "expected a non-negative integer")?;
+        check(s.min_lr >= 0.0, "schedule.min_lr", "expected a non-negative number")?;
+        check(
+            s.min_lr <= self.optim.lr(),
+            "schedule.min_lr",
+            format!("min_lr ({}) must not exceed optim.lr ({})", s.min_lr, self.optim.lr()),
+        )
+    }
+
+    fn validate_train(&self) -> Result<(), Invalid> {
+        let t = &self.train;
+        positive(t.batch_size, "train.batch_size")?;
+        positive(t.grad_accum, "train.grad_accum")?;
+        match (t.max_steps, t.max_tokens) {
+            (Some(_), Some(_)) => {
+                return Err(Invalid {
+                    key: "train.max_steps".into(),
+                    msg: "give max_steps or max_tokens, not both".into(),
+                })
+            }
+            (None, None) => {
+                return Err(Invalid {
+                    key: "train.max_steps".into(),
+                    msg: "expected max_steps or max_tokens".into(),
+                })
+            }
+            (Some(s), None) => positive(s, "train.max_steps")?,
+            (None, Some(n)) => positive(n, "train.max_tokens")?,
+        }
+        if let Some(c) = t.clip_grad_norm {
+            positive_finite(c, "train.clip_grad_norm")?;
+        }
+        if let Some(e) = t.eval_every {
+            positive(e, "train.eval_every")?;
+        }
+        positive(t.eval_batches, "train.eval_batches")?;
+        positive(t.log_every, "train.log_every")?;
+        if let Some(c) = t.checkpoint_every {
+            positive(c, "train.checkpoint_every")?;
+        }
+        positive(t.keep_checkpoints, "train.keep_checkpoints")?;
+        check(
+            self.schedule.warmup_steps <= self.max_steps(),
+            "schedule.warmup_steps",
+            format!(
+                "warmup ({} steps) exceeds the run ({} steps)",
+                self.schedule.warmup_steps,
+                self.max_steps()
+            ),
+        )
+    }
+
+    /// Tokens consumed by one optimizer step.
+    pub fn tokens_per_step(&self) -> i64 {
+        self.train.batch_size * self.train.grad_accum * self.data.seq_len
+    }
+
+    /// The run's length in optimizer steps (`max_tokens` rounded up to whole steps).
+    pub fn max_steps(&self) -> i64 {
+        match (self.train.max_steps, self.train.max_tokens) {
+            (Some(s), _) => s,
+            (None, Some(n)) => {
+                let per = self.tokens_per_step().max(1);
+                (n + per - 1) / per
+            }
+            (None, None) => 0,
+        }
+    }
+}
+
+fn common_model_checks(
+    vocab_size: i64,
+    d_model: i64,
+    n_layers: i64,
+    n_heads: i64,
+    max_seq_len: i64,
+) -> Result<(), Invalid> {
+    positive(vocab_size, "model.vocab_size")?;
+    positive(d_model, "model.d_model")?;
+    positive(n_layers, "model.n_layers")?;
+    positive(n_heads, "model.n_heads")?;
+    positive(max_seq_len, "model.max_seq_len")?;
+    check(
+        d_model % n_heads == 0,
+        "model.d_model",
+        format!("d_model ({d_model}) must be divisible by n_heads ({n_heads})"),
+    )
+}
+
+fn positive(v: i64, key: &str) -> Result<(), Invalid> {
+    check(v > 0, key, format!("expected a positive integer, got {v}"))
+}
+
+fn positive_finite(v: f64, key: &str) -> Result<(), Invalid> {
+    check(v > 0.0 && v.is_finite(), key, format!("expected a positive number, got {v}"))
+}

@@ -1,0 +1,3 @@
+//! One readable file per training method.
+
+pub mod pretrain;

@@ -1,0 +1,432 @@
+//! Pretraining a decoder transformer on next-token prediction, top to bottom: set-up, loop,
+//! checkpoints, summary.
+//!
+//! Reproducibility: torch is reseeded at every step from (seed, step) and the data windows are a
+//! pure function of (seed, step, micro-batch), so a run resumed from the checkpoint of step k
+//! computes bitwise the same losses as the uninterrupted run (on the CPU, same thread count).
+
+use crate::checkpoint::{self, TrainState};
+use crate::data::loader::{stream_seed, valid_batch, Prefetcher};
+use crate::data::source::{self, Span};
+use crate::device;
+use crate::error::{io_err, Error, Result};
+use crate::metrics::progress::{format_duration, Progress};
+use crate::metrics::{row, MetricsLog};
+use crate::models::params::ParamStore;
+use crate::models::transformer::{Transformer, TransformerConfig};
+use crate::optim::{clip_grad_norm, Optimizer};
+use crate::recipe::{self, Precision, Recipe};
+use crate::schedule::Schedule;
+use crate::signals::StopFlag;
+use serde::Serialize;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Where a run starts from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume {
+    /// A fresh run; refused if the run directory already holds one.
+    No,
+    /// The newest complete checkpoint of the run directory, or a fresh start if it has none.
+    Auto,
+    /// A given checkpoint directory.
+    From(PathBuf),
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    Finished(Summary),
+    /// Stopped by a signal after writing the checkpoint of `step`.
+    Interrupted { step: i64, checkpoint: PathBuf },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub name: String,
+    pub steps: i64,
+    pub tokens: i64,
+    pub final_train_loss: Option<f64>,
+    pub final_valid_loss: Option<f64>,
+    pub final_valid_perplexity: Option<f64>,
+    pub train_seconds: f64,
+    pub tokens_per_s: f64,
+    pub params: i64,
+    pub trainable_params: i64,
+    pub param_bytes: i64,
+    pub grad_bytes: i64,
+    pub optimizer_state_bytes: i64,
+    pub device: String,
+    pub precision: String,
+    /// Peak allocated accelerator memory (CUDA), or the process's peak resident set (CPU).
+    pub peak_memory_bytes: Option<i64>,
+    pub peak_memory_kind: String,
+    pub model_tflops_per_s: f64,
+    pub mfu: Option<f64>,
+    pub resumed_from: Option<PathBuf>,
+}
+
+/// True when `dir` already holds (part of) a run.
+pub fn holds_run(dir: &Path) -> bool {
+    ["config.toml", "metrics.jsonl", "checkpoints", "summary.json"].iter().any(|f| dir.join(f).exists())
+}
+
+pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> {
+    // ---- set-up -------------------------------------------------------------------------
+    let run_dir = recipe.run.out_dir.clone();
+    let resume_dir = resume_checkpoint(&run_dir, &resume)?;
+    if recipe.run.threads > 0 {
+        tch::set_num_threads(recipe.run.threads as i32);
+    }
+    let device = device::resolve(&recipe.run.device)?;
+    let precision = recipe.run.precision;
+
+    let seq_len = recipe.data.seq_len as usize;
+    let vocab = recipe.model.vocab_size();
+    let (train_span, valid_span) = open_data(recipe, vocab)?;
+    train_span.check_fits(seq_len + 1, "data.train")?;
+    valid_span.check_fits(seq_len + 1, if recipe.data.valid.is_some() { "data.valid" } else { "data.valid_fraction (held-out part of data.train)" })?;
+
+    tch::manual_seed(recipe.run.seed as i64);
+    let model_cfg = TransformerConfig::from_recipe(&recipe.model);
+    let mut params = ParamStore::new(device);
+    let model = Transformer::new(&model_cfg, &mut params);
+    if precision == Precision::Bf16 {
+        params.set_kind(Kind::BFloat16);
+    }
+    let mut optimizer = Optimizer::build(&recipe.optim, &params);
+    let total_steps = recipe.max_steps();
+    let schedule = Schedule::new(&recipe.schedule, recipe.optim.lr(), total_steps);
+
+    let mut state = TrainState {
+        format: 1,
+        step: 0,
+        tokens: 0,
+        seed: recipe.run.seed,
+        train_seconds: 0.0,
+        last_valid_loss: None,
+    };
+    if let Some(dir) = &resume_dir {
+        state = checkpoint::load(dir, &mut params, &mut optimizer)?;
+        if state.seed != recipe.run.seed {
+            tracing::warn!(
+                "run.seed is {} but the checkpoint was trained with seed {}; data order changes",
+                recipe.run.seed,
+                state.seed
+            );
+            state.seed = recipe.run.seed;
+        }
+        tracing::info!("resuming from {} (step {})", dir.display(), state.step);
+    }
+    prepare_run_dir(&run_dir, recipe, state.step)?;
+    let mut metrics = MetricsLog::open(&run_dir, Some(state.step))?;
+
+    let tokens_per_step = recipe.tokens_per_step();
+    let no_embed = model.num_params_no_embeddings(&params);
+    let flops_per_token = model_cfg.train_flops_per_token(no_embed, recipe.data.seq_len);
+    tracing::info!(
+        "{}: {} parameters ({} trainable), {} ({}), {} tokens/step, {} steps",
+        recipe.run.name,
+        human(params.num_params() as f64),
+        human(params.num_trainable() as f64),
+        device::describe(device),
+        precision.as_str(),
+        tokens_per_step,
+        total_steps
+    );
+    if let Device::Cuda(i) = device {
+        let _ = torch_ext::accelerator_reset_peak(i);
+    }
+
+    // ---- loop ---------------------------------------------------------------------------
+    let prefetch = Prefetcher::start(
+        train_span,
+        seq_len,
+        recipe.train.batch_size as usize,
+        recipe.train.grad_accum,
+        recipe.run.seed,
+        state.step,
+        total_steps - 1,
+        2 * recipe.train.grad_accum as usize,
+    );
+    let progress = Progress::new(total_steps, state.step);
+    let eval = |model: &Transformer| -> Result<f64> {
+        evaluate(model, &valid_span, recipe, device, precision)
+    };
+    let mut last_train_loss = None;
+    let mut window_start = Instant::now();
+    let mut window_tokens = 0i64;
+    let session_start = Instant::now();
+    let seconds_before = state.train_seconds;
+    let mut last_checkpoint = None;
+
+    while state.step < total_steps {
+        let step = state.step;
+        // Dropout and any other torch randomness: a pure function of (seed, step).
+        tch::manual_seed((stream_seed(recipe.run.seed, step, -1, 0) >> 1) as i64);
+        let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
+        for _ in 0..recipe.train.grad_accum {
+            let batch = prefetch.next().ok_or_else(|| Error::Torch("data prefetch thread stopped".into()))?;
+            let inputs = batch.inputs.to_device(device);
+            let targets = batch.targets.to_device(device);
+            let loss = forward_loss(&model, &inputs, &targets, true, device, precision)?;
+            let scaled = &loss / recipe.train.grad_accum as f64;
+            scaled.f_backward()?;
+            loss_sum += loss.detach().to_kind(Kind::Float);
+        }
+        let grad_norm = clip_grad_norm(&params, recipe.train.clip_grad_norm);
+        let lr = schedule.lr(step);
+        optimizer.step(lr);
+        params.zero_grad();
+        state.step += 1;
+        state.tokens += tokens_per_step;
+        window_tokens += tokens_per_step;
+        let done = state.step == total_steps;
+
+        if state.step % recipe.train.log_every == 0 || done {
+            let loss = loss_sum.double_value(&[]) / recipe.train.grad_accum as f64;
+            if !loss.is_finite() {
+                return Err(Error::Torch(format!(
+                    "loss is {loss} at step {}: training diverged (lower optim.lr or set train.clip_grad_norm)",
+                    state.step
+                )));
+            }
+            let elapsed = window_start.elapsed().as_secs_f64().max(1e-9);
+            let tokens_per_s = window_tokens as f64 / elapsed;
+            let eta = (total_steps - state.step) as f64 * tokens_per_step as f64 / tokens_per_s;
+            metrics.log(row(&[
+                ("step", json!(state.step)),
+                ("loss", json!(loss)),
+                ("lr", json!(lr)),
+                ("grad_norm", json!(grad_norm)),
+                ("tokens", json!(state.tokens)),
+                ("tokens_per_s", json!(tokens_per_s)),
+            ]))?;
+            progress.update(state.step, loss, lr, tokens_per_s, eta);
+            last_train_loss = Some(loss);
+            window_start = Instant::now();
+            window_tokens = 0;
+        }
+        if recipe.train.eval_every.is_some_and(|e| state.step % e == 0) || done {
+            let valid_loss = eval(&model)?;
+            state.last_valid_loss = Some(valid_loss);
+            metrics.log(row(&[
+                ("step", json!(state.step)),
+                ("split", json!("valid")),
+                ("loss", json!(valid_loss)),
+                ("perplexity", json!(valid_loss.exp())),
+            ]))?;
+            progress.println(&format!(
+                "step {}: valid loss {valid_loss:.4}, perplexity {:.2}",
+                state.step,
+                valid_loss.exp()
+            ));
+            window_start = Instant::now();
+            window_tokens = 0;
+        }
+        let stopping = stop.requested();
+        if recipe.train.checkpoint_every.is_some_and(|c| state.step % c == 0) || done || stopping {
+            state.train_seconds = seconds_before + session_start.elapsed().as_secs_f64();
+            let dir = checkpoint::save(
+                &run_dir,
+                &state,
+                &params,
+                &optimizer,
+                recipe.train.keep_checkpoints as usize,
+            )?;
+            progress.println(&format!("step {}: checkpoint {}", state.step, dir.display()));
+            last_checkpoint = Some(dir);
+            window_start = Instant::now();
+            window_tokens = 0;
+        }
+        if stopping && !done {
+            progress.finish();
+            let checkpoint = last_checkpoint.unwrap_or_default();
+            tracing::warn!(
+                "stopped by signal after step {}; checkpoint {}; continue with --resume auto",
+                state.step,
+                checkpoint.display()
+            );
+            return Ok(Outcome::Interrupted { step: state.step, checkpoint });
+        }
+    }
+    progress.finish();
+    drop(prefetch);
+
+    // ---- summary ------------------------------------------------------------------------
+    let train_seconds = seconds_before + session_start.elapsed().as_secs_f64();
+    let tokens_per_s = state.tokens as f64 / train_seconds.max(1e-9);
+    let (peak, peak_kind) = peak_memory(device);
+    let tflops = flops_per_token * tokens_per_s / 1e12;
+    let valid_loss = state.last_valid_loss;
+    let summary = Summary {
+        name: recipe.run.name.clone(),
+        steps: state.step,
+        tokens: state.tokens,
+        final_train_loss: last_train_loss,
+        final_valid_loss: valid_loss,
+        final_valid_perplexity: valid_loss.map(f64::exp),
+        train_seconds,
+        tokens_per_s,
+        params: params.num_params(),
+        trainable_params: params.num_trainable(),
+        param_bytes: params.bytes(),
+        grad_bytes: params.trainable().map(|p| crate::models::params::bytes_of(&p.tensor)).sum(),
+        optimizer_state_bytes: optimizer.state_bytes(),
+        device: device::describe(device),
+        precision: precision.as_str().to_string(),
+        peak_memory_bytes: peak,
+        peak_memory_kind: peak_kind,
+        model_tflops_per_s: tflops,
+        mfu: recipe.run.peak_tflops.map(|p| tflops / p),
+        resumed_from: resume_dir,
+    };
+    let path = run_dir.join("summary.json");
+    let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
+    std::fs::write(&path, text + "\n").map_err(io_err(format!("writing {}", path.display())))?;
+    Ok(Outcome::Finished(summary))
+}
+
+/// The checkpoint to resume from, after checking the run directory against the resume mode.
+fn resume_checkpoint(run_dir: &Path, resume: &Resume) -> Result<Option<PathBuf>> {
+    match resume {
+        Resume::No if holds_run(run_dir) => Err(Error::RunDir {
+            path: run_dir.to_path_buf(),
+            msg: "already holds a run; continue it with --resume auto, or choose another run.out_dir \
+                  (e.g. --set run.out_dir=...)"
+                .into(),
+        }),
+        Resume::No => Ok(None),
+        Resume::Auto => {
+            let newest = checkpoint::list_complete(run_dir).pop().map(|(_, p)| p);
+            if newest.is_none() && holds_run(run_dir) {
+                tracing::warn!(
+                    "{} holds a run without a complete checkpoint; starting it from step 0",
+                    run_dir.display()
+                );
+            }
+            Ok(newest)
+        }
+        Resume::From(dir) => {
+            checkpoint::read_state(dir)?;
+            Ok(Some(dir.clone()))
+        }
+    }
+}
+
+/// Creates the run directory and writes the resolved recipe. On resume, a `config.toml` that
+/// differs from the recipe now in force is kept as `config.before-step-N.toml`, not overwritten.
+fn prepare_run_dir(run_dir: &Path, recipe: &Recipe, step: i64) -> Result<()> {
+    std::fs::create_dir_all(run_dir).map_err(io_err(format!("creating {}", run_dir.display())))?;
+    let path = run_dir.join("config.toml");
+    let text = recipe::to_toml(recipe);
+    if let Ok(old) = std::fs::read_to_string(&path) {
+        if old == text {
+            return Ok(());
+        }
+        let kept = run_dir.join(format!("config.before-step-{step}.toml"));
+        std::fs::rename(&path, &kept).map_err(io_err(format!("renaming {}", path.display())))?;
+        tracing::warn!("the recipe changed since the last start; the old one is kept as {}", kept.display());
+    }
+    std::fs::write(&path, text).map_err(io_err(format!("writing {}", path.display())))
+}
+
+fn open_data(recipe: &Recipe, vocab: i64) -> Result<(Span, Span)> {
+    let train = source::open(&recipe.data.train, "data.train", vocab)?;
+    match &recipe.data.valid {
+        Some(v) => {
+            let valid = source::open(v, "data.valid", vocab)?;
+            Ok((Span::whole(train), Span::whole(valid)))
+        }
+        None => Ok(Span::split(train, recipe.data.valid_fraction)),
+    }
+}
+
+fn forward_loss(
+    model: &Transformer,
+    inputs: &Tensor,
+    targets: &Tensor,
+    train: bool,
+    device: Device,
+    precision: Precision,
+) -> Result<Tensor> {
+    let run = || {
+        let logits = model.forward(inputs, train);
+        Transformer::loss(&logits, targets)
+    };
+    match precision {
+        Precision::Bf16Mixed => torch_ext::with_autocast_bf16(device.is_cuda(), run).map_err(Error::Torch),
+        Precision::Fp32 | Precision::Bf16 => Ok(run()),
+    }
+}
+
+/// Mean validation loss over `train.eval_batches` fixed batches.
+fn evaluate(model: &Transformer, span: &Span, recipe: &Recipe, device: Device, precision: Precision) -> Result<f64> {
+    let n = recipe.train.eval_batches as usize;
+    let bs = recipe.train.batch_size as usize;
+    tch::no_grad(|| {
+        let mut total = 0.0;
+        for i in 0..n {
+            let b = valid_batch(span, recipe.data.seq_len as usize, bs, n, i);
+            let loss = forward_loss(model, &b.inputs.to_device(device), &b.targets.to_device(device), false, device, precision)?;
+            total += loss.double_value(&[]);
+        }
+        Ok(total / n as f64)
+    })
+}
+
+fn peak_memory(device: Device) -> (Option<i64>, String) {
+    match device {
+        Device::Cuda(i) => match torch_ext::accelerator_memory(i) {
+            Ok(m) => (Some(m.peak_allocated), "cuda_peak_allocated".into()),
+            Err(_) => (None, "unavailable".into()),
+        },
+        _ => (peak_rss(), "process_peak_rss".into()),
+    }
+}
+
+/// VmHWM of /proc/self/status (Linux), in bytes.
+fn peak_rss() -> Option<i64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn human(n: f64) -> String {
+    if n >= 1e9 {
+        format!("{:.2}B", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.2}M", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1}K", n / 1e3)
+    } else {
+        format!("{n}")
+    }
+}
+
+pub fn print_summary(s: &Summary) {
+    let gib = |b: i64| b as f64 / (1u64 << 30) as f64;
+    eprintln!("\n  run               {}", s.name);
+    eprintln!("  steps             {}", s.steps);
+    eprintln!("  tokens            {}", s.tokens);
+    if let Some(l) = s.final_train_loss {
+        eprintln!("  train loss        {l:.4}");
+    }
+    if let (Some(l), Some(p)) = (s.final_valid_loss, s.final_valid_perplexity) {
+        eprintln!("  valid loss        {l:.4} (perplexity {p:.2})");
+    }
+    eprintln!("  wall time         {}", format_duration(s.train_seconds));
+    eprintln!("  tokens/s          {:.0}", s.tokens_per_s);
+    eprintln!("  model TFLOP/s     {:.3}{}", s.model_tflops_per_s, s.mfu.map(|m| format!(" (MFU {:.1}%)", 100.0 * m)).unwrap_or_default());
+    if let Some(p) = s.peak_memory_bytes {
+        eprintln!("  peak memory       {:.2} GiB ({})", gib(p), s.peak_memory_kind);
+    }
+    eprintln!(
+        "  memory            params {:.3} GiB, grads {:.3} GiB, optimizer {:.3} GiB",
+        gib(s.param_bytes),
+        gib(s.grad_bytes),
+        gib(s.optimizer_state_bytes)
+    );
+}
