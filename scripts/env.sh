@@ -1,0 +1,43 @@
+# Sourced by scripts/trainer and scripts/test: makes libtorch available to the build and to the
+# binary, provisioning it on first use.
+#
+# - If LIBTORCH (a libtorch directory) or LIBTORCH_USE_PYTORCH (a Python with torch on PATH) is
+#   already set, that is used as is.
+# - Otherwise a project-local virtual environment `.venv` gets pip's torch==2.11.0 (the version
+#   tch 0.24 is built for) once, and the build uses it (LIBTORCH_USE_PYTORCH=1).
+set -euo pipefail
+
+TRAINER_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TORCH_VERSION="2.11.0"
+VENV="${TRAINER_VENV:-$TRAINER_ROOT/.venv}"
+
+log() { echo "[trainer-setup] $*" >&2; }
+
+provision_torch() {
+    if [[ -n "${LIBTORCH:-}" ]]; then
+        export LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        return
+    fi
+    if [[ -z "${LIBTORCH_USE_PYTORCH:-}" ]]; then
+        if [[ ! -x "$VENV/bin/python" ]]; then
+            log "creating $VENV"
+            python3 -m venv "$VENV"
+        fi
+        if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+            log "installing torch==$TORCH_VERSION into $VENV (first use only; a few GB)"
+            "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" numpy
+        fi
+        export PATH="$VENV/bin:$PATH"
+        export LIBTORCH_USE_PYTORCH=1
+    fi
+    local torch_lib
+    torch_lib="$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+    export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+}
+
+check_cargo() {
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "error: cargo not found; install Rust (https://rustup.rs) and retry" >&2
+        exit 1
+    fi
+}
