@@ -32,7 +32,12 @@ impl MetricsLog {
             .append(true)
             .open(&path)
             .map_err(io_err(format!("opening {}", path.display())))?;
-        let tb = tensorboard::EventWriter::create(&run_dir.join("tb"))?;
+        let mut tb = tensorboard::EventWriter::create(&run_dir.join("tb"))?;
+        if let Some(step) = resume_step {
+            // The steps after `step` are logged again: TensorBoard drops the older files' ones.
+            tb.add_session_start(step + 1)?;
+            tb.flush()?;
+        }
         Ok(MetricsLog { jsonl, tb, path })
     }
 

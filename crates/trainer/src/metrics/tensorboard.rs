@@ -3,8 +3,9 @@
 //! Event files are TFRecord files of `tensorflow.Event` protobufs (tensorflow/core/util/event.proto):
 //! each record is `[len: u64 LE][masked crc32c(len): u32 LE][data][masked crc32c(data): u32 LE]`.
 //! We encode the few protobuf fields we need by hand: Event { wall_time = 1 (double),
-//! step = 2 (int64), file_version = 3 (string), summary = 5 (Summary) }, Summary { value = 1 },
-//! Summary.Value { tag = 1 (string), simple_value = 2 (float) }.
+//! step = 2 (int64), file_version = 3 (string), summary = 5 (Summary), session_log = 7
+//! (SessionLog) }, Summary { value = 1 }, Summary.Value { tag = 1 (string), simple_value = 2
+//! (float) }, SessionLog { status = 1 (enum, START = 1) }.
 //!
 //! Written here rather than through tensorboard-rs 0.5.9, which panics on I/O errors in its
 //! background thread and names files by the second, so that a run resumed within the same
@@ -62,6 +63,19 @@ impl EventWriter {
         put_double(&mut event, 1, wall_time());
         put_varint_field(&mut event, 2, step as u64);
         put_bytes(&mut event, 5, &summary);
+        self.write_record(&event)
+    }
+
+    /// Marks a restart: readers drop the events of earlier files at steps >= `step` (a
+    /// `SessionLog { status: START }` event, which TensorBoard's EventAccumulator purges on for
+    /// file_version 2), so that a resumed run's repeated steps replace the old ones.
+    pub fn add_session_start(&mut self, step: i64) -> Result<()> {
+        let mut session_log = Vec::new();
+        put_varint_field(&mut session_log, 1, 1); // status = START
+        let mut event = Vec::new();
+        put_double(&mut event, 1, wall_time());
+        put_varint_field(&mut event, 2, step as u64);
+        put_bytes(&mut event, 7, &session_log);
         self.write_record(&event)
     }
 

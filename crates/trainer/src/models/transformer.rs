@@ -351,9 +351,9 @@ impl Transformer {
     pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
         let v = logits.size()[2];
         logits
-            .view([-1, v])
+            .reshape([-1, v])
             .to_kind(Kind::Float)
-            .cross_entropy_loss::<Tensor>(&targets.view([-1]), None, tch::Reduction::Mean, -100, 0.0)
+            .cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, tch::Reduction::Mean, -100, 0.0)
     }
 
     /// Parameters that are not embeddings (for FLOPs accounting).

@@ -91,11 +91,11 @@ pub fn parse(text: &str, file: &str, overrides: &[Override]) -> Result<Recipe> {
         let msg = one_line(e.inner().message());
         // An unknown key is reported at its parent; name the key itself.
         if let Some(unknown) = msg.strip_prefix("unknown field `").and_then(|s| s.split('`').next()) {
-            key = if key == "." || key.is_empty() {
-                unknown.to_string()
-            } else {
-                format!("{key}.{unknown}")
-            };
+            if key == "." || key.is_empty() {
+                key = unknown.to_string();
+            } else if !key.ends_with(&format!(".{unknown}")) && key != unknown {
+                key = format!("{key}.{unknown}");
+            }
         }
         if key == "." {
             key = "(top level)".to_string();

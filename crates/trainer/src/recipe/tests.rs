@@ -1,0 +1,162 @@
+//! Recipe parsing, overrides and validation messages.
+
+use super::*;
+
+const BASE: &str = r#"[run]
+name = "t"
+out_dir = "runs/t"
+
+[model]
+kind = "llama"
+vocab_size = 256
+d_model = 32
+n_layers = 2
+n_heads = 4
+d_ff = 64
+max_seq_len = 32
+
+[data]
+seq_len = 16
+train = { kind = "builtin" }
+
+[optim]
+kind = "adamw"
+lr = 1e-3
+
+[train]
+batch_size = 4
+max_steps = 10
+"#;
+
+fn err(text: &str, overrides: &[&str]) -> String {
+    let ovs: Vec<Override> = overrides.iter().map(|o| Override::parse(o).expect("override")).collect();
+    match parse(text, "r.toml", &ovs) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn base_recipe_parses_with_defaults() {
+    let r = parse(BASE, "r.toml", &[]).expect("valid");
+    assert_eq!(r.run.device, "auto");
+    assert_eq!(r.run.precision, Precision::Fp32);
+    assert_eq!(r.train.grad_accum, 1);
+    assert_eq!(r.max_steps(), 10);
+    assert_eq!(r.tokens_per_step(), 64);
+    assert!(matches!(r.optim, OptimConfig::Adamw { weight_decay, .. } if weight_decay == 0.1));
+    assert_eq!(r.schedule, ScheduleConfig::default());
+}
+
+#[test]
+fn resolved_recipe_round_trips() {
+    let r = parse(BASE, "r.toml", &[]).expect("valid");
+    let again = parse(&to_toml(&r), "resolved.toml", &[]).expect("resolved recipe parses");
+    assert_eq!(r, again);
+}
+
+#[test]
+fn malformed_toml_names_line_and_column() {
+    let text = BASE.replace("max_steps = 10", "max_steps = = 10");
+    let e = err(&text, &[]);
+    assert!(e.starts_with("r.toml:24:13:"), "{e}");
+    assert!(e.contains("malformed TOML"), "{e}");
+    assert!(!e.contains('\n'), "one line: {e}");
+}
+
+#[test]
+fn unknown_key_names_file_line_column_and_key_path() {
+    let text = BASE.replace("max_steps = 10", "max_steps = 10\nbogus = 3");
+    let e = err(&text, &[]);
+    assert!(e.starts_with("r.toml:25:1: train.bogus: unknown field `bogus`, expected one of `batch_size`"), "{e}");
+}
+
+#[test]
+fn unknown_key_in_tagged_section() {
+    let text = BASE.replace("lr = 1e-3", "lr = 1e-3\nmomentom = 0.9");
+    let e = err(&text, &[]);
+    assert!(e.contains("optim.momentom"), "{e}");
+    assert!(e.contains("unknown field"), "{e}");
+    assert!(e.starts_with("r.toml:"), "{e}");
+}
+
+#[test]
+fn wrong_type_names_key_and_expectation() {
+    let text = BASE.replace("batch_size = 4", "batch_size = \"four\"");
+    let e = err(&text, &[]);
+    assert_eq!(e, "r.toml:23:1: train.batch_size: invalid type: string \"four\", expected i64");
+}
+
+#[test]
+fn unknown_kind_lists_the_choices() {
+    let text = BASE.replace("kind = \"adamw\"", "kind = \"adamx\"");
+    let e = err(&text, &[]);
+    assert!(e.contains("optim"), "{e}");
+    assert!(e.contains("adamw") && e.contains("sgd"), "{e}");
+}
+
+#[test]
+fn out_of_range_values_name_location_and_key() {
+    let e = err(&BASE.replace("lr = 1e-3", "lr = -1e-3"), &[]);
+    assert_eq!(e, "r.toml:20:1: optim.lr: expected a positive number, got -0.001");
+    let e = err(&BASE.replace("batch_size = 4", "batch_size = 0"), &[]);
+    assert_eq!(e, "r.toml:23:1: train.batch_size: expected a positive integer, got 0");
+    let e = err(&BASE.replace("seq_len = 16", "seq_len = 0"), &[]);
+    assert!(e.starts_with("r.toml:15:1: data.seq_len:"), "{e}");
+    let e = err(&BASE.replace("n_heads = 4", "n_heads = 3"), &[]);
+    assert!(e.contains("model.d_model") && e.contains("divisible by n_heads (3)"), "{e}");
+    let e = err(&BASE.replace("seq_len = 16", "seq_len = 64"), &[]);
+    assert!(e.contains("must not exceed model.max_seq_len (32)"), "{e}");
+}
+
+#[test]
+fn overrides_are_typed_and_validated() {
+    let ovs = [
+        Override::parse("train.max_steps=100").expect("parse"),
+        Override::parse("run.device=cpu").expect("parse"),
+        Override::parse("optim.betas=[0.8, 0.9]").expect("parse"),
+    ];
+    let r = parse(BASE, "r.toml", &ovs).expect("valid");
+    assert_eq!(r.train.max_steps, Some(100));
+    assert_eq!(r.run.device, "cpu");
+    assert!(matches!(r.optim, OptimConfig::Adamw { betas, .. } if betas == [0.8, 0.9]));
+
+    let e = err(BASE, &["train.max_steps=abc"]);
+    assert!(e.starts_with("--set train.max_steps=abc: train.max_steps:"), "{e}");
+    let e = err(BASE, &["train.batch_size=-2"]);
+    assert_eq!(e, "--set train.batch_size=-2: train.batch_size: expected a positive integer, got -2");
+    let e = err(BASE, &["train.nope=1"]);
+    assert!(e.contains("--set train.nope=1") && e.contains("unknown field"), "{e}");
+    assert!(Override::parse("novalue").is_err());
+    assert!(Override::parse("a..b=1").is_err());
+}
+
+#[test]
+fn override_can_add_a_missing_key() {
+    let text = BASE.replace("max_steps = 10\n", "");
+    let e = err(&text, &[]);
+    assert!(e.contains("train.max_steps") && e.contains("expected max_steps or max_tokens"), "{e}");
+    let r = parse(&text, "r.toml", &[Override::parse("train.max_tokens=1000").expect("parse")])
+        .expect("valid");
+    assert_eq!(r.max_steps(), 16); // ceil(1000 / 64)
+}
+
+#[test]
+fn missing_section_is_named() {
+    let text = BASE.replace("[optim]\nkind = \"adamw\"\nlr = 1e-3\n", "");
+    let e = err(&text, &[]);
+    assert!(e.contains("missing field `optim`"), "{e}");
+}
+
+#[test]
+fn device_spec_is_checked() {
+    let e = err(BASE, &["run.device=gpu"]);
+    assert!(e.contains("run.device") && e.contains("auto, cpu, cuda or cuda:N"), "{e}");
+    parse(BASE, "r.toml", &[Override::parse("run.device=cuda:1").expect("parse")]).expect("valid spec");
+}
+
+#[test]
+fn byte_level_data_needs_vocab_256() {
+    let e = err(&BASE.replace("vocab_size = 256", "vocab_size = 100"), &[]);
+    assert!(e.contains("model.vocab_size") && e.contains("byte-level"), "{e}");
+}

@@ -176,6 +176,14 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
             loss_sum += loss.detach().to_kind(Kind::Float);
         }
         let grad_norm = clip_grad_norm(&params, recipe.train.clip_grad_norm);
+        if !grad_norm.is_finite() {
+            // Stepping would write NaN/inf into the weights (and into the next checkpoint).
+            return Err(Error::Torch(format!(
+                "gradient norm is {grad_norm} at step {}: training diverged (lower optim.lr or \
+                 set train.clip_grad_norm); the last checkpoint is intact",
+                step + 1
+            )));
+        }
         let lr = schedule.lr(step);
         optimizer.step(lr);
         params.zero_grad();

@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Helpers shared by benches/cpu_compare.sh and benches/gpu_check.sh (standard library only).
+
+  bench_util.py tokens OUT N VOCAB [SEED]
+      write N random little-endian uint16 token ids < VOCAB to OUT (the trainer's
+      data.train kind = "tokens" format)
+  bench_util.py steady RUN_DIR --skip-rows K [--label L] [--peak-tflops P]
+      one JSON line for a trainer run: steady-state tokens/s over the metrics.jsonl train rows
+      after the first K (the rows' windows have equal size, so the combined rate is total tokens
+      over total time: the harmonic mean of the rows' rates), model TFLOP/s and MFU at that rate
+      (FLOPs per token taken from summary.json, so the trainer's own formula), peak memory
+  bench_util.py compare RESULTS.jsonl
+      median, min and max tokens/s per side of a cpu_compare.sh run, and the trainer/pytorch
+      ratio (of the medians, and the range over the pairs run back to back)
+  bench_util.py table RESULTS.jsonl
+      a Markdown table of tokens/s, TFLOP/s, MFU and peak memory, one row per JSON line
+"""
+
+import json
+import random
+import statistics
+import sys
+from array import array
+
+
+def cmd_tokens(argv):
+    out, n, vocab = argv[0], int(argv[1]), int(argv[2])
+    seed = int(argv[3]) if len(argv) > 3 else 1234
+    if vocab > 65536:
+        sys.exit("bench_util tokens: uint16 ids need vocab <= 65536")
+    try:
+        import numpy as np
+    except ImportError:
+        np = None
+    if np is not None:
+        ids = np.random.default_rng(seed).integers(0, vocab, size=n, dtype=np.uint16)
+        ids.astype("<u2").tofile(out)
+        return
+    rng = random.Random(seed)
+    ids = array("H", (rng.randrange(vocab) for _ in range(n)))
+    if sys.byteorder != "little":
+        ids.byteswap()
+    with open(out, "wb") as f:
+        ids.tofile(f)
+
+
+def _opt(argv, name, default=None, cast=str):
+    if name in argv:
+        return cast(argv[argv.index(name) + 1])
+    return default
+
+
+def cmd_steady(argv):
+    run_dir = argv[0]
+    skip = _opt(argv, "--skip-rows", 0, int)
+    label = _opt(argv, "--label", "trainer")
+    peak = _opt(argv, "--peak-tflops", None, float)
+    rows = []
+    with open(f"{run_dir}/metrics.jsonl") as f:
+        for line in f:
+            r = json.loads(line)
+            if "tokens_per_s" in r and "split" not in r:
+                rows.append(r)
+    with open(f"{run_dir}/summary.json") as f:
+        summary = json.load(f)
+    # Steady windows: equal-sized ones after the first `skip` (the last one may be shorter when
+    # max_steps is not a multiple of log_every; weight every window by its tokens).
+    kept = []
+    prev_tokens = rows[skip - 1]["tokens"] if 0 < skip <= len(rows) else 0
+    for r in rows[skip:]:
+        kept.append((r["tokens"] - prev_tokens, r["tokens_per_s"]))
+        prev_tokens = r["tokens"]
+    if not kept:
+        sys.exit(f"bench_util steady: {run_dir} has {len(rows)} log rows, none after the first {skip}")
+    tokens = sum(t for t, _ in kept)
+    seconds = sum(t / rate for t, rate in kept)
+    tps = tokens / seconds
+    flops_per_token = summary["model_tflops_per_s"] * 1e12 / summary["tokens_per_s"]
+    tflops = flops_per_token * tps / 1e12
+    peak = peak if peak is not None else (
+        summary["model_tflops_per_s"] / summary["mfu"] if summary.get("mfu") else None)
+    row = {
+        "impl": label,
+        "compile": False,
+        "device": summary["device"],
+        "dtype": summary["precision"],
+        "params": summary["params"],
+        "flops_per_token": flops_per_token,
+        "steps": summary["steps"],
+        "skipped_rows": skip,
+        "measured_tokens": tokens,
+        "measured_seconds": round(seconds, 3),
+        "tokens_per_s": tps,
+        "window_tokens_per_s": [round(rate, 1) for _, rate in kept],
+        "model_tflops_per_s": tflops,
+        "mfu": tflops / peak if peak else None,
+        "peak_memory_bytes": summary.get("peak_memory_bytes"),
+        "peak_memory_kind": summary.get("peak_memory_kind"),
+        "summary_tokens_per_s": summary["tokens_per_s"],
+        "final_loss": summary.get("final_train_loss"),
+    }
+    print(json.dumps(row))
+
+
+def _load(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def cmd_compare(argv):
+    rows = _load(argv[0])
+    sides = {}
+    for r in rows:
+        sides.setdefault(r["side"], []).append(r)
+    out = {}
+    for side in ("trainer", "pytorch"):
+        v = [r["tokens_per_s"] for r in sides.get(side, [])]
+        if not v:
+            sys.exit(f"bench_util compare: no {side} rows in {argv[0]}")
+        med = statistics.median(v)
+        out[side] = v
+        print(f"{side:8s} tokens/s: median {med:8.1f}   min {min(v):8.1f}   max {max(v):8.1f}   "
+              f"spread {100 * (max(v) - min(v)) / med:4.1f}%   runs {', '.join(f'{x:.1f}' for x in v)}")
+    ratio = statistics.median(out["trainer"]) / statistics.median(out["pytorch"])
+    pairs = [t / p for t, p in zip(out["trainer"], out["pytorch"])]
+    print(f"ratio trainer/pytorch: {ratio:.3f} (median of each side); "
+          f"per back-to-back pair {min(pairs):.3f}..{max(pairs):.3f}")
+
+
+def _fmt_bytes(b):
+    return "-" if b is None else f"{b / 2**30:.2f} GiB"
+
+
+def cmd_table(argv):
+    rows = _load(argv[0])
+    print("| run | dtype | tokens/s | model TFLOP/s | MFU | peak memory |")
+    print("|---|---|---:|---:|---:|---|")
+    for r in rows:
+        name = r.get("impl", "?") + (" (compile)" if r.get("compile") else "")
+        if r.get("adamw"):
+            name += f", AdamW {r['adamw']}"
+        mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+        kind = (r.get("peak_memory_kind") or "").replace("cuda_", "")
+        mem = _fmt_bytes(r.get("peak_memory_bytes")) + (f" ({kind})" if kind else "")
+        print(f"| {name} | {r.get('dtype')} | {r['tokens_per_s']:,.0f} | "
+              f"{r['model_tflops_per_s']:.2f} | {mfu} | {mem} |")
+
+
+def main():
+    cmds = {"tokens": cmd_tokens, "steady": cmd_steady, "compare": cmd_compare, "table": cmd_table}
+    if len(sys.argv) < 2 or sys.argv[1] not in cmds:
+        sys.exit(__doc__)
+    cmds[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()
