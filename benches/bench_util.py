@@ -13,7 +13,8 @@
       median, min and max tokens/s per side of a cpu_compare.sh run, and the trainer/pytorch
       ratio (of the medians, and the range over the pairs run back to back)
   bench_util.py table RESULTS.jsonl
-      a Markdown table of tokens/s, TFLOP/s, MFU and peak memory, one row per JSON line
+      a Markdown table of tokens/s (also relative to the first PyTorch eager run of the same
+      dtype), TFLOP/s, MFU and peak memory, one row per JSON line
 """
 
 import json
@@ -133,8 +134,13 @@ def _fmt_bytes(b):
 
 def cmd_table(argv):
     rows = _load(argv[0])
-    print("| run | dtype | tokens/s | model TFLOP/s | MFU | peak memory |")
-    print("|---|---|---:|---:|---:|---|")
+    # Baseline per dtype: the first PyTorch eager run with torch's default-path optimizer.
+    base = {}
+    for r in rows:
+        if r.get("impl") == "pytorch" and not r.get("compile"):
+            base.setdefault(r.get("dtype"), r["tokens_per_s"])
+    print("| run | dtype | tokens/s | vs PyTorch eager | model TFLOP/s | MFU | peak memory |")
+    print("|---|---|---:|---:|---:|---:|---|")
     for r in rows:
         name = r.get("impl", "?") + (" (compile)" if r.get("compile") else "")
         if r.get("adamw"):
@@ -142,7 +148,9 @@ def cmd_table(argv):
         mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
         kind = (r.get("peak_memory_kind") or "").replace("cuda_", "")
         mem = _fmt_bytes(r.get("peak_memory_bytes")) + (f" ({kind})" if kind else "")
-        print(f"| {name} | {r.get('dtype')} | {r['tokens_per_s']:,.0f} | "
+        b = base.get(r.get("dtype"))
+        rel = f"{r['tokens_per_s'] / b:.2f}x" if b else "-"
+        print(f"| {name} | {r.get('dtype')} | {r['tokens_per_s']:,.0f} | {rel} | "
               f"{r['model_tflops_per_s']:.2f} | {mfu} | {mem} |")
 
 

@@ -92,7 +92,7 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     device = torch.device(a.device)
     cuda = device.type == "cuda"
-    if cuda:
+    if cuda and device.index is not None:
         torch.cuda.set_device(device)
     hd = a.d_model // a.heads
 

@@ -4,6 +4,7 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/DeviceAccelerator.h>
 #include <cstring>
+#include <vector>
 #include <string>
 
 static thread_local std::string last_error;
@@ -63,6 +64,50 @@ int te_accelerator_memory(int device_index, int64_t *out) {
 int te_accelerator_reset_peak(int device_index) {
   try {
     at::accelerator::resetPeakStats(device_index);
+    return 0;
+  } catch (const std::exception &e) {
+    set_error(e);
+    return -1;
+  }
+}
+
+// torch.optim.AdamW(fused=True)'s kernel over n parameters of one weight-decay group.
+// Pointers are tch's tensor handles (at::Tensor*). `step` is a float32 scalar tensor on the
+// parameters' device holding the step number being taken (the kernel reads, never increments it).
+int te_fused_adamw(at::Tensor **params, at::Tensor **grads, at::Tensor **exp_avgs,
+                   at::Tensor **exp_avg_sqs, at::Tensor *step, int n, double lr, double beta1,
+                   double beta2, double weight_decay, double eps) {
+  try {
+    std::vector<at::Tensor> p, g, m, v, s;
+    for (int i = 0; i < n; i++) {
+      p.push_back(*params[i]);
+      g.push_back(*grads[i]);
+      m.push_back(*exp_avgs[i]);
+      v.push_back(*exp_avg_sqs[i]);
+      s.push_back(*step);
+    }
+    at::_fused_adamw_(p, g, m, v, {}, s, lr, beta1, beta2, weight_decay, eps, false, false);
+    return 0;
+  } catch (const std::exception &e) {
+    set_error(e);
+    return -1;
+  }
+}
+
+// The global L2 norm of n gradients (torch.nn.utils.clip_grad_norm_ with foreach kernels); when
+// max_norm > 0 the gradients are scaled in place by min(1, max_norm / (norm + 1e-6)).
+// Writes the norm before clipping to *out_norm.
+int te_clip_grad_norm(at::Tensor **grads, int n, double max_norm, double *out_norm) {
+  try {
+    std::vector<at::Tensor> g;
+    for (int i = 0; i < n; i++) g.push_back(*grads[i]);
+    auto norms = at::_foreach_norm(g, 2);
+    auto total = at::linalg_vector_norm(at::stack(norms).to(at::kFloat), 2);
+    if (max_norm > 0) {
+      auto coef = at::clamp_max(max_norm / (total + 1e-6), 1.0);
+      at::_foreach_mul_(g, coef);
+    }
+    *out_norm = total.item<double>();
     return 0;
   } catch (const std::exception &e) {
     set_error(e);

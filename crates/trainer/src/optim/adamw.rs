@@ -20,6 +20,9 @@ pub struct AdamW {
     pub weight_decay: f64,
     /// Completed steps; the bias corrections use step + 1 during a step.
     pub step: i64,
+    /// Step through libtorch's fused kernel (`at::_fused_adamw_`, torch's `fused=True`): one
+    /// kernel launch per group instead of several per parameter. Same update up to rounding.
+    pub fused: bool,
     slots: Vec<Slot>,
 }
 
@@ -42,10 +45,13 @@ impl AdamW {
                 Slot { name, param, decay, exp_avg, exp_avg_sq }
             })
             .collect();
-        AdamW { betas, eps, weight_decay, step: 0, slots }
+        AdamW { betas, eps, weight_decay, step: 0, fused: false, slots }
     }
 
-    pub fn step(&mut self, lr: f64) {
+    pub fn step(&mut self, lr: f64) -> crate::Result<()> {
+        if self.fused {
+            return self.step_fused(lr);
+        }
         self.step += 1;
         let t = self.step as i32;
         let [b1, b2] = self.betas;
@@ -66,6 +72,29 @@ impl AdamW {
                 let _ = p.g_sub_(&(&s.exp_avg / denom * step_size));
             }
         });
+        Ok(())
+    }
+
+    fn step_fused(&mut self, lr: f64) -> crate::Result<()> {
+        let Some(first) = self.slots.first() else { return Ok(()) };
+        let step = Tensor::full([], (self.step + 1) as f64, (tch::Kind::Float, first.param.device()));
+        for decay in [true, false] {
+            let live: Vec<(&Slot, Tensor)> = self
+                .slots
+                .iter()
+                .filter(|s| s.decay == decay)
+                .filter_map(|s| grad_of(&s.param).map(|g| (s, g)))
+                .collect();
+            let params: Vec<&Tensor> = live.iter().map(|(s, _)| &s.param).collect();
+            let grads: Vec<&Tensor> = live.iter().map(|(_, g)| g).collect();
+            let m: Vec<&Tensor> = live.iter().map(|(s, _)| &s.exp_avg).collect();
+            let v: Vec<&Tensor> = live.iter().map(|(s, _)| &s.exp_avg_sq).collect();
+            let wd = if decay { self.weight_decay } else { 0.0 };
+            tch::no_grad(|| torch_ext::fused_adamw(&params, &grads, &m, &v, &step, lr, self.betas, wd, self.eps))
+                .map_err(|e| crate::Error::Torch(format!("fused AdamW: {e}")))?;
+        }
+        self.step += 1;
+        Ok(())
     }
 
     /// Number of bytes of optimizer state.

@@ -45,8 +45,10 @@ impl Optimizer {
                 .collect()
         };
         match cfg {
-            OptimConfig::Adamw { betas, eps, weight_decay, decay_embeddings, .. } => {
-                Optimizer::AdamW(AdamW::new(groups(*decay_embeddings), *betas, *eps, *weight_decay))
+            OptimConfig::Adamw { betas, eps, weight_decay, decay_embeddings, fused, .. } => {
+                let mut o = AdamW::new(groups(*decay_embeddings), *betas, *eps, *weight_decay);
+                o.fused = fused.unwrap_or(store.device().is_cuda());
+                Optimizer::AdamW(o)
             }
             OptimConfig::Sgd { momentum, dampening, nesterov, weight_decay, .. } => Optimizer::Sgd(
                 Sgd::new(groups(true), *momentum, *dampening, *nesterov, *weight_decay),
@@ -54,7 +56,7 @@ impl Optimizer {
         }
     }
 
-    pub fn step(&mut self, lr: f64) {
+    pub fn step(&mut self, lr: f64) -> Result<()> {
         match self {
             Optimizer::AdamW(o) => o.step(lr),
             Optimizer::Sgd(o) => o.step(lr),
@@ -115,27 +117,12 @@ impl Optimizer {
     }
 }
 
-/// Clips the global L2 norm of all gradients to `max_norm` (torch.nn.utils.clip_grad_norm_) and
-/// returns the norm before clipping.
-pub fn clip_grad_norm(store: &ParamStore, max_norm: Option<f64>) -> f64 {
+/// Clips the global L2 norm of all gradients to `max_norm` (torch.nn.utils.clip_grad_norm_, with
+/// libtorch's foreach kernels) and returns the norm before clipping.
+pub fn clip_grad_norm(store: &ParamStore, max_norm: Option<f64>) -> Result<f64> {
     tch::no_grad(|| {
         let grads: Vec<Tensor> = store.trainable().filter_map(|p| grad_of(&p.tensor)).collect();
-        if grads.is_empty() {
-            return 0.0;
-        }
-        let norms: Vec<Tensor> = grads.iter().map(|g| g.to_kind(tch::Kind::Float).norm()).collect();
-        let total = Tensor::stack(&norms, 0).norm();
-        let total_f = total.double_value(&[]);
-        if let Some(max_norm) = max_norm {
-            // torch: clip_coef = max_norm / (total + 1e-6), clamped to 1.0, applied always.
-            let coef = (max_norm / (total_f + 1e-6)).min(1.0);
-            if coef < 1.0 {
-                for g in &grads {
-                    let mut g = g.shallow_clone();
-                    let _ = g.g_mul_scalar_(coef);
-                }
-            }
-        }
-        total_f
+        let refs: Vec<&Tensor> = grads.iter().collect();
+        torch_ext::clip_grad_norm(&refs, max_norm).map_err(|e| Error::Torch(format!("clip_grad_norm: {e}")))
     })
 }

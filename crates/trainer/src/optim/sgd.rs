@@ -46,7 +46,7 @@ impl Sgd {
         Sgd { momentum, dampening, nesterov, weight_decay, step: 0, slots }
     }
 
-    pub fn step(&mut self, lr: f64) {
+    pub fn step(&mut self, lr: f64) -> crate::Result<()> {
         let first = self.step == 0;
         self.step += 1;
         tch::no_grad(|| {
@@ -74,6 +74,7 @@ impl Sgd {
                 let _ = p.g_sub_(&(d * lr));
             }
         });
+        Ok(())
     }
 
     pub fn state_bytes(&self) -> i64 {

@@ -203,6 +203,9 @@ pub enum OptimConfig {
         /// Decay embeddings too (norms and biases are never decayed).
         #[serde(default)]
         decay_embeddings: bool,
+        /// Use libtorch's fused AdamW kernel; absent: on CUDA yes, on the CPU no.
+        #[serde(default)]
+        fused: Option<bool>,
     },
     /// SGD with momentum and optional Nesterov (torch.optim.SGD's update).
     Sgd {

@@ -175,7 +175,7 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
             scaled.f_backward()?;
             loss_sum += loss.detach().to_kind(Kind::Float);
         }
-        let grad_norm = clip_grad_norm(&params, recipe.train.clip_grad_norm);
+        let grad_norm = clip_grad_norm(&params, recipe.train.clip_grad_norm)?;
         if !grad_norm.is_finite() {
             // Stepping would write NaN/inf into the weights (and into the next checkpoint).
             return Err(Error::Torch(format!(
@@ -185,7 +185,7 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
             )));
         }
         let lr = schedule.lr(step);
-        optimizer.step(lr);
+        optimizer.step(lr)?;
         params.zero_grad();
         state.step += 1;
         state.tokens += tokens_per_step;
