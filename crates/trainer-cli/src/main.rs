@@ -51,9 +51,19 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            // One line: the chain of contexts, outermost first.
-            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("error: {}", msg.join(": "));
+            // One line: the chain of contexts, outermost first. A cause that its context
+            // already ends with (thiserror's `{source}` in the message) is not repeated.
+            let mut msg = String::new();
+            for cause in e.chain().map(|c| c.to_string()) {
+                if msg.ends_with(&cause) {
+                    continue;
+                }
+                if !msg.is_empty() {
+                    msg.push_str(": ");
+                }
+                msg.push_str(&cause);
+            }
+            eprintln!("error: {msg}");
             ExitCode::from(1)
         }
     }
@@ -105,6 +115,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
                 Outcome::Interrupted { .. } => Ok(ExitCode::from(EXIT_INTERRUPTED as u8)),
+                Outcome::AlreadyDone { step } => {
+                    tracing::info!(
+                        "{}: the run already reached step {step} of {}; nothing to do",
+                        recipe.run.out_dir.display(),
+                        recipe.max_steps()
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
             }
         }
         Command::Info => {

@@ -27,14 +27,21 @@ fn every_config_validates_and_its_resolved_form_is_a_fixpoint() {
         let p = path.to_str().expect("utf-8 path");
         let out = trainer(w, &["validate", p]);
         out.assert_success();
-        assert!(out.stdout.contains("[run]") && out.stdout.contains("[train]"), "no resolved recipe:\n{}", out.describe());
+        assert!(
+            out.stdout.contains("[run]") && out.stdout.contains("[train]"),
+            "no resolved recipe:\n{}",
+            out.describe()
+        );
         assert!(out.stderr.contains("valid ("), "{}", out.describe());
         // The printed recipe is itself a valid recipe that resolves to the same text.
         let resolved = format!("resolved-{i}.toml");
         write_recipe(w, &resolved, &out.stdout);
         let again = trainer(w, &["validate", &resolved]);
         again.assert_success();
-        assert_eq!(again.stdout, out.stdout, "{p}: the resolved recipe does not resolve to itself");
+        assert_eq!(
+            again.stdout, out.stdout,
+            "{p}: the resolved recipe does not resolve to itself"
+        );
     }
     // Validating trains nothing and writes no run directory.
     let left: Vec<String> = std::fs::read_dir(w)
@@ -80,10 +87,23 @@ fn set_overrides_show_up_in_the_resolved_recipe() {
         "kind = \"text\"",
         "path = \"corpus.txt\"",
     ] {
-        assert!(lines.contains(&want), "{want:?} is not in the resolved recipe:\n{}", out.describe());
+        assert!(
+            lines.contains(&want),
+            "{want:?} is not in the resolved recipe:\n{}",
+            out.describe()
+        );
     }
-    let betas = out.stdout.split("betas = ").nth(1).and_then(|s| s.split(']').next()).unwrap_or_default();
-    assert!(betas.contains("0.8") && betas.contains("0.99"), "betas not overridden:\n{}", out.describe());
+    let betas = out
+        .stdout
+        .split("betas = ")
+        .nth(1)
+        .and_then(|s| s.split(']').next())
+        .unwrap_or_default();
+    assert!(
+        betas.contains("0.8") && betas.contains("0.99"),
+        "betas not overridden:\n{}",
+        out.describe()
+    );
     assert!(out.stderr.contains("valid (77 steps"), "{}", out.describe());
     // Keys not overridden keep their values from the file.
     assert!(lines.contains(&"d_model = 128"), "{}", out.describe());

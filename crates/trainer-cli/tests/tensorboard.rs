@@ -29,13 +29,18 @@ print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in tags})
 /// tag -> [(step, value)] as TensorBoard reads them from `dir`.
 fn read_scalars(dir: &std::path::Path) -> BTreeMap<String, Vec<(i64, f64)>> {
     let py = python();
-    let out = Command::new(&py).arg("-c").arg(READER).arg(dir).output().unwrap_or_else(|e| {
-        panic!(
+    let out = Command::new(&py)
+        .arg("-c")
+        .arg(READER)
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
             "cannot run Python ({py:?}: {e}) to read the TensorBoard files. Run the tests through \
              scripts/test, which installs Python's tensorboard package, or set TRAINER_PYTHON to \
              a Python that has it"
         )
-    });
+        });
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
@@ -44,17 +49,36 @@ fn read_scalars(dir: &std::path::Path) -> BTreeMap<String, Vec<(i64, f64)>> {
          or set TRAINER_PYTHON to a Python that has it",
         out.status.code()
     );
-    let parsed: BTreeMap<String, Vec<(i64, f64)>> =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("unexpected reader output ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    let parsed: BTreeMap<String, Vec<(i64, f64)>> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| {
+            panic!(
+                "unexpected reader output ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
     parsed
 }
 
 /// Asserts that TensorBoard's `tag` holds exactly the (step, value) pairs of `rows`' `key`.
-fn assert_scalars_match(tb: &BTreeMap<String, Vec<(i64, f64)>>, tag: &str, rows: &[Value], key: &str) {
-    let got = tb.get(tag).unwrap_or_else(|| panic!("no scalar {tag:?} in the event files; tags: {:?}", tb.keys()));
+fn assert_scalars_match(
+    tb: &BTreeMap<String, Vec<(i64, f64)>>,
+    tag: &str,
+    rows: &[Value],
+    key: &str,
+) {
+    let got = tb.get(tag).unwrap_or_else(|| {
+        panic!(
+            "no scalar {tag:?} in the event files; tags: {:?}",
+            tb.keys()
+        )
+    });
     let want: Vec<(i64, f64)> = rows.iter().map(|r| (step_of(r), num(r, key))).collect();
     let steps = |v: &[(i64, f64)]| v.iter().map(|p| p.0).collect::<Vec<_>>();
-    assert_eq!(steps(got), steps(&want), "{tag}: steps in TensorBoard vs metrics.jsonl");
+    assert_eq!(
+        steps(got),
+        steps(&want),
+        "{tag}: steps in TensorBoard vs metrics.jsonl"
+    );
     for ((step, tb_value), (_, value)) in got.iter().zip(&want) {
         // A TensorBoard scalar is a float32: the metrics value rounded to float32.
         let expected = f64::from(*value as f32);
@@ -72,13 +96,21 @@ fn tensorboard_reads_loss_lr_and_valid_loss_at_the_logged_steps() {
     let w = work.path();
     write_recipe(w, "tiny.toml", &tiny_recipe("run"));
     // Logged at 3, 6, ..., 21 and at the end (23); evaluated at 10, 20 and at the end.
-    let rows = run_tiny(w, "tiny.toml", "run", &["--set", "train.max_steps=23", "--set", "train.log_every=3"]);
+    let rows = run_tiny(
+        w,
+        "tiny.toml",
+        "run",
+        &["--set", "train.max_steps=23", "--set", "train.log_every=3"],
+    );
     let train = train_rows(&rows);
     let evals = eval_rows(&rows, "valid");
     let mut logged: Vec<i64> = (1..=7).map(|k| 3 * k).collect();
     logged.push(23);
     assert_eq!(train.iter().map(step_of).collect::<Vec<_>>(), logged);
-    assert_eq!(evals.iter().map(step_of).collect::<Vec<_>>(), vec![10, 20, 23]);
+    assert_eq!(
+        evals.iter().map(step_of).collect::<Vec<_>>(),
+        vec![10, 20, 23]
+    );
 
     let tb = read_scalars(&w.join("run/tb"));
     assert_scalars_match(&tb, "loss", &train, "loss");
@@ -94,14 +126,29 @@ fn tensorboard_shows_each_step_once_after_a_resume() {
     let work = workdir();
     let w = work.path();
     write_recipe(w, "tiny.toml", &tiny_recipe("run"));
-    let set = ["--set", "train.max_steps=20", "--set", "train.checkpoint_every=10", "--set", "train.keep_checkpoints=3"];
+    let set = [
+        "--set",
+        "train.max_steps=20",
+        "--set",
+        "train.checkpoint_every=10",
+        "--set",
+        "train.keep_checkpoints=3",
+    ];
     run_tiny(w, "tiny.toml", "run", &set);
-    let mut args = vec!["run", "tiny.toml", "--resume", "run/checkpoints/step-00000010"];
+    let mut args = vec![
+        "run",
+        "tiny.toml",
+        "--resume",
+        "run/checkpoints/step-00000010",
+    ];
     args.extend_from_slice(&set);
     trainer(w, &args).assert_success();
     let rows = read_metrics(&w.join("run/metrics.jsonl"));
     let train = train_rows(&rows);
-    assert_eq!(train.iter().map(step_of).collect::<Vec<_>>(), (1..=20).collect::<Vec<_>>());
+    assert_eq!(
+        train.iter().map(step_of).collect::<Vec<_>>(),
+        (1..=20).collect::<Vec<_>>()
+    );
     let tb = read_scalars(&w.join("run/tb"));
     assert_scalars_match(&tb, "loss", &train, "loss");
     assert_scalars_match(&tb, "valid/loss", &eval_rows(&rows, "valid"), "loss");

@@ -11,7 +11,7 @@ pub enum Error {
     Recipe(String),
 
     /// A data source that is missing, empty, malformed or does not fit the model.
-    #[error("data {path}: {msg}")]
+    #[error("{path}: {msg}")]
     Data { path: String, msg: String },
 
     /// A checkpoint that is missing, truncated, or does not match the model or optimizer.

@@ -24,12 +24,18 @@ pub fn trainer_bin() -> PathBuf {
 
 /// The repository root (this crate is `crates/trainer-cli`).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root")
 }
 
 /// A fresh temporary working directory.
 pub fn workdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("trainer-e2e-").tempdir().expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("trainer-e2e-")
+        .tempdir()
+        .expect("tempdir")
 }
 
 /// What a finished command left behind.
@@ -55,25 +61,50 @@ impl Out {
 
     pub fn assert_success(&self) -> &Self {
         assert_eq!(self.code, Some(0), "expected success:\n{}", self.describe());
-        assert!(!self.stderr.contains("panicked"), "a panic:\n{}", self.describe());
+        assert!(
+            !self.stderr.contains("panicked"),
+            "a panic:\n{}",
+            self.describe()
+        );
         self
     }
 
     /// The lines of stderr that start with `error:`.
     pub fn error_lines(&self) -> Vec<&str> {
-        self.stderr.lines().filter(|l| l.starts_with("error:")).collect()
+        self.stderr
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .collect()
     }
 
     /// Asserts the bad-input contract: exit code 1, exactly one line starting with `error:`, no
     /// panic; returns that line. Each of `needles` must occur in it.
     pub fn assert_one_error(&self, needles: &[&str]) -> String {
-        assert_eq!(self.code, Some(1), "expected exit code 1:\n{}", self.describe());
-        assert!(!self.stderr.contains("panicked"), "a panic is a bug:\n{}", self.describe());
+        assert_eq!(
+            self.code,
+            Some(1),
+            "expected exit code 1:\n{}",
+            self.describe()
+        );
+        assert!(
+            !self.stderr.contains("panicked"),
+            "a panic is a bug:\n{}",
+            self.describe()
+        );
         let lines = self.error_lines();
-        assert_eq!(lines.len(), 1, "expected exactly one `error:` line:\n{}", self.describe());
+        assert_eq!(
+            lines.len(),
+            1,
+            "expected exactly one `error:` line:\n{}",
+            self.describe()
+        );
         let line = lines[0].to_string();
         for n in needles {
-            assert!(line.contains(n), "the error line should contain {n:?}, got:\n{line}\n\n{}", self.describe());
+            assert!(
+                line.contains(n),
+                "the error line should contain {n:?}, got:\n{line}\n\n{}",
+                self.describe()
+            );
         }
         line
     }
@@ -130,7 +161,11 @@ impl Running {
 pub fn spawn(cwd: &Path, args: &[&str]) -> Running {
     let logs = cwd.join(".logs");
     std::fs::create_dir_all(&logs).expect("log dir");
-    let logs = tempfile::Builder::new().prefix("cmd-").tempdir_in(&logs).expect("log dir").keep();
+    let logs = tempfile::Builder::new()
+        .prefix("cmd-")
+        .tempdir_in(&logs)
+        .expect("log dir")
+        .keep();
     let stdout_path = logs.join("stdout");
     let stderr_path = logs.join("stderr");
     let child = Command::new(trainer_bin())
@@ -143,7 +178,12 @@ pub fn spawn(cwd: &Path, args: &[&str]) -> Running {
         .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
         .spawn()
         .expect("starting the trainer binary");
-    Running { child, args: args.iter().map(|s| s.to_string()).collect(), stdout_path, stderr_path }
+    Running {
+        child,
+        args: args.iter().map(|s| s.to_string()).collect(),
+        stdout_path,
+        stderr_path,
+    }
 }
 
 /// Runs `trainer ARGS` in `cwd` to the end.
@@ -246,7 +286,10 @@ pub fn replace_line(text: &str, from: &str, to: &str) -> String {
 
 /// The 1-based number of the first line of `text` that starts with `prefix`.
 pub fn line_of(text: &str, prefix: &str) -> usize {
-    text.lines().position(|l| l.starts_with(prefix)).map(|i| i + 1).unwrap_or_else(|| panic!("no line {prefix:?}"))
+    text.lines()
+        .position(|l| l.starts_with(prefix))
+        .map(|i| i + 1)
+        .unwrap_or_else(|| panic!("no line {prefix:?}"))
 }
 
 /// Writes `text` to `dir/name` and returns the name (commands run in `dir`).
@@ -257,31 +300,43 @@ pub fn write_recipe(dir: &Path, name: &str, text: &str) -> String {
 
 /// All rows of a metrics.jsonl.
 pub fn read_metrics(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     text.lines()
         .enumerate()
         .map(|(i, l)| {
-            serde_json::from_str(l).unwrap_or_else(|e| panic!("{}:{}: not JSON ({e}): {l}", path.display(), i + 1))
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{}:{}: not JSON ({e}): {l}", path.display(), i + 1))
         })
         .collect()
 }
 
 /// Training rows (no `split`).
 pub fn train_rows(rows: &[Value]) -> Vec<Value> {
-    rows.iter().filter(|r| r.get("split").is_none()).cloned().collect()
+    rows.iter()
+        .filter(|r| r.get("split").is_none())
+        .cloned()
+        .collect()
 }
 
 /// Evaluation rows of `split`.
 pub fn eval_rows(rows: &[Value], split: &str) -> Vec<Value> {
-    rows.iter().filter(|r| r.get("split").and_then(Value::as_str) == Some(split)).cloned().collect()
+    rows.iter()
+        .filter(|r| r.get("split").and_then(Value::as_str) == Some(split))
+        .cloned()
+        .collect()
 }
 
 pub fn step_of(row: &Value) -> i64 {
-    row.get("step").and_then(Value::as_i64).unwrap_or_else(|| panic!("row without an integer step: {row}"))
+    row.get("step")
+        .and_then(Value::as_i64)
+        .unwrap_or_else(|| panic!("row without an integer step: {row}"))
 }
 
 pub fn num(row: &Value, key: &str) -> f64 {
-    row.get(key).and_then(Value::as_f64).unwrap_or_else(|| panic!("row without a number {key:?}: {row}"))
+    row.get(key)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("row without a number {key:?}: {row}"))
 }
 
 /// The newest row of a metrics file written so far (tolerates a partly written last line).
@@ -296,7 +351,10 @@ pub fn last_logged_step(path: &Path) -> Option<i64> {
 /// Step numbers of the complete and temporary entries of `run/checkpoints`.
 pub fn checkpoint_entries(run_dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = match std::fs::read_dir(run_dir.join("checkpoints")) {
-        Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().to_string()).collect(),
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect(),
         Err(_) => Vec::new(),
     };
     names.sort();
@@ -306,14 +364,19 @@ pub fn checkpoint_entries(run_dir: &Path) -> Vec<String> {
 /// Every file under `dir` with its bytes (an empty map when `dir` does not exist).
 pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
         for e in rd.filter_map(|e| e.ok()) {
             let p = e.path();
             if p.is_dir() {
                 walk(root, &p, out);
             } else {
                 let rel = p.strip_prefix(root).expect("under root").to_path_buf();
-                out.insert(rel, std::fs::read(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display())));
+                out.insert(
+                    rel,
+                    std::fs::read(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display())),
+                );
             }
         }
     }
@@ -323,7 +386,11 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 }
 
 /// Asserts that two snapshots hold the same files with the same bytes, naming the differences.
-pub fn assert_same_files(before: &BTreeMap<PathBuf, Vec<u8>>, after: &BTreeMap<PathBuf, Vec<u8>>, what: &str) {
+pub fn assert_same_files(
+    before: &BTreeMap<PathBuf, Vec<u8>>,
+    after: &BTreeMap<PathBuf, Vec<u8>>,
+    what: &str,
+) {
     let mut diffs = Vec::new();
     for (p, b) in before {
         match after.get(p) {
@@ -335,7 +402,11 @@ pub fn assert_same_files(before: &BTreeMap<PathBuf, Vec<u8>>, after: &BTreeMap<P
     for p in after.keys().filter(|p| !before.contains_key(*p)) {
         diffs.push(format!("added {}", p.display()));
     }
-    assert!(diffs.is_empty(), "{what}: the run directory changed: {}", diffs.join(", "));
+    assert!(
+        diffs.is_empty(),
+        "{what}: the run directory changed: {}",
+        diffs.join(", ")
+    );
 }
 
 /// Runs the tiny recipe to the end in `cwd/<out_dir>` and returns its metrics rows.
@@ -358,7 +429,10 @@ pub fn wait_for_step(proc: &mut Running, metrics: &Path, step: i64) -> i64 {
         if let Some(code) = proc.try_wait() {
             panic!("the run exited (code {code:?}) before logging step {step}");
         }
-        assert!(start.elapsed() < TIMEOUT, "the run did not reach step {step} within {TIMEOUT:?}");
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "the run did not reach step {step} within {TIMEOUT:?}"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -366,7 +440,10 @@ pub fn wait_for_step(proc: &mut Running, metrics: &Path, step: i64) -> i64 {
 /// The Python interpreter the tests use to read TensorBoard files: `TRAINER_PYTHON`, else
 /// `python3`.
 pub fn python() -> String {
-    std::env::var("TRAINER_PYTHON").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "python3".to_string())
+    std::env::var("TRAINER_PYTHON")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "python3".to_string())
 }
 
 /// Number of CUDA devices the binary sees (from `trainer info`).

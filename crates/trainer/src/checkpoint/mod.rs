@@ -67,10 +67,8 @@ pub fn save(
     let final_dir = step_dir(run_dir, state.step);
     let parent = checkpoints_dir(run_dir);
     std::fs::create_dir_all(&parent).map_err(io_err(format!("creating {}", parent.display())))?;
+    remove_leftovers(&parent);
     let tmp = parent.join(format!(".tmp-step-{:08}-{}", state.step, std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io_err(format!("removing {}", tmp.display())))?;
-    }
     std::fs::create_dir(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
     params.save(&tmp.join(MODEL_FILE))?;
     optimizer.save(&tmp.join(OPTIMIZER_FILE))?;
@@ -92,6 +90,19 @@ pub fn save(
     sync_dir(&parent);
     prune(run_dir, keep)?;
     Ok(final_dir)
+}
+
+/// Removes `.tmp-*` and `.old-*` directories left by a process that died while writing a
+/// checkpoint. Only one process writes checkpoints into a run directory, so none is in use.
+fn remove_leftovers(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with(".tmp-step-") || name.starts_with(".old-step-") {
+            tracing::info!("removing {}, left by an interrupted checkpoint write", e.path().display());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn prune(run_dir: &Path, keep: usize) -> Result<()> {

@@ -130,10 +130,10 @@ fn open_tokens(path: &Path, dtype: TokenDtype, key: &str) -> Result<TokenData> {
     let width = dtype.width() as u64;
     if meta.len() % width != 0 {
         return Err(err(format!(
-            "size {} bytes is not a multiple of the token width ({width} bytes for {:?}); \
+            "size {} bytes is not a multiple of the token width ({width} bytes for {}); \
              wrong dtype or a truncated file?",
             meta.len(),
-            dtype
+            dtype.as_str()
         )));
     }
     if meta.len() == 0 {

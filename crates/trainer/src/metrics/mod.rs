@@ -79,6 +79,8 @@ fn truncate_after(path: &Path, step: i64) -> Result<()> {
             .and_then(|v| v.get("step").and_then(Value::as_i64));
         match row_step {
             Some(s) if s > step => dropped += 1,
+            // A line cut short by a killed process: not JSON; its step is logged again.
+            None if serde_json::from_str::<Value>(&line).is_err() => dropped += 1,
             _ => {
                 kept.push_str(&line);
                 kept.push('\n');

@@ -85,7 +85,7 @@ pub fn parse(text: &str, file: &str, overrides: &[Override]) -> Result<Recipe> {
         }
     };
 
-    let de = toml_edit::de::Deserializer::from(doc);
+    let de = toml_edit::de::Deserializer::from(doc.clone());
     let recipe: Recipe = serde_path_to_error::deserialize(de).map_err(|e| {
         let mut key = e.path().to_string();
         let msg = one_line(e.inner().message());
@@ -96,6 +96,8 @@ pub fn parse(text: &str, file: &str, overrides: &[Override]) -> Result<Recipe> {
             } else if !key.ends_with(&format!(".{unknown}")) && key != unknown {
                 key = format!("{key}.{unknown}");
             }
+        } else if let Some(inner) = key_in_tagged_section(&doc, &key, &msg) {
+            key = format!("{key}.{inner}");
         }
         if key == "." {
             key = "(top level)".to_string();
@@ -108,9 +110,55 @@ pub fn parse(text: &str, file: &str, overrides: &[Override]) -> Result<Recipe> {
     Ok(recipe)
 }
 
+/// serde buffers a `kind`-tagged section (`[model]`, `[optim]`, `data.train`) before it picks
+/// the variant, so the path serde_path_to_error reports for a bad value inside one stops at the
+/// section. Finds the key the error is about: the one whose removal changes the error (values
+/// are checked in order, before any missing key is reported).
+fn key_in_tagged_section(
+    doc: &toml_edit::DocumentMut,
+    section: &str,
+    msg: &str,
+) -> Option<String> {
+    use serde::Deserialize;
+    if !msg.starts_with("invalid ") {
+        return None;
+    }
+    let parts: Vec<&str> = section.split('.').filter(|p| !p.is_empty()).collect();
+    let mut item = doc.as_item();
+    for p in &parts {
+        item = item.get(p)?;
+    }
+    let table = item.as_table_like()?;
+    table.get("kind")?;
+    let keys: Vec<String> =
+        table.iter().map(|(k, _)| k.to_string()).filter(|k| k != "kind").collect();
+    keys.into_iter().find(|k| {
+        let mut probe = doc.clone();
+        let mut item = probe.as_item_mut();
+        for p in &parts {
+            item = match item.get_mut(p) {
+                Some(i) => i,
+                None => return false,
+            };
+        }
+        if let Some(t) = item.as_table_like_mut() {
+            t.remove(k);
+        }
+        match Recipe::deserialize(toml_edit::de::Deserializer::from(probe)) {
+            Ok(_) => true,
+            Err(e) => one_line(e.message()) != msg,
+        }
+    })
+}
+
 /// The resolved recipe as TOML, as written into the run directory and printed by `validate`.
 pub fn to_toml(recipe: &Recipe) -> String {
-    toml::to_string_pretty(recipe).unwrap_or_else(|e| format!("# cannot render recipe: {e}\n"))
+    let mut text =
+        toml::to_string_pretty(recipe).unwrap_or_else(|e| format!("# cannot render recipe: {e}\n"));
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text
 }
 
 fn apply_override(doc: &mut toml_edit::DocumentMut, o: &Override) -> Result<()> {

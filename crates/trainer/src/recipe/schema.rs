@@ -179,6 +179,13 @@ pub enum TokenDtype {
 }
 
 impl TokenDtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenDtype::Uint16 => "uint16",
+            TokenDtype::Uint32 => "uint32",
+        }
+    }
+
     pub fn width(self) -> usize {
         match self {
             TokenDtype::Uint16 => 2,

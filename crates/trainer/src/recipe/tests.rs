@@ -160,3 +160,19 @@ fn byte_level_data_needs_vocab_256() {
     let e = err(&BASE.replace("vocab_size = 256", "vocab_size = 100"), &[]);
     assert!(e.contains("model.vocab_size") && e.contains("byte-level"), "{e}");
 }
+
+#[test]
+fn wrong_type_in_a_kind_tagged_section_names_the_key() {
+    // serde buffers these sections before choosing the variant; the loader finds the key.
+    let text = BASE.replace("lr = 1e-3", "lr = \"1e-3\"");
+    let e = err(&text, &[]);
+    let line = text.lines().position(|l| l.starts_with("lr = ")).expect("lr line") + 1;
+    assert_eq!(e, format!("r.toml:{line}:1: optim.lr: invalid type: string \"1e-3\", expected f64"));
+    let e = err(BASE, &["model.d_model=\"x\""]);
+    assert_eq!(e, "--set model.d_model=\"x\": model.d_model: invalid type: string \"x\", expected i64");
+    let e = err(BASE, &["data.train={kind=\"tokens\", path=3}"]);
+    assert!(e.contains("data.train.path: invalid type"), "{e}");
+    // Errors that are not about one value keep naming the section.
+    let e = err(&BASE.replace("d_ff = 64\n", ""), &[]);
+    assert!(e.contains("model: missing field `d_ff`"), "{e}");
+}

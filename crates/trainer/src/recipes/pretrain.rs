@@ -40,6 +40,9 @@ pub enum Outcome {
     Finished(Summary),
     /// Stopped by a signal after writing the checkpoint of `step`.
     Interrupted { step: i64, checkpoint: PathBuf },
+    /// Resumed from a checkpoint at or past the end of the run (a finished run started again
+    /// with `--resume auto`, as a requeued job does): nothing was trained or written.
+    AlreadyDone { step: i64 },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -118,6 +121,10 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
             state.seed = recipe.run.seed;
         }
         tracing::info!("resuming from {} (step {})", dir.display(), state.step);
+        if state.step >= total_steps {
+            // Leave a finished run's files (summary.json, tb/, metrics) exactly as they are.
+            return Ok(Outcome::AlreadyDone { step: state.step });
+        }
     }
     prepare_run_dir(&run_dir, recipe, state.step)?;
     let mut metrics = MetricsLog::open(&run_dir, Some(state.step))?;
