@@ -53,8 +53,14 @@ pub struct Summary {
     pub final_train_loss: Option<f64>,
     pub final_valid_loss: Option<f64>,
     pub final_valid_perplexity: Option<f64>,
+    /// Wall-clock seconds of the whole run (summed over resumes), evaluation and checkpoints
+    /// included.
     pub train_seconds: f64,
+    /// Training throughput: tokens over the time spent in optimizer steps, leaving out the first
+    /// step of each start (allocator and kernel warm-up), evaluations and checkpoints.
     pub tokens_per_s: f64,
+    /// Tokens over the whole wall time of this start (everything included).
+    pub tokens_per_s_wall: f64,
     pub params: i64,
     pub trainable_params: i64,
     pub param_bytes: i64,
@@ -166,10 +172,13 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
     let mut window_tokens = 0i64;
     let session_start = Instant::now();
     let seconds_before = state.train_seconds;
+    let tokens_before = state.tokens;
+    let (mut step_seconds, mut step_tokens) = (0.0f64, 0i64);
     let mut last_checkpoint = None;
 
     while state.step < total_steps {
         let step = state.step;
+        let step_start = Instant::now();
         // Dropout and any other torch randomness: a pure function of (seed, step).
         tch::manual_seed((stream_seed(recipe.run.seed, step, -1, 0) >> 1) as i64);
         let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
@@ -197,6 +206,10 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
         state.step += 1;
         state.tokens += tokens_per_step;
         window_tokens += tokens_per_step;
+        if state.tokens - tokens_before > tokens_per_step {
+            step_seconds += step_start.elapsed().as_secs_f64();
+            step_tokens += tokens_per_step;
+        }
         let done = state.step == total_steps;
 
         if state.step % recipe.train.log_every == 0 || done {
@@ -270,8 +283,11 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
     drop(prefetch);
 
     // ---- summary ------------------------------------------------------------------------
-    let train_seconds = seconds_before + session_start.elapsed().as_secs_f64();
-    let tokens_per_s = state.tokens as f64 / train_seconds.max(1e-9);
+    let session_seconds = session_start.elapsed().as_secs_f64();
+    let train_seconds = seconds_before + session_seconds;
+    let tokens_per_s_wall = (state.tokens - tokens_before) as f64 / session_seconds.max(1e-9);
+    let tokens_per_s =
+        if step_tokens > 0 { step_tokens as f64 / step_seconds.max(1e-9) } else { tokens_per_s_wall };
     let (peak, peak_kind) = peak_memory(device);
     let tflops = flops_per_token * tokens_per_s / 1e12;
     let valid_loss = state.last_valid_loss;
@@ -284,6 +300,7 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
         final_valid_perplexity: valid_loss.map(f64::exp),
         train_seconds,
         tokens_per_s,
+        tokens_per_s_wall,
         params: params.num_params(),
         trainable_params: params.num_trainable(),
         param_bytes: params.bytes(),
@@ -433,7 +450,7 @@ pub fn print_summary(s: &Summary) {
         eprintln!("  valid loss        {l:.4} (perplexity {p:.2})");
     }
     eprintln!("  wall time         {}", format_duration(s.train_seconds));
-    eprintln!("  tokens/s          {:.0}", s.tokens_per_s);
+    eprintln!("  tokens/s          {:.0} in steps ({:.0} over the wall time)", s.tokens_per_s, s.tokens_per_s_wall);
     eprintln!("  model TFLOP/s     {:.3}{}", s.model_tflops_per_s, s.mfu.map(|m| format!(" (MFU {:.1}%)", 100.0 * m)).unwrap_or_default());
     if let Some(p) = s.peak_memory_bytes {
         eprintln!("  peak memory       {:.2} GiB ({})", gib(p), s.peak_memory_kind);
