@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::recipe::{self, Override};
+use trainer::models::load::{self, ModelSource};
+use trainer::recipes::evaluate;
 use trainer::recipes::pretrain::{self, Outcome, Resume};
 use trainer::signals::{StopFlag, EXIT_INTERRUPTED};
 
@@ -41,8 +43,79 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Evaluate a model on a data file: prints loss, perplexity and tokens.
+    Eval {
+        /// hf:PATH, a checkpoint directory, or a run directory (its newest checkpoint).
+        #[arg(long)]
+        init: String,
+        /// A token file (.bin: little-endian ids) or a UTF-8 text file (bytes as tokens).
+        #[arg(long)]
+        data: PathBuf,
+        /// How to read --data; default: tokens for .bin files, text otherwise.
+        #[arg(long, value_enum)]
+        data_kind: Option<DataKind>,
+        /// Width of the ids in a token file.
+        #[arg(long, value_enum, default_value = "uint16")]
+        dtype: DtypeArg,
+        #[arg(long)]
+        seq_len: i64,
+        /// Evaluate at most this many batches (default: the whole file).
+        #[arg(long)]
+        batches: Option<usize>,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Print one JSON object instead of a sentence.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Continue a prompt with a byte-level language model.
+    Generate {
+        #[arg(long)]
+        init: String,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 200)]
+        max_new_tokens: usize,
+        /// 0 for greedy decoding.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        #[arg(long)]
+        top_k: Option<i64>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Export a run or checkpoint to another format (Hugging Face: config.json + safetensors).
+    Export {
+        /// A run directory (its newest checkpoint), a checkpoint directory, or hf:PATH.
+        source: String,
+        #[arg(long, value_enum)]
+        to: ExportFormat,
+        /// Output directory; must not exist or be empty.
+        out: PathBuf,
+    },
     /// Print what this binary sees: libtorch version, CUDA devices, threads.
     Info,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DataKind {
+    Text,
+    Tokens,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DtypeArg {
+    Uint16,
+    Uint32,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    Hf,
 }
 
 fn main() -> ExitCode {
@@ -124,6 +197,77 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
             }
+        }
+        Command::Eval { init, data, data_kind, dtype, seq_len, batches, batch_size, device, json } => {
+            use trainer::recipe::{SourceConfig, TokenDtype};
+            anyhow::ensure!(seq_len > 0, "--seq-len: expected a positive integer, got {seq_len}");
+            anyhow::ensure!(batch_size > 0, "--batch-size: expected a positive integer");
+            let device = trainer::device::resolve(&device)?;
+            let source = ModelSource::parse(&init)?;
+            let loaded = load::load(&source, device)?;
+            let kind = data_kind.unwrap_or(if data.extension().is_some_and(|e| e == "bin") {
+                DataKind::Tokens
+            } else {
+                DataKind::Text
+            });
+            let cfg = match kind {
+                DataKind::Text => SourceConfig::Text { path: data.clone() },
+                DataKind::Tokens => SourceConfig::Tokens {
+                    path: data.clone(),
+                    dtype: match dtype {
+                        DtypeArg::Uint16 => TokenDtype::Uint16,
+                        DtypeArg::Uint32 => TokenDtype::Uint32,
+                    },
+                },
+            };
+            anyhow::ensure!(
+                seq_len <= loaded.config.max_seq_len,
+                "--seq-len {seq_len} exceeds the model's max_seq_len ({})",
+                loaded.config.max_seq_len
+            );
+            let tokens = trainer::data::source::open(&cfg, "--data", loaded.config.vocab_size)?;
+            let span = trainer::data::source::Span::whole(tokens);
+            let r = evaluate::eval_span(&loaded.model, &span, seq_len as usize, batch_size, batches, device)?;
+            if json {
+                println!("{}", serde_json::json!({
+                    "loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens,
+                    "windows": r.windows, "init": source.describe(), "data": data.display().to_string(),
+                    "seq_len": seq_len,
+                }));
+            } else {
+                println!(
+                    "{}: loss {:.4}, perplexity {:.3} over {} tokens ({} windows of {seq_len})",
+                    data.display(), r.loss, r.perplexity, r.tokens, r.windows
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate { init, prompt, max_new_tokens, temperature, top_k, seed, device } => {
+            let device = trainer::device::resolve(&device)?;
+            let source = ModelSource::parse(&init)?;
+            let loaded = load::load(&source, device)?;
+            anyhow::ensure!(
+                loaded.config.vocab_size >= 256,
+                "generate: only byte-level models (vocab_size >= 256) are supported so far; this one has {}",
+                loaded.config.vocab_size
+            );
+            anyhow::ensure!(!prompt.is_empty(), "--prompt: expected a non-empty prompt");
+            if let Some(k) = top_k {
+                anyhow::ensure!(k > 0, "--top-k: expected a positive integer, got {k}");
+            }
+            let ids: Vec<i64> = prompt.bytes().map(i64::from).collect();
+            let sampling = evaluate::Sampling { max_new_tokens, temperature, top_k, seed };
+            let out = evaluate::generate(&loaded.model, &ids, &sampling, device)?;
+            let bytes: Vec<u8> = out.iter().map(|&t| t.clamp(0, 255) as u8).collect();
+            println!("{prompt}{}", String::from_utf8_lossy(&bytes));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export { source, to: ExportFormat::Hf, out } => {
+            let source = ModelSource::parse(&source)?;
+            let loaded = load::load(&source, tch::Device::Cpu)?;
+            trainer::models::hf::export(&loaded.config, &loaded.params, &out)?;
+            eprintln!("exported {} to {} (Hugging Face format)", source.describe(), out.display());
+            Ok(ExitCode::SUCCESS)
         }
         Command::Info => {
             println!("trainer {}", env!("CARGO_PKG_VERSION"));

@@ -39,6 +39,16 @@ impl ParamStore {
         handle
     }
 
+    /// Registers a buffer: state saved with the model that no optimizer updates and no gradient
+    /// flows into (BatchNorm's running statistics).
+    pub fn add_buffer(&mut self, name: &str, init: Tensor) -> Tensor {
+        debug_assert!(self.params.iter().all(|p| p.name != name), "duplicate parameter {name}");
+        let tensor = init.to_device(self.device).detach();
+        let handle = tensor.shallow_clone();
+        self.params.push(Param { name: name.to_string(), tensor, trainable: false });
+        handle
+    }
+
     /// Normal(0, std) initialised weight, drawn on the CPU generator so that a seed gives the same
     /// model on every device.
     pub fn normal(&mut self, name: &str, shape: &[i64], std: f64) -> Tensor {
@@ -82,6 +92,10 @@ impl ParamStore {
     pub fn set_kind(&mut self, kind: Kind) {
         tch::no_grad(|| {
             for p in &mut self.params {
+                // Integer buffers (counters) keep their kind.
+                if !matches!(p.tensor.kind(), Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16) {
+                    continue;
+                }
                 let converted = p.tensor.to_kind(kind);
                 p.tensor.set_data(&converted);
             }

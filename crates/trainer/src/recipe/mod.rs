@@ -86,7 +86,7 @@ pub fn parse(text: &str, file: &str, overrides: &[Override]) -> Result<Recipe> {
     };
 
     let de = toml_edit::de::Deserializer::from(doc.clone());
-    let recipe: Recipe = serde_path_to_error::deserialize(de).map_err(|e| {
+    let file_recipe: RecipeFile = serde_path_to_error::deserialize(de).map_err(|e| {
         let mut key = e.path().to_string();
         let msg = one_line(e.inner().message());
         // An unknown key is reported at its parent; name the key itself.
@@ -104,10 +104,36 @@ pub fn parse(text: &str, file: &str, overrides: &[Override]) -> Result<Recipe> {
         }
         Error::Recipe(format!("{}: {key}: {msg}", locate_key(&key)))
     })?;
+    let recipe = resolve_model(file_recipe, &locate_key)?;
     recipe
         .validate()
         .map_err(|inv| Error::Recipe(format!("{}: {}: {}", locate_key(&inv.key), inv.key, inv.msg)))?;
     Ok(recipe)
+}
+
+/// Fills in `[model]` from the `[init]` checkpoint when the recipe leaves it out, and checks that
+/// the two agree when it gives both.
+fn resolve_model(file: RecipeFile, locate_key: &dyn Fn(&str) -> String) -> Result<Recipe> {
+    let from_init = match &file.init {
+        Some(init) => Some(
+            crate::models::load::ModelSource::parse(&init.from)
+                .and_then(|src| src.model_config())
+                .map_err(|e| Error::Recipe(format!("{}: init.from: {e}", locate_key("init.from"))))?,
+        ),
+        None => None,
+    };
+    match (file.model.clone(), from_init) {
+        (Some(model), Some(init_model)) if model != init_model => Err(Error::Recipe(format!(
+            "{}: model: differs from the architecture of init.from ({init_model:?}); \
+             leave [model] out to take the checkpoint's",
+            locate_key("model")
+        ))),
+        (Some(model), _) | (None, Some(model)) => Ok(file.with_model(model)),
+        (None, None) => Err(Error::Recipe(format!(
+            "{}: model: missing section [model] (or an [init] from = checkpoint that carries one)",
+            locate_key("model")
+        ))),
+    }
 }
 
 /// serde buffers a `kind`-tagged section (`[model]`, `[optim]`, `data.train`) before it picks
@@ -144,7 +170,7 @@ fn key_in_tagged_section(
         if let Some(t) = item.as_table_like_mut() {
             t.remove(k);
         }
-        match Recipe::deserialize(toml_edit::de::Deserializer::from(probe)) {
+        match RecipeFile::deserialize(toml_edit::de::Deserializer::from(probe)) {
             Ok(_) => true,
             Err(e) => one_line(e.message()) != msg,
         }

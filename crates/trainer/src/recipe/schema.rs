@@ -12,12 +12,55 @@ use std::path::PathBuf;
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
     pub run: RunConfig,
+    /// Where the initial weights come from; absent: a fresh random initialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitConfig>,
     pub model: ModelConfig,
     pub data: DataConfig,
     pub optim: OptimConfig,
     #[serde(default)]
     pub schedule: ScheduleConfig,
     pub train: TrainConfig,
+}
+
+/// A recipe as written: `[model]` may be left out when `[init] from` names a checkpoint that
+/// carries its own architecture (`hf:PATH`'s config.json, or a trainer run's config.toml).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeFile {
+    pub run: RunConfig,
+    #[serde(default)]
+    pub init: Option<InitConfig>,
+    #[serde(default)]
+    pub model: Option<ModelConfig>,
+    pub data: DataConfig,
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    pub train: TrainConfig,
+}
+
+impl RecipeFile {
+    pub fn with_model(self, model: ModelConfig) -> Recipe {
+        Recipe {
+            run: self.run,
+            init: self.init,
+            model,
+            data: self.data,
+            optim: self.optim,
+            schedule: self.schedule,
+            train: self.train,
+        }
+    }
+}
+
+/// Initial weights: `from = "hf:PATH"` (a Hugging Face directory: config.json + safetensors) or
+/// the path of a trainer checkpoint (`.../checkpoints/step-N`) or run directory (its newest
+/// checkpoint). Only the model weights are taken: optimizer, schedule and step start fresh.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InitConfig {
+    pub from: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -346,6 +389,13 @@ impl Recipe {
             format!("expected auto, cpu, cuda or cuda:N, got {:?}", r.device),
         )?;
         check(r.threads <= 1024, "run.threads", "expected at most 1024")?;
+        if let Some(init) = &self.init {
+            check(
+                !init.from.trim().is_empty() && init.from.trim() != "hf:",
+                "init.from",
+                "expected \"hf:PATH\" or the path of a trainer checkpoint or run directory",
+            )?;
+        }
         if let Some(p) = r.peak_tflops {
             positive_finite(p, "run.peak_tflops")?;
         }

@@ -1,3 +1,4 @@
 //! One readable file per training method.
 
+pub mod evaluate;
 pub mod pretrain;

@@ -12,6 +12,7 @@ use crate::device;
 use crate::error::{io_err, Error, Result};
 use crate::metrics::progress::{format_duration, Progress};
 use crate::metrics::{row, MetricsLog};
+use crate::models::load::ModelSource;
 use crate::models::params::ParamStore;
 use crate::models::transformer::{Transformer, TransformerConfig};
 use crate::optim::{clip_grad_norm, Optimizer};
@@ -74,6 +75,7 @@ pub struct Summary {
     pub model_tflops_per_s: f64,
     pub mfu: Option<f64>,
     pub resumed_from: Option<PathBuf>,
+    pub init_from: Option<String>,
 }
 
 /// True when `dir` already holds (part of) a run.
@@ -101,6 +103,16 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
     let model_cfg = TransformerConfig::from_recipe(&recipe.model);
     let mut params = ParamStore::new(device);
     let model = Transformer::new(&model_cfg, &mut params);
+    let init_from = match (&recipe.init, &resume_dir) {
+        // A resumed run takes its weights from its own checkpoint instead.
+        (Some(init), None) => {
+            let source = ModelSource::parse(&init.from)?;
+            source.load_weights(&model_cfg, &mut params)?;
+            tracing::info!("initialised the model from {}", source.describe());
+            Some(source.describe())
+        }
+        _ => None,
+    };
     if precision == Precision::Bf16 {
         params.set_kind(Kind::BFloat16);
     }
@@ -313,6 +325,7 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
         model_tflops_per_s: tflops,
         mfu: recipe.run.peak_tflops.map(|p| tflops / p),
         resumed_from: resume_dir,
+        init_from,
     };
     let path = run_dir.join("summary.json");
     let text = serde_json::to_string_pretty(&summary).unwrap_or_default();

@@ -1,0 +1,152 @@
+//! Hugging Face checkpoints in and out through the real binary, against transformers itself
+//! (reference: tests/reference/hf_eval.py):
+//! - a model created and saved by transformers, evaluated by `trainer eval --init hf:DIR`, gives
+//!   transformers' own loss on the same windows;
+//! - `trainer export --to hf` of it loads in `AutoModelForCausalLM.from_pretrained` and gives the
+//!   same loss again (the round trip);
+//! - a recipe with `[init] from = "hf:DIR"` and no `[model]` trains from those weights.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+
+fn reference_script() -> String {
+    repo_root().join("crates/trainer-cli/tests/reference/hf_eval.py").display().to_string()
+}
+
+fn py(args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg(reference_script())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} ({e}); run scripts/test, which installs Python and transformers", python()));
+    assert!(
+        out.status.success(),
+        "hf_eval.py {args:?} failed (run scripts/test to install transformers):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn loss_of(json_text: &str) -> f64 {
+    let line = json_text.lines().last().expect("a JSON line");
+    let v: Value = serde_json::from_str(line).expect("JSON");
+    v["loss"].as_f64().expect("loss")
+}
+
+fn write_data(dir: &Path) -> String {
+    let text = std::fs::read_to_string(repo_root().join("crates/trainer/data/wonderland.txt")).expect("corpus");
+    std::fs::write(dir.join("data.txt"), &text.as_bytes()[..3000]).expect("data");
+    "data.txt".to_string()
+}
+
+fn check_case(case: &str) {
+    let dir = workdir();
+    let cwd = dir.path();
+    let hf = cwd.join("hf");
+    py(&["create", case, hf.to_str().expect("utf-8")]);
+    let data = write_data(cwd);
+    let reference = loss_of(&py(&["eval", hf.to_str().expect("utf-8"), cwd.join(&data).to_str().expect("utf-8"), "32", "4"]));
+
+    let init = format!("hf:{}", hf.display());
+    let ours = trainer(cwd, &["eval", "--init", &init, "--data", &data, "--seq-len", "32", "--batch-size", "4", "--device", "cpu", "--json"]);
+    ours.assert_success();
+    let ours = loss_of(&ours.stdout);
+    assert!((ours - reference).abs() / reference < 1e-5, "{case}: trainer {ours} vs transformers {reference}");
+
+    // Round trip: export what we loaded, and let transformers load it.
+    trainer(cwd, &["export", &init, "--to", "hf", "exported"]).assert_success();
+    let again = loss_of(&py(&["eval", cwd.join("exported").to_str().expect("utf-8"), cwd.join(&data).to_str().expect("utf-8"), "32", "4"]));
+    assert!((again - reference).abs() / reference < 1e-5, "{case}: exported {again} vs original {reference}");
+
+    // Exporting into a non-empty directory is refused and leaves it alone.
+    let before = std::fs::read(cwd.join("exported/config.json")).expect("config");
+    let refused = trainer(cwd, &["export", &init, "--to", "hf", "exported"]);
+    assert_eq!(refused.code, Some(1), "{}", refused.describe());
+    assert!(refused.stderr.contains("not empty"), "{}", refused.describe());
+    assert_eq!(std::fs::read(cwd.join("exported/config.json")).expect("config"), before);
+}
+
+#[test]
+fn llama_from_transformers_and_back() {
+    check_case("llama");
+}
+
+#[test]
+fn gpt2_from_transformers_and_back() {
+    check_case("gpt2");
+}
+
+#[test]
+fn recipe_initialised_from_hf_takes_its_architecture_and_weights() {
+    let dir = workdir();
+    let cwd = dir.path();
+    let hf = cwd.join("hf");
+    py(&["create", "llama", hf.to_str().expect("utf-8")]);
+    let recipe = tiny_recipe("runs/from-hf");
+    // Drop [model]: the architecture comes from config.json.
+    let start = recipe.find("[model]").expect("model section");
+    let end = recipe.find("[data]").expect("data section");
+    let recipe = format!(
+        "{}[init]\nfrom = {}\n\n{}",
+        &recipe[..start],
+        toml_str(&format!("hf:{}", hf.display())),
+        &recipe[end..]
+    );
+    let name = write_recipe(cwd, "from_hf.toml", &recipe);
+    let validated = trainer(cwd, &["validate", &name]);
+    validated.assert_success();
+    assert!(validated.stdout.contains("d_model = 48"), "{}", validated.describe());
+    assert!(validated.stdout.contains("n_kv_heads = 2"), "{}", validated.describe());
+    let rows = run_tiny(cwd, &name, "runs/from-hf", &["--set", "train.max_steps=3", "--set", "train.eval_every=1", "--set", "schedule.warmup_steps=0"]);
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(cwd.join("runs/from-hf/summary.json")).expect("summary")).expect("json");
+    assert!(summary["init_from"].as_str().expect("init_from").starts_with("hf:"), "{summary}");
+    assert!(!rows.is_empty());
+
+    // A [model] that contradicts the checkpoint is refused, naming the key.
+    let bad = recipe.replace("[data]", "[model]\nkind = \"llama\"\nvocab_size = 256\nd_model = 32\nn_layers = 2\nn_heads = 4\nd_ff = 64\nmax_seq_len = 16\n\n[data]");
+    let bad_name = write_recipe(cwd, "bad.toml", &bad);
+    let out = trainer(cwd, &["validate", &bad_name]);
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    assert!(out.stderr.contains("model: differs from the architecture of init.from"), "{}", out.describe());
+}
+
+#[test]
+fn eval_and_generate_refuse_bad_input_in_one_line() {
+    let dir = workdir();
+    let cwd = dir.path();
+    for args in [
+        vec!["eval", "--init", "hf:nowhere", "--data", "x.txt", "--seq-len", "8"],
+        vec!["eval", "--init", "nowhere", "--data", "x.txt", "--seq-len", "8"],
+        vec!["generate", "--init", "hf:nowhere", "--prompt", "a"],
+        vec!["export", "nowhere", "--to", "hf", "out"],
+    ] {
+        let out = trainer(cwd, &args);
+        assert_eq!(out.code, Some(1), "{}", out.describe());
+        let errors: Vec<&str> = out.stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{}", out.describe());
+        assert!(errors[0].contains("nowhere"), "{}", out.describe());
+        assert!(!out.stderr.contains("panicked"), "{}", out.describe());
+    }
+}
+
+#[test]
+fn generate_is_reproducible_for_a_seed() {
+    let dir = workdir();
+    let cwd = dir.path();
+    let name = write_recipe(cwd, "tiny.toml", &tiny_recipe("runs/g"));
+    run_tiny(cwd, &name, "runs/g", &["--set", "train.max_steps=5"]);
+    let gen = |seed: &str| {
+        let out = trainer(cwd, &["generate", "--init", "runs/g", "--prompt", "Alice", "--max-new-tokens", "20", "--seed", seed, "--device", "cpu"]);
+        out.assert_success();
+        out.stdout
+    };
+    let a = gen("1");
+    assert_eq!(a, gen("1"));
+    assert!(a.starts_with("Alice"), "{a}");
+    let greedy = trainer(cwd, &["generate", "--init", "runs/g", "--prompt", "Alice", "--max-new-tokens", "10", "--temperature", "0", "--device", "cpu"]);
+    greedy.assert_success();
+}

@@ -1,0 +1,68 @@
+"""Reference side of tests/hf_interop.rs: Hugging Face transformers on the same data as `trainer eval`.
+
+    python hf_eval.py create CASE OUT_DIR       # a random model saved with save_pretrained
+    python hf_eval.py eval MODEL_DIR DATA SEQ_LEN BATCH_SIZE
+        -> prints {"loss": ..., "tokens": ...}: mean next-token loss over consecutive windows of
+           SEQ_LEN + 1 bytes of DATA (window i starts at i * SEQ_LEN), the windows `trainer eval`
+           uses, computed with AutoModelForCausalLM.from_pretrained(MODEL_DIR) in fp32.
+
+Exit status 3 when torch or transformers is missing (run scripts/test, which installs them).
+"""
+import json
+import sys
+
+try:
+    import torch
+    import transformers
+except ImportError as e:  # pragma: no cover
+    print(f"missing Python package: {e}; run scripts/test (it installs the test requirements)", file=sys.stderr)
+    sys.exit(3)
+
+
+def create(case, out):
+    torch.manual_seed(0)
+    if case == "llama":
+        cfg = transformers.LlamaConfig(
+            vocab_size=256, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+            num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64,
+            rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=20000.0)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif case == "gpt2":
+        cfg = transformers.GPT2Config(
+            vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        raise SystemExit(f"unknown case {case}")
+    # Non-trivial norms and biases so that a mix-up shows.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def evaluate(model_dir, data, seq_len, batch_size):
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor(list(open(data, "rb").read()), dtype=torch.long)
+    n_windows = (len(ids) - 1) // seq_len
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, n_windows, batch_size):
+            rows = [ids[i * seq_len: i * seq_len + seq_len + 1] for i in range(start, min(n_windows, start + batch_size))]
+            batch = torch.stack(rows)
+            logits = model(batch[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            n = batch[:, 1:].numel()
+            total += loss.item() * n
+            count += n
+    print(json.dumps({"loss": total / count, "tokens": count}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "create":
+        create(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "eval":
+        evaluate(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        raise SystemExit(__doc__)
