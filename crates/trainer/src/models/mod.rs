@@ -2,3 +2,5 @@
 
 pub mod params;
 pub mod transformer;
+pub mod hf;
+pub mod load;
