@@ -1,5 +1,6 @@
 //! Models, one file per family, and the parameter store they register their weights in.
 
+pub mod moe;
 pub mod params;
 pub mod transformer;
 pub mod hf;
