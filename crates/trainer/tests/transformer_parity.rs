@@ -47,6 +47,7 @@ fn config(case: &str) -> TransformerConfig {
                 norm_eps,
                 tie_embeddings: tie,
                 dropout: 0.0,
+                moe: None,
             }
         };
     match case {
@@ -66,6 +67,7 @@ fn config(case: &str) -> TransformerConfig {
             norm_eps: 1e-5,
             tie_embeddings: true,
             dropout: 0.0,
+            moe: None,
         },
         other => panic!("unknown case {other}"),
     }
@@ -220,7 +222,7 @@ fn check_case(case: &str) {
 
     tch::manual_seed(0);
     let mut store = ParamStore::new(Device::Cpu);
-    let model = Transformer::new(&c, &mut store);
+    let model = Transformer::new(&c, &mut store).expect("model");
     assert_names_match_hf(case, &c, &store, dir);
     store
         .load(&dir.join("model.safetensors"))

@@ -88,6 +88,7 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
                 rope_theta,
                 norm_eps: float_or("rms_norm_eps", 1e-6),
                 tie_embeddings: bool_or("tie_word_embeddings", false),
+                moe: None,
             })
         }
         "gpt2" => {
@@ -150,6 +151,12 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// buffers (`attn.bias`, `attn.masked_bias`), rotary `inv_freq`. GPT-2 checkpoints saved from the
 /// base model (`wte.weight`, `h.0....`) get the `transformer.` prefix.
 pub fn load_weights(dir: &Path, config: &TransformerConfig, params: &ParamStore) -> Result<()> {
+    let tensors = read_weights(dir, config)?;
+    copy_named(&mut params.iter().map(|p| (p.name.as_str(), &p.tensor)), tensors, dir)
+}
+
+/// The tensors of a Hugging Face directory under our names (see `load_weights`).
+pub fn read_weights(dir: &Path, config: &TransformerConfig) -> Result<Vec<(String, Tensor)>> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for file in weight_files(dir)? {
         tensors.extend(read_safetensors(&file)?);
@@ -165,7 +172,7 @@ pub fn load_weights(dir: &Path, config: &TransformerConfig, params: &ParamStore)
                 && !(config.tie_embeddings && k == "lm_head.weight")
         })
         .collect();
-    copy_named(&mut params.iter().map(|p| (p.name.as_str(), &p.tensor)), tensors, dir)
+    Ok(tensors)
 }
 
 /// The `config.json` that transformers' AutoConfig reads for this model.
@@ -268,7 +275,8 @@ mod tests {
                 max_seq_len: 128,
                 rope_theta: 500000.0,
                 norm_eps: 1e-6,
-                tie_embeddings: true
+                tie_embeddings: true,
+                moe: None,
             }
         );
         // Our own export reads back to the same config.

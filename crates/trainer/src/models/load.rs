@@ -4,13 +4,14 @@
 //! architecture from the run's `config.toml`.
 
 use super::hf;
-use super::params::ParamStore;
+use super::params::{copy_named, read_safetensors, ParamStore};
 use super::transformer::{Transformer, TransformerConfig};
 use crate::checkpoint;
 use crate::error::{Error, Result};
 use crate::recipe::{self, ModelConfig};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tch::Device;
+use tch::{Device, Tensor};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {
@@ -83,6 +84,56 @@ impl ModelSource {
         }
     }
 
+    /// The raw tensors of the source, under our names.
+    pub fn read_tensors(&self, config: &TransformerConfig) -> Result<Vec<(String, Tensor)>> {
+        match self {
+            ModelSource::Hf(dir) => hf::read_weights(dir, config),
+            ModelSource::Checkpoint { dir, .. } => read_safetensors(&dir.join(checkpoint::MODEL_FILE)),
+        }
+    }
+
+    /// Sparse upcycling: loads a dense Llama source into an MoE model of the same shape
+    /// otherwise. Every non-MLP tensor is copied by name; each layer's dense
+    /// `mlp.{gate,up,down}_proj.weight` becomes every expert of that layer; routers (and a
+    /// shared expert) keep their fresh initialisation.
+    pub fn load_upcycled(
+        &self,
+        dense_config: &TransformerConfig,
+        params: &ParamStore,
+        model: &Transformer,
+    ) -> Result<()> {
+        let path = PathBuf::from(self.describe());
+        let mut mlp: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut rest = Vec::new();
+        for (name, t) in self.read_tensors(dense_config)? {
+            if name.contains(".mlp.") {
+                mlp.insert(name, t);
+            } else {
+                rest.push((name, t));
+            }
+        }
+        copy_named(
+            &mut params.iter().filter(|p| !p.name.contains(".mlp.")).map(|p| (p.name.as_str(), &p.tensor)),
+            rest,
+            &path,
+        )?;
+        for (i, layer) in model.moe_layers().into_iter().enumerate() {
+            let mut take = |which: &str| {
+                let key = format!("model.layers.{i}.mlp.{which}.weight");
+                mlp.remove(&key).ok_or_else(|| Error::Checkpoint {
+                    path: path.clone(),
+                    msg: format!("missing tensor {key} (upcycling needs a dense Llama MLP)"),
+                })
+            };
+            let (gate, up, down) = (take("gate_proj")?, take("up_proj")?, take("down_proj")?);
+            layer.upcycle_from_dense(&gate, &up, &down, &path)?;
+        }
+        if let Some(extra) = mlp.keys().next() {
+            return Err(Error::Checkpoint { path, msg: format!("unexpected tensor {extra} (not a dense Llama MLP weight)") });
+        }
+        Ok(())
+    }
+
     pub fn describe(&self) -> String {
         match self {
             ModelSource::Hf(dir) => format!("hf:{}", dir.display()),
@@ -101,7 +152,7 @@ pub struct Loaded {
 pub fn load(source: &ModelSource, device: Device) -> Result<Loaded> {
     let config = TransformerConfig::from_recipe(&source.model_config()?);
     let mut params = ParamStore::new(device);
-    let model = Transformer::new(&config, &mut params);
+    let model = Transformer::new(&config, &mut params)?;
     source.load_weights(&config, &mut params)?;
     Ok(Loaded { config, params, model })
 }

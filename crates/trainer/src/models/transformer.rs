@@ -10,8 +10,10 @@
 //! one: GPT-2's `Conv1D` weights are stored `[in, out]` as Hugging Face stores them.
 //! Attention goes through libtorch's `scaled_dot_product_attention` (flash kernels on CUDA).
 
+use super::moe::{Moe, MoeConfig, Routing};
 use super::params::ParamStore;
-use crate::recipe::ModelConfig;
+use crate::error::Result;
+use crate::recipe::{ModelConfig, MoeRecipe, RoutingKind};
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +36,27 @@ pub struct TransformerConfig {
     pub norm_eps: f64,
     pub tie_embeddings: bool,
     pub dropout: f64,
+    /// Llama only: Mixture-of-Experts MLPs in every layer (Mixtral-style).
+    pub moe: Option<MoeConfig>,
+}
+
+/// The MoE layer config of a recipe's `[model.moe]` (or `[init.upcycle]`) at a model's width.
+pub fn moe_config(m: &MoeRecipe, d_model: i64, d_ff: i64) -> MoeConfig {
+    MoeConfig {
+        d_model,
+        d_ff,
+        n_experts: m.n_experts,
+        top_k: m.top_k,
+        routing: match m.routing {
+            RoutingKind::SoftmaxTopK => Routing::SoftmaxThenTopK,
+            RoutingKind::TopKSoftmax => Routing::TopKThenSoftmax,
+            RoutingKind::Switch => Routing::Switch,
+        },
+        capacity_factor: m.capacity_factor,
+        aux_loss_coef: m.aux_loss_coef,
+        router_z_loss_coef: m.z_loss_coef,
+        shared_expert: m.shared_expert,
+    }
 }
 
 impl TransformerConfig {
@@ -50,6 +73,7 @@ impl TransformerConfig {
                 rope_theta,
                 norm_eps,
                 tie_embeddings,
+                moe,
             } => TransformerConfig {
                 family: Family::Llama,
                 vocab_size: *vocab_size,
@@ -63,6 +87,7 @@ impl TransformerConfig {
                 norm_eps: *norm_eps,
                 tie_embeddings: *tie_embeddings,
                 dropout: 0.0,
+                moe: moe.as_ref().map(|m| moe_config(m, *d_model, *d_ff)),
             },
             ModelConfig::Gpt2 {
                 vocab_size,
@@ -86,6 +111,7 @@ impl TransformerConfig {
                 norm_eps: *norm_eps,
                 tie_embeddings: true,
                 dropout: *dropout,
+                moe: None,
             },
         }
     }
@@ -94,10 +120,15 @@ impl TransformerConfig {
         self.d_model / self.n_heads
     }
 
-    /// Forward-pass FLOPs per token for training (6N plus attention), as in the PaLM paper's
-    /// appendix B, used for model FLOPs utilisation.
+    /// Training FLOPs per token (6N plus attention), as in the PaLM paper's appendix B, used for
+    /// model FLOPs utilisation. With MoE, N counts only the `top_k` experts a token passes
+    /// through (the active parameters).
     pub fn train_flops_per_token(&self, n_params_no_embed: i64, seq_len: i64) -> f64 {
-        6.0 * n_params_no_embed as f64
+        let inactive = match &self.moe {
+            Some(m) => (m.n_experts - m.top_k) * 3 * m.d_model * m.d_ff * self.n_layers,
+            None => 0,
+        };
+        6.0 * (n_params_no_embed - inactive) as f64
             + 12.0 * (self.n_layers * self.d_model * seq_len) as f64
     }
 }
@@ -147,6 +178,8 @@ impl Norm {
 enum Mlp {
     /// down(silu(gate(x)) * up(x))
     SwiGlu { gate: Linear, up: Linear, down: Linear },
+    /// Routed SwiGLU experts (`moe.rs`).
+    Moe(Moe),
     /// proj(gelu_tanh(fc(x)))
     Gelu { fc: Linear, proj: Linear },
 }
@@ -185,14 +218,14 @@ impl Transformer {
     /// Builds the model, registering every parameter in `store` under its Hugging Face key.
     /// Initialisation follows transformers' `_init_weights` (normal(0, 0.02); GPT-2 scales its
     /// residual projections by 1/sqrt(2 * n_layers)). Call `tch::manual_seed` first.
-    pub fn new(config: &TransformerConfig, store: &mut ParamStore) -> Transformer {
+    pub fn new(config: &TransformerConfig, store: &mut ParamStore) -> Result<Transformer> {
         match config.family {
             Family::Llama => Self::new_llama(config, store),
-            Family::Gpt2 => Self::new_gpt2(config, store),
+            Family::Gpt2 => Ok(Self::new_gpt2(config, store)),
         }
     }
 
-    fn new_llama(c: &TransformerConfig, s: &mut ParamStore) -> Transformer {
+    fn new_llama(c: &TransformerConfig, s: &mut ParamStore) -> Result<Transformer> {
         let std = 0.02;
         let (d, hd) = (c.d_model, c.head_dim());
         let embed = s.normal("model.embed_tokens.weight", &[c.vocab_size, d], std);
@@ -209,9 +242,14 @@ impl Transformer {
             let k = lin(s, format!("{p}.self_attn.k_proj.weight"), c.n_kv_heads * hd, d);
             let v = lin(s, format!("{p}.self_attn.v_proj.weight"), c.n_kv_heads * hd, d);
             let o = lin(s, format!("{p}.self_attn.o_proj.weight"), d, c.n_heads * hd);
-            let gate = lin(s, format!("{p}.mlp.gate_proj.weight"), c.d_ff, d);
-            let up = lin(s, format!("{p}.mlp.up_proj.weight"), c.d_ff, d);
-            let down = lin(s, format!("{p}.mlp.down_proj.weight"), d, c.d_ff);
+            let mlp = match &c.moe {
+                Some(m) => Mlp::Moe(Moe::new(m, &format!("{p}.mlp"), s)?),
+                None => Mlp::SwiGlu {
+                    gate: lin(s, format!("{p}.mlp.gate_proj.weight"), c.d_ff, d),
+                    up: lin(s, format!("{p}.mlp.up_proj.weight"), c.d_ff, d),
+                    down: lin(s, format!("{p}.mlp.down_proj.weight"), d, c.d_ff),
+                },
+            };
             let norm2 = Norm::Rms {
                 weight: s.ones(&format!("{p}.post_attention_layernorm.weight"), &[d]),
                 eps: c.norm_eps,
@@ -220,14 +258,14 @@ impl Transformer {
                 norm1,
                 attn: Attention { qkv: Qkv::Separate { q, k, v }, out: o },
                 norm2,
-                mlp: Mlp::SwiGlu { gate, up, down },
+                mlp,
             });
         }
         let final_norm = Norm::Rms { weight: s.ones("model.norm.weight", &[d]), eps: c.norm_eps };
         let lm_head =
             (!c.tie_embeddings).then(|| s.normal("lm_head.weight", &[c.vocab_size, d], std));
         let rope = Some(rope_tables(hd, c.max_seq_len, c.rope_theta, s.device()));
-        Transformer { config: c.clone(), embed, positions: None, blocks, final_norm, lm_head, rope }
+        Ok(Transformer { config: c.clone(), embed, positions: None, blocks, final_norm, lm_head, rope })
     }
 
     fn new_gpt2(c: &TransformerConfig, s: &mut ParamStore) -> Transformer {
@@ -276,6 +314,11 @@ impl Transformer {
 
     /// Logits `[b, t, vocab]` for token ids `[b, t]`.
     pub fn forward(&self, idx: &Tensor, train: bool) -> Tensor {
+        self.forward_full(idx, train).logits
+    }
+
+    /// Logits and, for MoE models, the routers' losses and statistics of every layer.
+    pub fn forward_full(&self, idx: &Tensor, train: bool) -> ModelOutput {
         let c = &self.config;
         let (b, t) = idx.size2().expect("token ids are [batch, time]");
         let p_drop = if train { c.dropout } else { 0.0 };
@@ -286,10 +329,22 @@ impl Transformer {
         if p_drop > 0.0 {
             x = x.dropout(p_drop, train);
         }
+        let mut moe_layers = Vec::new();
         for block in &self.blocks {
             let h = self.attention(&block.attn, &block.norm1.forward(&x), b, t, p_drop);
             x = x + h;
             let m = match &block.mlp {
+                Mlp::Moe(moe) => {
+                    let o = moe.forward(&block.norm2.forward(&x), train);
+                    moe_layers.push(MoeLayerStats {
+                        loss: o.loss,
+                        aux_loss: o.aux_loss,
+                        z_loss: o.z_loss,
+                        expert_load: o.expert_load,
+                        dropped_fraction: o.dropped_fraction,
+                    });
+                    o.out
+                }
                 Mlp::SwiGlu { gate, up, down } => {
                     let xn = block.norm2.forward(&x);
                     down.forward(&(gate.forward(&xn).silu() * up.forward(&xn)))
@@ -302,7 +357,19 @@ impl Transformer {
         }
         let x = self.final_norm.forward(&x);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        x.linear(head, None::<&Tensor>) // [b, t, vocab]
+        let logits = x.linear(head, None::<&Tensor>); // [b, t, vocab]
+        ModelOutput { logits, moe_layers }
+    }
+
+    /// The MoE layers, in order (empty for dense models).
+    pub fn moe_layers(&self) -> Vec<&Moe> {
+        self.blocks
+            .iter()
+            .filter_map(|b| match &b.mlp {
+                Mlp::Moe(m) => Some(m),
+                _ => None,
+            })
+            .collect()
     }
 
     fn attention(&self, attn: &Attention, x: &Tensor, b: i64, t: i64, p_drop: f64) -> Tensor {
@@ -364,6 +431,30 @@ impl Transformer {
             .map(|p| p.tensor.numel() as i64)
             .sum()
     }
+}
+
+/// What one forward pass returns.
+pub struct ModelOutput {
+    pub logits: Tensor,
+    /// One entry per MoE layer (empty for dense models).
+    pub moe_layers: Vec<MoeLayerStats>,
+}
+
+impl ModelOutput {
+    /// The sum over MoE layers of their weighted router losses, to add to the LM loss.
+    pub fn router_loss(&self) -> Option<Tensor> {
+        self.moe_layers.iter().map(|l| l.loss.shallow_clone()).reduce(|a, b| a + b)
+    }
+}
+
+pub struct MoeLayerStats {
+    /// Weighted aux + z loss of the layer.
+    pub loss: Tensor,
+    pub aux_loss: Tensor,
+    pub z_loss: Tensor,
+    /// `[E]` share of routed assignments per expert.
+    pub expert_load: Tensor,
+    pub dropped_fraction: f64,
 }
 
 /// Embedding tables (token and position): excluded from weight decay unless asked.

@@ -115,11 +115,23 @@ pub fn parse(text: &str, file: &str, overrides: &[Override]) -> Result<Recipe> {
 /// the two agree when it gives both.
 fn resolve_model(file: RecipeFile, locate_key: &dyn Fn(&str) -> String) -> Result<Recipe> {
     let from_init = match &file.init {
-        Some(init) => Some(
-            crate::models::load::ModelSource::parse(&init.from)
+        Some(init) => {
+            let dense = crate::models::load::ModelSource::parse(&init.from)
                 .and_then(|src| src.model_config())
-                .map_err(|e| Error::Recipe(format!("{}: init.from: {e}", locate_key("init.from"))))?,
-        ),
+                .map_err(|e| Error::Recipe(format!("{}: init.from: {e}", locate_key("init.from"))))?;
+            Some(match (&init.upcycle, dense) {
+                (None, dense) => dense,
+                (Some(up), ModelConfig::Llama { moe: None, vocab_size, d_model, n_layers, n_heads, n_kv_heads, d_ff, max_seq_len, rope_theta, norm_eps, tie_embeddings }) => {
+                    ModelConfig::Llama { moe: Some(up.clone()), vocab_size, d_model, n_layers, n_heads, n_kv_heads, d_ff, max_seq_len, rope_theta, norm_eps, tie_embeddings }
+                }
+                (Some(_), _) => {
+                    return Err(Error::Recipe(format!(
+                        "{}: init.upcycle: needs a dense Llama checkpoint in init.from",
+                        locate_key("init.upcycle")
+                    )))
+                }
+            })
+        }
         None => None,
     };
     match (file.model.clone(), from_init) {

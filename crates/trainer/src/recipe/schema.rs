@@ -61,6 +61,10 @@ impl RecipeFile {
 #[serde(deny_unknown_fields)]
 pub struct InitConfig {
     pub from: String,
+    /// Sparse upcycling (Komatsuzaki et al. 2023): turn the dense Llama checkpoint into an MoE,
+    /// every expert a copy of the layer's MLP, routers freshly initialised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upcycle: Option<MoeRecipe>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -135,6 +139,9 @@ pub enum ModelConfig {
         norm_eps: f64,
         #[serde(default)]
         tie_embeddings: bool,
+        /// Mixture-of-Experts feed-forward layers in place of the dense SwiGLU (Mixtral-style).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        moe: Option<MoeRecipe>,
     },
     /// LayerNorm, learned positions, GELU, biases, tied embeddings.
     Gpt2 {
@@ -151,6 +158,45 @@ pub enum ModelConfig {
         #[serde(default)]
         dropout: f64,
     },
+}
+
+/// `[model.moe]`: every layer's MLP becomes `n_experts` SwiGLU experts of width `d_ff` with a
+/// router choosing `top_k` per token (see `models/moe.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MoeRecipe {
+    pub n_experts: i64,
+    pub top_k: i64,
+    #[serde(default)]
+    pub routing: RoutingKind,
+    /// Per-expert capacity factor with token dropping in training; absent: no dropping.
+    #[serde(default)]
+    pub capacity_factor: Option<f64>,
+    /// Weight of the Switch load-balancing loss added to the training loss.
+    #[serde(default = "default_aux_loss_coef")]
+    pub aux_loss_coef: f64,
+    /// Weight of the router z-loss (ST-MoE) added to the training loss.
+    #[serde(default)]
+    pub z_loss_coef: f64,
+    /// One always-on SwiGLU expert beside the routed ones.
+    #[serde(default)]
+    pub shared_expert: bool,
+}
+
+fn default_aux_loss_coef() -> f64 {
+    0.01
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingKind {
+    /// Mixtral: softmax over all experts, top k, renormalised.
+    #[default]
+    SoftmaxTopK,
+    /// Top k logits, softmax over those k.
+    TopKSoftmax,
+    /// Switch Transformer: top-1 weighted by its probability.
+    Switch,
 }
 
 fn default_rope_theta() -> f64 {
@@ -390,6 +436,9 @@ impl Recipe {
         )?;
         check(r.threads <= 1024, "run.threads", "expected at most 1024")?;
         if let Some(init) = &self.init {
+            if let Some(up) = &init.upcycle {
+                validate_moe(up, "init.upcycle")?;
+            }
             check(
                 !init.from.trim().is_empty() && init.from.trim() != "hf:",
                 "init.from",
@@ -419,6 +468,7 @@ impl Recipe {
                 max_seq_len,
                 rope_theta,
                 norm_eps,
+                moe,
                 ..
             } => {
                 common_model_checks(*vocab_size, *d_model, *n_layers, *n_heads, *max_seq_len)?;
@@ -437,6 +487,9 @@ impl Recipe {
                 )?;
                 check(*rope_theta > 0.0, "model.rope_theta", "expected a positive number")?;
                 check(*norm_eps > 0.0, "model.norm_eps", "expected a positive number")?;
+                if let Some(m) = moe {
+                    validate_moe(m, "model.moe")?;
+                }
             }
             ModelConfig::Gpt2 {
                 vocab_size, d_model, n_layers, n_heads, d_ff, max_seq_len, norm_eps, dropout,
@@ -600,6 +653,26 @@ fn common_model_checks(
         "model.d_model",
         format!("d_model ({d_model}) must be divisible by n_heads ({n_heads})"),
     )
+}
+
+pub fn validate_moe(m: &MoeRecipe, key: &str) -> Result<(), Invalid> {
+    positive(m.n_experts, &format!("{key}.n_experts"))?;
+    positive(m.top_k, &format!("{key}.top_k"))?;
+    check(
+        m.top_k <= m.n_experts,
+        &format!("{key}.top_k"),
+        format!("top_k ({}) must not exceed n_experts ({})", m.top_k, m.n_experts),
+    )?;
+    check(
+        m.routing != RoutingKind::Switch || m.top_k == 1,
+        &format!("{key}.routing"),
+        "switch routing is top-1: set top_k = 1",
+    )?;
+    if let Some(c) = m.capacity_factor {
+        positive_finite(c, &format!("{key}.capacity_factor"))?;
+    }
+    check(m.aux_loss_coef >= 0.0, &format!("{key}.aux_loss_coef"), "expected a non-negative number")?;
+    check(m.z_loss_coef >= 0.0, &format!("{key}.z_loss_coef"), "expected a non-negative number")
 }
 
 fn positive(v: i64, key: &str) -> Result<(), Invalid> {

@@ -14,7 +14,7 @@ use crate::metrics::progress::{format_duration, Progress};
 use crate::metrics::{row, MetricsLog};
 use crate::models::load::ModelSource;
 use crate::models::params::ParamStore;
-use crate::models::transformer::{Transformer, TransformerConfig};
+use crate::models::transformer::{ModelOutput, MoeLayerStats, Transformer, TransformerConfig};
 use crate::optim::{clip_grad_norm, Optimizer};
 use crate::recipe::{self, Precision, Recipe};
 use crate::schedule::Schedule;
@@ -102,13 +102,19 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
     tch::manual_seed(recipe.run.seed as i64);
     let model_cfg = TransformerConfig::from_recipe(&recipe.model);
     let mut params = ParamStore::new(device);
-    let model = Transformer::new(&model_cfg, &mut params);
+    let model = Transformer::new(&model_cfg, &mut params)?;
     let init_from = match (&recipe.init, &resume_dir) {
         // A resumed run takes its weights from its own checkpoint instead.
         (Some(init), None) => {
             let source = ModelSource::parse(&init.from)?;
-            source.load_weights(&model_cfg, &mut params)?;
-            tracing::info!("initialised the model from {}", source.describe());
+            if init.upcycle.is_some() {
+                let dense = TransformerConfig { moe: None, ..model_cfg.clone() };
+                source.load_upcycled(&dense, &params, &model)?;
+                tracing::info!("upcycled the dense model {} into {} experts per layer", source.describe(), model_cfg.moe.as_ref().map_or(0, |m| m.n_experts));
+            } else {
+                source.load_weights(&model_cfg, &mut params)?;
+                tracing::info!("initialised the model from {}", source.describe());
+            }
             Some(source.describe())
         }
         _ => None,
@@ -194,14 +200,21 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
         // Dropout and any other torch randomness: a pure function of (seed, step).
         tch::manual_seed((stream_seed(recipe.run.seed, step, -1, 0) >> 1) as i64);
         let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
+        let mut moe_stats = Vec::new();
         for _ in 0..recipe.train.grad_accum {
             let batch = prefetch.next().ok_or_else(|| Error::Torch("data prefetch thread stopped".into()))?;
             let inputs = batch.inputs.to_device(device);
             let targets = batch.targets.to_device(device);
-            let loss = forward_loss(&model, &inputs, &targets, true, device, precision)?;
-            let scaled = &loss / recipe.train.grad_accum as f64;
+            let (loss, out) = forward_loss(&model, &inputs, &targets, true, device, precision)?;
+            // MoE models also minimise their routers' load-balancing and z losses.
+            let total = match out.router_loss() {
+                Some(router) => &loss + router,
+                None => loss.shallow_clone(),
+            };
+            let scaled = &total / recipe.train.grad_accum as f64;
             scaled.f_backward()?;
             loss_sum += loss.detach().to_kind(Kind::Float);
+            moe_stats = out.moe_layers;
         }
         let grad_norm = clip_grad_norm(&params, recipe.train.clip_grad_norm)?;
         if !grad_norm.is_finite() {
@@ -235,14 +248,16 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
             let elapsed = window_start.elapsed().as_secs_f64().max(1e-9);
             let tokens_per_s = window_tokens as f64 / elapsed;
             let eta = (total_steps - state.step) as f64 * tokens_per_step as f64 / tokens_per_s;
-            metrics.log(row(&[
+            let mut r = row(&[
                 ("step", json!(state.step)),
                 ("loss", json!(loss)),
                 ("lr", json!(lr)),
                 ("grad_norm", json!(grad_norm)),
                 ("tokens", json!(state.tokens)),
                 ("tokens_per_s", json!(tokens_per_s)),
-            ]))?;
+            ]);
+            r.extend(moe_metrics(&moe_stats));
+            metrics.log(r)?;
             progress.update(state.step, loss, lr, tokens_per_s, eta);
             last_train_loss = Some(loss);
             window_start = Instant::now();
@@ -388,6 +403,8 @@ fn open_data(recipe: &Recipe, vocab: i64) -> Result<(Span, Span)> {
     }
 }
 
+/// The language-model loss of one batch, and the model's full output (MoE router losses and
+/// statistics).
 fn forward_loss(
     model: &Transformer,
     inputs: &Tensor,
@@ -395,15 +412,40 @@ fn forward_loss(
     train: bool,
     device: Device,
     precision: Precision,
-) -> Result<Tensor> {
+) -> Result<(Tensor, ModelOutput)> {
     let run = || {
-        let logits = model.forward(inputs, train);
-        Transformer::loss(&logits, targets)
+        let out = model.forward_full(inputs, train);
+        (Transformer::loss(&out.logits, targets), out)
     };
     match precision {
         Precision::Bf16Mixed => torch_ext::with_autocast_bf16(device.is_cuda(), run).map_err(Error::Torch),
         Precision::Fp32 | Precision::Bf16 => Ok(run()),
     }
+}
+
+/// Metrics of the MoE layers of the last micro-batch: the mean aux and z losses over layers, the
+/// share of dropped assignments, and per layer the load of the busiest expert relative to a
+/// uniform load (1 = balanced) plus every expert's share (as arrays, in metrics.jsonl only).
+fn moe_metrics(layers: &[MoeLayerStats]) -> Vec<(String, serde_json::Value)> {
+    if layers.is_empty() {
+        return Vec::new();
+    }
+    let n = layers.len() as f64;
+    let mean = |f: &dyn Fn(&MoeLayerStats) -> f64| layers.iter().map(f).sum::<f64>() / n;
+    let mut out = vec![
+        ("moe_aux_loss".to_string(), json!(mean(&|l| l.aux_loss.double_value(&[])))),
+        ("moe_z_loss".to_string(), json!(mean(&|l| l.z_loss.double_value(&[])))),
+        ("moe_dropped_fraction".to_string(), json!(mean(&|l| l.dropped_fraction))),
+    ];
+    let mut loads = Vec::new();
+    for (i, l) in layers.iter().enumerate() {
+        let load: Vec<f64> = Vec::<f64>::try_from(l.expert_load.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap_or_default();
+        let max = load.iter().cloned().fold(0.0, f64::max);
+        out.push((format!("moe_max_load_l{i}"), json!(max * load.len() as f64)));
+        loads.push(load);
+    }
+    out.push(("moe_expert_load".to_string(), json!(loads)));
+    out
 }
 
 /// Mean validation loss over `train.eval_batches` fixed batches.
@@ -414,7 +456,7 @@ fn evaluate(model: &Transformer, span: &Span, recipe: &Recipe, device: Device, p
         let mut total = 0.0;
         for i in 0..n {
             let b = valid_batch(span, recipe.data.seq_len as usize, bs, n, i);
-            let loss = forward_loss(model, &b.inputs.to_device(device), &b.targets.to_device(device), false, device, precision)?;
+            let (loss, _) = forward_loss(model, &b.inputs.to_device(device), &b.targets.to_device(device), false, device, precision)?;
             total += loss.double_value(&[]);
         }
         Ok(total / n as f64)
