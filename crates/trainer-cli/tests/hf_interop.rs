@@ -76,6 +76,11 @@ fn llama_from_transformers_and_back() {
 }
 
 #[test]
+fn mixtral_from_transformers_and_back() {
+    check_case("mixtral");
+}
+
+#[test]
 fn gpt2_from_transformers_and_back() {
     check_case("gpt2");
 }

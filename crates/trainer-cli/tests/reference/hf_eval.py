@@ -27,6 +27,13 @@ def create(case, out):
             num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64,
             rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=20000.0)
         model = transformers.LlamaForCausalLM(cfg)
+    elif case == "mixtral":
+        cfg = transformers.MixtralConfig(
+            vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
+            num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5,
+            tie_word_embeddings=False, rope_theta=1e6)
+        model = transformers.MixtralForCausalLM(cfg)
     elif case == "gpt2":
         cfg = transformers.GPT2Config(
             vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=64,

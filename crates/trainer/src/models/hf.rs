@@ -6,10 +6,12 @@
 //! silently mis-loaded: rope scaling, attention or MLP biases in Llama, other activations,
 //! a `head_dim` that is not `hidden_size / num_attention_heads`, cross-attention in GPT-2.
 
+use super::moe::{fuse_checkpoint_experts, split_checkpoint_experts, Routing};
 use super::params::{copy_named, read_safetensors, ParamStore};
 use super::transformer::{Family, TransformerConfig};
 use crate::error::{io_err, Error, Result};
-use crate::recipe::ModelConfig;
+use crate::recipe::{ModelConfig, MoeRecipe, RoutingKind};
+use std::collections::BTreeMap;
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
@@ -39,7 +41,7 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
     let bool_or = |k: &str, default: bool| cfg.get(k).and_then(Value::as_bool).unwrap_or(default);
     let model_type = cfg.get("model_type").and_then(Value::as_str).unwrap_or("");
     match model_type {
-        "llama" => {
+        "llama" | "mixtral" => {
             let unsupported = |field: &str, why: &str| Err(format!("unsupported {field}: {why}"));
             if bool_or("attention_bias", false) {
                 return unsupported("attention_bias = true", "Llama attention without biases only");
@@ -77,6 +79,27 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
                     );
                 }
             }
+            let moe = if model_type == "mixtral" {
+                if float_or("router_jitter_noise", 0.0) != 0.0 {
+                    return unsupported("router_jitter_noise != 0", "no router jitter");
+                }
+                if let Some(w) = cfg.get("sliding_window").and_then(Value::as_i64) {
+                    if w < int("max_position_embeddings")? {
+                        return unsupported(&format!("sliding_window = {w}"), "full causal attention only");
+                    }
+                }
+                Some(MoeRecipe {
+                    n_experts: int("num_local_experts")?,
+                    top_k: int("num_experts_per_tok")?,
+                    routing: RoutingKind::SoftmaxTopK,
+                    capacity_factor: None,
+                    aux_loss_coef: float_or("router_aux_loss_coef", 0.001),
+                    z_loss_coef: 0.0,
+                    shared_expert: false,
+                })
+            } else {
+                None
+            };
             Ok(ModelConfig::Llama {
                 vocab_size: int("vocab_size")?,
                 d_model: d,
@@ -88,7 +111,7 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
                 rope_theta,
                 norm_eps: float_or("rms_norm_eps", 1e-6),
                 tie_embeddings: bool_or("tie_word_embeddings", false),
-                moe: None,
+                moe,
             })
         }
         "gpt2" => {
@@ -119,7 +142,7 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
             })
         }
         "" => Err("config.json has no model_type".to_string()),
-        other => Err(format!("unsupported model_type {other:?} (supported: llama, gpt2)")),
+        other => Err(format!("unsupported model_type {other:?} (supported: llama, mixtral, gpt2)")),
     }
 }
 
@@ -172,12 +195,58 @@ pub fn read_weights(dir: &Path, config: &TransformerConfig) -> Result<Vec<(Strin
                 && !(config.tie_embeddings && k == "lm_head.weight")
         })
         .collect();
-    Ok(tensors)
+    let Some(moe) = &config.moe else {
+        return Ok(tensors);
+    };
+    // Mixtral on disk: per-expert `block_sparse_moe.experts.{e}.w{1,2,3}`; ours: fused experts.
+    let mut map: BTreeMap<String, Tensor> = tensors.into_iter().collect();
+    for i in 0..config.n_layers {
+        let legacy = format!("model.layers.{i}.block_sparse_moe");
+        if map.contains_key(&format!("{legacy}.gate.weight")) {
+            fuse_checkpoint_experts(&mut map, &legacy, &format!("model.layers.{i}.mlp"), moe.n_experts, dir)?;
+        }
+    }
+    Ok(map.into_iter().collect())
 }
 
 /// The `config.json` that transformers' AutoConfig reads for this model.
-pub fn config_json(cfg: &TransformerConfig) -> Value {
-    match cfg.family {
+pub fn config_json(cfg: &TransformerConfig) -> Result<Value, String> {
+    if let Some(m) = &cfg.moe {
+        if m.routing != Routing::SoftmaxThenTopK || m.capacity_factor.is_some() || m.shared_expert {
+            return Err(
+                "only Mixtral-style MoE exports to Hugging Face (routing = softmax_top_k, no \
+                 capacity_factor, no shared_expert)"
+                    .to_string(),
+            );
+        }
+        return Ok(json!({
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_kv_heads,
+            "head_dim": cfg.head_dim(),
+            "intermediate_size": cfg.d_ff,
+            "max_position_embeddings": cfg.max_seq_len,
+            "rope_theta": cfg.rope_theta,
+            "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+            "rms_norm_eps": cfg.norm_eps,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "hidden_act": "silu",
+            "num_local_experts": m.n_experts,
+            "num_experts_per_tok": m.top_k,
+            "router_aux_loss_coef": m.aux_loss_coef,
+            "router_jitter_noise": 0.0,
+            "output_router_logits": false,
+            "sliding_window": null,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "dtype": "float32",
+        }));
+    }
+    Ok(match cfg.family {
         Family::Llama => json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -218,7 +287,7 @@ pub fn config_json(cfg: &TransformerConfig) -> Value {
             "initializer_range": 0.02,
             "dtype": "float32",
         }),
-    }
+    })
 }
 
 /// Writes `out/config.json` and `out/model.safetensors` (fp32). `out` must not exist or be an
@@ -233,14 +302,27 @@ pub fn export(cfg: &TransformerConfig, params: &ParamStore, out: &Path) -> Resul
             });
         }
     }
-    std::fs::create_dir_all(out).map_err(io_err(format!("creating {}", out.display())))?;
-    let named: Vec<(&str, Tensor)> = params
+    let config_value = config_json(cfg).map_err(|msg| hf_err(out, msg))?;
+    let mut named: BTreeMap<String, Tensor> = params
         .iter()
-        .map(|p| (p.name.as_str(), p.tensor.detach().to_device(tch::Device::Cpu).to_kind(tch::Kind::Float)))
+        .map(|p| (p.name.clone(), p.tensor.detach().to_device(tch::Device::Cpu).to_kind(tch::Kind::Float)))
         .collect();
+    if cfg.moe.is_some() {
+        // The per-expert layout transformers' save_pretrained writes (from_pretrained reads both).
+        for i in 0..cfg.n_layers {
+            split_checkpoint_experts(
+                &mut named,
+                &format!("model.layers.{i}.mlp"),
+                &format!("model.layers.{i}.block_sparse_moe"),
+                out,
+            )?;
+        }
+    }
+    std::fs::create_dir_all(out).map_err(io_err(format!("creating {}", out.display())))?;
+    let named: Vec<(String, Tensor)> = named.into_iter().collect();
     let weights = out.join("model.safetensors");
     Tensor::write_safetensors(&named, &weights).map_err(|e| hf_err(&weights, crate::error::first_line(&e.to_string())))?;
-    let config = serde_json::to_string_pretty(&config_json(cfg)).unwrap_or_default();
+    let config = serde_json::to_string_pretty(&config_value).unwrap_or_default();
     let path = out.join("config.json");
     std::fs::write(&path, config + "\n").map_err(io_err(format!("writing {}", path.display())))
 }
@@ -281,7 +363,8 @@ mod tests {
         );
         // Our own export reads back to the same config.
         let t = TransformerConfig::from_recipe(&m);
-        let back: Map<String, Value> = serde_json::from_value(config_json(&t)).expect("object");
+        let back: Map<String, Value> =
+            serde_json::from_value(config_json(&t).expect("exportable")).expect("object");
         assert_eq!(model_config_from_json(&back).expect("supported"), m);
     }
 
