@@ -2,6 +2,7 @@
 
 pub mod moe;
 pub mod params;
+pub mod resnet;
 pub mod transformer;
 pub mod hf;
 pub mod load;
