@@ -115,4 +115,17 @@ int te_clip_grad_norm(at::Tensor **grads, int n, double max_norm, double *out_no
   }
 }
 
+// Drops the gradients of n tensors (torch's zero_grad(set_to_none=True)): the next backward
+// hands its fresh gradient over instead of adding into a zeroed buffer, and the memory is free
+// in between.
+int te_grads_to_none(at::Tensor **tensors, int n) {
+  try {
+    for (int i = 0; i < n; i++) tensors[i]->mutable_grad().reset();
+    return 0;
+  } catch (const std::exception &e) {
+    set_error(e);
+    return -1;
+  }
+}
+
 }  // extern "C"

@@ -28,6 +28,7 @@ extern "C" {
         weight_decay: f64,
         eps: f64,
     ) -> c_int;
+    fn te_grads_to_none(tensors: *const *mut c_void, n: c_int) -> c_int;
     fn te_clip_grad_norm(grads: *const *mut c_void, n: c_int, max_norm: f64, out: *mut f64) -> c_int;
 }
 
@@ -74,6 +75,17 @@ pub fn fused_adamw(
             eps,
         )
     };
+    if rc != 0 {
+        return Err(last_error());
+    }
+    Ok(())
+}
+
+/// Drops the gradients of `tensors` (torch's `zero_grad(set_to_none=True)`).
+pub fn grads_to_none(tensors: &[&Tensor]) -> Result<(), String> {
+    let t = handles(tensors);
+    // SAFETY: live tensor handles for the duration of the call.
+    let rc = unsafe { te_grads_to_none(t.as_ptr(), t.len() as c_int) };
     if rc != 0 {
         return Err(last_error());
     }

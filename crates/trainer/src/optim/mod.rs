@@ -47,7 +47,7 @@ impl Optimizer {
         match cfg {
             OptimConfig::Adamw { betas, eps, weight_decay, decay_embeddings, fused, .. } => {
                 let mut o = AdamW::new(groups(*decay_embeddings), *betas, *eps, *weight_decay);
-                o.fused = fused.unwrap_or(store.device().is_cuda());
+                o.fused = fused.unwrap_or(true);
                 Optimizer::AdamW(o)
             }
             OptimConfig::Sgd { momentum, dampening, nesterov, weight_decay, .. } => Optimizer::Sgd(

@@ -299,7 +299,9 @@ pub enum OptimConfig {
         /// Decay embeddings too (norms and biases are never decayed).
         #[serde(default)]
         decay_embeddings: bool,
-        /// Use libtorch's fused AdamW kernel; absent: on CUDA yes, on the CPU no.
+        /// Use libtorch's fused AdamW kernel (`at::_fused_adamw_`, CPU and CUDA; one pass per
+        /// group); absent: yes. `false`: the per-parameter update, op for op torch's
+        /// single-tensor AdamW.
         #[serde(default)]
         fused: Option<bool>,
     },
