@@ -402,3 +402,39 @@ fn resume_auto_on_a_finished_run_changes_nothing() {
         "--resume auto on a finished run",
     );
 }
+
+/// SIGINT stops after the current step with a checkpoint (exit 75); a second SIGINT while that
+/// is pending exits at once (exit 130) without writing a checkpoint of its own.
+#[test]
+fn first_sigint_checkpoints_second_sigint_exits_at_once() {
+    let dir = workdir();
+    let cwd = dir.path();
+    // Steps long enough (a wider model, one thread) that two signals land within one step.
+    let recipe = replace_line(&tiny_recipe("runs/int"), "d_model = 32", "d_model = 256");
+    let recipe = replace_line(&recipe, "d_ff = 64", "d_ff = 1024");
+    let recipe = replace_line(&recipe, "batch_size = 4", "batch_size = 32");
+    let recipe = replace_line(&recipe, "checkpoint_every = 5", "checkpoint_every = 1000");
+    let name = write_recipe(cwd, "int.toml", &recipe);
+    let metrics = cwd.join("runs/int/metrics.jsonl");
+
+    // One SIGINT: the run finishes its step, checkpoints and exits 75.
+    let mut once = spawn(cwd, &["run", &name]);
+    let step = wait_for_step(&mut once, &metrics, 2);
+    send_signal(once.pid(), "INT");
+    let out = once.wait(TIMEOUT);
+    assert_eq!(out.code, Some(EXIT_INTERRUPTED), "{}", out.describe());
+    let saved = checkpoint_entries(&cwd.join("runs/int"));
+    assert_eq!(saved.len(), 1, "one checkpoint at the stop: {saved:?}");
+    assert!(saved[0].starts_with("step-"), "{saved:?}");
+    assert!(step >= 2);
+
+    // Two SIGINTs in a row: the second one ends the process at once, code 130.
+    let mut twice = spawn(cwd, &["run", &name, "--resume", "auto"]);
+    let first = last_logged_step(&metrics).unwrap_or(0);
+    wait_for_step(&mut twice, &metrics, first + 1);
+    send_signal(twice.pid(), "INT");
+    send_signal(twice.pid(), "INT");
+    let out = twice.wait(TIMEOUT);
+    assert_eq!(out.code, Some(130), "{}", out.describe());
+    assert_eq!(checkpoint_entries(&cwd.join("runs/int")), saved, "no new checkpoint after the second SIGINT");
+}
