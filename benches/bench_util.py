@@ -12,6 +12,13 @@
   bench_util.py compare RESULTS.jsonl
       median, min and max tokens/s per side of a cpu_compare.sh run, and the trainer/pytorch
       ratio (of the medians, and the range over the pairs run back to back)
+  bench_util.py wait-idle [MAX_BUSY [TIMEOUT [SAMPLE]]]
+      wait until the CPUs are nearly idle (busy share <= MAX_BUSY, default 0.15, over SAMPLE s);
+      exit 1 after TIMEOUT s (default 600)
+  bench_util.py monitor OUT.json -- CMD...
+      run CMD; write its wall and CPU seconds and the cores other processes used meanwhile
+  bench_util.py record RESULTS.jsonl SIDE REP ROW_JSON MONITOR_JSON
+      append a cpu_compare.sh run's row to RESULTS.jsonl
   bench_util.py table RESULTS.jsonl
       a Markdown table of tokens/s (also relative to the first PyTorch eager run of the same
       dtype), TFLOP/s, MFU and peak memory, one row per JSON line
@@ -64,6 +71,14 @@ def cmd_steady(argv):
                 rows.append(r)
     with open(f"{run_dir}/summary.json") as f:
         summary = json.load(f)
+    adamw = None  # from the resolved recipe the trainer writes (optim.fused)
+    try:
+        import re
+        with open(f"{run_dir}/config.toml") as f:
+            m = re.search(r"^fused\s*=\s*(true|false)", f.read(), re.M)
+        adamw = {"true": "fused", "false": "single"}.get(m.group(1)) if m else None
+    except OSError:
+        pass
     # Steady windows: equal-sized ones after the first `skip` (the last one may be shorter when
     # max_steps is not a multiple of log_every; weight every window by its tokens).
     kept = []
@@ -85,6 +100,7 @@ def cmd_steady(argv):
         "compile": False,
         "device": summary["device"],
         "dtype": summary["precision"],
+        "adamw": adamw,
         "params": summary["params"],
         "flops_per_token": flops_per_token,
         "steps": summary["steps"],
@@ -120,8 +136,11 @@ def cmd_compare(argv):
             sys.exit(f"bench_util compare: no {side} rows in {argv[0]}")
         med = statistics.median(v)
         out[side] = v
+        other = [r.get("monitor", {}).get("other_cores") for r in sides[side]]
+        runs = ", ".join(f"{x:.1f}" + (f" [others {o:.2f} cores]" if o is not None else "")
+                         for x, o in zip(v, other))
         print(f"{side:8s} tokens/s: median {med:8.1f}   min {min(v):8.1f}   max {max(v):8.1f}   "
-              f"spread {100 * (max(v) - min(v)) / med:4.1f}%   runs {', '.join(f'{x:.1f}' for x in v)}")
+              f"spread {100 * (max(v) - min(v)) / med:4.1f}%   runs {runs}")
     ratio = statistics.median(out["trainer"]) / statistics.median(out["pytorch"])
     pairs = [t / p for t, p in zip(out["trainer"], out["pytorch"])]
     print(f"ratio trainer/pytorch: {ratio:.3f} (median of each side); "
@@ -154,8 +173,79 @@ def cmd_table(argv):
               f"{r['model_tflops_per_s']:.2f} | {mfu} | {mem} |")
 
 
+def _cpu_jiffies():
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    total = sum(v[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def cmd_wait_idle(argv):
+    """Waits until the machine's CPUs are nearly idle (busy share below MAX_BUSY over a SAMPLE-s
+    window), at most TIMEOUT seconds; prints the busy share seen and exits 1 on timeout."""
+    import time
+    max_busy = float(argv[0]) if argv else 0.15
+    timeout = float(argv[1]) if len(argv) > 1 else 600
+    sample = float(argv[2]) if len(argv) > 2 else 3
+    t0 = time.time()
+    while True:
+        b0, t0j = _cpu_jiffies()
+        time.sleep(sample)
+        b1, t1j = _cpu_jiffies()
+        busy = (b1 - b0) / max(t1j - t0j, 1)
+        if busy <= max_busy:
+            print(f"{busy:.2f}")
+            return
+        if time.time() - t0 > timeout:
+            print(f"{busy:.2f}")
+            sys.exit(1)
+
+
+def cmd_monitor(argv):
+    """monitor OUT.json -- CMD...: runs CMD and writes its wall time, its CPU time and the CPU
+    time taken by everything else on the machine meanwhile, in cores (contention)."""
+    import os
+    import resource
+    import subprocess
+    import time
+    out, cmd = argv[0], argv[argv.index("--") + 1:]
+    hz = os.sysconf("SC_CLK_TCK")
+    ncpu = os.cpu_count() or 1
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    b0, tot0 = _cpu_jiffies()
+    w0 = time.time()
+    rc = subprocess.call(cmd)
+    wall = time.time() - w0
+    b1, tot1 = _cpu_jiffies()
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    # /proc/stat counts all CPUs; scale jiffies to seconds of CPU.
+    busy_s = (b1 - b0) / hz
+    others = max(busy_s - child, 0.0) / max(wall, 1e-9)
+    with open(out, "w") as f:
+        json.dump({"wall_s": round(wall, 2), "cpu_s": round(child, 2),
+                   "other_cores": round(others, 2), "cpus": ncpu}, f)
+    sys.exit(rc)
+
+
+def cmd_record(argv):
+    """record RESULTS.jsonl SIDE REP ROW_JSON MONITOR_JSON: appends the run's row with its side,
+    repetition and contention, and prints a line about it on stderr."""
+    results, side, rep, row, mon = argv[:5]
+    r = json.loads(row)
+    with open(mon) as f:
+        r.update(side=side, rep=int(rep), monitor=json.load(f))
+    with open(results, "a") as f:
+        f.write(json.dumps(r) + "\n")
+    print(f"   {side} rep {rep}: {r['tokens_per_s']:.1f} tokens/s (windows {r['window_tokens_per_s']};"
+          f" other processes used {r['monitor']['other_cores']} cores meanwhile)", file=sys.stderr)
+
+
 def main():
-    cmds = {"tokens": cmd_tokens, "steady": cmd_steady, "compare": cmd_compare, "table": cmd_table}
+    cmds = {"tokens": cmd_tokens, "steady": cmd_steady, "compare": cmd_compare, "table": cmd_table,
+            "wait-idle": cmd_wait_idle, "monitor": cmd_monitor, "record": cmd_record}
     if len(sys.argv) < 2 or sys.argv[1] not in cmds:
         sys.exit(__doc__)
     cmds[sys.argv[1]](sys.argv[2:])

@@ -10,9 +10,10 @@
 #   1. `trainer info` (fails unless the binary sees CUDA)
 #   2. trainer, precision bf16-mixed (fp32 master weights, autocast bf16)
 #   3. trainer, precision bf16 (bf16 weights, grads and AdamW state)
-#   4. reference eager, bf16-mixed, torch.optim.AdamW(fused=True)
-#   5. reference eager, bf16-mixed, AdamW(foreach=False) + zero_grad in place: the trainer's
-#      optimizer structure (per-tensor update, grads zeroed not freed), to attribute a gap
+#   4. reference eager, bf16-mixed, torch.optim.AdamW(fused=True) (the trainer's optim.fused)
+#   5. reference eager, bf16-mixed, fused AdamW, zero_grad(set_to_none=False): grads kept and
+#      zeroed in place as the trainer does (torch's default frees them), to attribute a gap in
+#      speed or peak memory
 #   6. reference eager, pure bf16, fused AdamW
 #   7. reference torch.compile, bf16-mixed, fused AdamW (skip with COMPILE=0)
 # About 3 minutes on an H100 (torch.compile's first compilation is most of it).
@@ -144,8 +145,8 @@ run_reference() {  # name extra-args...
 run_trainer trainer-bf16-mixed bf16-mixed
 run_trainer trainer-bf16 bf16
 run_reference ref-eager-bf16-mixed --dtype bf16-mixed --adamw fused --label pytorch
-run_reference ref-eager-bf16-mixed-single --dtype bf16-mixed --adamw single --zero-grad zero \
-    --label "pytorch (trainer-like optimizer)"
+run_reference ref-eager-bf16-mixed-zero-grad --dtype bf16-mixed --adamw fused --zero-grad zero \
+    --label "pytorch (zero_grad in place)"
 run_reference ref-eager-bf16 --dtype bf16 --adamw fused --label pytorch
 if [[ "$COMPILE" == 1 ]]; then
     run_reference ref-compile-bf16-mixed --dtype bf16-mixed --adamw fused --compile --label pytorch
