@@ -4,6 +4,8 @@
 //! 75 stopped by SIGINT/SIGTERM/SIGUSR1 after writing a checkpoint (continue with
 //! `--resume auto`); 130 a second SIGINT (immediate exit).
 
+mod schedule_cmd;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -88,7 +90,8 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
-    /// Export a run or checkpoint to another format (Hugging Face: config.json + safetensors).
+    /// Export a run or checkpoint to another format (`hf`: config.json + safetensors; `peft`: a
+    /// LoRA run's adapters as Hugging Face peft saves them).
     Export {
         /// A run directory (its newest checkpoint), a checkpoint directory, or hf:PATH.
         source: String,
@@ -96,6 +99,27 @@ enum Command {
         to: ExportFormat,
         /// Output directory; must not exist or be empty.
         out: PathBuf,
+        /// `--to hf` of a LoRA run: merge the adapters into the weights (without it, the base
+        /// model is exported).
+        #[arg(long)]
+        merged: bool,
+    },
+    /// Show the learning rate over the whole run: a table at the phase boundaries and an ASCII
+    /// plot on stdout; every step as CSV and a PNG plot on request.
+    Schedule {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Write `step,lr` for every step of the run to this file.
+        #[arg(long, value_name = "FILE")]
+        csv: Option<PathBuf>,
+        /// Write a plot of the learning rate to this PNG file.
+        #[arg(long, value_name = "FILE")]
+        png: Option<PathBuf>,
+        /// The run's length in optimizer steps (default: the recipe's; needed when it gives
+        /// epochs).
+        #[arg(long, value_name = "N")]
+        steps: Option<i64>,
     },
     /// Print what this binary sees: libtorch version, CUDA devices, threads.
     Info,
@@ -116,6 +140,7 @@ enum DtypeArg {
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum ExportFormat {
     Hf,
+    Peft,
 }
 
 fn main() -> ExitCode {
@@ -162,7 +187,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate { recipe: path, set } => {
             let overrides = parse_overrides(&set)?;
-            let recipe = recipe::load(&path, &overrides)?;
+            let recipe = match recipe::load_any(&path, &overrides)? {
+                recipe::AnyRecipe::Pretrain(r) => r,
+                recipe::AnyRecipe::Classify(r) => return validate_classify(&path, &r),
+            };
             print!("{}", recipe::to_toml(&recipe));
             eprintln!(
                 "{}: valid ({} steps, {} tokens per step)",
@@ -174,7 +202,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run { recipe: path, set, resume } => {
             let overrides = parse_overrides(&set)?;
-            let recipe = recipe::load(&path, &overrides)?;
+            let recipe = match recipe::load_any(&path, &overrides)? {
+                recipe::AnyRecipe::Pretrain(r) => r,
+                recipe::AnyRecipe::Classify(r) => return run_classify(&r, resume.as_deref()),
+            };
             let resume = match resume.as_deref() {
                 None => Resume::No,
                 Some("auto") => Resume::Auto,
@@ -262,11 +293,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{prompt}{}", String::from_utf8_lossy(&bytes));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Export { source, to: ExportFormat::Hf, out } => {
+        Command::Export { source, to, out, merged } => {
+            use trainer::peft::lora;
             let source = ModelSource::parse(&source)?;
             let loaded = load::load(&source, tch::Device::Cpu)?;
-            trainer::models::hf::export(&loaded.config, &loaded.params, &out)?;
-            eprintln!("exported {} to {} (Hugging Face format)", source.describe(), out.display());
+            match to {
+                ExportFormat::Hf => {
+                    match (&loaded.lora, merged) {
+                        (Some(_), true) => lora::merge(&loaded.model)?,
+                        (None, true) => anyhow::bail!("--merged: {} has no LoRA adapters ([peft]) to merge", source.describe()),
+                        (Some(_), false) => tracing::warn!("exporting the base model without the LoRA adapters (add --merged to merge them in, or export them with --to peft)"),
+                        (None, false) => {}
+                    }
+                    trainer::models::hf::export(&loaded.config, &loaded.params, &out)?;
+                    eprintln!("exported {} to {} (Hugging Face format{})", source.describe(), out.display(), if merged { ", adapters merged" } else { "" });
+                }
+                ExportFormat::Peft => {
+                    anyhow::ensure!(!merged, "--merged: only with --to hf");
+                    let Some(adapters) = &loaded.lora else {
+                        anyhow::bail!("--to peft: {} has no LoRA adapters ([peft] in its recipe)", source.describe());
+                    };
+                    lora::export_peft(&loaded.model, adapters, None, &out)?;
+                    eprintln!("exported the LoRA adapters of {} to {} (peft format)", source.describe(), out.display());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Schedule { recipe: path, set, csv, png, steps } => {
+            let overrides = parse_overrides(&set)?;
+            let (schedule, lr, recipe_steps) = match recipe::load_any(&path, &overrides)? {
+                recipe::AnyRecipe::Pretrain(r) => {
+                    (r.schedule.clone(), r.optim.lr(), Some(r.max_steps()))
+                }
+                recipe::AnyRecipe::Classify(r) => (r.schedule, r.optim.lr(), r.train.max_steps),
+            };
+            let steps = schedule_cmd::run_length(&path, &schedule, lr, recipe_steps, steps)?;
+            schedule_cmd::run(&schedule, lr, steps, csv.as_deref(), png.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Info => {
@@ -275,6 +337,45 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("cuda devices: {}", tch::Cuda::device_count());
             println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
             println!("threads: {}", tch::get_num_threads());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `trainer validate` of a `task = "classify"` recipe.
+fn validate_classify(path: &std::path::Path, recipe: &recipe::ClassifyRecipe) -> anyhow::Result<ExitCode> {
+    print!("{}", recipe::to_toml(recipe));
+    eprintln!(
+        "{}: valid ({}, {} images per step)",
+        path.display(),
+        recipe.describe_length(),
+        recipe.train.batch_size
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `trainer run` of a `task = "classify"` recipe.
+fn run_classify(recipe: &recipe::ClassifyRecipe, resume: Option<&str>) -> anyhow::Result<ExitCode> {
+    use trainer::recipes::classify;
+    let resume = match resume {
+        None => Resume::No,
+        Some("auto") => Resume::Auto,
+        Some(dir) => Resume::From(PathBuf::from(dir)),
+    };
+    let stop = StopFlag::install().context("installing signal handlers")?;
+    match classify::run(recipe, resume, &stop)? {
+        classify::Outcome::Finished(summary) => {
+            classify::print_summary(&summary);
+            eprintln!("  run directory     {}", recipe.run.out_dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        classify::Outcome::Interrupted { .. } => Ok(ExitCode::from(EXIT_INTERRUPTED as u8)),
+        classify::Outcome::AlreadyDone { step } => {
+            tracing::info!(
+                "{}: the run already reached step {step} ({}); nothing to do",
+                recipe.run.out_dir.display(),
+                recipe.describe_length()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

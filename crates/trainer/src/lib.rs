@@ -8,6 +8,7 @@ pub mod error;
 pub mod metrics;
 pub mod models;
 pub mod optim;
+pub mod peft;
 pub mod recipe;
 pub mod recipes;
 pub mod schedule;

@@ -284,6 +284,7 @@ fn state_bits(opt: &Optimizer) -> Vec<(String, Vec<u64>)> {
     let tensors = match opt {
         Optimizer::AdamW(o) => o.state_tensors(),
         Optimizer::Sgd(o) => o.state_tensors(),
+        Optimizer::GaloreAdamW(o) => o.state_tensors(),
     };
     tensors
         .into_iter()

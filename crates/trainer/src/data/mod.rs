@@ -1,4 +1,6 @@
-//! Token data: sources (token files, text, the built-in corpus) and batching.
+//! Data: token sources (token files, text, the built-in corpus) and their batches; image
+//! datasets (CIFAR, folders, the built-in generated set) and their augmented batches.
 
+pub mod images;
 pub mod loader;
 pub mod source;

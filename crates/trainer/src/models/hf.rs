@@ -303,8 +303,11 @@ pub fn export(cfg: &TransformerConfig, params: &ParamStore, out: &Path) -> Resul
         }
     }
     let config_value = config_json(cfg).map_err(|msg| hf_err(out, msg))?;
+    // LoRA adapters are not part of the base model (merge them first, or export them with
+    // `--to peft`).
     let mut named: BTreeMap<String, Tensor> = params
         .iter()
+        .filter(|p| !crate::peft::lora::is_adapter_param(&p.name))
         .map(|p| (p.name.clone(), p.tensor.detach().to_device(tch::Device::Cpu).to_kind(tch::Kind::Float)))
         .collect();
     if cfg.moe.is_some() {

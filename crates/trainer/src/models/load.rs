@@ -76,6 +76,21 @@ impl ModelSource {
         }
     }
 
+    /// The `[peft]` adapters of a trainer run (its `config.toml`); None for other sources. The
+    /// adapter weights themselves are in the checkpoint beside the base weights.
+    pub fn peft_config(&self) -> Result<Option<recipe::PeftConfig>> {
+        match self {
+            ModelSource::Hf(_) => Ok(None),
+            ModelSource::Checkpoint { run_dir, .. } => {
+                let path = run_dir.join("config.toml");
+                if !path.is_file() {
+                    return Ok(None);
+                }
+                Ok(recipe::load(&path, &[])?.peft)
+            }
+        }
+    }
+
     /// Copies the weights into `params`, built from `config`.
     pub fn load_weights(&self, config: &TransformerConfig, params: &mut ParamStore) -> Result<()> {
         match self {
@@ -147,12 +162,18 @@ pub struct Loaded {
     pub config: TransformerConfig,
     pub params: ParamStore,
     pub model: Transformer,
+    /// The LoRA adapters of a run trained with `[peft]` (already loaded, not merged).
+    pub lora: Option<crate::peft::lora::Lora>,
 }
 
 pub fn load(source: &ModelSource, device: Device) -> Result<Loaded> {
     let config = TransformerConfig::from_recipe(&source.model_config()?);
     let mut params = ParamStore::new(device);
-    let model = Transformer::new(&config, &mut params)?;
+    let mut model = Transformer::new(&config, &mut params)?;
+    let lora = match source.peft_config()? {
+        Some(peft) => Some(crate::peft::lora::apply(&mut model, &mut params, &peft)?),
+        None => None,
+    };
     source.load_weights(&config, &mut params)?;
-    Ok(Loaded { config, params, model })
+    Ok(Loaded { config, params, model, lora })
 }

@@ -72,6 +72,20 @@ impl ParamStore {
         self.params.iter().filter(|p| p.trainable)
     }
 
+    /// Freezes the parameter `name`: no gradient flows into it (requires_grad off, shared with the
+    /// model's handles) and optimizers leave it out. Returns false when there is no such
+    /// parameter.
+    pub fn freeze(&mut self, name: &str) -> bool {
+        match self.params.iter_mut().find(|p| p.name == name) {
+            Some(p) => {
+                p.trainable = false;
+                let _ = p.tensor.set_requires_grad(false);
+                true
+            }
+            None => false,
+        }
+    }
+
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.params.iter().find(|p| p.name == name).map(|p| &p.tensor)
     }

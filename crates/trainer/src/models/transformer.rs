@@ -12,6 +12,7 @@
 
 use super::moe::{Moe, MoeConfig, Routing};
 use super::params::ParamStore;
+use crate::peft::lora::LoraAdapter;
 use crate::error::Result;
 use crate::recipe::{ModelConfig, MoeRecipe, RoutingKind};
 use tch::{Kind, Tensor};
@@ -128,25 +129,51 @@ impl TransformerConfig {
             Some(m) => (m.n_experts - m.top_k) * 3 * m.d_model * m.d_ff * self.n_layers,
             None => 0,
         };
-        6.0 * (n_params_no_embed - inactive) as f64
+        // A tied output projection is the embedding table, left out of `n_params_no_embed`, but
+        // its matmul costs as much as an untied head's.
+        let tied_head = if self.tie_embeddings { self.vocab_size * self.d_model } else { 0 };
+        6.0 * (n_params_no_embed - inactive + tied_head) as f64
             + 12.0 * (self.n_layers * self.d_model * seq_len) as f64
     }
 }
 
 /// A dense projection. `transposed` weights are stored `[in, out]` (GPT-2's Conv1D); the others
-/// `[out, in]` (torch.nn.Linear).
-struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    transposed: bool,
+/// `[out, in]` (torch.nn.Linear). Every projection may carry a LoRA adapter (`peft/lora.rs`),
+/// whose low-rank update is added to the output unless it is merged into the weight.
+pub struct Linear {
+    /// The module path, the Hugging Face module name (`model.layers.0.self_attn.q_proj`,
+    /// `transformer.h.0.attn.c_attn`): the weight's key without `.weight`.
+    pub path: String,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub transposed: bool,
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn new(path: &str, weight: Tensor, bias: Option<Tensor>, transposed: bool) -> Linear {
+        Linear { path: path.to_string(), weight, bias, transposed, lora: None }
+    }
+
+    /// `[in_features, out_features]`, whatever the storage layout.
+    pub fn in_out(&self) -> (i64, i64) {
+        let s = self.weight.size();
         if self.transposed {
+            (s[0], s[1])
+        } else {
+            (s[1], s[0])
+        }
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let y = if self.transposed {
             x.linear(&self.weight.tr(), self.bias.as_ref())
         } else {
             x.linear(&self.weight, self.bias.as_ref())
+        };
+        match self.lora.as_ref().and_then(|a| a.forward(x, train)) {
+            Some(delta) => y + delta,
+            None => y,
         }
     }
 }
@@ -190,6 +217,8 @@ struct Attention {
     out: Linear,
 }
 
+// One per layer: the size difference of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Qkv {
     Separate { q: Linear, k: Linear, v: Linear },
     Fused(Linear),
@@ -229,10 +258,9 @@ impl Transformer {
         let std = 0.02;
         let (d, hd) = (c.d_model, c.head_dim());
         let embed = s.normal("model.embed_tokens.weight", &[c.vocab_size, d], std);
-        let lin = |s: &mut ParamStore, name: String, out_f: i64, in_f: i64| Linear {
-            weight: s.normal(&name, &[out_f, in_f], std),
-            bias: None,
-            transposed: false,
+        let lin = |s: &mut ParamStore, name: String, out_f: i64, in_f: i64| {
+            let weight = s.normal(&name, &[out_f, in_f], std);
+            Linear::new(name.trim_end_matches(".weight"), weight, None, false)
         };
         let mut blocks = Vec::new();
         for i in 0..c.n_layers {
@@ -274,10 +302,9 @@ impl Transformer {
         let d = c.d_model;
         let embed = s.normal("transformer.wte.weight", &[c.vocab_size, d], std);
         let positions = s.normal("transformer.wpe.weight", &[c.max_seq_len, d], std);
-        let conv1d = |s: &mut ParamStore, name: &str, in_f: i64, out_f: i64, std: f64| Linear {
-            weight: s.normal(&format!("{name}.weight"), &[in_f, out_f], std),
-            bias: Some(s.zeros(&format!("{name}.bias"), &[out_f])),
-            transposed: true,
+        let conv1d = |s: &mut ParamStore, name: &str, in_f: i64, out_f: i64, std: f64| {
+            let weight = s.normal(&format!("{name}.weight"), &[in_f, out_f], std);
+            Linear::new(name, weight, Some(s.zeros(&format!("{name}.bias"), &[out_f])), true)
         };
         let layer_norm = |s: &mut ParamStore, name: &str| Norm::Layer {
             weight: s.ones(&format!("{name}.weight"), &[d]),
@@ -331,7 +358,7 @@ impl Transformer {
         }
         let mut moe_layers = Vec::new();
         for block in &self.blocks {
-            let h = self.attention(&block.attn, &block.norm1.forward(&x), b, t, p_drop);
+            let h = self.attention(&block.attn, &block.norm1.forward(&x), b, t, p_drop, train);
             x = x + h;
             let m = match &block.mlp {
                 Mlp::Moe(moe) => {
@@ -347,10 +374,10 @@ impl Transformer {
                 }
                 Mlp::SwiGlu { gate, up, down } => {
                     let xn = block.norm2.forward(&x);
-                    down.forward(&(gate.forward(&xn).silu() * up.forward(&xn)))
+                    down.forward(&(gate.forward(&xn, train).silu() * up.forward(&xn, train)), train)
                 }
                 Mlp::Gelu { fc, proj } => {
-                    proj.forward(&fc.forward(&block.norm2.forward(&x)).gelu("tanh"))
+                    proj.forward(&fc.forward(&block.norm2.forward(&x), train).gelu("tanh"), train)
                 }
             };
             x = x + if p_drop > 0.0 { m.dropout(p_drop, train) } else { m };
@@ -359,6 +386,43 @@ impl Transformer {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let logits = x.linear(head, None::<&Tensor>); // [b, t, vocab]
         ModelOutput { logits, moe_layers }
+    }
+
+    /// Every dense projection, in registration order: what LoRA's `target` patterns select
+    /// from (by `Linear::path`). MoE experts are not projections here.
+    pub fn projections(&self) -> Vec<&Linear> {
+        let mut out = Vec::new();
+        for block in &self.blocks {
+            match &block.attn.qkv {
+                Qkv::Separate { q, k, v } => out.extend([q, k, v]),
+                Qkv::Fused(qkv) => out.push(qkv),
+            }
+            out.push(&block.attn.out);
+            match &block.mlp {
+                Mlp::SwiGlu { gate, up, down } => out.extend([gate, up, down]),
+                Mlp::Gelu { fc, proj } => out.extend([fc, proj]),
+                Mlp::Moe(_) => {}
+            }
+        }
+        out
+    }
+
+    /// `projections`, mutably (to attach adapters).
+    pub fn projections_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = Vec::new();
+        for block in &mut self.blocks {
+            match &mut block.attn.qkv {
+                Qkv::Separate { q, k, v } => out.extend([q, k, v]),
+                Qkv::Fused(qkv) => out.push(qkv),
+            }
+            out.push(&mut block.attn.out);
+            match &mut block.mlp {
+                Mlp::SwiGlu { gate, up, down } => out.extend([gate, up, down]),
+                Mlp::Gelu { fc, proj } => out.extend([fc, proj]),
+                Mlp::Moe(_) => {}
+            }
+        }
+        out
     }
 
     /// The MoE layers, in order (empty for dense models).
@@ -372,13 +436,13 @@ impl Transformer {
             .collect()
     }
 
-    fn attention(&self, attn: &Attention, x: &Tensor, b: i64, t: i64, p_drop: f64) -> Tensor {
+    fn attention(&self, attn: &Attention, x: &Tensor, b: i64, t: i64, p_drop: f64, train: bool) -> Tensor {
         let c = &self.config;
         let hd = c.head_dim();
         let (q, k, v) = match &attn.qkv {
-            Qkv::Separate { q, k, v } => (q.forward(x), k.forward(x), v.forward(x)),
+            Qkv::Separate { q, k, v } => (q.forward(x, train), k.forward(x, train), v.forward(x, train)),
             Qkv::Fused(qkv) => {
-                let parts = qkv.forward(x).split(c.d_model, -1);
+                let parts = qkv.forward(x, train).split(c.d_model, -1);
                 (parts[0].shallow_clone(), parts[1].shallow_clone(), parts[2].shallow_clone())
             }
         };
@@ -406,7 +470,7 @@ impl Transformer {
             gqa,
         ); // [b, h, t, hd]
         let y = y.transpose(1, 2).contiguous().view([b, t, c.n_heads * hd]);
-        let y = attn.out.forward(&y);
+        let y = attn.out.forward(&y, train);
         if p_drop > 0.0 {
             y.dropout(p_drop, true)
         } else {

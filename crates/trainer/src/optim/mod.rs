@@ -2,6 +2,7 @@
 //! resets (tch's built-in optimizers hide theirs). A closed registry: one variant per `kind`.
 
 pub mod adamw;
+pub mod galore;
 pub mod sgd;
 
 use crate::error::{Error, Result};
@@ -12,6 +13,7 @@ use std::path::Path;
 use tch::Tensor;
 
 pub use adamw::AdamW;
+pub use galore::GaloreAdamW;
 pub use sgd::Sgd;
 
 /// Named state tensors of an optimizer; `step` is a scalar int64 tensor.
@@ -23,6 +25,7 @@ pub trait StateTensors {
 pub enum Optimizer {
     AdamW(AdamW),
     Sgd(Sgd),
+    GaloreAdamW(GaloreAdamW),
 }
 
 /// The gradient of `p`, or None when it has none (unused in this step).
@@ -33,8 +36,9 @@ pub(crate) fn grad_of(p: &Tensor) -> Option<Tensor> {
 
 impl Optimizer {
     /// Builds the optimizer over the trainable parameters of `store`. Norm weights and biases are
-    /// never decayed; embeddings only when `decay_embeddings`.
-    pub fn build(cfg: &OptimConfig, store: &ParamStore) -> Optimizer {
+    /// never decayed; embeddings only when `decay_embeddings`. Fails on settings that do not fit
+    /// the model (GaLore's rank or target patterns).
+    pub fn build(cfg: &OptimConfig, store: &ParamStore) -> Result<Optimizer> {
         let groups = |decay_embeddings: bool| -> Vec<(String, Tensor, bool)> {
             store
                 .trainable()
@@ -44,7 +48,7 @@ impl Optimizer {
                 })
                 .collect()
         };
-        match cfg {
+        Ok(match cfg {
             OptimConfig::Adamw { betas, eps, weight_decay, decay_embeddings, fused, .. } => {
                 let mut o = AdamW::new(groups(*decay_embeddings), *betas, *eps, *weight_decay);
                 o.fused = fused.unwrap_or(true);
@@ -53,13 +57,24 @@ impl Optimizer {
             OptimConfig::Sgd { momentum, dampening, nesterov, weight_decay, .. } => Optimizer::Sgd(
                 Sgd::new(groups(true), *momentum, *dampening, *nesterov, *weight_decay),
             ),
-        }
+            OptimConfig::GaloreAdamw {
+                betas, eps, weight_decay, rank, update_proj_gap, scale, target, ..
+            } => Optimizer::GaloreAdamW(GaloreAdamW::new(
+                groups(false),
+                target,
+                galore::Projection { rank: *rank, update_proj_gap: *update_proj_gap, scale: *scale },
+                *betas,
+                *eps,
+                *weight_decay,
+            )?),
+        })
     }
 
     pub fn step(&mut self, lr: f64) -> Result<()> {
         match self {
             Optimizer::AdamW(o) => o.step(lr),
             Optimizer::Sgd(o) => o.step(lr),
+            Optimizer::GaloreAdamW(o) => o.step(lr),
         }
     }
 
@@ -67,6 +82,7 @@ impl Optimizer {
         match self {
             Optimizer::AdamW(o) => o.state_bytes(),
             Optimizer::Sgd(o) => o.state_bytes(),
+            Optimizer::GaloreAdamW(o) => o.state_bytes(),
         }
     }
 
@@ -74,6 +90,7 @@ impl Optimizer {
         match self {
             Optimizer::AdamW(o) => o,
             Optimizer::Sgd(o) => o,
+            Optimizer::GaloreAdamW(o) => o,
         }
     }
 
@@ -81,6 +98,7 @@ impl Optimizer {
         match self {
             Optimizer::AdamW(o) => o,
             Optimizer::Sgd(o) => o,
+            Optimizer::GaloreAdamW(o) => o,
         }
     }
 

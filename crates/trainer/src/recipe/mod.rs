@@ -7,8 +7,10 @@
 //! keys and wrong types carry the key path) -> `Recipe::validate` (ranges, with the key path).
 //! Locations are found by walking the key path in the parsed original text.
 
+mod classify;
 mod schema;
 
+pub use classify::*;
 pub use schema::*;
 
 use crate::error::{Error, Result};
@@ -48,67 +50,139 @@ impl Override {
     }
 }
 
-/// Reads, overrides and validates a recipe file.
-pub fn load(path: &Path, overrides: &[Override]) -> Result<Recipe> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Error::Recipe(format!("{}: cannot read recipe: {e}", path.display()))
-    })?;
-    parse(&text, &path.display().to_string(), overrides)
+/// A recipe of either task, as its `[run] task` says.
+#[derive(Debug, Clone)]
+pub enum AnyRecipe {
+    Pretrain(Recipe),
+    Classify(ClassifyRecipe),
 }
 
-/// Parses recipe `text` that came from `file` (used in messages only).
+/// Reads, overrides and validates a pretraining recipe file.
+pub fn load(path: &Path, overrides: &[Override]) -> Result<Recipe> {
+    parse(&read(path)?, &path.display().to_string(), overrides)
+}
+
+/// Reads, overrides and validates a recipe file of any task (`[run] task`).
+pub fn load_any(path: &Path, overrides: &[Override]) -> Result<AnyRecipe> {
+    parse_any(&read(path)?, &path.display().to_string(), overrides)
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| Error::Recipe(format!("{}: cannot read recipe: {e}", path.display())))
+}
+
+/// Parses pretraining recipe `text` that came from `file` (used in messages only).
 pub fn parse(text: &str, file: &str, overrides: &[Override]) -> Result<Recipe> {
-    let original: toml_edit::ImDocument<String> =
-        toml_edit::ImDocument::parse(text.to_string()).map_err(|e| {
-            let at = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-            Error::Recipe(format!(
-                "{file}:{}:{}: malformed TOML: {}",
-                at.0,
-                at.1,
-                one_line(e.message())
-            ))
-        })?;
-    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
-        Error::Recipe(format!("{file}: malformed TOML: {}", one_line(e.message())))
-    })?;
-    for o in overrides {
-        apply_override(&mut doc, o)?;
+    Source::new(text, file, overrides)?.pretrain()
+}
+
+/// Parses recipe `text` of either task; `run.task` (after overrides) picks the schema.
+pub fn parse_any(text: &str, file: &str, overrides: &[Override]) -> Result<AnyRecipe> {
+    let src = Source::new(text, file, overrides)?;
+    match src.task().as_deref() {
+        Some("classify") => Ok(AnyRecipe::Classify(src.classify()?)),
+        // Absent, "pretrain", or a misspelling that the pretraining schema reports.
+        _ => Ok(AnyRecipe::Pretrain(src.pretrain()?)),
     }
-    let locate_key = |key: &str| -> String {
-        if let Some(o) = overrides.iter().find(|o| key == o.key() || key.starts_with(&format!("{}.", o.key())))
+}
+
+/// A recipe's text parsed, with the overrides applied: what every recipe type is read from, so
+/// that all of them report errors the same way (file:line:col or `--set`, key path, message).
+struct Source<'a> {
+    text: &'a str,
+    file: &'a str,
+    overrides: &'a [Override],
+    original: toml_edit::ImDocument<String>,
+    doc: toml_edit::DocumentMut,
+}
+
+impl<'a> Source<'a> {
+    fn new(text: &'a str, file: &'a str, overrides: &'a [Override]) -> Result<Source<'a>> {
+        let original: toml_edit::ImDocument<String> =
+            toml_edit::ImDocument::parse(text.to_string()).map_err(|e| {
+                let at = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+                Error::Recipe(format!(
+                    "{file}:{}:{}: malformed TOML: {}",
+                    at.0,
+                    at.1,
+                    one_line(e.message())
+                ))
+            })?;
+        let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
+            Error::Recipe(format!("{file}: malformed TOML: {}", one_line(e.message())))
+        })?;
+        for o in overrides {
+            apply_override(&mut doc, o)?;
+        }
+        Ok(Source { text, file, overrides, original, doc })
+    }
+
+    /// Where `key` (a dotted path) was set: the override, or file:line:col.
+    fn locate_key(&self, key: &str) -> String {
+        if let Some(o) = self
+            .overrides
+            .iter()
+            .find(|o| key == o.key() || key.starts_with(&format!("{}.", o.key())))
         {
             return format!("--set {}", o.raw);
         }
-        match locate(&original, text, key) {
-            Some((line, col)) => format!("{file}:{line}:{col}"),
-            None => file.to_string(),
+        match locate(&self.original, self.text, key) {
+            Some((line, col)) => format!("{}:{line}:{col}", self.file),
+            None => self.file.to_string(),
         }
-    };
+    }
 
-    let de = toml_edit::de::Deserializer::from(doc.clone());
-    let file_recipe: RecipeFile = serde_path_to_error::deserialize(de).map_err(|e| {
-        let mut key = e.path().to_string();
-        let msg = one_line(e.inner().message());
-        // An unknown key is reported at its parent; name the key itself.
-        if let Some(unknown) = msg.strip_prefix("unknown field `").and_then(|s| s.split('`').next()) {
-            if key == "." || key.is_empty() {
-                key = unknown.to_string();
-            } else if !key.ends_with(&format!(".{unknown}")) && key != unknown {
-                key = format!("{key}.{unknown}");
+    /// `run.task` as written (after overrides), when it is a string.
+    fn task(&self) -> Option<String> {
+        self.doc.get("run")?.get("task")?.as_str().map(str::to_string)
+    }
+
+    /// Deserializes the document into `T`; unknown keys and wrong types name their key path.
+    fn deserialize<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        let de = toml_edit::de::Deserializer::from(self.doc.clone());
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let mut key = e.path().to_string();
+            let msg = one_line(e.inner().message());
+            // An unknown key is reported at its parent; name the key itself.
+            if let Some(unknown) = msg.strip_prefix("unknown field `").and_then(|s| s.split('`').next()) {
+                if key == "." || key.is_empty() {
+                    key = unknown.to_string();
+                } else if !key.ends_with(&format!(".{unknown}")) && key != unknown {
+                    key = format!("{key}.{unknown}");
+                }
+            } else if let Some(inner) = key_in_tagged_section::<T>(&self.doc, &key, &msg) {
+                key = format!("{key}.{inner}");
             }
-        } else if let Some(inner) = key_in_tagged_section(&doc, &key, &msg) {
-            key = format!("{key}.{inner}");
+            if key == "." {
+                key = "(top level)".to_string();
+            }
+            Error::Recipe(format!("{}: {key}: {msg}", self.locate_key(&key)))
+        })
+    }
+
+    fn invalid(&self, inv: Invalid) -> Error {
+        Error::Recipe(format!("{}: {}: {}", self.locate_key(&inv.key), inv.key, inv.msg))
+    }
+
+    fn pretrain(&self) -> Result<Recipe> {
+        if self.task().as_deref() == Some("classify") {
+            return Err(self.invalid(Invalid {
+                key: "run.task".into(),
+                msg: "expected a pretraining recipe (task = \"pretrain\"), got task = \"classify\"".into(),
+            }));
         }
-        if key == "." {
-            key = "(top level)".to_string();
-        }
-        Error::Recipe(format!("{}: {key}: {msg}", locate_key(&key)))
-    })?;
-    let recipe = resolve_model(file_recipe, &locate_key)?;
-    recipe
-        .validate()
-        .map_err(|inv| Error::Recipe(format!("{}: {}: {}", locate_key(&inv.key), inv.key, inv.msg)))?;
-    Ok(recipe)
+        let file_recipe: RecipeFile = self.deserialize()?;
+        let recipe = resolve_model(file_recipe, &|k: &str| self.locate_key(k))?;
+        recipe.validate().map_err(|inv| self.invalid(inv))?;
+        Ok(recipe)
+    }
+
+    fn classify(&self) -> Result<ClassifyRecipe> {
+        let recipe: ClassifyRecipe = self.deserialize()?;
+        recipe.validate().map_err(|inv| self.invalid(inv))?;
+        Ok(recipe)
+    }
 }
 
 /// Fills in `[model]` from the `[init]` checkpoint when the recipe leaves it out, and checks that
@@ -152,12 +226,11 @@ fn resolve_model(file: RecipeFile, locate_key: &dyn Fn(&str) -> String) -> Resul
 /// the variant, so the path serde_path_to_error reports for a bad value inside one stops at the
 /// section. Finds the key the error is about: the one whose removal changes the error (values
 /// are checked in order, before any missing key is reported).
-fn key_in_tagged_section(
+fn key_in_tagged_section<T: serde::de::DeserializeOwned>(
     doc: &toml_edit::DocumentMut,
     section: &str,
     msg: &str,
 ) -> Option<String> {
-    use serde::Deserialize;
     if !msg.starts_with("invalid ") {
         return None;
     }
@@ -182,7 +255,7 @@ fn key_in_tagged_section(
         if let Some(t) = item.as_table_like_mut() {
             t.remove(k);
         }
-        match RecipeFile::deserialize(toml_edit::de::Deserializer::from(probe)) {
+        match T::deserialize(toml_edit::de::Deserializer::from(probe)) {
             Ok(_) => true,
             Err(e) => one_line(e.message()) != msg,
         }
@@ -190,7 +263,7 @@ fn key_in_tagged_section(
 }
 
 /// The resolved recipe as TOML, as written into the run directory and printed by `validate`.
-pub fn to_toml(recipe: &Recipe) -> String {
+pub fn to_toml<T: serde::Serialize>(recipe: &T) -> String {
     let mut text =
         toml::to_string_pretty(recipe).unwrap_or_else(|e| format!("# cannot render recipe: {e}\n"));
     if !text.ends_with('\n') {
@@ -226,10 +299,15 @@ fn apply_override(doc: &mut toml_edit::DocumentMut, o: &Override) -> Result<()> 
 /// Line and column (1-based) of the key at `key` (dotted path) in the original document.
 fn locate(doc: &toml_edit::ImDocument<String>, text: &str, key: &str) -> Option<(usize, usize)> {
     let parts: Vec<&str> = key.split('.').filter(|p| !p.is_empty()).collect();
-    let mut item: &toml_edit::Item = doc.as_item();
+    let mut table: &dyn toml_edit::TableLike = doc.as_table();
     let mut best = None;
     for part in parts {
-        let Some((k, next)) = item.as_table_like().and_then(|t| t.get_key_value(part)) else {
+        // `phases[2]`: the third `[[...phases]]` table.
+        let (name, index) = match part.strip_suffix(']').and_then(|p| p.split_once('[')) {
+            Some((name, i)) => (name, i.parse::<usize>().ok()),
+            None => (part, None),
+        };
+        let Some((k, next)) = table.get_key_value(name) else {
             break;
         };
         if let Some(span) = k.span() {
@@ -237,7 +315,19 @@ fn locate(doc: &toml_edit::ImDocument<String>, text: &str, key: &str) -> Option<
         } else if let Some(span) = next.span() {
             best = Some(span.start);
         }
-        item = next;
+        let inner = match index {
+            None => next.as_table_like(),
+            Some(i) => next.as_array_of_tables().and_then(|a| a.get(i)).map(|t| {
+                if let Some(span) = t.span() {
+                    best = Some(span.start);
+                }
+                t as &dyn toml_edit::TableLike
+            }),
+        };
+        let Some(inner) = inner else {
+            break;
+        };
+        table = inner;
     }
     best.map(|offset| line_col(text, offset))
 }

@@ -21,6 +21,9 @@ pub struct Recipe {
     #[serde(default)]
     pub schedule: ScheduleConfig,
     pub train: TrainConfig,
+    /// Parameter-efficient fine-tuning (`peft/`): LoRA adapters on a frozen base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peft: Option<PeftConfig>,
 }
 
 /// A recipe as written: `[model]` may be left out when `[init] from` names a checkpoint that
@@ -38,6 +41,8 @@ pub struct RecipeFile {
     #[serde(default)]
     pub schedule: ScheduleConfig,
     pub train: TrainConfig,
+    #[serde(default)]
+    pub peft: Option<PeftConfig>,
 }
 
 impl RecipeFile {
@@ -50,7 +55,81 @@ impl RecipeFile {
             optim: self.optim,
             schedule: self.schedule,
             train: self.train,
+            peft: self.peft,
         }
+    }
+}
+
+/// `[peft]`: low-rank adapters on a frozen base model (see `peft/lora.rs` for the method and the
+/// rule by which `target` patterns select projections).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PeftConfig {
+    pub kind: PeftKind,
+    /// Rank r of the update B A.
+    pub rank: i64,
+    /// The update is scaled by alpha / r (alpha / sqrt(r) with `rslora`); absent: alpha = r.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    /// Dropout on the adapter's input (training only).
+    #[serde(default)]
+    pub dropout: f64,
+    /// Name patterns of the projections to adapt, e.g. ["q_proj", "v_proj", "mlp.*"].
+    pub target: Vec<String>,
+    /// Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023; PEFT's `use_rslora`).
+    #[serde(default)]
+    pub rslora: bool,
+    /// A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to start the
+    /// adapters from instead of their fresh initialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PeftKind {
+    /// LoRA (Hu et al. 2021): A and B trained.
+    Lora,
+    /// LoRA-FA (Zhang et al. 2023): A frozen at its random initialisation, only B trained.
+    LoraFa,
+}
+
+impl PeftConfig {
+    pub fn alpha(&self) -> f64 {
+        self.alpha.unwrap_or(self.rank as f64)
+    }
+
+    /// The factor of the low-rank update: alpha / r, or alpha / sqrt(r) with `rslora`.
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha() / (self.rank as f64).sqrt()
+        } else {
+            self.alpha() / self.rank as f64
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), Invalid> {
+        positive(self.rank, "peft.rank")?;
+        if let Some(a) = self.alpha {
+            positive_finite(a, "peft.alpha")?;
+        }
+        check(
+            (0.0..1.0).contains(&self.dropout),
+            "peft.dropout",
+            format!("expected a probability in [0, 1), got {}", self.dropout),
+        )?;
+        check(!self.target.is_empty(), "peft.target", "expected at least one name pattern, e.g. [\"q_proj\", \"v_proj\"]")?;
+        for (i, p) in self.target.iter().enumerate() {
+            check(
+                !p.trim().is_empty(),
+                "peft.target",
+                format!("expected a non-empty name pattern, got target[{i}] = {p:?}"),
+            )?;
+        }
+        if let Some(from) = &self.from {
+            check(!from.as_os_str().is_empty(), "peft.from", "expected a PEFT adapter directory")?;
+        }
+        Ok(())
     }
 }
 
@@ -71,6 +150,10 @@ pub struct InitConfig {
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
     pub name: String,
+    /// What the recipe trains: `pretrain` (a language model, this schema) or `classify` (images,
+    /// the schema of `recipe/classify.rs`).
+    #[serde(default, skip_serializing_if = "Task::is_pretrain")]
+    pub task: Task,
     #[serde(default)]
     pub seed: u64,
     /// Run directory; relative paths are relative to the working directory.
@@ -87,6 +170,20 @@ pub struct RunConfig {
     /// bf16); when given, the summary reports model FLOPs utilisation.
     #[serde(default)]
     pub peak_tflops: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    #[default]
+    Pretrain,
+    Classify,
+}
+
+impl Task {
+    pub fn is_pretrain(&self) -> bool {
+        *self == Task::Pretrain
+    }
 }
 
 fn default_device() -> String {
@@ -317,10 +414,45 @@ pub enum OptimConfig {
         #[serde(default)]
         weight_decay: f64,
     },
+    /// GaLore-AdamW (Zhao et al. 2024): AdamW whose moments live in a rank-`rank` projection of
+    /// each targeted 2-D weight's gradient (galore_torch.GaLoreAdamW's update); other parameters
+    /// get that AdamW unprojected. Defaults are galore-torch's.
+    GaloreAdamw {
+        lr: f64,
+        #[serde(default = "default_galore_betas")]
+        betas: [f64; 2],
+        #[serde(default = "default_galore_eps")]
+        eps: f64,
+        #[serde(default)]
+        weight_decay: f64,
+        rank: i64,
+        /// Steps between SVD refreshes of the projectors.
+        #[serde(default = "default_update_proj_gap")]
+        update_proj_gap: i64,
+        /// Multiplies the projected-back update.
+        #[serde(default = "default_galore_scale")]
+        scale: f64,
+        /// Name patterns (substrings, `*` for any run) of the 2-D weights to project; empty:
+        /// every 2-D weight except embeddings and lm_head.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        target: Vec<String>,
+    },
 }
 
 fn default_betas() -> [f64; 2] {
     [0.9, 0.95]
+}
+fn default_galore_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_galore_eps() -> f64 {
+    1e-6
+}
+fn default_update_proj_gap() -> i64 {
+    200
+}
+fn default_galore_scale() -> f64 {
+    1.0
 }
 fn default_eps() -> f64 {
     1e-8
@@ -332,38 +464,15 @@ fn default_weight_decay() -> f64 {
 impl OptimConfig {
     pub fn lr(&self) -> f64 {
         match self {
-            OptimConfig::Adamw { lr, .. } | OptimConfig::Sgd { lr, .. } => *lr,
+            OptimConfig::Adamw { lr, .. }
+            | OptimConfig::Sgd { lr, .. }
+            | OptimConfig::GaloreAdamw { lr, .. } => *lr,
         }
     }
 }
 
-/// Learning-rate schedule: linear warmup from 0, then decay of the given shape to `min_lr` at
-/// the last step.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ScheduleConfig {
-    #[serde(default)]
-    pub kind: DecayShape,
-    #[serde(default)]
-    pub warmup_steps: i64,
-    #[serde(default)]
-    pub min_lr: f64,
-}
-
-impl Default for ScheduleConfig {
-    fn default() -> Self {
-        ScheduleConfig { kind: DecayShape::Constant, warmup_steps: 0, min_lr: 0.0 }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum DecayShape {
-    Cosine,
-    Linear,
-    #[default]
-    Constant,
-}
+/// `[schedule]`: the learning-rate schedule registry, defined beside the schedules themselves.
+pub use crate::schedule::{DecayShape, PhaseConfig, PhaseShape, ScheduleConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -417,7 +526,7 @@ pub struct Invalid {
     pub msg: String,
 }
 
-fn check(ok: bool, key: &str, msg: impl Into<String>) -> Result<(), Invalid> {
+pub(crate) fn check(ok: bool, key: &str, msg: impl Into<String>) -> Result<(), Invalid> {
     if ok {
         Ok(())
     } else {
@@ -454,6 +563,9 @@ impl Recipe {
         self.validate_data()?;
         self.validate_optim()?;
         self.validate_train()?;
+        if let Some(p) = &self.peft {
+            p.validate()?;
+        }
         Ok(())
     }
 
@@ -542,6 +654,23 @@ impl Recipe {
     }
 
     fn validate_optim(&self) -> Result<(), Invalid> {
+        validate_optim_schedule(&self.optim, &self.schedule)
+    }
+}
+
+/// `[optim]` and `[schedule]` range checks, shared by every recipe type (pretrain, classify).
+pub(crate) fn validate_optim_schedule(optim: &OptimConfig, schedule: &ScheduleConfig) -> Result<(), Invalid> {
+    OptimSections { optim, schedule }.validate()
+}
+
+/// The sections that the optimizer and schedule checks read.
+struct OptimSections<'a> {
+    optim: &'a OptimConfig,
+    schedule: &'a ScheduleConfig,
+}
+
+impl OptimSections<'_> {
+    fn validate(&self) -> Result<(), Invalid> {
         match &self.optim {
             OptimConfig::Adamw { lr, betas, eps, weight_decay, .. } => {
                 positive_finite(*lr, "optim.lr")?;
@@ -566,17 +695,37 @@ impl Recipe {
                     "Nesterov momentum needs momentum > 0 and dampening = 0",
                 )?;
             }
+            OptimConfig::GaloreAdamw {
+                lr, betas, eps, weight_decay, rank, update_proj_gap, scale, target,
+            } => {
+                positive_finite(*lr, "optim.lr")?;
+                for (i, b) in betas.iter().enumerate() {
+                    check(
+                        (0.0..1.0).contains(b),
+                        "optim.betas",
+                        format!("expected betas in [0, 1), got betas[{i}] = {b}"),
+                    )?;
+                }
+                positive_finite(*eps, "optim.eps")?;
+                check(*weight_decay >= 0.0, "optim.weight_decay", "expected a non-negative number")?;
+                positive(*rank, "optim.rank")?;
+                positive(*update_proj_gap, "optim.update_proj_gap")?;
+                positive_finite(*scale, "optim.scale")?;
+                for (i, p) in target.iter().enumerate() {
+                    check(
+                        !p.trim().is_empty(),
+                        "optim.target",
+                        format!("expected a non-empty name pattern, got target[{i}] = {p:?}"),
+                    )?;
+                }
+            }
         }
-        let s = &self.schedule;
-        check(s.warmup_steps >= 0, "schedule.warmup_steps", "expected a non-negative integer")?;
-        check(s.min_lr >= 0.0, "schedule.min_lr", "expected a non-negative number")?;
-        check(
-            s.min_lr <= self.optim.lr(),
-            "schedule.min_lr",
-            format!("min_lr ({}) must not exceed optim.lr ({})", s.min_lr, self.optim.lr()),
-        )
+        self.schedule.check_values(self.optim.lr())
     }
 
+}
+
+impl Recipe {
     fn validate_train(&self) -> Result<(), Invalid> {
         let t = &self.train;
         positive(t.batch_size, "train.batch_size")?;
@@ -609,15 +758,7 @@ impl Recipe {
             positive(c, "train.checkpoint_every")?;
         }
         positive(t.keep_checkpoints, "train.keep_checkpoints")?;
-        check(
-            self.schedule.warmup_steps <= self.max_steps(),
-            "schedule.warmup_steps",
-            format!(
-                "warmup ({} steps) exceeds the run ({} steps)",
-                self.schedule.warmup_steps,
-                self.max_steps()
-            ),
-        )
+        self.schedule.check_lengths(self.optim.lr(), self.max_steps())
     }
 
     /// Tokens consumed by one optimizer step.
@@ -677,10 +818,10 @@ pub fn validate_moe(m: &MoeRecipe, key: &str) -> Result<(), Invalid> {
     check(m.z_loss_coef >= 0.0, &format!("{key}.z_loss_coef"), "expected a non-negative number")
 }
 
-fn positive(v: i64, key: &str) -> Result<(), Invalid> {
+pub(crate) fn positive(v: i64, key: &str) -> Result<(), Invalid> {
     check(v > 0, key, format!("expected a positive integer, got {v}"))
 }
 
-fn positive_finite(v: f64, key: &str) -> Result<(), Invalid> {
+pub(crate) fn positive_finite(v: f64, key: &str) -> Result<(), Invalid> {
     check(v > 0.0 && v.is_finite(), key, format!("expected a positive number, got {v}"))
 }

@@ -1,4 +1,5 @@
 //! One readable file per training method.
 
+pub mod classify;
 pub mod evaluate;
 pub mod pretrain;

@@ -102,7 +102,7 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
     tch::manual_seed(recipe.run.seed as i64);
     let model_cfg = TransformerConfig::from_recipe(&recipe.model);
     let mut params = ParamStore::new(device);
-    let model = Transformer::new(&model_cfg, &mut params)?;
+    let mut model = Transformer::new(&model_cfg, &mut params)?;
     let init_from = match (&recipe.init, &resume_dir) {
         // A resumed run takes its weights from its own checkpoint instead.
         (Some(init), None) => {
@@ -119,10 +119,20 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
         }
         _ => None,
     };
+    // LoRA / LoRA-FA: adapters on the (loaded) base, which is frozen from here on.
+    if let Some(peft) = &recipe.peft {
+        let lora = crate::peft::lora::apply(&mut model, &mut params, peft)?;
+        // A resumed run takes its adapters from its own checkpoint instead.
+        if let (Some(from), None) = (&peft.from, &resume_dir) {
+            crate::peft::lora::load_peft(&model, &lora, from)?;
+            tracing::info!("adapters initialised from {}", from.display());
+        }
+        tracing::info!("{}", lora.describe());
+    }
     if precision == Precision::Bf16 {
         params.set_kind(Kind::BFloat16);
     }
-    let mut optimizer = Optimizer::build(&recipe.optim, &params);
+    let mut optimizer = Optimizer::build(&recipe.optim, &params)?;
     let total_steps = recipe.max_steps();
     let schedule = Schedule::new(&recipe.schedule, recipe.optim.lr(), total_steps);
 

@@ -1,0 +1,63 @@
+"""Reference side of tests/lora.rs: Hugging Face peft and transformers on what `trainer export` wrote.
+
+    python peft_reference.py eval BASE_DIR ADAPTER_DIR MERGED_DIR DATA SEQ_LEN BATCH_SIZE
+        -> prints one JSON object with the mean next-token loss over consecutive windows of
+           SEQ_LEN + 1 bytes of DATA (window i starts at i * SEQ_LEN, the windows `trainer eval`
+           uses), in fp32, of:
+             "peft":   PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_DIR), ADAPTER_DIR)
+             "peft_merged": the same after peft's merge_and_unload()
+             "merged": AutoModelForCausalLM.from_pretrained(MERGED_DIR) (`trainer export --merged`)
+             "base":   AutoModelForCausalLM.from_pretrained(BASE_DIR) alone
+           and "lora_b_abs_sum": the sum of |B| over the loaded adapters (0 means nothing loaded).
+
+Exit status 3 when torch, transformers or peft is missing (scripts/test installs them from
+scripts/requirements-test.txt).
+"""
+import json
+import sys
+
+try:
+    import torch
+    import transformers
+    import peft
+except ImportError as e:  # pragma: no cover
+    print(f"missing Python package: {e}; install scripts/requirements-test.txt (scripts/test does)", file=sys.stderr)
+    sys.exit(3)
+
+
+def mean_loss(model, data, seq_len, batch_size):
+    ids = torch.tensor(list(open(data, "rb").read()), dtype=torch.long)
+    n_windows = (len(ids) - 1) // seq_len
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, n_windows, batch_size):
+            rows = [ids[i * seq_len: i * seq_len + seq_len + 1] for i in range(start, min(n_windows, start + batch_size))]
+            batch = torch.stack(rows)
+            logits = model(batch[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+            n = batch[:, 1:].numel()
+            total += loss.item() * n
+            count += n
+    return total / count
+
+
+def load(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def evaluate(base_dir, adapter_dir, merged_dir, data, seq_len, batch_size):
+    out = {"base": mean_loss(load(base_dir), data, seq_len, batch_size)}
+    model = peft.PeftModel.from_pretrained(load(base_dir), adapter_dir).eval()
+    out["lora_b_abs_sum"] = sum(p.abs().sum().item() for n, p in model.named_parameters() if "lora_B" in n)
+    out["lora_modules"] = sorted({n.split(".lora_")[0].removeprefix("base_model.model.") for n, _ in model.named_parameters() if "lora_A" in n})
+    out["peft"] = mean_loss(model, data, seq_len, batch_size)
+    out["peft_merged"] = mean_loss(model.merge_and_unload(), data, seq_len, batch_size)
+    out["merged"] = mean_loss(load(merged_dir), data, seq_len, batch_size)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 8 and sys.argv[1] == "eval":
+        evaluate(*sys.argv[2:6], int(sys.argv[6]), int(sys.argv[7]))
+    else:
+        raise SystemExit(__doc__)
