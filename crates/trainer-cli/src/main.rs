@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::recipe::{self, Override};
+use trainer::data::tokenizer::Tokenizer;
 use trainer::models::load::{self, ModelSource};
 use trainer::recipes::evaluate;
 use trainer::recipes::pretrain::{self, Outcome, Resume};
@@ -59,6 +60,10 @@ enum Command {
         /// Width of the ids in a token file.
         #[arg(long, value_enum, default_value = "uint16")]
         dtype: DtypeArg,
+        /// Tokenize a text file with this tokenizer.json (default: the one in the hf:
+        /// directory, else bytes).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
         #[arg(long)]
         seq_len: i64,
         /// Evaluate at most this many batches (default: the whole file).
@@ -72,12 +77,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Continue a prompt with a byte-level language model.
+    /// Continue a prompt: byte-level models, or any model with a Hugging Face tokenizer.json
+    /// (found beside an hf: checkpoint, or given with --tokenizer).
     Generate {
         #[arg(long)]
         init: String,
         #[arg(long)]
         prompt: String,
+        /// A tokenizer.json (default: the one in the hf: directory, else bytes).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Print one JSON object (text and the generated token ids).
+        #[arg(long)]
+        json: bool,
         #[arg(long, default_value_t = 200)]
         max_new_tokens: usize,
         /// 0 for greedy decoding.
@@ -179,6 +191,16 @@ fn init_logging(level: &str) {
         .init();
 }
 
+/// The tokenizer for eval/generate: the one given, else a tokenizer.json beside an hf: model,
+/// else bytes.
+fn pick_tokenizer(given: Option<&std::path::Path>, source: &ModelSource) -> anyhow::Result<Tokenizer> {
+    Ok(match (given, source) {
+        (Some(path), _) => Tokenizer::from_file(path)?,
+        (None, ModelSource::Hf(dir)) => Tokenizer::for_model_dir(Some(dir))?,
+        (None, _) => Tokenizer::Bytes,
+    })
+}
+
 fn parse_overrides(set: &[String]) -> anyhow::Result<Vec<Override>> {
     set.iter().map(|s| Override::parse(s).map_err(anyhow::Error::from)).collect()
 }
@@ -229,7 +251,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Eval { init, data, data_kind, dtype, seq_len, batches, batch_size, device, json } => {
+        Command::Eval { init, data, data_kind, dtype, tokenizer, seq_len, batches, batch_size, device, json } => {
             use trainer::recipe::{SourceConfig, TokenDtype};
             anyhow::ensure!(seq_len > 0, "--seq-len: expected a positive integer, got {seq_len}");
             anyhow::ensure!(batch_size > 0, "--batch-size: expected a positive integer");
@@ -256,7 +278,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "--seq-len {seq_len} exceeds the model's max_seq_len ({})",
                 loaded.config.max_seq_len
             );
-            let tokens = trainer::data::source::open(&cfg, "--data", loaded.config.vocab_size)?;
+            let tokenizer = pick_tokenizer(tokenizer.as_deref(), &source)?;
+            let tokens = match (&cfg, &tokenizer) {
+                (SourceConfig::Text { path }, Tokenizer::Hf(_)) => {
+                    trainer::data::source::open_tokenized(path, &tokenizer, "--data", loaded.config.vocab_size)?
+                }
+                _ => trainer::data::source::open(&cfg, "--data", loaded.config.vocab_size)?,
+            };
             let span = trainer::data::source::Span::whole(tokens);
             let r = evaluate::eval_span(&loaded.model, &span, seq_len as usize, batch_size, batches, device)?;
             if json {
@@ -273,24 +301,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Generate { init, prompt, max_new_tokens, temperature, top_k, seed, device } => {
+        Command::Generate { init, prompt, tokenizer, json, max_new_tokens, temperature, top_k, seed, device } => {
             let device = trainer::device::resolve(&device)?;
             let source = ModelSource::parse(&init)?;
             let loaded = load::load(&source, device)?;
+            let tokenizer = pick_tokenizer(tokenizer.as_deref(), &source)?;
             anyhow::ensure!(
-                loaded.config.vocab_size >= 256,
-                "generate: only byte-level models (vocab_size >= 256) are supported so far; this one has {}",
+                matches!(tokenizer, Tokenizer::Hf(_)) || loaded.config.vocab_size >= 256,
+                "generate: a byte-level prompt needs vocab_size >= 256, this model has {}; give its \
+                 tokenizer.json with --tokenizer",
                 loaded.config.vocab_size
             );
             anyhow::ensure!(!prompt.is_empty(), "--prompt: expected a non-empty prompt");
             if let Some(k) = top_k {
                 anyhow::ensure!(k > 0, "--top-k: expected a positive integer, got {k}");
             }
-            let ids: Vec<i64> = prompt.bytes().map(i64::from).collect();
+            let ids = tokenizer.encode(&prompt, true)?;
+            anyhow::ensure!(!ids.is_empty(), "--prompt: tokenizes to no tokens");
             let sampling = evaluate::Sampling { max_new_tokens, temperature, top_k, seed };
             let out = evaluate::generate(&loaded.model, &ids, &sampling, device)?;
-            let bytes: Vec<u8> = out.iter().map(|&t| t.clamp(0, 255) as u8).collect();
-            println!("{prompt}{}", String::from_utf8_lossy(&bytes));
+            let text = tokenizer.decode(&out)?;
+            if json {
+                println!("{}", serde_json::json!({
+                    "prompt": prompt, "prompt_ids": ids, "ids": out, "text": text,
+                    "tokenizer": tokenizer.describe(),
+                }));
+            } else {
+                println!("{prompt}{text}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Export { source, to, out, merged } => {

@@ -155,3 +155,35 @@ fn generate_is_reproducible_for_a_seed() {
     let greedy = trainer(cwd, &["generate", "--init", "runs/g", "--prompt", "Alice", "--max-new-tokens", "10", "--temperature", "0", "--device", "cpu"]);
     greedy.assert_success();
 }
+
+#[test]
+fn tokenizer_json_drives_generate_and_eval_as_in_transformers() {
+    let dir = workdir();
+    let cwd = dir.path();
+    let data = write_data(cwd);
+    let hf = cwd.join("hf");
+    let out = Command::new(python())
+        .arg(reference_script())
+        .args(["create", "llama_tok", hf.to_str().expect("utf-8")])
+        .env("DATA_FOR_BPE", cwd.join(&data))
+        .output()
+        .expect("python (run scripts/test)");
+    assert!(out.status.success(), "creating the model: {}", String::from_utf8_lossy(&out.stderr));
+    let init = format!("hf:{}", hf.display());
+
+    // Greedy decoding: the same token ids as transformers, from the same tokenized prompt.
+    let reference: Value = serde_json::from_str(py(&["greedy", hf.to_str().expect("utf-8"), "Alice was", "12"]).trim()).expect("json");
+    let ours = trainer(cwd, &["generate", "--init", &init, "--prompt", "Alice was", "--max-new-tokens", "12", "--temperature", "0", "--device", "cpu", "--json"]);
+    ours.assert_success();
+    let ours: Value = serde_json::from_str(ours.stdout.trim()).expect("json");
+    assert_eq!(ours["prompt_ids"], reference["prompt_ids"], "prompt tokenized differently");
+    assert_eq!(ours["ids"], reference["ids"], "greedy continuation differs");
+    assert_eq!(ours["tokenizer"], "tokenizer.json");
+
+    // Evaluation of a text file through the tokenizer.
+    let reference = loss_of(&py(&["eval", hf.to_str().expect("utf-8"), cwd.join(&data).to_str().expect("utf-8"), "16", "4", "--tokenizer"]));
+    let ours = trainer(cwd, &["eval", "--init", &init, "--data", &data, "--seq-len", "16", "--batch-size", "4", "--device", "cpu", "--json"]);
+    ours.assert_success();
+    let ours = loss_of(&ours.stdout);
+    assert!((ours - reference).abs() / reference < 1e-5, "trainer {ours} vs transformers {reference}");
+}

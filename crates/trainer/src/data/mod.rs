@@ -4,3 +4,4 @@
 pub mod images;
 pub mod loader;
 pub mod source;
+pub mod tokenizer;

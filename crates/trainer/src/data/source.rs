@@ -16,6 +16,8 @@ pub static BUILTIN_CORPUS: &[u8] = include_bytes!("../../data/wonderland.txt");
 enum Storage {
     Bytes(Vec<u8>),
     Mapped { map: memmap2::Mmap, dtype: TokenDtype },
+    /// Ids produced in memory (text run through a tokenizer).
+    Ids(Vec<u32>),
 }
 
 /// An immutable sequence of token ids.
@@ -30,6 +32,7 @@ impl TokenData {
         match &self.storage {
             Storage::Bytes(b) => b.len(),
             Storage::Mapped { map, dtype } => map.len() / dtype.width(),
+            Storage::Ids(ids) => ids.len(),
         }
     }
 
@@ -41,6 +44,7 @@ impl TokenData {
     pub fn get(&self, i: usize) -> i64 {
         match &self.storage {
             Storage::Bytes(b) => b[i] as i64,
+            Storage::Ids(ids) => ids[i] as i64,
             Storage::Mapped { map, dtype: TokenDtype::Uint16 } => {
                 u16::from_le_bytes([map[2 * i], map[2 * i + 1]]) as i64
             }
@@ -55,6 +59,7 @@ impl TokenData {
     pub fn extend_window(&self, start: usize, n: usize, out: &mut Vec<i64>) {
         match &self.storage {
             Storage::Bytes(b) => out.extend(b[start..start + n].iter().map(|&x| x as i64)),
+            Storage::Ids(ids) => out.extend(ids[start..start + n].iter().map(|&x| x as i64)),
             Storage::Mapped { map, dtype: TokenDtype::Uint16 } => out.extend(
                 map[2 * start..2 * (start + n)]
                     .chunks_exact(2)
@@ -71,6 +76,7 @@ impl TokenData {
     fn max_id(&self) -> i64 {
         match &self.storage {
             Storage::Bytes(b) => b.iter().copied().max().unwrap_or(0) as i64,
+            Storage::Ids(ids) => ids.iter().copied().max().unwrap_or(0) as i64,
             Storage::Mapped { map, dtype: TokenDtype::Uint16 } => map
                 .chunks_exact(2)
                 .map(|c| u16::from_le_bytes([c[0], c[1]]) as i64)
@@ -83,6 +89,32 @@ impl TokenData {
                 .unwrap_or(0),
         }
     }
+}
+
+/// A UTF-8 text file run through `tokenizer` (for evaluating models with their own vocabulary),
+/// checked like `open`.
+pub fn open_tokenized(
+    path: &Path,
+    tokenizer: &super::tokenizer::Tokenizer,
+    key: &str,
+    vocab_size: i64,
+) -> Result<Arc<TokenData>> {
+    let bytes = read_file(path, key)?;
+    let text = String::from_utf8(bytes).map_err(|e| Error::Data {
+        path: format!("{key} = {}", path.display()),
+        msg: format!("is not UTF-8 text ({e})"),
+    })?;
+    let ids: Vec<u32> = tokenizer.encode(&text, false)?.into_iter().map(|i| i as u32).collect();
+    let data = TokenData { storage: Storage::Ids(ids), name: path.display().to_string() };
+    let err = |msg: String| Error::Data { path: format!("{key} = {}", data.name), msg };
+    if data.is_empty() {
+        return Err(err("holds no tokens".to_string()));
+    }
+    let max = data.max_id();
+    if max >= vocab_size {
+        return Err(err(format!("tokenizes to id {max} but model.vocab_size is {vocab_size}")));
+    }
+    Ok(Arc::new(data))
 }
 
 /// Opens a source and checks it against the model: not missing, not empty, a whole number of

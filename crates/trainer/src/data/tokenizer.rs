@@ -1,0 +1,65 @@
+//! Text to token ids and back: bytes (vocab 256, the built-in default) or a Hugging Face
+//! `tokenizer.json` read by the `tokenizers` crate (the same library transformers' fast
+//! tokenizers run).
+
+use crate::error::{Error, Result};
+use std::path::Path;
+
+pub enum Tokenizer {
+    /// One token per byte.
+    Bytes,
+    Hf(Box<tokenizers::Tokenizer>),
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Tokenizer> {
+        tokenizers::Tokenizer::from_file(path)
+            .map(|t| Tokenizer::Hf(Box::new(t)))
+            .map_err(|e| Error::Data {
+                path: path.display().to_string(),
+                msg: format!("cannot read tokenizer: {}", crate::error::first_line(&e.to_string())),
+            })
+    }
+
+    /// The tokenizer for a model source: `tokenizer.json` beside a Hugging Face checkpoint when
+    /// there is one, bytes otherwise.
+    pub fn for_model_dir(dir: Option<&Path>) -> Result<Tokenizer> {
+        match dir.map(|d| d.join("tokenizer.json")) {
+            Some(path) if path.is_file() => Tokenizer::from_file(&path),
+            _ => Ok(Tokenizer::Bytes),
+        }
+    }
+
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Tokenizer::Bytes => "bytes",
+            Tokenizer::Hf(_) => "tokenizer.json",
+        }
+    }
+
+    /// Token ids of `text`. `special`: add the tokenizer's special tokens (a BOS, as
+    /// `tokenizer(prompt)` does in transformers); off for a continuous corpus.
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<i64>> {
+        match self {
+            Tokenizer::Bytes => Ok(text.bytes().map(i64::from).collect()),
+            Tokenizer::Hf(t) => t
+                .encode(text, special)
+                .map(|e| e.get_ids().iter().map(|&i| i64::from(i)).collect())
+                .map_err(|e| Error::Data { path: "tokenizer.json".into(), msg: e.to_string() }),
+        }
+    }
+
+    pub fn decode(&self, ids: &[i64]) -> Result<String> {
+        match self {
+            Tokenizer::Bytes => {
+                let bytes: Vec<u8> = ids.iter().map(|&t| t.clamp(0, 255) as u8).collect();
+                Ok(String::from_utf8_lossy(&bytes).into_owned())
+            }
+            Tokenizer::Hf(t) => {
+                let ids: Vec<u32> = ids.iter().map(|&i| i.max(0) as u32).collect();
+                t.decode(&ids, true)
+                    .map_err(|e| Error::Data { path: "tokenizer.json".into(), msg: e.to_string() })
+            }
+        }
+    }
+}
