@@ -16,12 +16,28 @@ use std::path::PathBuf;
 #[serde(deny_unknown_fields)]
 pub struct ClassifyRecipe {
     pub run: RunConfig,
+    /// Initial weights, e.g. a torchvision state dict saved as safetensors; absent: random.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<ClassifierInit>,
     pub model: ClassifierConfig,
     pub data: ImageDataConfig,
     pub optim: OptimConfig,
     #[serde(default)]
     pub schedule: ScheduleConfig,
     pub train: ClassifyTrainConfig,
+}
+
+/// `[init]` of a classifier: `from` is a safetensors file with torchvision's state-dict names
+/// (`torch.save`'s dict written with `safetensors.torch.save_file`), or a trainer checkpoint
+/// directory (`.../checkpoints/step-N`). Every tensor must match the model by name and shape,
+/// except those named in `reinit` (e.g. `["fc.weight", "fc.bias"]` to fine-tune onto another
+/// label set), which keep their fresh initialisation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifierInit {
+    pub from: std::path::PathBuf,
+    #[serde(default)]
+    pub reinit: Vec<String>,
 }
 
 /// The classifier registry: the three families of `models/resnet.rs`.

@@ -83,6 +83,27 @@ pub struct EvalResult {
     pub images: usize,
 }
 
+/// Copies `[init] from` into the model: every tensor by name and shape, but those in `reinit`.
+fn load_init(init: &crate::recipe::ClassifierInit, params: &ParamStore) -> Result<()> {
+    let file = if init.from.is_dir() { init.from.join(checkpoint::MODEL_FILE) } else { init.from.clone() };
+    for name in &init.reinit {
+        if params.get(name).is_none() {
+            return Err(Error::Recipe(format!("init.reinit: {name:?} is not a tensor of this model")));
+        }
+    }
+    let loaded: Vec<(String, tch::Tensor)> = crate::models::params::read_safetensors(&file)?
+        .into_iter()
+        .filter(|(k, _)| !init.reinit.contains(k))
+        .collect();
+    crate::models::params::copy_named(
+        &mut params.iter().filter(|p| !init.reinit.contains(&p.name)).map(|p| (p.name.as_str(), &p.tensor)),
+        loaded,
+        &file,
+    )?;
+    tracing::info!("initialised the model from {}", file.display());
+    Ok(())
+}
+
 pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> {
     // ---- set-up -------------------------------------------------------------------------
     let run_dir = recipe.run.out_dir.clone();
@@ -104,6 +125,9 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
     let model_cfg = recipe.model.build()?;
     let mut params = ParamStore::new(device);
     let model = ResNet::new(&model_cfg, &mut params)?;
+    if let (Some(init), None) = (&recipe.init, &resume_dir) {
+        load_init(init, &params)?;
+    }
     let mut optimizer = Optimizer::build(&recipe.optim, &params)?;
     let schedule = Schedule::new(&recipe.schedule, recipe.optim.lr(), total_steps);
 
