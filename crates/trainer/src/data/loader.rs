@@ -4,6 +4,7 @@
 //! Data order is a pure function of (seed, step, micro-batch, rank): a resumed run at step k draws
 //! exactly the windows the uninterrupted run drew at step k, without saving any RNG state.
 
+use super::mixture::Mixture;
 use super::source::Span;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -37,15 +38,21 @@ pub fn stream_seed(seed: u64, step: i64, micro: i64, rank: i64) -> u64 {
 
 /// Draws `batch_size` random windows of `seq_len + 1` tokens for (step, micro).
 pub fn train_batch(span: &Span, seq_len: usize, batch_size: usize, seed: u64, step: i64, micro: i64) -> Batch {
+    window_batch(&vec![span; batch_size], seq_len, seed, step, micro)
+}
+
+/// One random window of `seq_len + 1` tokens in each of `rows` (a span per row of the batch),
+/// the starts drawn from the (seed, step, micro) stream.
+pub fn window_batch(rows: &[&Span], seq_len: usize, seed: u64, step: i64, micro: i64) -> Batch {
     let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(seed, step, micro, 0));
     let window = seq_len + 1;
-    let last_start = span.len - window; // inclusive; check_fits guarantees len >= window
-    let mut tokens = Vec::with_capacity(batch_size * window);
-    for _ in 0..batch_size {
+    let mut tokens = Vec::with_capacity(rows.len() * window);
+    for span in rows {
+        let last_start = span.len - window; // inclusive; check_fits guarantees len >= window
         let start = span.start + rng.gen_range(0..=last_start);
         span.data.extend_window(start, window, &mut tokens);
     }
-    to_batch(tokens, batch_size, window, step, micro)
+    to_batch(tokens, rows.len(), window, step, micro)
 }
 
 /// The `index`-th of `n_batches` validation batches: windows spread evenly over the span, the
@@ -82,8 +89,9 @@ pub struct Prefetcher {
 }
 
 impl Prefetcher {
+    /// `data`: a span, or a mixture of several.
     pub fn start(
-        span: Span,
+        data: impl Into<Mixture>,
         seq_len: usize,
         batch_size: usize,
         grad_accum: i64,
@@ -92,13 +100,14 @@ impl Prefetcher {
         last_step: i64,
         depth: usize,
     ) -> Prefetcher {
+        let data: Mixture = data.into();
         let (tx, rx) = sync_channel(depth.max(1));
         let handle = std::thread::Builder::new()
             .name("data-prefetch".into())
             .spawn(move || {
                 for step in first_step..=last_step {
                     for micro in 0..grad_accum {
-                        let batch = train_batch(&span, seq_len, batch_size, seed, step, micro);
+                        let batch = data.batch(seq_len, batch_size, seed, step, micro);
                         if tx.send(batch).is_err() {
                             return; // the trainer stopped
                         }

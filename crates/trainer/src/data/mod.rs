@@ -3,5 +3,6 @@
 
 pub mod images;
 pub mod loader;
+pub mod mixture;
 pub mod source;
 pub mod tokenizer;

@@ -40,6 +40,11 @@ impl TokenData {
         self.len() == 0
     }
 
+    /// Byte-level tokens held in memory (tests, generated data).
+    pub fn from_bytes(bytes: Vec<u8>, name: &str) -> Arc<TokenData> {
+        Arc::new(TokenData { storage: Storage::Bytes(bytes), name: name.to_string() })
+    }
+
     /// Token id at position `i`.
     pub fn get(&self, i: usize) -> i64 {
         match &self.storage {

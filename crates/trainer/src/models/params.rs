@@ -86,6 +86,18 @@ impl ParamStore {
         }
     }
 
+    /// Undoes `freeze` (ReLoRA's full-rank warm start trains the base before the adapters).
+    pub fn unfreeze(&mut self, name: &str) -> bool {
+        match self.params.iter_mut().find(|p| p.name == name) {
+            Some(p) => {
+                p.trainable = true;
+                let _ = p.tensor.set_requires_grad(true);
+                true
+            }
+            None => false,
+        }
+    }
+
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.params.iter().find(|p| p.name == name).map(|p| &p.tensor)
     }

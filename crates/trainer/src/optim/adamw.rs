@@ -97,6 +97,20 @@ impl AdamW {
         Ok(())
     }
 
+    /// Resets the moments of the parameters named in `names` (ReLoRA's optimizer reset): keeps
+    /// the `keep_fraction` largest entries of each moment by magnitude and zeroes the rest
+    /// (`keep_fraction = 0`: zeroes them). The step counter is global and stays, as in the
+    /// reference. The fused path steps these same tensors. Returns the number of parameters reset.
+    pub fn reset_state(&mut self, names: &[String], keep_fraction: f64) -> crate::Result<usize> {
+        let mut n = 0;
+        for s in self.slots.iter().filter(|s| names.contains(&s.name)) {
+            super::prune_by_magnitude(&s.exp_avg, keep_fraction)?;
+            super::prune_by_magnitude(&s.exp_avg_sq, keep_fraction)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Number of bytes of optimizer state.
     pub fn state_bytes(&self) -> i64 {
         self.slots

@@ -86,6 +86,31 @@ impl Optimizer {
         }
     }
 
+    /// Resets the per-parameter state (moments, momentum buffers) of the parameters `names`, as
+    /// ReLoRA does at each merge: keeps the `keep_fraction` largest entries of each state tensor
+    /// by magnitude and zeroes the rest (0: zeroes it). Other parameters' state and the step
+    /// counter are left alone; GaLore's projectors are never touched. Returns the number of
+    /// parameters whose state was reset.
+    pub fn reset_state(&mut self, names: &[String], keep_fraction: f64) -> Result<usize> {
+        if let Optimizer::AdamW(o) = self {
+            return o.reset_state(names, keep_fraction);
+        }
+        let mut reset = std::collections::BTreeSet::new();
+        for (name, t) in self.state().state_tensors() {
+            let Some((slot, param)) = name.split_once('.') else { continue };
+            if ["exp_avg", "exp_avg_sq", "momentum_buffer"].contains(&slot) && names.iter().any(|n| n == param) {
+                prune_by_magnitude(&t, keep_fraction)?;
+                reset.insert(param.to_string());
+            }
+        }
+        Ok(reset.len())
+    }
+
+    /// The named state tensors (sharing storage with the optimizer's own).
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        self.state().state_tensors()
+    }
+
     fn state(&self) -> &dyn StateTensors {
         match self {
             Optimizer::AdamW(o) => o,
@@ -133,6 +158,30 @@ impl Optimizer {
         self.state_mut().set_step(step);
         Ok(())
     }
+}
+
+/// Zeroes all but the `keep_fraction` largest entries of `t` by magnitude, in place: the
+/// reference's `magnitude_pruning_` (relora/peft_pretraining/training_utils.py): threshold at the
+/// `1 - keep_fraction` quantile of |t|, keep entries strictly above it.
+pub(crate) fn prune_by_magnitude(t: &Tensor, keep_fraction: f64) -> Result<()> {
+    let torch = |e: tch::TchError| Error::Torch(format!("optimizer state reset: {e}"));
+    tch::no_grad(|| {
+        let mut t = t.shallow_clone();
+        if keep_fraction <= 0.0 || t.numel() == 0 {
+            let _ = t.f_zero_().map_err(torch)?;
+            return Ok(());
+        }
+        let mag = t.f_abs().map_err(torch)?;
+        let threshold = mag
+            .f_flatten(0, -1)
+            .and_then(|m| m.f_to_kind(tch::Kind::Float))
+            .and_then(|m| m.f_quantile_scalar(1.0 - keep_fraction, None, false, "linear"))
+            .and_then(|q| q.f_to_kind(t.kind()))
+            .map_err(torch)?;
+        let mask = mag.f_gt_tensor(&threshold).and_then(|m| m.f_to_kind(t.kind())).map_err(torch)?;
+        let _ = t.f_mul_(&mask).map_err(torch)?;
+        Ok(())
+    })
 }
 
 /// Clips the global L2 norm of all gradients to `max_norm` (torch.nn.utils.clip_grad_norm_, with

@@ -137,6 +137,7 @@ impl Lora {
         let kind = match c.kind {
             PeftKind::Lora => "LoRA",
             PeftKind::LoraFa => "LoRA-FA (A frozen)",
+            PeftKind::Relora => "ReLoRA",
         };
         let leaves: BTreeSet<&str> = self
             .modules
@@ -257,7 +258,7 @@ pub fn unmerge(model: &Transformer) -> Result<()> {
     Ok(())
 }
 
-fn add_delta(lin: &Linear, ad: &LoraAdapter, sign: f64) -> Result<()> {
+pub(crate) fn add_delta(lin: &Linear, ad: &LoraAdapter, sign: f64) -> Result<()> {
     tch::no_grad(|| -> Result<()> {
         let delta = ad.delta().to_kind(Kind::Float) * sign; // [out, in]
         let delta = if lin.transposed { delta.tr() } else { delta };

@@ -83,6 +83,25 @@ pub struct PeftConfig {
     /// adapters from instead of their fresh initialisation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<PathBuf>,
+    /// ReLoRA only (see `peft/relora.rs`): merge the adapters into the base weights,
+    /// re-initialise them and reset their optimizer state every `merge_every` steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge_every: Option<i64>,
+    /// ReLoRA only: how the adapters' optimizer state is reset at a merge (default "zero").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer_reset: Option<OptimizerReset>,
+    /// ReLoRA with `optimizer_reset = "magnitude"`: the fraction of each adapter moment kept
+    /// (the largest by magnitude); the rest is zeroed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_fraction: Option<f64>,
+    /// ReLoRA only: after each merge the LR ramps linearly from 0 back to the main schedule over
+    /// this many steps (the jagged schedule; default 0: no re-warm).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewarm_steps: Option<i64>,
+    /// ReLoRA only: train every weight full-rank for the first N steps, then switch to ReLoRA
+    /// (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_rank_warmup_steps: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -92,6 +111,18 @@ pub enum PeftKind {
     Lora,
     /// LoRA-FA (Zhang et al. 2023): A frozen at its random initialisation, only B trained.
     LoraFa,
+    /// ReLoRA (Lialin et al. 2023): LoRA whose factors are merged and restarted periodically.
+    Relora,
+}
+
+/// ReLoRA's reset of the adapters' optimizer state at each merge.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerReset {
+    /// Zero the moments entirely.
+    Zero,
+    /// Keep the `keep_fraction` largest moments by magnitude, zero the rest.
+    Magnitude,
 }
 
 impl PeftConfig {
@@ -129,7 +160,57 @@ impl PeftConfig {
         if let Some(from) = &self.from {
             check(!from.as_os_str().is_empty(), "peft.from", "expected a PEFT adapter directory")?;
         }
-        Ok(())
+        self.validate_relora()
+    }
+
+    fn validate_relora(&self) -> Result<(), Invalid> {
+        if self.kind != PeftKind::Relora {
+            let set = [
+                ("peft.merge_every", self.merge_every.is_some()),
+                ("peft.optimizer_reset", self.optimizer_reset.is_some()),
+                ("peft.keep_fraction", self.keep_fraction.is_some()),
+                ("peft.rewarm_steps", self.rewarm_steps.is_some()),
+                ("peft.full_rank_warmup_steps", self.full_rank_warmup_steps.is_some()),
+            ];
+            for (key, present) in set {
+                check(!present, key, "only applies to kind = \"relora\"")?;
+            }
+            return Ok(());
+        }
+        let merge_every = self.merge_every.unwrap_or(0);
+        check(
+            self.merge_every.is_some(),
+            "peft.merge_every",
+            "expected a positive number of steps between ReLoRA merges (required for kind = \"relora\")",
+        )?;
+        positive(merge_every, "peft.merge_every")?;
+        let rewarm = self.rewarm_steps.unwrap_or(0);
+        check(rewarm >= 0, "peft.rewarm_steps", format!("expected a non-negative integer, got {rewarm}"))?;
+        check(
+            rewarm < merge_every,
+            "peft.rewarm_steps",
+            format!("expected fewer steps than peft.merge_every ({merge_every}), got {rewarm}"),
+        )?;
+        let warm = self.full_rank_warmup_steps.unwrap_or(0);
+        check(warm >= 0, "peft.full_rank_warmup_steps", format!("expected a non-negative integer, got {warm}"))?;
+        match (self.optimizer_reset.unwrap_or(OptimizerReset::Zero), self.keep_fraction) {
+            (OptimizerReset::Zero, Some(_)) => check(
+                false,
+                "peft.keep_fraction",
+                "only applies to optimizer_reset = \"magnitude\" (\"zero\" resets fully)",
+            ),
+            (OptimizerReset::Magnitude, None) => check(
+                false,
+                "peft.keep_fraction",
+                "expected a fraction in [0, 1) of the moments to keep (required for optimizer_reset = \"magnitude\")",
+            ),
+            (OptimizerReset::Magnitude, Some(k)) => check(
+                (0.0..1.0).contains(&k),
+                "peft.keep_fraction",
+                format!("expected a fraction in [0, 1), got {k}"),
+            ),
+            (OptimizerReset::Zero, None) => Ok(()),
+        }
     }
 }
 
@@ -144,6 +225,25 @@ pub struct InitConfig {
     /// every expert a copy of the layer's MLP, routers freshly initialised.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upcycle: Option<MoeRecipe>,
+    /// `"model"` (default): only the weights; optimizer, schedule and step start fresh.
+    /// `"full"`: continue a trainer checkpoint: weights, optimizer state and step.
+    #[serde(default, skip_serializing_if = "InitLoad::is_model")]
+    pub load: InitLoad,
+}
+
+/// What `[init] from` carries over.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum InitLoad {
+    #[default]
+    Model,
+    Full,
+}
+
+impl InitLoad {
+    pub fn is_model(&self) -> bool {
+        *self == InitLoad::Model
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -328,12 +428,64 @@ impl ModelConfig {
 pub struct DataConfig {
     /// Tokens per training sequence; windows of seq_len + 1 tokens are read.
     pub seq_len: i64,
-    pub train: SourceConfig,
+    /// The one training source; or, instead, `[data.mixture]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<SourceConfig>,
+    /// Several named training sources drawn with weights (e.g. new data plus replay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mixture: Option<MixtureConfig>,
     /// A separate validation source; without one, the last `valid_fraction` of `train` is held out.
     #[serde(default)]
     pub valid: Option<SourceConfig>,
     #[serde(default = "default_valid_fraction")]
     pub valid_fraction: f64,
+    /// Named validation sets, each evaluated at every eval as its own curve (`split = name`).
+    /// When given, they replace `data.valid` and the held-out parts: training sources are read
+    /// whole.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub valid_sets: std::collections::BTreeMap<String, SourceConfig>,
+}
+
+/// `[data.mixture]`: `[[data.mixture.sources]]` tables, each `name`, `weight`, `source`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MixtureConfig {
+    pub sources: Vec<MixtureSource>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MixtureSource {
+    pub name: String,
+    /// Relative weight (normalised over the sources): the expected share of training sequences.
+    pub weight: f64,
+    pub source: SourceConfig,
+}
+
+impl SourceConfig {
+    fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            SourceConfig::Builtin {} => None,
+            SourceConfig::Text { path } | SourceConfig::Tokens { path, .. } => Some(path),
+        }
+    }
+}
+
+/// A name used in metric keys and TensorBoard tags.
+fn check_name(name: &str, key: &str) -> Result<(), Invalid> {
+    check(
+        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+        key,
+        format!("expected a name of letters, digits, '_' or '-', got {name:?}"),
+    )
+}
+
+/// A file-backed source must exist (checked at validation, so `trainer validate` catches it).
+fn check_exists(src: &SourceConfig, key: &str) -> Result<(), Invalid> {
+    match src.path() {
+        Some(p) => check(p.is_file(), &format!("{key}.path"), format!("no such file: {}", p.display())),
+        None => Ok(()),
+    }
 }
 
 fn default_valid_fraction() -> f64 {
@@ -550,6 +702,16 @@ impl Recipe {
             if let Some(up) = &init.upcycle {
                 validate_moe(up, "init.upcycle")?;
             }
+            if init.load == InitLoad::Full {
+                check(
+                    !init.from.trim().starts_with("hf:"),
+                    "init.load",
+                    "\"full\" continues a trainer checkpoint (weights, optimizer, step); an hf: model has \
+                     only weights: use load = \"model\"",
+                )?;
+                check(init.upcycle.is_none(), "init.load", "\"full\" cannot be combined with init.upcycle (the optimizer state is for the dense model)")?;
+                check(self.peft.is_none(), "init.load", "\"full\" cannot be combined with [peft]; use load = \"model\"")?;
+            }
             check(
                 !init.from.trim().is_empty() && init.from.trim() != "hf:",
                 "init.from",
@@ -638,7 +800,59 @@ impl Recipe {
             "data.valid_fraction",
             format!("expected a fraction in (0, 1), got {}", d.valid_fraction),
         )?;
-        for (key, src) in [("data.train", Some(&d.train)), ("data.valid", d.valid.as_ref())] {
+        match (&d.train, &d.mixture) {
+            (Some(_), Some(_)) => {
+                return Err(Invalid {
+                    key: "data.mixture".into(),
+                    msg: "give either data.train or [data.mixture], not both".into(),
+                })
+            }
+            (None, None) => {
+                return Err(Invalid {
+                    key: "data.train".into(),
+                    msg: "missing: expected data.train = { kind = ... } or a [data.mixture]".into(),
+                })
+            }
+            _ => {}
+        }
+        let mut sources: Vec<(String, &SourceConfig)> = Vec::new();
+        if let Some(t) = &d.train {
+            sources.push(("data.train".into(), t));
+        }
+        if let Some(v) = &d.valid {
+            sources.push(("data.valid".into(), v));
+        }
+        if let Some(m) = &d.mixture {
+            check(!m.sources.is_empty(), "data.mixture.sources", "expected at least one [[data.mixture.sources]]")?;
+            let mut seen = std::collections::BTreeSet::new();
+            for (i, s) in m.sources.iter().enumerate() {
+                let key = format!("data.mixture.sources[{i}]");
+                check_name(&s.name, &format!("{key}.name"))?;
+                check(seen.insert(s.name.as_str()), &format!("{key}.name"), format!("duplicate source name {:?}", s.name))?;
+                check(
+                    s.weight.is_finite() && s.weight >= 0.0,
+                    &format!("{key}.weight"),
+                    format!("expected a non-negative weight, got {}", s.weight),
+                )?;
+                check_exists(&s.source, &format!("{key}.source"))?;
+                sources.push((format!("{key}.source"), &s.source));
+            }
+            check(
+                m.sources.iter().map(|s| s.weight).sum::<f64>() > 0.0,
+                "data.mixture.sources",
+                "the weights are all zero; expected at least one positive weight",
+            )?;
+        }
+        if !d.valid_sets.is_empty() {
+            check(d.valid.is_none(), "data.valid", "give either data.valid or [data.valid_sets], not both")?;
+        }
+        for (name, src) in &d.valid_sets {
+            let key = format!("data.valid_sets.{name}");
+            check_name(name, &key)?;
+            check_exists(src, &key)?;
+            sources.push((key, src));
+        }
+        for (key, src) in sources.iter().map(|(k, s)| (k.as_str(), Some(*s))) {
             if let Some(SourceConfig::Builtin {} | SourceConfig::Text { .. }) = src {
                 check(
                     self.model.vocab_size() >= 256,

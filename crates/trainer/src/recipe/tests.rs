@@ -176,3 +176,60 @@ fn wrong_type_in_a_kind_tagged_section_names_the_key() {
     let e = err(&BASE.replace("d_ff = 64\n", ""), &[]);
     assert!(e.contains("model: missing field `d_ff`"), "{e}");
 }
+
+const MIXTURE: &str = r#"
+[[data.mixture.sources]]
+name = "new"
+weight = 0.95
+source = { kind = "builtin" }
+
+[[data.mixture.sources]]
+name = "replay"
+weight = 0.05
+source = { kind = "builtin" }
+"#;
+
+fn with_mixture(extra: &str) -> String {
+    BASE.replace("train = { kind = \"builtin\" }\n", "") + MIXTURE + extra
+}
+
+#[test]
+fn mixture_parses_round_trips_and_excludes_data_train() {
+    let r = parse(&with_mixture(""), "r.toml", &[]).expect("valid");
+    let m = r.data.mixture.as_ref().expect("mixture");
+    assert_eq!((m.sources[1].name.as_str(), m.sources[1].weight), ("replay", 0.05));
+    assert_eq!(parse(&to_toml(&r), "resolved.toml", &[]).expect("round trip"), r);
+    let both = BASE.to_string() + MIXTURE;
+    assert!(err(&both, &[]).contains("data.mixture: give either data.train or [data.mixture], not both"));
+    let neither = BASE.replace("train = { kind = \"builtin\" }\n", "");
+    assert!(err(&neither, &[]).contains("data.train: missing"), "{}", err(&neither, &[]));
+}
+
+#[test]
+fn bad_mixtures_name_their_key() {
+    let neg = with_mixture("").replace("weight = 0.05", "weight = -0.05");
+    let e = err(&neg, &[]);
+    assert!(e.starts_with("r.toml:") && e.contains("data.mixture.sources[1].weight: expected a non-negative weight, got -0.05"), "{e}");
+    let zero = with_mixture("").replace("weight = 0.05", "weight = 0").replace("weight = 0.95", "weight = 0");
+    assert!(err(&zero, &[]).contains("data.mixture.sources: the weights are all zero"), "{}", err(&zero, &[]));
+    let dup = with_mixture("").replace("name = \"replay\"", "name = \"new\"");
+    assert!(err(&dup, &[]).contains("data.mixture.sources[1].name: duplicate source name \"new\""), "{}", err(&dup, &[]));
+    let missing = with_mixture("").replacen("source = { kind = \"builtin\" }", "source = { kind = \"text\", path = \"/no/such/file.txt\" }", 1);
+    let e = err(&missing, &[]);
+    assert!(e.contains("data.mixture.sources[0].source.path: no such file: /no/such/file.txt"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+}
+
+#[test]
+fn valid_sets_and_init_load() {
+    let r = parse(&(BASE.to_string() + "\n[data.valid_sets]\nupstream = { kind = \"builtin\" }\n"), "r.toml", &[]).expect("valid");
+    assert_eq!(r.data.valid_sets.keys().collect::<Vec<_>>(), vec!["upstream"]);
+    assert_eq!(parse(&to_toml(&r), "resolved.toml", &[]).expect("round trip"), r);
+    let e = err(&(BASE.to_string() + "\n[data.valid_sets]\n\"bad/name\" = { kind = \"builtin\" }\n"), &[]);
+    assert!(e.contains("expected a name of letters"), "{e}");
+    let mut full = parse(BASE, "r.toml", &[]).expect("valid");
+    full.init = Some(InitConfig { from: "hf:x".into(), upcycle: None, load: InitLoad::Full });
+    assert_eq!(full.validate().expect_err("hf: cannot continue").key, "init.load");
+    let e = err(&(BASE.to_string() + "\n[init]\nfrom = \"x\"\nload = \"everything\"\n"), &[]);
+    assert!(e.contains("init.load") && e.contains("unknown variant"), "{e}");
+}

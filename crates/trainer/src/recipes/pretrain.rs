@@ -7,6 +7,7 @@
 
 use crate::checkpoint::{self, TrainState};
 use crate::data::loader::{stream_seed, valid_batch, Prefetcher};
+use crate::data::mixture::{Mixture, MixtureReport};
 use crate::data::source::{self, Span};
 use crate::device;
 use crate::error::{io_err, Error, Result};
@@ -16,7 +17,7 @@ use crate::models::load::ModelSource;
 use crate::models::params::ParamStore;
 use crate::models::transformer::{ModelOutput, MoeLayerStats, Transformer, TransformerConfig};
 use crate::optim::{clip_grad_norm, Optimizer};
-use crate::recipe::{self, Precision, Recipe};
+use crate::recipe::{self, InitLoad, Precision, Recipe};
 use crate::schedule::Schedule;
 use crate::signals::StopFlag;
 use serde::Serialize;
@@ -76,6 +77,14 @@ pub struct Summary {
     pub mfu: Option<f64>,
     pub resumed_from: Option<PathBuf>,
     pub init_from: Option<String>,
+    /// `[init] load`: "model" or "full" (continued from the checkpoint's step), when init_from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_load: Option<String>,
+    /// The last loss of every validation set, by name (`valid` when there is just the default one).
+    pub final_valid_losses: std::collections::BTreeMap<String, f64>,
+    /// With `[data.mixture]`: per source its weight, realised fraction and epochs over the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mixture: Option<std::collections::BTreeMap<String, MixtureReport>>,
 }
 
 /// True when `dir` already holds (part of) a run.
@@ -95,16 +104,32 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
 
     let seq_len = recipe.data.seq_len as usize;
     let vocab = recipe.model.vocab_size();
-    let (train_span, valid_span) = open_data(recipe, vocab)?;
-    train_span.check_fits(seq_len + 1, "data.train")?;
-    valid_span.check_fits(seq_len + 1, if recipe.data.valid.is_some() { "data.valid" } else { "data.valid_fraction (held-out part of data.train)" })?;
+    let (train_data, valid_sets) = open_data(recipe, vocab, seq_len + 1)?;
 
     tch::manual_seed(recipe.run.seed as i64);
     let model_cfg = TransformerConfig::from_recipe(&recipe.model);
     let mut params = ParamStore::new(device);
     let mut model = Transformer::new(&model_cfg, &mut params)?;
+    // `[init] load = "full"`: the trainer checkpoint whose weights, optimizer state and step
+    // this run continues, and that step (mixture counts start there).
+    let full_init = match &recipe.init {
+        Some(init) if init.load == InitLoad::Full => match ModelSource::parse(&init.from)? {
+            ModelSource::Checkpoint { dir, .. } => {
+                let step = checkpoint::read_state(&dir)?.step;
+                Some((dir, step))
+            }
+            ModelSource::Hf(_) => {
+                return Err(Error::Recipe(format!(
+                    "init.load: \"full\" needs a trainer checkpoint in init.from, got {}",
+                    init.from
+                )))
+            }
+        },
+        _ => None,
+    };
     let init_from = match (&recipe.init, &resume_dir) {
         // A resumed run takes its weights from its own checkpoint instead.
+        (Some(init), None) if full_init.is_some() => Some(ModelSource::parse(&init.from)?.describe()),
         (Some(init), None) => {
             let source = ModelSource::parse(&init.from)?;
             if init.upcycle.is_some() {
@@ -119,7 +144,10 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
         }
         _ => None,
     };
-    // LoRA / LoRA-FA: adapters on the (loaded) base, which is frozen from here on.
+    // LoRA / LoRA-FA / ReLoRA: adapters on the (loaded) base, which is frozen from here on
+    // (after ReLoRA's full-rank warm start, if any).
+    let base_params: Vec<String> = params.trainable().map(|p| p.name.clone()).collect();
+    let mut relora = None;
     if let Some(peft) = &recipe.peft {
         let lora = crate::peft::lora::apply(&mut model, &mut params, peft)?;
         // A resumed run takes its adapters from its own checkpoint instead.
@@ -128,6 +156,19 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
             tracing::info!("adapters initialised from {}", from.display());
         }
         tracing::info!("{}", lora.describe());
+        if let Some(r) = crate::peft::relora::Relora::from_config(peft) {
+            tracing::info!(
+                "ReLoRA: merge every {} steps, re-warm over {}, keep {} of the adapter moments, full-rank for the first {}",
+                r.merge_every, r.rewarm_steps, r.keep_fraction, r.full_rank_warmup_steps
+            );
+            if r.full_rank_warmup_steps > 0 {
+                // The base trains too until the switch, so the optimizer holds its state.
+                for name in &base_params {
+                    params.unfreeze(name);
+                }
+            }
+            relora = Some((r, lora));
+        }
     }
     if precision == Precision::Bf16 {
         params.set_kind(Kind::BFloat16);
@@ -144,6 +185,18 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
         train_seconds: 0.0,
         last_valid_loss: None,
     };
+    if let (Some((dir, step)), None) = (&full_init, &resume_dir) {
+        state = checkpoint::load(dir, &mut params, &mut optimizer)?;
+        state.seed = recipe.run.seed;
+        state.train_seconds = 0.0;
+        if *step >= total_steps {
+            return Err(Error::Recipe(format!(
+                "init.from: the checkpoint is at step {step} and load = \"full\" continues from there, \
+                 but the run has {total_steps} steps: raise train.max_steps"
+            )));
+        }
+        tracing::info!("continuing {} (weights, optimizer state, step {step})", dir.display());
+    }
     if let Some(dir) = &resume_dir {
         state = checkpoint::load(dir, &mut params, &mut optimizer)?;
         if state.seed != recipe.run.seed {
@@ -155,6 +208,13 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
             state.seed = recipe.run.seed;
         }
         tracing::info!("resuming from {} (step {})", dir.display(), state.step);
+        if let Some((r, _)) = &relora {
+            if r.full_rank_warmup_steps > 0 && !r.full_rank(state.step) {
+                for name in &base_params {
+                    params.freeze(name);
+                }
+            }
+        }
         if state.step >= total_steps {
             // Leave a finished run's files (summary.json, tb/, metrics) exactly as they are.
             return Ok(Outcome::AlreadyDone { step: state.step });
@@ -181,8 +241,13 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
     }
 
     // ---- loop ---------------------------------------------------------------------------
+    let mixed = recipe.data.mixture.is_some();
+    let (bs, accum, seed) = (recipe.train.batch_size as usize, recipe.train.grad_accum, recipe.run.seed);
+    let first_step = full_init.as_ref().map_or(0, |(_, s)| *s);
+    // Rows drawn per source so far: a pure function of the steps, recomputed on resume.
+    let mut mix_counts = if mixed { train_data.counts(bs, accum, seed, first_step, state.step) } else { Vec::new() };
     let prefetch = Prefetcher::start(
-        train_span,
+        train_data.clone(),
         seq_len,
         recipe.train.batch_size as usize,
         recipe.train.grad_accum,
@@ -192,9 +257,13 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
         2 * recipe.train.grad_accum as usize,
     );
     let progress = Progress::new(total_steps, state.step);
-    let eval = |model: &Transformer| -> Result<f64> {
-        evaluate(model, &valid_span, recipe, device, precision)
+    let eval = |model: &Transformer| -> Result<Vec<(String, f64)>> {
+        valid_sets
+            .iter()
+            .map(|(name, span)| Ok((name.clone(), evaluate(model, span, recipe, device, precision)?)))
+            .collect()
     };
+    let mut final_valid_losses = std::collections::BTreeMap::new();
     let mut last_train_loss = None;
     let mut window_start = Instant::now();
     let mut window_tokens = 0i64;
@@ -235,15 +304,33 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
                 step + 1
             )));
         }
-        let lr = schedule.lr(step);
+        // ReLoRA's jagged schedule re-warms the LR after each merge.
+        let lr = schedule.lr(step) * relora.as_ref().map_or(1.0, |(r, _)| r.lr_factor(step));
         optimizer.step(lr)?;
         params.zero_grad();
+        if mixed {
+            for (c, n) in mix_counts.iter_mut().zip(train_data.counts(bs, accum, seed, step, step + 1)) {
+                *c += n;
+            }
+        }
         state.step += 1;
         state.tokens += tokens_per_step;
         window_tokens += tokens_per_step;
         if state.tokens - tokens_before > tokens_per_step {
             step_seconds += step_start.elapsed().as_secs_f64();
             step_tokens += tokens_per_step;
+        }
+        if let Some((r, lora)) = relora.as_ref().filter(|(r, _)| r.resets_after(state.step)) {
+            if state.step == r.full_rank_warmup_steps {
+                for name in &base_params {
+                    params.freeze(name);
+                }
+            }
+            // The re-drawn A factors: a pure function of (seed, step).
+            tch::manual_seed((stream_seed(recipe.run.seed, state.step, -2, 0) >> 1) as i64);
+            crate::peft::relora::merge_and_reinit(&model)?;
+            crate::peft::relora::reset_optimizer(r, lora, &mut optimizer)?;
+            tracing::debug!("ReLoRA: merged and restarted the adapters after step {}", state.step);
         }
         let done = state.step == total_steps;
 
@@ -267,6 +354,12 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
                 ("tokens_per_s", json!(tokens_per_s)),
             ]);
             r.extend(moe_metrics(&moe_stats));
+            if mixed {
+                for (name, m) in train_data.report(&mix_counts, seq_len) {
+                    r.insert(format!("mix_{name}_fraction"), json!(m.fraction));
+                    r.insert(format!("mix_{name}_epochs"), json!(m.epochs));
+                }
+            }
             metrics.log(r)?;
             progress.update(state.step, loss, lr, tokens_per_s, eta);
             last_train_loss = Some(loss);
@@ -274,19 +367,22 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
             window_tokens = 0;
         }
         if recipe.train.eval_every.is_some_and(|e| state.step % e == 0) || done {
-            let valid_loss = eval(&model)?;
-            state.last_valid_loss = Some(valid_loss);
-            metrics.log(row(&[
-                ("step", json!(state.step)),
-                ("split", json!("valid")),
-                ("loss", json!(valid_loss)),
-                ("perplexity", json!(valid_loss.exp())),
-            ]))?;
-            progress.println(&format!(
-                "step {}: valid loss {valid_loss:.4}, perplexity {:.2}",
-                state.step,
-                valid_loss.exp()
-            ));
+            let losses = eval(&model)?;
+            state.last_valid_loss = losses.first().map(|(_, l)| *l);
+            for (name, valid_loss) in &losses {
+                metrics.log(row(&[
+                    ("step", json!(state.step)),
+                    ("split", json!(name)),
+                    ("loss", json!(valid_loss)),
+                    ("perplexity", json!(valid_loss.exp())),
+                ]))?;
+                progress.println(&format!(
+                    "step {}: {name} loss {valid_loss:.4}, perplexity {:.2}",
+                    state.step,
+                    valid_loss.exp()
+                ));
+                final_valid_losses.insert(name.clone(), *valid_loss);
+            }
             window_start = Instant::now();
             window_tokens = 0;
         }
@@ -350,7 +446,10 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
         model_tflops_per_s: tflops,
         mfu: recipe.run.peak_tflops.map(|p| tflops / p),
         resumed_from: resume_dir,
+        init_load: recipe.init.as_ref().map(|i| if i.load == InitLoad::Full { "full" } else { "model" }.to_string()),
         init_from,
+        final_valid_losses,
+        mixture: mixed.then(|| train_data.report(&mix_counts, seq_len).into_iter().collect()),
     };
     let path = run_dir.join("summary.json");
     let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
@@ -402,15 +501,64 @@ fn prepare_run_dir(run_dir: &Path, recipe: &Recipe, step: i64) -> Result<()> {
     std::fs::write(&path, text).map_err(io_err(format!("writing {}", path.display())))
 }
 
-fn open_data(recipe: &Recipe, vocab: i64) -> Result<(Span, Span)> {
-    let train = source::open(&recipe.data.train, "data.train", vocab)?;
-    match &recipe.data.valid {
-        Some(v) => {
-            let valid = source::open(v, "data.valid", vocab)?;
-            Ok((Span::whole(train), Span::whole(valid)))
-        }
-        None => Ok(Span::split(train, recipe.data.valid_fraction)),
+/// The training data (one source, or a mixture) and the named validation sets, each checked to
+/// hold at least one `window`. Without `[data.valid_sets]`, the validation set is `data.valid` or
+/// the held-out tail of the training source (`valid`); with a mixture, each source's held-out
+/// tail under the source's name.
+fn open_data(recipe: &Recipe, vocab: i64, window: usize) -> Result<(Mixture, Vec<(String, Span)>)> {
+    let d = &recipe.data;
+    let held_out = d.valid.is_none() && d.valid_sets.is_empty();
+    let mut valid = Vec::new();
+    for (name, src) in &d.valid_sets {
+        let key = format!("data.valid_sets.{name}");
+        let span = Span::whole(source::open(src, &key, vocab)?);
+        span.check_fits(window, &key)?;
+        valid.push((name.clone(), span));
     }
+    let train = match (&d.mixture, &d.train) {
+        (Some(m), _) => {
+            let (mut names, mut spans, mut weights) = (Vec::new(), Vec::new(), Vec::new());
+            for (i, s) in m.sources.iter().enumerate() {
+                let key = format!("data.mixture.sources[{i}] ({})", s.name);
+                let data = source::open(&s.source, &key, vocab)?;
+                let train = if held_out {
+                    let (train, v) = Span::split(data, d.valid_fraction);
+                    v.check_fits(window, &format!("{key} held-out part (data.valid_fraction)"))?;
+                    valid.push((s.name.clone(), v));
+                    train
+                } else {
+                    Span::whole(data)
+                };
+                train.check_fits(window, &key)?;
+                names.push(s.name.clone());
+                spans.push(train);
+                weights.push(s.weight);
+            }
+            Mixture::new(names, spans, &weights)
+        }
+        (None, Some(t)) => {
+            let data = source::open(t, "data.train", vocab)?;
+            let train = if held_out {
+                let (train, v) = Span::split(data, d.valid_fraction);
+                v.check_fits(window, "data.valid_fraction (held-out part of data.train)")?;
+                valid.push(("valid".to_string(), v));
+                train
+            } else {
+                Span::whole(data)
+            };
+            train.check_fits(window, "data.train")?;
+            Mixture::from(train)
+        }
+        (None, None) => {
+            return Err(Error::Recipe("data.train: missing: expected data.train or [data.mixture]".into()))
+        }
+    };
+    if let Some(v) = &d.valid {
+        let span = Span::whole(source::open(v, "data.valid", vocab)?);
+        span.check_fits(window, "data.valid")?;
+        valid.push(("valid".to_string(), span));
+    }
+    Ok((train, valid))
 }
 
 /// The language-model loss of one batch, and the MoE layers' router losses and statistics.

@@ -41,6 +41,11 @@ fn peft(kind: PeftKind, target: &[&str]) -> PeftConfig {
         target: target.iter().map(|s| s.to_string()).collect(),
         rslora: false,
         from: None,
+        merge_every: None,
+        optimizer_reset: None,
+        keep_fraction: None,
+        rewarm_steps: None,
+        full_rank_warmup_steps: None,
     }
 }
 
@@ -48,6 +53,7 @@ fn build(
     cfg: &TransformerConfig,
     p: Option<&PeftConfig>,
 ) -> (Transformer, ParamStore, Option<Lora>) {
+    let _rng = crate::peft::TEST_RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(0);
     let mut store = ParamStore::new(Device::Cpu);
     let mut model = Transformer::new(cfg, &mut store).expect("model");
