@@ -13,7 +13,8 @@
 //! run resumed from the checkpoint of step k computes bitwise the same losses as the
 //! uninterrupted run (on the CPU, same thread count).
 
-use super::pretrain::{holds_run, human, Resume};
+use super::pretrain::{human, Resume};
+use super::run_dir::{peak_memory, prepare_run_dir, resume_checkpoint};
 use crate::checkpoint::{self, TrainState};
 use crate::data::images::{self, eval_batch, Augment, ImagePrefetcher, ImageSet};
 use crate::data::loader::stream_seed;
@@ -29,7 +30,7 @@ use crate::schedule::Schedule;
 use crate::signals::StopFlag;
 use serde::Serialize;
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind, Reduction, Tensor};
 
@@ -154,7 +155,7 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
             return Ok(Outcome::AlreadyDone { step: state.step });
         }
     }
-    prepare_run_dir(&run_dir, recipe, state.step)?;
+    prepare_run_dir(&run_dir, &recipe::to_toml(recipe), state.step)?;
     let mut metrics = MetricsLog::open(&run_dir, Some(state.step))?;
 
     let steps_per_epoch = recipe.steps_per_epoch(train.len());
@@ -429,67 +430,9 @@ pub fn evaluate(
     })
 }
 
-/// The checkpoint to resume from, after checking the run directory against the resume mode.
-fn resume_checkpoint(run_dir: &Path, resume: &Resume) -> Result<Option<PathBuf>> {
-    match resume {
-        Resume::No if holds_run(run_dir) => Err(Error::RunDir {
-            path: run_dir.to_path_buf(),
-            msg: "already holds a run; continue it with --resume auto, or choose another run.out_dir \
-                  (e.g. --set run.out_dir=...)"
-                .into(),
-        }),
-        Resume::No => Ok(None),
-        Resume::Auto => {
-            let newest = checkpoint::list_complete(run_dir).pop().map(|(_, p)| p);
-            if newest.is_none() && holds_run(run_dir) {
-                tracing::warn!(
-                    "{} holds a run without a complete checkpoint; starting it from step 0",
-                    run_dir.display()
-                );
-            }
-            Ok(newest)
-        }
-        Resume::From(dir) => {
-            checkpoint::read_state(dir)?;
-            Ok(Some(dir.clone()))
-        }
-    }
-}
 
-/// Creates the run directory and writes the resolved recipe; on resume, a `config.toml` that
-/// differs from the recipe now in force is kept as `config.before-step-N.toml`.
-fn prepare_run_dir(run_dir: &Path, recipe: &ClassifyRecipe, step: i64) -> Result<()> {
-    std::fs::create_dir_all(run_dir).map_err(io_err(format!("creating {}", run_dir.display())))?;
-    let path = run_dir.join("config.toml");
-    let text = recipe::to_toml(recipe);
-    if let Ok(old) = std::fs::read_to_string(&path) {
-        if old == text {
-            return Ok(());
-        }
-        let kept = run_dir.join(format!("config.before-step-{step}.toml"));
-        std::fs::rename(&path, &kept).map_err(io_err(format!("renaming {}", path.display())))?;
-        tracing::warn!("the recipe changed since the last start; the old one is kept as {}", kept.display());
-    }
-    std::fs::write(&path, text).map_err(io_err(format!("writing {}", path.display())))
-}
 
-fn peak_memory(device: Device) -> (Option<i64>, String) {
-    match device {
-        Device::Cuda(i) => match torch_ext::accelerator_memory(i) {
-            Ok(m) => (Some(m.peak_allocated), "cuda_peak_allocated".into()),
-            Err(_) => (None, "unavailable".into()),
-        },
-        _ => (peak_rss(), "process_peak_rss".into()),
-    }
-}
 
-/// VmHWM of /proc/self/status (Linux), in bytes.
-fn peak_rss() -> Option<i64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
 
 pub fn print_summary(s: &Summary) {
     let gib = |b: i64| b as f64 / (1u64 << 30) as f64;

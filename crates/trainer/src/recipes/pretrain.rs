@@ -19,10 +19,12 @@ use crate::models::transformer::{ModelOutput, MoeLayerStats, Transformer, Transf
 use crate::optim::{clip_grad_norm, Optimizer};
 use crate::recipe::{self, InitLoad, Precision, Recipe};
 use crate::schedule::Schedule;
+use super::run_dir::{peak_memory, prepare_run_dir, resume_checkpoint};
+pub use super::run_dir::holds_run;
 use crate::signals::StopFlag;
 use serde::Serialize;
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -87,10 +89,6 @@ pub struct Summary {
     pub mixture: Option<std::collections::BTreeMap<String, MixtureReport>>,
 }
 
-/// True when `dir` already holds (part of) a run.
-pub fn holds_run(dir: &Path) -> bool {
-    ["config.toml", "metrics.jsonl", "checkpoints", "summary.json"].iter().any(|f| dir.join(f).exists())
-}
 
 pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> {
     // ---- set-up -------------------------------------------------------------------------
@@ -220,7 +218,7 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
             return Ok(Outcome::AlreadyDone { step: state.step });
         }
     }
-    prepare_run_dir(&run_dir, recipe, state.step)?;
+    prepare_run_dir(&run_dir, &recipe::to_toml(recipe), state.step)?;
     let mut metrics = MetricsLog::open(&run_dir, Some(state.step))?;
 
     let tokens_per_step = recipe.tokens_per_step();
@@ -457,49 +455,7 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
     Ok(Outcome::Finished(summary))
 }
 
-/// The checkpoint to resume from, after checking the run directory against the resume mode.
-fn resume_checkpoint(run_dir: &Path, resume: &Resume) -> Result<Option<PathBuf>> {
-    match resume {
-        Resume::No if holds_run(run_dir) => Err(Error::RunDir {
-            path: run_dir.to_path_buf(),
-            msg: "already holds a run; continue it with --resume auto, or choose another run.out_dir \
-                  (e.g. --set run.out_dir=...)"
-                .into(),
-        }),
-        Resume::No => Ok(None),
-        Resume::Auto => {
-            let newest = checkpoint::list_complete(run_dir).pop().map(|(_, p)| p);
-            if newest.is_none() && holds_run(run_dir) {
-                tracing::warn!(
-                    "{} holds a run without a complete checkpoint; starting it from step 0",
-                    run_dir.display()
-                );
-            }
-            Ok(newest)
-        }
-        Resume::From(dir) => {
-            checkpoint::read_state(dir)?;
-            Ok(Some(dir.clone()))
-        }
-    }
-}
 
-/// Creates the run directory and writes the resolved recipe. On resume, a `config.toml` that
-/// differs from the recipe now in force is kept as `config.before-step-N.toml`, not overwritten.
-fn prepare_run_dir(run_dir: &Path, recipe: &Recipe, step: i64) -> Result<()> {
-    std::fs::create_dir_all(run_dir).map_err(io_err(format!("creating {}", run_dir.display())))?;
-    let path = run_dir.join("config.toml");
-    let text = recipe::to_toml(recipe);
-    if let Ok(old) = std::fs::read_to_string(&path) {
-        if old == text {
-            return Ok(());
-        }
-        let kept = run_dir.join(format!("config.before-step-{step}.toml"));
-        std::fs::rename(&path, &kept).map_err(io_err(format!("renaming {}", path.display())))?;
-        tracing::warn!("the recipe changed since the last start; the old one is kept as {}", kept.display());
-    }
-    std::fs::write(&path, text).map_err(io_err(format!("writing {}", path.display())))
-}
 
 /// The training data (one source, or a mixture) and the named validation sets, each checked to
 /// hold at least one `window`. Without `[data.valid_sets]`, the validation set is `data.valid` or
@@ -625,23 +581,7 @@ fn evaluate(model: &Transformer, span: &Span, recipe: &Recipe, device: Device, p
     })
 }
 
-fn peak_memory(device: Device) -> (Option<i64>, String) {
-    match device {
-        Device::Cuda(i) => match torch_ext::accelerator_memory(i) {
-            Ok(m) => (Some(m.peak_allocated), "cuda_peak_allocated".into()),
-            Err(_) => (None, "unavailable".into()),
-        },
-        _ => (peak_rss(), "process_peak_rss".into()),
-    }
-}
 
-/// VmHWM of /proc/self/status (Linux), in bytes.
-fn peak_rss() -> Option<i64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
 
 pub fn human(n: f64) -> String {
     if n >= 1e9 {
