@@ -234,6 +234,13 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
         tokens_per_step,
         total_steps
     );
+    let mib = |b: i64| b as f64 / (1u64 << 20) as f64;
+    tracing::info!(
+        "memory: parameters {:.1} MiB, gradients {:.1} MiB, optimizer state {:.1} MiB",
+        mib(params.bytes()),
+        mib(params.trainable().map(|p| crate::models::params::bytes_of(&p.tensor)).sum()),
+        mib(optimizer.state_bytes())
+    );
     if let Device::Cuda(i) = device {
         let _ = torch_ext::accelerator_reset_peak(i);
     }
