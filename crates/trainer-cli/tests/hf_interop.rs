@@ -61,6 +61,10 @@ fn check_case(case: &str) {
     trainer(cwd, &["export", &init, "--to", "hf", "exported"]).assert_success();
     let again = loss_of(&py(&["eval", cwd.join("exported").to_str().expect("utf-8"), cwd.join(&data).to_str().expect("utf-8"), "32", "4"]));
     assert!((again - reference).abs() / reference < 1e-5, "{case}: exported {again} vs original {reference}");
+    // ... and the same logits as the original checkpoint, in transformers.
+    let diff: Value = serde_json::from_str(py(&["logits_diff", hf.to_str().expect("utf-8"), cwd.join("exported").to_str().expect("utf-8")]).trim()).expect("json");
+    let diff = diff["max_rel_diff"].as_f64().expect("number");
+    assert!(diff < 1e-6, "{case}: round-trip logits differ by {diff}");
 
     // Exporting into a non-empty directory is refused and leaves it alone.
     let before = std::fs::read(cwd.join("exported/config.json")).expect("config");

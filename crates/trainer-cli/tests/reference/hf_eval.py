@@ -2,6 +2,7 @@
 
     python hf_eval.py create CASE OUT_DIR       # a random model saved with save_pretrained
     python hf_eval.py create llama_tok OUT_DIR   # + a BPE tokenizer.json trained on DATA_FOR_BPE
+    python hf_eval.py logits_diff DIR_A DIR_B    # -> {"max_rel_diff": ...} on the same random ids
     python hf_eval.py greedy MODEL_DIR PROMPT N  # -> {"prompt_ids": [...], "ids": [...]}: N greedy tokens
     python hf_eval.py eval MODEL_DIR DATA SEQ_LEN BATCH_SIZE [--tokenizer]
         -> prints {"loss": ..., "tokens": ...}: mean next-token loss over consecutive windows of
@@ -72,6 +73,17 @@ def create(case, out):
     model.save_pretrained(out, safe_serialization=True)
 
 
+def logits_diff(dir_a, dir_b):
+    """Max relative difference of two checkpoints' logits on the same random ids (transformers)."""
+    a = transformers.AutoModelForCausalLM.from_pretrained(dir_a, dtype=torch.float32).eval()
+    b = transformers.AutoModelForCausalLM.from_pretrained(dir_b, dtype=torch.float32).eval()
+    torch.manual_seed(1)
+    ids = torch.randint(0, a.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        la, lb = a(ids).logits, b(ids).logits
+    print(json.dumps({"max_rel_diff": float((la - lb).abs().max() / la.abs().max())}))
+
+
 def greedy(model_dir, prompt, n):
     """Greedy decoding written out (no generate(): its stopping rules would get in the way)."""
     import tokenizers
@@ -113,6 +125,8 @@ if __name__ == "__main__":
         create(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "eval":
         evaluate(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), "--tokenizer" in sys.argv[6:])
+    elif sys.argv[1] == "logits_diff":
+        logits_diff(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "greedy":
         greedy(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
