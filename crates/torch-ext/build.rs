@@ -10,7 +10,10 @@ fn torch_root() -> PathBuf {
     }
     let python = std::env::var("PYTHON_SYS_EXECUTABLE").unwrap_or_else(|_| "python3".to_string());
     let out = Command::new(&python)
-        .args(["-c", "import os, torch; print(os.path.dirname(torch.__file__))"])
+        .args([
+            "-c",
+            "import os, torch; print(os.path.dirname(torch.__file__))",
+        ])
         .output()
         .unwrap_or_else(|e| panic!("torch-ext: cannot run {python} to find torch: {e}"));
     if !out.status.success() {

@@ -29,7 +29,12 @@ extern "C" {
         eps: f64,
     ) -> c_int;
     fn te_grads_to_none(tensors: *const *mut c_void, n: c_int) -> c_int;
-    fn te_clip_grad_norm(grads: *const *mut c_void, n: c_int, max_norm: f64, out: *mut f64) -> c_int;
+    fn te_clip_grad_norm(
+        grads: *const *mut c_void,
+        n: c_int,
+        max_norm: f64,
+        out: *mut f64,
+    ) -> c_int;
 }
 
 fn handles(ts: &[&Tensor]) -> Vec<*mut c_void> {
@@ -58,7 +63,12 @@ pub fn fused_adamw(
     if n == 0 {
         return Ok(());
     }
-    let (p, g, m, v) = (handles(params), handles(grads), handles(exp_avgs), handles(exp_avg_sqs));
+    let (p, g, m, v) = (
+        handles(params),
+        handles(grads),
+        handles(exp_avgs),
+        handles(exp_avg_sqs),
+    );
     // SAFETY: every pointer is a live tch tensor handle borrowed for the duration of the call.
     let rc = unsafe {
         te_fused_adamw(
@@ -101,7 +111,14 @@ pub fn clip_grad_norm(grads: &[&Tensor], max_norm: Option<f64>) -> Result<f64, S
     let g = handles(grads);
     let mut out = 0.0f64;
     // SAFETY: live tensor handles; `out` is a valid f64.
-    let rc = unsafe { te_clip_grad_norm(g.as_ptr(), g.len() as c_int, max_norm.unwrap_or(0.0), &mut out) };
+    let rc = unsafe {
+        te_clip_grad_norm(
+            g.as_ptr(),
+            g.len() as c_int,
+            max_norm.unwrap_or(0.0),
+            &mut out,
+        )
+    };
     if rc != 0 {
         return Err(last_error());
     }
@@ -111,7 +128,11 @@ pub fn clip_grad_norm(grads: &[&Tensor], max_norm: Option<f64>) -> Result<f64, S
 fn last_error() -> String {
     // SAFETY: te_last_error returns a pointer to a thread-local NUL-terminated string that lives
     // until the next shim call on this thread; we copy it out at once.
-    unsafe { CStr::from_ptr(te_last_error()).to_string_lossy().into_owned() }
+    unsafe {
+        CStr::from_ptr(te_last_error())
+            .to_string_lossy()
+            .into_owned()
+    }
 }
 
 /// Allocator statistics of one accelerator device, in bytes.

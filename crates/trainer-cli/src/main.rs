@@ -10,15 +10,19 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use trainer::recipe::{self, Override};
 use trainer::data::tokenizer::Tokenizer;
 use trainer::models::load::{self, ModelSource};
+use trainer::recipe::{self, Override};
 use trainer::recipes::evaluate;
 use trainer::recipes::pretrain::{self, Outcome, Resume};
 use trainer::signals::{StopFlag, EXIT_INTERRUPTED};
 
 #[derive(Parser)]
-#[command(name = "trainer", version, about = "Config-driven training on libtorch")]
+#[command(
+    name = "trainer",
+    version,
+    about = "Config-driven training on libtorch"
+)]
 struct Cli {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
@@ -193,7 +197,10 @@ fn init_logging(level: &str) {
 
 /// The tokenizer for eval/generate: the one given, else a tokenizer.json beside an hf: model,
 /// else bytes.
-fn pick_tokenizer(given: Option<&std::path::Path>, source: &ModelSource) -> anyhow::Result<Tokenizer> {
+fn pick_tokenizer(
+    given: Option<&std::path::Path>,
+    source: &ModelSource,
+) -> anyhow::Result<Tokenizer> {
     Ok(match (given, source) {
         (Some(path), _) => Tokenizer::from_file(path)?,
         (None, ModelSource::Hf(dir)) => Tokenizer::for_model_dir(Some(dir))?,
@@ -202,7 +209,9 @@ fn pick_tokenizer(given: Option<&std::path::Path>, source: &ModelSource) -> anyh
 }
 
 fn parse_overrides(set: &[String]) -> anyhow::Result<Vec<Override>> {
-    set.iter().map(|s| Override::parse(s).map_err(anyhow::Error::from)).collect()
+    set.iter()
+        .map(|s| Override::parse(s).map_err(anyhow::Error::from))
+        .collect()
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -222,7 +231,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { recipe: path, set, resume } => {
+        Command::Run {
+            recipe: path,
+            set,
+            resume,
+        } => {
             let overrides = parse_overrides(&set)?;
             let recipe = match recipe::load_any(&path, &overrides)? {
                 recipe::AnyRecipe::Pretrain(r) => r,
@@ -251,9 +264,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Eval { init, data, data_kind, dtype, tokenizer, seq_len, batches, batch_size, device, json } => {
+        Command::Eval {
+            init,
+            data,
+            data_kind,
+            dtype,
+            tokenizer,
+            seq_len,
+            batches,
+            batch_size,
+            device,
+            json,
+        } => {
             use trainer::recipe::{SourceConfig, TokenDtype};
-            anyhow::ensure!(seq_len > 0, "--seq-len: expected a positive integer, got {seq_len}");
+            anyhow::ensure!(
+                seq_len > 0,
+                "--seq-len: expected a positive integer, got {seq_len}"
+            );
             anyhow::ensure!(batch_size > 0, "--batch-size: expected a positive integer");
             let device = trainer::device::resolve(&device)?;
             let source = ModelSource::parse(&init)?;
@@ -281,27 +308,56 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let tokenizer = pick_tokenizer(tokenizer.as_deref(), &source)?;
             let tokens = match (&cfg, &tokenizer) {
                 (SourceConfig::Text { path }, Tokenizer::Hf(_)) => {
-                    trainer::data::source::open_tokenized(path, &tokenizer, "--data", loaded.config.vocab_size)?
+                    trainer::data::source::open_tokenized(
+                        path,
+                        &tokenizer,
+                        "--data",
+                        loaded.config.vocab_size,
+                    )?
                 }
                 _ => trainer::data::source::open(&cfg, "--data", loaded.config.vocab_size)?,
             };
             let span = trainer::data::source::Span::whole(tokens);
-            let r = evaluate::eval_span(&loaded.model, &span, seq_len as usize, batch_size, batches, device)?;
+            let r = evaluate::eval_span(
+                &loaded.model,
+                &span,
+                seq_len as usize,
+                batch_size,
+                batches,
+                device,
+            )?;
             if json {
-                println!("{}", serde_json::json!({
-                    "loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens,
-                    "windows": r.windows, "init": source.describe(), "data": data.display().to_string(),
-                    "seq_len": seq_len,
-                }));
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens,
+                        "windows": r.windows, "init": source.describe(), "data": data.display().to_string(),
+                        "seq_len": seq_len,
+                    })
+                );
             } else {
                 println!(
                     "{}: loss {:.4}, perplexity {:.3} over {} tokens ({} windows of {seq_len})",
-                    data.display(), r.loss, r.perplexity, r.tokens, r.windows
+                    data.display(),
+                    r.loss,
+                    r.perplexity,
+                    r.tokens,
+                    r.windows
                 );
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Generate { init, prompt, tokenizer, json, max_new_tokens, temperature, top_k, seed, device } => {
+        Command::Generate {
+            init,
+            prompt,
+            tokenizer,
+            json,
+            max_new_tokens,
+            temperature,
+            top_k,
+            seed,
+            device,
+        } => {
             let device = trainer::device::resolve(&device)?;
             let source = ModelSource::parse(&init)?;
             let loaded = load::load(&source, device)?;
@@ -318,20 +374,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let ids = tokenizer.encode(&prompt, true)?;
             anyhow::ensure!(!ids.is_empty(), "--prompt: tokenizes to no tokens");
-            let sampling = evaluate::Sampling { max_new_tokens, temperature, top_k, seed };
+            let sampling = evaluate::Sampling {
+                max_new_tokens,
+                temperature,
+                top_k,
+                seed,
+            };
             let out = evaluate::generate(&loaded.model, &ids, &sampling, device)?;
             let text = tokenizer.decode(&out)?;
             if json {
-                println!("{}", serde_json::json!({
-                    "prompt": prompt, "prompt_ids": ids, "ids": out, "text": text,
-                    "tokenizer": tokenizer.describe(),
-                }));
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "prompt": prompt, "prompt_ids": ids, "ids": out, "text": text,
+                        "tokenizer": tokenizer.describe(),
+                    })
+                );
             } else {
                 println!("{prompt}{text}");
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Export { source, to, out, merged } => {
+        Command::Export {
+            source,
+            to,
+            out,
+            merged,
+        } => {
             use trainer::peft::lora;
             let source = ModelSource::parse(&source)?;
             let loaded = load::load(&source, tch::Device::Cpu)?;
@@ -344,20 +413,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         (None, false) => {}
                     }
                     trainer::models::hf::export(&loaded.config, &loaded.params, &out)?;
-                    eprintln!("exported {} to {} (Hugging Face format{})", source.describe(), out.display(), if merged { ", adapters merged" } else { "" });
+                    eprintln!(
+                        "exported {} to {} (Hugging Face format{})",
+                        source.describe(),
+                        out.display(),
+                        if merged { ", adapters merged" } else { "" }
+                    );
                 }
                 ExportFormat::Peft => {
                     anyhow::ensure!(!merged, "--merged: only with --to hf");
                     let Some(adapters) = &loaded.lora else {
-                        anyhow::bail!("--to peft: {} has no LoRA adapters ([peft] in its recipe)", source.describe());
+                        anyhow::bail!(
+                            "--to peft: {} has no LoRA adapters ([peft] in its recipe)",
+                            source.describe()
+                        );
                     };
                     lora::export_peft(&loaded.model, adapters, None, &out)?;
-                    eprintln!("exported the LoRA adapters of {} to {} (peft format)", source.describe(), out.display());
+                    eprintln!(
+                        "exported the LoRA adapters of {} to {} (peft format)",
+                        source.describe(),
+                        out.display()
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Schedule { recipe: path, set, csv, png, steps } => {
+        Command::Schedule {
+            recipe: path,
+            set,
+            csv,
+            png,
+            steps,
+        } => {
             let overrides = parse_overrides(&set)?;
             let (schedule, lr, recipe_steps) = match recipe::load_any(&path, &overrides)? {
                 recipe::AnyRecipe::Pretrain(r) => {
@@ -381,7 +468,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// `trainer validate` of a `task = "classify"` recipe.
-fn validate_classify(path: &std::path::Path, recipe: &recipe::ClassifyRecipe) -> anyhow::Result<ExitCode> {
+fn validate_classify(
+    path: &std::path::Path,
+    recipe: &recipe::ClassifyRecipe,
+) -> anyhow::Result<ExitCode> {
     print!("{}", recipe::to_toml(recipe));
     eprintln!(
         "{}: valid ({}, {} images per step)",

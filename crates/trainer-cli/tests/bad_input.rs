@@ -61,7 +61,10 @@ fn assert_run_refused(work: &Path, recipe: &str, args: &[&str], needles: &[&str]
         "a refused run left a run directory behind: {line}"
     );
     let resumed_line = assert_resume_refused(work, recipe, args, needles);
-    assert_eq!(line, resumed_line.replace("run.out_dir=prior", "run.out_dir=fresh"));
+    assert_eq!(
+        line,
+        resumed_line.replace("run.out_dir=prior", "run.out_dir=fresh")
+    );
     line
 }
 

@@ -26,11 +26,38 @@ fn every_config_validates_and_its_resolved_form_is_a_fixpoint() {
     // Recipes that start from a checkpoint name the quickstart's run and its Hugging Face export
     // (as their comments say to create them); make tiny ones of both.
     let quickstart = repo_root().join("configs/quickstart.toml");
-    trainer(w, &["run", quickstart.to_str().expect("utf-8"), "--set", "train.max_steps=2", "--set", "run.threads=1", "--set", "schedule.warmup_steps=1"]).assert_success();
-    trainer(w, &["export", "runs/quickstart", "--to", "hf", "runs/quickstart-hf"]).assert_success();
+    trainer(
+        w,
+        &[
+            "run",
+            quickstart.to_str().expect("utf-8"),
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "run.threads=1",
+            "--set",
+            "schedule.warmup_steps=1",
+        ],
+    )
+    .assert_success();
+    trainer(
+        w,
+        &[
+            "export",
+            "runs/quickstart",
+            "--to",
+            "hf",
+            "runs/quickstart-hf",
+        ],
+    )
+    .assert_success();
     // configs/continual_mixture.toml reads new data from data/new.txt (its comment makes one).
     std::fs::create_dir_all(w.join("data")).expect("data dir");
-    std::fs::write(w.join("data/new.txt"), "abcdefghijklmnopqrstuvwxyz ".repeat(4000)).expect("data/new.txt");
+    std::fs::write(
+        w.join("data/new.txt"),
+        "abcdefghijklmnopqrstuvwxyz ".repeat(4000),
+    )
+    .expect("data/new.txt");
     for (i, path) in config_files().iter().enumerate() {
         let p = path.to_str().expect("utf-8 path");
         let out = trainer(w, &["validate", p]);

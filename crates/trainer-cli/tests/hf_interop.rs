@@ -14,7 +14,10 @@ use std::path::Path;
 use std::process::Command;
 
 fn reference_script() -> String {
-    repo_root().join("crates/trainer-cli/tests/reference/hf_eval.py").display().to_string()
+    repo_root()
+        .join("crates/trainer-cli/tests/reference/hf_eval.py")
+        .display()
+        .to_string()
 }
 
 fn py(args: &[&str]) -> String {
@@ -22,7 +25,12 @@ fn py(args: &[&str]) -> String {
         .arg(reference_script())
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {} ({e}); run scripts/test, which installs Python and transformers", python()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} ({e}); run scripts/test, which installs Python and transformers",
+                python()
+            )
+        });
     assert!(
         out.status.success(),
         "hf_eval.py {args:?} failed (run scripts/test to install transformers):\n{}",
@@ -38,7 +46,8 @@ fn loss_of(json_text: &str) -> f64 {
 }
 
 fn write_data(dir: &Path) -> String {
-    let text = std::fs::read_to_string(repo_root().join("crates/trainer/data/wonderland.txt")).expect("corpus");
+    let text = std::fs::read_to_string(repo_root().join("crates/trainer/data/wonderland.txt"))
+        .expect("corpus");
     std::fs::write(dir.join("data.txt"), &text.as_bytes()[..3000]).expect("data");
     "data.txt".to_string()
 }
@@ -49,20 +58,62 @@ fn check_case(case: &str) {
     let hf = cwd.join("hf");
     py(&["create", case, hf.to_str().expect("utf-8")]);
     let data = write_data(cwd);
-    let reference = loss_of(&py(&["eval", hf.to_str().expect("utf-8"), cwd.join(&data).to_str().expect("utf-8"), "32", "4"]));
+    let reference = loss_of(&py(&[
+        "eval",
+        hf.to_str().expect("utf-8"),
+        cwd.join(&data).to_str().expect("utf-8"),
+        "32",
+        "4",
+    ]));
 
     let init = format!("hf:{}", hf.display());
-    let ours = trainer(cwd, &["eval", "--init", &init, "--data", &data, "--seq-len", "32", "--batch-size", "4", "--device", "cpu", "--json"]);
+    let ours = trainer(
+        cwd,
+        &[
+            "eval",
+            "--init",
+            &init,
+            "--data",
+            &data,
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    );
     ours.assert_success();
     let ours = loss_of(&ours.stdout);
-    assert!((ours - reference).abs() / reference < 1e-5, "{case}: trainer {ours} vs transformers {reference}");
+    assert!(
+        (ours - reference).abs() / reference < 1e-5,
+        "{case}: trainer {ours} vs transformers {reference}"
+    );
 
     // Round trip: export what we loaded, and let transformers load it.
     trainer(cwd, &["export", &init, "--to", "hf", "exported"]).assert_success();
-    let again = loss_of(&py(&["eval", cwd.join("exported").to_str().expect("utf-8"), cwd.join(&data).to_str().expect("utf-8"), "32", "4"]));
-    assert!((again - reference).abs() / reference < 1e-5, "{case}: exported {again} vs original {reference}");
+    let again = loss_of(&py(&[
+        "eval",
+        cwd.join("exported").to_str().expect("utf-8"),
+        cwd.join(&data).to_str().expect("utf-8"),
+        "32",
+        "4",
+    ]));
+    assert!(
+        (again - reference).abs() / reference < 1e-5,
+        "{case}: exported {again} vs original {reference}"
+    );
     // ... and the same logits as the original checkpoint, in transformers.
-    let diff: Value = serde_json::from_str(py(&["logits_diff", hf.to_str().expect("utf-8"), cwd.join("exported").to_str().expect("utf-8")]).trim()).expect("json");
+    let diff: Value = serde_json::from_str(
+        py(&[
+            "logits_diff",
+            hf.to_str().expect("utf-8"),
+            cwd.join("exported").to_str().expect("utf-8"),
+        ])
+        .trim(),
+    )
+    .expect("json");
     let diff = diff["max_rel_diff"].as_f64().expect("number");
     assert!(diff < 1e-6, "{case}: round-trip logits differ by {diff}");
 
@@ -70,8 +121,15 @@ fn check_case(case: &str) {
     let before = std::fs::read(cwd.join("exported/config.json")).expect("config");
     let refused = trainer(cwd, &["export", &init, "--to", "hf", "exported"]);
     assert_eq!(refused.code, Some(1), "{}", refused.describe());
-    assert!(refused.stderr.contains("not empty"), "{}", refused.describe());
-    assert_eq!(std::fs::read(cwd.join("exported/config.json")).expect("config"), before);
+    assert!(
+        refused.stderr.contains("not empty"),
+        "{}",
+        refused.describe()
+    );
+    assert_eq!(
+        std::fs::read(cwd.join("exported/config.json")).expect("config"),
+        before
+    );
 }
 
 #[test]
@@ -108,11 +166,40 @@ fn recipe_initialised_from_hf_takes_its_architecture_and_weights() {
     let name = write_recipe(cwd, "from_hf.toml", &recipe);
     let validated = trainer(cwd, &["validate", &name]);
     validated.assert_success();
-    assert!(validated.stdout.contains("d_model = 48"), "{}", validated.describe());
-    assert!(validated.stdout.contains("n_kv_heads = 2"), "{}", validated.describe());
-    let rows = run_tiny(cwd, &name, "runs/from-hf", &["--set", "train.max_steps=3", "--set", "train.eval_every=1", "--set", "schedule.warmup_steps=0"]);
-    let summary: Value = serde_json::from_str(&std::fs::read_to_string(cwd.join("runs/from-hf/summary.json")).expect("summary")).expect("json");
-    assert!(summary["init_from"].as_str().expect("init_from").starts_with("hf:"), "{summary}");
+    assert!(
+        validated.stdout.contains("d_model = 48"),
+        "{}",
+        validated.describe()
+    );
+    assert!(
+        validated.stdout.contains("n_kv_heads = 2"),
+        "{}",
+        validated.describe()
+    );
+    let rows = run_tiny(
+        cwd,
+        &name,
+        "runs/from-hf",
+        &[
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            "train.eval_every=1",
+            "--set",
+            "schedule.warmup_steps=0",
+        ],
+    );
+    let summary: Value = serde_json::from_str(
+        &std::fs::read_to_string(cwd.join("runs/from-hf/summary.json")).expect("summary"),
+    )
+    .expect("json");
+    assert!(
+        summary["init_from"]
+            .as_str()
+            .expect("init_from")
+            .starts_with("hf:"),
+        "{summary}"
+    );
     assert!(!rows.is_empty());
 
     // A [model] that contradicts the checkpoint is refused, naming the key.
@@ -120,7 +207,12 @@ fn recipe_initialised_from_hf_takes_its_architecture_and_weights() {
     let bad_name = write_recipe(cwd, "bad.toml", &bad);
     let out = trainer(cwd, &["validate", &bad_name]);
     assert_eq!(out.code, Some(1), "{}", out.describe());
-    assert!(out.stderr.contains("model: differs from the architecture of init.from"), "{}", out.describe());
+    assert!(
+        out.stderr
+            .contains("model: differs from the architecture of init.from"),
+        "{}",
+        out.describe()
+    );
 }
 
 #[test]
@@ -128,14 +220,34 @@ fn eval_and_generate_refuse_bad_input_in_one_line() {
     let dir = workdir();
     let cwd = dir.path();
     for args in [
-        vec!["eval", "--init", "hf:nowhere", "--data", "x.txt", "--seq-len", "8"],
-        vec!["eval", "--init", "nowhere", "--data", "x.txt", "--seq-len", "8"],
+        vec![
+            "eval",
+            "--init",
+            "hf:nowhere",
+            "--data",
+            "x.txt",
+            "--seq-len",
+            "8",
+        ],
+        vec![
+            "eval",
+            "--init",
+            "nowhere",
+            "--data",
+            "x.txt",
+            "--seq-len",
+            "8",
+        ],
         vec!["generate", "--init", "hf:nowhere", "--prompt", "a"],
         vec!["export", "nowhere", "--to", "hf", "out"],
     ] {
         let out = trainer(cwd, &args);
         assert_eq!(out.code, Some(1), "{}", out.describe());
-        let errors: Vec<&str> = out.stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        let errors: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .collect();
         assert_eq!(errors.len(), 1, "{}", out.describe());
         assert!(errors[0].contains("nowhere"), "{}", out.describe());
         assert!(!out.stderr.contains("panicked"), "{}", out.describe());
@@ -149,14 +261,44 @@ fn generate_is_reproducible_for_a_seed() {
     let name = write_recipe(cwd, "tiny.toml", &tiny_recipe("runs/g"));
     run_tiny(cwd, &name, "runs/g", &["--set", "train.max_steps=5"]);
     let gen = |seed: &str| {
-        let out = trainer(cwd, &["generate", "--init", "runs/g", "--prompt", "Alice", "--max-new-tokens", "20", "--seed", seed, "--device", "cpu"]);
+        let out = trainer(
+            cwd,
+            &[
+                "generate",
+                "--init",
+                "runs/g",
+                "--prompt",
+                "Alice",
+                "--max-new-tokens",
+                "20",
+                "--seed",
+                seed,
+                "--device",
+                "cpu",
+            ],
+        );
         out.assert_success();
         out.stdout
     };
     let a = gen("1");
     assert_eq!(a, gen("1"));
     assert!(a.starts_with("Alice"), "{a}");
-    let greedy = trainer(cwd, &["generate", "--init", "runs/g", "--prompt", "Alice", "--max-new-tokens", "10", "--temperature", "0", "--device", "cpu"]);
+    let greedy = trainer(
+        cwd,
+        &[
+            "generate",
+            "--init",
+            "runs/g",
+            "--prompt",
+            "Alice",
+            "--max-new-tokens",
+            "10",
+            "--temperature",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    );
     greedy.assert_success();
 }
 
@@ -172,22 +314,74 @@ fn tokenizer_json_drives_generate_and_eval_as_in_transformers() {
         .env("DATA_FOR_BPE", cwd.join(&data))
         .output()
         .expect("python (run scripts/test)");
-    assert!(out.status.success(), "creating the model: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "creating the model: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let init = format!("hf:{}", hf.display());
 
     // Greedy decoding: the same token ids as transformers, from the same tokenized prompt.
-    let reference: Value = serde_json::from_str(py(&["greedy", hf.to_str().expect("utf-8"), "Alice was", "12"]).trim()).expect("json");
-    let ours = trainer(cwd, &["generate", "--init", &init, "--prompt", "Alice was", "--max-new-tokens", "12", "--temperature", "0", "--device", "cpu", "--json"]);
+    let reference: Value = serde_json::from_str(
+        py(&["greedy", hf.to_str().expect("utf-8"), "Alice was", "12"]).trim(),
+    )
+    .expect("json");
+    let ours = trainer(
+        cwd,
+        &[
+            "generate",
+            "--init",
+            &init,
+            "--prompt",
+            "Alice was",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    );
     ours.assert_success();
     let ours: Value = serde_json::from_str(ours.stdout.trim()).expect("json");
-    assert_eq!(ours["prompt_ids"], reference["prompt_ids"], "prompt tokenized differently");
+    assert_eq!(
+        ours["prompt_ids"], reference["prompt_ids"],
+        "prompt tokenized differently"
+    );
     assert_eq!(ours["ids"], reference["ids"], "greedy continuation differs");
     assert_eq!(ours["tokenizer"], "tokenizer.json");
 
     // Evaluation of a text file through the tokenizer.
-    let reference = loss_of(&py(&["eval", hf.to_str().expect("utf-8"), cwd.join(&data).to_str().expect("utf-8"), "16", "4", "--tokenizer"]));
-    let ours = trainer(cwd, &["eval", "--init", &init, "--data", &data, "--seq-len", "16", "--batch-size", "4", "--device", "cpu", "--json"]);
+    let reference = loss_of(&py(&[
+        "eval",
+        hf.to_str().expect("utf-8"),
+        cwd.join(&data).to_str().expect("utf-8"),
+        "16",
+        "4",
+        "--tokenizer",
+    ]));
+    let ours = trainer(
+        cwd,
+        &[
+            "eval",
+            "--init",
+            &init,
+            "--data",
+            &data,
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    );
     ours.assert_success();
     let ours = loss_of(&ours.stdout);
-    assert!((ours - reference).abs() / reference < 1e-5, "trainer {ours} vs transformers {reference}");
+    assert!(
+        (ours - reference).abs() / reference < 1e-5,
+        "trainer {ours} vs transformers {reference}"
+    );
 }

@@ -62,20 +62,33 @@ fn mixture_logs_proportions_epochs_and_a_curve_per_source_and_resumes_exactly() 
     let train = train_rows(&rows);
     assert_eq!(train.len(), 20);
     let last = train.last().expect("rows");
-    let (fnew, freplay) = (num(last, "mix_new_fraction"), num(last, "mix_replay_fraction"));
+    let (fnew, freplay) = (
+        num(last, "mix_new_fraction"),
+        num(last, "mix_replay_fraction"),
+    );
     assert!((fnew + freplay - 1.0).abs() < 1e-9, "{last}");
     // 20 steps x 4 rows = 80 sequences: loosely near the weights (the 1% bound is tested on the
     // sampler over many steps).
     assert!((fnew - 0.8).abs() < 0.15, "{last}");
-    assert!(num(last, "mix_new_epochs") > 0.0 && num(last, "mix_replay_epochs") > 0.0, "{last}");
+    assert!(
+        num(last, "mix_new_epochs") > 0.0 && num(last, "mix_replay_epochs") > 0.0,
+        "{last}"
+    );
     // Without [data.valid_sets], each source's held-out part is its own validation set.
     for split in ["new", "replay"] {
         let evals = eval_rows(&rows, split);
-        assert_eq!(evals.iter().map(step_of).collect::<Vec<_>>(), vec![10, 20], "{split}");
+        assert_eq!(
+            evals.iter().map(step_of).collect::<Vec<_>>(),
+            vec![10, 20],
+            "{split}"
+        );
     }
     let s = summary(&w.join("full"));
     let losses = &s["final_valid_losses"];
-    assert!(losses["new"].as_f64().is_some() && losses["replay"].as_f64().is_some(), "{s}");
+    assert!(
+        losses["new"].as_f64().is_some() && losses["replay"].as_f64().is_some(),
+        "{s}"
+    );
     // The alphabet is far easier to predict than English.
     assert!(losses["new"].as_f64() < losses["replay"].as_f64(), "{s}");
     assert_eq!(s["mixture"]["new"]["fraction"].as_f64(), Some(fnew), "{s}");
@@ -87,13 +100,23 @@ fn mixture_logs_proportions_epochs_and_a_curve_per_source_and_resumes_exactly() 
     // Resumed from step 10 into another directory: the same losses and proportions, bitwise.
     let ckpt = w.join("full/checkpoints/step-00000010");
     assert!(ckpt.is_dir(), "no {}", ckpt.display());
-    let resumed = run_tiny(w, "mix.toml", "resumed", &["--resume", ckpt.to_str().expect("utf-8")]);
+    let resumed = run_tiny(
+        w,
+        "mix.toml",
+        "resumed",
+        &["--resume", ckpt.to_str().expect("utf-8")],
+    );
     let resumed_train = train_rows(&resumed);
     assert_eq!(step_of(&resumed_train[0]), 11);
     for (a, b) in train[10..].iter().zip(&resumed_train) {
         assert_eq!(step_of(a), step_of(b));
         for key in ["loss", "mix_new_fraction", "mix_replay_epochs"] {
-            assert_eq!(num(a, key).to_bits(), num(b, key).to_bits(), "step {}: {key}", step_of(a));
+            assert_eq!(
+                num(a, key).to_bits(),
+                num(b, key).to_bits(),
+                "step {}: {key}",
+                step_of(a)
+            );
         }
     }
 }
@@ -112,7 +135,11 @@ fn named_validation_sets_each_get_a_curve_and_a_final_loss() {
     }
     assert!(eval_rows(&rows, "valid").is_empty());
     let s = summary(&w.join("sets"));
-    let keys: Vec<&String> = s["final_valid_losses"].as_object().expect("map").keys().collect();
+    let keys: Vec<&String> = s["final_valid_losses"]
+        .as_object()
+        .expect("map")
+        .keys()
+        .collect();
     assert_eq!(keys, vec!["downstream", "upstream"], "{s}");
 }
 
@@ -128,15 +155,25 @@ fn init_load_full_continues_weights_optimizer_and_step() {
     write_recipe(w, "b.toml", &cont);
     let rows = run_tiny(w, "b.toml", "b", &[]);
     let train = train_rows(&rows);
-    assert_eq!(train.iter().map(step_of).collect::<Vec<_>>(), (11..=15).collect::<Vec<_>>());
+    assert_eq!(
+        train.iter().map(step_of).collect::<Vec<_>>(),
+        (11..=15).collect::<Vec<_>>()
+    );
     let s = summary(&w.join("b"));
     assert_eq!(s["steps"].as_i64(), Some(15));
     assert_eq!(s["init_load"].as_str(), Some("full"), "{s}");
-    assert!(s["init_from"].as_str().is_some_and(|f| f.contains("step-00000010")), "{s}");
+    assert!(
+        s["init_from"]
+            .as_str()
+            .is_some_and(|f| f.contains("step-00000010")),
+        "{s}"
+    );
     // A checkpoint already at the end: one clear error.
-    let done = replace_line(&base, "max_steps = 10", "max_steps = 10") + "\n[init]\nfrom = \"a\"\nload = \"full\"\n";
+    let done = replace_line(&base, "max_steps = 10", "max_steps = 10")
+        + "\n[init]\nfrom = \"a\"\nload = \"full\"\n";
     write_recipe(w, "c.toml", &done);
-    trainer(w, &["run", "c.toml", "--set", "run.out_dir=c"]).assert_one_error(&["init.from", "raise train.max_steps"]);
+    trainer(w, &["run", "c.toml", "--set", "run.out_dir=c"])
+        .assert_one_error(&["init.from", "raise train.max_steps"]);
     // The default (load = "model") starts at step 1 with the same weights.
     let fresh = base.clone() + "\n[init]\nfrom = \"a\"\n";
     write_recipe(w, "d.toml", &fresh);
@@ -151,11 +188,31 @@ fn bad_mixtures_are_one_line_errors_naming_the_key() {
     let w = work.path();
     let good = mixture_recipe(w, (0.95, 0.05));
     let cases: Vec<(String, Vec<&str>)> = vec![
-        (good.replace("weight = 0.05", "weight = -0.05"), vec!["data.mixture.sources[1].weight", "non-negative"]),
-        (good.replace("weight = 0.05", "weight = 0").replace("weight = 0.95", "weight = 0"), vec!["data.mixture.sources", "all zero"]),
-        (good.replace("name = \"replay\"", "name = \"new\""), vec!["data.mixture.sources[1].name", "duplicate"]),
-        (good.replace("alpha.txt", "missing.txt"), vec!["data.mixture.sources[0].source.path", "missing.txt"]),
-        (good.replacen("\n[[data.mixture", "\n[data.train]\nkind = \"builtin\"\n\n[[data.mixture", 1), vec!["data.mixture", "not both"]),
+        (
+            good.replace("weight = 0.05", "weight = -0.05"),
+            vec!["data.mixture.sources[1].weight", "non-negative"],
+        ),
+        (
+            good.replace("weight = 0.05", "weight = 0")
+                .replace("weight = 0.95", "weight = 0"),
+            vec!["data.mixture.sources", "all zero"],
+        ),
+        (
+            good.replace("name = \"replay\"", "name = \"new\""),
+            vec!["data.mixture.sources[1].name", "duplicate"],
+        ),
+        (
+            good.replace("alpha.txt", "missing.txt"),
+            vec!["data.mixture.sources[0].source.path", "missing.txt"],
+        ),
+        (
+            good.replacen(
+                "\n[[data.mixture",
+                "\n[data.train]\nkind = \"builtin\"\n\n[[data.mixture",
+                1,
+            ),
+            vec!["data.mixture", "not both"],
+        ),
     ];
     for (i, (text, needles)) in cases.iter().enumerate() {
         let name = format!("bad-{i}.toml");
@@ -165,6 +222,10 @@ fn bad_mixtures_are_one_line_errors_naming_the_key() {
     // A source too short for its held-out part names the source.
     std::fs::write(w.join("alpha.txt"), alphabet_text(100)).expect("short");
     write_recipe(w, "short.toml", &good);
-    trainer(w, &["run", "short.toml"]).assert_one_error(&["data.mixture.sources[0] (new)", "held-out"]);
-    assert!(!w.join("run").exists(), "a failed start wrote a run directory");
+    trainer(w, &["run", "short.toml"])
+        .assert_one_error(&["data.mixture.sources[0] (new)", "held-out"]);
+    assert!(
+        !w.join("run").exists(),
+        "a failed start wrote a run directory"
+    );
 }

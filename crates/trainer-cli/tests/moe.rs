@@ -31,18 +31,44 @@ fn moe_from_scratch_logs_router_statistics_and_resumes_exactly() {
         let loads = r["moe_expert_load"].as_array().expect("per-layer loads");
         assert_eq!(loads.len(), 2, "one entry per layer: {r}");
         for layer in loads {
-            let load: Vec<f64> = layer.as_array().expect("per expert").iter().map(|x| x.as_f64().expect("f64")).collect();
+            let load: Vec<f64> = layer
+                .as_array()
+                .expect("per expert")
+                .iter()
+                .map(|x| x.as_f64().expect("f64"))
+                .collect();
             assert_eq!(load.len(), 4);
             assert!((load.iter().sum::<f64>() - 1.0).abs() < 1e-5, "{r}");
         }
-        assert!(num(r, "moe_max_load_l0") >= 1.0 - 1e-6, "busiest expert >= uniform: {r}");
+        assert!(
+            num(r, "moe_max_load_l0") >= 1.0 - 1e-6,
+            "busiest expert >= uniform: {r}"
+        );
     }
 
     // Resume from the step-5 checkpoint: steps 6..10 again, bitwise.
-    let again = run_tiny(cwd, &name, "runs/moe-resumed", &["--set", "train.max_steps=10", "--resume", "runs/moe/checkpoints/step-00000005"]);
+    let again = run_tiny(
+        cwd,
+        &name,
+        "runs/moe-resumed",
+        &[
+            "--set",
+            "train.max_steps=10",
+            "--resume",
+            "runs/moe/checkpoints/step-00000005",
+        ],
+    );
     let again = train_rows(&again);
-    let first: Vec<f64> = train.iter().filter(|r| step_of(r) > 5).map(|r| num(r, "loss")).collect();
-    let second: Vec<f64> = again.iter().filter(|r| step_of(r) > 5).map(|r| num(r, "loss")).collect();
+    let first: Vec<f64> = train
+        .iter()
+        .filter(|r| step_of(r) > 5)
+        .map(|r| num(r, "loss"))
+        .collect();
+    let second: Vec<f64> = again
+        .iter()
+        .filter(|r| step_of(r) > 5)
+        .map(|r| num(r, "loss"))
+        .collect();
     assert_eq!(first, second, "resumed MoE losses differ");
 }
 
@@ -52,7 +78,10 @@ fn upcycled_run_starts_from_the_dense_models_validation_loss() {
     let cwd = dir.path();
     let dense = write_recipe(cwd, "dense.toml", &tiny_recipe("runs/dense"));
     let rows = run_tiny(cwd, &dense, "runs/dense", &["--set", "train.max_steps=10"]);
-    let dense_valid = num(eval_rows(&rows, "valid").last().expect("final eval"), "loss");
+    let dense_valid = num(
+        eval_rows(&rows, "valid").last().expect("final eval"),
+        "loss",
+    );
 
     // An upcycled run whose only step barely moves the weights: its validation loss after that
     // step is the dense model's on the same validation windows.
@@ -65,10 +94,33 @@ fn upcycled_run_starts_from_the_dense_models_validation_loss() {
         &recipe[end..]
     );
     let up = write_recipe(cwd, "up.toml", &recipe);
-    let rows = run_tiny(cwd, &up, "runs/up", &["--set", "train.max_steps=1", "--set", "optim.lr=1e-12", "--set", "schedule.warmup_steps=0", "--set", "schedule.min_lr=0"]);
-    let up_valid = num(eval_rows(&rows, "valid").last().expect("final eval"), "loss");
-    assert!((up_valid - dense_valid).abs() < 1e-5, "upcycled {up_valid} vs dense {dense_valid}");
-    let summary: Value = serde_json::from_str(&std::fs::read_to_string(cwd.join("runs/up/summary.json")).expect("summary")).expect("json");
+    let rows = run_tiny(
+        cwd,
+        &up,
+        "runs/up",
+        &[
+            "--set",
+            "train.max_steps=1",
+            "--set",
+            "optim.lr=1e-12",
+            "--set",
+            "schedule.warmup_steps=0",
+            "--set",
+            "schedule.min_lr=0",
+        ],
+    );
+    let up_valid = num(
+        eval_rows(&rows, "valid").last().expect("final eval"),
+        "loss",
+    );
+    assert!(
+        (up_valid - dense_valid).abs() < 1e-5,
+        "upcycled {up_valid} vs dense {dense_valid}"
+    );
+    let summary: Value = serde_json::from_str(
+        &std::fs::read_to_string(cwd.join("runs/up/summary.json")).expect("summary"),
+    )
+    .expect("json");
     assert!(summary["params"].as_i64().expect("params") > 0);
 
     // The upcycled run exports as a Mixtral checkpoint.
@@ -77,9 +129,26 @@ fn upcycled_run_starts_from_the_dense_models_validation_loss() {
     assert!(config.contains("\"model_type\": \"mixtral\""), "{config}");
     // Switch MoE is not Mixtral: export refuses it in one line.
     let sw = write_recipe(cwd, "sw.toml", &moe_recipe("runs/sw"));
-    run_tiny(cwd, &sw, "runs/sw", &["--set", "train.max_steps=1", "--set", "schedule.warmup_steps=0"]);
+    run_tiny(
+        cwd,
+        &sw,
+        "runs/sw",
+        &[
+            "--set",
+            "train.max_steps=1",
+            "--set",
+            "schedule.warmup_steps=0",
+        ],
+    );
     let out = trainer(cwd, &["export", "runs/sw", "--to", "hf", "sw-hf"]);
     assert_eq!(out.code, Some(1), "{}", out.describe());
-    assert!(out.stderr.contains("only Mixtral-style MoE exports"), "{}", out.describe());
-    assert!(!cwd.join("sw-hf").exists(), "a refused export leaves nothing behind");
+    assert!(
+        out.stderr.contains("only Mixtral-style MoE exports"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        !cwd.join("sw-hf").exists(),
+        "a refused export leaves nothing behind"
+    );
 }

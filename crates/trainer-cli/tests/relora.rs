@@ -23,7 +23,10 @@ fn recipe() -> String {
 }
 
 fn rows_by_step(rows: &[Value]) -> BTreeMap<i64, Value> {
-    train_rows(rows).into_iter().map(|r| (step_of(&r), r)).collect()
+    train_rows(rows)
+        .into_iter()
+        .map(|r| (step_of(&r), r))
+        .collect()
 }
 
 #[test]
@@ -36,11 +39,19 @@ fn relora_rewarms_after_each_merge_and_resumes_bitwise_from_the_middle() {
     assert_eq!(ra.len() as i64, STEPS);
     // Logged step s ran 0-based step s - 1: LR 0 right after each restart, half-way the next.
     for reset in [5, 8, 16, 24, 32] {
-        assert_eq!(num(&ra[&(reset + 1)], "lr"), 0.0, "step {} after the restart at {reset}", reset + 1);
+        assert_eq!(
+            num(&ra[&(reset + 1)], "lr"),
+            0.0,
+            "step {} after the restart at {reset}",
+            reset + 1
+        );
         assert!(num(&ra[&(reset + 2)], "lr") > 0.0);
     }
     for s in [2, 3, 4, 5, 8, 12, 20] {
-        assert!(num(&ra[&s], "lr") > 0.0, "step {s} has the main schedule's LR");
+        assert!(
+            num(&ra[&s], "lr") > 0.0,
+            "step {s} has the main schedule's LR"
+        );
     }
     assert!(
         num(&ra[&STEPS], "loss") < num(&ra[&1], "loss"),
@@ -51,9 +62,16 @@ fn relora_rewarms_after_each_merge_and_resumes_bitwise_from_the_middle() {
 
     // After the full-rank warm start only the adapters train.
     let summary: Value =
-        serde_json::from_str(&std::fs::read_to_string(w.join("a/summary.json")).expect("summary")).expect("json");
-    let (total, trainable) = (summary["params"].as_i64().expect("params"), summary["trainable_params"].as_i64().expect("trainable"));
-    assert!(trainable > 0 && trainable * 10 < total, "{trainable} of {total} trainable");
+        serde_json::from_str(&std::fs::read_to_string(w.join("a/summary.json")).expect("summary"))
+            .expect("json");
+    let (total, trainable) = (
+        summary["params"].as_i64().expect("params"),
+        summary["trainable_params"].as_i64().expect("trainable"),
+    );
+    assert!(
+        trainable > 0 && trainable * 10 < total,
+        "{trainable} of {total} trainable"
+    );
 
     for from in [5, 15] {
         let out = format!("b{from}");
@@ -61,7 +79,11 @@ fn relora_rewarms_after_each_merge_and_resumes_bitwise_from_the_middle() {
         let b = run_tiny(w, "relora.toml", &out, &["--resume", &ckpt]);
         let rb = rows_by_step(&b);
         for step in from + 1..=STEPS {
-            let (x, y) = (&ra[&step], rb.get(&step).unwrap_or_else(|| panic!("no step {step} after resume at {from}")));
+            let (x, y) = (
+                &ra[&step],
+                rb.get(&step)
+                    .unwrap_or_else(|| panic!("no step {step} after resume at {from}")),
+            );
             for key in ["loss", "lr"] {
                 assert!(
                     num(x, key).to_bits() == num(y, key).to_bits(),
@@ -72,8 +94,15 @@ fn relora_rewarms_after_each_merge_and_resumes_bitwise_from_the_middle() {
             }
         }
         let model = |run: &str| {
-            std::fs::read(w.join(run).join(format!("checkpoints/step-{STEPS:08}/model.safetensors"))).expect("final model")
+            std::fs::read(
+                w.join(run)
+                    .join(format!("checkpoints/step-{STEPS:08}/model.safetensors")),
+            )
+            .expect("final model")
         };
-        assert!(model("a") == model(&out), "the final model after resuming at {from} differs");
+        assert!(
+            model("a") == model(&out),
+            "the final model after resuming at {from} differs"
+        );
     }
 }

@@ -436,5 +436,9 @@ fn first_sigint_checkpoints_second_sigint_exits_at_once() {
     send_signal(twice.pid(), "INT");
     let out = twice.wait(TIMEOUT);
     assert_eq!(out.code, Some(130), "{}", out.describe());
-    assert_eq!(checkpoint_entries(&cwd.join("runs/int")), saved, "no new checkpoint after the second SIGINT");
+    assert_eq!(
+        checkpoint_entries(&cwd.join("runs/int")),
+        saved,
+        "no new checkpoint after the second SIGINT"
+    );
 }

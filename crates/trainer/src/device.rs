@@ -17,16 +17,26 @@ pub fn parse_device_spec(text: &str) -> Option<DeviceSpec> {
         "auto" => Some(DeviceSpec::Auto),
         "cpu" => Some(DeviceSpec::Cpu),
         "cuda" => Some(DeviceSpec::Cuda(0)),
-        _ => text.strip_prefix("cuda:")?.parse().ok().map(DeviceSpec::Cuda),
+        _ => text
+            .strip_prefix("cuda:")?
+            .parse()
+            .ok()
+            .map(DeviceSpec::Cuda),
     }
 }
 
 /// Resolves a device spec against this machine: `auto` is the first GPU when there is one.
 pub fn resolve(text: &str) -> Result<Device> {
     let spec = parse_device_spec(text).ok_or_else(|| {
-        Error::Device(format!("run.device: expected auto, cpu, cuda or cuda:N, got {text:?}"))
+        Error::Device(format!(
+            "run.device: expected auto, cpu, cuda or cuda:N, got {text:?}"
+        ))
     })?;
-    let n_gpus = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
+    let n_gpus = if tch::Cuda::is_available() {
+        tch::Cuda::device_count() as usize
+    } else {
+        0
+    };
     match spec {
         DeviceSpec::Cpu => Ok(Device::Cpu),
         DeviceSpec::Auto if n_gpus > 0 => Ok(Device::Cuda(0)),

@@ -47,7 +47,11 @@ impl From<tch::TchError> for Error {
 
 /// The first non-empty line of a message (libtorch errors are many lines long).
 pub fn first_line(text: &str) -> String {
-    text.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string()
+    text.lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string()
 }
 
 pub fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {

@@ -52,7 +52,9 @@ fn upcycled(routing: RoutingKind, top_k: i64, shared_expert: bool) -> (Tensor, T
     let mut moe_params = ParamStore::new(Device::Cpu);
     let moe = Transformer::new(&moe_cfg, &mut moe_params).expect("moe");
     let source = ModelSource::parse(&format!("hf:{}", hf_dir.display())).expect("source");
-    source.load_upcycled(&dense_cfg, &moe_params, &moe).expect("upcycle");
+    source
+        .load_upcycled(&dense_cfg, &moe_params, &moe)
+        .expect("upcycle");
 
     let ids = Tensor::randint(256, [2, 16], (Kind::Int64, Device::Cpu));
     tch::no_grad(|| (dense.forward(&ids, false), moe.forward(&ids, false)))
@@ -65,10 +67,17 @@ fn max_rel_err(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn upcycled_moe_equals_the_dense_model_before_training() {
-    for (routing, k) in [(RoutingKind::SoftmaxTopK, 2), (RoutingKind::TopKSoftmax, 2), (RoutingKind::SoftmaxTopK, 1)] {
+    for (routing, k) in [
+        (RoutingKind::SoftmaxTopK, 2),
+        (RoutingKind::TopKSoftmax, 2),
+        (RoutingKind::SoftmaxTopK, 1),
+    ] {
         let (dense, moe) = upcycled(routing, k, false);
         let err = max_rel_err(&moe, &dense);
-        assert!(err < 1e-5, "{routing:?} top-{k}: upcycled logits differ from dense by {err}");
+        assert!(
+            err < 1e-5,
+            "{routing:?} top-{k}: upcycled logits differ from dense by {err}"
+        );
     }
 }
 
@@ -99,11 +108,25 @@ fn upcycling_a_source_without_dense_mlp_weights_names_the_missing_tensor() {
         .collect();
     Tensor::write_safetensors(&kept, &path).expect("write");
 
-    let recipe = MoeRecipe { n_experts: 2, top_k: 1, routing: RoutingKind::SoftmaxTopK, capacity_factor: None, aux_loss_coef: 0.0, z_loss_coef: 0.0, shared_expert: false };
-    let moe_cfg = TransformerConfig { moe: Some(moe_config(&recipe, 32, 48)), ..dense_cfg.clone() };
+    let recipe = MoeRecipe {
+        n_experts: 2,
+        top_k: 1,
+        routing: RoutingKind::SoftmaxTopK,
+        capacity_factor: None,
+        aux_loss_coef: 0.0,
+        z_loss_coef: 0.0,
+        shared_expert: false,
+    };
+    let moe_cfg = TransformerConfig {
+        moe: Some(moe_config(&recipe, 32, 48)),
+        ..dense_cfg.clone()
+    };
     let mut moe_params = ParamStore::new(Device::Cpu);
     let moe = Transformer::new(&moe_cfg, &mut moe_params).expect("moe");
     let source = ModelSource::parse(&format!("hf:{}", hf_dir.display())).expect("source");
-    let err = source.load_upcycled(&dense_cfg, &moe_params, &moe).expect_err("refused").to_string();
+    let err = source
+        .load_upcycled(&dense_cfg, &moe_params, &moe)
+        .expect_err("refused")
+        .to_string();
     assert!(err.contains("model.layers.1.mlp.up_proj.weight"), "{err}");
 }

@@ -68,7 +68,11 @@ pub fn save(
     let parent = checkpoints_dir(run_dir);
     std::fs::create_dir_all(&parent).map_err(io_err(format!("creating {}", parent.display())))?;
     remove_leftovers(&parent);
-    let tmp = parent.join(format!(".tmp-step-{:08}-{}", state.step, std::process::id()));
+    let tmp = parent.join(format!(
+        ".tmp-step-{:08}-{}",
+        state.step,
+        std::process::id()
+    ));
     std::fs::create_dir(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
     params.save(&tmp.join(MODEL_FILE))?;
     optimizer.save(&tmp.join(OPTIMIZER_FILE))?;
@@ -80,8 +84,13 @@ pub fn save(
     if final_dir.exists() {
         // A checkpoint of the same step exists (a run resumed from an older checkpoint and
         // reached this step again): it is replaced only now that the new one is complete.
-        let old = parent.join(format!(".old-step-{:08}-{}", state.step, std::process::id()));
-        std::fs::rename(&final_dir, &old).map_err(io_err(format!("moving {}", final_dir.display())))?;
+        let old = parent.join(format!(
+            ".old-step-{:08}-{}",
+            state.step,
+            std::process::id()
+        ));
+        std::fs::rename(&final_dir, &old)
+            .map_err(io_err(format!("moving {}", final_dir.display())))?;
         std::fs::rename(&tmp, &final_dir).map_err(io_err(format!("renaming {}", tmp.display())))?;
         let _ = std::fs::remove_dir_all(&old);
     } else {
@@ -95,11 +104,16 @@ pub fn save(
 /// Removes `.tmp-*` and `.old-*` directories left by a process that died while writing a
 /// checkpoint. Only one process writes checkpoints into a run directory, so none is in use.
 fn remove_leftovers(parent: &Path) {
-    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
     for e in entries.filter_map(|e| e.ok()) {
         let name = e.file_name().to_string_lossy().to_string();
         if name.starts_with(".tmp-step-") || name.starts_with(".old-step-") {
-            tracing::info!("removing {}, left by an interrupted checkpoint write", e.path().display());
+            tracing::info!(
+                "removing {}, left by an interrupted checkpoint write",
+                e.path().display()
+            );
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
@@ -109,7 +123,8 @@ fn prune(run_dir: &Path, keep: usize) -> Result<()> {
     let all = list_complete(run_dir);
     if all.len() > keep {
         for (_, path) in &all[..all.len() - keep] {
-            std::fs::remove_dir_all(path).map_err(io_err(format!("removing {}", path.display())))?;
+            std::fs::remove_dir_all(path)
+                .map_err(io_err(format!("removing {}", path.display())))?;
         }
     }
     Ok(())
@@ -131,7 +146,10 @@ pub fn read_state(dir: &Path) -> Result<TrainState> {
 /// Loads model and optimizer state from a checkpoint directory; returns its train state.
 pub fn load(dir: &Path, params: &mut ParamStore, optimizer: &mut Optimizer) -> Result<TrainState> {
     if !dir.is_dir() {
-        return Err(Error::Checkpoint { path: dir.to_path_buf(), msg: "no such checkpoint directory".into() });
+        return Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            msg: "no such checkpoint directory".into(),
+        });
     }
     let state = read_state(dir)?;
     params.load(&dir.join(MODEL_FILE))?;
@@ -141,14 +159,18 @@ pub fn load(dir: &Path, params: &mut ParamStore, optimizer: &mut Optimizer) -> R
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let mut f = std::fs::File::create(path).map_err(io_err(format!("creating {}", path.display())))?;
-    f.write_all(bytes).map_err(io_err(format!("writing {}", path.display())))?;
-    f.sync_all().map_err(io_err(format!("syncing {}", path.display())))
+    let mut f =
+        std::fs::File::create(path).map_err(io_err(format!("creating {}", path.display())))?;
+    f.write_all(bytes)
+        .map_err(io_err(format!("writing {}", path.display())))?;
+    f.sync_all()
+        .map_err(io_err(format!("syncing {}", path.display())))
 }
 
 fn sync_file(path: &Path) -> Result<()> {
     let f = std::fs::File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
-    f.sync_all().map_err(io_err(format!("syncing {}", path.display())))
+    f.sync_all()
+        .map_err(io_err(format!("syncing {}", path.display())))
 }
 
 fn sync_dir(path: &Path) {

@@ -90,9 +90,11 @@ impl ImageSet {
 pub fn open(src: &ImageSourceConfig, key: &str, data: &ImageDataConfig) -> Result<ImageSet> {
     let set = match src {
         ImageSourceConfig::Cifar10 { path, split } => read_cifar(path, Cifar::Ten, *split, key)?,
-        ImageSourceConfig::Cifar100 { path, split, labels } => {
-            read_cifar(path, Cifar::Hundred(*labels), *split, key)?
-        }
+        ImageSourceConfig::Cifar100 {
+            path,
+            split,
+            labels,
+        } => read_cifar(path, Cifar::Hundred(*labels), *split, key)?,
         ImageSourceConfig::Folder { path } => {
             let size = data.image_size as usize;
             read_folder(path, size, data.resize.map_or(size, |r| r as usize), key)?
@@ -106,7 +108,10 @@ pub fn open(src: &ImageSourceConfig, key: &str, data: &ImageDataConfig) -> Resul
         }
     };
     if set.is_empty() {
-        return Err(Error::Data { path: format!("{key} = {}", set.name), msg: "holds no images".into() });
+        return Err(Error::Data {
+            path: format!("{key} = {}", set.name),
+            msg: "holds no images".into(),
+        });
     }
     Ok(set)
 }
@@ -158,7 +163,10 @@ impl Cifar {
 
     /// The files of a split inside the dataset directory, in reading order.
     fn files(self, dir: &Path, split: Split, key: &str) -> Result<Vec<PathBuf>> {
-        let err = |msg: String| Error::Data { path: format!("{key} = {}", dir.display()), msg };
+        let err = |msg: String| Error::Data {
+            path: format!("{key} = {}", dir.display()),
+            msg,
+        };
         let expected = match self {
             Cifar::Ten => "the CIFAR-10 binary version (cifar-10-batches-bin: data_batch_1.bin .. data_batch_5.bin, test_batch.bin)",
             Cifar::Hundred(_) => "the CIFAR-100 binary version (cifar-100-binary: train.bin, test.bin)",
@@ -173,7 +181,11 @@ impl Cifar {
                     .filter_map(|e| e.ok())
                     .filter_map(|e| {
                         let name = e.file_name().to_string_lossy().to_string();
-                        let n = name.strip_prefix("data_batch_")?.strip_suffix(".bin")?.parse().ok()?;
+                        let n = name
+                            .strip_prefix("data_batch_")?
+                            .strip_suffix(".bin")?
+                            .parse()
+                            .ok()?;
                         Some((n, e.path()))
                     })
                     .collect();
@@ -224,7 +236,10 @@ pub fn read_cifar_file(
     pixels: &mut Vec<u8>,
     labels: &mut Vec<i64>,
 ) -> Result<()> {
-    let err = |msg: String| Error::Data { path: format!("{key} = {}", file.display()), msg };
+    let err = |msg: String| Error::Data {
+        path: format!("{key} = {}", file.display()),
+        msg,
+    };
     let bytes = std::fs::read(file).map_err(|e| err(format!("cannot read: {e}")))?;
     let record = kind.record();
     if bytes.is_empty() {
@@ -274,29 +289,44 @@ fn is_image_file(p: &Path) -> bool {
 /// sorted order); every image is resized so that its shorter side is `resize`, then
 /// center-cropped to `size` x `size`.
 pub fn read_folder(dir: &Path, size: usize, resize: usize, key: &str) -> Result<ImageSet> {
-    let err = |path: &Path, msg: String| Error::Data { path: format!("{key} = {}", path.display()), msg };
+    let err = |path: &Path, msg: String| Error::Data {
+        path: format!("{key} = {}", path.display()),
+        msg,
+    };
     if !dir.is_dir() {
-        return Err(err(dir, "no such directory; expected one sub-directory of images per class".into()));
+        return Err(err(
+            dir,
+            "no such directory; expected one sub-directory of images per class".into(),
+        ));
     }
     let list = |d: &Path| -> Result<Vec<PathBuf>> {
         let mut v: Vec<PathBuf> = std::fs::read_dir(d)
             .map_err(|e| err(d, format!("cannot list: {e}")))?
             .filter_map(|e| e.ok())
             .map(|e| e.path())
-            .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .filter(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
             .collect();
         v.sort();
         Ok(v)
     };
     let class_dirs: Vec<PathBuf> = list(dir)?.into_iter().filter(|p| p.is_dir()).collect();
     if class_dirs.is_empty() {
-        return Err(err(dir, "has no class sub-directories; expected one sub-directory of images per class".into()));
+        return Err(err(
+            dir,
+            "has no class sub-directories; expected one sub-directory of images per class".into(),
+        ));
     }
     let mut pixels = Vec::new();
     let mut labels = Vec::new();
     let mut classes = Vec::new();
     for (class, cdir) in class_dirs.iter().enumerate() {
-        let files: Vec<PathBuf> = list(cdir)?.into_iter().filter(|p| is_image_file(p)).collect();
+        let files: Vec<PathBuf> = list(cdir)?
+            .into_iter()
+            .filter(|p| is_image_file(p))
+            .collect();
         if files.is_empty() {
             return Err(err(cdir, "class folder holds no PNG or JPEG images".into()));
         }
@@ -311,7 +341,11 @@ pub fn read_folder(dir: &Path, size: usize, resize: usize, key: &str) -> Result<
             append_chw(&resize_center_crop(&img, size, resize), &mut pixels);
             labels.push(class as i64);
         }
-        classes.push(cdir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default());
+        classes.push(
+            cdir.file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default(),
+        );
     }
     Ok(ImageSet {
         pixels: Arc::new(pixels),
@@ -328,14 +362,25 @@ pub fn read_folder(dir: &Path, size: usize, resize: usize, key: &str) -> Result<
 fn resize_center_crop(img: &image::RgbImage, size: usize, resize: usize) -> image::RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (nw, nh) = if w <= h {
-        (resize, ((h * resize) as f64 / w as f64).round().max(1.0) as usize)
+        (
+            resize,
+            ((h * resize) as f64 / w as f64).round().max(1.0) as usize,
+        )
     } else {
-        (((w * resize) as f64 / h as f64).round().max(1.0) as usize, resize)
+        (
+            ((w * resize) as f64 / h as f64).round().max(1.0) as usize,
+            resize,
+        )
     };
     let resized = if (nw, nh) == (w, h) {
         img.clone()
     } else {
-        image::imageops::resize(img, nw as u32, nh as u32, image::imageops::FilterType::Triangle)
+        image::imageops::resize(
+            img,
+            nw as u32,
+            nh as u32,
+            image::imageops::FilterType::Triangle,
+        )
     };
     let (x0, y0) = ((nw - size) / 2, (nh - size) / 2);
     image::imageops::crop_imm(&resized, x0 as u32, y0 as u32, size as u32, size as u32).to_image()
@@ -390,14 +435,24 @@ pub fn builtin_shapes(split: Split, n: usize) -> ImageSet {
         height: SIZE,
         width: SIZE,
         classes: SHAPE_CLASSES.iter().map(|s| s.to_string()).collect(),
-        name: format!("builtin_shapes:{}", match split { Split::Train => "train", Split::Test => "test" }),
+        name: format!(
+            "builtin_shapes:{}",
+            match split {
+                Split::Train => "train",
+                Split::Test => "test",
+            }
+        ),
     }
 }
 
 /// Draws one image of `class` into `img` (`[3, s, s]`): a random background colour, the shape in
 /// a colour that differs from it in every channel, at a random place and scale, plus noise.
 fn draw_shape(rng: &mut ChaCha8Rng, class: usize, s: usize, img: &mut [u8]) {
-    let bg: [i32; 3] = [rng.gen_range(0..256), rng.gen_range(0..256), rng.gen_range(0..256)];
+    let bg: [i32; 3] = [
+        rng.gen_range(0..256),
+        rng.gen_range(0..256),
+        rng.gen_range(0..256),
+    ];
     let fg: [i32; 3] = std::array::from_fn(|c| (bg[c] + rng.gen_range(80..176)) % 256);
     let si = s as i32;
     let period = rng.gen_range(2..=4); // stripe half-period
@@ -421,7 +476,10 @@ fn draw_shape(rng: &mut ChaCha8Rng, class: usize, s: usize, img: &mut [u8]) {
             4 => d2 <= r * r,
             5 => d2 <= (r + 2) * (r + 2) && d2 >= (r + 2 - thick) * (r + 2 - thick),
             6 => dx.abs() <= r - 1 && dy.abs() <= r - 1,
-            7 => (dx.abs() <= thick / 2 + 1 && dy.abs() <= r + 2) || (dy.abs() <= thick / 2 + 1 && dx.abs() <= r + 2),
+            7 => {
+                (dx.abs() <= thick / 2 + 1 && dy.abs() <= r + 2)
+                    || (dy.abs() <= thick / 2 + 1 && dx.abs() <= r + 2)
+            }
             8 => {
                 // Upward triangle: apex at (cx, cy - r), base at y = cy + r.
                 let top = cy - r;
@@ -493,20 +551,42 @@ fn step_indices(order: &[u32], batch_size: usize, steps_per_epoch: i64, step: i6
 
 /// The training batch of `step`: its images (see `epoch_order`), each randomly cropped and
 /// flipped from a stream seeded by (seed, step), then normalised.
-pub fn train_batch(set: &ImageSet, aug: &Augment, batch_size: usize, seed: u64, step: i64) -> ImageBatch {
+pub fn train_batch(
+    set: &ImageSet,
+    aug: &Augment,
+    batch_size: usize,
+    seed: u64,
+    step: i64,
+) -> ImageBatch {
     let spe = (set.len() / batch_size).max(1) as i64;
     let order = epoch_order(seed, step / spe, set.len());
-    train_batch_from(set, aug, step_indices(&order, batch_size, spe, step), seed, step)
+    train_batch_from(
+        set,
+        aug,
+        step_indices(&order, batch_size, spe, step),
+        seed,
+        step,
+    )
 }
 
-fn train_batch_from(set: &ImageSet, aug: &Augment, indices: &[u32], seed: u64, step: i64) -> ImageBatch {
+fn train_batch_from(
+    set: &ImageSet,
+    aug: &Augment,
+    indices: &[u32],
+    seed: u64,
+    step: i64,
+) -> ImageBatch {
     let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(seed, step, 0, 0));
     let (c, h, w) = (set.channels, set.height, set.width);
     let p = aug.crop_padding as i64;
     let mut out = Vec::with_capacity(indices.len() * c * h * w);
     let mut labels = Vec::with_capacity(indices.len());
     for &k in indices {
-        let (dx, dy) = if p > 0 { (rng.gen_range(0..=2 * p), rng.gen_range(0..=2 * p)) } else { (p, p) };
+        let (dx, dy) = if p > 0 {
+            (rng.gen_range(0..=2 * p), rng.gen_range(0..=2 * p))
+        } else {
+            (p, p)
+        };
         let flip = aug.hflip && rng.gen_bool(0.5);
         let src = set.image(k as usize);
         for ch in 0..c {
@@ -540,14 +620,25 @@ pub fn eval_batch(set: &ImageSet, aug: &Augment, start: usize, len: usize) -> Im
         let src = set.image(k);
         for ch in 0..c {
             let (mean, std) = (aug.mean[ch.min(2)], aug.std[ch.min(2)]);
-            out.extend(src[ch * h * w..(ch + 1) * h * w].iter().map(|&v| (v as f32 / 255.0 - mean) / std));
+            out.extend(
+                src[ch * h * w..(ch + 1) * h * w]
+                    .iter()
+                    .map(|&v| (v as f32 / 255.0 - mean) / std),
+            );
         }
     }
     let labels = set.labels[start..start + len].to_vec();
     to_batch(out, labels, c, h, w, -1)
 }
 
-fn to_batch(pixels: Vec<f32>, labels: Vec<i64>, c: usize, h: usize, w: usize, step: i64) -> ImageBatch {
+fn to_batch(
+    pixels: Vec<f32>,
+    labels: Vec<i64>,
+    c: usize,
+    h: usize,
+    w: usize,
+    step: i64,
+) -> ImageBatch {
     let b = labels.len() as i64;
     ImageBatch {
         step,
@@ -584,13 +675,19 @@ impl ImagePrefetcher {
                         epoch = (step / spe, epoch_order(seed, step / spe, set.len()));
                     }
                     let idx = step_indices(&epoch.1, batch_size, spe, step);
-                    if tx.send(train_batch_from(&set, &aug, idx, seed, step)).is_err() {
+                    if tx
+                        .send(train_batch_from(&set, &aug, idx, seed, step))
+                        .is_err()
+                    {
                         return; // the trainer stopped
                     }
                 }
             })
             .ok();
-        ImagePrefetcher { rx: Some(rx), handle }
+        ImagePrefetcher {
+            rx: Some(rx),
+            handle,
+        }
     }
 
     /// The next batch, or None when the thread could not be started or has finished.
@@ -627,7 +724,12 @@ mod tests {
     }
 
     fn plain() -> Augment {
-        Augment { crop_padding: 0, hflip: false, mean: [0.0; 3], std: [1.0; 3] }
+        Augment {
+            crop_padding: 0,
+            hflip: false,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        }
     }
 
     #[test]
@@ -646,7 +748,10 @@ mod tests {
         assert_eq!(train.images_tensor().size(), vec![3, 3, 32, 32]);
         // Plane order: the first 1024 bytes are red, row-major.
         let t = train.images_tensor();
-        assert_eq!(t.int64_value(&[0, 1, 0, 5]), record(3, 1)[1 + 1024 + 5] as i64);
+        assert_eq!(
+            t.int64_value(&[0, 1, 0, 5]),
+            record(3, 1)[1 + 1024 + 5] as i64
+        );
         let test = read_cifar(dir.path(), Cifar::Ten, Split::Test, "data.valid").expect("test");
         assert_eq!(&test.labels[..], &[5]);
     }
@@ -657,10 +762,25 @@ mod tests {
         let mut rec = vec![7u8, 42u8];
         rec.extend(vec![1u8; CIFAR_PIXELS]);
         std::fs::write(dir.path().join("train.bin"), &rec).expect("write");
-        let fine = read_cifar(dir.path(), Cifar::Hundred(Cifar100Labels::Fine), Split::Train, "k").expect("fine");
-        let coarse = read_cifar(dir.path(), Cifar::Hundred(Cifar100Labels::Coarse), Split::Train, "k").expect("coarse");
+        let fine = read_cifar(
+            dir.path(),
+            Cifar::Hundred(Cifar100Labels::Fine),
+            Split::Train,
+            "k",
+        )
+        .expect("fine");
+        let coarse = read_cifar(
+            dir.path(),
+            Cifar::Hundred(Cifar100Labels::Coarse),
+            Split::Train,
+            "k",
+        )
+        .expect("coarse");
         assert_eq!((&fine.labels[..], fine.num_classes()), (&[42i64][..], 100));
-        assert_eq!((&coarse.labels[..], coarse.num_classes()), (&[7i64][..], 20));
+        assert_eq!(
+            (&coarse.labels[..], coarse.num_classes()),
+            (&[7i64][..], 20)
+        );
         assert_eq!(fine.image(0), &vec![1u8; CIFAR_PIXELS][..]);
     }
 
@@ -670,21 +790,46 @@ mod tests {
         let mut a = record(1, 0);
         a.extend(&record(2, 0)[..100]);
         std::fs::write(dir.path().join("data_batch_1.bin"), &a).expect("write");
-        let e = read_cifar(dir.path(), Cifar::Ten, Split::Train, "data.train").err().expect("error").to_string();
-        assert!(e.starts_with("data.train = ") && e.contains("data_batch_1.bin"), "{e}");
-        assert!(e.contains("3173 bytes is not a whole number of 3073-byte CIFAR-10 records"), "{e}");
+        let e = read_cifar(dir.path(), Cifar::Ten, Split::Train, "data.train")
+            .err()
+            .expect("error")
+            .to_string();
+        assert!(
+            e.starts_with("data.train = ") && e.contains("data_batch_1.bin"),
+            "{e}"
+        );
+        assert!(
+            e.contains("3173 bytes is not a whole number of 3073-byte CIFAR-10 records"),
+            "{e}"
+        );
         assert!(!e.contains('\n'), "{e}");
         std::fs::write(dir.path().join("data_batch_1.bin"), record(10, 0)).expect("write");
-        let e = read_cifar(dir.path(), Cifar::Ten, Split::Train, "data.train").err().expect("error").to_string();
+        let e = read_cifar(dir.path(), Cifar::Ten, Split::Train, "data.train")
+            .err()
+            .expect("error")
+            .to_string();
         assert!(e.contains("record 0 has label 10"), "{e}");
-        let e = read_cifar(dir.path(), Cifar::Ten, Split::Test, "data.valid").err().expect("error").to_string();
+        let e = read_cifar(dir.path(), Cifar::Ten, Split::Test, "data.valid")
+            .err()
+            .expect("error")
+            .to_string();
         assert!(e.contains("no test_batch.bin in it"), "{e}");
-        let e = read_cifar(&dir.path().join("nope"), Cifar::Ten, Split::Test, "data.valid").err().expect("error").to_string();
+        let e = read_cifar(
+            &dir.path().join("nope"),
+            Cifar::Ten,
+            Split::Test,
+            "data.valid",
+        )
+        .err()
+        .expect("error")
+        .to_string();
         assert!(e.contains("no such directory"), "{e}");
     }
 
     fn write_png(path: &Path, w: u32, h: u32, rgb: [u8; 3]) {
-        let img = image::RgbImage::from_fn(w, h, |x, _| image::Rgb([rgb[0], rgb[1], rgb[2].wrapping_add(x as u8)]));
+        let img = image::RgbImage::from_fn(w, h, |x, _| {
+            image::Rgb([rgb[0], rgb[1], rgb[2].wrapping_add(x as u8)])
+        });
         img.save(path).expect("png");
     }
 
@@ -695,7 +840,8 @@ mod tests {
             std::fs::create_dir(dir.path().join(class)).expect("mkdir");
             write_png(&dir.path().join(class).join("1.png"), 16, 8, rgb);
             write_png(&dir.path().join(class).join("2.PNG"), 8, 8, rgb);
-            std::fs::write(dir.path().join(class).join("notes.txt"), "not an image").expect("write");
+            std::fs::write(dir.path().join(class).join("notes.txt"), "not an image")
+                .expect("write");
         }
         let set = read_folder(dir.path(), 4, 4, "data.train").expect("folder");
         assert_eq!(set.classes, vec!["a_cat", "b_dog"]);
@@ -703,7 +849,11 @@ mod tests {
         assert_eq!((set.channels, set.height, set.width), (3, 4, 4));
         // Uniform red and green planes survive resizing; the first pixel is red 200.
         assert_eq!(set.image(0)[0], 200);
-        assert!(set.image(2)[..16].iter().all(|&v| v == 10), "{:?}", &set.image(2)[..16]);
+        assert!(
+            set.image(2)[..16].iter().all(|&v| v == 10),
+            "{:?}",
+            &set.image(2)[..16]
+        );
         assert!(set.image(2)[16..32].iter().all(|&v| v == 20));
     }
 
@@ -713,10 +863,19 @@ mod tests {
         std::fs::create_dir(dir.path().join("a")).expect("mkdir");
         write_png(&dir.path().join("a").join("x.png"), 4, 4, [1, 2, 3]);
         std::fs::create_dir(dir.path().join("b")).expect("mkdir");
-        let e = read_folder(dir.path(), 4, 4, "data.train").err().expect("error").to_string();
-        assert!(e.contains("/b: class folder holds no PNG or JPEG images"), "{e}");
+        let e = read_folder(dir.path(), 4, 4, "data.train")
+            .err()
+            .expect("error")
+            .to_string();
+        assert!(
+            e.contains("/b: class folder holds no PNG or JPEG images"),
+            "{e}"
+        );
         std::fs::write(dir.path().join("b").join("y.jpg"), b"not a jpeg").expect("write");
-        let e = read_folder(dir.path(), 4, 4, "data.train").err().expect("error").to_string();
+        let e = read_folder(dir.path(), 4, 4, "data.train")
+            .err()
+            .expect("error")
+            .to_string();
         assert!(e.contains("y.jpg: cannot decode"), "{e}");
         assert!(!e.contains('\n'), "{e}");
     }
@@ -737,20 +896,34 @@ mod tests {
     #[test]
     fn augmentation_is_a_pure_function_of_seed_and_step() {
         let set = builtin_shapes(Split::Train, 40);
-        let aug = Augment { crop_padding: 4, hflip: true, mean: [0.5; 3], std: [0.25; 3] };
+        let aug = Augment {
+            crop_padding: 4,
+            hflip: true,
+            mean: [0.5; 3],
+            std: [0.25; 3],
+        };
         let x = train_batch(&set, &aug, 8, 3, 7);
         let y = train_batch(&set, &aug, 8, 3, 7);
         assert_eq!(floats(&x.images), floats(&y.images));
         assert_eq!(longs(&x.labels), longs(&y.labels));
         assert_eq!(x.images.size(), vec![8, 3, 32, 32]);
-        assert_ne!(floats(&x.images), floats(&train_batch(&set, &aug, 8, 3, 8).images));
-        assert_ne!(floats(&x.images), floats(&train_batch(&set, &aug, 8, 4, 7).images));
+        assert_ne!(
+            floats(&x.images),
+            floats(&train_batch(&set, &aug, 8, 3, 8).images)
+        );
+        assert_ne!(
+            floats(&x.images),
+            floats(&train_batch(&set, &aug, 8, 4, 7).images)
+        );
         // The prefetch thread yields exactly these batches.
         let p = ImagePrefetcher::start(set.clone(), aug.clone(), 8, 3, 6, 12, 2);
         for step in 6..=12 {
             let got = p.next().expect("batch");
             assert_eq!(got.step, step);
-            assert_eq!(floats(&got.images), floats(&train_batch(&set, &aug, 8, 3, step).images));
+            assert_eq!(
+                floats(&got.images),
+                floats(&train_batch(&set, &aug, 8, 3, step).images)
+            );
         }
         assert!(p.next().is_none());
     }
@@ -763,10 +936,19 @@ mod tests {
             // Epoch 1 of 5 steps of 8 images; labels identify images up to class, so compare
             // through an identity augmentation: the sum of pixels of each image.
             let b = train_batch(&set, &plain(), 8, 1, step);
-            let sums = b.images.sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Double);
-            seen.extend(Vec::<f64>::try_from(sums).expect("f64").iter().map(|s| (s * 255.0).round() as i64));
+            let sums = b
+                .images
+                .sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Double);
+            seen.extend(
+                Vec::<f64>::try_from(sums)
+                    .expect("f64")
+                    .iter()
+                    .map(|s| (s * 255.0).round() as i64),
+            );
         }
-        let mut all: Vec<i64> = (0..40).map(|i| set.image(i).iter().map(|&v| v as i64).sum()).collect();
+        let mut all: Vec<i64> = (0..40)
+            .map(|i| set.image(i).iter().map(|&v| v as i64).sum())
+            .collect();
         seen.sort();
         all.sort();
         assert_eq!(seen, all);
@@ -791,11 +973,19 @@ mod tests {
             classes: vec!["x".into()],
             name: "t".into(),
         };
-        let aug = Augment { crop_padding: 2, hflip: true, mean: [0.0; 3], std: [1.0 / 255.0; 3] };
+        let aug = Augment {
+            crop_padding: 2,
+            hflip: true,
+            mean: [0.0; 3],
+            std: [1.0 / 255.0; 3],
+        };
         let mut kinds = std::collections::BTreeSet::new();
         for step in 0..40 {
             let b = train_batch(&set, &aug, 1, 0, step);
-            let row: Vec<i64> = floats(&b.images)[12..16].iter().map(|v| v.round() as i64).collect();
+            let row: Vec<i64> = floats(&b.images)[12..16]
+                .iter()
+                .map(|v| v.round() as i64)
+                .collect();
             // Every row is a window of [0, 0, 1, 2, 3, 4, 0, 0], possibly mirrored.
             let padded = [0i64, 0, 1, 2, 3, 4, 0, 0];
             let ok = (0..=4).any(|o| {
@@ -811,7 +1001,12 @@ mod tests {
     #[test]
     fn eval_batches_normalise_per_channel() {
         let set = builtin_shapes(Split::Test, 3);
-        let aug = Augment { crop_padding: 4, hflip: true, mean: [0.1, 0.2, 0.3], std: [0.5, 0.25, 2.0] };
+        let aug = Augment {
+            crop_padding: 4,
+            hflip: true,
+            mean: [0.1, 0.2, 0.3],
+            std: [0.5, 0.25, 2.0],
+        };
         let b = eval_batch(&set, &aug, 1, 2);
         assert_eq!(b.images.size(), vec![2, 3, 32, 32]);
         let v = floats(&b.images);

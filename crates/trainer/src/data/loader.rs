@@ -37,7 +37,14 @@ pub fn stream_seed(seed: u64, step: i64, micro: i64, rank: i64) -> u64 {
 }
 
 /// Draws `batch_size` random windows of `seq_len + 1` tokens for (step, micro).
-pub fn train_batch(span: &Span, seq_len: usize, batch_size: usize, seed: u64, step: i64, micro: i64) -> Batch {
+pub fn train_batch(
+    span: &Span,
+    seq_len: usize,
+    batch_size: usize,
+    seed: u64,
+    step: i64,
+    micro: i64,
+) -> Batch {
     window_batch(&vec![span; batch_size], seq_len, seed, step, micro)
 }
 
@@ -57,15 +64,26 @@ pub fn window_batch(rows: &[&Span], seq_len: usize, seed: u64, step: i64, micro:
 
 /// The `index`-th of `n_batches` validation batches: windows spread evenly over the span, the
 /// same at every evaluation so that curves compare like with like.
-pub fn valid_batch(span: &Span, seq_len: usize, batch_size: usize, n_batches: usize, index: usize) -> Batch {
+pub fn valid_batch(
+    span: &Span,
+    seq_len: usize,
+    batch_size: usize,
+    n_batches: usize,
+    index: usize,
+) -> Batch {
     let window = seq_len + 1;
     let last_start = span.len - window;
     let total = (n_batches * batch_size).max(1);
     let mut tokens = Vec::with_capacity(batch_size * window);
     for j in 0..batch_size {
         let k = index * batch_size + j;
-        let start = if total == 1 { 0 } else { last_start * k / (total - 1) };
-        span.data.extend_window(span.start + start, window, &mut tokens);
+        let start = if total == 1 {
+            0
+        } else {
+            last_start * k / (total - 1)
+        };
+        span.data
+            .extend_window(span.start + start, window, &mut tokens);
     }
     to_batch(tokens, batch_size, window, -1, index as i64)
 }
@@ -115,7 +133,10 @@ impl Prefetcher {
                 }
             })
             .ok();
-        Prefetcher { rx: Some(rx), handle }
+        Prefetcher {
+            rx: Some(rx),
+            handle,
+        }
     }
 
     /// The next batch, or None when the thread could not be started or has finished.
@@ -185,7 +206,10 @@ mod tests {
         let tail: Vec<i64> = corpus[n - 16..].iter().map(|&b| b as i64).collect();
         assert_eq!(&ids(&last.targets)[16..], &tail[..]);
         // Validation batches are the same at every evaluation.
-        assert_eq!(ids(&valid_batch(&valid, 16, 2, 3, 1).inputs), ids(&valid_batch(&valid, 16, 2, 3, 1).inputs));
+        assert_eq!(
+            ids(&valid_batch(&valid, 16, 2, 3, 1).inputs),
+            ids(&valid_batch(&valid, 16, 2, 3, 1).inputs)
+        );
     }
 
     #[test]
@@ -196,7 +220,10 @@ mod tests {
             for micro in 0..2 {
                 let got = p.next().expect("batch");
                 assert_eq!((got.step, got.micro), (step, micro));
-                assert_eq!(ids(&got.inputs), ids(&train_batch(&span, 8, 2, 5, step, micro).inputs));
+                assert_eq!(
+                    ids(&got.inputs),
+                    ids(&train_batch(&span, 8, 2, 5, step, micro).inputs)
+                );
             }
         }
         assert!(p.next().is_none(), "stops after the last step");

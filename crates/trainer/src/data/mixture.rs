@@ -28,7 +28,12 @@ pub struct Mixture {
 
 impl From<Span> for Mixture {
     fn from(span: Span) -> Mixture {
-        Mixture { names: vec!["train".into()], spans: vec![span], weights: vec![1.0], cumulative: vec![1.0] }
+        Mixture {
+            names: vec!["train".into()],
+            spans: vec![span],
+            weights: vec![1.0],
+            cumulative: vec![1.0],
+        }
     }
 }
 
@@ -48,7 +53,12 @@ impl Mixture {
             *last = 1.0;
         }
         let weights = weights.iter().map(|w| w / total).collect();
-        Mixture { names, spans, weights, cumulative }
+        Mixture {
+            names,
+            spans,
+            weights,
+            cumulative,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -74,13 +84,23 @@ impl Mixture {
             .map(|_| {
                 let u: f64 = rng.gen();
                 // Zero-weight sources have an empty interval and are never chosen.
-                self.cumulative.iter().position(|&c| u < c).unwrap_or(self.spans.len() - 1)
+                self.cumulative
+                    .iter()
+                    .position(|&c| u < c)
+                    .unwrap_or(self.spans.len() - 1)
             })
             .collect()
     }
 
     /// Rows drawn from each source over steps `[first, last)`, all micro-batches.
-    pub fn counts(&self, batch_size: usize, grad_accum: i64, seed: u64, first: i64, last: i64) -> Vec<u64> {
+    pub fn counts(
+        &self,
+        batch_size: usize,
+        grad_accum: i64,
+        seed: u64,
+        first: i64,
+        last: i64,
+    ) -> Vec<u64> {
         let mut counts = vec![0u64; self.spans.len()];
         for step in first..last {
             for micro in 0..grad_accum {
@@ -94,7 +114,14 @@ impl Mixture {
 
     /// The training batch of (step, micro): per row a source, then a random window in it. With
     /// one source this is exactly `loader::train_batch`.
-    pub fn batch(&self, seq_len: usize, batch_size: usize, seed: u64, step: i64, micro: i64) -> Batch {
+    pub fn batch(
+        &self,
+        seq_len: usize,
+        batch_size: usize,
+        seed: u64,
+        step: i64,
+        micro: i64,
+    ) -> Batch {
         let choices = self.choices(batch_size, seed, step, micro);
         let rows: Vec<&Span> = choices.iter().map(|&c| &self.spans[c]).collect();
         window_batch(&rows, seq_len, seed, step, micro)
@@ -124,7 +151,11 @@ impl Mixture {
                     name.clone(),
                     MixtureReport {
                         weight: self.weight(i),
-                        fraction: if total == 0 { 0.0 } else { n as f64 / total as f64 },
+                        fraction: if total == 0 {
+                            0.0
+                        } else {
+                            n as f64 / total as f64
+                        },
                         epochs: (n as f64 * seq_len as f64) / self.spans[i].len.max(1) as f64,
                         sequences: n,
                     },
@@ -150,8 +181,15 @@ mod tests {
     }
 
     fn two() -> Mixture {
-        let (a, b) = Span::split(open(&SourceConfig::Builtin {}, "x", 256).expect("corpus"), 0.3);
-        Mixture::new(vec!["new".into(), "replay".into()], vec![a, b], &[0.95, 0.05])
+        let (a, b) = Span::split(
+            open(&SourceConfig::Builtin {}, "x", 256).expect("corpus"),
+            0.3,
+        );
+        Mixture::new(
+            vec!["new".into(), "replay".into()],
+            vec![a, b],
+            &[0.95, 0.05],
+        )
     }
 
     #[test]
@@ -163,7 +201,10 @@ mod tests {
         assert!((report[1].1.fraction - 0.05).abs() < 0.01, "{report:?}");
         // Unnormalised weights mean the same mixture.
         let scaled = Mixture::new(m.names.clone(), m.spans.clone(), &[19.0, 1.0]);
-        assert_eq!(scaled.counts(8, 2, 1234, 0, 50), m.counts(8, 2, 1234, 0, 50));
+        assert_eq!(
+            scaled.counts(8, 2, 1234, 0, 50),
+            m.counts(8, 2, 1234, 0, 50)
+        );
         // A zero weight is never drawn.
         let zero = Mixture::new(m.names.clone(), m.spans.clone(), &[1.0, 0.0]);
         assert_eq!(zero.counts(8, 1, 5, 0, 200)[1], 0);
@@ -172,19 +213,31 @@ mod tests {
     #[test]
     fn batches_are_a_pure_function_of_seed_step_and_micro() {
         let m = two();
-        assert_eq!(ids(&m.batch(16, 8, 3, 10, 1).inputs), ids(&m.batch(16, 8, 3, 10, 1).inputs));
-        assert_ne!(ids(&m.batch(16, 8, 3, 10, 1).inputs), ids(&m.batch(16, 8, 3, 11, 1).inputs));
+        assert_eq!(
+            ids(&m.batch(16, 8, 3, 10, 1).inputs),
+            ids(&m.batch(16, 8, 3, 10, 1).inputs)
+        );
+        assert_ne!(
+            ids(&m.batch(16, 8, 3, 10, 1).inputs),
+            ids(&m.batch(16, 8, 3, 11, 1).inputs)
+        );
         // Counts over a range are the sum of counts over its parts (what a resumed run reports).
         let whole = m.counts(4, 2, 9, 0, 40);
         let (p, q) = (m.counts(4, 2, 9, 0, 17), m.counts(4, 2, 9, 17, 40));
-        assert_eq!(whole, p.iter().zip(&q).map(|(a, b)| a + b).collect::<Vec<_>>());
+        assert_eq!(
+            whole,
+            p.iter().zip(&q).map(|(a, b)| a + b).collect::<Vec<_>>()
+        );
     }
 
     #[test]
     fn one_source_draws_the_same_windows_as_train_batch() {
         let span = builtin();
         let m = Mixture::from(span.clone());
-        assert_eq!(ids(&m.batch(16, 4, 7, 12, 1).inputs), ids(&train_batch(&span, 16, 4, 7, 12, 1).inputs));
+        assert_eq!(
+            ids(&m.batch(16, 4, 7, 12, 1).inputs),
+            ids(&train_batch(&span, 16, 4, 7, 12, 1).inputs)
+        );
     }
 
     #[test]
@@ -192,7 +245,11 @@ mod tests {
         // Two sources with disjoint byte values: row r's tokens must come from choice r's source.
         let a = crate::data::source::TokenData::from_bytes(vec![b'a'; 100], "a");
         let b = crate::data::source::TokenData::from_bytes(vec![b'b'; 50], "b");
-        let m = Mixture::new(vec!["a".into(), "b".into()], vec![Span::whole(a), Span::whole(b)], &[0.5, 0.5]);
+        let m = Mixture::new(
+            vec!["a".into(), "b".into()],
+            vec![Span::whole(a), Span::whole(b)],
+            &[0.5, 0.5],
+        );
         let batch = m.batch(8, 16, 1, 3, 0);
         let choices = m.choices(16, 1, 3, 0);
         let x = ids(&batch.inputs);

@@ -15,7 +15,10 @@ pub static BUILTIN_CORPUS: &[u8] = include_bytes!("../../data/wonderland.txt");
 
 enum Storage {
     Bytes(Vec<u8>),
-    Mapped { map: memmap2::Mmap, dtype: TokenDtype },
+    Mapped {
+        map: memmap2::Mmap,
+        dtype: TokenDtype,
+    },
     /// Ids produced in memory (text run through a tokenizer).
     Ids(Vec<u32>),
 }
@@ -42,7 +45,10 @@ impl TokenData {
 
     /// Byte-level tokens held in memory (tests, generated data).
     pub fn from_bytes(bytes: Vec<u8>, name: &str) -> Arc<TokenData> {
-        Arc::new(TokenData { storage: Storage::Bytes(bytes), name: name.to_string() })
+        Arc::new(TokenData {
+            storage: Storage::Bytes(bytes),
+            name: name.to_string(),
+        })
     }
 
     /// Token id at position `i`.
@@ -50,10 +56,14 @@ impl TokenData {
         match &self.storage {
             Storage::Bytes(b) => b[i] as i64,
             Storage::Ids(ids) => ids[i] as i64,
-            Storage::Mapped { map, dtype: TokenDtype::Uint16 } => {
-                u16::from_le_bytes([map[2 * i], map[2 * i + 1]]) as i64
-            }
-            Storage::Mapped { map, dtype: TokenDtype::Uint32 } => {
+            Storage::Mapped {
+                map,
+                dtype: TokenDtype::Uint16,
+            } => u16::from_le_bytes([map[2 * i], map[2 * i + 1]]) as i64,
+            Storage::Mapped {
+                map,
+                dtype: TokenDtype::Uint32,
+            } => {
                 let o = 4 * i;
                 u32::from_le_bytes([map[o], map[o + 1], map[o + 2], map[o + 3]]) as i64
             }
@@ -65,12 +75,18 @@ impl TokenData {
         match &self.storage {
             Storage::Bytes(b) => out.extend(b[start..start + n].iter().map(|&x| x as i64)),
             Storage::Ids(ids) => out.extend(ids[start..start + n].iter().map(|&x| x as i64)),
-            Storage::Mapped { map, dtype: TokenDtype::Uint16 } => out.extend(
+            Storage::Mapped {
+                map,
+                dtype: TokenDtype::Uint16,
+            } => out.extend(
                 map[2 * start..2 * (start + n)]
                     .chunks_exact(2)
                     .map(|c| u16::from_le_bytes([c[0], c[1]]) as i64),
             ),
-            Storage::Mapped { map, dtype: TokenDtype::Uint32 } => out.extend(
+            Storage::Mapped {
+                map,
+                dtype: TokenDtype::Uint32,
+            } => out.extend(
                 map[4 * start..4 * (start + n)]
                     .chunks_exact(4)
                     .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64),
@@ -82,12 +98,18 @@ impl TokenData {
         match &self.storage {
             Storage::Bytes(b) => b.iter().copied().max().unwrap_or(0) as i64,
             Storage::Ids(ids) => ids.iter().copied().max().unwrap_or(0) as i64,
-            Storage::Mapped { map, dtype: TokenDtype::Uint16 } => map
+            Storage::Mapped {
+                map,
+                dtype: TokenDtype::Uint16,
+            } => map
                 .chunks_exact(2)
                 .map(|c| u16::from_le_bytes([c[0], c[1]]) as i64)
                 .max()
                 .unwrap_or(0),
-            Storage::Mapped { map, dtype: TokenDtype::Uint32 } => map
+            Storage::Mapped {
+                map,
+                dtype: TokenDtype::Uint32,
+            } => map
                 .chunks_exact(4)
                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
                 .max()
@@ -109,15 +131,27 @@ pub fn open_tokenized(
         path: format!("{key} = {}", path.display()),
         msg: format!("is not UTF-8 text ({e})"),
     })?;
-    let ids: Vec<u32> = tokenizer.encode(&text, false)?.into_iter().map(|i| i as u32).collect();
-    let data = TokenData { storage: Storage::Ids(ids), name: path.display().to_string() };
-    let err = |msg: String| Error::Data { path: format!("{key} = {}", data.name), msg };
+    let ids: Vec<u32> = tokenizer
+        .encode(&text, false)?
+        .into_iter()
+        .map(|i| i as u32)
+        .collect();
+    let data = TokenData {
+        storage: Storage::Ids(ids),
+        name: path.display().to_string(),
+    };
+    let err = |msg: String| Error::Data {
+        path: format!("{key} = {}", data.name),
+        msg,
+    };
     if data.is_empty() {
         return Err(err("holds no tokens".to_string()));
     }
     let max = data.max_id();
     if max >= vocab_size {
-        return Err(err(format!("tokenizes to id {max} but model.vocab_size is {vocab_size}")));
+        return Err(err(format!(
+            "tokenizes to id {max} but model.vocab_size is {vocab_size}"
+        )));
     }
     Ok(Arc::new(data))
 }
@@ -132,11 +166,17 @@ pub fn open(cfg: &SourceConfig, key: &str, vocab_size: i64) -> Result<Arc<TokenD
         },
         SourceConfig::Text { path } => {
             let bytes = read_file(path, key)?;
-            TokenData { storage: Storage::Bytes(bytes), name: path.display().to_string() }
+            TokenData {
+                storage: Storage::Bytes(bytes),
+                name: path.display().to_string(),
+            }
         }
         SourceConfig::Tokens { path, dtype } => open_tokens(path, *dtype, key)?,
     };
-    let err = |msg: String| Error::Data { path: format!("{key} = {}", data.name), msg };
+    let err = |msg: String| Error::Data {
+        path: format!("{key} = {}", data.name),
+        msg,
+    };
     if data.is_empty() {
         return Err(err("is empty".to_string()));
     }
@@ -158,9 +198,14 @@ fn read_file(path: &Path, key: &str) -> Result<Vec<u8>> {
 
 fn open_tokens(path: &Path, dtype: TokenDtype, key: &str) -> Result<TokenData> {
     let name = path.display().to_string();
-    let err = |msg: String| Error::Data { path: format!("{key} = {name}"), msg };
+    let err = |msg: String| Error::Data {
+        path: format!("{key} = {name}"),
+        msg,
+    };
     let file = std::fs::File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
-    let meta = file.metadata().map_err(|e| err(format!("cannot stat: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| err(format!("cannot stat: {e}")))?;
     if !meta.is_file() {
         return Err(err("is not a regular file".to_string()));
     }
@@ -180,7 +225,10 @@ fn open_tokens(path: &Path, dtype: TokenDtype, key: &str) -> Result<TokenData> {
     // truncated by another process while mapped would fault, as with any mmap reader (nanoGPT's
     // np.memmap included).
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| err(format!("cannot map: {e}")))?;
-    Ok(TokenData { storage: Storage::Mapped { map, dtype }, name })
+    Ok(TokenData {
+        storage: Storage::Mapped { map, dtype },
+        name,
+    })
 }
 
 /// A contiguous range of a token sequence: the train or validation part of a source.
@@ -194,7 +242,11 @@ pub struct Span {
 impl Span {
     pub fn whole(data: Arc<TokenData>) -> Span {
         let len = data.len();
-        Span { data, start: 0, len }
+        Span {
+            data,
+            start: 0,
+            len,
+        }
     }
 
     /// Splits off the last `fraction` as validation: (train, valid).
@@ -203,8 +255,16 @@ impl Span {
         let n_valid = ((n as f64) * fraction).round() as usize;
         let n_train = n - n_valid;
         (
-            Span { data: data.clone(), start: 0, len: n_train },
-            Span { data, start: n_train, len: n_valid },
+            Span {
+                data: data.clone(),
+                start: 0,
+                len: n_train,
+            },
+            Span {
+                data,
+                start: n_train,
+                len: n_valid,
+            },
         )
     }
 

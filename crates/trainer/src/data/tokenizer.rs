@@ -17,7 +17,10 @@ impl Tokenizer {
             .map(|t| Tokenizer::Hf(Box::new(t)))
             .map_err(|e| Error::Data {
                 path: path.display().to_string(),
-                msg: format!("cannot read tokenizer: {}", crate::error::first_line(&e.to_string())),
+                msg: format!(
+                    "cannot read tokenizer: {}",
+                    crate::error::first_line(&e.to_string())
+                ),
             })
     }
 
@@ -45,7 +48,10 @@ impl Tokenizer {
             Tokenizer::Hf(t) => t
                 .encode(text, special)
                 .map(|e| e.get_ids().iter().map(|&i| i64::from(i)).collect())
-                .map_err(|e| Error::Data { path: "tokenizer.json".into(), msg: e.to_string() }),
+                .map_err(|e| Error::Data {
+                    path: "tokenizer.json".into(),
+                    msg: e.to_string(),
+                }),
         }
     }
 
@@ -57,8 +63,10 @@ impl Tokenizer {
             }
             Tokenizer::Hf(t) => {
                 let ids: Vec<u32> = ids.iter().map(|&i| i.max(0) as u32).collect();
-                t.decode(&ids, true)
-                    .map_err(|e| Error::Data { path: "tokenizer.json".into(), msg: e.to_string() })
+                t.decode(&ids, true).map_err(|e| Error::Data {
+                    path: "tokenizer.json".into(),
+                    msg: e.to_string(),
+                })
             }
         }
     }

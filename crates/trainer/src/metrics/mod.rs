@@ -54,14 +54,19 @@ impl MetricsLog {
                 continue;
             }
             if let Some(x) = v.as_f64() {
-                self.tb.add_scalar(&format!("{prefix}{k}"), x as f32, step)?;
+                self.tb
+                    .add_scalar(&format!("{prefix}{k}"), x as f32, step)?;
             }
         }
         let mut line = serde_json::to_string(&Value::Object(row)).unwrap_or_default();
         line.push('\n');
         let path = self.path.display().to_string();
-        self.jsonl.write_all(line.as_bytes()).map_err(io_err(format!("writing {path}")))?;
-        self.jsonl.flush().map_err(io_err(format!("writing {path}")))?;
+        self.jsonl
+            .write_all(line.as_bytes())
+            .map_err(io_err(format!("writing {path}")))?;
+        self.jsonl
+            .flush()
+            .map_err(io_err(format!("writing {path}")))?;
         self.tb.flush()
     }
 }
@@ -91,12 +96,17 @@ fn truncate_after(path: &Path, step: i64) -> Result<()> {
         let tmp = path.with_extension("jsonl.tmp");
         std::fs::write(&tmp, kept).map_err(io_err(format!("writing {}", tmp.display())))?;
         std::fs::rename(&tmp, path).map_err(io_err(format!("renaming {}", tmp.display())))?;
-        tracing::info!("dropped {dropped} metrics rows logged after step {step}; they are logged again");
+        tracing::info!(
+            "dropped {dropped} metrics rows logged after step {step}; they are logged again"
+        );
     }
     Ok(())
 }
 
 /// A JSON object from (key, value) pairs.
 pub fn row(pairs: &[(&str, Value)]) -> Map<String, Value> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
 }

@@ -32,7 +32,9 @@ impl Progress {
         match self {
             Progress::Bar(bar) => {
                 bar.set_position(step as u64);
-                bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}  {tokens_per_s:.0} tok/s"));
+                bar.set_message(format!(
+                    "loss {loss:.4}  lr {lr:.2e}  {tokens_per_s:.0} tok/s"
+                ));
             }
             Progress::Lines { total } => tracing::info!(
                 "step {step}/{total}  loss {loss:.4}  lr {lr:.3e}  {tokens_per_s:.0} tok/s  eta {}",

@@ -38,13 +38,20 @@ impl EventWriter {
                 "events.out.tfevents.{secs}.{host}.{}.{n}",
                 std::process::id()
             ));
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
                 Ok(f) => break (f, path),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
                 Err(e) => return Err(io_err(format!("creating {}", path.display()))(e)),
             }
         };
-        let mut w = EventWriter { file: BufWriter::new(file), path };
+        let mut w = EventWriter {
+            file: BufWriter::new(file),
+            path,
+        };
         let mut event = Vec::new();
         put_double(&mut event, 1, wall_time());
         put_bytes(&mut event, 3, b"brain.Event:2");
@@ -92,7 +99,9 @@ impl EventWriter {
         rec.extend_from_slice(data);
         rec.extend_from_slice(&masked_crc(data).to_le_bytes());
         let path = self.path.display().to_string();
-        self.file.write_all(&rec).map_err(io_err(format!("writing {path}")))
+        self.file
+            .write_all(&rec)
+            .map_err(io_err(format!("writing {path}")))
     }
 }
 

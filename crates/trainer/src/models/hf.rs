@@ -11,32 +11,44 @@ use super::params::{copy_named, read_safetensors, ParamStore};
 use super::transformer::{Family, TransformerConfig};
 use crate::error::{io_err, Error, Result};
 use crate::recipe::{ModelConfig, MoeRecipe, RoutingKind};
-use std::collections::BTreeMap;
 use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
 fn hf_err(path: &Path, msg: impl Into<String>) -> Error {
-    Error::Checkpoint { path: path.to_path_buf(), msg: msg.into() }
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
 }
 
 /// Reads `dir/config.json` into a model config of the recipe's registry.
 pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| hf_err(&path, format!("cannot read: {e} (expected a Hugging Face model directory)")))?;
-    let cfg: Map<String, Value> = serde_json::from_str(&text)
-        .map_err(|e| hf_err(&path, format!("malformed JSON: {e}")))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        hf_err(
+            &path,
+            format!("cannot read: {e} (expected a Hugging Face model directory)"),
+        )
+    })?;
+    let cfg: Map<String, Value> =
+        serde_json::from_str(&text).map_err(|e| hf_err(&path, format!("malformed JSON: {e}")))?;
     model_config_from_json(&cfg).map_err(|msg| hf_err(&path, msg))
 }
 
 fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<ModelConfig, String> {
     let int = |k: &str| -> std::result::Result<i64, String> {
-        cfg.get(k).and_then(Value::as_i64).ok_or_else(|| format!("missing integer field {k:?}"))
+        cfg.get(k)
+            .and_then(Value::as_i64)
+            .ok_or_else(|| format!("missing integer field {k:?}"))
     };
     let float_or = |k: &str, default: f64| cfg.get(k).and_then(Value::as_f64).unwrap_or(default);
     let str_or = |k: &str, default: &'static str| -> String {
-        cfg.get(k).and_then(Value::as_str).unwrap_or(default).to_string()
+        cfg.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or(default)
+            .to_string()
     };
     let bool_or = |k: &str, default: bool| cfg.get(k).and_then(Value::as_bool).unwrap_or(default);
     let model_type = cfg.get("model_type").and_then(Value::as_str).unwrap_or("");
@@ -44,7 +56,10 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
         "llama" | "mixtral" => {
             let unsupported = |field: &str, why: &str| Err(format!("unsupported {field}: {why}"));
             if bool_or("attention_bias", false) {
-                return unsupported("attention_bias = true", "Llama attention without biases only");
+                return unsupported(
+                    "attention_bias = true",
+                    "Llama attention without biases only",
+                );
             }
             if bool_or("mlp_bias", false) {
                 return unsupported("mlp_bias = true", "Llama MLP without biases only");
@@ -61,7 +76,10 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
                 .and_then(Value::as_str)
                 .unwrap_or("default");
             if rope_type != "default" {
-                return unsupported(&format!("rope_parameters.rope_type = {rope_type:?}"), "only default RoPE");
+                return unsupported(
+                    &format!("rope_parameters.rope_type = {rope_type:?}"),
+                    "only default RoPE",
+                );
             }
             if cfg.get("rope_scaling").is_some_and(|v| !v.is_null()) {
                 return unsupported("rope_scaling", "only default RoPE (no scaling)");
@@ -75,7 +93,9 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
                 if heads == 0 || hd * heads != d {
                     return unsupported(
                         &format!("head_dim = {hd}"),
-                        &format!("head_dim must equal hidden_size / num_attention_heads = {d}/{heads}"),
+                        &format!(
+                            "head_dim must equal hidden_size / num_attention_heads = {d}/{heads}"
+                        ),
                     );
                 }
             }
@@ -85,7 +105,10 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
                 }
                 if let Some(w) = cfg.get("sliding_window").and_then(Value::as_i64) {
                     if w < int("max_position_embeddings")? {
-                        return unsupported(&format!("sliding_window = {w}"), "full causal attention only");
+                        return unsupported(
+                            &format!("sliding_window = {w}"),
+                            "full causal attention only",
+                        );
                     }
                 }
                 Some(MoeRecipe {
@@ -105,7 +128,11 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
                 d_model: d,
                 n_layers: int("num_hidden_layers")?,
                 n_heads: heads,
-                n_kv_heads: Some(cfg.get("num_key_value_heads").and_then(Value::as_i64).unwrap_or(heads)),
+                n_kv_heads: Some(
+                    cfg.get("num_key_value_heads")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(heads),
+                ),
                 d_ff: int("intermediate_size")?,
                 max_seq_len: int("max_position_embeddings")?,
                 rope_theta,
@@ -124,8 +151,13 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
             if bool_or("add_cross_attention", false) {
                 return Err("unsupported add_cross_attention = true".to_string());
             }
-            if bool_or("scale_attn_by_inverse_layer_idx", false) || bool_or("reorder_and_upcast_attn", false) {
-                return Err("unsupported scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn".to_string());
+            if bool_or("scale_attn_by_inverse_layer_idx", false)
+                || bool_or("reorder_and_upcast_attn", false)
+            {
+                return Err(
+                    "unsupported scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn"
+                        .to_string(),
+                );
             }
             if !bool_or("tie_word_embeddings", true) {
                 return Err("unsupported tie_word_embeddings = false for GPT-2".to_string());
@@ -142,7 +174,9 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
             })
         }
         "" => Err("config.json has no model_type".to_string()),
-        other => Err(format!("unsupported model_type {other:?} (supported: llama, mixtral, gpt2)")),
+        other => Err(format!(
+            "unsupported model_type {other:?} (supported: llama, mixtral, gpt2)"
+        )),
     }
 }
 
@@ -155,15 +189,23 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let index = dir.join("model.safetensors.index.json");
     if !index.is_file() {
-        return Err(hf_err(dir, "neither model.safetensors nor model.safetensors.index.json found"));
+        return Err(hf_err(
+            dir,
+            "neither model.safetensors nor model.safetensors.index.json found",
+        ));
     }
-    let text = std::fs::read_to_string(&index).map_err(|e| hf_err(&index, format!("cannot read: {e}")))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| hf_err(&index, format!("malformed JSON: {e}")))?;
+    let text =
+        std::fs::read_to_string(&index).map_err(|e| hf_err(&index, format!("cannot read: {e}")))?;
+    let v: Value =
+        serde_json::from_str(&text).map_err(|e| hf_err(&index, format!("malformed JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(Value::as_object)
         .ok_or_else(|| hf_err(&index, "missing weight_map"))?;
-    let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|f| f.as_str().map(str::to_string))
+        .collect();
     files.sort();
     files.dedup();
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
@@ -175,7 +217,11 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// base model (`wte.weight`, `h.0....`) get the `transformer.` prefix.
 pub fn load_weights(dir: &Path, config: &TransformerConfig, params: &ParamStore) -> Result<()> {
     let tensors = read_weights(dir, config)?;
-    copy_named(&mut params.iter().map(|p| (p.name.as_str(), &p.tensor)), tensors, dir)
+    copy_named(
+        &mut params.iter().map(|p| (p.name.as_str(), &p.tensor)),
+        tensors,
+        dir,
+    )
 }
 
 /// The tensors of a Hugging Face directory under our names (see `load_weights`).
@@ -187,7 +233,13 @@ pub fn read_weights(dir: &Path, config: &TransformerConfig) -> Result<Vec<(Strin
     let gpt2_base = config.family == Family::Gpt2 && tensors.iter().any(|(k, _)| k == "wte.weight");
     let tensors: Vec<(String, Tensor)> = tensors
         .into_iter()
-        .map(|(k, t)| if gpt2_base && !k.starts_with("lm_head.") { (format!("transformer.{k}"), t) } else { (k, t) })
+        .map(|(k, t)| {
+            if gpt2_base && !k.starts_with("lm_head.") {
+                (format!("transformer.{k}"), t)
+            } else {
+                (k, t)
+            }
+        })
         .filter(|(k, _)| {
             !(k.ends_with(".attn.bias") && config.family == Family::Gpt2)
                 && !k.ends_with(".attn.masked_bias")
@@ -203,7 +255,13 @@ pub fn read_weights(dir: &Path, config: &TransformerConfig) -> Result<Vec<(Strin
     for i in 0..config.n_layers {
         let legacy = format!("model.layers.{i}.block_sparse_moe");
         if map.contains_key(&format!("{legacy}.gate.weight")) {
-            fuse_checkpoint_experts(&mut map, &legacy, &format!("model.layers.{i}.mlp"), moe.n_experts, dir)?;
+            fuse_checkpoint_experts(
+                &mut map,
+                &legacy,
+                &format!("model.layers.{i}.mlp"),
+                moe.n_experts,
+                dir,
+            )?;
         }
     }
     Ok(map.into_iter().collect())
@@ -294,7 +352,9 @@ pub fn config_json(cfg: &TransformerConfig) -> Result<Value, String> {
 /// empty directory: nothing on disk is overwritten.
 pub fn export(cfg: &TransformerConfig, params: &ParamStore, out: &Path) -> Result<()> {
     if out.exists() {
-        let empty = std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
+        let empty = std::fs::read_dir(out)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
         if !empty {
             return Err(Error::RunDir {
                 path: out.to_path_buf(),
@@ -308,7 +368,15 @@ pub fn export(cfg: &TransformerConfig, params: &ParamStore, out: &Path) -> Resul
     let mut named: BTreeMap<String, Tensor> = params
         .iter()
         .filter(|p| !crate::peft::lora::is_adapter_param(&p.name))
-        .map(|p| (p.name.clone(), p.tensor.detach().to_device(tch::Device::Cpu).to_kind(tch::Kind::Float)))
+        .map(|p| {
+            (
+                p.name.clone(),
+                p.tensor
+                    .detach()
+                    .to_device(tch::Device::Cpu)
+                    .to_kind(tch::Kind::Float),
+            )
+        })
         .collect();
     if cfg.moe.is_some() {
         // The per-expert layout transformers' save_pretrained writes (from_pretrained reads both).
@@ -324,7 +392,8 @@ pub fn export(cfg: &TransformerConfig, params: &ParamStore, out: &Path) -> Resul
     std::fs::create_dir_all(out).map_err(io_err(format!("creating {}", out.display())))?;
     let named: Vec<(String, Tensor)> = named.into_iter().collect();
     let weights = out.join("model.safetensors");
-    Tensor::write_safetensors(&named, &weights).map_err(|e| hf_err(&weights, crate::error::first_line(&e.to_string())))?;
+    Tensor::write_safetensors(&named, &weights)
+        .map_err(|e| hf_err(&weights, crate::error::first_line(&e.to_string())))?;
     let config = serde_json::to_string_pretty(&config_value).unwrap_or_default();
     let path = out.join("config.json");
     std::fs::write(&path, config + "\n").map_err(io_err(format!("writing {}", path.display())))
@@ -376,8 +445,16 @@ mod tests {
         let cases = [
             ("attention_bias", json!(true), "attention_bias"),
             ("hidden_act", json!("gelu"), "hidden_act"),
-            ("rope_parameters", json!({"rope_type": "llama3", "rope_theta": 1.0}), "rope_type"),
-            ("rope_scaling", json!({"type": "linear", "factor": 2.0}), "rope_scaling"),
+            (
+                "rope_parameters",
+                json!({"rope_type": "llama3", "rope_theta": 1.0}),
+                "rope_type",
+            ),
+            (
+                "rope_scaling",
+                json!({"type": "linear", "factor": 2.0}),
+                "rope_scaling",
+            ),
             ("head_dim", json!(16), "head_dim"),
             ("model_type", json!("mamba"), "mamba"),
         ];
@@ -389,6 +466,8 @@ mod tests {
         }
         let mut cfg = llama_json();
         cfg.remove("hidden_size");
-        assert!(model_config_from_json(&cfg).expect_err("refused").contains("hidden_size"));
+        assert!(model_config_from_json(&cfg)
+            .expect_err("refused")
+            .contains("hidden_size"));
     }
 }

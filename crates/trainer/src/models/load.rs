@@ -17,7 +17,10 @@ use tch::{Device, Tensor};
 pub enum ModelSource {
     Hf(PathBuf),
     /// A checkpoint directory and the run directory whose `config.toml` describes it.
-    Checkpoint { dir: PathBuf, run_dir: PathBuf },
+    Checkpoint {
+        dir: PathBuf,
+        run_dir: PathBuf,
+    },
 }
 
 impl ModelSource {
@@ -103,7 +106,9 @@ impl ModelSource {
     pub fn read_tensors(&self, config: &TransformerConfig) -> Result<Vec<(String, Tensor)>> {
         match self {
             ModelSource::Hf(dir) => hf::read_weights(dir, config),
-            ModelSource::Checkpoint { dir, .. } => read_safetensors(&dir.join(checkpoint::MODEL_FILE)),
+            ModelSource::Checkpoint { dir, .. } => {
+                read_safetensors(&dir.join(checkpoint::MODEL_FILE))
+            }
         }
     }
 
@@ -128,7 +133,10 @@ impl ModelSource {
             }
         }
         copy_named(
-            &mut params.iter().filter(|p| !p.name.contains(".mlp.")).map(|p| (p.name.as_str(), &p.tensor)),
+            &mut params
+                .iter()
+                .filter(|p| !p.name.contains(".mlp."))
+                .map(|p| (p.name.as_str(), &p.tensor)),
             rest,
             &path,
         )?;
@@ -144,7 +152,10 @@ impl ModelSource {
             layer.upcycle_from_dense(&gate, &up, &down, &path)?;
         }
         if let Some(extra) = mlp.keys().next() {
-            return Err(Error::Checkpoint { path, msg: format!("unexpected tensor {extra} (not a dense Llama MLP weight)") });
+            return Err(Error::Checkpoint {
+                path,
+                msg: format!("unexpected tensor {extra} (not a dense Llama MLP weight)"),
+            });
         }
         Ok(())
     }
@@ -175,5 +186,10 @@ pub fn load(source: &ModelSource, device: Device) -> Result<Loaded> {
         None => None,
     };
     source.load_weights(&config, &mut params)?;
-    Ok(Loaded { config, params, model, lora })
+    Ok(Loaded {
+        config,
+        params,
+        model,
+        lora,
+    })
 }

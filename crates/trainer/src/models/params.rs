@@ -22,7 +22,10 @@ pub struct ParamStore {
 
 impl ParamStore {
     pub fn new(device: Device) -> ParamStore {
-        ParamStore { device, params: Vec::new() }
+        ParamStore {
+            device,
+            params: Vec::new(),
+        }
     }
 
     pub fn device(&self) -> Device {
@@ -32,20 +35,34 @@ impl ParamStore {
     /// Registers `init` (created on any device) under `name`, moves it to the store's device,
     /// makes it a trainable leaf, and returns a handle that shares its storage.
     pub fn add(&mut self, name: &str, init: Tensor) -> Tensor {
-        debug_assert!(self.params.iter().all(|p| p.name != name), "duplicate parameter {name}");
+        debug_assert!(
+            self.params.iter().all(|p| p.name != name),
+            "duplicate parameter {name}"
+        );
         let tensor = init.to_device(self.device).detach().set_requires_grad(true);
         let handle = tensor.shallow_clone();
-        self.params.push(Param { name: name.to_string(), tensor, trainable: true });
+        self.params.push(Param {
+            name: name.to_string(),
+            tensor,
+            trainable: true,
+        });
         handle
     }
 
     /// Registers a buffer: state saved with the model that no optimizer updates and no gradient
     /// flows into (BatchNorm's running statistics).
     pub fn add_buffer(&mut self, name: &str, init: Tensor) -> Tensor {
-        debug_assert!(self.params.iter().all(|p| p.name != name), "duplicate parameter {name}");
+        debug_assert!(
+            self.params.iter().all(|p| p.name != name),
+            "duplicate parameter {name}"
+        );
         let tensor = init.to_device(self.device).detach();
         let handle = tensor.shallow_clone();
-        self.params.push(Param { name: name.to_string(), tensor, trainable: false });
+        self.params.push(Param {
+            name: name.to_string(),
+            tensor,
+            trainable: false,
+        });
         handle
     }
 
@@ -99,7 +116,10 @@ impl ParamStore {
     }
 
     pub fn get(&self, name: &str) -> Option<&Tensor> {
-        self.params.iter().find(|p| p.name == name).map(|p| &p.tensor)
+        self.params
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| &p.tensor)
     }
 
     pub fn num_params(&self) -> i64 {
@@ -119,7 +139,10 @@ impl ParamStore {
         tch::no_grad(|| {
             for p in &mut self.params {
                 // Integer buffers (counters) keep their kind.
-                if !matches!(p.tensor.kind(), Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16) {
+                if !matches!(
+                    p.tensor.kind(),
+                    Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+                ) {
                     continue;
                 }
                 let converted = p.tensor.to_kind(kind);
@@ -147,8 +170,11 @@ impl ParamStore {
 
     /// Writes all parameters to a safetensors file (on the CPU, in their own dtype).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let named: Vec<(&str, Tensor)> =
-            self.params.iter().map(|p| (p.name.as_str(), p.tensor.detach().to_device(Device::Cpu))).collect();
+        let named: Vec<(&str, Tensor)> = self
+            .params
+            .iter()
+            .map(|p| (p.name.as_str(), p.tensor.detach().to_device(Device::Cpu)))
+            .collect();
         Tensor::write_safetensors(&named, path).map_err(|e| Error::Checkpoint {
             path: path.to_path_buf(),
             msg: crate::error::first_line(&e.to_string()),
@@ -159,7 +185,11 @@ impl ParamStore {
     /// shape, and no extra keys may be present: a mismatch names the key and both shapes.
     pub fn load(&mut self, path: &Path) -> Result<()> {
         let loaded = read_safetensors(path)?;
-        copy_named(&mut self.params.iter().map(|p| (p.name.as_str(), &p.tensor)), loaded, path)
+        copy_named(
+            &mut self.params.iter().map(|p| (p.name.as_str(), &p.tensor)),
+            loaded,
+            path,
+        )
     }
 }
 
@@ -170,11 +200,17 @@ pub fn bytes_of(t: &Tensor) -> i64 {
 /// Reads a safetensors file; a missing, truncated or corrupt file is one clear error.
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     if !path.is_file() {
-        return Err(Error::Checkpoint { path: path.to_path_buf(), msg: "file not found".into() });
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg: "file not found".into(),
+        });
     }
     Tensor::read_safetensors(path).map_err(|e| Error::Checkpoint {
         path: path.to_path_buf(),
-        msg: format!("cannot read safetensors (truncated or corrupt?): {}", crate::error::first_line(&e.to_string())),
+        msg: format!(
+            "cannot read safetensors (truncated or corrupt?): {}",
+            crate::error::first_line(&e.to_string())
+        ),
     })
 }
 
@@ -186,11 +222,17 @@ pub fn copy_named<'a>(
     path: &Path,
 ) -> Result<()> {
     let mut loaded: std::collections::BTreeMap<String, Tensor> = loaded.into_iter().collect();
-    let err = |msg: String| Error::Checkpoint { path: path.to_path_buf(), msg };
+    let err = |msg: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg,
+    };
     let mut pairs = Vec::new();
     for (name, target) in targets {
         let Some(src) = loaded.remove(name) else {
-            return Err(err(format!("missing tensor {name} (expected shape {:?})", target.size())));
+            return Err(err(format!(
+                "missing tensor {name} (expected shape {:?})",
+                target.size()
+            )));
         };
         if src.size() != target.size() {
             return Err(err(format!(

@@ -12,8 +12,8 @@
 
 use super::moe::{Moe, MoeConfig, Routing};
 use super::params::ParamStore;
-use crate::peft::lora::LoraAdapter;
 use crate::error::Result;
+use crate::peft::lora::LoraAdapter;
 use crate::recipe::{ModelConfig, MoeRecipe, RoutingKind};
 use tch::{Kind, Tensor};
 
@@ -131,7 +131,11 @@ impl TransformerConfig {
         };
         // A tied output projection is the embedding table, left out of `n_params_no_embed`, but
         // its matmul costs as much as an untied head's.
-        let tied_head = if self.tie_embeddings { self.vocab_size * self.d_model } else { 0 };
+        let tied_head = if self.tie_embeddings {
+            self.vocab_size * self.d_model
+        } else {
+            0
+        };
         6.0 * (n_params_no_embed - inactive + tied_head) as f64
             + 12.0 * (self.n_layers * self.d_model * seq_len) as f64
     }
@@ -152,7 +156,13 @@ pub struct Linear {
 
 impl Linear {
     fn new(path: &str, weight: Tensor, bias: Option<Tensor>, transposed: bool) -> Linear {
-        Linear { path: path.to_string(), weight, bias, transposed, lora: None }
+        Linear {
+            path: path.to_string(),
+            weight,
+            bias,
+            transposed,
+            lora: None,
+        }
     }
 
     /// `[in_features, out_features]`, whatever the storage layout.
@@ -179,8 +189,15 @@ impl Linear {
 }
 
 enum Norm {
-    Rms { weight: Tensor, eps: f64 },
-    Layer { weight: Tensor, bias: Tensor, eps: f64 },
+    Rms {
+        weight: Tensor,
+        eps: f64,
+    },
+    Layer {
+        weight: Tensor,
+        bias: Tensor,
+        eps: f64,
+    },
 }
 
 impl Norm {
@@ -204,7 +221,11 @@ impl Norm {
 
 enum Mlp {
     /// down(silu(gate(x)) * up(x))
-    SwiGlu { gate: Linear, up: Linear, down: Linear },
+    SwiGlu {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
     /// Routed SwiGLU experts (`moe.rs`).
     Moe(Moe),
     /// proj(gelu_tanh(fc(x)))
@@ -265,10 +286,23 @@ impl Transformer {
         let mut blocks = Vec::new();
         for i in 0..c.n_layers {
             let p = format!("model.layers.{i}");
-            let norm1 = Norm::Rms { weight: s.ones(&format!("{p}.input_layernorm.weight"), &[d]), eps: c.norm_eps };
+            let norm1 = Norm::Rms {
+                weight: s.ones(&format!("{p}.input_layernorm.weight"), &[d]),
+                eps: c.norm_eps,
+            };
             let q = lin(s, format!("{p}.self_attn.q_proj.weight"), c.n_heads * hd, d);
-            let k = lin(s, format!("{p}.self_attn.k_proj.weight"), c.n_kv_heads * hd, d);
-            let v = lin(s, format!("{p}.self_attn.v_proj.weight"), c.n_kv_heads * hd, d);
+            let k = lin(
+                s,
+                format!("{p}.self_attn.k_proj.weight"),
+                c.n_kv_heads * hd,
+                d,
+            );
+            let v = lin(
+                s,
+                format!("{p}.self_attn.v_proj.weight"),
+                c.n_kv_heads * hd,
+                d,
+            );
             let o = lin(s, format!("{p}.self_attn.o_proj.weight"), d, c.n_heads * hd);
             let mlp = match &c.moe {
                 Some(m) => Mlp::Moe(Moe::new(m, &format!("{p}.mlp"), s)?),
@@ -284,16 +318,30 @@ impl Transformer {
             };
             blocks.push(Block {
                 norm1,
-                attn: Attention { qkv: Qkv::Separate { q, k, v }, out: o },
+                attn: Attention {
+                    qkv: Qkv::Separate { q, k, v },
+                    out: o,
+                },
                 norm2,
                 mlp,
             });
         }
-        let final_norm = Norm::Rms { weight: s.ones("model.norm.weight", &[d]), eps: c.norm_eps };
+        let final_norm = Norm::Rms {
+            weight: s.ones("model.norm.weight", &[d]),
+            eps: c.norm_eps,
+        };
         let lm_head =
             (!c.tie_embeddings).then(|| s.normal("lm_head.weight", &[c.vocab_size, d], std));
         let rope = Some(rope_tables(hd, c.max_seq_len, c.rope_theta, s.device()));
-        Ok(Transformer { config: c.clone(), embed, positions: None, blocks, final_norm, lm_head, rope })
+        Ok(Transformer {
+            config: c.clone(),
+            embed,
+            positions: None,
+            blocks,
+            final_norm,
+            lm_head,
+            rope,
+        })
     }
 
     fn new_gpt2(c: &TransformerConfig, s: &mut ParamStore) -> Transformer {
@@ -304,7 +352,12 @@ impl Transformer {
         let positions = s.normal("transformer.wpe.weight", &[c.max_seq_len, d], std);
         let conv1d = |s: &mut ParamStore, name: &str, in_f: i64, out_f: i64, std: f64| {
             let weight = s.normal(&format!("{name}.weight"), &[in_f, out_f], std);
-            Linear::new(name, weight, Some(s.zeros(&format!("{name}.bias"), &[out_f])), true)
+            Linear::new(
+                name,
+                weight,
+                Some(s.zeros(&format!("{name}.bias"), &[out_f])),
+                true,
+            )
         };
         let layer_norm = |s: &mut ParamStore, name: &str| Norm::Layer {
             weight: s.ones(&format!("{name}.weight"), &[d]),
@@ -322,7 +375,10 @@ impl Transformer {
             let proj = conv1d(s, &format!("{p}.mlp.c_proj"), c.d_ff, d, proj_std);
             blocks.push(Block {
                 norm1,
-                attn: Attention { qkv: Qkv::Fused(c_attn), out: c_proj },
+                attn: Attention {
+                    qkv: Qkv::Fused(c_attn),
+                    out: c_proj,
+                },
                 norm2,
                 mlp: Mlp::Gelu { fc, proj },
             });
@@ -374,13 +430,21 @@ impl Transformer {
                 }
                 Mlp::SwiGlu { gate, up, down } => {
                     let xn = block.norm2.forward(&x);
-                    down.forward(&(gate.forward(&xn, train).silu() * up.forward(&xn, train)), train)
+                    down.forward(
+                        &(gate.forward(&xn, train).silu() * up.forward(&xn, train)),
+                        train,
+                    )
                 }
-                Mlp::Gelu { fc, proj } => {
-                    proj.forward(&fc.forward(&block.norm2.forward(&x), train).gelu("tanh"), train)
-                }
+                Mlp::Gelu { fc, proj } => proj.forward(
+                    &fc.forward(&block.norm2.forward(&x), train).gelu("tanh"),
+                    train,
+                ),
             };
-            x = x + if p_drop > 0.0 { m.dropout(p_drop, train) } else { m };
+            x = x + if p_drop > 0.0 {
+                m.dropout(p_drop, train)
+            } else {
+                m
+            };
         }
         let x = self.final_norm.forward(&x);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
@@ -436,14 +500,30 @@ impl Transformer {
             .collect()
     }
 
-    fn attention(&self, attn: &Attention, x: &Tensor, b: i64, t: i64, p_drop: f64, train: bool) -> Tensor {
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        b: i64,
+        t: i64,
+        p_drop: f64,
+        train: bool,
+    ) -> Tensor {
         let c = &self.config;
         let hd = c.head_dim();
         let (q, k, v) = match &attn.qkv {
-            Qkv::Separate { q, k, v } => (q.forward(x, train), k.forward(x, train), v.forward(x, train)),
+            Qkv::Separate { q, k, v } => (
+                q.forward(x, train),
+                k.forward(x, train),
+                v.forward(x, train),
+            ),
             Qkv::Fused(qkv) => {
                 let parts = qkv.forward(x, train).split(c.d_model, -1);
-                (parts[0].shallow_clone(), parts[1].shallow_clone(), parts[2].shallow_clone())
+                (
+                    parts[0].shallow_clone(),
+                    parts[1].shallow_clone(),
+                    parts[2].shallow_clone(),
+                )
             }
         };
         // [b, t, h*hd] -> [b, h, t, hd]
@@ -484,7 +564,13 @@ impl Transformer {
         logits
             .reshape([-1, v])
             .to_kind(Kind::Float)
-            .cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, tch::Reduction::Mean, -100, 0.0)
+            .cross_entropy_loss::<Tensor>(
+                &targets.reshape([-1]),
+                None,
+                tch::Reduction::Mean,
+                -100,
+                0.0,
+            )
     }
 
     /// Parameters that are not embeddings (for FLOPs accounting).
@@ -507,7 +593,10 @@ pub struct ModelOutput {
 impl ModelOutput {
     /// The sum over MoE layers of their weighted router losses, to add to the LM loss.
     pub fn router_loss(&self) -> Option<Tensor> {
-        self.moe_layers.iter().map(|l| l.loss.shallow_clone()).reduce(|a, b| a + b)
+        self.moe_layers
+            .iter()
+            .map(|l| l.loss.shallow_clone())
+            .reduce(|a, b| a + b)
     }
 }
 
@@ -523,7 +612,9 @@ pub struct MoeLayerStats {
 
 /// Embedding tables (token and position): excluded from weight decay unless asked.
 pub fn is_embedding(name: &str) -> bool {
-    name.ends_with("embed_tokens.weight") || name.ends_with("wte.weight") || name.ends_with("wpe.weight")
+    name.ends_with("embed_tokens.weight")
+        || name.ends_with("wte.weight")
+        || name.ends_with("wpe.weight")
 }
 
 /// Norm weights and biases: never weight-decayed.
@@ -533,7 +624,12 @@ pub fn is_norm_or_bias(name: &str) -> bool {
 
 /// cos and sin tables `[max_seq_len, head_dim]` of rotary embeddings, with the frequencies
 /// repeated over both halves as transformers' `LlamaRotaryEmbedding` does.
-fn rope_tables(head_dim: i64, max_seq_len: i64, theta: f64, device: tch::Device) -> (Tensor, Tensor) {
+fn rope_tables(
+    head_dim: i64,
+    max_seq_len: i64,
+    theta: f64,
+    device: tch::Device,
+) -> (Tensor, Tensor) {
     let exponents = Tensor::arange_start_step(0, head_dim, 2, (Kind::Int64, tch::Device::Cpu))
         .to_kind(Kind::Float)
         / head_dim as f64;

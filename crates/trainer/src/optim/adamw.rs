@@ -36,16 +36,34 @@ struct Slot {
 
 impl AdamW {
     /// `params`: (name, tensor, decay?) for every trainable parameter, in a fixed order.
-    pub fn new(params: Vec<(String, Tensor, bool)>, betas: [f64; 2], eps: f64, weight_decay: f64) -> AdamW {
+    pub fn new(
+        params: Vec<(String, Tensor, bool)>,
+        betas: [f64; 2],
+        eps: f64,
+        weight_decay: f64,
+    ) -> AdamW {
         let slots = params
             .into_iter()
             .map(|(name, param, decay)| {
                 let exp_avg = param.zeros_like().detach();
                 let exp_avg_sq = param.zeros_like().detach();
-                Slot { name, param, decay, exp_avg, exp_avg_sq }
+                Slot {
+                    name,
+                    param,
+                    decay,
+                    exp_avg,
+                    exp_avg_sq,
+                }
             })
             .collect();
-        AdamW { betas, eps, weight_decay, step: 0, fused: false, slots }
+        AdamW {
+            betas,
+            eps,
+            weight_decay,
+            step: 0,
+            fused: false,
+            slots,
+        }
     }
 
     pub fn step(&mut self, lr: f64) -> crate::Result<()> {
@@ -76,8 +94,14 @@ impl AdamW {
     }
 
     fn step_fused(&mut self, lr: f64) -> crate::Result<()> {
-        let Some(first) = self.slots.first() else { return Ok(()) };
-        let step = Tensor::full([], (self.step + 1) as f64, (tch::Kind::Float, first.param.device()));
+        let Some(first) = self.slots.first() else {
+            return Ok(());
+        };
+        let step = Tensor::full(
+            [],
+            (self.step + 1) as f64,
+            (tch::Kind::Float, first.param.device()),
+        );
         for decay in [true, false] {
             let live: Vec<(&Slot, Tensor)> = self
                 .slots
@@ -90,8 +114,10 @@ impl AdamW {
             let m: Vec<&Tensor> = live.iter().map(|(s, _)| &s.exp_avg).collect();
             let v: Vec<&Tensor> = live.iter().map(|(s, _)| &s.exp_avg_sq).collect();
             let wd = if decay { self.weight_decay } else { 0.0 };
-            tch::no_grad(|| torch_ext::fused_adamw(&params, &grads, &m, &v, &step, lr, self.betas, wd, self.eps))
-                .map_err(|e| crate::Error::Torch(format!("fused AdamW: {e}")))?;
+            tch::no_grad(|| {
+                torch_ext::fused_adamw(&params, &grads, &m, &v, &step, lr, self.betas, wd, self.eps)
+            })
+            .map_err(|e| crate::Error::Torch(format!("fused AdamW: {e}")))?;
         }
         self.step += 1;
         Ok(())
@@ -115,7 +141,10 @@ impl AdamW {
     pub fn state_bytes(&self) -> i64 {
         self.slots
             .iter()
-            .map(|s| crate::models::params::bytes_of(&s.exp_avg) + crate::models::params::bytes_of(&s.exp_avg_sq))
+            .map(|s| {
+                crate::models::params::bytes_of(&s.exp_avg)
+                    + crate::models::params::bytes_of(&s.exp_avg_sq)
+            })
             .sum()
     }
 }
@@ -125,7 +154,10 @@ impl StateTensors for AdamW {
         let mut out = vec![("step".to_string(), Tensor::from(self.step))];
         for s in &self.slots {
             out.push((format!("exp_avg.{}", s.name), s.exp_avg.shallow_clone()));
-            out.push((format!("exp_avg_sq.{}", s.name), s.exp_avg_sq.shallow_clone()));
+            out.push((
+                format!("exp_avg_sq.{}", s.name),
+                s.exp_avg_sq.shallow_clone(),
+            ));
         }
         out
     }

@@ -43,26 +43,55 @@ impl Optimizer {
             store
                 .trainable()
                 .map(|p| {
-                    let decay = !is_norm_or_bias(&p.name) && (decay_embeddings || !is_embedding(&p.name));
+                    let decay =
+                        !is_norm_or_bias(&p.name) && (decay_embeddings || !is_embedding(&p.name));
                     (p.name.clone(), p.tensor.shallow_clone(), decay)
                 })
                 .collect()
         };
         Ok(match cfg {
-            OptimConfig::Adamw { betas, eps, weight_decay, decay_embeddings, fused, .. } => {
+            OptimConfig::Adamw {
+                betas,
+                eps,
+                weight_decay,
+                decay_embeddings,
+                fused,
+                ..
+            } => {
                 let mut o = AdamW::new(groups(*decay_embeddings), *betas, *eps, *weight_decay);
                 o.fused = fused.unwrap_or(true);
                 Optimizer::AdamW(o)
             }
-            OptimConfig::Sgd { momentum, dampening, nesterov, weight_decay, .. } => Optimizer::Sgd(
-                Sgd::new(groups(true), *momentum, *dampening, *nesterov, *weight_decay),
-            ),
+            OptimConfig::Sgd {
+                momentum,
+                dampening,
+                nesterov,
+                weight_decay,
+                ..
+            } => Optimizer::Sgd(Sgd::new(
+                groups(true),
+                *momentum,
+                *dampening,
+                *nesterov,
+                *weight_decay,
+            )),
             OptimConfig::GaloreAdamw {
-                betas, eps, weight_decay, rank, update_proj_gap, scale, target, ..
+                betas,
+                eps,
+                weight_decay,
+                rank,
+                update_proj_gap,
+                scale,
+                target,
+                ..
             } => Optimizer::GaloreAdamW(GaloreAdamW::new(
                 groups(false),
                 target,
-                galore::Projection { rank: *rank, update_proj_gap: *update_proj_gap, scale: *scale },
+                galore::Projection {
+                    rank: *rank,
+                    update_proj_gap: *update_proj_gap,
+                    scale: *scale,
+                },
                 *betas,
                 *eps,
                 *weight_decay,
@@ -97,8 +126,12 @@ impl Optimizer {
         }
         let mut reset = std::collections::BTreeSet::new();
         for (name, t) in self.state().state_tensors() {
-            let Some((slot, param)) = name.split_once('.') else { continue };
-            if ["exp_avg", "exp_avg_sq", "momentum_buffer"].contains(&slot) && names.iter().any(|n| n == param) {
+            let Some((slot, param)) = name.split_once('.') else {
+                continue;
+            };
+            if ["exp_avg", "exp_avg_sq", "momentum_buffer"].contains(&slot)
+                && names.iter().any(|n| n == param)
+            {
                 prune_by_magnitude(&t, keep_fraction)?;
                 reset.insert(param.to_string());
             }
@@ -147,11 +180,18 @@ impl Optimizer {
             .iter()
             .find(|(n, _)| n == "step")
             .map(|(_, t)| t.int64_value(&[]))
-            .ok_or_else(|| Error::Checkpoint { path: path.to_path_buf(), msg: "missing tensor step".into() })?;
+            .ok_or_else(|| Error::Checkpoint {
+                path: path.to_path_buf(),
+                msg: "missing tensor step".into(),
+            })?;
         let targets = self.state().state_tensors();
-        let loaded: Vec<(String, Tensor)> = loaded.into_iter().filter(|(n, _)| n != "step").collect();
+        let loaded: Vec<(String, Tensor)> =
+            loaded.into_iter().filter(|(n, _)| n != "step").collect();
         copy_named(
-            &mut targets.iter().filter(|(n, _)| n != "step").map(|(n, t)| (n.as_str(), t)),
+            &mut targets
+                .iter()
+                .filter(|(n, _)| n != "step")
+                .map(|(n, t)| (n.as_str(), t)),
             loaded,
             path,
         )?;
@@ -178,7 +218,10 @@ pub(crate) fn prune_by_magnitude(t: &Tensor, keep_fraction: f64) -> Result<()> {
             .and_then(|m| m.f_quantile_scalar(1.0 - keep_fraction, None, false, "linear"))
             .and_then(|q| q.f_to_kind(t.kind()))
             .map_err(torch)?;
-        let mask = mag.f_gt_tensor(&threshold).and_then(|m| m.f_to_kind(t.kind())).map_err(torch)?;
+        let mask = mag
+            .f_gt_tensor(&threshold)
+            .and_then(|m| m.f_to_kind(t.kind()))
+            .map_err(torch)?;
         let _ = t.f_mul_(&mask).map_err(torch)?;
         Ok(())
     })
@@ -188,8 +231,12 @@ pub(crate) fn prune_by_magnitude(t: &Tensor, keep_fraction: f64) -> Result<()> {
 /// libtorch's foreach kernels) and returns the norm before clipping.
 pub fn clip_grad_norm(store: &ParamStore, max_norm: Option<f64>) -> Result<f64> {
     tch::no_grad(|| {
-        let grads: Vec<Tensor> = store.trainable().filter_map(|p| grad_of(&p.tensor)).collect();
+        let grads: Vec<Tensor> = store
+            .trainable()
+            .filter_map(|p| grad_of(&p.tensor))
+            .collect();
         let refs: Vec<&Tensor> = grads.iter().collect();
-        torch_ext::clip_grad_norm(&refs, max_norm).map_err(|e| Error::Torch(format!("clip_grad_norm: {e}")))
+        torch_ext::clip_grad_norm(&refs, max_norm)
+            .map_err(|e| Error::Torch(format!("clip_grad_norm: {e}")))
     })
 }

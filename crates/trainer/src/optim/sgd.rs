@@ -40,10 +40,22 @@ impl Sgd {
             .into_iter()
             .map(|(name, param, decay)| {
                 let momentum_buffer = param.zeros_like().detach();
-                Slot { name, param, decay, momentum_buffer }
+                Slot {
+                    name,
+                    param,
+                    decay,
+                    momentum_buffer,
+                }
             })
             .collect();
-        Sgd { momentum, dampening, nesterov, weight_decay, step: 0, slots }
+        Sgd {
+            momentum,
+            dampening,
+            nesterov,
+            weight_decay,
+            step: 0,
+            slots,
+        }
     }
 
     pub fn step(&mut self, lr: f64) -> crate::Result<()> {
@@ -81,7 +93,10 @@ impl Sgd {
         if self.momentum == 0.0 {
             return 0;
         }
-        self.slots.iter().map(|s| crate::models::params::bytes_of(&s.momentum_buffer)).sum()
+        self.slots
+            .iter()
+            .map(|s| crate::models::params::bytes_of(&s.momentum_buffer))
+            .sum()
     }
 }
 
@@ -89,7 +104,10 @@ impl StateTensors for Sgd {
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![("step".to_string(), Tensor::from(self.step))];
         for s in &self.slots {
-            out.push((format!("momentum_buffer.{}", s.name), s.momentum_buffer.shallow_clone()));
+            out.push((
+                format!("momentum_buffer.{}", s.name),
+                s.momentum_buffer.shallow_clone(),
+            ));
         }
         out
     }

@@ -64,7 +64,8 @@ impl Relora {
     /// the end of the full-rank warm start, and at each multiple of `merge_every` past it.
     pub fn resets_after(&self, completed: i64) -> bool {
         let n = self.full_rank_warmup_steps;
-        completed > 0 && ((n > 0 && completed == n) || (completed > n && completed % self.merge_every == 0))
+        completed > 0
+            && ((n > 0 && completed == n) || (completed > n && completed % self.merge_every == 0))
     }
 
     /// The number of completed steps at the last reset at or before `completed`, if any.
@@ -100,7 +101,10 @@ impl Relora {
 
 /// The parameter names of the adapters (A and B of every adapted projection).
 pub fn adapter_names(lora: &Lora) -> Vec<String> {
-    lora.modules.iter().flat_map(|m| [a_name(m), b_name(m)]).collect()
+    lora.modules
+        .iter()
+        .flat_map(|m| [a_name(m), b_name(m)])
+        .collect()
 }
 
 /// The reference's `merge_and_reinit` on every adapter: `W += scale B A`, then A re-drawn as
@@ -117,7 +121,8 @@ pub fn merge_and_reinit(model: &Transformer) -> Result<()> {
         tch::no_grad(|| -> Result<()> {
             let (r, fan_in) = (ad.a.size()[0], ad.a.size()[1]);
             let bound = 1.0 / (fan_in as f64).sqrt();
-            let a_init = Tensor::rand([r, fan_in], (Kind::Float, Device::Cpu)) * (2.0 * bound) - bound; // [r, in]
+            let a_init =
+                Tensor::rand([r, fan_in], (Kind::Float, Device::Cpu)) * (2.0 * bound) - bound; // [r, in]
             ad.a.shallow_clone().f_copy_(&a_init)?;
             let _ = ad.b.shallow_clone().f_zero_()?;
             Ok(())

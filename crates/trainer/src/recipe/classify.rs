@@ -7,7 +7,10 @@
 //! with the file location and key path. Validation never opens the data: how many images a
 //! folder holds is checked when the run opens it.
 
-use super::schema::{check, positive, positive_finite, validate_optim_schedule, Invalid, OptimConfig, Precision, RunConfig, ScheduleConfig, Task};
+use super::schema::{
+    check, positive, positive_finite, validate_optim_schedule, Invalid, OptimConfig, Precision,
+    RunConfig, ScheduleConfig, Task,
+};
 use crate::models::resnet::ResNetConfig;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -71,13 +74,21 @@ impl ClassifierConfig {
     /// The model's architecture; fails (naming the field) on a depth or width the family lacks.
     pub fn build(&self) -> crate::Result<ResNetConfig> {
         match self {
-            ClassifierConfig::Resnet { depth, num_classes } => ResNetConfig::resnet(*depth, *num_classes),
+            ClassifierConfig::Resnet { depth, num_classes } => {
+                ResNetConfig::resnet(*depth, *num_classes)
+            }
             ClassifierConfig::CifarResnet { depth, num_classes } => {
                 ResNetConfig::cifar_resnet(*depth, *num_classes)
             }
-            ClassifierConfig::Wrn { depth, width, num_classes, dropout } => {
-                Ok(ResNetConfig { dropout: *dropout, ..ResNetConfig::wrn(*depth, *width, *num_classes)? })
-            }
+            ClassifierConfig::Wrn {
+                depth,
+                width,
+                num_classes,
+                dropout,
+            } => Ok(ResNetConfig {
+                dropout: *dropout,
+                ..ResNetConfig::wrn(*depth, *width, *num_classes)?
+            }),
         }
     }
 }
@@ -176,8 +187,14 @@ impl ImageSourceConfig {
     pub fn fixed_classes(&self) -> Option<i64> {
         match self {
             ImageSourceConfig::Cifar10 { .. } | ImageSourceConfig::BuiltinShapes { .. } => Some(10),
-            ImageSourceConfig::Cifar100 { labels: Cifar100Labels::Fine, .. } => Some(100),
-            ImageSourceConfig::Cifar100 { labels: Cifar100Labels::Coarse, .. } => Some(20),
+            ImageSourceConfig::Cifar100 {
+                labels: Cifar100Labels::Fine,
+                ..
+            } => Some(100),
+            ImageSourceConfig::Cifar100 {
+                labels: Cifar100Labels::Coarse,
+                ..
+            } => Some(20),
             ImageSourceConfig::Folder { .. } => None,
         }
     }
@@ -241,9 +258,21 @@ impl ClassifyRecipe {
     /// Range checks that the types cannot express. The first failure is returned.
     pub fn validate(&self) -> Result<(), Invalid> {
         let r = &self.run;
-        check(r.task == Task::Classify, "run.task", "expected \"classify\" for an image-classification recipe")?;
-        check(!r.name.trim().is_empty(), "run.name", "expected a non-empty name")?;
-        check(!r.out_dir.as_os_str().is_empty(), "run.out_dir", "expected a directory path")?;
+        check(
+            r.task == Task::Classify,
+            "run.task",
+            "expected \"classify\" for an image-classification recipe",
+        )?;
+        check(
+            !r.name.trim().is_empty(),
+            "run.name",
+            "expected a non-empty name",
+        )?;
+        check(
+            !r.out_dir.as_os_str().is_empty(),
+            "run.out_dir",
+            "expected a directory path",
+        )?;
         check(
             crate::device::parse_device_spec(&r.device).is_some(),
             "run.device",
@@ -276,7 +305,12 @@ impl ClassifyRecipe {
                 "model.depth",
                 format!("cifar_resnet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}"),
             )?,
-            ClassifierConfig::Wrn { depth, width, dropout, .. } => {
+            ClassifierConfig::Wrn {
+                depth,
+                width,
+                dropout,
+                ..
+            } => {
                 check(
                     *depth >= 10 && (depth - 4) % 6 == 0,
                     "model.depth",
@@ -300,19 +334,33 @@ impl ClassifyRecipe {
             check(
                 r >= d.image_size,
                 "data.resize",
-                format!("the shorter side ({r}) must be at least data.image_size ({})", d.image_size),
+                format!(
+                    "the shorter side ({r}) must be at least data.image_size ({})",
+                    d.image_size
+                ),
             )?;
         }
         check(
             d.crop_padding >= 0 && d.crop_padding < d.image_size,
             "data.crop_padding",
-            format!("expected 0 <= crop_padding < image_size ({}), got {}", d.image_size, d.crop_padding),
+            format!(
+                "expected 0 <= crop_padding < image_size ({}), got {}",
+                d.image_size, d.crop_padding
+            ),
         )?;
         for (i, s) in d.std.iter().enumerate() {
-            check(*s > 0.0 && s.is_finite(), "data.std", format!("expected positive numbers, got std[{i}] = {s}"))?;
+            check(
+                *s > 0.0 && s.is_finite(),
+                "data.std",
+                format!("expected positive numbers, got std[{i}] = {s}"),
+            )?;
         }
         for (i, m) in d.mean.iter().enumerate() {
-            check(m.is_finite(), "data.mean", format!("expected finite numbers, got mean[{i}] = {m}"))?;
+            check(
+                m.is_finite(),
+                "data.mean",
+                format!("expected finite numbers, got mean[{i}] = {m}"),
+            )?;
         }
         let classes = self.model.num_classes();
         for (key, src) in [("data.train", &d.train), ("data.valid", &d.valid)] {
@@ -320,25 +368,33 @@ impl ClassifyRecipe {
                 check(
                     d.image_size == size,
                     "data.image_size",
-                    format!("{key} ({}) has {size}x{size} images; set image_size = {size}", src.kind()),
+                    format!(
+                        "{key} ({}) has {size}x{size} images; set image_size = {size}",
+                        src.kind()
+                    ),
                 )?;
             }
             if let Some(n) = src.fixed_classes() {
                 check(
                     n == classes,
                     "model.num_classes",
-                    format!("{key} ({}) has {n} classes but model.num_classes is {classes}", src.kind()),
+                    format!(
+                        "{key} ({}) has {n} classes but model.num_classes is {classes}",
+                        src.kind()
+                    ),
                 )?;
             }
             match src {
-                ImageSourceConfig::BuiltinShapes { images: Some(n), .. } => {
-                    positive(*n, &format!("{key}.images"))?
-                }
+                ImageSourceConfig::BuiltinShapes {
+                    images: Some(n), ..
+                } => positive(*n, &format!("{key}.images"))?,
                 ImageSourceConfig::Cifar10 { path, .. }
                 | ImageSourceConfig::Cifar100 { path, .. }
-                | ImageSourceConfig::Folder { path } => {
-                    check(!path.as_os_str().is_empty(), &format!("{key}.path"), "expected a path")?
-                }
+                | ImageSourceConfig::Folder { path } => check(
+                    !path.as_os_str().is_empty(),
+                    &format!("{key}.path"),
+                    "expected a path",
+                )?,
                 ImageSourceConfig::BuiltinShapes { images: None, .. } => {}
             }
         }
@@ -350,10 +406,16 @@ impl ClassifyRecipe {
         positive(t.batch_size, "train.batch_size")?;
         match (t.max_steps, t.epochs) {
             (Some(_), Some(_)) => {
-                return Err(Invalid { key: "train.max_steps".into(), msg: "give max_steps or epochs, not both".into() })
+                return Err(Invalid {
+                    key: "train.max_steps".into(),
+                    msg: "give max_steps or epochs, not both".into(),
+                })
             }
             (None, None) => {
-                return Err(Invalid { key: "train.max_steps".into(), msg: "expected max_steps or epochs".into() })
+                return Err(Invalid {
+                    key: "train.max_steps".into(),
+                    msg: "expected max_steps or epochs".into(),
+                })
             }
             (Some(s), None) => positive(s, "train.max_steps")?,
             (None, Some(e)) => positive(e, "train.epochs")?,
@@ -442,7 +504,10 @@ epochs = 2
 "#;
 
     fn classify(text: &str, overrides: &[&str]) -> crate::Result<ClassifyRecipe> {
-        let ovs: Vec<Override> = overrides.iter().map(|o| Override::parse(o).expect("override")).collect();
+        let ovs: Vec<Override> = overrides
+            .iter()
+            .map(|o| Override::parse(o).expect("override"))
+            .collect();
         match parse_any(text, "c.toml", &ovs)? {
             AnyRecipe::Classify(r) => Ok(r),
             AnyRecipe::Pretrain(_) => panic!("a classify recipe read as pretraining"),
@@ -450,7 +515,10 @@ epochs = 2
     }
 
     fn err(text: &str, overrides: &[&str]) -> String {
-        classify(text, overrides).err().expect("an error").to_string()
+        classify(text, overrides)
+            .err()
+            .expect("an error")
+            .to_string()
     }
 
     #[test]
@@ -460,7 +528,10 @@ epochs = 2
         assert_eq!((r.data.crop_padding, r.data.hflip), (4, true));
         assert_eq!(r.data.mean, CIFAR10_MEAN);
         assert_eq!(r.max_steps(50_000), 2 * 390);
-        assert_eq!(r.model.build().expect("wrn").stage_widths, vec![32, 64, 128]);
+        assert_eq!(
+            r.model.build().expect("wrn").stage_widths,
+            vec![32, 64, 128]
+        );
         let again = classify(&to_toml(&r), &[]).expect("resolved recipe parses");
         assert_eq!(r, again);
     }
@@ -470,23 +541,51 @@ epochs = 2
         let e = err(BASE, &["model.depth=15"]);
         assert_eq!(e, "--set model.depth=15: model.depth: wrn depth must be 6n+4 (10, 16, 22, 28, 40), got 15");
         let e = err(&BASE.replace("width = 2", "width = 2\nwidht = 3"), &[]);
-        assert!(e.starts_with("c.toml:10:1: model.widht: unknown field `widht`"), "{e}");
+        assert!(
+            e.starts_with("c.toml:10:1: model.widht: unknown field `widht`"),
+            "{e}"
+        );
         let e = err(BASE, &["data.image_size=64"]);
-        assert!(e.contains("data.image_size: data.train (cifar10) has 32x32 images; set image_size = 32"), "{e}");
+        assert!(
+            e.contains(
+                "data.image_size: data.train (cifar10) has 32x32 images; set image_size = 32"
+            ),
+            "{e}"
+        );
         let e = err(BASE, &["train.max_steps=10"]);
-        assert!(e.ends_with("train.max_steps: give max_steps or epochs, not both"), "{e}");
+        assert!(
+            e.ends_with("train.max_steps: give max_steps or epochs, not both"),
+            "{e}"
+        );
         let e = err(&BASE.replace("split = \"test\"", "split = \"tset\""), &[]);
         // serde buffers the kind-tagged source, so the error is placed at data.valid.
-        assert!(e.starts_with("c.toml:14:1: data.valid: unknown variant `tset`, expected `train` or `test`"), "{e}");
+        assert!(
+            e.starts_with(
+                "c.toml:14:1: data.valid: unknown variant `tset`, expected `train` or `test`"
+            ),
+            "{e}"
+        );
         let e = err(BASE, &["train.label_smoothing=1.0"]);
-        assert!(e.contains("train.label_smoothing: expected a value in [0, 1)"), "{e}");
+        assert!(
+            e.contains("train.label_smoothing: expected a value in [0, 1)"),
+            "{e}"
+        );
     }
 
     #[test]
     fn a_misspelled_task_or_a_classify_recipe_read_as_pretraining_is_named() {
-        let e = parse_any(&BASE.replace("\"classify\"", "\"clasify\""), "c.toml", &[]).err().expect("error").to_string();
-        assert!(e.starts_with("c.toml:3:1: run.task: unknown variant `clasify`"), "{e}");
+        let e = parse_any(&BASE.replace("\"classify\"", "\"clasify\""), "c.toml", &[])
+            .err()
+            .expect("error")
+            .to_string();
+        assert!(
+            e.starts_with("c.toml:3:1: run.task: unknown variant `clasify`"),
+            "{e}"
+        );
         let e = parse(BASE, "c.toml", &[]).err().expect("error").to_string();
-        assert!(e.starts_with("c.toml:3:1: run.task: expected a pretraining recipe"), "{e}");
+        assert!(
+            e.starts_with("c.toml:3:1: run.task: expected a pretraining recipe"),
+            "{e}"
+        );
     }
 }

@@ -35,14 +35,20 @@ impl Override {
         let key = key.trim();
         let path: Vec<String> = key.split('.').map(|s| s.trim().to_string()).collect();
         if path.iter().any(|p| p.is_empty()) {
-            return Err(Error::Recipe(format!("--set {text}: empty component in key path {key:?}")));
+            return Err(Error::Recipe(format!(
+                "--set {text}: empty component in key path {key:?}"
+            )));
         }
         let value_text = value.trim();
         let value = match value_text.parse::<toml_edit::Value>() {
             Ok(v) => v,
             Err(_) => toml_edit::Value::from(value_text),
         };
-        Ok(Override { path, raw: text.to_string(), value })
+        Ok(Override {
+            path,
+            raw: text.to_string(),
+            value,
+        })
     }
 
     fn key(&self) -> String {
@@ -115,7 +121,13 @@ impl<'a> Source<'a> {
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
-        Ok(Source { text, file, overrides, original, doc })
+        Ok(Source {
+            text,
+            file,
+            overrides,
+            original,
+            doc,
+        })
     }
 
     /// Where `key` (a dotted path) was set: the override, or file:line:col.
@@ -135,7 +147,11 @@ impl<'a> Source<'a> {
 
     /// `run.task` as written (after overrides), when it is a string.
     fn task(&self) -> Option<String> {
-        self.doc.get("run")?.get("task")?.as_str().map(str::to_string)
+        self.doc
+            .get("run")?
+            .get("task")?
+            .as_str()
+            .map(str::to_string)
     }
 
     /// Deserializes the document into `T`; unknown keys and wrong types name their key path.
@@ -145,7 +161,10 @@ impl<'a> Source<'a> {
             let mut key = e.path().to_string();
             let msg = one_line(e.inner().message());
             // An unknown key is reported at its parent; name the key itself.
-            if let Some(unknown) = msg.strip_prefix("unknown field `").and_then(|s| s.split('`').next()) {
+            if let Some(unknown) = msg
+                .strip_prefix("unknown field `")
+                .and_then(|s| s.split('`').next())
+            {
                 if key == "." || key.is_empty() {
                     key = unknown.to_string();
                 } else if !key.ends_with(&format!(".{unknown}")) && key != unknown {
@@ -162,14 +181,20 @@ impl<'a> Source<'a> {
     }
 
     fn invalid(&self, inv: Invalid) -> Error {
-        Error::Recipe(format!("{}: {}: {}", self.locate_key(&inv.key), inv.key, inv.msg))
+        Error::Recipe(format!(
+            "{}: {}: {}",
+            self.locate_key(&inv.key),
+            inv.key,
+            inv.msg
+        ))
     }
 
     fn pretrain(&self) -> Result<Recipe> {
         if self.task().as_deref() == Some("classify") {
             return Err(self.invalid(Invalid {
                 key: "run.task".into(),
-                msg: "expected a pretraining recipe (task = \"pretrain\"), got task = \"classify\"".into(),
+                msg: "expected a pretraining recipe (task = \"pretrain\"), got task = \"classify\""
+                    .into(),
             }));
         }
         let file_recipe: RecipeFile = self.deserialize()?;
@@ -192,12 +217,39 @@ fn resolve_model(file: RecipeFile, locate_key: &dyn Fn(&str) -> String) -> Resul
         Some(init) => {
             let dense = crate::models::load::ModelSource::parse(&init.from)
                 .and_then(|src| src.model_config())
-                .map_err(|e| Error::Recipe(format!("{}: init.from: {e}", locate_key("init.from"))))?;
+                .map_err(|e| {
+                    Error::Recipe(format!("{}: init.from: {e}", locate_key("init.from")))
+                })?;
             Some(match (&init.upcycle, dense) {
                 (None, dense) => dense,
-                (Some(up), ModelConfig::Llama { moe: None, vocab_size, d_model, n_layers, n_heads, n_kv_heads, d_ff, max_seq_len, rope_theta, norm_eps, tie_embeddings }) => {
-                    ModelConfig::Llama { moe: Some(up.clone()), vocab_size, d_model, n_layers, n_heads, n_kv_heads, d_ff, max_seq_len, rope_theta, norm_eps, tie_embeddings }
-                }
+                (
+                    Some(up),
+                    ModelConfig::Llama {
+                        moe: None,
+                        vocab_size,
+                        d_model,
+                        n_layers,
+                        n_heads,
+                        n_kv_heads,
+                        d_ff,
+                        max_seq_len,
+                        rope_theta,
+                        norm_eps,
+                        tie_embeddings,
+                    },
+                ) => ModelConfig::Llama {
+                    moe: Some(up.clone()),
+                    vocab_size,
+                    d_model,
+                    n_layers,
+                    n_heads,
+                    n_kv_heads,
+                    d_ff,
+                    max_seq_len,
+                    rope_theta,
+                    norm_eps,
+                    tie_embeddings,
+                },
                 (Some(_), _) => {
                     return Err(Error::Recipe(format!(
                         "{}: init.upcycle: needs a dense Llama checkpoint in init.from",
@@ -241,8 +293,11 @@ fn key_in_tagged_section<T: serde::de::DeserializeOwned>(
     }
     let table = item.as_table_like()?;
     table.get("kind")?;
-    let keys: Vec<String> =
-        table.iter().map(|(k, _)| k.to_string()).filter(|k| k != "kind").collect();
+    let keys: Vec<String> = table
+        .iter()
+        .map(|(k, _)| k.to_string())
+        .filter(|k| k != "kind")
+        .collect();
     keys.into_iter().find(|k| {
         let mut probe = doc.clone();
         let mut item = probe.as_item_mut();
@@ -335,7 +390,12 @@ fn locate(doc: &toml_edit::ImDocument<String>, text: &str, key: &str) -> Option<
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map(|s| s.chars().count()).unwrap_or(0) + 1;
+    let col = before
+        .rsplit('\n')
+        .next()
+        .map(|s| s.chars().count())
+        .unwrap_or(0)
+        + 1;
     (line, col)
 }
 

@@ -149,7 +149,11 @@ impl PeftConfig {
             "peft.dropout",
             format!("expected a probability in [0, 1), got {}", self.dropout),
         )?;
-        check(!self.target.is_empty(), "peft.target", "expected at least one name pattern, e.g. [\"q_proj\", \"v_proj\"]")?;
+        check(
+            !self.target.is_empty(),
+            "peft.target",
+            "expected at least one name pattern, e.g. [\"q_proj\", \"v_proj\"]",
+        )?;
         for (i, p) in self.target.iter().enumerate() {
             check(
                 !p.trim().is_empty(),
@@ -158,7 +162,11 @@ impl PeftConfig {
             )?;
         }
         if let Some(from) = &self.from {
-            check(!from.as_os_str().is_empty(), "peft.from", "expected a PEFT adapter directory")?;
+            check(
+                !from.as_os_str().is_empty(),
+                "peft.from",
+                "expected a PEFT adapter directory",
+            )?;
         }
         self.validate_relora()
     }
@@ -170,7 +178,10 @@ impl PeftConfig {
                 ("peft.optimizer_reset", self.optimizer_reset.is_some()),
                 ("peft.keep_fraction", self.keep_fraction.is_some()),
                 ("peft.rewarm_steps", self.rewarm_steps.is_some()),
-                ("peft.full_rank_warmup_steps", self.full_rank_warmup_steps.is_some()),
+                (
+                    "peft.full_rank_warmup_steps",
+                    self.full_rank_warmup_steps.is_some(),
+                ),
             ];
             for (key, present) in set {
                 check(!present, key, "only applies to kind = \"relora\"")?;
@@ -185,14 +196,22 @@ impl PeftConfig {
         )?;
         positive(merge_every, "peft.merge_every")?;
         let rewarm = self.rewarm_steps.unwrap_or(0);
-        check(rewarm >= 0, "peft.rewarm_steps", format!("expected a non-negative integer, got {rewarm}"))?;
+        check(
+            rewarm >= 0,
+            "peft.rewarm_steps",
+            format!("expected a non-negative integer, got {rewarm}"),
+        )?;
         check(
             rewarm < merge_every,
             "peft.rewarm_steps",
             format!("expected fewer steps than peft.merge_every ({merge_every}), got {rewarm}"),
         )?;
         let warm = self.full_rank_warmup_steps.unwrap_or(0);
-        check(warm >= 0, "peft.full_rank_warmup_steps", format!("expected a non-negative integer, got {warm}"))?;
+        check(
+            warm >= 0,
+            "peft.full_rank_warmup_steps",
+            format!("expected a non-negative integer, got {warm}"),
+        )?;
         match (self.optimizer_reset.unwrap_or(OptimizerReset::Zero), self.keep_fraction) {
             (OptimizerReset::Zero, Some(_)) => check(
                 false,
@@ -474,7 +493,10 @@ impl SourceConfig {
 /// A name used in metric keys and TensorBoard tags.
 fn check_name(name: &str, key: &str) -> Result<(), Invalid> {
     check(
-        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
         key,
         format!("expected a name of letters, digits, '_' or '-', got {name:?}"),
     )
@@ -483,7 +505,11 @@ fn check_name(name: &str, key: &str) -> Result<(), Invalid> {
 /// A file-backed source must exist (checked at validation, so `trainer validate` catches it).
 fn check_exists(src: &SourceConfig, key: &str) -> Result<(), Invalid> {
     match src.path() {
-        Some(p) => check(p.is_file(), &format!("{key}.path"), format!("no such file: {}", p.display())),
+        Some(p) => check(
+            p.is_file(),
+            &format!("{key}.path"),
+            format!("no such file: {}", p.display()),
+        ),
         None => Ok(()),
     }
 }
@@ -682,7 +708,10 @@ pub(crate) fn check(ok: bool, key: &str, msg: impl Into<String>) -> Result<(), I
     if ok {
         Ok(())
     } else {
-        Err(Invalid { key: key.to_string(), msg: msg.into() })
+        Err(Invalid {
+            key: key.to_string(),
+            msg: msg.into(),
+        })
     }
 }
 
@@ -690,8 +719,16 @@ impl Recipe {
     /// Range checks that the types cannot express. The first failure is returned.
     pub fn validate(&self) -> Result<(), Invalid> {
         let r = &self.run;
-        check(!r.name.trim().is_empty(), "run.name", "expected a non-empty name")?;
-        check(!r.out_dir.as_os_str().is_empty(), "run.out_dir", "expected a directory path")?;
+        check(
+            !r.name.trim().is_empty(),
+            "run.name",
+            "expected a non-empty name",
+        )?;
+        check(
+            !r.out_dir.as_os_str().is_empty(),
+            "run.out_dir",
+            "expected a directory path",
+        )?;
         check(
             crate::device::parse_device_spec(&r.device).is_some(),
             "run.device",
@@ -710,7 +747,11 @@ impl Recipe {
                      only weights: use load = \"model\"",
                 )?;
                 check(init.upcycle.is_none(), "init.load", "\"full\" cannot be combined with init.upcycle (the optimizer state is for the dense model)")?;
-                check(self.peft.is_none(), "init.load", "\"full\" cannot be combined with [peft]; use load = \"model\"")?;
+                check(
+                    self.peft.is_none(),
+                    "init.load",
+                    "\"full\" cannot be combined with [peft]; use load = \"model\"",
+                )?;
             }
             check(
                 !init.from.trim().is_empty() && init.from.trim() != "hf:",
@@ -748,9 +789,17 @@ impl Recipe {
                 ..
             } => {
                 common_model_checks(*vocab_size, *d_model, *n_layers, *n_heads, *max_seq_len)?;
-                check(*d_ff > 0, "model.d_ff", format!("expected a positive integer, got {d_ff}"))?;
+                check(
+                    *d_ff > 0,
+                    "model.d_ff",
+                    format!("expected a positive integer, got {d_ff}"),
+                )?;
                 let kv = n_kv_heads.unwrap_or(*n_heads);
-                check(kv > 0, "model.n_kv_heads", format!("expected a positive integer, got {kv}"))?;
+                check(
+                    kv > 0,
+                    "model.n_kv_heads",
+                    format!("expected a positive integer, got {kv}"),
+                )?;
                 check(
                     n_heads % kv == 0,
                     "model.n_kv_heads",
@@ -759,22 +808,48 @@ impl Recipe {
                 check(
                     (d_model / n_heads) % 2 == 0,
                     "model.d_model",
-                    format!("head size d_model/n_heads = {} must be even for RoPE", d_model / n_heads),
+                    format!(
+                        "head size d_model/n_heads = {} must be even for RoPE",
+                        d_model / n_heads
+                    ),
                 )?;
-                check(*rope_theta > 0.0, "model.rope_theta", "expected a positive number")?;
-                check(*norm_eps > 0.0, "model.norm_eps", "expected a positive number")?;
+                check(
+                    *rope_theta > 0.0,
+                    "model.rope_theta",
+                    "expected a positive number",
+                )?;
+                check(
+                    *norm_eps > 0.0,
+                    "model.norm_eps",
+                    "expected a positive number",
+                )?;
                 if let Some(m) = moe {
                     validate_moe(m, "model.moe")?;
                 }
             }
             ModelConfig::Gpt2 {
-                vocab_size, d_model, n_layers, n_heads, d_ff, max_seq_len, norm_eps, dropout,
+                vocab_size,
+                d_model,
+                n_layers,
+                n_heads,
+                d_ff,
+                max_seq_len,
+                norm_eps,
+                dropout,
             } => {
                 common_model_checks(*vocab_size, *d_model, *n_layers, *n_heads, *max_seq_len)?;
                 if let Some(d_ff) = d_ff {
-                    check(*d_ff > 0, "model.d_ff", format!("expected a positive integer, got {d_ff}"))?;
+                    check(
+                        *d_ff > 0,
+                        "model.d_ff",
+                        format!("expected a positive integer, got {d_ff}"),
+                    )?;
                 }
-                check(*norm_eps > 0.0, "model.norm_eps", "expected a positive number")?;
+                check(
+                    *norm_eps > 0.0,
+                    "model.norm_eps",
+                    "expected a positive number",
+                )?;
                 check(
                     (0.0..1.0).contains(dropout),
                     "model.dropout",
@@ -794,7 +869,11 @@ impl Recipe {
 
     fn validate_data(&self) -> Result<(), Invalid> {
         let d = &self.data;
-        check(d.seq_len > 0, "data.seq_len", format!("expected a positive integer, got {}", d.seq_len))?;
+        check(
+            d.seq_len > 0,
+            "data.seq_len",
+            format!("expected a positive integer, got {}", d.seq_len),
+        )?;
         check(
             d.valid_fraction > 0.0 && d.valid_fraction < 1.0,
             "data.valid_fraction",
@@ -823,12 +902,20 @@ impl Recipe {
             sources.push(("data.valid".into(), v));
         }
         if let Some(m) = &d.mixture {
-            check(!m.sources.is_empty(), "data.mixture.sources", "expected at least one [[data.mixture.sources]]")?;
+            check(
+                !m.sources.is_empty(),
+                "data.mixture.sources",
+                "expected at least one [[data.mixture.sources]]",
+            )?;
             let mut seen = std::collections::BTreeSet::new();
             for (i, s) in m.sources.iter().enumerate() {
                 let key = format!("data.mixture.sources[{i}]");
                 check_name(&s.name, &format!("{key}.name"))?;
-                check(seen.insert(s.name.as_str()), &format!("{key}.name"), format!("duplicate source name {:?}", s.name))?;
+                check(
+                    seen.insert(s.name.as_str()),
+                    &format!("{key}.name"),
+                    format!("duplicate source name {:?}", s.name),
+                )?;
                 check(
                     s.weight.is_finite() && s.weight >= 0.0,
                     &format!("{key}.weight"),
@@ -844,7 +931,11 @@ impl Recipe {
             )?;
         }
         if !d.valid_sets.is_empty() {
-            check(d.valid.is_none(), "data.valid", "give either data.valid or [data.valid_sets], not both")?;
+            check(
+                d.valid.is_none(),
+                "data.valid",
+                "give either data.valid or [data.valid_sets], not both",
+            )?;
         }
         for (name, src) in &d.valid_sets {
             let key = format!("data.valid_sets.{name}");
@@ -873,7 +964,10 @@ impl Recipe {
 }
 
 /// `[optim]` and `[schedule]` range checks, shared by every recipe type (pretrain, classify).
-pub(crate) fn validate_optim_schedule(optim: &OptimConfig, schedule: &ScheduleConfig) -> Result<(), Invalid> {
+pub(crate) fn validate_optim_schedule(
+    optim: &OptimConfig,
+    schedule: &ScheduleConfig,
+) -> Result<(), Invalid> {
     OptimSections { optim, schedule }.validate()
 }
 
@@ -886,31 +980,12 @@ struct OptimSections<'a> {
 impl OptimSections<'_> {
     fn validate(&self) -> Result<(), Invalid> {
         match &self.optim {
-            OptimConfig::Adamw { lr, betas, eps, weight_decay, .. } => {
-                positive_finite(*lr, "optim.lr")?;
-                for (i, b) in betas.iter().enumerate() {
-                    check(
-                        (0.0..1.0).contains(b),
-                        "optim.betas",
-                        format!("expected betas in [0, 1), got betas[{i}] = {b}"),
-                    )?;
-                }
-                positive_finite(*eps, "optim.eps")?;
-                check(*weight_decay >= 0.0, "optim.weight_decay", "expected a non-negative number")?;
-            }
-            OptimConfig::Sgd { lr, momentum, dampening, nesterov, weight_decay } => {
-                positive_finite(*lr, "optim.lr")?;
-                check(*momentum >= 0.0, "optim.momentum", "expected a non-negative number")?;
-                check(*dampening >= 0.0, "optim.dampening", "expected a non-negative number")?;
-                check(*weight_decay >= 0.0, "optim.weight_decay", "expected a non-negative number")?;
-                check(
-                    !*nesterov || (*momentum > 0.0 && *dampening == 0.0),
-                    "optim.nesterov",
-                    "Nesterov momentum needs momentum > 0 and dampening = 0",
-                )?;
-            }
-            OptimConfig::GaloreAdamw {
-                lr, betas, eps, weight_decay, rank, update_proj_gap, scale, target,
+            OptimConfig::Adamw {
+                lr,
+                betas,
+                eps,
+                weight_decay,
+                ..
             } => {
                 positive_finite(*lr, "optim.lr")?;
                 for (i, b) in betas.iter().enumerate() {
@@ -921,7 +996,65 @@ impl OptimSections<'_> {
                     )?;
                 }
                 positive_finite(*eps, "optim.eps")?;
-                check(*weight_decay >= 0.0, "optim.weight_decay", "expected a non-negative number")?;
+                check(
+                    *weight_decay >= 0.0,
+                    "optim.weight_decay",
+                    "expected a non-negative number",
+                )?;
+            }
+            OptimConfig::Sgd {
+                lr,
+                momentum,
+                dampening,
+                nesterov,
+                weight_decay,
+            } => {
+                positive_finite(*lr, "optim.lr")?;
+                check(
+                    *momentum >= 0.0,
+                    "optim.momentum",
+                    "expected a non-negative number",
+                )?;
+                check(
+                    *dampening >= 0.0,
+                    "optim.dampening",
+                    "expected a non-negative number",
+                )?;
+                check(
+                    *weight_decay >= 0.0,
+                    "optim.weight_decay",
+                    "expected a non-negative number",
+                )?;
+                check(
+                    !*nesterov || (*momentum > 0.0 && *dampening == 0.0),
+                    "optim.nesterov",
+                    "Nesterov momentum needs momentum > 0 and dampening = 0",
+                )?;
+            }
+            OptimConfig::GaloreAdamw {
+                lr,
+                betas,
+                eps,
+                weight_decay,
+                rank,
+                update_proj_gap,
+                scale,
+                target,
+            } => {
+                positive_finite(*lr, "optim.lr")?;
+                for (i, b) in betas.iter().enumerate() {
+                    check(
+                        (0.0..1.0).contains(b),
+                        "optim.betas",
+                        format!("expected betas in [0, 1), got betas[{i}] = {b}"),
+                    )?;
+                }
+                positive_finite(*eps, "optim.eps")?;
+                check(
+                    *weight_decay >= 0.0,
+                    "optim.weight_decay",
+                    "expected a non-negative number",
+                )?;
                 positive(*rank, "optim.rank")?;
                 positive(*update_proj_gap, "optim.update_proj_gap")?;
                 positive_finite(*scale, "optim.scale")?;
@@ -936,7 +1069,6 @@ impl OptimSections<'_> {
         }
         self.schedule.check_values(self.optim.lr())
     }
-
 }
 
 impl Recipe {
@@ -972,7 +1104,8 @@ impl Recipe {
             positive(c, "train.checkpoint_every")?;
         }
         positive(t.keep_checkpoints, "train.keep_checkpoints")?;
-        self.schedule.check_lengths(self.optim.lr(), self.max_steps())
+        self.schedule
+            .check_lengths(self.optim.lr(), self.max_steps())
     }
 
     /// Tokens consumed by one optimizer step.
@@ -1018,7 +1151,10 @@ pub fn validate_moe(m: &MoeRecipe, key: &str) -> Result<(), Invalid> {
     check(
         m.top_k <= m.n_experts,
         &format!("{key}.top_k"),
-        format!("top_k ({}) must not exceed n_experts ({})", m.top_k, m.n_experts),
+        format!(
+            "top_k ({}) must not exceed n_experts ({})",
+            m.top_k, m.n_experts
+        ),
     )?;
     check(
         m.routing != RoutingKind::Switch || m.top_k == 1,
@@ -1028,8 +1164,16 @@ pub fn validate_moe(m: &MoeRecipe, key: &str) -> Result<(), Invalid> {
     if let Some(c) = m.capacity_factor {
         positive_finite(c, &format!("{key}.capacity_factor"))?;
     }
-    check(m.aux_loss_coef >= 0.0, &format!("{key}.aux_loss_coef"), "expected a non-negative number")?;
-    check(m.z_loss_coef >= 0.0, &format!("{key}.z_loss_coef"), "expected a non-negative number")
+    check(
+        m.aux_loss_coef >= 0.0,
+        &format!("{key}.aux_loss_coef"),
+        "expected a non-negative number",
+    )?;
+    check(
+        m.z_loss_coef >= 0.0,
+        &format!("{key}.z_loss_coef"),
+        "expected a non-negative number",
+    )
 }
 
 pub(crate) fn positive(v: i64, key: &str) -> Result<(), Invalid> {
@@ -1037,5 +1181,9 @@ pub(crate) fn positive(v: i64, key: &str) -> Result<(), Invalid> {
 }
 
 pub(crate) fn positive_finite(v: f64, key: &str) -> Result<(), Invalid> {
-    check(v > 0.0 && v.is_finite(), key, format!("expected a positive number, got {v}"))
+    check(
+        v > 0.0 && v.is_finite(),
+        key,
+        format!("expected a positive number, got {v}"),
+    )
 }

@@ -29,7 +29,10 @@ max_steps = 10
 "#;
 
 fn err(text: &str, overrides: &[&str]) -> String {
-    let ovs: Vec<Override> = overrides.iter().map(|o| Override::parse(o).expect("override")).collect();
+    let ovs: Vec<Override> = overrides
+        .iter()
+        .map(|o| Override::parse(o).expect("override"))
+        .collect();
     match parse(text, "r.toml", &ovs) {
         Ok(_) => panic!("expected an error"),
         Err(e) => e.to_string(),
@@ -68,7 +71,12 @@ fn malformed_toml_names_line_and_column() {
 fn unknown_key_names_file_line_column_and_key_path() {
     let text = BASE.replace("max_steps = 10", "max_steps = 10\nbogus = 3");
     let e = err(&text, &[]);
-    assert!(e.starts_with("r.toml:25:1: train.bogus: unknown field `bogus`, expected one of `batch_size`"), "{e}");
+    assert!(
+        e.starts_with(
+            "r.toml:25:1: train.bogus: unknown field `bogus`, expected one of `batch_size`"
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -84,7 +92,10 @@ fn unknown_key_in_tagged_section() {
 fn wrong_type_names_key_and_expectation() {
     let text = BASE.replace("batch_size = 4", "batch_size = \"four\"");
     let e = err(&text, &[]);
-    assert_eq!(e, "r.toml:23:1: train.batch_size: invalid type: string \"four\", expected i64");
+    assert_eq!(
+        e,
+        "r.toml:23:1: train.batch_size: invalid type: string \"four\", expected i64"
+    );
 }
 
 #[test]
@@ -98,13 +109,22 @@ fn unknown_kind_lists_the_choices() {
 #[test]
 fn out_of_range_values_name_location_and_key() {
     let e = err(&BASE.replace("lr = 1e-3", "lr = -1e-3"), &[]);
-    assert_eq!(e, "r.toml:20:1: optim.lr: expected a positive number, got -0.001");
+    assert_eq!(
+        e,
+        "r.toml:20:1: optim.lr: expected a positive number, got -0.001"
+    );
     let e = err(&BASE.replace("batch_size = 4", "batch_size = 0"), &[]);
-    assert_eq!(e, "r.toml:23:1: train.batch_size: expected a positive integer, got 0");
+    assert_eq!(
+        e,
+        "r.toml:23:1: train.batch_size: expected a positive integer, got 0"
+    );
     let e = err(&BASE.replace("seq_len = 16", "seq_len = 0"), &[]);
     assert!(e.starts_with("r.toml:15:1: data.seq_len:"), "{e}");
     let e = err(&BASE.replace("n_heads = 4", "n_heads = 3"), &[]);
-    assert!(e.contains("model.d_model") && e.contains("divisible by n_heads (3)"), "{e}");
+    assert!(
+        e.contains("model.d_model") && e.contains("divisible by n_heads (3)"),
+        "{e}"
+    );
     let e = err(&BASE.replace("seq_len = 16", "seq_len = 64"), &[]);
     assert!(e.contains("must not exceed model.max_seq_len (32)"), "{e}");
 }
@@ -122,11 +142,20 @@ fn overrides_are_typed_and_validated() {
     assert!(matches!(r.optim, OptimConfig::Adamw { betas, .. } if betas == [0.8, 0.9]));
 
     let e = err(BASE, &["train.max_steps=abc"]);
-    assert!(e.starts_with("--set train.max_steps=abc: train.max_steps:"), "{e}");
+    assert!(
+        e.starts_with("--set train.max_steps=abc: train.max_steps:"),
+        "{e}"
+    );
     let e = err(BASE, &["train.batch_size=-2"]);
-    assert_eq!(e, "--set train.batch_size=-2: train.batch_size: expected a positive integer, got -2");
+    assert_eq!(
+        e,
+        "--set train.batch_size=-2: train.batch_size: expected a positive integer, got -2"
+    );
     let e = err(BASE, &["train.nope=1"]);
-    assert!(e.contains("--set train.nope=1") && e.contains("unknown field"), "{e}");
+    assert!(
+        e.contains("--set train.nope=1") && e.contains("unknown field"),
+        "{e}"
+    );
     assert!(Override::parse("novalue").is_err());
     assert!(Override::parse("a..b=1").is_err());
 }
@@ -135,9 +164,16 @@ fn overrides_are_typed_and_validated() {
 fn override_can_add_a_missing_key() {
     let text = BASE.replace("max_steps = 10\n", "");
     let e = err(&text, &[]);
-    assert!(e.contains("train.max_steps") && e.contains("expected max_steps or max_tokens"), "{e}");
-    let r = parse(&text, "r.toml", &[Override::parse("train.max_tokens=1000").expect("parse")])
-        .expect("valid");
+    assert!(
+        e.contains("train.max_steps") && e.contains("expected max_steps or max_tokens"),
+        "{e}"
+    );
+    let r = parse(
+        &text,
+        "r.toml",
+        &[Override::parse("train.max_tokens=1000").expect("parse")],
+    )
+    .expect("valid");
     assert_eq!(r.max_steps(), 16); // ceil(1000 / 64)
 }
 
@@ -151,14 +187,25 @@ fn missing_section_is_named() {
 #[test]
 fn device_spec_is_checked() {
     let e = err(BASE, &["run.device=gpu"]);
-    assert!(e.contains("run.device") && e.contains("auto, cpu, cuda or cuda:N"), "{e}");
-    parse(BASE, "r.toml", &[Override::parse("run.device=cuda:1").expect("parse")]).expect("valid spec");
+    assert!(
+        e.contains("run.device") && e.contains("auto, cpu, cuda or cuda:N"),
+        "{e}"
+    );
+    parse(
+        BASE,
+        "r.toml",
+        &[Override::parse("run.device=cuda:1").expect("parse")],
+    )
+    .expect("valid spec");
 }
 
 #[test]
 fn byte_level_data_needs_vocab_256() {
     let e = err(&BASE.replace("vocab_size = 256", "vocab_size = 100"), &[]);
-    assert!(e.contains("model.vocab_size") && e.contains("byte-level"), "{e}");
+    assert!(
+        e.contains("model.vocab_size") && e.contains("byte-level"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -166,10 +213,20 @@ fn wrong_type_in_a_kind_tagged_section_names_the_key() {
     // serde buffers these sections before choosing the variant; the loader finds the key.
     let text = BASE.replace("lr = 1e-3", "lr = \"1e-3\"");
     let e = err(&text, &[]);
-    let line = text.lines().position(|l| l.starts_with("lr = ")).expect("lr line") + 1;
-    assert_eq!(e, format!("r.toml:{line}:1: optim.lr: invalid type: string \"1e-3\", expected f64"));
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("lr = "))
+        .expect("lr line")
+        + 1;
+    assert_eq!(
+        e,
+        format!("r.toml:{line}:1: optim.lr: invalid type: string \"1e-3\", expected f64")
+    );
     let e = err(BASE, &["model.d_model=\"x\""]);
-    assert_eq!(e, "--set model.d_model=\"x\": model.d_model: invalid type: string \"x\", expected i64");
+    assert_eq!(
+        e,
+        "--set model.d_model=\"x\": model.d_model: invalid type: string \"x\", expected i64"
+    );
     let e = err(BASE, &["data.train={kind=\"tokens\", path=3}"]);
     assert!(e.contains("data.train.path: invalid type"), "{e}");
     // Errors that are not about one value keep naming the section.
@@ -197,39 +254,100 @@ fn with_mixture(extra: &str) -> String {
 fn mixture_parses_round_trips_and_excludes_data_train() {
     let r = parse(&with_mixture(""), "r.toml", &[]).expect("valid");
     let m = r.data.mixture.as_ref().expect("mixture");
-    assert_eq!((m.sources[1].name.as_str(), m.sources[1].weight), ("replay", 0.05));
-    assert_eq!(parse(&to_toml(&r), "resolved.toml", &[]).expect("round trip"), r);
+    assert_eq!(
+        (m.sources[1].name.as_str(), m.sources[1].weight),
+        ("replay", 0.05)
+    );
+    assert_eq!(
+        parse(&to_toml(&r), "resolved.toml", &[]).expect("round trip"),
+        r
+    );
     let both = BASE.to_string() + MIXTURE;
-    assert!(err(&both, &[]).contains("data.mixture: give either data.train or [data.mixture], not both"));
+    assert!(err(&both, &[])
+        .contains("data.mixture: give either data.train or [data.mixture], not both"));
     let neither = BASE.replace("train = { kind = \"builtin\" }\n", "");
-    assert!(err(&neither, &[]).contains("data.train: missing"), "{}", err(&neither, &[]));
+    assert!(
+        err(&neither, &[]).contains("data.train: missing"),
+        "{}",
+        err(&neither, &[])
+    );
 }
 
 #[test]
 fn bad_mixtures_name_their_key() {
     let neg = with_mixture("").replace("weight = 0.05", "weight = -0.05");
     let e = err(&neg, &[]);
-    assert!(e.starts_with("r.toml:") && e.contains("data.mixture.sources[1].weight: expected a non-negative weight, got -0.05"), "{e}");
-    let zero = with_mixture("").replace("weight = 0.05", "weight = 0").replace("weight = 0.95", "weight = 0");
-    assert!(err(&zero, &[]).contains("data.mixture.sources: the weights are all zero"), "{}", err(&zero, &[]));
+    assert!(
+        e.starts_with("r.toml:")
+            && e.contains(
+                "data.mixture.sources[1].weight: expected a non-negative weight, got -0.05"
+            ),
+        "{e}"
+    );
+    let zero = with_mixture("")
+        .replace("weight = 0.05", "weight = 0")
+        .replace("weight = 0.95", "weight = 0");
+    assert!(
+        err(&zero, &[]).contains("data.mixture.sources: the weights are all zero"),
+        "{}",
+        err(&zero, &[])
+    );
     let dup = with_mixture("").replace("name = \"replay\"", "name = \"new\"");
-    assert!(err(&dup, &[]).contains("data.mixture.sources[1].name: duplicate source name \"new\""), "{}", err(&dup, &[]));
-    let missing = with_mixture("").replacen("source = { kind = \"builtin\" }", "source = { kind = \"text\", path = \"/no/such/file.txt\" }", 1);
+    assert!(
+        err(&dup, &[]).contains("data.mixture.sources[1].name: duplicate source name \"new\""),
+        "{}",
+        err(&dup, &[])
+    );
+    let missing = with_mixture("").replacen(
+        "source = { kind = \"builtin\" }",
+        "source = { kind = \"text\", path = \"/no/such/file.txt\" }",
+        1,
+    );
     let e = err(&missing, &[]);
-    assert!(e.contains("data.mixture.sources[0].source.path: no such file: /no/such/file.txt"), "{e}");
+    assert!(
+        e.contains("data.mixture.sources[0].source.path: no such file: /no/such/file.txt"),
+        "{e}"
+    );
     assert_eq!(e.lines().count(), 1, "{e}");
 }
 
 #[test]
 fn valid_sets_and_init_load() {
-    let r = parse(&(BASE.to_string() + "\n[data.valid_sets]\nupstream = { kind = \"builtin\" }\n"), "r.toml", &[]).expect("valid");
-    assert_eq!(r.data.valid_sets.keys().collect::<Vec<_>>(), vec!["upstream"]);
-    assert_eq!(parse(&to_toml(&r), "resolved.toml", &[]).expect("round trip"), r);
-    let e = err(&(BASE.to_string() + "\n[data.valid_sets]\n\"bad/name\" = { kind = \"builtin\" }\n"), &[]);
+    let r = parse(
+        &(BASE.to_string() + "\n[data.valid_sets]\nupstream = { kind = \"builtin\" }\n"),
+        "r.toml",
+        &[],
+    )
+    .expect("valid");
+    assert_eq!(
+        r.data.valid_sets.keys().collect::<Vec<_>>(),
+        vec!["upstream"]
+    );
+    assert_eq!(
+        parse(&to_toml(&r), "resolved.toml", &[]).expect("round trip"),
+        r
+    );
+    let e = err(
+        &(BASE.to_string() + "\n[data.valid_sets]\n\"bad/name\" = { kind = \"builtin\" }\n"),
+        &[],
+    );
     assert!(e.contains("expected a name of letters"), "{e}");
     let mut full = parse(BASE, "r.toml", &[]).expect("valid");
-    full.init = Some(InitConfig { from: "hf:x".into(), upcycle: None, load: InitLoad::Full });
-    assert_eq!(full.validate().expect_err("hf: cannot continue").key, "init.load");
-    let e = err(&(BASE.to_string() + "\n[init]\nfrom = \"x\"\nload = \"everything\"\n"), &[]);
-    assert!(e.contains("init.load") && e.contains("unknown variant"), "{e}");
+    full.init = Some(InitConfig {
+        from: "hf:x".into(),
+        upcycle: None,
+        load: InitLoad::Full,
+    });
+    assert_eq!(
+        full.validate().expect_err("hf: cannot continue").key,
+        "init.load"
+    );
+    let e = err(
+        &(BASE.to_string() + "\n[init]\nfrom = \"x\"\nload = \"everything\"\n"),
+        &[],
+    );
+    assert!(
+        e.contains("init.load") && e.contains("unknown variant"),
+        "{e}"
+    );
 }

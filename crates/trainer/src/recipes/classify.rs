@@ -38,9 +38,14 @@ use tch::{Device, Kind, Reduction, Tensor};
 pub enum Outcome {
     Finished(Summary),
     /// Stopped by a signal after writing the checkpoint of `step`.
-    Interrupted { step: i64, checkpoint: PathBuf },
+    Interrupted {
+        step: i64,
+        checkpoint: PathBuf,
+    },
     /// Resumed from a checkpoint at or past the end of the run: nothing was trained or written.
-    AlreadyDone { step: i64 },
+    AlreadyDone {
+        step: i64,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -86,10 +91,16 @@ pub struct EvalResult {
 
 /// Copies `[init] from` into the model: every tensor by name and shape, but those in `reinit`.
 fn load_init(init: &crate::recipe::ClassifierInit, params: &ParamStore) -> Result<()> {
-    let file = if init.from.is_dir() { init.from.join(checkpoint::MODEL_FILE) } else { init.from.clone() };
+    let file = if init.from.is_dir() {
+        init.from.join(checkpoint::MODEL_FILE)
+    } else {
+        init.from.clone()
+    };
     for name in &init.reinit {
         if params.get(name).is_none() {
-            return Err(Error::Recipe(format!("init.reinit: {name:?} is not a tensor of this model")));
+            return Err(Error::Recipe(format!(
+                "init.reinit: {name:?} is not a tensor of this model"
+            )));
         }
     }
     let loaded: Vec<(String, tch::Tensor)> = crate::models::params::read_safetensors(&file)?
@@ -97,7 +108,10 @@ fn load_init(init: &crate::recipe::ClassifierInit, params: &ParamStore) -> Resul
         .filter(|(k, _)| !init.reinit.contains(k))
         .collect();
     crate::models::params::copy_named(
-        &mut params.iter().filter(|p| !init.reinit.contains(&p.name)).map(|p| (p.name.as_str(), &p.tensor)),
+        &mut params
+            .iter()
+            .filter(|p| !init.reinit.contains(&p.name))
+            .map(|p| (p.name.as_str(), &p.tensor)),
         loaded,
         &file,
     )?;
@@ -118,9 +132,12 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
     let (train, valid) = open_data(recipe)?;
     let batch_size = recipe.train.batch_size as usize;
     let total_steps = recipe.max_steps(train.len());
-    recipe
-        .check_warmup(total_steps)
-        .map_err(|inv| Error::Recipe(format!("{}: {} (a run of {total_steps} steps)", inv.key, inv.msg)))?;
+    recipe.check_warmup(total_steps).map_err(|inv| {
+        Error::Recipe(format!(
+            "{}: {} (a run of {total_steps} steps)",
+            inv.key, inv.msg
+        ))
+    })?;
 
     tch::manual_seed(recipe.run.seed as i64);
     let model_cfg = recipe.model.build()?;
@@ -188,7 +205,10 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
     );
     let progress = Progress::new(total_steps, state.step);
     let eval = |model: &ResNet| -> Result<EvalResult> {
-        let limit = recipe.train.eval_images.map_or(valid.len(), |n| (n as usize).min(valid.len()));
+        let limit = recipe
+            .train
+            .eval_images
+            .map_or(valid.len(), |n| (n as usize).min(valid.len()));
         evaluate(model, &valid, &aug, limit, batch_size, device, precision)
     };
     let mut last_train_loss = None;
@@ -207,7 +227,9 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
         let step_start = Instant::now();
         // Dropout (WRN) and any other torch randomness: a pure function of (seed, step).
         tch::manual_seed((stream_seed(recipe.run.seed, step, -1, 0) >> 1) as i64);
-        let batch = prefetch.next().ok_or_else(|| Error::Torch("data prefetch thread stopped".into()))?;
+        let batch = prefetch
+            .next()
+            .ok_or_else(|| Error::Torch("data prefetch thread stopped".into()))?;
         let x = batch.images.to_device(device); // [b, 3, h, w]
         let y = batch.labels.to_device(device); // [b]
         let logits = forward(&model, &x, true, device, precision)?; // [b, classes]
@@ -283,7 +305,13 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
             window_images = 0;
         }
         let stopping = stop.requested();
-        if recipe.train.checkpoint_every.is_some_and(|c| state.step % c == 0) || done || stopping {
+        if recipe
+            .train
+            .checkpoint_every
+            .is_some_and(|c| state.step % c == 0)
+            || done
+            || stopping
+        {
             state.train_seconds = seconds_before + session_start.elapsed().as_secs_f64();
             let dir = checkpoint::save(
                 &run_dir,
@@ -292,7 +320,11 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
                 &optimizer,
                 recipe.train.keep_checkpoints as usize,
             )?;
-            progress.println(&format!("step {}: checkpoint {}", state.step, dir.display()));
+            progress.println(&format!(
+                "step {}: checkpoint {}",
+                state.step,
+                dir.display()
+            ));
             last_checkpoint = Some(dir);
             window_start = Instant::now();
             window_images = 0;
@@ -305,7 +337,10 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
                 state.step,
                 checkpoint.display()
             );
-            return Ok(Outcome::Interrupted { step: state.step, checkpoint });
+            return Ok(Outcome::Interrupted {
+                step: state.step,
+                checkpoint,
+            });
         }
     }
     progress.finish();
@@ -314,8 +349,11 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
     // ---- summary ------------------------------------------------------------------------
     let session_seconds = session_start.elapsed().as_secs_f64();
     let images_per_s_wall = (state.tokens - images_before) as f64 / session_seconds.max(1e-9);
-    let images_per_s =
-        if step_images > 0 { step_images as f64 / step_seconds.max(1e-9) } else { images_per_s_wall };
+    let images_per_s = if step_images > 0 {
+        step_images as f64 / step_seconds.max(1e-9)
+    } else {
+        images_per_s_wall
+    };
     let (peak, peak_kind) = peak_memory(device);
     let summary = Summary {
         name: recipe.run.name.clone(),
@@ -357,30 +395,48 @@ fn open_data(recipe: &ClassifyRecipe) -> Result<(ImageSet, ImageSet)> {
         if set.num_classes() != classes {
             return Err(Error::Data {
                 path: format!("{key} = {}", set.name),
-                msg: format!("has {} classes but model.num_classes is {classes}", set.num_classes()),
+                msg: format!(
+                    "has {} classes but model.num_classes is {classes}",
+                    set.num_classes()
+                ),
             });
         }
     }
     if train.classes != valid.classes {
         return Err(Error::Data {
             path: format!("data.valid = {}", valid.name),
-            msg: format!("its classes {:?} differ from data.train's {:?}", valid.classes, train.classes),
+            msg: format!(
+                "its classes {:?} differ from data.train's {:?}",
+                valid.classes, train.classes
+            ),
         });
     }
     if train.len() < recipe.train.batch_size as usize {
         return Err(Error::Data {
             path: format!("data.train = {}", train.name),
-            msg: format!("holds {} images, fewer than train.batch_size ({})", train.len(), recipe.train.batch_size),
+            msg: format!(
+                "holds {} images, fewer than train.batch_size ({})",
+                train.len(),
+                recipe.train.batch_size
+            ),
         });
     }
     Ok((train, valid))
 }
 
 /// Logits `[b, classes]`, under bf16 autocast for `bf16-mixed`.
-fn forward(model: &ResNet, x: &Tensor, train: bool, device: Device, precision: Precision) -> Result<Tensor> {
+fn forward(
+    model: &ResNet,
+    x: &Tensor,
+    train: bool,
+    device: Device,
+    precision: Precision,
+) -> Result<Tensor> {
     let run = || model.forward(x, train).to_kind(Kind::Float);
     match precision {
-        Precision::Bf16Mixed => torch_ext::with_autocast_bf16(device.is_cuda(), run).map_err(Error::Torch),
+        Precision::Bf16Mixed => {
+            torch_ext::with_autocast_bf16(device.is_cuda(), run).map_err(Error::Torch)
+        }
         Precision::Fp32 | Precision::Bf16 => Ok(run()),
     }
 }
@@ -397,7 +453,10 @@ fn correct(logits: &Tensor, labels: &Tensor, k: i64) -> (i64, i64) {
     let k = k.min(logits.size()[1]);
     let (_, top) = logits.topk(k, 1, true, true); // [b, k]
     let hit = top.eq_tensor(&labels.unsqueeze(1)).any_dim(1, false); // [b]
-    (hit.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]), k)
+    (
+        hit.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]),
+        k,
+    )
 }
 
 /// Loss (unsmoothed), top-1 and top-5 accuracy over the first `limit` images of `set`, with
@@ -419,29 +478,36 @@ pub fn evaluate(
             let b = eval_batch(set, aug, start, len);
             let y = b.labels.to_device(device);
             let logits = forward(model, &b.images.to_device(device), false, device, precision)?;
-            let loss = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0)?;
+            let loss =
+                logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0)?;
             loss_sum += loss.double_value(&[]);
             top1 += correct(&logits, &y, 1).0;
             top5 += correct(&logits, &y, 5).0;
             start += len;
         }
         let n = limit.max(1) as f64;
-        Ok(EvalResult { loss: loss_sum / n, top1: top1 as f64 / n, top5: top5 as f64 / n, images: limit })
+        Ok(EvalResult {
+            loss: loss_sum / n,
+            top1: top1 as f64 / n,
+            top5: top5 as f64 / n,
+            images: limit,
+        })
     })
 }
-
-
-
-
 
 pub fn print_summary(s: &Summary) {
     let gib = |b: i64| b as f64 / (1u64 << 30) as f64;
     eprintln!("\n  run               {}", s.name);
-    eprintln!("  steps             {} ({:.2} epochs of {} images)", s.steps, s.epochs, s.train_images);
+    eprintln!(
+        "  steps             {} ({:.2} epochs of {} images)",
+        s.steps, s.epochs, s.train_images
+    );
     if let Some(l) = s.final_train_loss {
         eprintln!("  train loss        {l:.4}");
     }
-    if let (Some(l), Some(t1), Some(t5)) = (s.final_valid_loss, s.final_valid_top1, s.final_valid_top5) {
+    if let (Some(l), Some(t1), Some(t5)) =
+        (s.final_valid_loss, s.final_valid_top1, s.final_valid_top5)
+    {
         eprintln!(
             "  valid             loss {l:.4}, top-1 {:.2}%, top-5 {:.2}% ({} images, {} classes)",
             100.0 * t1,
@@ -451,11 +517,22 @@ pub fn print_summary(s: &Summary) {
         );
     }
     eprintln!("  wall time         {}", format_duration(s.train_seconds));
-    eprintln!("  images/s          {:.0} in steps ({:.0} over the wall time)", s.images_per_s, s.images_per_s_wall);
+    eprintln!(
+        "  images/s          {:.0} in steps ({:.0} over the wall time)",
+        s.images_per_s, s.images_per_s_wall
+    );
     if let Some(p) = s.peak_memory_bytes {
-        eprintln!("  peak memory       {:.2} GiB ({})", gib(p), s.peak_memory_kind);
+        eprintln!(
+            "  peak memory       {:.2} GiB ({})",
+            gib(p),
+            s.peak_memory_kind
+        );
     }
-    eprintln!("  parameters        {} ({:.3} GiB)", human(s.params as f64), gib(s.param_bytes));
+    eprintln!(
+        "  parameters        {} ({:.3} GiB)",
+        human(s.params as f64),
+        gib(s.param_bytes)
+    );
 }
 
 #[cfg(test)]
@@ -477,7 +554,9 @@ mod tests {
                 want += (1.0 - s) * -row[y] + s * row.iter().map(|v| -v).sum::<f64>() / 5.0;
             }
             want /= 6.0;
-            let got = classification_loss(&logits, &labels, s).expect("loss").double_value(&[]);
+            let got = classification_loss(&logits, &labels, s)
+                .expect("loss")
+                .double_value(&[]);
             assert!((got - want).abs() < 1e-12, "smoothing {s}: {got} vs {want}");
         }
     }
@@ -493,6 +572,10 @@ mod tests {
         let labels = Tensor::from_slice(&[1i64, 2, 0]);
         assert_eq!(correct(&logits, &labels, 1), (1, 1));
         assert_eq!(correct(&logits, &labels, 2), (2, 2));
-        assert_eq!(correct(&logits, &labels, 5), (3, 4), "k is capped at the classes");
+        assert_eq!(
+            correct(&logits, &labels, 5),
+            (3, 4),
+            "k is capped at the classes"
+        );
     }
 }

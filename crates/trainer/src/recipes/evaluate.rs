@@ -37,7 +37,10 @@ pub fn eval_span(
     if n_windows == 0 {
         return Err(Error::Data {
             path: span.data.name.clone(),
-            msg: format!("has {} tokens; one evaluation window needs seq_len + 1 = {window}", span.len),
+            msg: format!(
+                "has {} tokens; one evaluation window needs seq_len + 1 = {window}",
+                span.len
+            ),
         });
     }
     let mut total = 0.0f64;
@@ -48,9 +51,12 @@ pub fn eval_span(
             let b = batch_size.min(n_windows - start);
             let mut tokens = Vec::with_capacity(b * window);
             for i in start..start + b {
-                span.data.extend_window(span.start + i * seq_len, window, &mut tokens);
+                span.data
+                    .extend_window(span.start + i * seq_len, window, &mut tokens);
             }
-            let all = Tensor::from_slice(&tokens).view([b as i64, window as i64]).to_device(device);
+            let all = Tensor::from_slice(&tokens)
+                .view([b as i64, window as i64])
+                .to_device(device);
             let inputs = all.narrow(1, 0, seq_len as i64);
             let targets = all.narrow(1, 1, seq_len as i64);
             let logits = model.forward(&inputs, false);
@@ -63,7 +69,12 @@ pub fn eval_span(
         Ok(())
     })?;
     let loss = total / count as f64;
-    Ok(EvalResult { loss, perplexity: loss.exp(), tokens: count, windows: n_windows as i64 })
+    Ok(EvalResult {
+        loss,
+        perplexity: loss.exp(),
+        tokens: count,
+        windows: n_windows as i64,
+    })
 }
 
 /// Sampling settings for `generate`.
@@ -78,15 +89,25 @@ pub struct Sampling {
 
 /// Continues `prompt` (token ids) by sampling from the model, one token at a time, over the last
 /// `max_seq_len` tokens (no key/value cache: meant for a quick look at small models).
-pub fn generate(model: &Transformer, prompt: &[i64], s: &Sampling, device: Device) -> Result<Vec<i64>> {
+pub fn generate(
+    model: &Transformer,
+    prompt: &[i64],
+    s: &Sampling,
+    device: Device,
+) -> Result<Vec<i64>> {
     let max_len = model.config.max_seq_len as usize;
     let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
     let mut ids = prompt.to_vec();
     tch::no_grad(|| -> Result<()> {
         for _ in 0..s.max_new_tokens {
             let ctx = &ids[ids.len().saturating_sub(max_len)..];
-            let input = Tensor::from_slice(ctx).view([1, ctx.len() as i64]).to_device(device);
-            let logits = model.forward(&input, false).select(1, ctx.len() as i64 - 1).squeeze_dim(0); // [vocab]
+            let input = Tensor::from_slice(ctx)
+                .view([1, ctx.len() as i64])
+                .to_device(device);
+            let logits = model
+                .forward(&input, false)
+                .select(1, ctx.len() as i64 - 1)
+                .squeeze_dim(0); // [vocab]
             let logits = logits.to_kind(Kind::Float).to_device(Device::Cpu);
             let next = if s.temperature <= 0.0 {
                 logits.argmax(0, false).f_int64_value(&[])?

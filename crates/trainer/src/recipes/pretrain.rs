@@ -5,6 +5,8 @@
 //! pure function of (seed, step, micro-batch), so a run resumed from the checkpoint of step k
 //! computes bitwise the same losses as the uninterrupted run (on the CPU, same thread count).
 
+pub use super::run_dir::holds_run;
+use super::run_dir::{peak_memory, prepare_run_dir, resume_checkpoint};
 use crate::checkpoint::{self, TrainState};
 use crate::data::loader::{stream_seed, valid_batch, Prefetcher};
 use crate::data::mixture::{Mixture, MixtureReport};
@@ -19,8 +21,6 @@ use crate::models::transformer::{ModelOutput, MoeLayerStats, Transformer, Transf
 use crate::optim::{clip_grad_norm, Optimizer};
 use crate::recipe::{self, InitLoad, Precision, Recipe};
 use crate::schedule::Schedule;
-use super::run_dir::{peak_memory, prepare_run_dir, resume_checkpoint};
-pub use super::run_dir::holds_run;
 use crate::signals::StopFlag;
 use serde::Serialize;
 use serde_json::json;
@@ -43,10 +43,15 @@ pub enum Resume {
 pub enum Outcome {
     Finished(Summary),
     /// Stopped by a signal after writing the checkpoint of `step`.
-    Interrupted { step: i64, checkpoint: PathBuf },
+    Interrupted {
+        step: i64,
+        checkpoint: PathBuf,
+    },
     /// Resumed from a checkpoint at or past the end of the run (a finished run started again
     /// with `--resume auto`, as a requeued job does): nothing was trained or written.
-    AlreadyDone { step: i64 },
+    AlreadyDone {
+        step: i64,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -89,7 +94,6 @@ pub struct Summary {
     pub mixture: Option<std::collections::BTreeMap<String, MixtureReport>>,
 }
 
-
 pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> {
     // ---- set-up -------------------------------------------------------------------------
     let run_dir = recipe.run.out_dir.clone();
@@ -127,13 +131,22 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
     };
     let init_from = match (&recipe.init, &resume_dir) {
         // A resumed run takes its weights from its own checkpoint instead.
-        (Some(init), None) if full_init.is_some() => Some(ModelSource::parse(&init.from)?.describe()),
+        (Some(init), None) if full_init.is_some() => {
+            Some(ModelSource::parse(&init.from)?.describe())
+        }
         (Some(init), None) => {
             let source = ModelSource::parse(&init.from)?;
             if init.upcycle.is_some() {
-                let dense = TransformerConfig { moe: None, ..model_cfg.clone() };
+                let dense = TransformerConfig {
+                    moe: None,
+                    ..model_cfg.clone()
+                };
                 source.load_upcycled(&dense, &params, &model)?;
-                tracing::info!("upcycled the dense model {} into {} experts per layer", source.describe(), model_cfg.moe.as_ref().map_or(0, |m| m.n_experts));
+                tracing::info!(
+                    "upcycled the dense model {} into {} experts per layer",
+                    source.describe(),
+                    model_cfg.moe.as_ref().map_or(0, |m| m.n_experts)
+                );
             } else {
                 source.load_weights(&model_cfg, &mut params)?;
                 tracing::info!("initialised the model from {}", source.describe());
@@ -193,7 +206,10 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
                  but the run has {total_steps} steps: raise train.max_steps"
             )));
         }
-        tracing::info!("continuing {} (weights, optimizer state, step {step})", dir.display());
+        tracing::info!(
+            "continuing {} (weights, optimizer state, step {step})",
+            dir.display()
+        );
     }
     if let Some(dir) = &resume_dir {
         state = checkpoint::load(dir, &mut params, &mut optimizer)?;
@@ -238,7 +254,10 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
     tracing::info!(
         "memory: parameters {:.1} MiB, gradients {:.1} MiB, optimizer state {:.1} MiB",
         mib(params.bytes()),
-        mib(params.trainable().map(|p| crate::models::params::bytes_of(&p.tensor)).sum()),
+        mib(params
+            .trainable()
+            .map(|p| crate::models::params::bytes_of(&p.tensor))
+            .sum()),
         mib(optimizer.state_bytes())
     );
     if let Device::Cuda(i) = device {
@@ -247,10 +266,18 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
 
     // ---- loop ---------------------------------------------------------------------------
     let mixed = recipe.data.mixture.is_some();
-    let (bs, accum, seed) = (recipe.train.batch_size as usize, recipe.train.grad_accum, recipe.run.seed);
+    let (bs, accum, seed) = (
+        recipe.train.batch_size as usize,
+        recipe.train.grad_accum,
+        recipe.run.seed,
+    );
     let first_step = full_init.as_ref().map_or(0, |(_, s)| *s);
     // Rows drawn per source so far: a pure function of the steps, recomputed on resume.
-    let mut mix_counts = if mixed { train_data.counts(bs, accum, seed, first_step, state.step) } else { Vec::new() };
+    let mut mix_counts = if mixed {
+        train_data.counts(bs, accum, seed, first_step, state.step)
+    } else {
+        Vec::new()
+    };
     let prefetch = Prefetcher::start(
         train_data.clone(),
         seq_len,
@@ -265,7 +292,12 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
     let eval = |model: &Transformer| -> Result<Vec<(String, f64)>> {
         valid_sets
             .iter()
-            .map(|(name, span)| Ok((name.clone(), evaluate(model, span, recipe, device, precision)?)))
+            .map(|(name, span)| {
+                Ok((
+                    name.clone(),
+                    evaluate(model, span, recipe, device, precision)?,
+                ))
+            })
             .collect()
     };
     let mut final_valid_losses = std::collections::BTreeMap::new();
@@ -286,7 +318,9 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
         let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
         let mut moe_stats = Vec::new();
         for _ in 0..recipe.train.grad_accum {
-            let batch = prefetch.next().ok_or_else(|| Error::Torch("data prefetch thread stopped".into()))?;
+            let batch = prefetch
+                .next()
+                .ok_or_else(|| Error::Torch("data prefetch thread stopped".into()))?;
             let inputs = batch.inputs.to_device(device);
             let targets = batch.targets.to_device(device);
             let (loss, out) = forward_loss(&model, &inputs, &targets, true, device, precision)?;
@@ -314,7 +348,11 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
         optimizer.step(lr)?;
         params.zero_grad();
         if mixed {
-            for (c, n) in mix_counts.iter_mut().zip(train_data.counts(bs, accum, seed, step, step + 1)) {
+            for (c, n) in
+                mix_counts
+                    .iter_mut()
+                    .zip(train_data.counts(bs, accum, seed, step, step + 1))
+            {
                 *c += n;
             }
         }
@@ -335,7 +373,10 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
             tch::manual_seed((stream_seed(recipe.run.seed, state.step, -2, 0) >> 1) as i64);
             crate::peft::relora::merge_and_reinit(&model)?;
             crate::peft::relora::reset_optimizer(r, lora, &mut optimizer)?;
-            tracing::debug!("ReLoRA: merged and restarted the adapters after step {}", state.step);
+            tracing::debug!(
+                "ReLoRA: merged and restarted the adapters after step {}",
+                state.step
+            );
         }
         let done = state.step == total_steps;
 
@@ -392,7 +433,13 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
             window_tokens = 0;
         }
         let stopping = stop.requested();
-        if recipe.train.checkpoint_every.is_some_and(|c| state.step % c == 0) || done || stopping {
+        if recipe
+            .train
+            .checkpoint_every
+            .is_some_and(|c| state.step % c == 0)
+            || done
+            || stopping
+        {
             state.train_seconds = seconds_before + session_start.elapsed().as_secs_f64();
             let dir = checkpoint::save(
                 &run_dir,
@@ -401,7 +448,11 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
                 &optimizer,
                 recipe.train.keep_checkpoints as usize,
             )?;
-            progress.println(&format!("step {}: checkpoint {}", state.step, dir.display()));
+            progress.println(&format!(
+                "step {}: checkpoint {}",
+                state.step,
+                dir.display()
+            ));
             last_checkpoint = Some(dir);
             window_start = Instant::now();
             window_tokens = 0;
@@ -414,7 +465,10 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
                 state.step,
                 checkpoint.display()
             );
-            return Ok(Outcome::Interrupted { step: state.step, checkpoint });
+            return Ok(Outcome::Interrupted {
+                step: state.step,
+                checkpoint,
+            });
         }
     }
     progress.finish();
@@ -424,8 +478,11 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
     let session_seconds = session_start.elapsed().as_secs_f64();
     let train_seconds = seconds_before + session_seconds;
     let tokens_per_s_wall = (state.tokens - tokens_before) as f64 / session_seconds.max(1e-9);
-    let tokens_per_s =
-        if step_tokens > 0 { step_tokens as f64 / step_seconds.max(1e-9) } else { tokens_per_s_wall };
+    let tokens_per_s = if step_tokens > 0 {
+        step_tokens as f64 / step_seconds.max(1e-9)
+    } else {
+        tokens_per_s_wall
+    };
     let (peak, peak_kind) = peak_memory(device);
     let tflops = flops_per_token * tokens_per_s / 1e12;
     let valid_loss = state.last_valid_loss;
@@ -442,7 +499,10 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
         params: params.num_params(),
         trainable_params: params.num_trainable(),
         param_bytes: params.bytes(),
-        grad_bytes: params.trainable().map(|p| crate::models::params::bytes_of(&p.tensor)).sum(),
+        grad_bytes: params
+            .trainable()
+            .map(|p| crate::models::params::bytes_of(&p.tensor))
+            .sum(),
         optimizer_state_bytes: optimizer.state_bytes(),
         device: device::describe(device),
         precision: precision.as_str().to_string(),
@@ -451,18 +511,28 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
         model_tflops_per_s: tflops,
         mfu: recipe.run.peak_tflops.map(|p| tflops / p),
         resumed_from: resume_dir,
-        init_load: recipe.init.as_ref().map(|i| if i.load == InitLoad::Full { "full" } else { "model" }.to_string()),
+        init_load: recipe.init.as_ref().map(|i| {
+            if i.load == InitLoad::Full {
+                "full"
+            } else {
+                "model"
+            }
+            .to_string()
+        }),
         init_from,
         final_valid_losses,
-        mixture: mixed.then(|| train_data.report(&mix_counts, seq_len).into_iter().collect()),
+        mixture: mixed.then(|| {
+            train_data
+                .report(&mix_counts, seq_len)
+                .into_iter()
+                .collect()
+        }),
     };
     let path = run_dir.join("summary.json");
     let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
     std::fs::write(&path, text + "\n").map_err(io_err(format!("writing {}", path.display())))?;
     Ok(Outcome::Finished(summary))
 }
-
-
 
 /// The training data (one source, or a mixture) and the named validation sets, each checked to
 /// hold at least one `window`. Without `[data.valid_sets]`, the validation set is `data.valid` or
@@ -486,7 +556,10 @@ fn open_data(recipe: &Recipe, vocab: i64, window: usize) -> Result<(Mixture, Vec
                 let data = source::open(&s.source, &key, vocab)?;
                 let train = if held_out {
                     let (train, v) = Span::split(data, d.valid_fraction);
-                    v.check_fits(window, &format!("{key} held-out part (data.valid_fraction)"))?;
+                    v.check_fits(
+                        window,
+                        &format!("{key} held-out part (data.valid_fraction)"),
+                    )?;
                     valid.push((s.name.clone(), v));
                     train
                 } else {
@@ -513,7 +586,9 @@ fn open_data(recipe: &Recipe, vocab: i64, window: usize) -> Result<(Mixture, Vec
             Mixture::from(train)
         }
         (None, None) => {
-            return Err(Error::Recipe("data.train: missing: expected data.train or [data.mixture]".into()))
+            return Err(Error::Recipe(
+                "data.train: missing: expected data.train or [data.mixture]".into(),
+            ))
         }
     };
     if let Some(v) = &d.valid {
@@ -543,7 +618,9 @@ fn forward_loss(
         (loss, out)
     };
     match precision {
-        Precision::Bf16Mixed => torch_ext::with_autocast_bf16(device.is_cuda(), run).map_err(Error::Torch),
+        Precision::Bf16Mixed => {
+            torch_ext::with_autocast_bf16(device.is_cuda(), run).map_err(Error::Torch)
+        }
         Precision::Fp32 | Precision::Bf16 => Ok(run()),
     }
 }
@@ -558,13 +635,24 @@ fn moe_metrics(layers: &[MoeLayerStats]) -> Vec<(String, serde_json::Value)> {
     let n = layers.len() as f64;
     let mean = |f: &dyn Fn(&MoeLayerStats) -> f64| layers.iter().map(f).sum::<f64>() / n;
     let mut out = vec![
-        ("moe_aux_loss".to_string(), json!(mean(&|l| l.aux_loss.double_value(&[])))),
-        ("moe_z_loss".to_string(), json!(mean(&|l| l.z_loss.double_value(&[])))),
-        ("moe_dropped_fraction".to_string(), json!(mean(&|l| l.dropped_fraction))),
+        (
+            "moe_aux_loss".to_string(),
+            json!(mean(&|l| l.aux_loss.double_value(&[]))),
+        ),
+        (
+            "moe_z_loss".to_string(),
+            json!(mean(&|l| l.z_loss.double_value(&[]))),
+        ),
+        (
+            "moe_dropped_fraction".to_string(),
+            json!(mean(&|l| l.dropped_fraction)),
+        ),
     ];
     let mut loads = Vec::new();
     for (i, l) in layers.iter().enumerate() {
-        let load: Vec<f64> = Vec::<f64>::try_from(l.expert_load.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap_or_default();
+        let load: Vec<f64> =
+            Vec::<f64>::try_from(l.expert_load.to_kind(Kind::Double).to_device(Device::Cpu))
+                .unwrap_or_default();
         let max = load.iter().cloned().fold(0.0, f64::max);
         out.push((format!("moe_max_load_l{i}"), json!(max * load.len() as f64)));
         loads.push(load);
@@ -574,21 +662,32 @@ fn moe_metrics(layers: &[MoeLayerStats]) -> Vec<(String, serde_json::Value)> {
 }
 
 /// Mean validation loss over `train.eval_batches` fixed batches.
-fn evaluate(model: &Transformer, span: &Span, recipe: &Recipe, device: Device, precision: Precision) -> Result<f64> {
+fn evaluate(
+    model: &Transformer,
+    span: &Span,
+    recipe: &Recipe,
+    device: Device,
+    precision: Precision,
+) -> Result<f64> {
     let n = recipe.train.eval_batches as usize;
     let bs = recipe.train.batch_size as usize;
     tch::no_grad(|| {
         let mut total = 0.0;
         for i in 0..n {
             let b = valid_batch(span, recipe.data.seq_len as usize, bs, n, i);
-            let (loss, _) = forward_loss(model, &b.inputs.to_device(device), &b.targets.to_device(device), false, device, precision)?;
+            let (loss, _) = forward_loss(
+                model,
+                &b.inputs.to_device(device),
+                &b.targets.to_device(device),
+                false,
+                device,
+                precision,
+            )?;
             total += loss.double_value(&[]);
         }
         Ok(total / n as f64)
     })
 }
-
-
 
 pub fn human(n: f64) -> String {
     if n >= 1e9 {
@@ -614,10 +713,23 @@ pub fn print_summary(s: &Summary) {
         eprintln!("  valid loss        {l:.4} (perplexity {p:.2})");
     }
     eprintln!("  wall time         {}", format_duration(s.train_seconds));
-    eprintln!("  tokens/s          {:.0} in steps ({:.0} over the wall time)", s.tokens_per_s, s.tokens_per_s_wall);
-    eprintln!("  model TFLOP/s     {:.3}{}", s.model_tflops_per_s, s.mfu.map(|m| format!(" (MFU {:.1}%)", 100.0 * m)).unwrap_or_default());
+    eprintln!(
+        "  tokens/s          {:.0} in steps ({:.0} over the wall time)",
+        s.tokens_per_s, s.tokens_per_s_wall
+    );
+    eprintln!(
+        "  model TFLOP/s     {:.3}{}",
+        s.model_tflops_per_s,
+        s.mfu
+            .map(|m| format!(" (MFU {:.1}%)", 100.0 * m))
+            .unwrap_or_default()
+    );
     if let Some(p) = s.peak_memory_bytes {
-        eprintln!("  peak memory       {:.2} GiB ({})", gib(p), s.peak_memory_kind);
+        eprintln!(
+            "  peak memory       {:.2} GiB ({})",
+            gib(p),
+            s.peak_memory_kind
+        );
     }
     eprintln!(
         "  memory            params {:.3} GiB, grads {:.3} GiB, optimizer {:.3} GiB",

@@ -10,7 +10,14 @@ use tch::Device;
 
 /// True when `dir` already holds (part of) a run.
 pub fn holds_run(dir: &Path) -> bool {
-    ["config.toml", "metrics.jsonl", "checkpoints", "summary.json"].iter().any(|f| dir.join(f).exists())
+    [
+        "config.toml",
+        "metrics.jsonl",
+        "checkpoints",
+        "summary.json",
+    ]
+    .iter()
+    .any(|f| dir.join(f).exists())
 }
 
 /// The checkpoint to resume from, after checking the run directory against the resume mode.
@@ -52,7 +59,10 @@ pub fn prepare_run_dir(run_dir: &Path, resolved_recipe: &str, step: i64) -> Resu
         }
         let kept = run_dir.join(format!("config.before-step-{step}.toml"));
         std::fs::rename(&path, &kept).map_err(io_err(format!("renaming {}", path.display())))?;
-        tracing::warn!("the recipe changed since the last start; the old one is kept as {}", kept.display());
+        tracing::warn!(
+            "the recipe changed since the last start; the old one is kept as {}",
+            kept.display()
+        );
     }
     std::fs::write(&path, text).map_err(io_err(format!("writing {}", path.display())))
 }

@@ -53,7 +53,9 @@ fn build(
     cfg: &TransformerConfig,
     p: Option<&PeftConfig>,
 ) -> (Transformer, ParamStore, Option<Lora>) {
-    let _rng = crate::peft::TEST_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = crate::peft::TEST_RNG
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(0);
     let mut store = ParamStore::new(Device::Cpu);
     let mut model = Transformer::new(cfg, &mut store).expect("model");
@@ -407,10 +409,18 @@ fn peft_export_loads_back_into_the_same_adapters() {
     assert!(e.contains("k_proj.lora_A.weight"), "{e}");
 
     // An adapter for another base (other widths) is refused, naming the tensor and both shapes.
-    let mha = TransformerConfig { n_kv_heads: 4, ..llama() };
+    let mha = TransformerConfig {
+        n_kv_heads: 4,
+        ..llama()
+    };
     let (m3, _, l3) = build(&mha, Some(&p));
-    let e = load_peft(&m3, l3.as_ref().expect("lora"), &out).expect_err("mismatch").to_string();
-    assert!(e.contains("v_proj.lora_B.weight") && e.contains("[16, 4]") && e.contains("[32, 4]"), "{e}");
+    let e = load_peft(&m3, l3.as_ref().expect("lora"), &out)
+        .expect_err("mismatch")
+        .to_string();
+    assert!(
+        e.contains("v_proj.lora_B.weight") && e.contains("[16, 4]") && e.contains("[32, 4]"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -59,7 +59,9 @@ fn build(p: &PeftConfig) -> (Transformer, ParamStore, Lora, Optimizer) {
 }
 
 fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
-    crate::peft::TEST_RNG.lock().unwrap_or_else(|e| e.into_inner())
+    crate::peft::TEST_RNG
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
 }
 
 /// `merge_and_reinit` draws the new A factors from torch's global generator.
@@ -69,7 +71,9 @@ fn merge(model: &Transformer) {
 }
 
 fn tokens(step: i64) -> Tensor {
-    (Tensor::arange(2 * 12, (Kind::Int64, Device::Cpu)) * (step + 3)).remainder(64).view([2, 12])
+    (Tensor::arange(2 * 12, (Kind::Int64, Device::Cpu)) * (step + 3))
+        .remainder(64)
+        .view([2, 12])
 }
 
 fn train_step(model: &Transformer, store: &mut ParamStore, opt: &mut Optimizer, step: i64) {
@@ -82,7 +86,11 @@ fn train_step(model: &Transformer, store: &mut ParamStore, opt: &mut Optimizer, 
 }
 
 fn weight(store: &ParamStore, module: &str) -> Tensor {
-    store.get(&format!("{module}.weight")).expect("weight").detach().copy()
+    store
+        .get(&format!("{module}.weight"))
+        .expect("weight")
+        .detach()
+        .copy()
 }
 
 /// Numerical rank: singular values above 1e-4 of the largest.
@@ -110,7 +118,10 @@ fn merged_update_after_several_restarts_has_rank_above_the_lora_rank() {
     // The last merge was after step 20: the adapter is fresh, so W - W0 is the whole update.
     let delta = weight(&store, module) - &w0; // [out, in]
     let r = rank(&delta);
-    assert!(r > 2, "rank of W - W0 after 5 restarts is {r}, not above the LoRA rank 2");
+    assert!(
+        r > 2,
+        "rank of W - W0 after 5 restarts is {r}, not above the LoRA rank 2"
+    );
     // Without restarts a single LoRA update has rank at most r (the base is frozen).
     // (Its own W0: tests running in parallel share torch's generator.)
     let (model, mut store, _, mut opt) = build(&p);
@@ -130,27 +141,50 @@ fn merge_and_reinit_leaves_the_function_unchanged() {
         train_step(&model, &mut store, &mut opt, step);
     }
     let x = tokens(0);
-    let a_before = store.get("model.layers.0.self_attn.q_proj.lora_A.weight").expect("A").copy();
+    let a_before = store
+        .get("model.layers.0.self_attn.q_proj.lora_A.weight")
+        .expect("A")
+        .copy();
     let before = tch::no_grad(|| model.forward(&x, false));
     merge(&model);
     let after = tch::no_grad(|| model.forward(&x, false));
     let diff = (&before - &after).abs().max().double_value(&[]);
-    assert!(diff < 1e-5, "logits moved by {diff} across merge_and_reinit");
-    let a = store.get("model.layers.0.self_attn.q_proj.lora_A.weight").expect("A");
-    let b = store.get("model.layers.0.self_attn.q_proj.lora_B.weight").expect("B");
+    assert!(
+        diff < 1e-5,
+        "logits moved by {diff} across merge_and_reinit"
+    );
+    let a = store
+        .get("model.layers.0.self_attn.q_proj.lora_A.weight")
+        .expect("A");
+    let b = store
+        .get("model.layers.0.self_attn.q_proj.lora_B.weight")
+        .expect("B");
     assert_eq!(b.abs().max().double_value(&[]), 0.0, "B is zeroed");
-    assert!((a - &a_before).abs().max().double_value(&[]) > 0.0, "A is re-drawn");
+    assert!(
+        (a - &a_before).abs().max().double_value(&[]) > 0.0,
+        "A is re-drawn"
+    );
     let bound = 1.0 / (32f64).sqrt();
-    assert!(a.abs().max().double_value(&[]) <= bound, "A ~ U(-1/sqrt(in), 1/sqrt(in))");
+    assert!(
+        a.abs().max().double_value(&[]) <= bound,
+        "A ~ U(-1/sqrt(in), 1/sqrt(in))"
+    );
 }
 
 fn states(opt: &Optimizer) -> Vec<(String, Tensor)> {
-    opt.state_tensors().into_iter().filter(|(n, _)| n != "step").map(|(n, t)| (n, t.copy())).collect()
+    opt.state_tensors()
+        .into_iter()
+        .filter(|(n, _)| n != "step")
+        .map(|(n, t)| (n, t.copy()))
+        .collect()
 }
 
 #[test]
 fn optimizer_reset_zeroes_or_prunes_exactly_the_adapter_moments() {
-    for (reset, keep) in [(OptimizerReset::Zero, None), (OptimizerReset::Magnitude, Some(0.25))] {
+    for (reset, keep) in [
+        (OptimizerReset::Zero, None),
+        (OptimizerReset::Magnitude, Some(0.25)),
+    ] {
         let mut p = relora_cfg(reset, keep);
         p.target = vec!["q_proj".into()];
         // Full-rank warm start: the base is in the optimizer too, and must keep its state.
@@ -180,7 +214,10 @@ fn optimizer_reset_zeroes_or_prunes_exactly_the_adapter_moments() {
         let relora = Relora::from_config(&p).expect("relora");
         let before = states(&opt);
         let adapters = adapter_names(&lora);
-        assert_eq!(reset_optimizer(&relora, &lora, &mut opt).expect("reset"), adapters.len());
+        assert_eq!(
+            reset_optimizer(&relora, &lora, &mut opt).expect("reset"),
+            adapters.len()
+        );
         let after = states(&opt);
         assert_eq!(before.len(), after.len());
         let mut seen = 0;
@@ -194,27 +231,49 @@ fn optimizer_reset_zeroes_or_prunes_exactly_the_adapter_moments() {
                     None => assert_eq!(kept, 0.0, "{name} is zeroed"),
                     Some(k) => {
                         // Distinct magnitudes: about k * n strictly above the (1 - k) quantile.
-                        assert!((kept - (k * n).floor()).abs() <= 1.0, "{name}: kept {kept} of {n}");
+                        assert!(
+                            (kept - (k * n).floor()).abs() <= 1.0,
+                            "{name}: kept {kept} of {n}"
+                        );
                         // The kept entries are unchanged and are the largest ones.
                         let mask = a.ne(0.0);
-                        assert!(a.masked_select(&mask).equal(&b.masked_select(&mask)), "{name}");
+                        assert!(
+                            a.masked_select(&mask).equal(&b.masked_select(&mask)),
+                            "{name}"
+                        );
                         let min_kept = a.abs().masked_select(&mask).min().double_value(&[]);
-                        let max_dropped = b.abs().masked_select(&mask.logical_not()).max().double_value(&[]);
+                        let max_dropped = b
+                            .abs()
+                            .masked_select(&mask.logical_not())
+                            .max()
+                            .double_value(&[]);
                         assert!(min_kept >= max_dropped, "{name}: pruned by magnitude");
                     }
                 }
             } else {
-                assert!(a.equal(b), "{name} is not an adapter moment and must be left alone");
+                assert!(
+                    a.equal(b),
+                    "{name} is not an adapter moment and must be left alone"
+                );
             }
         }
         assert_eq!(seen, 2 * adapters.len());
-        assert_eq!(opt.state_tensors()[0].1.int64_value(&[]), 2, "the step counter stays");
+        assert_eq!(
+            opt.state_tensors()[0].1.int64_value(&[]),
+            2,
+            "the step counter stays"
+        );
     }
 }
 
 #[test]
 fn jagged_schedule_rewarms_after_each_merge() {
-    let r = Relora { merge_every: 10, rewarm_steps: 4, full_rank_warmup_steps: 0, keep_fraction: 0.0 };
+    let r = Relora {
+        merge_every: 10,
+        rewarm_steps: 4,
+        full_rank_warmup_steps: 0,
+        keep_fraction: 0.0,
+    };
     // Steps are 0-based; the merge after step 10 completes re-warms steps 10..14.
     let f: Vec<f64> = (8..16).map(|s| r.lr_factor(s)).collect();
     assert_eq!(f, vec![1.0, 1.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]);
@@ -223,19 +282,47 @@ fn jagged_schedule_rewarms_after_each_merge() {
     assert_eq!(r.lr_factor(20), 0.0);
     assert_eq!(r.lr_factor(23), 0.75);
     assert!(!r.resets_after(0) && !r.resets_after(9) && r.resets_after(10) && r.resets_after(30));
-    assert_eq!((r.resets_done(9), r.resets_done(10), r.resets_done(35)), (0, 1, 3));
+    assert_eq!(
+        (r.resets_done(9), r.resets_done(10), r.resets_done(35)),
+        (0, 1, 3)
+    );
 
     // Full-rank warm start of 15 steps: the switch after step 15 resets and re-warms, merges
     // then come at 20, 30, ...
-    let w = Relora { full_rank_warmup_steps: 15, ..r };
+    let w = Relora {
+        full_rank_warmup_steps: 15,
+        ..r
+    };
     assert!(w.full_rank(14) && !w.full_rank(15));
     assert!(!w.resets_after(10) && w.resets_after(15) && w.resets_after(20));
-    assert_eq!((w.lr_factor(10), w.lr_factor(15), w.lr_factor(17), w.lr_factor(19)), (1.0, 0.0, 0.5, 1.0));
+    assert_eq!(
+        (
+            w.lr_factor(10),
+            w.lr_factor(15),
+            w.lr_factor(17),
+            w.lr_factor(19)
+        ),
+        (1.0, 0.0, 0.5, 1.0)
+    );
     assert_eq!(w.lr_factor(21), 0.25);
-    assert_eq!((w.resets_done(14), w.resets_done(15), w.resets_done(20), w.resets_done(31)), (0, 1, 2, 3));
+    assert_eq!(
+        (
+            w.resets_done(14),
+            w.resets_done(15),
+            w.resets_done(20),
+            w.resets_done(31)
+        ),
+        (0, 1, 2, 3)
+    );
     // A switch that falls on a multiple of merge_every is one reset.
-    let v = Relora { full_rank_warmup_steps: 20, ..r };
-    assert_eq!((v.resets_done(19), v.resets_done(20), v.resets_done(30)), (0, 1, 2));
+    let v = Relora {
+        full_rank_warmup_steps: 20,
+        ..r
+    };
+    assert_eq!(
+        (v.resets_done(19), v.resets_done(20), v.resets_done(30)),
+        (0, 1, 2)
+    );
     assert_eq!(v.lr_factor(21), 0.25);
 }
 
@@ -243,22 +330,60 @@ fn jagged_schedule_rewarms_after_each_merge() {
 fn relora_settings_are_validated_with_one_line_messages() {
     let ok = relora_cfg(OptimizerReset::Magnitude, Some(0.1));
     assert!(ok.validate().is_ok());
-    let msg = |p: PeftConfig| { let e = p.validate().expect_err("invalid"); format!("{}: {}", e.key, e.msg) };
-    let m = msg(PeftConfig { rewarm_steps: Some(4), ..ok.clone() });
-    assert!(m.contains("peft.rewarm_steps") && m.contains("merge_every (4)"), "{m}");
-    let m = msg(PeftConfig { merge_every: None, ..ok.clone() });
+    let msg = |p: PeftConfig| {
+        let e = p.validate().expect_err("invalid");
+        format!("{}: {}", e.key, e.msg)
+    };
+    let m = msg(PeftConfig {
+        rewarm_steps: Some(4),
+        ..ok.clone()
+    });
+    assert!(
+        m.contains("peft.rewarm_steps") && m.contains("merge_every (4)"),
+        "{m}"
+    );
+    let m = msg(PeftConfig {
+        merge_every: None,
+        ..ok.clone()
+    });
     assert!(m.contains("peft.merge_every"), "{m}");
-    let m = msg(PeftConfig { merge_every: Some(0), ..ok.clone() });
+    let m = msg(PeftConfig {
+        merge_every: Some(0),
+        ..ok.clone()
+    });
     assert!(m.contains("peft.merge_every"), "{m}");
-    let m = msg(PeftConfig { keep_fraction: Some(1.0), ..ok.clone() });
+    let m = msg(PeftConfig {
+        keep_fraction: Some(1.0),
+        ..ok.clone()
+    });
     assert!(m.contains("peft.keep_fraction"), "{m}");
-    let m = msg(PeftConfig { keep_fraction: None, ..ok.clone() });
+    let m = msg(PeftConfig {
+        keep_fraction: None,
+        ..ok.clone()
+    });
     assert!(m.contains("peft.keep_fraction"), "{m}");
-    let m = msg(PeftConfig { optimizer_reset: Some(OptimizerReset::Zero), ..ok.clone() });
-    assert!(m.contains("peft.keep_fraction") && m.contains("magnitude"), "{m}");
-    let m = msg(PeftConfig { full_rank_warmup_steps: Some(-1), ..ok.clone() });
+    let m = msg(PeftConfig {
+        optimizer_reset: Some(OptimizerReset::Zero),
+        ..ok.clone()
+    });
+    assert!(
+        m.contains("peft.keep_fraction") && m.contains("magnitude"),
+        "{m}"
+    );
+    let m = msg(PeftConfig {
+        full_rank_warmup_steps: Some(-1),
+        ..ok.clone()
+    });
     assert!(m.contains("peft.full_rank_warmup_steps"), "{m}");
-    let m = msg(PeftConfig { kind: PeftKind::Lora, optimizer_reset: None, keep_fraction: None, ..ok.clone() });
-    assert!(m.contains("peft.merge_every") && m.contains("relora"), "{m}");
+    let m = msg(PeftConfig {
+        kind: PeftKind::Lora,
+        optimizer_reset: None,
+        keep_fraction: None,
+        ..ok.clone()
+    });
+    assert!(
+        m.contains("peft.merge_every") && m.contains("relora"),
+        "{m}"
+    );
     assert!(!m.contains('\n'), "{m}");
 }
