@@ -8,8 +8,8 @@
 //! folder holds is checked when the run opens it.
 
 use super::schema::{
-    check, positive, positive_finite, validate_optim_schedule, Invalid, OptimConfig, Precision,
-    RunConfig, ScheduleConfig, Task,
+    check, positive, validate_optim_schedule, Invalid, OptimConfig, Precision, RunConfig,
+    ScheduleConfig, Task,
 };
 use crate::models::resnet::ResNetConfig;
 use serde::{Deserialize, Serialize};
@@ -263,30 +263,12 @@ impl ClassifyRecipe {
             "run.task",
             "expected \"classify\" for an image-classification recipe",
         )?;
-        check(
-            !r.name.trim().is_empty(),
-            "run.name",
-            "expected a non-empty name",
-        )?;
-        check(
-            !r.out_dir.as_os_str().is_empty(),
-            "run.out_dir",
-            "expected a directory path",
-        )?;
-        check(
-            crate::device::parse_device_spec(&r.device).is_some(),
-            "run.device",
-            format!("expected auto, cpu, cuda or cuda:N, got {:?}", r.device),
-        )?;
-        check(r.threads <= 1024, "run.threads", "expected at most 1024")?;
+        r.validate()?;
         check(
             r.precision != Precision::Bf16,
             "run.precision",
             "classify runs in fp32 or bf16-mixed (BatchNorm statistics stay fp32)",
         )?;
-        if let Some(p) = r.peak_tflops {
-            positive_finite(p, "run.peak_tflops")?;
-        }
         self.validate_model()?;
         self.validate_data()?;
         validate_optim_schedule(&self.optim, &self.schedule)?;

@@ -715,10 +715,10 @@ pub(crate) fn check(ok: bool, key: &str, msg: impl Into<String>) -> Result<(), I
     }
 }
 
-impl Recipe {
-    /// Range checks that the types cannot express. The first failure is returned.
+impl RunConfig {
+    /// The `[run]` checks every recipe type shares.
     pub fn validate(&self) -> Result<(), Invalid> {
-        let r = &self.run;
+        let r = self;
         check(
             !r.name.trim().is_empty(),
             "run.name",
@@ -735,6 +735,17 @@ impl Recipe {
             format!("expected auto, cpu, cuda or cuda:N, got {:?}", r.device),
         )?;
         check(r.threads <= 1024, "run.threads", "expected at most 1024")?;
+        if let Some(p) = r.peak_tflops {
+            positive_finite(p, "run.peak_tflops")?;
+        }
+        Ok(())
+    }
+}
+
+impl Recipe {
+    /// Range checks that the types cannot express. The first failure is returned.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        self.run.validate()?;
         if let Some(init) = &self.init {
             if let Some(up) = &init.upcycle {
                 validate_moe(up, "init.upcycle")?;
@@ -758,9 +769,6 @@ impl Recipe {
                 "init.from",
                 "expected \"hf:PATH\" or the path of a trainer checkpoint or run directory",
             )?;
-        }
-        if let Some(p) = r.peak_tflops {
-            positive_finite(p, "run.peak_tflops")?;
         }
         self.validate_model()?;
         self.validate_data()?;
@@ -977,6 +985,24 @@ struct OptimSections<'a> {
     schedule: &'a ScheduleConfig,
 }
 
+/// The checks AdamW and GaLore-AdamW share.
+fn validate_adam(lr: f64, betas: &[f64; 2], eps: f64, weight_decay: f64) -> Result<(), Invalid> {
+    positive_finite(lr, "optim.lr")?;
+    for (i, b) in betas.iter().enumerate() {
+        check(
+            (0.0..1.0).contains(b),
+            "optim.betas",
+            format!("expected betas in [0, 1), got betas[{i}] = {b}"),
+        )?;
+    }
+    positive_finite(eps, "optim.eps")?;
+    check(
+        weight_decay >= 0.0,
+        "optim.weight_decay",
+        "expected a non-negative number",
+    )
+}
+
 impl OptimSections<'_> {
     fn validate(&self) -> Result<(), Invalid> {
         match &self.optim {
@@ -987,20 +1013,7 @@ impl OptimSections<'_> {
                 weight_decay,
                 ..
             } => {
-                positive_finite(*lr, "optim.lr")?;
-                for (i, b) in betas.iter().enumerate() {
-                    check(
-                        (0.0..1.0).contains(b),
-                        "optim.betas",
-                        format!("expected betas in [0, 1), got betas[{i}] = {b}"),
-                    )?;
-                }
-                positive_finite(*eps, "optim.eps")?;
-                check(
-                    *weight_decay >= 0.0,
-                    "optim.weight_decay",
-                    "expected a non-negative number",
-                )?;
+                validate_adam(*lr, betas, *eps, *weight_decay)?;
             }
             OptimConfig::Sgd {
                 lr,
@@ -1041,20 +1054,7 @@ impl OptimSections<'_> {
                 scale,
                 target,
             } => {
-                positive_finite(*lr, "optim.lr")?;
-                for (i, b) in betas.iter().enumerate() {
-                    check(
-                        (0.0..1.0).contains(b),
-                        "optim.betas",
-                        format!("expected betas in [0, 1), got betas[{i}] = {b}"),
-                    )?;
-                }
-                positive_finite(*eps, "optim.eps")?;
-                check(
-                    *weight_decay >= 0.0,
-                    "optim.weight_decay",
-                    "expected a non-negative number",
-                )?;
+                validate_adam(*lr, betas, *eps, *weight_decay)?;
                 positive(*rank, "optim.rank")?;
                 positive(*update_proj_gap, "optim.update_proj_gap")?;
                 positive_finite(*scale, "optim.scale")?;
