@@ -35,6 +35,34 @@ provision_torch() {
     export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 }
 
+# Multi-process training (c10d's ProcessGroupGloo) needs gloo's headers at build time: the torch
+# wheel has gloo's code but not its headers; Debian's libgloo-dev has them. Installed with apt-get
+# when missing (as root, or through passwordless sudo). GLOO_INCLUDE_DIR points at another copy;
+# TRAINER_SKIP_GLOO=1 builds without multi-process training instead.
+provision_gloo() {
+    local dir
+    for dir in "${GLOO_INCLUDE_DIR:-}" /usr/include /usr/local/include; do
+        [[ -n "$dir" && -f "$dir/gloo/config.h" ]] && return 0
+    done
+    [[ "${TRAINER_SKIP_GLOO:-}" == 1 ]] && return 0
+    local apt=()
+    if [[ "$(id -u)" == 0 ]]; then
+        apt=(apt-get)
+    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        apt=(sudo -n apt-get)
+    fi
+    if [[ ${#apt[@]} -gt 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        log "installing libgloo-dev (gloo's headers, for multi-process training; first use only)"
+        export DEBIAN_FRONTEND=noninteractive
+        if "${apt[@]}" install -y -qq libgloo-dev >/dev/null 2>&1 \
+            || { "${apt[@]}" update -qq >/dev/null 2>&1 && "${apt[@]}" install -y -qq libgloo-dev >/dev/null 2>&1; }; then
+            [[ -f /usr/include/gloo/config.h ]] && return 0
+        fi
+    fi
+    echo "error: gloo's headers are missing and could not be installed: run 'sudo apt-get install libgloo-dev' (or set GLOO_INCLUDE_DIR=DIR with DIR/gloo/config.h, or TRAINER_SKIP_GLOO=1 to build without multi-process training)" >&2
+    exit 1
+}
+
 check_cargo() {
     if ! command -v cargo >/dev/null 2>&1; then
         echo "error: cargo not found; install Rust (https://rustup.rs) and retry" >&2

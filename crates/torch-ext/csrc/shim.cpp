@@ -128,4 +128,243 @@ int te_grads_to_none(at::Tensor **tensors, int n) {
   }
 }
 
+// Sets the gradient of each of n tensors that has none to zeros (a parameter that another rank's
+// batch used but this one's did not, so that every rank reduces the same gradient list).
+int te_grads_zero_if_none(at::Tensor **tensors, int n) {
+  try {
+    for (int i = 0; i < n; i++) {
+      auto &g = tensors[i]->mutable_grad();
+      if (!g.defined()) g = at::zeros_like(*tensors[i]);
+    }
+    return 0;
+  } catch (const std::exception &e) {
+    set_error(e);
+    return -1;
+  }
+}
+
+}  // extern "C"
+
+// ---- c10d: rendezvous and collectives (the engine under torch.nn.parallel.DDP) ---------------
+//
+// A process group is a TCPStore (rank 0 hosts it at host:port, the others connect) and one c10d
+// backend on top: ProcessGroupGloo for CPU tensors, ProcessGroupNCCL for CUDA tensors (compiled
+// only where NCCL's and CUDA's headers were found, TE_HAVE_NCCL). Collectives are blocking from
+// the caller's point of view and time out after the group's timeout with an error.
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#ifdef TE_HAVE_GLOO
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
+#ifdef TE_HAVE_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+#include <chrono>
+#include <cstdlib>
+
+namespace {
+
+struct TeGroup {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Backend> backend;
+  std::chrono::milliseconds timeout;
+};
+
+// c10::Error's what() carries a C++ backtrace; keep the message alone.
+void set_c10_error(const c10::Error &e) { last_error = e.what_without_backtrace(); }
+
+bool is_loopback(const std::string &host) {
+  return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
+}
+
+// Waits for every work item, in order; a failure or a timeout throws.
+void wait_all(std::vector<c10::intrusive_ptr<c10d::Work>> &works, std::chrono::milliseconds timeout) {
+  for (auto &w : works) {
+    if (!w->wait(timeout)) {
+      throw std::runtime_error("collective timed out after " + std::to_string(timeout.count()) + " ms");
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int te_have_gloo() {
+#ifdef TE_HAVE_GLOO
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+int te_have_nccl() {
+#ifdef TE_HAVE_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Joins (creates, for rank 0) the group of `world` processes that meet at host:port. `nccl` != 0
+// selects ProcessGroupNCCL (CUDA tensors), else ProcessGroupGloo (CPU tensors).
+// `connect_timeout_ms` bounds the rendezvous, `timeout_ms` every collective. Returns an opaque
+// handle, or null with the message in te_last_error.
+void *te_pg_new(const char *host, int port, int rank, int world, int nccl,
+                int64_t connect_timeout_ms, int64_t timeout_ms) {
+  try {
+    const std::string h(host);
+    c10d::TCPStoreOptions so;
+    so.port = static_cast<std::uint16_t>(port);
+    so.isServer = rank == 0;
+    so.numWorkers = world;
+    so.waitWorkers = true;
+    so.timeout = std::chrono::milliseconds(connect_timeout_ms);
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(h, so);
+    // The prefix keeps this group's keys apart from anything else sharing the store.
+    c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::PrefixStore>("trainer", tcp);
+    auto timeout = std::chrono::milliseconds(timeout_ms);
+    auto *g = new TeGroup{store, {}, timeout};
+    if (nccl) {
+#ifdef TE_HAVE_NCCL
+      auto opts = c10d::ProcessGroupNCCL::Options::create();
+      opts->timeout = timeout;
+      g->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts);
+#else
+      delete g;
+      last_error = "this trainer was built without NCCL (nccl.h or cuda_runtime_api.h not found at build time)";
+      return nullptr;
+#endif
+    } else {
+#ifdef TE_HAVE_GLOO
+      auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+      // torch.distributed's choice of network device: GLOO_SOCKET_IFNAME, else the loopback
+      // address for a local group, else this host's name.
+      const char *ifname = std::getenv("GLOO_SOCKET_IFNAME");
+      if (ifname && *ifname) {
+        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+      } else if (is_loopback(h)) {
+        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+      } else {
+        opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+      }
+      g->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
+#else
+      delete g;
+      last_error = "this trainer was built without gloo's headers (apt-get install libgloo-dev, then rebuild)";
+      return nullptr;
+#endif
+    }
+    return g;
+  } catch (const c10::Error &e) {
+    set_c10_error(e);
+    return nullptr;
+  } catch (const std::exception &e) {
+    set_error(e);
+    return nullptr;
+  }
+}
+
+// Broadcasts n tensors in place from `root` to every rank.
+int te_pg_broadcast(void *group, at::Tensor **tensors, int n, int root) {
+  try {
+    auto *g = static_cast<TeGroup *>(group);
+    std::vector<c10::intrusive_ptr<c10d::Work>> works;
+    for (int i = 0; i < n; i++) {
+      std::vector<at::Tensor> one{*tensors[i]};
+      c10d::BroadcastOptions opts;
+      opts.rootRank = root;
+      opts.timeout = g->timeout;
+      works.push_back(g->backend->broadcast(one, opts));
+    }
+    wait_all(works, g->timeout);
+    return 0;
+  } catch (const c10::Error &e) {
+    set_c10_error(e);
+    return -1;
+  } catch (const std::exception &e) {
+    set_error(e);
+    return -1;
+  }
+}
+
+// Sums each of n tensors in place over all ranks. The collectives are all started before the
+// first wait, so that the transfer of one overlaps with the reduction of the next.
+int te_pg_allreduce_sum(void *group, at::Tensor **tensors, int n) {
+  try {
+    auto *g = static_cast<TeGroup *>(group);
+    std::vector<c10::intrusive_ptr<c10d::Work>> works;
+    for (int i = 0; i < n; i++) {
+      std::vector<at::Tensor> one{*tensors[i]};
+      c10d::AllreduceOptions opts;
+      opts.reduceOp = c10d::ReduceOp::SUM;
+      opts.timeout = g->timeout;
+      works.push_back(g->backend->allreduce(one, opts));
+    }
+    wait_all(works, g->timeout);
+    return 0;
+  } catch (const c10::Error &e) {
+    set_c10_error(e);
+    return -1;
+  } catch (const std::exception &e) {
+    set_error(e);
+    return -1;
+  }
+}
+
+int te_pg_barrier(void *group) {
+  try {
+    auto *g = static_cast<TeGroup *>(group);
+    c10d::BarrierOptions opts;
+    opts.timeout = g->timeout;
+    std::vector<c10::intrusive_ptr<c10d::Work>> works{g->backend->barrier(opts)};
+    wait_all(works, g->timeout);
+    return 0;
+  } catch (const c10::Error &e) {
+    set_c10_error(e);
+    return -1;
+  } catch (const std::exception &e) {
+    set_error(e);
+    return -1;
+  }
+}
+
+// Leaves the group and frees it. Never fails: a peer that is already gone is not an error here.
+void te_pg_destroy(void *group) {
+  auto *g = static_cast<TeGroup *>(group);
+  try {
+    g->backend->shutdown();
+  } catch (...) {
+  }
+  try {
+    delete g;
+  } catch (...) {
+  }
+}
+
+}  // extern "C"
+
+// ---- Determinism (`[run] deterministic = true`; sweeps and reproducibility) ---------------------
+#include <ATen/Context.h>
+
+extern "C" {
+
+// torch.use_deterministic_algorithms(on, warn_only=False) plus
+// torch.backends.cudnn.deterministic = on; when on, also torch.backends.cudnn.benchmark = False
+// (benchmarking may pick a different algorithm on each run).
+int te_set_deterministic(int on) {
+  try {
+    at::globalContext().setDeterministicAlgorithms(on != 0, /*warn_only=*/false);
+    at::globalContext().setDeterministicCuDNN(on != 0);
+    if (on) at::globalContext().setBenchmarkCuDNN(false);
+    return 0;
+  } catch (const std::exception &e) {
+    set_error(e);
+    return -1;
+  }
+}
+
+// 1 when deterministic algorithms are required (torch.are_deterministic_algorithms_enabled()).
+int te_deterministic_enabled() { return at::globalContext().deterministicAlgorithms() ? 1 : 0; }
+
 }  // extern "C"

@@ -29,6 +29,7 @@ extern "C" {
         eps: f64,
     ) -> c_int;
     fn te_grads_to_none(tensors: *const *mut c_void, n: c_int) -> c_int;
+    fn te_grads_zero_if_none(tensors: *const *mut c_void, n: c_int) -> c_int;
     fn te_clip_grad_norm(
         grads: *const *mut c_void,
         n: c_int,
@@ -96,6 +97,17 @@ pub fn grads_to_none(tensors: &[&Tensor]) -> Result<(), String> {
     let t = handles(tensors);
     // SAFETY: live tensor handles for the duration of the call.
     let rc = unsafe { te_grads_to_none(t.as_ptr(), t.len() as c_int) };
+    if rc != 0 {
+        return Err(last_error());
+    }
+    Ok(())
+}
+
+/// Gives each of `tensors` that has no gradient a zero one.
+pub fn grads_zero_if_none(tensors: &[&Tensor]) -> Result<(), String> {
+    let t = handles(tensors);
+    // SAFETY: live tensor handles for the duration of the call.
+    let rc = unsafe { te_grads_zero_if_none(t.as_ptr(), t.len() as c_int) };
     if rc != 0 {
         return Err(last_error());
     }
@@ -183,4 +195,173 @@ pub fn with_autocast_bf16<T>(cuda: bool, f: impl FnOnce() -> T) -> Result<T, Str
         return Err(last_error());
     }
     Ok(out)
+}
+
+// ---- c10d ----------------------------------------------------------------------------------
+
+extern "C" {
+    fn te_have_gloo() -> c_int;
+    fn te_have_nccl() -> c_int;
+    fn te_pg_new(
+        host: *const c_char,
+        port: c_int,
+        rank: c_int,
+        world: c_int,
+        nccl: c_int,
+        connect_timeout_ms: i64,
+        timeout_ms: i64,
+    ) -> *mut c_void;
+    fn te_pg_broadcast(group: *mut c_void, tensors: *const *mut c_void, n: c_int, root: c_int)
+        -> c_int;
+    fn te_pg_allreduce_sum(group: *mut c_void, tensors: *const *mut c_void, n: c_int) -> c_int;
+    fn te_pg_barrier(group: *mut c_void) -> c_int;
+    fn te_pg_destroy(group: *mut c_void);
+}
+
+/// Whether this build has c10d's ProcessGroupGloo (CPU collectives; needs gloo's headers at
+/// build time).
+pub fn have_gloo() -> bool {
+    // SAFETY: plain call.
+    unsafe { te_have_gloo() != 0 }
+}
+
+/// Whether this build has c10d's ProcessGroupNCCL (CUDA collectives).
+pub fn have_nccl() -> bool {
+    // SAFETY: plain call.
+    unsafe { te_have_nccl() != 0 }
+}
+
+/// Which c10d backend a [`ProcessGroup`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// ProcessGroupGloo: CPU tensors.
+    Gloo,
+    /// ProcessGroupNCCL: CUDA tensors.
+    Nccl,
+}
+
+/// A c10d process group: a TCPStore rendezvous (rank 0 hosts it) and a Gloo or NCCL backend.
+/// Every collective blocks until it has finished on this rank, and fails (instead of waiting for
+/// ever) when a peer is gone or has not joined within the group's timeout.
+pub struct ProcessGroup {
+    handle: *mut c_void,
+    pub rank: usize,
+    pub world: usize,
+    pub backend: Backend,
+}
+
+// SAFETY: the handle is only used through &mut self / &self calls that c10d serialises itself;
+// the group is moved between threads at most, never shared.
+unsafe impl Send for ProcessGroup {}
+
+impl ProcessGroup {
+    /// Joins the group of `world` processes meeting at `host:port` as `rank`. Rank 0 hosts the
+    /// store there (an error if the port is taken); the others connect, retrying for up to
+    /// `connect_timeout`. `timeout` bounds every collective.
+    pub fn new(
+        host: &str,
+        port: u16,
+        rank: usize,
+        world: usize,
+        backend: Backend,
+        connect_timeout: std::time::Duration,
+        timeout: std::time::Duration,
+    ) -> Result<ProcessGroup, String> {
+        match backend {
+            Backend::Gloo if !have_gloo() => {
+                return Err("this trainer was built without gloo's headers: install libgloo-dev (apt-get install libgloo-dev) and rebuild".into())
+            }
+            Backend::Nccl if !have_nccl() => {
+                return Err("this trainer was built without NCCL (nccl.h and cuda_runtime_api.h were not found at build time)".into())
+            }
+            _ => {}
+        }
+        let host_c = std::ffi::CString::new(host).map_err(|_| "host contains NUL".to_string())?;
+        // SAFETY: host_c outlives the call; the shim copies it.
+        let handle = unsafe {
+            te_pg_new(
+                host_c.as_ptr(),
+                c_int::from(port),
+                rank as c_int,
+                world as c_int,
+                c_int::from(backend == Backend::Nccl),
+                connect_timeout.as_millis() as i64,
+                timeout.as_millis() as i64,
+            )
+        };
+        if handle.is_null() {
+            return Err(last_error());
+        }
+        Ok(ProcessGroup {
+            handle,
+            rank,
+            world,
+            backend,
+        })
+    }
+
+    /// Overwrites `tensors` on every rank with rank `root`'s values.
+    pub fn broadcast(&self, tensors: &[&Tensor], root: usize) -> Result<(), String> {
+        let t = handles(tensors);
+        // SAFETY: live group handle and tensor handles for the duration of the call.
+        let rc =
+            unsafe { te_pg_broadcast(self.handle, t.as_ptr(), t.len() as c_int, root as c_int) };
+        if rc != 0 {
+            return Err(last_error());
+        }
+        Ok(())
+    }
+
+    /// Replaces each of `tensors` by its sum over all ranks (one collective per tensor, all
+    /// started before the first is waited for).
+    pub fn all_reduce_sum(&self, tensors: &[&Tensor]) -> Result<(), String> {
+        let t = handles(tensors);
+        // SAFETY: live group handle and tensor handles for the duration of the call.
+        let rc = unsafe { te_pg_allreduce_sum(self.handle, t.as_ptr(), t.len() as c_int) };
+        if rc != 0 {
+            return Err(last_error());
+        }
+        Ok(())
+    }
+
+    /// Returns when every rank has reached it.
+    pub fn barrier(&self) -> Result<(), String> {
+        // SAFETY: live group handle.
+        if unsafe { te_pg_barrier(self.handle) } != 0 {
+            return Err(last_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from te_pg_new and is destroyed once.
+        unsafe { te_pg_destroy(self.handle) }
+    }
+}
+
+// ---- Determinism (`[run] deterministic = true`; sweeps and reproducibility) ---------------------
+
+extern "C" {
+    fn te_set_deterministic(on: c_int) -> c_int;
+    fn te_deterministic_enabled() -> c_int;
+}
+
+/// `torch.use_deterministic_algorithms(on)` (errors, not warnings, for an op that has no
+/// deterministic kernel) and `torch.backends.cudnn.deterministic = on`; when on, also
+/// `torch.backends.cudnn.benchmark = False`. On CUDA, cuBLAS also needs
+/// `CUBLAS_WORKSPACE_CONFIG=:4096:8` in the environment before its first use.
+pub fn set_deterministic(on: bool) -> Result<(), String> {
+    // SAFETY: plain call with an integer argument.
+    if unsafe { te_set_deterministic(c_int::from(on)) } != 0 {
+        return Err(last_error());
+    }
+    Ok(())
+}
+
+/// Whether deterministic algorithms are required (`torch.are_deterministic_algorithms_enabled()`).
+pub fn deterministic_enabled() -> bool {
+    // SAFETY: plain call.
+    unsafe { te_deterministic_enabled() != 0 }
 }

@@ -4,7 +4,12 @@
 //! 75 stopped by SIGINT/SIGTERM/SIGUSR1 after writing a checkpoint (continue with
 //! `--resume auto`); 130 a second SIGINT (immediate exit).
 
+mod launch_cmd;
+mod prune_cmd;
+mod report_cmd;
 mod schedule_cmd;
+mod sweep_cmd;
+mod slurm_cmd;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -44,6 +49,12 @@ enum Command {
         #[arg(long)]
         resume: Option<String>,
     },
+    /// Train with N local processes (data parallel, torchrun's conventions): `trainer launch
+    /// --nproc 2 RECIPE [run args]`.
+    Launch(launch_cmd::LaunchArgs),
+    /// One-shot pruning (magnitude or Wanda) of a saved model into a new directory; prints the
+    /// sparsity table.
+    Prune(prune_cmd::PruneArgs),
     /// Check a recipe and print its resolved form, without training.
     Validate {
         recipe: PathBuf,
@@ -137,6 +148,47 @@ enum Command {
         #[arg(long, value_name = "N")]
         steps: Option<i64>,
     },
+    /// Write an sbatch script that trains RECIPE on Slurm (one task per GPU, requeued after
+    /// the pre-emption signal, resumed with --resume auto); --submit submits it.
+    Slurm(slurm_cmd::SlurmArgs),
+    /// Run every point of a sweep file (a grid or list of recipe overrides, times seeds), each
+    /// in its own run directory, skipping finished ones; write results.csv and results.md.
+    Sweep {
+        sweep: PathBuf,
+        /// Runs at a time.
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
+        /// List the runs and their state without starting any.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Average the weights of runs fine-tuned from the same start (a model soup), evaluate it
+    /// on the first run's validation data and write it as a run directory.
+    Soup {
+        /// Run or checkpoint directories (at least two).
+        #[arg(required = true, num_args = 2..)]
+        runs: Vec<String>,
+        /// Greedy soup: add runs best first while the validation loss does not get worse
+        /// (default: the uniform soup of all).
+        #[arg(long)]
+        greedy: bool,
+        /// Output directory; must not exist or be empty.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Draw the curves of one or several runs (metrics.jsonl) to a PNG or SVG file.
+    Report {
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// .png or .svg (default: report.png in the first run directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Metrics to draw, one panel each (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "loss,lr")]
+        metrics: Vec<String>,
+    },
     /// Print what this binary sees: libtorch version, CUDA devices, threads.
     Info,
 }
@@ -161,7 +213,17 @@ enum ExportFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_level);
+    // The ranks other than 0 of a multi-process run keep to warnings and errors.
+    let other_rank = ["RANK", "SLURM_PROCID"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok())
+        .is_some_and(|r| r.trim() != "0");
+    let level = if other_rank && cli.log_level == "info" {
+        "warn"
+    } else {
+        &cli.log_level
+    };
+    init_logging(level);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -249,8 +311,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let stop = StopFlag::install().context("installing signal handlers")?;
             match pretrain::run(&recipe, resume, &stop)? {
                 Outcome::Finished(summary) => {
-                    pretrain::print_summary(&summary);
-                    eprintln!("  run directory     {}", recipe.run.out_dir.display());
+                    // Rank 0 speaks for a multi-process run.
+                    if trainer::dist::World::from_env().is_ok_and(|w| w.is_main()) {
+                        pretrain::print_summary(&summary);
+                        eprintln!("  run directory     {}", recipe.run.out_dir.display());
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Outcome::Interrupted { .. } => Ok(ExitCode::from(EXIT_INTERRUPTED as u8)),
@@ -454,6 +519,55 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let steps = schedule_cmd::run_length(&path, &schedule, lr, recipe_steps, steps)?;
             schedule_cmd::run(&schedule, lr, steps, csv.as_deref(), png.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Launch(args) => launch_cmd::run(&args),
+        Command::Prune(args) => {
+            prune_cmd::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Slurm(args) => {
+            slurm_cmd::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sweep {
+            sweep,
+            parallel,
+            dry_run,
+        } => sweep_cmd::run(&sweep, parallel, dry_run),
+        Command::Soup {
+            runs,
+            greedy,
+            out,
+            device,
+        } => {
+            use trainer::recipes::soup;
+            let method = if greedy {
+                soup::Method::Greedy
+            } else {
+                soup::Method::Uniform
+            };
+            let r = soup::run(&runs, method, &out, &device)?;
+            for i in &r.ingredients {
+                println!(
+                    "{} {:.6}  {}",
+                    if i.in_soup { "+" } else { " " },
+                    i.valid_loss,
+                    i.source
+                );
+            }
+            println!(
+                "{} soup of {}: valid loss {:.6} (uniform soup {:.6}) -> {}",
+                r.method,
+                r.ingredients.iter().filter(|i| i.in_soup).count(),
+                r.valid_loss,
+                r.uniform_valid_loss,
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report { runs, out, metrics } => {
+            report_cmd::run(&runs, out.as_deref(), &metrics)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Info => {

@@ -78,7 +78,7 @@ pub fn run_length(
 }
 
 /// The directory must exist and the path must not be a directory.
-fn check_output(flag: &str, path: &Path) -> anyhow::Result<()> {
+pub(crate) fn check_output(flag: &str, path: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(
         !path.is_dir(),
         "{flag} {}: is a directory, expected a file path",
@@ -98,7 +98,7 @@ fn check_output(flag: &str, path: &Path) -> anyhow::Result<()> {
 }
 
 /// Written beside the target and renamed into place: a failure leaves no half-written file.
-fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| anyhow!("expected a file path"))?;
@@ -213,14 +213,14 @@ fn sample_steps(s: &Schedule, budget: i64) -> Vec<i64> {
 }
 
 #[derive(Clone, Copy)]
-enum Align {
+pub(crate) enum Align {
     Left,
     Center,
     Right,
 }
 
 /// Draws ASCII `text` with its top at `y`, 8 pixels per character.
-fn label<DB: DrawingBackend>(
+pub(crate) fn label<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     text: &str,
     x: i32,

@@ -59,3 +59,20 @@ pub fn describe(device: Device) -> String {
         other => format!("{other:?}"),
     }
 }
+
+/// `[run] deterministic`: requires deterministic kernels (PyTorch's
+/// `torch.use_deterministic_algorithms(True)`, `cudnn.deterministic = True`,
+/// `cudnn.benchmark = False`), so that a CUDA run repeats bitwise; an op with no deterministic
+/// kernel then fails with libtorch's message instead of running. cuBLAS reads
+/// `CUBLAS_WORKSPACE_CONFIG` when it starts; `:4096:8` (what PyTorch's reproducibility notes ask
+/// for) is set here unless the environment already has a value, before any CUDA work. Off: the
+/// settings are left at libtorch's defaults.
+pub fn set_deterministic(on: bool) -> Result<()> {
+    if !on {
+        return Ok(());
+    }
+    if std::env::var_os("CUBLAS_WORKSPACE_CONFIG").is_none() {
+        std::env::set_var("CUBLAS_WORKSPACE_CONFIG", ":4096:8");
+    }
+    torch_ext::set_deterministic(true).map_err(Error::Torch)
+}

@@ -159,6 +159,11 @@ impl Running {
 /// Starts `trainer ARGS` in `cwd`, its stdout and stderr going to files in a fresh directory
 /// inside `cwd/.logs`.
 pub fn spawn(cwd: &Path, args: &[&str]) -> Running {
+    spawn_env(cwd, args, &[])
+}
+
+/// `spawn` with extra environment variables (e.g. torchrun's RANK, WORLD_SIZE, MASTER_PORT).
+pub fn spawn_env(cwd: &Path, args: &[&str], env: &[(&str, String)]) -> Running {
     let logs = cwd.join(".logs");
     std::fs::create_dir_all(&logs).expect("log dir");
     let logs = tempfile::Builder::new()
@@ -173,6 +178,7 @@ pub fn spawn(cwd: &Path, args: &[&str]) -> Running {
         .current_dir(cwd)
         // Plain, predictable logs whatever the caller's environment says.
         .env_remove("RUST_LOG")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
         .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))

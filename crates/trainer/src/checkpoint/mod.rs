@@ -1,4 +1,5 @@
-//! Checkpoints: `checkpoints/step-NNNNNNNN/{model.safetensors, optimizer.safetensors, state.json}`.
+//! Checkpoints: `checkpoints/step-NNNNNNNN/{model.safetensors, optimizer.safetensors, state.json}`
+//! (and `masks.safetensors` for a pruned model).
 //!
 //! A checkpoint is written into a temporary directory (`.tmp-step-NNNNNNNN-PID`) and renamed into
 //! place once every file is complete and synced, so a reader never sees half of one; `state.json`
@@ -14,6 +15,8 @@ use std::path::{Path, PathBuf};
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "state.json";
+/// Pruning masks of a pruned model (absent when nothing is pruned); see `ParamStore::set_mask`.
+pub const MASKS_FILE: &str = "masks.safetensors";
 
 /// Everything besides tensors that a resumed run needs. Data order and learning rate are pure
 /// functions of (seed, step), so the step is the whole cursor.
@@ -76,6 +79,10 @@ pub fn save(
     std::fs::create_dir(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
     params.save(&tmp.join(MODEL_FILE))?;
     optimizer.save(&tmp.join(OPTIMIZER_FILE))?;
+    params.save_masks(&tmp.join(MASKS_FILE))?;
+    if !params.masks().is_empty() {
+        sync_file(&tmp.join(MASKS_FILE))?;
+    }
     let json = serde_json::to_string_pretty(state).unwrap_or_default();
     write_synced(&tmp.join(STATE_FILE), json.as_bytes())?;
     for f in [MODEL_FILE, OPTIMIZER_FILE] {
@@ -153,6 +160,7 @@ pub fn load(dir: &Path, params: &mut ParamStore, optimizer: &mut Optimizer) -> R
     }
     let state = read_state(dir)?;
     params.load(&dir.join(MODEL_FILE))?;
+    params.load_masks_if_present(&dir.join(MASKS_FILE))?;
     optimizer.load(&dir.join(OPTIMIZER_FILE))?;
     Ok(state)
 }

@@ -7,6 +7,8 @@ use std::io::IsTerminal;
 pub enum Progress {
     Bar(ProgressBar),
     Lines { total: u64 },
+    /// Nothing at all: the ranks other than 0 of a multi-process run.
+    Silent,
 }
 
 impl Progress {
@@ -27,6 +29,10 @@ impl Progress {
         }
     }
 
+    pub fn silent() -> Progress {
+        Progress::Silent
+    }
+
     /// Called at every logged step.
     pub fn update(&self, step: i64, loss: f64, lr: f64, tokens_per_s: f64, eta_s: f64) {
         match self {
@@ -40,6 +46,7 @@ impl Progress {
                 "step {step}/{total}  loss {loss:.4}  lr {lr:.3e}  {tokens_per_s:.0} tok/s  eta {}",
                 format_duration(eta_s)
             ),
+            Progress::Silent => {}
         }
     }
 
@@ -48,6 +55,7 @@ impl Progress {
         match self {
             Progress::Bar(bar) => bar.println(line),
             Progress::Lines { .. } => tracing::info!("{line}"),
+            Progress::Silent => {}
         }
     }
 

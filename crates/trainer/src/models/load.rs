@@ -97,8 +97,16 @@ impl ModelSource {
     /// Copies the weights into `params`, built from `config`.
     pub fn load_weights(&self, config: &TransformerConfig, params: &mut ParamStore) -> Result<()> {
         match self {
-            ModelSource::Hf(dir) => hf::load_weights(dir, config, params),
-            ModelSource::Checkpoint { dir, .. } => params.load(&dir.join(checkpoint::MODEL_FILE)),
+            ModelSource::Hf(dir) => {
+                hf::load_weights(dir, config, params)?;
+                // `trainer prune` leaves the masks of a pruned HF model beside its weights.
+                params.load_masks_if_present(&dir.join(checkpoint::MASKS_FILE))
+            }
+            ModelSource::Checkpoint { dir, .. } => {
+                load_model_file(params, &dir.join(checkpoint::MODEL_FILE))?;
+                // A pruned model stays pruned through further training.
+                params.load_masks_if_present(&dir.join(checkpoint::MASKS_FILE))
+            }
         }
     }
 
@@ -166,6 +174,21 @@ impl ModelSource {
             ModelSource::Checkpoint { dir, .. } => dir.display().to_string(),
         }
     }
+}
+
+/// Loads a trainer checkpoint's `model.safetensors` into `params`, leaving out what
+/// distillation adds to a student's checkpoint (its hidden-state projections, `distill.*`),
+/// which is not part of the model.
+fn load_model_file(params: &mut ParamStore, path: &Path) -> Result<()> {
+    let tensors = read_safetensors(path)?
+        .into_iter()
+        .filter(|(name, _)| !name.starts_with(crate::distill::PARAM_PREFIX))
+        .collect();
+    copy_named(
+        &mut params.iter().map(|p| (p.name.as_str(), &p.tensor)),
+        tensors,
+        path,
+    )
 }
 
 /// A model built and loaded from a source, ready for evaluation or generation.

@@ -18,6 +18,11 @@ pub struct Param {
 pub struct ParamStore {
     device: Device,
     params: Vec<Param>,
+    /// Pruning masks (`prune/`): per parameter name, a bool tensor of its shape, true where the
+    /// weight is pruned. `apply_masks` zeroes those entries after every optimizer step, so pruned
+    /// weights stay exactly zero through training; checkpoints carry the masks beside the
+    /// weights (`masks.safetensors`).
+    masks: Vec<(String, Tensor)>,
 }
 
 impl ParamStore {
@@ -25,6 +30,7 @@ impl ParamStore {
         ParamStore {
             device,
             params: Vec::new(),
+            masks: Vec::new(),
         }
     }
 
@@ -190,6 +196,77 @@ impl ParamStore {
             loaded,
             path,
         )
+    }
+}
+
+impl ParamStore {
+    /// Sets (or replaces) the pruning mask of `name` (true = pruned) and zeroes those weights.
+    pub fn set_mask(&mut self, name: &str, pruned: Tensor) -> Result<()> {
+        let Some(p) = self.get(name) else {
+            return Err(Error::Recipe(format!("prune: {name:?} is not a tensor of this model")));
+        };
+        if p.size() != pruned.size() {
+            return Err(Error::Recipe(format!(
+                "prune: mask of {name} has shape {:?}, the tensor {:?}",
+                pruned.size(),
+                p.size()
+            )));
+        }
+        let pruned = pruned.to_device(self.device).to_kind(Kind::Bool);
+        self.masks.retain(|(n, _)| n != name);
+        self.masks.push((name.to_string(), pruned));
+        self.apply_masks();
+        Ok(())
+    }
+
+    /// The pruning masks, by parameter name (true = pruned).
+    pub fn masks(&self) -> &[(String, Tensor)] {
+        &self.masks
+    }
+
+    /// Zeroes every pruned weight (call after each optimizer step).
+    pub fn apply_masks(&self) {
+        if self.masks.is_empty() {
+            return;
+        }
+        tch::no_grad(|| {
+            for (name, pruned) in &self.masks {
+                if let Some(t) = self.get(name) {
+                    let _ = t.shallow_clone().masked_fill_(pruned, 0.0);
+                }
+            }
+        });
+    }
+
+    /// Writes the masks to `path` (nothing when there are none).
+    pub fn save_masks(&self, path: &Path) -> Result<()> {
+        if self.masks.is_empty() {
+            return Ok(());
+        }
+        let named: Vec<(&str, Tensor)> = self
+            .masks
+            .iter()
+            .map(|(n, m)| (n.as_str(), m.to_device(Device::Cpu)))
+            .collect();
+        Tensor::write_safetensors(&named, path).map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg: crate::error::first_line(&e.to_string()),
+        })
+    }
+
+    /// Loads masks written by `save_masks` when `path` exists (a checkpoint of a pruned model);
+    /// every name must be a tensor of this model with the same shape.
+    pub fn load_masks_if_present(&mut self, path: &Path) -> Result<()> {
+        if !path.is_file() {
+            return Ok(());
+        }
+        for (name, mask) in read_safetensors(path)? {
+            self.set_mask(&name, mask).map_err(|e| Error::Checkpoint {
+                path: path.to_path_buf(),
+                msg: e.to_string(),
+            })?;
+        }
+        Ok(())
     }
 }
 

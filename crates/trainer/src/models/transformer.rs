@@ -152,6 +152,9 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     pub transposed: bool,
     pub lora: Option<LoraAdapter>,
+    /// Wanda's calibration (`prune/wanda.rs`): while Some, every forward adds the squared
+    /// inputs, summed over tokens, per input feature `[in]` (fp32).
+    pub input_sq: std::cell::RefCell<Option<Tensor>>,
 }
 
 impl Linear {
@@ -162,6 +165,7 @@ impl Linear {
             bias,
             transposed,
             lora: None,
+            input_sq: std::cell::RefCell::new(None),
         }
     }
 
@@ -176,6 +180,10 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        if let Some(acc) = self.input_sq.borrow_mut().as_mut() {
+            let d = x.size().last().copied().unwrap_or(0);
+            *acc += x.detach().to_kind(Kind::Float).reshape([-1, d]).square().sum_dim_intlist(0, false, Kind::Float);
+        }
         let y = if self.transposed {
             x.linear(&self.weight.tr(), self.bias.as_ref())
         } else {
@@ -402,7 +410,32 @@ impl Transformer {
 
     /// Logits and, for MoE models, the routers' losses and statistics of every layer.
     pub fn forward_full(&self, idx: &Tensor, train: bool) -> ModelOutput {
+        let out = self.forward_hidden(idx, train, &[]);
+        ModelOutput {
+            logits: self.lm_head(&out.hidden),
+            moe_layers: out.moe_layers,
+        }
+    }
+
+    /// Logits `[.., vocab]` of final hidden states `[.., d]` (`forward_hidden`'s `hidden`):
+    /// the output projection alone, so that a caller can run it on a few positions at a time
+    /// (distillation's chunked losses).
+    pub fn lm_head(&self, hidden: &Tensor) -> Tensor {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        hidden.linear(head, None::<&Tensor>)
+    }
+
+    /// Everything but the output projection: the final (normed) hidden states `[b, t, d]`, the
+    /// residual stream after each block listed in `keep_layers` (`i`: after `i` blocks, 0: the
+    /// embeddings; the order of `keep_layers`), and the MoE layers' statistics.
+    pub fn forward_hidden(&self, idx: &Tensor, train: bool, keep_layers: &[i64]) -> HiddenOutput {
         let c = &self.config;
+        let mut kept: Vec<(i64, Tensor)> = Vec::new();
+        let mut keep = |i: i64, x: &Tensor| {
+            if keep_layers.contains(&i) {
+                kept.push((i, x.shallow_clone()));
+            }
+        };
         let (b, t) = idx.size2().expect("token ids are [batch, time]");
         let p_drop = if train { c.dropout } else { 0.0 };
         let mut x = Tensor::embedding(&self.embed, idx, -1, false, false); // [b, t, d]
@@ -412,8 +445,9 @@ impl Transformer {
         if p_drop > 0.0 {
             x = x.dropout(p_drop, train);
         }
+        keep(0, &x);
         let mut moe_layers = Vec::new();
-        for block in &self.blocks {
+        for (i, block) in self.blocks.iter().enumerate() {
             let h = self.attention(&block.attn, &block.norm1.forward(&x), b, t, p_drop, train);
             x = x + h;
             let m = match &block.mlp {
@@ -445,30 +479,45 @@ impl Transformer {
             } else {
                 m
             };
+            keep(i as i64 + 1, &x);
         }
-        let x = self.final_norm.forward(&x);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = x.linear(head, None::<&Tensor>); // [b, t, vocab]
-        ModelOutput { logits, moe_layers }
+        let layers = keep_layers
+            .iter()
+            .filter_map(|i| kept.iter().find(|(k, _)| k == i))
+            .map(|(_, t)| t.shallow_clone())
+            .collect();
+        HiddenOutput {
+            hidden: self.final_norm.forward(&x), // [b, t, d]
+            layers,
+            moe_layers,
+        }
     }
 
     /// Every dense projection, in registration order: what LoRA's `target` patterns select
     /// from (by `Linear::path`). MoE experts are not projections here.
     pub fn projections(&self) -> Vec<&Linear> {
-        let mut out = Vec::new();
-        for block in &self.blocks {
-            match &block.attn.qkv {
-                Qkv::Separate { q, k, v } => out.extend([q, k, v]),
-                Qkv::Fused(qkv) => out.push(qkv),
-            }
-            out.push(&block.attn.out);
-            match &block.mlp {
-                Mlp::SwiGlu { gate, up, down } => out.extend([gate, up, down]),
-                Mlp::Gelu { fc, proj } => out.extend([fc, proj]),
-                Mlp::Moe(_) => {}
-            }
-        }
-        out
+        self.block_projections().into_iter().flatten().collect()
+    }
+
+    /// `projections`, grouped by block (Wanda prunes one block at a time).
+    pub fn block_projections(&self) -> Vec<Vec<&Linear>> {
+        self.blocks
+            .iter()
+            .map(|block| {
+                let mut out = Vec::new();
+                match &block.attn.qkv {
+                    Qkv::Separate { q, k, v } => out.extend([q, k, v]),
+                    Qkv::Fused(qkv) => out.push(qkv),
+                }
+                out.push(&block.attn.out);
+                match &block.mlp {
+                    Mlp::SwiGlu { gate, up, down } => out.extend([gate, up, down]),
+                    Mlp::Gelu { fc, proj } => out.extend([fc, proj]),
+                    Mlp::Moe(_) => {}
+                }
+                out
+            })
+            .collect()
     }
 
     /// `projections`, mutably (to attach adapters).
@@ -581,6 +630,15 @@ impl Transformer {
             .map(|p| p.tensor.numel() as i64)
             .sum()
     }
+}
+
+/// What `forward_hidden` returns: the model up to, not including, the output projection.
+pub struct HiddenOutput {
+    /// Final hidden states after the last norm `[b, t, d]`: the input of `lm_head`.
+    pub hidden: Tensor,
+    /// The residual stream at each requested layer `[b, t, d]`, in the order requested.
+    pub layers: Vec<Tensor>,
+    pub moe_layers: Vec<MoeLayerStats>,
 }
 
 /// What one forward pass returns.

@@ -3,6 +3,7 @@
 
 pub mod adamw;
 pub mod galore;
+pub mod gsm;
 pub mod sgd;
 
 use crate::error::{Error, Result};
@@ -14,6 +15,7 @@ use tch::Tensor;
 
 pub use adamw::AdamW;
 pub use galore::GaloreAdamW;
+pub use gsm::Gsm;
 pub use sgd::Sgd;
 
 /// Named state tensors of an optimizer; `step` is a scalar int64 tensor.
@@ -26,6 +28,7 @@ pub enum Optimizer {
     AdamW(AdamW),
     Sgd(Sgd),
     GaloreAdamW(GaloreAdamW),
+    Gsm(Gsm),
 }
 
 /// The gradient of `p`, or None when it has none (unused in this step).
@@ -96,6 +99,24 @@ impl Optimizer {
                 *eps,
                 *weight_decay,
             )?),
+            OptimConfig::Gsm {
+                momentum,
+                nesterov,
+                weight_decay,
+                density,
+                prunable,
+                ..
+            } => {
+                let names = crate::prune::select(store, prunable, "optim.prunable")?;
+                Optimizer::Gsm(Gsm::new(
+                    groups(true),
+                    &names,
+                    *density,
+                    *momentum,
+                    *nesterov,
+                    *weight_decay,
+                ))
+            }
         })
     }
 
@@ -104,6 +125,7 @@ impl Optimizer {
             Optimizer::AdamW(o) => o.step(lr),
             Optimizer::Sgd(o) => o.step(lr),
             Optimizer::GaloreAdamW(o) => o.step(lr),
+            Optimizer::Gsm(o) => o.step(lr),
         }
     }
 
@@ -112,6 +134,7 @@ impl Optimizer {
             Optimizer::AdamW(o) => o.state_bytes(),
             Optimizer::Sgd(o) => o.state_bytes(),
             Optimizer::GaloreAdamW(o) => o.state_bytes(),
+            Optimizer::Gsm(o) => o.state_bytes(),
         }
     }
 
@@ -149,6 +172,7 @@ impl Optimizer {
             Optimizer::AdamW(o) => o,
             Optimizer::Sgd(o) => o,
             Optimizer::GaloreAdamW(o) => o,
+            Optimizer::Gsm(o) => o,
         }
     }
 
@@ -157,6 +181,7 @@ impl Optimizer {
             Optimizer::AdamW(o) => o,
             Optimizer::Sgd(o) => o,
             Optimizer::GaloreAdamW(o) => o,
+            Optimizer::Gsm(o) => o,
         }
     }
 

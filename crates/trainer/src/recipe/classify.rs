@@ -28,6 +28,12 @@ pub struct ClassifyRecipe {
     #[serde(default)]
     pub schedule: ScheduleConfig,
     pub train: ClassifyTrainConfig,
+    /// Knowledge distillation from a frozen teacher classifier (`distill/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<super::DistillConfig<ClassifierConfig>>,
+    /// Magnitude pruning during training (`prune/`), one-shot or gradual.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune: Option<super::PruneConfig>,
 }
 
 /// `[init]` of a classifier: `from` is a safetensors file with torchvision's state-dict names
@@ -272,6 +278,9 @@ impl ClassifyRecipe {
         self.validate_model()?;
         self.validate_data()?;
         validate_optim_schedule(&self.optim, &self.schedule)?;
+        if let Some(d) = &self.distill {
+            d.validate_classifier()?;
+        }
         self.validate_train()
     }
 
@@ -424,9 +433,10 @@ impl ClassifyRecipe {
         Ok(())
     }
 
-    /// The schedule's phases must fit in the run; with `epochs`, checked once the data's size
-    /// is known.
+    /// The schedule's phases and the pruning events must fit in the run; with `epochs`, checked
+    /// once the data's size is known.
     pub fn check_warmup(&self, total_steps: i64) -> Result<(), Invalid> {
+        super::schema::validate_pruning(self.prune.as_ref(), &self.optim, total_steps)?;
         self.schedule.check_lengths(self.optim.lr(), total_steps)
     }
 

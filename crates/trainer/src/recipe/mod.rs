@@ -8,9 +8,11 @@
 //! Locations are found by walking the key path in the parsed original text.
 
 mod classify;
+mod distill;
 mod schema;
 
 pub use classify::*;
+pub use distill::*;
 pub use schema::*;
 
 use crate::error::{Error, Result};

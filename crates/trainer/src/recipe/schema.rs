@@ -24,6 +24,12 @@ pub struct Recipe {
     /// Parameter-efficient fine-tuning (`peft/`): LoRA adapters on a frozen base.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peft: Option<PeftConfig>,
+    /// Magnitude pruning during training (`prune/`), one-shot or gradual.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune: Option<PruneConfig>,
+    /// Knowledge distillation from a frozen teacher (`distill/`, `recipe/distill.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<super::DistillConfig<ModelConfig>>,
 }
 
 /// A recipe as written: `[model]` may be left out when `[init] from` names a checkpoint that
@@ -43,6 +49,10 @@ pub struct RecipeFile {
     pub train: TrainConfig,
     #[serde(default)]
     pub peft: Option<PeftConfig>,
+    #[serde(default)]
+    pub prune: Option<PruneConfig>,
+    #[serde(default)]
+    pub distill: Option<super::DistillConfig<ModelConfig>>,
 }
 
 impl RecipeFile {
@@ -56,6 +66,8 @@ impl RecipeFile {
             schedule: self.schedule,
             train: self.train,
             peft: self.peft,
+            prune: self.prune,
+            distill: self.distill,
         }
     }
 }
@@ -289,6 +301,27 @@ pub struct RunConfig {
     /// bf16); when given, the summary reports model FLOPs utilisation.
     #[serde(default)]
     pub peak_tflops: Option<f64>,
+    /// Require deterministic kernels (`torch.use_deterministic_algorithms(True)`, cuDNN
+    /// deterministic and not benchmarking; `device::set_deterministic`). Costs speed on CUDA;
+    /// an op without a deterministic kernel is an error. The CPU is deterministic without it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deterministic: bool,
+    /// Multi-process runs (`trainer launch`, torchrun or Slurm variables): seconds a rank waits
+    /// at a collective (and at the rendezvous) before failing, so that a rank that died or hangs
+    /// ends the run on every rank with an error instead of a hang.
+    #[serde(
+        default = "default_collective_timeout_s",
+        skip_serializing_if = "is_default_collective_timeout_s"
+    )]
+    pub collective_timeout_s: f64,
+}
+
+fn default_collective_timeout_s() -> f64 {
+    300.0
+}
+
+fn is_default_collective_timeout_s(v: &f64) -> bool {
+    *v == default_collective_timeout_s()
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -615,6 +648,35 @@ pub enum OptimConfig {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         target: Vec<String>,
     },
+    /// Global sparse momentum SGD (`optim/gsm.rs`): each step only the `density` most salient
+    /// prunable weights (by |w * g|, ranked across all layers) get the objective's gradient; the
+    /// others only decay towards zero. At `cut_step` (default: the end of the run) the smallest
+    /// weights are cut to exact zeros and the mask is kept.
+    Gsm {
+        lr: f64,
+        #[serde(default = "default_gsm_momentum")]
+        momentum: f64,
+        #[serde(default)]
+        nesterov: bool,
+        /// Drives the unselected weights to zero: must be positive.
+        #[serde(default = "default_gsm_weight_decay")]
+        weight_decay: f64,
+        /// Fraction of the prunable weights that survive, in (0, 1).
+        density: f64,
+        /// Name patterns of the prunable weights; empty: linear and convolution weights.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        prunable: Vec<String>,
+        /// Optimizer steps after which the cut happens; absent: the end of the run.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cut_step: Option<i64>,
+    },
+}
+
+fn default_gsm_momentum() -> f64 {
+    0.9
+}
+fn default_gsm_weight_decay() -> f64 {
+    1e-4
 }
 
 fn default_betas() -> [f64; 2] {
@@ -644,13 +706,17 @@ impl OptimConfig {
         match self {
             OptimConfig::Adamw { lr, .. }
             | OptimConfig::Sgd { lr, .. }
-            | OptimConfig::GaloreAdamw { lr, .. } => *lr,
+            | OptimConfig::GaloreAdamw { lr, .. }
+            | OptimConfig::Gsm { lr, .. } => *lr,
         }
     }
 }
 
 /// `[schedule]`: the learning-rate schedule registry, defined beside the schedules themselves.
 pub use crate::schedule::{DecayShape, PhaseConfig, PhaseShape, ScheduleConfig};
+
+/// `[prune]`: magnitude pruning during training, defined beside the pruning code.
+pub use crate::prune::PruneConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -738,6 +804,7 @@ impl RunConfig {
         if let Some(p) = r.peak_tflops {
             positive_finite(p, "run.peak_tflops")?;
         }
+        positive_finite(r.collective_timeout_s, "run.collective_timeout_s")?;
         Ok(())
     }
 }
@@ -776,6 +843,9 @@ impl Recipe {
         self.validate_train()?;
         if let Some(p) = &self.peft {
             p.validate()?;
+        }
+        if let Some(d) = &self.distill {
+            d.validate()?;
         }
         Ok(())
     }
@@ -985,6 +1055,33 @@ struct OptimSections<'a> {
     schedule: &'a ScheduleConfig,
 }
 
+/// `[prune]` and GSM's cut against the run's length; the two do not combine.
+pub(crate) fn validate_pruning(
+    prune: Option<&PruneConfig>,
+    optim: &OptimConfig,
+    total_steps: i64,
+) -> Result<(), Invalid> {
+    if let Some(p) = prune {
+        check(
+            !matches!(optim, OptimConfig::Gsm { .. }),
+            "prune",
+            "[prune] and optim.kind = \"gsm\" both prune; use one of them",
+        )?;
+        p.validate(total_steps)?;
+    }
+    if let OptimConfig::Gsm {
+        cut_step: Some(c), ..
+    } = optim
+    {
+        check(
+            *c <= total_steps,
+            "optim.cut_step",
+            format!("expected a step in [0, {total_steps}] (the run's length), got {c}"),
+        )?;
+    }
+    Ok(())
+}
+
 /// The checks AdamW and GaLore-AdamW share.
 fn validate_adam(lr: f64, betas: &[f64; 2], eps: f64, weight_decay: f64) -> Result<(), Invalid> {
     positive_finite(lr, "optim.lr")?;
@@ -1066,6 +1163,49 @@ impl OptimSections<'_> {
                     )?;
                 }
             }
+            OptimConfig::Gsm {
+                lr,
+                momentum,
+                nesterov,
+                weight_decay,
+                density,
+                prunable,
+                cut_step,
+            } => {
+                positive_finite(*lr, "optim.lr")?;
+                check(
+                    (0.0..1.0).contains(momentum),
+                    "optim.momentum",
+                    format!("expected a momentum in [0, 1), got {momentum}"),
+                )?;
+                check(
+                    !*nesterov || *momentum > 0.0,
+                    "optim.nesterov",
+                    "Nesterov momentum needs momentum > 0",
+                )?;
+                check(
+                    *weight_decay > 0.0 && weight_decay.is_finite(),
+                    "optim.weight_decay",
+                    format!(
+                        "GSM needs a positive weight decay (it is what drives the unselected weights to zero), got {weight_decay}"
+                    ),
+                )?;
+                check(
+                    *density > 0.0 && *density < 1.0,
+                    "optim.density",
+                    format!("expected the fraction of weights kept, in (0, 1), got {density}"),
+                )?;
+                for (i, p) in prunable.iter().enumerate() {
+                    check(
+                        !p.trim().is_empty(),
+                        "optim.prunable",
+                        format!("expected a non-empty name pattern, got prunable[{i}] = {p:?}"),
+                    )?;
+                }
+                if let Some(c) = cut_step {
+                    check(*c >= 0, "optim.cut_step", format!("expected a step >= 0, got {c}"))?;
+                }
+            }
         }
         self.schedule.check_values(self.optim.lr())
     }
@@ -1104,6 +1244,7 @@ impl Recipe {
             positive(c, "train.checkpoint_every")?;
         }
         positive(t.keep_checkpoints, "train.keep_checkpoints")?;
+        validate_pruning(self.prune.as_ref(), &self.optim, self.max_steps())?;
         self.schedule
             .check_lengths(self.optim.lr(), self.max_steps())
     }

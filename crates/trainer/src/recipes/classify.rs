@@ -25,6 +25,7 @@ use crate::metrics::{row, MetricsLog};
 use crate::models::params::ParamStore;
 use crate::models::resnet::ResNet;
 use crate::optim::{clip_grad_norm, Optimizer};
+use crate::prune::Pruner;
 use crate::recipe::{self, ClassifyRecipe, Precision};
 use crate::schedule::Schedule;
 use crate::signals::StopFlag;
@@ -73,6 +74,9 @@ pub struct Summary {
     pub trainable_params: i64,
     pub param_bytes: i64,
     pub optimizer_state_bytes: i64,
+    /// With `[prune]` or GSM: zeros per prunable layer and over all of them, at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pruning: Option<crate::prune::SparsityReport>,
     pub device: String,
     pub precision: String,
     pub peak_memory_bytes: Option<i64>,
@@ -126,7 +130,15 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
     if recipe.run.threads > 0 {
         tch::set_num_threads(recipe.run.threads as i32);
     }
-    let device = device::resolve(&recipe.run.device)?;
+    device::set_deterministic(recipe.run.deterministic)?;
+    // Data parallelism (`trainer launch`, torchrun, Slurm): as in pretrain.rs. BatchNorm
+    // normalises each rank's rows with their own statistics, and its running statistics are
+    // rank 0's, broadcast after every step (DistributedDataParallel's broadcast_buffers).
+    let world = crate::dist::World::from_env()?;
+    let device = world.device(device::resolve(&recipe.run.device)?)?;
+    let (shard_start, shard_rows) =
+        world.shard(recipe.train.batch_size as usize, "train.batch_size")?;
+    let main = world.is_main();
     let precision = recipe.run.precision;
 
     let (train, valid) = open_data(recipe)?;
@@ -145,7 +157,24 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
     let model = ResNet::new(&model_cfg, &mut params)?;
     if let (Some(init), None) = (&recipe.init, &resume_dir) {
         load_init(init, &params)?;
+        // A pruned checkpoint stays pruned (but for re-initialised tensors).
+        let masks = init.from.join(checkpoint::MASKS_FILE);
+        if init.from.is_dir() && masks.is_file() {
+            for (name, mask) in crate::models::params::read_safetensors(&masks)? {
+                if !init.reinit.contains(&name) {
+                    params.set_mask(&name, mask)?;
+                }
+            }
+        }
     }
+    let distiller = match &recipe.distill {
+        Some(d) => Some(crate::distill::ClassifierDistiller::new(
+            d,
+            &recipe.model,
+            device,
+        )?),
+        None => None,
+    };
     let mut optimizer = Optimizer::build(&recipe.optim, &params)?;
     let schedule = Schedule::new(&recipe.schedule, recipe.optim.lr(), total_steps);
 
@@ -172,8 +201,26 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
             return Ok(Outcome::AlreadyDone { step: state.step });
         }
     }
-    prepare_run_dir(&run_dir, &recipe::to_toml(recipe), state.step)?;
-    let mut metrics = MetricsLog::open(&run_dir, Some(state.step))?;
+    // Magnitude pruning or GSM's cut; an event at the step the run (re)starts at fires now.
+    let pruner = Pruner::for_run(recipe.prune.as_ref(), &recipe.optim, &params, total_steps)?;
+    if let Some(p) = &pruner {
+        p.on_step(state.step, &mut params)?;
+    }
+    let dp = crate::dist::DataParallel::start(
+        &world,
+        device,
+        recipe.run.collective_timeout_s,
+        &params,
+        state.step,
+        &run_dir,
+    )?;
+    // Only rank 0 writes the run directory.
+    let mut metrics = if main {
+        prepare_run_dir(&run_dir, &recipe::to_toml(recipe), state.step)?;
+        Some(MetricsLog::open(&run_dir, Some(state.step))?)
+    } else {
+        None
+    };
 
     let steps_per_epoch = recipe.steps_per_epoch(train.len());
     tracing::info!(
@@ -203,7 +250,11 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
         total_steps - 1,
         4,
     );
-    let progress = Progress::new(total_steps, state.step);
+    let progress = if main {
+        Progress::new(total_steps, state.step)
+    } else {
+        Progress::silent()
+    };
     let eval = |model: &ResNet| -> Result<EvalResult> {
         let limit = recipe
             .train
@@ -225,16 +276,46 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
     while state.step < total_steps {
         let step = state.step;
         let step_start = Instant::now();
-        // Dropout (WRN) and any other torch randomness: a pure function of (seed, step).
-        tch::manual_seed((stream_seed(recipe.run.seed, step, -1, 0) >> 1) as i64);
+        // Dropout (WRN) and any other torch randomness: a pure function of (seed, step, rank).
+        tch::manual_seed((stream_seed(recipe.run.seed, step, -1, world.rank as i64) >> 1) as i64);
         let batch = prefetch
             .next()
             .ok_or_else(|| Error::Torch("data prefetch thread stopped".into()))?;
-        let x = batch.images.to_device(device); // [b, 3, h, w]
-        let y = batch.labels.to_device(device); // [b]
+        // This rank's rows of the global batch.
+        let rows = |t: &Tensor| t.narrow(0, shard_start as i64, shard_rows as i64);
+        let x = rows(&batch.images).to_device(device); // [b, 3, h, w]
+        let y = rows(&batch.labels).to_device(device); // [b]
         let logits = forward(&model, &x, true, device, precision)?; // [b, classes]
         let loss = classification_loss(&logits, &y, recipe.train.label_smoothing)?;
+        // `[distill]`: alpha * kd + (1 - alpha) * the cross-entropy above.
+        let (loss, distill_parts) = match &distiller {
+            Some(d) => {
+                let l = d.loss(&x, &logits, &loss, device, precision)?;
+                (
+                    l.total,
+                    vec![("kd_loss", json!(l.kd)), ("ce_loss", json!(l.ce))],
+                )
+            }
+            None => (loss, Vec::new()),
+        };
         loss.f_backward()?;
+        // Several ranks: average the gradients; sum the loss and correct predictions (for the
+        // log) and the stop flags.
+        let mut global = None;
+        let mut stop_all = false;
+        if world.is_distributed() {
+            let trainable: Vec<Tensor> =
+                params.trainable().map(|p| p.tensor.shallow_clone()).collect();
+            let (top1, _) = correct(&logits.detach(), &y, 1);
+            let mut sums = [
+                loss.double_value(&[]),
+                top1 as f64,
+                f64::from(u8::from(stop.requested())),
+            ];
+            dp.reduce_step(&trainable.iter().collect::<Vec<_>>(), &mut sums)?;
+            global = Some((sums[0] / world.size as f64, sums[1]));
+            stop_all = sums[2] > 0.0;
+        }
         let grad_norm = clip_grad_norm(&params, None)?;
         if !grad_norm.is_finite() {
             return Err(Error::Torch(format!(
@@ -244,7 +325,14 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
         }
         let lr = schedule.lr(step);
         optimizer.step(lr)?;
+        params.apply_masks();
         params.zero_grad();
+        if world.is_distributed() {
+            // BatchNorm's running statistics (and any other buffer): rank 0's.
+            let buffers: Vec<&Tensor> =
+                params.iter().filter(|p| !p.trainable).map(|p| &p.tensor).collect();
+            dp.broadcast_from_main(&buffers)?;
+        }
         state.step += 1;
         state.tokens += per_step;
         window_images += per_step;
@@ -252,21 +340,26 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
             step_seconds += step_start.elapsed().as_secs_f64();
             step_images += per_step;
         }
+        if let Some(p) = &pruner {
+            p.on_step(state.step, &mut params)?;
+        }
         let done = state.step == total_steps;
 
         if state.step % recipe.train.log_every == 0 || done {
-            let loss = loss.double_value(&[]);
+            let (loss, top1) = match global {
+                Some((loss, top1)) => (loss, top1 as i64),
+                None => (loss.double_value(&[]), correct(&logits.detach(), &y, 1).0),
+            };
             if !loss.is_finite() {
                 return Err(Error::Torch(format!(
                     "loss is {loss} at step {}: training diverged (lower optim.lr)",
                     state.step
                 )));
             }
-            let (top1, _) = correct(&logits.detach(), &y, 1);
             let elapsed = window_start.elapsed().as_secs_f64().max(1e-9);
             let images_per_s = window_images as f64 / elapsed;
             let eta = (total_steps - state.step) as f64 * per_step as f64 / images_per_s;
-            metrics.log(row(&[
+            let mut r = row(&[
                 ("step", json!(state.step)),
                 ("loss", json!(loss)),
                 ("lr", json!(lr)),
@@ -275,7 +368,12 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
                 ("images", json!(state.tokens)),
                 ("images_per_s", json!(images_per_s)),
                 ("epoch", json!(state.step as f64 / steps_per_epoch as f64)),
-            ]))?;
+            ]);
+            r.extend(distill_parts.into_iter().map(|(k, v)| (k.to_string(), v)));
+            r.extend(super::pretrain::pruning_metrics(pruner.as_ref(), &optimizer, &params));
+            if let Some(m) = metrics.as_mut() {
+                m.log(r)?;
+            }
             progress.update(state.step, loss, lr, images_per_s, eta);
             last_train_loss = Some(loss);
             window_start = Instant::now();
@@ -285,14 +383,16 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
             let r = eval(&model)?;
             state.last_valid_loss = Some(r.loss);
             last_eval = Some(r);
-            metrics.log(row(&[
-                ("step", json!(state.step)),
-                ("split", json!("valid")),
-                ("loss", json!(r.loss)),
-                ("top1", json!(r.top1)),
-                ("top5", json!(r.top5)),
-                ("images", json!(r.images)),
-            ]))?;
+            if let Some(m) = metrics.as_mut() {
+                m.log(row(&[
+                    ("step", json!(state.step)),
+                    ("split", json!("valid")),
+                    ("loss", json!(r.loss)),
+                    ("top1", json!(r.top1)),
+                    ("top5", json!(r.top5)),
+                    ("images", json!(r.images)),
+                ]))?;
+            }
             progress.println(&format!(
                 "step {}: valid loss {:.4}, top-1 {:.2}%, top-5 {:.2}% ({} images)",
                 state.step,
@@ -304,7 +404,11 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
             window_start = Instant::now();
             window_images = 0;
         }
-        let stopping = stop.requested();
+        let stopping = if world.is_distributed() {
+            stop_all
+        } else {
+            stop.requested()
+        };
         if recipe
             .train
             .checkpoint_every
@@ -313,13 +417,22 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
             || stopping
         {
             state.train_seconds = seconds_before + session_start.elapsed().as_secs_f64();
-            let dir = checkpoint::save(
-                &run_dir,
-                &state,
-                &params,
-                &optimizer,
-                recipe.train.keep_checkpoints as usize,
-            )?;
+            // Every rank holds the same weights and optimizer state; rank 0 writes them.
+            let dir = if main {
+                checkpoint::save(
+                    &run_dir,
+                    &state,
+                    &params,
+                    &optimizer,
+                    recipe.train.keep_checkpoints as usize,
+                )?
+            } else {
+                checkpoint::step_dir(&run_dir, state.step)
+            };
+            // The others leave only once it is on disk (or learn that rank 0 failed).
+            if (done || stopping) && world.is_distributed() {
+                dp.barrier()?;
+            }
             progress.println(&format!(
                 "step {}: checkpoint {}",
                 state.step,
@@ -374,15 +487,19 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
         trainable_params: params.num_trainable(),
         param_bytes: params.bytes(),
         optimizer_state_bytes: optimizer.state_bytes(),
+        pruning: pruner.as_ref().map(|p| p.report(&params)),
         device: device::describe(device),
         precision: precision.as_str().to_string(),
         peak_memory_bytes: peak,
         peak_memory_kind: peak_kind,
         resumed_from: resume_dir,
     };
-    let path = run_dir.join("summary.json");
-    let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
-    std::fs::write(&path, text + "\n").map_err(io_err(format!("writing {}", path.display())))?;
+    if main {
+        let path = run_dir.join("summary.json");
+        let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
+        std::fs::write(&path, text + "\n")
+            .map_err(io_err(format!("writing {}", path.display())))?;
+    }
     Ok(Outcome::Finished(summary))
 }
 
@@ -533,6 +650,13 @@ pub fn print_summary(s: &Summary) {
         human(s.params as f64),
         gib(s.param_bytes)
     );
+    if let Some(p) = &s.pruning {
+        eprintln!(
+            "  sparsity          {:.2}% of {} prunable weights are zero",
+            100.0 * p.global_sparsity,
+            p.prunable_params
+        );
+    }
 }
 
 #[cfg(test)]

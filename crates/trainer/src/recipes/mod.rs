@@ -4,3 +4,4 @@ pub mod classify;
 pub mod evaluate;
 pub mod pretrain;
 pub mod run_dir;
+pub mod soup;

@@ -19,6 +19,7 @@ use crate::models::load::ModelSource;
 use crate::models::params::ParamStore;
 use crate::models::transformer::{ModelOutput, MoeLayerStats, Transformer, TransformerConfig};
 use crate::optim::{clip_grad_norm, Optimizer};
+use crate::prune::Pruner;
 use crate::recipe::{self, InitLoad, Precision, Recipe};
 use crate::schedule::Schedule;
 use crate::signals::StopFlag;
@@ -75,6 +76,9 @@ pub struct Summary {
     pub param_bytes: i64,
     pub grad_bytes: i64,
     pub optimizer_state_bytes: i64,
+    /// With `[prune]` or GSM: zeros per prunable layer and over all of them, at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pruning: Option<crate::prune::SparsityReport>,
     pub device: String,
     pub precision: String,
     /// Peak allocated accelerator memory (CUDA), or the process's peak resident set (CPU).
@@ -101,7 +105,14 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
     if recipe.run.threads > 0 {
         tch::set_num_threads(recipe.run.threads as i32);
     }
-    let device = device::resolve(&recipe.run.device)?;
+    device::set_deterministic(recipe.run.deterministic)?;
+    // Data parallelism (`trainer launch`, torchrun, Slurm): this process's rank, its GPU
+    // (LOCAL_RANK) and its rows of every global batch, checked before anyone waits on anyone.
+    let world = crate::dist::World::from_env()?;
+    let device = world.device(device::resolve(&recipe.run.device)?)?;
+    let (shard_start, shard_rows) =
+        world.shard(recipe.train.batch_size as usize, "train.batch_size")?;
+    let main = world.is_main();
     let precision = recipe.run.precision;
 
     let seq_len = recipe.data.seq_len as usize;
@@ -181,6 +192,17 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
             relora = Some((r, lora));
         }
     }
+    // `[distill]`: the frozen teacher; hidden-state projections join the student's parameters.
+    let distiller = match &recipe.distill {
+        Some(d) => Some(crate::distill::LmDistiller::new(
+            d,
+            &model_cfg,
+            recipe.data.seq_len,
+            &mut params,
+            device,
+        )?),
+        None => None,
+    };
     if precision == Precision::Bf16 {
         params.set_kind(Kind::BFloat16);
     }
@@ -234,8 +256,27 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
             return Ok(Outcome::AlreadyDone { step: state.step });
         }
     }
-    prepare_run_dir(&run_dir, &recipe::to_toml(recipe), state.step)?;
-    let mut metrics = MetricsLog::open(&run_dir, Some(state.step))?;
+    // Magnitude pruning or GSM's cut; an event at the step the run (re)starts at fires now.
+    let pruner = Pruner::for_run(recipe.prune.as_ref(), &recipe.optim, &params, total_steps)?;
+    if let Some(p) = &pruner {
+        p.on_step(state.step, &mut params)?;
+    }
+    // Every rank starts from rank 0's weights, and must have resumed from the same step.
+    let dp = crate::dist::DataParallel::start(
+        &world,
+        device,
+        recipe.run.collective_timeout_s,
+        &params,
+        state.step,
+        &run_dir,
+    )?;
+    // Only rank 0 writes the run directory (logs, TensorBoard, checkpoints, summary).
+    let mut metrics = if main {
+        prepare_run_dir(&run_dir, &recipe::to_toml(recipe), state.step)?;
+        Some(MetricsLog::open(&run_dir, Some(state.step))?)
+    } else {
+        None
+    };
 
     let tokens_per_step = recipe.tokens_per_step();
     let no_embed = model.num_params_no_embeddings(&params);
@@ -288,7 +329,11 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
         total_steps - 1,
         2 * recipe.train.grad_accum as usize,
     );
-    let progress = Progress::new(total_steps, state.step);
+    let progress = if main {
+        Progress::new(total_steps, state.step)
+    } else {
+        Progress::silent()
+    };
     let eval = |model: &Transformer| -> Result<Vec<(String, f64)>> {
         valid_sets
             .iter()
@@ -313,16 +358,28 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
     while state.step < total_steps {
         let step = state.step;
         let step_start = Instant::now();
-        // Dropout and any other torch randomness: a pure function of (seed, step).
-        tch::manual_seed((stream_seed(recipe.run.seed, step, -1, 0) >> 1) as i64);
+        // Dropout and any other torch randomness: a pure function of (seed, step, rank).
+        tch::manual_seed((stream_seed(recipe.run.seed, step, -1, world.rank as i64) >> 1) as i64);
         let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
         let mut moe_stats = Vec::new();
+        let mut distill_sums = crate::distill::StepSums::new(device);
         for _ in 0..recipe.train.grad_accum {
             let batch = prefetch
                 .next()
                 .ok_or_else(|| Error::Torch("data prefetch thread stopped".into()))?;
-            let inputs = batch.inputs.to_device(device);
-            let targets = batch.targets.to_device(device);
+            // This rank's rows of the global batch.
+            let rows = |t: &Tensor| t.narrow(0, shard_start as i64, shard_rows as i64);
+            let inputs = rows(&batch.inputs).to_device(device);
+            let targets = rows(&batch.targets).to_device(device);
+            if let Some(d) = &distiller {
+                // Forward and backward of both models, the logits chunk by chunk.
+                let scale = 1.0 / recipe.train.grad_accum as f64;
+                let l = d.backward(&model, &inputs, &targets, scale, device, precision)?;
+                loss_sum += &l.loss;
+                distill_sums.add(&l);
+                moe_stats = l.moe_layers;
+                continue;
+            }
             let (loss, out) = forward_loss(&model, &inputs, &targets, true, device, precision)?;
             // MoE models also minimise their routers' load-balancing and z losses.
             let total = match out.router_loss() {
@@ -333,6 +390,20 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
             scaled.f_backward()?;
             loss_sum += loss.detach().to_kind(Kind::Float);
             moe_stats = out.moe_layers;
+        }
+        // Several ranks: average the gradients, sum the loss and agree on stopping (a signal to
+        // any rank stops all of them after this step, with one checkpoint).
+        let mut global_loss_sum = None;
+        let mut stop_all = false;
+        if world.is_distributed() {
+            let trainable: Vec<Tensor> = params.trainable().map(|p| p.tensor.shallow_clone()).collect();
+            let mut sums = [
+                loss_sum.double_value(&[]),
+                f64::from(u8::from(stop.requested())),
+            ];
+            dp.reduce_step(&trainable.iter().collect::<Vec<_>>(), &mut sums)?;
+            global_loss_sum = Some(sums[0] / world.size as f64);
+            stop_all = sums[1] > 0.0;
         }
         let grad_norm = clip_grad_norm(&params, recipe.train.clip_grad_norm)?;
         if !grad_norm.is_finite() {
@@ -346,6 +417,7 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
         // ReLoRA's jagged schedule re-warms the LR after each merge.
         let lr = schedule.lr(step) * relora.as_ref().map_or(1.0, |(r, _)| r.lr_factor(step));
         optimizer.step(lr)?;
+        params.apply_masks();
         params.zero_grad();
         if mixed {
             for (c, n) in
@@ -378,10 +450,14 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
                 state.step
             );
         }
+        if let Some(p) = &pruner {
+            p.on_step(state.step, &mut params)?;
+        }
         let done = state.step == total_steps;
 
         if state.step % recipe.train.log_every == 0 || done {
-            let loss = loss_sum.double_value(&[]) / recipe.train.grad_accum as f64;
+            let loss = global_loss_sum.unwrap_or_else(|| loss_sum.double_value(&[]))
+                / recipe.train.grad_accum as f64;
             if !loss.is_finite() {
                 return Err(Error::Torch(format!(
                     "loss is {loss} at step {}: training diverged (lower optim.lr or set train.clip_grad_norm)",
@@ -400,13 +476,17 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
                 ("tokens_per_s", json!(tokens_per_s)),
             ]);
             r.extend(moe_metrics(&moe_stats));
+            r.extend(pruning_metrics(pruner.as_ref(), &optimizer, &params));
+            r.extend(distill_sums.metrics());
             if mixed {
                 for (name, m) in train_data.report(&mix_counts, seq_len) {
                     r.insert(format!("mix_{name}_fraction"), json!(m.fraction));
                     r.insert(format!("mix_{name}_epochs"), json!(m.epochs));
                 }
             }
-            metrics.log(r)?;
+            if let Some(m) = metrics.as_mut() {
+                m.log(r)?;
+            }
             progress.update(state.step, loss, lr, tokens_per_s, eta);
             last_train_loss = Some(loss);
             window_start = Instant::now();
@@ -416,12 +496,14 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
             let losses = eval(&model)?;
             state.last_valid_loss = losses.first().map(|(_, l)| *l);
             for (name, valid_loss) in &losses {
-                metrics.log(row(&[
-                    ("step", json!(state.step)),
-                    ("split", json!(name)),
-                    ("loss", json!(valid_loss)),
-                    ("perplexity", json!(valid_loss.exp())),
-                ]))?;
+                if let Some(m) = metrics.as_mut() {
+                    m.log(row(&[
+                        ("step", json!(state.step)),
+                        ("split", json!(name)),
+                        ("loss", json!(valid_loss)),
+                        ("perplexity", json!(valid_loss.exp())),
+                    ]))?;
+                }
                 progress.println(&format!(
                     "step {}: {name} loss {valid_loss:.4}, perplexity {:.2}",
                     state.step,
@@ -432,7 +514,11 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
             window_start = Instant::now();
             window_tokens = 0;
         }
-        let stopping = stop.requested();
+        let stopping = if world.is_distributed() {
+            stop_all
+        } else {
+            stop.requested()
+        };
         if recipe
             .train
             .checkpoint_every
@@ -441,13 +527,22 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
             || stopping
         {
             state.train_seconds = seconds_before + session_start.elapsed().as_secs_f64();
-            let dir = checkpoint::save(
-                &run_dir,
-                &state,
-                &params,
-                &optimizer,
-                recipe.train.keep_checkpoints as usize,
-            )?;
+            // Every rank holds the same weights and optimizer state; rank 0 writes them.
+            let dir = if main {
+                checkpoint::save(
+                    &run_dir,
+                    &state,
+                    &params,
+                    &optimizer,
+                    recipe.train.keep_checkpoints as usize,
+                )?
+            } else {
+                checkpoint::step_dir(&run_dir, state.step)
+            };
+            // The others leave only once it is on disk (or learn that rank 0 failed).
+            if (done || stopping) && world.is_distributed() {
+                dp.barrier()?;
+            }
             progress.println(&format!(
                 "step {}: checkpoint {}",
                 state.step,
@@ -504,6 +599,7 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
             .map(|p| crate::models::params::bytes_of(&p.tensor))
             .sum(),
         optimizer_state_bytes: optimizer.state_bytes(),
+        pruning: pruner.as_ref().map(|p| p.report(&params)),
         device: device::describe(device),
         precision: precision.as_str().to_string(),
         peak_memory_bytes: peak,
@@ -528,9 +624,12 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
                 .collect()
         }),
     };
-    let path = run_dir.join("summary.json");
-    let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
-    std::fs::write(&path, text + "\n").map_err(io_err(format!("writing {}", path.display())))?;
+    if main {
+        let path = run_dir.join("summary.json");
+        let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
+        std::fs::write(&path, text + "\n")
+            .map_err(io_err(format!("writing {}", path.display())))?;
+    }
     Ok(Outcome::Finished(summary))
 }
 
@@ -538,7 +637,11 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
 /// hold at least one `window`. Without `[data.valid_sets]`, the validation set is `data.valid` or
 /// the held-out tail of the training source (`valid`); with a mixture, each source's held-out
 /// tail under the source's name.
-fn open_data(recipe: &Recipe, vocab: i64, window: usize) -> Result<(Mixture, Vec<(String, Span)>)> {
+pub(crate) fn open_data(
+    recipe: &Recipe,
+    vocab: i64,
+    window: usize,
+) -> Result<(Mixture, Vec<(String, Span)>)> {
     let d = &recipe.data;
     let held_out = d.valid.is_none() && d.valid_sets.is_empty();
     let mut valid = Vec::new();
@@ -628,6 +731,21 @@ fn forward_loss(
 /// Metrics of the MoE layers of the last micro-batch: the mean aux and z losses over layers, the
 /// share of dropped assignments, and per layer the load of the busiest expert relative to a
 /// uniform load (1 = balanced) plus every expert's share (as arrays, in metrics.jsonl only).
+/// The pruning columns of a log row: sparsity so far, and GSM's selection and would-be cut.
+pub(crate) fn pruning_metrics(
+    pruner: Option<&Pruner>,
+    optimizer: &Optimizer,
+    params: &ParamStore,
+) -> Vec<(String, serde_json::Value)> {
+    let mut out = pruner.map_or_else(Vec::new, |p| p.metrics(params));
+    if let Optimizer::Gsm(g) = optimizer {
+        if let Some(f) = g.selected_fraction() {
+            out.push(("gsm/selected_fraction".into(), json!(f)));
+        }
+    }
+    out
+}
+
 fn moe_metrics(layers: &[MoeLayerStats]) -> Vec<(String, serde_json::Value)> {
     if layers.is_empty() {
         return Vec::new();
@@ -662,7 +780,7 @@ fn moe_metrics(layers: &[MoeLayerStats]) -> Vec<(String, serde_json::Value)> {
 }
 
 /// Mean validation loss over `train.eval_batches` fixed batches.
-fn evaluate(
+pub(crate) fn evaluate(
     model: &Transformer,
     span: &Span,
     recipe: &Recipe,
@@ -737,4 +855,11 @@ pub fn print_summary(s: &Summary) {
         gib(s.grad_bytes),
         gib(s.optimizer_state_bytes)
     );
+    if let Some(p) = &s.pruning {
+        eprintln!(
+            "  sparsity          {:.2}% of {} prunable weights are zero",
+            100.0 * p.global_sparsity,
+            p.prunable_params
+        );
+    }
 }

@@ -1,0 +1,43 @@
+//! c10d through the shim: a Gloo group of two ranks (two threads of this process) sums and
+//! broadcasts tensors.
+
+use std::time::Duration;
+use tch::Tensor;
+use torch_ext::{have_gloo, Backend, ProcessGroup};
+
+/// Two ranks of one Gloo group, as two threads of this process, meeting on a free port.
+#[test]
+fn gloo_all_reduce_and_broadcast_across_two_ranks() {
+    if !have_gloo() {
+        eprintln!("skipped: built without gloo's headers (libgloo-dev)");
+        return;
+    }
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let rank = |r: usize| {
+        std::thread::spawn(move || -> Result<(Vec<f32>, Vec<f32>), String> {
+            let t = Duration::from_secs(30);
+            let g = ProcessGroup::new("127.0.0.1", port, r, 2, Backend::Gloo, t, t)?;
+            let x = Tensor::from_slice(&[1.0f32 + r as f32, 10.0 * (r as f32 + 1.0)]);
+            let y = Tensor::from_slice(&[r as f32 + 5.0]);
+            g.all_reduce_sum(&[&x, &y])?;
+            let b = Tensor::from_slice(&[r as f32 * 100.0 + 7.0]);
+            g.broadcast(&[&b], 0)?;
+            g.barrier()?;
+            let values = |t: Tensor| Vec::<f32>::try_from(t).map_err(|e| e.to_string());
+            let sum = values(x)?;
+            let mut rest = values(y)?;
+            rest.extend(values(b)?);
+            Ok((sum, rest))
+        })
+    };
+    let (a, b) = (rank(0), rank(1));
+    for h in [a, b] {
+        let (sum, rest) = h.join().expect("rank thread").expect("collectives");
+        assert_eq!(sum, vec![3.0, 30.0]);
+        // 5 + 6 summed; rank 0's 7 broadcast.
+        assert_eq!(rest, vec![11.0, 7.0]);
+    }
+}

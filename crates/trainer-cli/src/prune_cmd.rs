@@ -1,0 +1,110 @@
+//! `trainer prune --init MODEL --method (magnitude|wanda) --sparsity S --out DIR`: one-shot
+//! pruning into a new model directory (see `trainer::prune::oneshot`), then the sparsity table.
+
+use std::path::PathBuf;
+use trainer::prune::oneshot::{self, Method, OneShot};
+use trainer::prune::wanda::Sparsity;
+use trainer::prune::PruneScope;
+use trainer::recipe::{SourceConfig, TokenDtype};
+
+#[derive(clap::Args)]
+pub struct PruneArgs {
+    /// hf:PATH, a checkpoint directory, or a run directory (its newest checkpoint).
+    #[arg(long)]
+    init: String,
+    #[arg(long, value_enum)]
+    method: MethodArg,
+    /// Fraction of the prunable weights set to zero, in (0, 1).
+    #[arg(long, required_unless_present = "nm")]
+    sparsity: Option<f64>,
+    /// Wanda only: N:M sparsity, N weights kept of every M consecutive inputs (e.g. 2:4).
+    #[arg(long, conflicts_with = "sparsity")]
+    nm: Option<String>,
+    /// Magnitude only: rank all prunable weights together (global) or each tensor alone.
+    #[arg(long, value_enum, default_value = "global")]
+    scope: ScopeArg,
+    /// Name patterns of the weights to prune (repeatable; `*` for any run); default: linear
+    /// and convolution weights.
+    #[arg(long)]
+    prunable: Vec<String>,
+    /// Wanda's calibration data: a token file (.bin, uint16) or a text file (bytes as tokens);
+    /// default: the built-in corpus.
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    calib_batches: usize,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Calibration window length (default: the model's max_seq_len).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// The new model directory (must not exist or be empty).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MethodArg {
+    Magnitude,
+    Wanda,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ScopeArg {
+    Global,
+    Layer,
+}
+
+pub fn run(args: &PruneArgs) -> anyhow::Result<()> {
+    let sparsity = match (&args.nm, args.sparsity) {
+        (Some(nm), _) => Sparsity::parse_nm(nm, "--nm")?,
+        (None, Some(s)) => Sparsity::Unstructured(s),
+        (None, None) => anyhow::bail!("--sparsity: required (or --nm N:M with --method wanda)"),
+    };
+    let calib = args.calib.as_ref().map(|path| {
+        if path.extension().is_some_and(|e| e == "bin") {
+            SourceConfig::Tokens {
+                path: path.clone(),
+                dtype: TokenDtype::Uint16,
+            }
+        } else {
+            SourceConfig::Text { path: path.clone() }
+        }
+    });
+    let opts = OneShot {
+        method: match args.method {
+            MethodArg::Magnitude => Method::Magnitude,
+            MethodArg::Wanda => Method::Wanda,
+        },
+        sparsity,
+        scope: match args.scope {
+            ScopeArg::Global => PruneScope::Global,
+            ScopeArg::Layer => PruneScope::Layer,
+        },
+        prunable: args.prunable.clone(),
+        calib,
+        calib_batches: args.calib_batches,
+        seq_len: args.seq_len,
+        batch_size: args.batch_size,
+    };
+    let device = trainer::device::resolve(&args.device)?;
+    let pruned = oneshot::run(&args.init, &opts, &args.out, device)?;
+    println!("{}", pruned.report.table());
+    eprintln!(
+        "pruned {} with {} to {:.2}% sparsity: {} (evaluate with `trainer eval --init {}`)",
+        pruned.source,
+        match pruned.method {
+            Method::Magnitude => "magnitude",
+            Method::Wanda => "wanda",
+        },
+        100.0 * pruned.report.global_sparsity,
+        pruned.model.display(),
+        match &pruned.model {
+            m if m == &args.out => format!("hf:{}", m.display()),
+            _ => args.out.display().to_string(),
+        }
+    );
+    Ok(())
+}

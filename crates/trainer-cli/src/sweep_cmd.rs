@@ -1,0 +1,210 @@
+//! `trainer sweep SWEEP.toml [--parallel N]`: runs every (point, seed) of a sweep on this
+//! machine as a child `trainer run ... --resume auto` (the same binary), at most N at a time,
+//! skipping runs that already have a summary.json and resuming half-done ones, then writes the
+//! results table (`trainer::sweep::results`).
+//!
+//! Each child's stdout and stderr go to `<run_dir>/sweep.log`. A run that fails is reported and
+//! makes the sweep exit non-zero, but the others go on. SIGINT/SIGTERM/SIGUSR1 to the sweep stop
+//! it from starting more runs and are passed on to the running ones (which checkpoint and exit
+//! with 75); the sweep then writes the table of what finished and exits with 75 itself.
+
+use anyhow::Context;
+use std::path::Path;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+use trainer::recipe::{self, Override};
+use trainer::signals::{StopFlag, EXIT_INTERRUPTED};
+use trainer::sweep::{results, RunStatus, Sweep, SweepRun};
+
+pub fn run(path: &Path, parallel: usize, dry_run: bool) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        parallel > 0,
+        "--parallel: expected a positive integer, got {parallel}"
+    );
+    let sweep = Sweep::load(path)?;
+    sweep.validate()?;
+    let runs = sweep.runs()?;
+    if parallel > 1 && base_threads(&sweep)? == 0 {
+        tracing::warn!(
+            "--parallel {parallel} with run.threads = 0: every run uses all cores; give each \
+             a share, e.g. set = [\"run.threads=1\"] in the sweep file"
+        );
+    }
+    eprintln!(
+        "sweep {}: {} points x {} seeds = {} runs in {}",
+        sweep.name,
+        sweep.points.len(),
+        runs.len() / sweep.points.len().max(1),
+        runs.len(),
+        sweep.out_dir.display()
+    );
+    if dry_run {
+        for r in &runs {
+            println!("{:<9} {}", status_word(r.status()), r.run_dir.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let exe = std::env::current_exe().context("finding the trainer binary")?;
+    let stop = StopFlag::install().context("installing signal handlers")?;
+
+    let mut pending: std::collections::VecDeque<&SweepRun> = Default::default();
+    let mut skipped = 0;
+    for r in &runs {
+        if r.status() == RunStatus::Finished {
+            skipped += 1;
+        } else {
+            pending.push_back(r);
+        }
+    }
+    if skipped > 0 {
+        eprintln!("  {skipped} runs already finished (summary.json present): skipped");
+    }
+    let mut running: Vec<(&SweepRun, Child, Instant)> = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+    let mut interrupted = 0;
+    let mut forwarded = false;
+    loop {
+        if stop.requested() && !forwarded {
+            // Children in our process group already got a terminal's SIGINT; one that came
+            // only to us (kill, Slurm) is passed on so that every run checkpoints.
+            for (_, child, _) in &running {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+            }
+            if !pending.is_empty() {
+                eprintln!(
+                    "  stopping: {} runs not started; continue with the same command",
+                    pending.len()
+                );
+            }
+            pending.clear();
+            forwarded = true;
+        }
+        while running.len() < parallel {
+            let Some(r) = pending.pop_front() else { break };
+            let how = match r.status() {
+                RunStatus::Started => "resuming",
+                _ => "new",
+            };
+            let child = spawn(&exe, &sweep.base, r)
+                .with_context(|| format!("starting the run {}", r.run_dir.display()))?;
+            eprintln!("  start  {} ({how})", r.run_dir.display());
+            running.push((r, child, Instant::now()));
+        }
+        if running.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let mut i = 0;
+        while i < running.len() {
+            let done = running[i].1.try_wait().context("waiting for a run")?;
+            let Some(status) = done else {
+                i += 1;
+                continue;
+            };
+            let (r, _, started) = running.swap_remove(i);
+            let secs = started.elapsed().as_secs_f64();
+            let log = r.run_dir.join("sweep.log");
+            match status.code() {
+                Some(0) if r.status() == RunStatus::Finished => {
+                    eprintln!("  done   {} ({secs:.1}s)", r.run_dir.display())
+                }
+                Some(code) if code == EXIT_INTERRUPTED => {
+                    interrupted += 1;
+                    eprintln!(
+                        "  stopped {} after a checkpoint (exit {code}); the next sweep resumes it",
+                        r.run_dir.display()
+                    );
+                }
+                other => {
+                    let why = match other {
+                        Some(0) => "finished without a summary.json".to_string(),
+                        Some(c) => format!("exit code {c}"),
+                        None => "killed by a signal".to_string(),
+                    };
+                    let last = last_error_line(&log);
+                    eprintln!(
+                        "  FAILED {} ({why}){}; log: {}",
+                        r.run_dir.display(),
+                        last.as_deref()
+                            .map(|l| format!(": {l}"))
+                            .unwrap_or_default(),
+                        log.display()
+                    );
+                    failed.push(format!("{} ({why})", r.run_dir.display()));
+                }
+            }
+        }
+    }
+    let written = results::write(&sweep, &runs)?;
+    for p in &written {
+        eprintln!("wrote {}", p.display());
+    }
+    if let Ok(md) = std::fs::read_to_string(sweep.out_dir.join("results.md")) {
+        println!("{md}");
+    }
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "sweep {}: {} of {} runs failed: {}",
+            sweep.name,
+            failed.len(),
+            runs.len(),
+            failed.join(", ")
+        );
+    }
+    if interrupted > 0 || stop.requested() {
+        return Ok(ExitCode::from(EXIT_INTERRUPTED as u8));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `run.threads` of the base recipe with the sweep's shared overrides.
+fn base_threads(sweep: &Sweep) -> anyhow::Result<u32> {
+    let overrides = sweep
+        .set
+        .iter()
+        .map(|s| Override::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(match recipe::load_any(&sweep.base, &overrides)? {
+        recipe::AnyRecipe::Pretrain(r) => r.run.threads,
+        recipe::AnyRecipe::Classify(r) => r.run.threads,
+    })
+}
+
+fn status_word(s: RunStatus) -> &'static str {
+    match s {
+        RunStatus::Finished => "finished",
+        RunStatus::Started => "started",
+        RunStatus::New => "new",
+    }
+}
+
+/// Starts `trainer run BASE --set ... --resume auto` with its output appended to
+/// `<run_dir>/sweep.log`.
+fn spawn(exe: &Path, base: &Path, r: &SweepRun) -> anyhow::Result<Child> {
+    std::fs::create_dir_all(&r.run_dir)
+        .with_context(|| format!("creating {}", r.run_dir.display()))?;
+    let log_path = r.run_dir.join("sweep.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let err = log.try_clone().context("duplicating the log file")?;
+    Ok(Command::new(exe)
+        .args(r.trainer_args(base))
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .spawn()?)
+}
+
+/// The last `error: ...` line of a run's log, for the failure report.
+fn last_error_line(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with("error:"))
+        .map(str::to_string)
+}

@@ -1,0 +1,567 @@
+//! Data parallelism across processes on libtorch's own c10d (the engine under PyTorch's DDP).
+//!
+//! - [`World`]: who this process is, read from torchrun's variables (RANK, WORLD_SIZE,
+//!   LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or Slurm's (SLURM_PROCID, SLURM_NTASKS,
+//!   SLURM_LOCALID, the first host of SLURM_JOB_NODELIST); a single process when neither is set.
+//! - [`DataParallel`]: the process group (a TCPStore rendezvous hosted by rank 0, then
+//!   ProcessGroupGloo on the CPU or ProcessGroupNCCL on CUDA, through `torch_ext`) and the three
+//!   things a training loop needs from it: broadcast the parameters from rank 0 once, average the
+//!   gradients after every backward pass, and sum a few scalars (loss, stop flag).
+//!
+//! Gradients are averaged as torch.nn.parallel.DistributedDataParallel does (bucketed
+//! all-reduce, then division by the world size), but after the whole backward pass: tch exposes
+//! no per-parameter autograd hooks, so communication does not overlap with backward.
+//! Every rank then holds the same gradients and takes the same optimizer step, so AdamW, SGD,
+//! GaLore (same SVD of the same gradient) and ReLoRA (merge and re-draw seeded from (seed, step))
+//! stay in step without exchanging optimizer state.
+
+use crate::error::{Error, Result};
+use std::time::Duration;
+use tch::{Device, Kind, Tensor};
+use torch_ext::{Backend, ProcessGroup};
+
+/// Gradients are flattened into buckets of about this many bytes per all-reduce (DDP's default
+/// `bucket_cap_mb`).
+pub const BUCKET_BYTES: i64 = 25 << 20;
+
+/// This process's place among the processes of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct World {
+    pub rank: usize,
+    pub size: usize,
+    /// Rank among the processes of this machine: picks the GPU.
+    pub local_rank: usize,
+    /// Where rank 0 hosts the rendezvous store.
+    pub master_addr: String,
+    pub master_port: u16,
+}
+
+impl World {
+    /// One process, no communication.
+    pub fn single() -> World {
+        World {
+            rank: 0,
+            size: 1,
+            local_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: 0,
+        }
+    }
+
+    pub fn is_distributed(&self) -> bool {
+        self.size > 1
+    }
+
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// Reads the process's environment.
+    pub fn from_env() -> Result<World> {
+        World::from_vars(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// torchrun's variables when WORLD_SIZE is set, else Slurm's when SLURM_STEP_NUM_TASKS (the
+    /// tasks of this srun step) or SLURM_NTASKS (the job's) is, else a single process.
+    /// Start the ranks with srun (or `trainer launch`): one trainer started by hand inside a
+    /// multi-task allocation would wait for its missing peers until the rendezvous times out. A variable that is set but malformed is an error naming it.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<World> {
+        let int = |key: &str| -> Result<Option<usize>> {
+            match var(key) {
+                None => Ok(None),
+                Some(v) => v.trim().parse().map(Some).map_err(|_| {
+                    Error::Recipe(format!(
+                        "{key}: expected a non-negative integer, got {v:?}"
+                    ))
+                }),
+            }
+        };
+        let required = |key: &str, why: &str| -> Result<usize> {
+            int(key)?.ok_or_else(|| Error::Recipe(format!("{key}: missing ({why})")))
+        };
+        let (rank, size, local_rank, addr) = if let Some(size) = int("WORLD_SIZE")? {
+            let rank = required("RANK", "torchrun's WORLD_SIZE is set")?;
+            let local = int("LOCAL_RANK")?.unwrap_or(rank);
+            (rank, size, local, var("MASTER_ADDR"))
+        } else if let Some(size) = match int("SLURM_STEP_NUM_TASKS")? {
+            // The tasks of this srun step; SLURM_NTASKS (the job's) where srun does not say.
+            Some(n) => Some(n),
+            None => int("SLURM_NTASKS")?,
+        } {
+            let rank = required("SLURM_PROCID", "SLURM_NTASKS is set")?;
+            let local = int("SLURM_LOCALID")?.unwrap_or(0);
+            let addr = var("MASTER_ADDR").or_else(|| {
+                var("SLURM_JOB_NODELIST")
+                    .or_else(|| var("SLURM_NODELIST"))
+                    .and_then(|l| first_host(&l))
+            });
+            (rank, size, local, addr)
+        } else {
+            return Ok(World::single());
+        };
+        if size == 0 {
+            return Err(Error::Recipe(
+                "WORLD_SIZE: expected at least 1 process, got 0".into(),
+            ));
+        }
+        if rank >= size {
+            return Err(Error::Recipe(format!(
+                "RANK: expected a rank below the world size {size}, got {rank}"
+            )));
+        }
+        if size == 1 {
+            return Ok(World {
+                local_rank,
+                ..World::single()
+            });
+        }
+        let port = match var("MASTER_PORT") {
+            // Under Slurm, a port of this job's own (as PyTorch Lightning derives it), so that two
+            // jobs sharing a node do not meet at the same one; else torchrun's default.
+            None if var("WORLD_SIZE").is_none() => match int("SLURM_JOB_ID")? {
+                Some(job) => 20000 + (job % 10000) as u16,
+                None => 29500,
+            },
+            None => 29500,
+            Some(p) => match p.trim().parse::<u16>() {
+                Ok(p) if p > 0 => p,
+                _ => {
+                    return Err(Error::Recipe(format!(
+                        "MASTER_PORT: expected a TCP port 1..65535, got {p:?}"
+                    )))
+                }
+            },
+        };
+        Ok(World {
+            rank,
+            size,
+            local_rank,
+            master_addr: addr.unwrap_or_else(|| "127.0.0.1".into()),
+            master_port: port,
+        })
+    }
+
+    /// The device this rank trains on: with several processes and a CUDA device, the GPU
+    /// numbered LOCAL_RANK (one process per GPU); otherwise `device` as resolved.
+    pub fn device(&self, device: Device) -> Result<Device> {
+        match device {
+            Device::Cuda(_) if self.is_distributed() => {
+                let n = tch::Cuda::device_count() as usize;
+                if self.local_rank >= n {
+                    return Err(Error::Device(format!(
+                        "LOCAL_RANK {} but this machine has {n} CUDA device(s): start at most {n} processes per node",
+                        self.local_rank
+                    )));
+                }
+                Ok(Device::Cuda(self.local_rank))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// The rows `[start, start + len)` of a global batch of `batch` rows that this rank trains
+    /// on; an error naming `key` when the world size does not divide it.
+    pub fn shard(&self, batch: usize, key: &str) -> Result<(usize, usize)> {
+        if !batch.is_multiple_of(self.size) {
+            return Err(Error::Recipe(format!(
+                "{key}: the global batch of {batch} does not divide evenly over {} processes: use a multiple of {}",
+                self.size, self.size
+            )));
+        }
+        let len = batch / self.size;
+        Ok((self.rank * len, len))
+    }
+}
+
+/// The first host of a Slurm node list: `node[01-04,07],other` gives `node01`,
+/// `a,b` gives `a`, `gpu-[3-5]` gives `gpu-3`.
+pub fn first_host(list: &str) -> Option<String> {
+    let list = list.trim();
+    // The first entry ends at the first comma outside brackets.
+    let mut depth = 0;
+    let mut end = list.len();
+    for (i, c) in list.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            ',' if depth == 0 => {
+                end = i;
+                break;
+            }
+            _ => {}
+        }
+    }
+    // Each bracket expression stands for its first value: `n[1-2]` -> `n1`.
+    let mut host = String::new();
+    let mut rest = &list[..end];
+    while let Some(open) = rest.find('[') {
+        let close = rest[open..].find(']')? + open;
+        let first = rest[open + 1..close].split(',').next()?.split('-').next()?;
+        host.push_str(&rest[..open]);
+        host.push_str(first);
+        rest = &rest[close + 1..];
+    }
+    host.push_str(rest);
+    (!host.is_empty()).then_some(host)
+}
+
+/// The process group of a multi-process run, or nothing for a single process (every operation
+/// is then a no-op, so that the training loop reads the same either way).
+pub struct DataParallel {
+    pub world: World,
+    group: Option<ProcessGroup>,
+    /// The training device: NCCL reduces CUDA tensors only, Gloo CPU ones.
+    device: Device,
+    /// Reused flat buffers, one per bucket, on the training device.
+    buckets: std::cell::RefCell<Vec<Tensor>>,
+}
+
+impl DataParallel {
+    /// Joins the group (rank 0 hosts the rendezvous): Gloo for CPU training, NCCL for CUDA.
+    /// `timeout` bounds the rendezvous and every collective.
+    pub fn init(world: World, device: Device, timeout: Duration) -> Result<DataParallel> {
+        let group = if world.is_distributed() {
+            let backend = if device.is_cuda() {
+                Backend::Nccl
+            } else {
+                Backend::Gloo
+            };
+            let group = ProcessGroup::new(
+                &world.master_addr,
+                world.master_port,
+                world.rank,
+                world.size,
+                backend,
+                timeout,
+                timeout,
+            )
+            .map_err(|e| rendezvous_error(&world, timeout, &e))?;
+            tracing::info!(
+                "rank {} of {} ({:?}, rendezvous at {}:{})",
+                world.rank,
+                world.size,
+                backend,
+                world.master_addr,
+                world.master_port
+            );
+            Some(group)
+        } else {
+            None
+        };
+        Ok(DataParallel {
+            world,
+            group,
+            device,
+            buckets: Default::default(),
+        })
+    }
+
+    /// A training loop's start: joins the group, gives every rank rank 0's parameters and
+    /// buffers, and checks that all ranks are at the same `step` (resumed from the same
+    /// checkpoint of `run_dir`).
+    pub fn start(
+        world: &World,
+        device: Device,
+        timeout_s: f64,
+        params: &crate::models::params::ParamStore,
+        step: i64,
+        run_dir: &std::path::Path,
+    ) -> Result<DataParallel> {
+        let dp = DataParallel::init(world.clone(), device, Duration::from_secs_f64(timeout_s))?;
+        if world.is_distributed() {
+            dp.broadcast_from_main(&params.iter().map(|p| &p.tensor).collect::<Vec<_>>())?;
+            let mut steps = [step as f64];
+            dp.sum(&mut steps)?;
+            if steps[0] != (step * world.size as i64) as f64 {
+                return Err(Error::RunDir {
+                    path: run_dir.to_path_buf(),
+                    msg: format!(
+                        "rank {} is at step {step} but the ranks disagree: start every rank with the same run.out_dir and --resume",
+                        world.rank
+                    ),
+                });
+            }
+        }
+        Ok(dp)
+    }
+
+    /// A single process.
+    pub fn single() -> DataParallel {
+        DataParallel {
+            world: World::single(),
+            group: None,
+            device: Device::Cpu,
+            buckets: Default::default(),
+        }
+    }
+
+    /// Overwrites `tensors` with rank 0's values on every rank (parameters at the start).
+    pub fn broadcast_from_main(&self, tensors: &[&Tensor]) -> Result<()> {
+        let Some(g) = &self.group else {
+            return Ok(());
+        };
+        tch::no_grad(|| g.broadcast(tensors, 0))
+            .map_err(|e| self.collective_error("broadcasting the parameters", &e))
+    }
+
+    /// After the backward pass of a step: sums `scalars` over the ranks (the step's loss and stop
+    /// flag) and replaces the gradient of every parameter in `params` by its mean over the
+    /// ranks. The gradients are copied into flat buckets of about [`BUCKET_BYTES`] (one dtype
+    /// each), all-reduced (summed) together, divided by the world size and copied back.
+    /// A parameter without a gradient on every rank (unused by the whole global batch, e.g. an
+    /// idle expert) keeps none, as in a single process; one that some ranks used gets a zero
+    /// gradient on the others first.
+    pub fn reduce_step(&self, params: &[&Tensor], scalars: &mut [f64]) -> Result<()> {
+        let Some(g) = &self.group else {
+            return Ok(());
+        };
+        let k = scalars.len();
+        let mut values = scalars.to_vec();
+        values.extend(params.iter().map(|p| f64::from(u8::from(p.grad().defined()))));
+        self.sum(&mut values)?;
+        scalars.copy_from_slice(&values[..k]);
+        let used: Vec<&Tensor> = params
+            .iter()
+            .zip(&values[k..])
+            .filter(|(_, &n)| n > 0.0)
+            .map(|(p, _)| *p)
+            .collect();
+        torch_ext::grads_zero_if_none(&used).map_err(Error::Torch)?;
+        let grads: Vec<Tensor> = used.iter().map(|p| p.grad()).collect();
+        if grads.is_empty() {
+            return Ok(());
+        }
+        let groups = bucket_groups(&grads, BUCKET_BYTES);
+        let sizes: Vec<i64> = groups
+            .iter()
+            .map(|idx| idx.iter().map(|&i| grads[i].numel() as i64).sum())
+            .collect();
+        let mut buffers = self.buckets.borrow_mut();
+        let reusable = buffers.len() == groups.len()
+            && buffers
+                .iter()
+                .zip(groups.iter().zip(&sizes))
+                .all(|(b, (idx, &n))| b.numel() as i64 == n && b.kind() == grads[idx[0]].kind());
+        if !reusable {
+            *buffers = groups
+                .iter()
+                .zip(&sizes)
+                .map(|(idx, &n)| Tensor::empty([n], (grads[idx[0]].kind(), grads[idx[0]].device())))
+                .collect();
+        }
+        tch::no_grad(|| -> Result<()> {
+            for (buf, idx) in buffers.iter().zip(&groups) {
+                let mut offset = 0;
+                for &i in idx {
+                    let n = grads[i].numel() as i64;
+                    buf.narrow(0, offset, n).copy_(&grads[i].reshape([-1]));
+                    offset += n;
+                }
+            }
+            let refs: Vec<&Tensor> = buffers.iter().collect();
+            g.all_reduce_sum(&refs)
+                .map_err(|e| self.collective_error("averaging the gradients", &e))?;
+            let scale = 1.0 / self.world.size as f64;
+            for (buf, idx) in buffers.iter_mut().zip(&groups) {
+                let _ = buf.g_mul_scalar_(scale);
+                let mut offset = 0;
+                for &i in idx {
+                    let n = grads[i].numel() as i64;
+                    let mut grad = grads[i].shallow_clone();
+                    grad.copy_(&buf.narrow(0, offset, n).view_as(&grads[i]));
+                    offset += n;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Sums `values` over the ranks (in float64), in place: losses, counts, stop flags.
+    pub fn sum(&self, values: &mut [f64]) -> Result<()> {
+        let Some(g) = &self.group else {
+            return Ok(());
+        };
+        let t = Tensor::from_slice(values).to_device(self.device);
+        g.all_reduce_sum(&[&t])
+            .map_err(|e| self.collective_error("summing the step's loss and stop flag", &e))?;
+        let back = Vec::<f64>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Double))
+            .map_err(|e| Error::Torch(e.to_string()))?;
+        values.copy_from_slice(&back);
+        Ok(())
+    }
+
+    /// Returns when every rank has reached it. An all-reduce of one number on the training
+    /// device rather than c10d's barrier, which on NCCL guesses the GPU from the rank (wrong when
+    /// LOCAL_RANK differs from RANK).
+    pub fn barrier(&self) -> Result<()> {
+        self.sum(&mut [0.0])
+    }
+
+    fn collective_error(&self, what: &str, e: &str) -> Error {
+        Error::Torch(format!(
+            "rank {} of {}: {what} failed: another rank died, hung or stopped (run.collective_timeout_s bounds the wait): {}",
+            self.world.rank,
+            self.world.size,
+            crate::error::first_line(e)
+        ))
+    }
+}
+
+fn rendezvous_error(world: &World, timeout: Duration, e: &str) -> Error {
+    let msg = crate::error::first_line(e);
+    let addr = format!("{}:{}", world.master_addr, world.master_port);
+    if world.is_main() && (msg.contains("EADDRINUSE") || msg.contains("already in use")) {
+        return Error::Recipe(format!(
+            "MASTER_PORT: port {} is already in use on {}: choose a free port (trainer launch --master-port P)",
+            world.master_port, world.master_addr
+        ));
+    }
+    Error::Torch(format!(
+        "rank {} of {}: rendezvous at {addr} failed within {}s (run.collective_timeout_s): {msg}",
+        world.rank,
+        world.size,
+        timeout.as_secs_f64()
+    ))
+}
+
+/// Splits the gradients (in order) into groups of one dtype and device of at most `cap` bytes
+/// each (a single larger tensor is a group of its own).
+fn bucket_groups(grads: &[Tensor], cap: i64) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut bytes = 0i64;
+    for (i, g) in grads.iter().enumerate() {
+        let size = g.numel() as i64 * g.kind().elt_size_in_bytes() as i64;
+        let fits = groups.last().is_some_and(|last| {
+            let first = &grads[last[0]];
+            first.kind() == g.kind() && first.device() == g.device() && bytes + size <= cap
+        });
+        match groups.last_mut() {
+            Some(last) if fits => {
+                last.push(i);
+                bytes += size;
+            }
+            _ => {
+                groups.push(vec![i]);
+                bytes = size;
+            }
+        }
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn world(vars: &[(&str, &str)]) -> Result<World> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        World::from_vars(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn no_variables_is_a_single_process() {
+        assert_eq!(world(&[]).expect("ok"), World::single());
+    }
+
+    #[test]
+    fn torchrun_variables() {
+        let w = world(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "4"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "10.0.0.2"),
+            ("MASTER_PORT", "29600"),
+        ])
+        .expect("ok");
+        assert_eq!(
+            w,
+            World {
+                rank: 3,
+                size: 4,
+                local_rank: 1,
+                master_addr: "10.0.0.2".into(),
+                master_port: 29600
+            }
+        );
+        let e = world(&[("RANK", "4"), ("WORLD_SIZE", "4")]).expect_err("an error");
+        assert!(e.to_string().starts_with("RANK:"), "{e}");
+        let e = world(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "http")])
+            .expect_err("an error");
+        assert!(e.to_string().starts_with("MASTER_PORT:"), "{e}");
+        let e = world(&[("WORLD_SIZE", "2")]).expect_err("an error");
+        assert!(e.to_string().starts_with("RANK: missing"), "{e}");
+    }
+
+    #[test]
+    fn slurm_variables_take_the_first_host_of_the_node_list() {
+        let w = world(&[
+            ("SLURM_PROCID", "5"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_JOB_NODELIST", "gpu[03-04,07],login"),
+        ])
+        .expect("ok");
+        assert_eq!((w.rank, w.size, w.local_rank), (5, 8, 1));
+        assert_eq!(w.master_addr, "gpu03");
+        assert_eq!(w.master_port, 29500);
+        let w = world(&[
+            ("SLURM_PROCID", "1"),
+            ("SLURM_NTASKS", "2"),
+            ("SLURM_JOB_ID", "123456"),
+            ("SLURM_JOB_NODELIST", "n1"),
+        ])
+        .expect("ok");
+        assert_eq!((w.master_addr.as_str(), w.master_port), ("n1", 23456));
+        // The srun step's task count wins over the job's.
+        let w = world(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_STEP_NUM_TASKS", "1"),
+        ])
+        .expect("ok");
+        assert_eq!(w, World::single());
+    }
+
+    #[test]
+    fn first_host_of_node_lists() {
+        assert_eq!(first_host("node[01-04],other").as_deref(), Some("node01"));
+        assert_eq!(first_host("a,b").as_deref(), Some("a"));
+        assert_eq!(first_host("single").as_deref(), Some("single"));
+        assert_eq!(first_host("gpu-[3-5]").as_deref(), Some("gpu-3"));
+        assert_eq!(first_host("rack[7,2]-n[1-2]").as_deref(), Some("rack7-n1"));
+        assert_eq!(first_host(""), None);
+    }
+
+    #[test]
+    fn shards_split_the_global_batch() {
+        let w = World {
+            rank: 1,
+            size: 2,
+            ..World::single()
+        };
+        assert_eq!(w.shard(8, "train.batch_size").expect("ok"), (4, 4));
+        let e = w.shard(7, "train.batch_size").expect_err("an error").to_string();
+        assert!(e.starts_with("train.batch_size: "), "{e}");
+    }
+
+    #[test]
+    fn buckets_respect_the_cap_and_the_dtype() {
+        let g = |n: i64, k: Kind| Tensor::zeros([n], (k, Device::Cpu));
+        let grads = vec![
+            g(10, Kind::Float),
+            g(10, Kind::Float),
+            g(30, Kind::Float),
+            g(5, Kind::Double),
+            g(5, Kind::Double),
+        ];
+        // 80 bytes fit two 10-element floats, not a third tensor of 30.
+        assert_eq!(
+            bucket_groups(&grads, 80),
+            vec![vec![0, 1], vec![2], vec![3, 4]]
+        );
+    }
+}

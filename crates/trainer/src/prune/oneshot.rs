@@ -1,0 +1,201 @@
+//! `trainer prune`: one-shot pruning of a saved model into a new, pruned one.
+//!
+//! The input is a trainer checkpoint or run directory (language model or ResNet classifier) or
+//! `hf:PATH`; the output directory must be new. A trainer source gives a run-like directory
+//! (`config.toml` copied from the source run, `checkpoints/step-N/` with the pruned weights and
+//! `masks.safetensors`), which `trainer eval --init OUT` reads and `[init] from` fine-tunes with
+//! the zeros kept; an `hf:` source gives a Hugging Face directory plus `masks.safetensors`. Both
+//! hold `pruning.json`: the method and the per-layer sparsity table.
+
+use super::wanda::{self, Sparsity};
+use super::{magnitude, select, PruneScope, SparsityReport};
+use crate::checkpoint;
+use crate::data::source;
+use crate::error::{io_err, Error, Result};
+use crate::models::load::{self, ModelSource};
+use crate::models::params::ParamStore;
+use crate::recipe::{self, AnyRecipe, SourceConfig};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use tch::{Device, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    Magnitude,
+    Wanda,
+}
+
+#[derive(Debug, Clone)]
+pub struct OneShot {
+    pub method: Method,
+    pub sparsity: Sparsity,
+    /// Magnitude only: one ranking over all prunable weights, or per tensor.
+    pub scope: PruneScope,
+    /// Name patterns; empty: the defaults (linear and convolution weights).
+    pub prunable: Vec<String>,
+    /// Wanda's calibration tokens; None: the built-in corpus.
+    pub calib: Option<SourceConfig>,
+    pub calib_batches: usize,
+    /// Calibration window length; None: the model's max_seq_len.
+    pub seq_len: Option<usize>,
+    pub batch_size: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Pruned {
+    pub source: String,
+    pub method: Method,
+    pub sparsity: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_m: Option<String>,
+    /// Where to point `trainer eval --init` or `[init] from`.
+    pub model: PathBuf,
+    pub report: SparsityReport,
+}
+
+/// Prunes the model at `init` (see the module docs) into `out`.
+pub fn run(init: &str, opts: &OneShot, out: &Path, device: Device) -> Result<Pruned> {
+    check_new_dir(out)?;
+    if let Sparsity::Unstructured(s) = opts.sparsity {
+        if !(s > 0.0 && s < 1.0) {
+            return Err(Error::Recipe(format!("--sparsity: expected a fraction in (0, 1), got {s}")));
+        }
+    }
+    if opts.method == Method::Magnitude && matches!(opts.sparsity, Sparsity::NM { .. }) {
+        return Err(Error::Recipe("--nm: N:M sparsity is for --method wanda".into()));
+    }
+    let source = ModelSource::parse(init)?;
+    let classifier = match &source {
+        ModelSource::Checkpoint { run_dir, .. } => match recipe::load_any(&run_dir.join("config.toml"), &[])? {
+            AnyRecipe::Classify(r) => Some(r),
+            AnyRecipe::Pretrain(_) => None,
+        },
+        ModelSource::Hf(_) => None,
+    };
+    let (params, names) = match classifier {
+        Some(r) => {
+            if opts.method == Method::Wanda {
+                return Err(Error::Recipe(
+                    "--method: wanda prunes transformers; use magnitude for a ResNet classifier".into(),
+                ));
+            }
+            let ModelSource::Checkpoint { dir, .. } = &source else { unreachable!() };
+            let mut params = ParamStore::new(device);
+            let _model = crate::models::resnet::ResNet::new(&r.model.build()?, &mut params)?;
+            params.load(&dir.join(checkpoint::MODEL_FILE))?;
+            params.load_masks_if_present(&dir.join(checkpoint::MASKS_FILE))?;
+            let names = select(&params, &opts.prunable, "--prunable")?;
+            magnitude::prune(&mut params, &names, opts.sparsity.fraction(), opts.scope)?;
+            (params, names)
+        }
+        None => {
+            let loaded = load::load(&source, device)?;
+            let mut params = loaded.params;
+            let names = match opts.method {
+                Method::Magnitude => {
+                    let names = select(&params, &opts.prunable, "--prunable")?;
+                    magnitude::prune(&mut params, &names, opts.sparsity.fraction(), opts.scope)?;
+                    names
+                }
+                Method::Wanda => {
+                    wanda::check_patterns(&loaded.model, &opts.prunable)?;
+                    let calib = calibration(opts, loaded.config.vocab_size, loaded.config.max_seq_len, device)?;
+                    wanda::prune(&loaded.model, &mut params, &calib, opts.sparsity, &opts.prunable)?
+                }
+            };
+            if let ModelSource::Hf(_) = &source {
+                crate::models::hf::export(&loaded.config, &params, out)?;
+            }
+            (params, names)
+        }
+    };
+    let report = SparsityReport::measure(&params, &names);
+    let model = match &source {
+        ModelSource::Hf(_) => {
+            params.save_masks(&out.join(checkpoint::MASKS_FILE))?;
+            out.to_path_buf()
+        }
+        ModelSource::Checkpoint { dir, run_dir } => write_checkpoint(&params, dir, run_dir, out)?,
+    };
+    let pruned = Pruned {
+        source: source.describe(),
+        method: opts.method,
+        sparsity: opts.sparsity.fraction(),
+        n_m: match opts.sparsity {
+            Sparsity::NM { n, m } => Some(format!("{n}:{m}")),
+            Sparsity::Unstructured(_) => None,
+        },
+        model,
+        report,
+    };
+    let json = serde_json::to_string_pretty(&pruned).unwrap_or_default();
+    std::fs::write(out.join("pruning.json"), json).map_err(io_err(format!("writing {}", out.join("pruning.json").display())))?;
+    Ok(pruned)
+}
+
+fn check_new_dir(out: &Path) -> Result<()> {
+    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(Error::RunDir {
+            path: out.to_path_buf(),
+            msg: "--out already exists and is not empty; choose a new output directory".into(),
+        });
+    }
+    Ok(())
+}
+
+/// `out/config.toml` (the source run's) and `out/checkpoints/step-N/` with the pruned weights,
+/// their masks and the source's state. No optimizer state: the pruned model starts a new run.
+fn write_checkpoint(params: &ParamStore, src_dir: &Path, src_run: &Path, out: &Path) -> Result<PathBuf> {
+    let state = checkpoint::read_state(src_dir)?;
+    let dir = checkpoint::step_dir(out, state.step);
+    std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    std::fs::copy(src_run.join("config.toml"), out.join("config.toml"))
+        .map_err(io_err(format!("copying {}", src_run.join("config.toml").display())))?;
+    params.save(&dir.join(checkpoint::MODEL_FILE))?;
+    params.save_masks(&dir.join(checkpoint::MASKS_FILE))?;
+    // state.json last: it marks the checkpoint complete.
+    let json = serde_json::to_string_pretty(&state).unwrap_or_default();
+    std::fs::write(dir.join(checkpoint::STATE_FILE), json)
+        .map_err(io_err(format!("writing {}", dir.join(checkpoint::STATE_FILE).display())))?;
+    Ok(dir)
+}
+
+/// Consecutive windows of `seq_len` tokens from the start of the calibration data, in batches.
+fn calibration(opts: &OneShot, vocab: i64, max_seq_len: i64, device: Device) -> Result<Vec<Tensor>> {
+    let seq_len = opts.seq_len.unwrap_or(max_seq_len as usize);
+    if seq_len == 0 || seq_len as i64 > max_seq_len {
+        return Err(Error::Recipe(format!(
+            "--seq-len: expected 1..={max_seq_len} (the model's max_seq_len), got {seq_len}"
+        )));
+    }
+    if opts.calib_batches == 0 || opts.batch_size == 0 {
+        return Err(Error::Recipe("--calib-batches and --batch-size: expected positive integers".into()));
+    }
+    let cfg = opts.calib.clone().unwrap_or(SourceConfig::Builtin {});
+    let data = source::open(&cfg, "--calib", vocab)?;
+    let needed = opts.calib_batches * opts.batch_size * seq_len;
+    if data.len() < needed {
+        return Err(Error::Data {
+            path: format!("--calib = {}", data.name),
+            msg: format!(
+                "has {} tokens; {} batches of {} x {} need {needed}",
+                data.len(),
+                opts.calib_batches,
+                opts.batch_size,
+                seq_len
+            ),
+        });
+    }
+    Ok((0..opts.calib_batches)
+        .map(|b| {
+            let mut tokens = Vec::with_capacity(opts.batch_size * seq_len);
+            for i in 0..opts.batch_size {
+                data.extend_window((b * opts.batch_size + i) * seq_len, seq_len, &mut tokens);
+            }
+            Tensor::from_slice(&tokens)
+                .view([opts.batch_size as i64, seq_len as i64])
+                .to_device(device)
+        })
+        .collect())
+}
