@@ -1,5 +1,7 @@
 //! `trainer prune --init MODEL --method (magnitude|wanda) --sparsity S --out DIR`: one-shot
 //! pruning into a new model directory (see `trainer::prune::oneshot`), then the sparsity table.
+//! `--method structured --d-ff N --layers L`: a smaller dense model (Minitron-style width and
+//! depth pruning, `trainer::prune::structured`).
 
 use std::path::PathBuf;
 use trainer::prune::oneshot::{self, Method, OneShot};
@@ -15,7 +17,7 @@ pub struct PruneArgs {
     #[arg(long, value_enum)]
     method: MethodArg,
     /// Fraction of the prunable weights set to zero, in (0, 1).
-    #[arg(long, required_unless_present = "nm")]
+    #[arg(long)]
     sparsity: Option<f64>,
     /// Wanda only: N:M sparsity, N weights kept of every M consecutive inputs (e.g. 2:4).
     #[arg(long, conflicts_with = "sparsity")]
@@ -38,6 +40,12 @@ pub struct PruneArgs {
     /// Calibration window length (default: the model's max_seq_len).
     #[arg(long)]
     seq_len: Option<usize>,
+    /// Structured: MLP channels kept per layer.
+    #[arg(long)]
+    d_ff: Option<i64>,
+    /// Structured: layers kept (the least important, by block importance, are dropped).
+    #[arg(long)]
+    layers: Option<i64>,
     /// The new model directory (must not exist or be empty).
     #[arg(long)]
     out: PathBuf,
@@ -49,6 +57,7 @@ pub struct PruneArgs {
 enum MethodArg {
     Magnitude,
     Wanda,
+    Structured,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -58,7 +67,20 @@ enum ScopeArg {
 }
 
 pub fn run(args: &PruneArgs) -> anyhow::Result<()> {
+    let structured = matches!(args.method, MethodArg::Structured);
+    if structured {
+        anyhow::ensure!(
+            args.sparsity.is_none() && args.nm.is_none(),
+            "--sparsity/--nm: not for --method structured (give --d-ff and/or --layers)"
+        );
+    } else {
+        anyhow::ensure!(
+            args.d_ff.is_none() && args.layers.is_none(),
+            "--d-ff/--layers: only for --method structured"
+        );
+    }
     let sparsity = match (&args.nm, args.sparsity) {
+        _ if structured => Sparsity::Unstructured(0.0),
         (Some(nm), _) => Sparsity::parse_nm(nm, "--nm")?,
         (None, Some(s)) => Sparsity::Unstructured(s),
         (None, None) => anyhow::bail!("--sparsity: required (or --nm N:M with --method wanda)"),
@@ -76,7 +98,7 @@ pub fn run(args: &PruneArgs) -> anyhow::Result<()> {
     let opts = OneShot {
         method: match args.method {
             MethodArg::Magnitude => Method::Magnitude,
-            MethodArg::Wanda => Method::Wanda,
+            MethodArg::Wanda | MethodArg::Structured => Method::Wanda,
         },
         sparsity,
         scope: match args.scope {
@@ -90,6 +112,24 @@ pub fn run(args: &PruneArgs) -> anyhow::Result<()> {
         batch_size: args.batch_size,
     };
     let device = trainer::device::resolve(&args.device)?;
+    if structured {
+        let shape = trainer::prune::structured::Shape {
+            d_ff: args.d_ff,
+            n_layers: args.layers,
+        };
+        let s = oneshot::run_structured(&args.init, shape, &opts, &args.out, device)?;
+        println!(
+            "kept layers {:?} of {} (block importance {}), d_ff {}: {} -> {} parameters",
+            s.layers,
+            s.block_importance.len(),
+            s.block_importance.iter().map(|b| format!("{b:.4}")).collect::<Vec<_>>().join(", "),
+            s.d_ff,
+            s.params_before,
+            s.params_after
+        );
+        eprintln!("wrote {} (evaluate with `trainer eval --init {}`)", s.model.display(), args.out.display());
+        return Ok(());
+    }
     let pruned = oneshot::run(&args.init, &opts, &args.out, device)?;
     println!("{}", pruned.report.table());
     eprintln!(

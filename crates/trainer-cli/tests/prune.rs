@@ -247,3 +247,37 @@ fn bad_pruning_input_is_one_line_naming_the_key() {
         trainer(w, &["run", "bad.toml"]).assert_one_error(&[key]);
     }
 }
+
+#[test]
+fn structured_pruning_makes_a_smaller_model_that_evaluates_and_trains() {
+    let work = workdir();
+    let w = work.path();
+    let r = replace_line(&tiny_recipe("a"), "n_layers = 2", "n_layers = 3");
+    write_recipe(w, "tiny.toml", &r);
+    run_tiny(w, "tiny.toml", "a", &["--set", "train.max_steps=10"]);
+    let o = trainer(
+        w,
+        &["prune", "--init", "a", "--method", "structured", "--d-ff", "40", "--layers", "2", "--calib-batches", "2", "--out", "s"],
+    );
+    o.assert_success();
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(w.join("s/pruning.json")).unwrap()).unwrap();
+    assert_eq!(report["n_layers"].as_i64(), Some(2));
+    assert_eq!(report["d_ff"].as_i64(), Some(40));
+    assert!(report["params_after"].as_i64() < report["params_before"].as_i64());
+    let config = std::fs::read_to_string(w.join("s/config.toml")).unwrap();
+    assert!(config.contains("n_layers = 2") && config.contains("d_ff = 40"), "{config}");
+    trainer(w, &["eval", "--init", "s", "--data", "tiny.toml", "--seq-len", "16", "--batches", "2"]).assert_success();
+    // Recovery training starts from the pruned model; its architecture comes from the checkpoint.
+    let ft = tiny_recipe("ft");
+    let start = ft.find("[model]").unwrap();
+    let end = ft.find("[data]").unwrap();
+    let ft = format!("{}[init]\nfrom = \"s\"\n\n{}", &ft[..start], &ft[end..]);
+    write_recipe(w, "ft.toml", &ft);
+    let rows = train_rows(&run_tiny(w, "ft.toml", "ft", &["--set", "train.max_steps=10"]));
+    assert_eq!(rows.len(), 10);
+    assert_eq!(summary(&w.join("ft"))["params"].as_i64(), report["params_after"].as_i64());
+    trainer(w, &["prune", "--init", "a", "--method", "structured", "--layers", "4", "--out", "s2"])
+        .assert_one_error(&["--layers", "1..=3"]);
+    trainer(w, &["prune", "--init", "a", "--method", "structured", "--sparsity", "0.5", "--out", "s3"])
+        .assert_one_error(&["--sparsity"]);
+}

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod magnitude;
 pub mod oneshot;
+pub mod structured;
 pub mod wanda;
 
 pub use config::{PruneConfig, PruneScope};

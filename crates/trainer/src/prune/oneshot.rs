@@ -7,6 +7,7 @@
 //! the zeros kept; an `hf:` source gives a Hugging Face directory plus `masks.safetensors`. Both
 //! hold `pruning.json`: the method and the per-layer sparsity table.
 
+use super::structured::{self, Shape};
 use super::wanda::{self, Sparsity};
 use super::{magnitude, select, PruneScope, SparsityReport};
 use crate::checkpoint;
@@ -116,7 +117,11 @@ pub fn run(init: &str, opts: &OneShot, out: &Path, device: Device) -> Result<Pru
             params.save_masks(&out.join(checkpoint::MASKS_FILE))?;
             out.to_path_buf()
         }
-        ModelSource::Checkpoint { dir, run_dir } => write_checkpoint(&params, dir, run_dir, out)?,
+        ModelSource::Checkpoint { dir, run_dir } => {
+            let config = std::fs::read_to_string(run_dir.join("config.toml"))
+                .map_err(io_err(format!("reading {}", run_dir.join("config.toml").display())))?;
+            write_checkpoint(&params, dir, &config, out)?
+        }
     };
     let pruned = Pruned {
         source: source.describe(),
@@ -134,6 +139,79 @@ pub fn run(init: &str, opts: &OneShot, out: &Path, device: Device) -> Result<Pru
     Ok(pruned)
 }
 
+/// What `run_structured` made.
+#[derive(Debug, Serialize)]
+pub struct Shrunk {
+    pub source: String,
+    pub method: &'static str,
+    /// Where to point `trainer eval --init` or `[init] from`.
+    pub model: PathBuf,
+    pub params_before: i64,
+    pub params_after: i64,
+    /// The source layers kept, in order (layer i of the new model is `layers[i]`).
+    pub layers: Vec<i64>,
+    pub n_layers: i64,
+    pub d_ff: i64,
+    /// Block importance (1 - cos(input, output)) of every source layer.
+    pub block_importance: Vec<f64>,
+}
+
+/// Structured pruning (`structured.rs`): a smaller dense transformer with the most important
+/// layers and MLP channels of the model at `init`, written to `out` (see the module docs).
+/// `opts` gives the calibration data.
+pub fn run_structured(init: &str, shape: Shape, opts: &OneShot, out: &Path, device: Device) -> Result<Shrunk> {
+    check_new_dir(out)?;
+    if shape.d_ff.is_none() && shape.n_layers.is_none() {
+        return Err(Error::Recipe("--method structured: give --d-ff and/or --layers".into()));
+    }
+    let source = ModelSource::parse(init)?;
+    if let ModelSource::Checkpoint { run_dir, .. } = &source {
+        if let AnyRecipe::Classify(_) = recipe::load_any(&run_dir.join("config.toml"), &[])? {
+            return Err(Error::Recipe(
+                "--method: structured prunes transformers; use magnitude for a ResNet classifier".into(),
+            ));
+        }
+    }
+    let loaded = load::load(&source, device)?;
+    if loaded.lora.is_some() {
+        return Err(Error::Recipe(
+            "--init: a run with LoRA adapters; export it merged (trainer export --to hf --merged) and prune that".into(),
+        ));
+    }
+    let calib = calibration(opts, loaded.config.vocab_size, loaded.config.max_seq_len, device)?;
+    let imp = structured::importance(&loaded.model, &calib)?;
+    let (layers, channels) = structured::selection(&imp, &loaded.config, shape)?;
+    let d_ff = shape.d_ff.unwrap_or(loaded.config.d_ff);
+    let model_cfg = structured::smaller_model_config(&source.model_config()?, layers.len() as i64, d_ff);
+    let new_cfg = crate::models::transformer::TransformerConfig::from_recipe(&model_cfg);
+    let (params, _) = structured::shrink(&loaded.params, &loaded.config, &layers, &channels, &new_cfg)?;
+    let model = match &source {
+        ModelSource::Hf(_) => {
+            crate::models::hf::export(&new_cfg, &params, out)?;
+            out.to_path_buf()
+        }
+        ModelSource::Checkpoint { dir, run_dir } => {
+            let mut r = recipe::load(&run_dir.join("config.toml"), &[])?;
+            r.model = model_cfg;
+            write_checkpoint(&params, dir, &recipe::to_toml(&r), out)?
+        }
+    };
+    let shrunk = Shrunk {
+        source: source.describe(),
+        method: "structured",
+        model,
+        params_before: loaded.params.num_params(),
+        params_after: params.num_params(),
+        n_layers: layers.len() as i64,
+        layers,
+        d_ff,
+        block_importance: imp.blocks,
+    };
+    let json = serde_json::to_string_pretty(&shrunk).unwrap_or_default();
+    std::fs::write(out.join("pruning.json"), json).map_err(io_err(format!("writing {}", out.join("pruning.json").display())))?;
+    Ok(shrunk)
+}
+
 fn check_new_dir(out: &Path) -> Result<()> {
     if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return Err(Error::RunDir {
@@ -144,14 +222,15 @@ fn check_new_dir(out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `out/config.toml` (the source run's) and `out/checkpoints/step-N/` with the pruned weights,
-/// their masks and the source's state. No optimizer state: the pruned model starts a new run.
-fn write_checkpoint(params: &ParamStore, src_dir: &Path, src_run: &Path, out: &Path) -> Result<PathBuf> {
+/// `out/config.toml` (`config`: the source run's recipe, with the new model for a structured
+/// pruning) and `out/checkpoints/step-N/` with the pruned weights, their masks and the source's
+/// state. No optimizer state: the pruned model starts a new run.
+fn write_checkpoint(params: &ParamStore, src_dir: &Path, config: &str, out: &Path) -> Result<PathBuf> {
     let state = checkpoint::read_state(src_dir)?;
     let dir = checkpoint::step_dir(out, state.step);
     std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-    std::fs::copy(src_run.join("config.toml"), out.join("config.toml"))
-        .map_err(io_err(format!("copying {}", src_run.join("config.toml").display())))?;
+    std::fs::write(out.join("config.toml"), config)
+        .map_err(io_err(format!("writing {}", out.join("config.toml").display())))?;
     params.save(&dir.join(checkpoint::MODEL_FILE))?;
     params.save_masks(&dir.join(checkpoint::MASKS_FILE))?;
     // state.json last: it marks the checkpoint complete.
