@@ -281,3 +281,50 @@ fn structured_pruning_makes_a_smaller_model_that_evaluates_and_trains() {
     trainer(w, &["prune", "--init", "a", "--method", "structured", "--sparsity", "0.5", "--out", "s3"])
         .assert_one_error(&["--sparsity"]);
 }
+
+fn tiny_resnet(out_dir: &str, optim: &str, extra: &str) -> String {
+    format!(
+        "[run]\nname = \"r\"\ntask = \"classify\"\nseed = 3\nout_dir = {}\ndevice = \"cpu\"\nthreads = 1\n\n\
+         {extra}\
+         [model]\nkind = \"cifar_resnet\"\ndepth = 8\nnum_classes = 10\n\n\
+         [data]\ntrain = {{ kind = \"builtin_shapes\", split = \"train\", images = 600 }}\n\
+         valid = {{ kind = \"builtin_shapes\", split = \"test\", images = 100 }}\n\n\
+         [optim]\n{optim}\n\n[train]\nbatch_size = 32\nmax_steps = 20\neval_every = 20\nlog_every = 1\ncheckpoint_every = 10\n",
+        toml_str(out_dir)
+    )
+}
+
+#[test]
+fn gsm_and_magnitude_prune_a_resnet_classifier() {
+    let work = workdir();
+    let w = work.path();
+    let gsm = "kind = \"gsm\"\nlr = 0.1\nmomentum = 0.9\nweight_decay = 1e-3\ndensity = 0.4";
+    write_recipe(w, "gsm.toml", &tiny_resnet("g", gsm, ""));
+    trainer(w, &["run", "gsm.toml"]).assert_success();
+    let s = summary(&w.join("g"));
+    let p = &s["pruning"];
+    assert!((p["global_sparsity"].as_f64().unwrap() - 0.6).abs() < 1e-3, "{p}");
+    // Convolutions and the classifier are prunable; BatchNorm is not.
+    let names: Vec<&str> = p["layers"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert!(names.iter().any(|n| n.starts_with("conv1")) && names.contains(&"fc.weight"), "{names:?}");
+    assert!(!names.iter().any(|n| n.contains("bn")), "{names:?}");
+
+    // One-shot magnitude pruning of the trained classifier, then fine-tuning with the zeros kept.
+    let sgd = "kind = \"sgd\"\nlr = 0.05\nmomentum = 0.9";
+    write_recipe(w, "dense.toml", &tiny_resnet("d", sgd, ""));
+    trainer(w, &["run", "dense.toml"]).assert_success();
+    trainer(w, &["prune", "--init", "d", "--method", "magnitude", "--sparsity", "0.5", "--scope", "layer", "--out", "p"])
+        .assert_success();
+    trainer(w, &["prune", "--init", "d", "--method", "wanda", "--sparsity", "0.5", "--out", "p2"])
+        .assert_one_error(&["--method", "magnitude"]);
+    let init = "[init]\nfrom = \"p/checkpoints/step-00000020\"\n\n";
+    write_recipe(w, "ft.toml", &tiny_resnet("ft", sgd, init));
+    trainer(w, &["run", "ft.toml"]).assert_success();
+    let masks = tensors(&w.join("p/checkpoints/step-00000020/masks.safetensors"));
+    let after = tensors(&w.join("ft/checkpoints/step-00000020/model.safetensors"));
+    for (k, m) in &masks {
+        // Per layer: every prunable tensor is half zeros.
+        assert!((count(m) as f64 / m.numel() as f64 - 0.5).abs() < 0.02, "{k}");
+        assert_eq!(count(&after[k].eq(0.0).logical_and(m)), count(m), "{k} stayed zero");
+    }
+}
