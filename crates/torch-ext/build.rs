@@ -30,7 +30,10 @@ fn gloo_include() -> Option<PathBuf> {
     let candidates = std::env::var("GLOO_INCLUDE_DIR")
         .map(PathBuf::from)
         .into_iter()
-        .chain([PathBuf::from("/usr/include"), PathBuf::from("/usr/local/include")]);
+        .chain([
+            PathBuf::from("/usr/include"),
+            PathBuf::from("/usr/local/include"),
+        ]);
     for dir in candidates {
         if dir.join("gloo/config.h").exists() {
             return Some(dir);
@@ -46,9 +49,17 @@ fn gloo_include() -> Option<PathBuf> {
 /// CUDA_HOME/include and /usr/local/cuda/include. Without them the shim is built without NCCL
 /// and a CUDA multi-process run says so.
 fn nccl_includes(torch_root: &std::path::Path) -> Option<Vec<PathBuf>> {
-    let nvidia = torch_root.parent().map(|p| p.join("nvidia")).unwrap_or_default();
+    let nvidia = torch_root
+        .parent()
+        .map(|p| p.join("nvidia"))
+        .unwrap_or_default();
     let mut dirs: Vec<PathBuf> = std::env::var("CUDA_INCLUDE_DIRS")
-        .map(|v| v.split(':').filter(|d| !d.is_empty()).map(PathBuf::from).collect())
+        .map(|v| {
+            v.split(':')
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+                .collect()
+        })
         .unwrap_or_default();
     for sub in ["nccl", "cu13", "cuda_runtime", "cu12"] {
         dirs.push(nvidia.join(sub).join("include"));
@@ -59,7 +70,12 @@ fn nccl_includes(torch_root: &std::path::Path) -> Option<Vec<PathBuf>> {
     }
     dirs.push(PathBuf::from("/usr/local/cuda/include"));
     let mut found = Vec::new();
-    for header in ["nccl.h", "cuda_runtime_api.h", "crt/host_config.h", "nv/target"] {
+    for header in [
+        "nccl.h",
+        "cuda_runtime_api.h",
+        "crt/host_config.h",
+        "nv/target",
+    ] {
         let dir = dirs.iter().find(|d| d.join(header).exists())?;
         if !found.contains(dir) {
             found.push(dir.clone());
@@ -70,11 +86,7 @@ fn nccl_includes(torch_root: &std::path::Path) -> Option<Vec<PathBuf>> {
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
-    for var in [
-        "GLOO_INCLUDE_DIR",
-        "CUDA_INCLUDE_DIRS",
-        "CUDA_HOME",
-    ] {
+    for var in ["GLOO_INCLUDE_DIR", "CUDA_INCLUDE_DIRS", "CUDA_HOME"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-env-changed=LIBTORCH");
@@ -107,12 +119,19 @@ fn main() {
     }
     // c10d's ProcessGroupNCCL lives in libtorch_cuda; its header needs nccl.h (pip's
     // nvidia-nccl) and CUDA's runtime headers (pip's nvidia cuda runtime, or CUDA_HOME).
-    let nccl = lib.join("libtorch_cuda.so").exists().then(|| nccl_includes(&root)).flatten();
+    let nccl = lib
+        .join("libtorch_cuda.so")
+        .exists()
+        .then(|| nccl_includes(&root))
+        .flatten();
     if let Some(dirs) = &nccl {
         for d in dirs {
             build.include(d);
         }
-        build.define("USE_C10D_NCCL", None).define("USE_CUDA", None).define("TE_HAVE_NCCL", None);
+        build
+            .define("USE_C10D_NCCL", None)
+            .define("USE_CUDA", None)
+            .define("TE_HAVE_NCCL", None);
     }
     build.compile("torch_ext_shim");
     println!("cargo:rustc-link-search=native={}", lib.display());

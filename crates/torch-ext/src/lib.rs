@@ -211,8 +211,12 @@ extern "C" {
         connect_timeout_ms: i64,
         timeout_ms: i64,
     ) -> *mut c_void;
-    fn te_pg_broadcast(group: *mut c_void, tensors: *const *mut c_void, n: c_int, root: c_int)
-        -> c_int;
+    fn te_pg_broadcast(
+        group: *mut c_void,
+        tensors: *const *mut c_void,
+        n: c_int,
+        root: c_int,
+    ) -> c_int;
     fn te_pg_allreduce_sum(group: *mut c_void, tensors: *const *mut c_void, n: c_int) -> c_int;
     fn te_pg_barrier(group: *mut c_void) -> c_int;
     fn te_pg_destroy(group: *mut c_void);

@@ -48,6 +48,12 @@ pub fn run(args: &LaunchArgs) -> anyhow::Result<ExitCode> {
     };
     check_batch(args)?;
     let exe = std::env::current_exe().context("finding the trainer binary")?;
+    // The ranks run this very binary: /proc/self/exe still reaches it if the file has been
+    // replaced meanwhile (a rebuild), where its path would name the new one or nothing.
+    let program = match std::path::Path::new("/proc/self/exe") {
+        p if p.exists() => p.to_path_buf(),
+        _ => exe.clone(),
+    };
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
@@ -57,8 +63,9 @@ pub fn run(args: &LaunchArgs) -> anyhow::Result<ExitCode> {
 
     let mut children: Vec<Child> = Vec::with_capacity(args.nproc);
     for rank in 0..args.nproc {
-        let mut cmd = Command::new(&exe);
-        cmd.arg("run")
+        let mut cmd = Command::new(&program);
+        cmd.arg0(&exe)
+            .arg("run")
             .arg(&args.recipe)
             .args(&args.run_args)
             .env("RANK", rank.to_string())
@@ -120,7 +127,9 @@ pub fn run(args: &LaunchArgs) -> anyhow::Result<ExitCode> {
                 if code != 0 && code != EXIT_INTERRUPTED && first_failure.is_none() {
                     first_failure = Some((rank, code));
                     if codes.iter().any(Option::is_none) {
-                        eprintln!("launch: rank {rank} exited with code {code}; stopping the other ranks");
+                        eprintln!(
+                            "launch: rank {rank} exited with code {code}; stopping the other ranks"
+                        );
                         signal_running(&codes, libc::SIGTERM);
                         kill_at = Some(Instant::now() + GRACE);
                     }
@@ -182,7 +191,7 @@ fn check_batch(args: &LaunchArgs) -> anyhow::Result<()> {
 
 /// A port that is free now (the OS picks it); rank 0 binds it a moment later.
 fn free_port() -> anyhow::Result<u16> {
-    let listener =
-        std::net::TcpListener::bind(("127.0.0.1", 0)).context("finding a free port for the rendezvous")?;
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .context("finding a free port for the rendezvous")?;
     Ok(listener.local_addr()?.port())
 }

@@ -8,8 +8,8 @@ mod launch_cmd;
 mod prune_cmd;
 mod report_cmd;
 mod schedule_cmd;
-mod sweep_cmd;
 mod slurm_cmd;
+mod sweep_cmd;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -153,15 +153,7 @@ enum Command {
     Slurm(slurm_cmd::SlurmArgs),
     /// Run every point of a sweep file (a grid or list of recipe overrides, times seeds), each
     /// in its own run directory, skipping finished ones; write results.csv and results.md.
-    Sweep {
-        sweep: PathBuf,
-        /// Runs at a time.
-        #[arg(long, default_value_t = 1)]
-        parallel: usize,
-        /// List the runs and their state without starting any.
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Sweep(sweep_cmd::SweepArgs),
     /// Average the weights of runs fine-tuned from the same start (a model soup), evaluate it
     /// on the first run's validation data and write it as a run directory.
     Soup {
@@ -530,11 +522,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             slurm_cmd::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sweep {
-            sweep,
-            parallel,
-            dry_run,
-        } => sweep_cmd::run(&sweep, parallel, dry_run),
+        Command::Sweep(args) => sweep_cmd::run(&args),
         Command::Soup {
             runs,
             greedy,
@@ -607,8 +595,10 @@ fn run_classify(recipe: &recipe::ClassifyRecipe, resume: Option<&str>) -> anyhow
     let stop = StopFlag::install().context("installing signal handlers")?;
     match classify::run(recipe, resume, &stop)? {
         classify::Outcome::Finished(summary) => {
-            classify::print_summary(&summary);
-            eprintln!("  run directory     {}", recipe.run.out_dir.display());
+            if trainer::dist::World::from_env().is_ok_and(|w| w.is_main()) {
+                classify::print_summary(&summary);
+                eprintln!("  run directory     {}", recipe.run.out_dir.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         classify::Outcome::Interrupted { .. } => Ok(ExitCode::from(EXIT_INTERRUPTED as u8)),

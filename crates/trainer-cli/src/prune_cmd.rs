@@ -122,12 +122,20 @@ pub fn run(args: &PruneArgs) -> anyhow::Result<()> {
             "kept layers {:?} of {} (block importance {}), d_ff {}: {} -> {} parameters",
             s.layers,
             s.block_importance.len(),
-            s.block_importance.iter().map(|b| format!("{b:.4}")).collect::<Vec<_>>().join(", "),
+            s.block_importance
+                .iter()
+                .map(|b| format!("{b:.4}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             s.d_ff,
             s.params_before,
             s.params_after
         );
-        eprintln!("wrote {} (evaluate with `trainer eval --init {}`)", s.model.display(), args.out.display());
+        eprintln!(
+            "wrote {} (evaluate with `trainer eval --init {}`)",
+            s.model.display(),
+            args.out.display()
+        );
         return Ok(());
     }
     let pruned = oneshot::run(&args.init, &opts, &args.out, device)?;

@@ -7,21 +7,44 @@
 //! makes the sweep exit non-zero, but the others go on. SIGINT/SIGTERM/SIGUSR1 to the sweep stop
 //! it from starting more runs and are passed on to the running ones (which checkpoint and exit
 //! with 75); the sweep then writes the table of what finished and exits with 75 itself.
+//!
+//! For a scheduler's job array: `--index I` runs only the I-th run (0-based, in `--dry-run`'s
+//! order) in this process's place (exec, so signals reach the trainer itself), and `--collect`
+//! writes the results table from the runs that finished, starting nothing.
 
 use anyhow::Context;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 use trainer::recipe::{self, Override};
 use trainer::signals::{StopFlag, EXIT_INTERRUPTED};
 use trainer::sweep::{results, RunStatus, Sweep, SweepRun};
 
-pub fn run(path: &Path, parallel: usize, dry_run: bool) -> anyhow::Result<ExitCode> {
+#[derive(clap::Args)]
+pub struct SweepArgs {
+    /// The sweep file (`[sweep]` with base, seeds, grid and/or points).
+    sweep: PathBuf,
+    /// Runs at a time.
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
+    /// List the runs (in order, with their state) without starting any.
+    #[arg(long, conflicts_with_all = ["index", "collect"])]
+    dry_run: bool,
+    /// Run only the run with this 0-based index (e.g. $SLURM_ARRAY_TASK_ID), in the foreground.
+    #[arg(long, value_name = "I", conflicts_with = "collect")]
+    index: Option<usize>,
+    /// Write results.csv, results.md and runs.csv from the finished runs; start nothing.
+    #[arg(long)]
+    collect: bool,
+}
+
+pub fn run(args: &SweepArgs) -> anyhow::Result<ExitCode> {
+    let parallel = args.parallel;
     anyhow::ensure!(
         parallel > 0,
         "--parallel: expected a positive integer, got {parallel}"
     );
-    let sweep = Sweep::load(path)?;
+    let sweep = Sweep::load(&args.sweep)?;
     sweep.validate()?;
     let runs = sweep.runs()?;
     if parallel > 1 && base_threads(&sweep)? == 0 {
@@ -38,10 +61,24 @@ pub fn run(path: &Path, parallel: usize, dry_run: bool) -> anyhow::Result<ExitCo
         runs.len(),
         sweep.out_dir.display()
     );
-    if dry_run {
+    if args.dry_run {
         for r in &runs {
             println!("{:<9} {}", status_word(r.status()), r.run_dir.display());
         }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(i) = args.index {
+        let Some(r) = runs.get(i) else {
+            anyhow::bail!(
+                "--index {i}: the sweep has {} runs (0 to {})",
+                runs.len(),
+                runs.len().saturating_sub(1)
+            );
+        };
+        return run_one(&sweep.base, r);
+    }
+    if args.collect {
+        write_results(&sweep, &runs)?;
         return Ok(ExitCode::SUCCESS);
     }
     let exe = std::env::current_exe().context("finding the trainer binary")?;
@@ -137,13 +174,7 @@ pub fn run(path: &Path, parallel: usize, dry_run: bool) -> anyhow::Result<ExitCo
             }
         }
     }
-    let written = results::write(&sweep, &runs)?;
-    for p in &written {
-        eprintln!("wrote {}", p.display());
-    }
-    if let Ok(md) = std::fs::read_to_string(sweep.out_dir.join("results.md")) {
-        println!("{md}");
-    }
+    write_results(&sweep, &runs)?;
     if !failed.is_empty() {
         anyhow::bail!(
             "sweep {}: {} of {} runs failed: {}",
@@ -157,6 +188,41 @@ pub fn run(path: &Path, parallel: usize, dry_run: bool) -> anyhow::Result<ExitCo
         return Ok(ExitCode::from(EXIT_INTERRUPTED as u8));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn write_results(sweep: &Sweep, runs: &[SweepRun]) -> anyhow::Result<()> {
+    let written = results::write(sweep, runs)?;
+    for p in &written {
+        eprintln!("wrote {}", p.display());
+    }
+    if let Ok(md) = std::fs::read_to_string(sweep.out_dir.join("results.md")) {
+        println!("{md}");
+    }
+    Ok(())
+}
+
+/// `--index`: a finished run is left alone; any other becomes this process (exec), so that a
+/// scheduler's signals and exit code are the trainer's own.
+fn run_one(base: &Path, r: &SweepRun) -> anyhow::Result<ExitCode> {
+    if r.status() == RunStatus::Finished {
+        eprintln!(
+            "{}: finished (summary.json present); nothing to do",
+            r.run_dir.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let exe = std::env::current_exe().context("finding the trainer binary")?;
+    eprintln!(
+        "{}: trainer {}",
+        r.run_dir.display(),
+        r.trainer_args(base).join(" ")
+    );
+    use std::os::unix::process::CommandExt;
+    let err = Command::new(exe).args(r.trainer_args(base)).exec();
+    Err(anyhow::anyhow!(
+        "starting the run {}: {err}",
+        r.run_dir.display()
+    ))
 }
 
 /// `run.threads` of the base recipe with the sweep's shared overrides.

@@ -50,11 +50,15 @@ fn spawn_rank(cwd: &Path, rank: usize, world: usize, port: u16, args: &[&str]) -
 fn ranks_of(launcher: u32, n: usize) -> Vec<u32> {
     let start = Instant::now();
     loop {
-        let children = std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children"))
-            .unwrap_or_default();
+        let children =
+            std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children"))
+                .unwrap_or_default();
         let mut ranks = vec![0u32; n];
         let mut found = 0;
-        for pid in children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
+        for pid in children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+        {
             let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
             for var in env.split(|&b| b == 0) {
                 if let Some(r) = var.strip_prefix(b"RANK=") {
@@ -67,7 +71,10 @@ fn ranks_of(launcher: u32, n: usize) -> Vec<u32> {
         if found == n {
             return ranks;
         }
-        assert!(start.elapsed() < TIMEOUT, "the launcher did not start {n} ranks");
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "the launcher did not start {n} ranks"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -101,7 +108,16 @@ fn two_processes_match_one_process_with_the_same_global_batch() {
     let one = run_tiny(dir, RECIPE, "one", &steps);
     let out = trainer(
         dir,
-        &["launch", "--nproc", "2", RECIPE, "--set", "run.out_dir=two", "--set", "train.max_steps=20"],
+        &[
+            "launch",
+            "--nproc",
+            "2",
+            RECIPE,
+            "--set",
+            "run.out_dir=two",
+            "--set",
+            "train.max_steps=20",
+        ],
     );
     out.assert_success();
     let two = read_metrics(&dir.join("two/metrics.jsonl"));
@@ -129,7 +145,32 @@ fn two_processes_match_one_process_with_the_same_global_batch() {
         train_rows(&two).last().map(|r| r["tokens"].clone())
     );
     assert!(dir.join("two/summary.json").exists());
-    assert!(dir.join("two/checkpoints/step-00000020/model.safetensors").exists());
+    assert!(dir
+        .join("two/checkpoints/step-00000020/model.safetensors")
+        .exists());
+
+    // A checkpoint does not depend on the number of processes: one process continues it.
+    let ckpt = dir.join("two/checkpoints/step-00000015");
+    let ckpt = ckpt.to_str().expect("utf-8 path");
+    let cont = run_tiny(
+        dir,
+        RECIPE,
+        "cont",
+        &["--set", "train.max_steps=20", "--resume", ckpt],
+    );
+    let c = losses(&cont);
+    assert_eq!(
+        c.keys().copied().collect::<Vec<_>>(),
+        (16..=20).collect::<Vec<_>>()
+    );
+    for (step, lc) in &c {
+        assert_close(
+            &format!("1-process continuation at step {step}"),
+            b[step],
+            *lc,
+            1e-5,
+        );
+    }
 }
 
 #[test]
@@ -165,7 +206,8 @@ fn a_stopped_two_process_run_resumes_to_the_same_final_loss() {
     let stopped_at = last_logged_step(&metrics).expect("a logged step");
     assert!(stopped_at < 300, "stopped before the end");
     assert!(
-        dir.join(format!("cut/checkpoints/step-{stopped_at:08}")).exists(),
+        dir.join(format!("cut/checkpoints/step-{stopped_at:08}"))
+            .exists(),
         "the checkpoint of the last step, {stopped_at}"
     );
 
@@ -210,7 +252,10 @@ fn a_port_in_use_is_one_line() {
     let dir = work.path();
     let taken = std::net::TcpListener::bind(("0.0.0.0", 0)).expect("a port");
     let port = taken.local_addr().expect("addr").port().to_string();
-    let out = trainer(dir, &["launch", "--nproc", "2", "--master-port", &port, RECIPE]);
+    let out = trainer(
+        dir,
+        &["launch", "--nproc", "2", "--master-port", &port, RECIPE],
+    );
     assert_eq!(out.code, Some(1), "{}", out.describe());
     out.assert_one_error(&["--master-port", &port, "already in use"]);
 
@@ -237,7 +282,10 @@ fn a_batch_the_world_size_does_not_divide_is_one_line() {
 #[test]
 fn bad_collective_timeout_is_refused() {
     let work = setup();
-    let out = trainer(work.path(), &["validate", RECIPE, "--set", "run.collective_timeout_s=0"]);
+    let out = trainer(
+        work.path(),
+        &["validate", RECIPE, "--set", "run.collective_timeout_s=0"],
+    );
     assert_eq!(out.code, Some(1), "{}", out.describe());
     out.assert_one_error(&["run.collective_timeout_s"]);
 }
@@ -265,8 +313,11 @@ fn a_killed_rank_ends_the_other_with_an_error() {
     let out = r0.wait(Duration::from_secs(60));
     let waited = killed.elapsed();
     assert_eq!(out.code, Some(1), "{}", out.describe());
-    out.assert_one_error(&["rank 0 of 2", "another rank died"]);
-    assert!(waited < Duration::from_secs(25), "rank 0 took {waited:?} to give up");
+    out.assert_one_error(&["rank 0 of 2", "another rank died or stopped"]);
+    assert!(
+        waited < Duration::from_secs(25),
+        "rank 0 took {waited:?} to give up"
+    );
 }
 
 #[test]
@@ -281,7 +332,7 @@ fn a_hung_rank_ends_the_other_after_the_collective_timeout() {
     send_signal(r1.pid(), "KILL");
     let _ = r1.wait(TIMEOUT);
     assert_eq!(out.code, Some(1), "{}", out.describe());
-    out.assert_one_error(&["rank 0 of 2", "collective_timeout_s", "timed out"]);
+    out.assert_one_error(&["rank 0 of 2", "timed out after 4s", "collective_timeout_s"]);
     assert!(
         waited >= Duration::from_secs(3) && waited < Duration::from_secs(30),
         "rank 0 gave up after {waited:?}, expected about the 4 s timeout"
@@ -294,7 +345,14 @@ fn the_launcher_stops_the_others_when_a_rank_dies() {
     let dir = work.path();
     let mut proc = spawn(
         dir,
-        &["launch", "--nproc", "2", RECIPE, "--set", "train.max_steps=100000"],
+        &[
+            "launch",
+            "--nproc",
+            "2",
+            RECIPE,
+            "--set",
+            "train.max_steps=100000",
+        ],
     );
     let ranks = ranks_of(proc.pid(), 2);
     wait_for_step(&mut proc, &dir.join("run/metrics.jsonl"), 3);
@@ -302,7 +360,11 @@ fn the_launcher_stops_the_others_when_a_rank_dies() {
     let out = proc.wait(Duration::from_secs(60));
     // The killed rank's status (128 + SIGKILL) is the worst one.
     assert_eq!(out.code, Some(137), "{}", out.describe());
-    assert!(out.stderr.contains("launch: rank 1 exited with code 137"), "{}", out.describe());
+    assert!(
+        out.stderr.contains("launch: rank 1 exited with code 137"),
+        "{}",
+        out.describe()
+    );
 }
 
 /// The optimizers with more than per-element state stay in step across ranks: they see the same
@@ -344,15 +406,85 @@ fn galore_relora_and_gsm_match_one_process_under_two() {
         let out_dir = format!("run.out_dir={name}-2");
         let out = trainer(
             dir,
-            &["launch", "--nproc", "2", &recipe, "--set", &out_dir, "--set", "train.max_steps=16"],
+            &[
+                "launch",
+                "--nproc",
+                "2",
+                &recipe,
+                "--set",
+                &out_dir,
+                "--set",
+                "train.max_steps=16",
+            ],
         );
         out.assert_success();
         let two = read_metrics(&dir.join(format!("{name}-2/metrics.jsonl")));
         let (a, b) = (losses(&one), losses(&two));
         assert_eq!(a.len(), 16, "{name}");
-        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{name}");
+        assert_eq!(
+            a.keys().collect::<Vec<_>>(),
+            b.keys().collect::<Vec<_>>(),
+            "{name}"
+        );
         for (step, la) in &a {
-            assert_close(&format!("{name}: train loss at step {step}"), *la, b[step], 1e-5);
+            assert_close(
+                &format!("{name}: train loss at step {step}"),
+                *la,
+                b[step],
+                1e-5,
+            );
         }
     }
+}
+
+/// Image classification on two processes: BatchNorm normalises each rank's rows by their own
+/// statistics (as DistributedDataParallel without SyncBatchNorm), so the curve follows the
+/// one-process run closely but not exactly; resuming a two-process checkpoint replays the
+/// uninterrupted two-process run bitwise.
+#[test]
+fn classify_trains_on_two_processes_and_resumes_exactly() {
+    let work = workdir();
+    let dir = work.path();
+    let recipe = write_recipe(
+        dir,
+        "cls.toml",
+        "[run]\nname = \"cls\"\ntask = \"classify\"\nseed = 3\nout_dir = \"one\"\ndevice = \"cpu\"\nthreads = 1\n\n\
+             [model]\nkind = \"cifar_resnet\"\ndepth = 8\nnum_classes = 10\n\n\
+             [data]\ntrain = { kind = \"builtin_shapes\", split = \"train\", images = 400 }\n\
+             valid = { kind = \"builtin_shapes\", split = \"test\", images = 64 }\ncrop_padding = 4\nhflip = true\n\n\
+             [optim]\nkind = \"sgd\"\nlr = 0.1\nmomentum = 0.9\n\n\
+             [schedule]\nkind = \"cosine\"\nwarmup_steps = 2\n\n\
+             [train]\nbatch_size = 16\nmax_steps = 12\neval_every = 6\nlog_every = 1\ncheckpoint_every = 6\nkeep_checkpoints = 5\n",
+    );
+    trainer(dir, &["run", &recipe]).assert_success();
+    let launch = |out: &str, extra: &[&str]| {
+        let out_dir = format!("run.out_dir={out}");
+        let mut args = vec!["launch", "--nproc", "2", &recipe, "--set", &out_dir];
+        args.extend_from_slice(extra);
+        trainer(dir, &args).assert_success();
+        read_metrics(&dir.join(out).join("metrics.jsonl"))
+    };
+    let two = launch("two", &[]);
+    let one = read_metrics(&dir.join("one/metrics.jsonl"));
+    let (a, b) = (losses(&one), losses(&two));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    assert_close("first loss", a[&1], b[&1], 0.02);
+    assert!(
+        dir.join("two/summary.json").exists() && dir.join("two/checkpoints/step-00000012").exists()
+    );
+
+    let ckpt = dir.join("two/checkpoints/step-00000006");
+    let resumed = launch("resumed", &["--resume", ckpt.to_str().expect("utf-8 path")]);
+    let c = losses(&resumed);
+    for step in 7..=12 {
+        assert_eq!(
+            b[&step].to_bits(),
+            c[&step].to_bits(),
+            "step {step}: {} vs {}",
+            c[&step],
+            b[&step]
+        );
+    }
+    let valid = |rows: &[Value]| eval_rows(rows, "valid").last().map(|r| num(r, "loss"));
+    assert_eq!(valid(&two), valid(&resumed));
 }

@@ -109,6 +109,13 @@ hidden_weight = 0.1"#;
     )
     .assert_success();
 
+    trainer(w, &["export", "student", "--to", "hf", "student-export"]).assert_success();
+    let exported = safetensors_names(&w.join("student-export/model.safetensors"));
+    assert!(
+        exported.iter().all(|n| !n.starts_with("distill.")),
+        "{exported:?}"
+    );
+
     // Resumed from step 25 (weights, projection, optimizer state), steps 26..30 log the same
     // losses bitwise.
     trainer(

@@ -29,11 +29,15 @@ fn summary(dir: &Path) -> Value {
 
 /// Some ASCII text that is not the built-in corpus, for calibration.
 fn calib_text() -> String {
-    let words = ["the", "queen", "said", "rabbit", "tea", "time", "curious", "door", "small"];
+    let words = [
+        "the", "queen", "said", "rabbit", "tea", "time", "curious", "door", "small",
+    ];
     let mut x: u64 = 12345;
     let mut out = String::new();
     while out.len() < 2048 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         out.push_str(words[(x >> 33) as usize % words.len()]);
         out.push(if (x >> 20) % 7 == 0 { '.' } else { ' ' });
     }
@@ -53,16 +57,44 @@ fn wanda_masks_match_the_reference_implementation() {
         let o = trainer(
             w,
             &[
-                "prune", "--init", "hf:hf", "--method", "wanda", flag, value, "--calib", "calib.txt",
-                "--seq-len", "16", "--batch-size", "4", "--calib-batches", "3", "--out", &out,
+                "prune",
+                "--init",
+                "hf:hf",
+                "--method",
+                "wanda",
+                flag,
+                value,
+                "--calib",
+                "calib.txt",
+                "--seq-len",
+                "16",
+                "--batch-size",
+                "4",
+                "--calib-batches",
+                "3",
+                "--out",
+                &out,
             ],
         );
         o.assert_success();
-        assert!(o.stdout.contains("total"), "the sparsity table: {}", o.stdout);
+        assert!(
+            o.stdout.contains("total"),
+            "the sparsity table: {}",
+            o.stdout
+        );
         let script = repo_root().join("crates/trainer-cli/tests/reference/wanda_reference.py");
         let status = std::process::Command::new(python())
             .current_dir(w)
-            .args([script.to_str().unwrap(), "hf", "calib.txt", "16", "4", "3", name, "ref.safetensors"])
+            .args([
+                script.to_str().unwrap(),
+                "hf",
+                "calib.txt",
+                "16",
+                "4",
+                "3",
+                name,
+                "ref.safetensors",
+            ])
             .status()
             .expect("running the reference");
         assert!(status.success(), "wanda_reference.py failed");
@@ -89,7 +121,16 @@ fn wanda_masks_match_the_reference_implementation() {
         // The pruned HF model evaluates.
         let e = trainer(
             w,
-            &["eval", "--init", &format!("hf:{out}"), "--data", "calib.txt", "--seq-len", "16", "--json"],
+            &[
+                "eval",
+                "--init",
+                &format!("hf:{out}"),
+                "--data",
+                "calib.txt",
+                "--seq-len",
+                "16",
+                "--json",
+            ],
         );
         e.assert_success();
     }
@@ -97,8 +138,16 @@ fn wanda_masks_match_the_reference_implementation() {
     let masks = tensors(&w.join("p2_4/masks.safetensors"));
     for (k, m) in &masks {
         let s = m.size();
-        let kept = m.logical_not().to_kind(Kind::Int64).reshape([s[0], s[1] / 4, 4]).sum_dim_intlist(2, false, Kind::Int64);
-        assert_eq!(count(&kept.eq(2)), s[0] * s[1] / 4, "{k}: exactly 2 of every 4 kept");
+        let kept = m
+            .logical_not()
+            .to_kind(Kind::Int64)
+            .reshape([s[0], s[1] / 4, 4])
+            .sum_dim_intlist(2, false, Kind::Int64);
+        assert_eq!(
+            count(&kept.eq(2)),
+            s[0] * s[1] / 4,
+            "{k}: exactly 2 of every 4 kept"
+        );
     }
 }
 
@@ -108,23 +157,58 @@ fn magnitude_pruned_checkpoint_evaluates_and_fine_tunes_with_the_zeros_kept() {
     let w = work.path();
     write_recipe(w, "tiny.toml", &tiny_recipe("a"));
     run_tiny(w, "tiny.toml", "a", &["--set", "train.max_steps=10"]);
-    let o = trainer(w, &["prune", "--init", "a", "--method", "magnitude", "--sparsity", "0.6", "--out", "p"]);
+    let o = trainer(
+        w,
+        &[
+            "prune",
+            "--init",
+            "a",
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "0.6",
+            "--out",
+            "p",
+        ],
+    );
     o.assert_success();
     assert!(o.stdout.contains("60.00%"), "{}", o.stdout);
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(w.join("p/pruning.json")).unwrap()).unwrap();
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(w.join("p/pruning.json")).unwrap()).unwrap();
     let global = report["report"]["global_sparsity"].as_f64().unwrap();
     assert!((global - 0.6).abs() < 1e-4, "{global}");
     // Global ranking: the layers end up with different sparsities.
     let layers = report["report"]["layers"].as_array().unwrap();
-    let sp: Vec<f64> = layers.iter().map(|l| l["sparsity"].as_f64().unwrap()).collect();
+    let sp: Vec<f64> = layers
+        .iter()
+        .map(|l| l["sparsity"].as_f64().unwrap())
+        .collect();
     assert!(sp.iter().any(|s| (s - 0.6).abs() > 0.01), "{sp:?}");
     let ckpt = w.join("p/checkpoints/step-00000010");
     let masks = tensors(&ckpt.join("masks.safetensors"));
     let model = tensors(&ckpt.join("model.safetensors"));
     for (k, m) in &masks {
-        assert_eq!(count(&model[k].eq(0.0).logical_and(m)), count(m), "{k} is zero where pruned");
+        assert_eq!(
+            count(&model[k].eq(0.0).logical_and(m)),
+            count(m),
+            "{k} is zero where pruned"
+        );
     }
-    trainer(w, &["eval", "--init", "p", "--data", "tiny.toml", "--seq-len", "16", "--batches", "2"]).assert_success();
+    trainer(
+        w,
+        &[
+            "eval",
+            "--init",
+            "p",
+            "--data",
+            "tiny.toml",
+            "--seq-len",
+            "16",
+            "--batches",
+            "2",
+        ],
+    )
+    .assert_success();
 
     // Fine-tune from the pruned checkpoint: the pruned weights stay exactly zero.
     let ft = tiny_recipe("ft").replace("[model]", "[init]\nfrom = \"p\"\n\n[model]");
@@ -133,8 +217,15 @@ fn magnitude_pruned_checkpoint_evaluates_and_fine_tunes_with_the_zeros_kept() {
     let after = tensors(&w.join("ft/checkpoints/step-00000010/model.safetensors"));
     let after_masks = tensors(&w.join("ft/checkpoints/step-00000010/masks.safetensors"));
     for (k, m) in &masks {
-        assert_eq!(count(&after[k].eq(0.0).logical_and(m)), count(m), "{k} stayed zero");
-        assert!(after_masks[k].equal(m), "{k}: the mask travels with the checkpoint");
+        assert_eq!(
+            count(&after[k].eq(0.0).logical_and(m)),
+            count(m),
+            "{k} stayed zero"
+        );
+        assert!(
+            after_masks[k].equal(m),
+            "{k}: the mask travels with the checkpoint"
+        );
         // And the kept weights did train.
         assert!(!after[k].equal(&model[k]), "{k} trained");
     }
@@ -152,28 +243,56 @@ fn gradual_magnitude_pruning_keeps_zeros_and_resumes_bitwise() {
     let w = work.path();
     write_recipe(w, "gradual.toml", &gradual_recipe("a"));
     let rows = train_rows(&run_tiny(w, "gradual.toml", "a", &[]));
-    let sparsity: BTreeMap<i64, f64> = rows.iter().map(|r| (step_of(r), num(r, "prune/sparsity"))).collect();
+    let sparsity: BTreeMap<i64, f64> = rows
+        .iter()
+        .map(|r| (step_of(r), num(r, "prune/sparsity")))
+        .collect();
     assert_eq!(sparsity[&4], 0.0, "nothing pruned before start_step");
     // Cubic schedule: 0.5 * (1 - (1 - p)^3) after steps 10, 15, 20, 25.
     for (step, p) in [(10, 0.25), (15, 0.5), (20, 0.75), (25, 1.0)] {
         let want = 0.5 * (1.0 - (1.0f64 - p).powi(3));
-        assert!((sparsity[&step] - want).abs() < 1e-3, "step {step}: {} vs {want}", sparsity[&step]);
+        assert!(
+            (sparsity[&step] - want).abs() < 1e-3,
+            "step {step}: {} vs {want}",
+            sparsity[&step]
+        );
     }
     // The zeros stay through 15 more steps of training.
     assert!((sparsity[&40] - 0.5).abs() < 1e-3, "{}", sparsity[&40]);
     let s = summary(&w.join("a"));
     assert!((s["pruning"]["global_sparsity"].as_f64().unwrap() - 0.5).abs() < 1e-3);
-    assert!(w.join("a/checkpoints/step-00000020/masks.safetensors").is_file());
+    assert!(w
+        .join("a/checkpoints/step-00000020/masks.safetensors")
+        .is_file());
 
     // Resumed in the middle of the schedule: every later loss and the final model are bitwise
     // those of the uninterrupted run.
-    let b = train_rows(&run_tiny(w, "gradual.toml", "b", &["--resume", "a/checkpoints/step-00000015"]));
+    let b = train_rows(&run_tiny(
+        w,
+        "gradual.toml",
+        "b",
+        &["--resume", "a/checkpoints/step-00000015"],
+    ));
     let ra: BTreeMap<i64, f64> = rows.iter().map(|r| (step_of(r), num(r, "loss"))).collect();
     for r in &b {
-        assert_eq!(num(r, "loss").to_bits(), ra[&step_of(r)].to_bits(), "step {}", step_of(r));
+        assert_eq!(
+            num(r, "loss").to_bits(),
+            ra[&step_of(r)].to_bits(),
+            "step {}",
+            step_of(r)
+        );
     }
-    let model = |run: &str| std::fs::read(w.join(run).join("checkpoints/step-00000040/model.safetensors")).unwrap();
-    assert!(model("a") == model("b"), "the final model after resuming differs");
+    let model = |run: &str| {
+        std::fs::read(
+            w.join(run)
+                .join("checkpoints/step-00000040/model.safetensors"),
+        )
+        .unwrap()
+    };
+    assert!(
+        model("a") == model("b"),
+        "the final model after resuming differs"
+    );
 }
 
 #[test]
@@ -195,7 +314,10 @@ fn gsm_trains_and_cuts_to_the_target_density() {
     // Every step at least the density gets its gradient (more only on ties).
     for r in &rows {
         assert!(num(r, "gsm/selected_fraction") >= 0.3 - 1e-3, "{r}");
-        assert!((num(r, "gsm/density") - 0.3).abs() < 1e-3, "a cut now keeps the density");
+        assert!(
+            (num(r, "gsm/density") - 0.3).abs() < 1e-3,
+            "a cut now keeps the density"
+        );
     }
     // Before the cut, the would-be-cut weights still hold some norm; after it they are zero.
     assert!(num(&rows[rows.len() - 2], "gsm/cut_norm_fraction") > 0.0);
@@ -204,9 +326,16 @@ fn gsm_trains_and_cuts_to_the_target_density() {
     let p = &s["pruning"];
     assert!((p["global_sparsity"].as_f64().unwrap() - 0.7).abs() < 1e-3);
     // Per-layer sparsity comes from the global ranking, not one number for all.
-    let layers: Vec<f64> = p["layers"].as_array().unwrap().iter().map(|l| l["sparsity"].as_f64().unwrap()).collect();
+    let layers: Vec<f64> = p["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["sparsity"].as_f64().unwrap())
+        .collect();
     assert!(layers.iter().any(|x| (x - 0.7).abs() > 0.02), "{layers:?}");
-    assert!(w.join("g/checkpoints/step-00000040/masks.safetensors").is_file());
+    assert!(w
+        .join("g/checkpoints/step-00000040/masks.safetensors")
+        .is_file());
 }
 
 #[test]
@@ -220,18 +349,37 @@ fn bad_pruning_input_is_one_line_naming_the_key() {
         args.extend_from_slice(extra);
         trainer(w, &args)
     };
-    prune(&["--method", "magnitude", "--sparsity", "1.5"]).assert_one_error(&["--sparsity", "(0, 1)"]);
+    prune(&["--method", "magnitude", "--sparsity", "1.5"])
+        .assert_one_error(&["--sparsity", "(0, 1)"]);
     prune(&["--method", "wanda", "--nm", "4:4"]).assert_one_error(&["--nm", "N < M"]);
-    prune(&["--method", "magnitude", "--sparsity", "0.5", "--prunable", "nothing_here"])
-        .assert_one_error(&["--prunable", "nothing_here"]);
-    prune(&["--method", "wanda", "--sparsity", "0.5", "--prunable", "nothing_here"])
-        .assert_one_error(&["--prunable", "nothing_here"]);
+    prune(&[
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.5",
+        "--prunable",
+        "nothing_here",
+    ])
+    .assert_one_error(&["--prunable", "nothing_here"]);
+    prune(&[
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--prunable",
+        "nothing_here",
+    ])
+    .assert_one_error(&["--prunable", "nothing_here"]);
     assert!(!w.join("p").exists() || std::fs::read_dir(w.join("p")).unwrap().next().is_none());
     // An existing output directory is left alone.
     std::fs::create_dir(w.join("p")).unwrap();
     std::fs::write(w.join("p/keep.txt"), "mine").unwrap();
-    prune(&["--method", "magnitude", "--sparsity", "0.5"]).assert_one_error(&["--out", "not empty"]);
-    assert_eq!(std::fs::read_to_string(w.join("p/keep.txt")).unwrap(), "mine");
+    prune(&["--method", "magnitude", "--sparsity", "0.5"])
+        .assert_one_error(&["--out", "not empty"]);
+    assert_eq!(
+        std::fs::read_to_string(w.join("p/keep.txt")).unwrap(),
+        "mine"
+    );
 
     let gsm = |line: &str| replace_line(&tiny_recipe("g"), "kind = \"adamw\"", line);
     for (text, key) in [
@@ -257,29 +405,95 @@ fn structured_pruning_makes_a_smaller_model_that_evaluates_and_trains() {
     run_tiny(w, "tiny.toml", "a", &["--set", "train.max_steps=10"]);
     let o = trainer(
         w,
-        &["prune", "--init", "a", "--method", "structured", "--d-ff", "40", "--layers", "2", "--calib-batches", "2", "--out", "s"],
+        &[
+            "prune",
+            "--init",
+            "a",
+            "--method",
+            "structured",
+            "--d-ff",
+            "40",
+            "--layers",
+            "2",
+            "--calib-batches",
+            "2",
+            "--out",
+            "s",
+        ],
     );
     o.assert_success();
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(w.join("s/pruning.json")).unwrap()).unwrap();
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(w.join("s/pruning.json")).unwrap()).unwrap();
     assert_eq!(report["n_layers"].as_i64(), Some(2));
     assert_eq!(report["d_ff"].as_i64(), Some(40));
     assert!(report["params_after"].as_i64() < report["params_before"].as_i64());
     let config = std::fs::read_to_string(w.join("s/config.toml")).unwrap();
-    assert!(config.contains("n_layers = 2") && config.contains("d_ff = 40"), "{config}");
-    trainer(w, &["eval", "--init", "s", "--data", "tiny.toml", "--seq-len", "16", "--batches", "2"]).assert_success();
+    assert!(
+        config.contains("n_layers = 2") && config.contains("d_ff = 40"),
+        "{config}"
+    );
+    trainer(
+        w,
+        &[
+            "eval",
+            "--init",
+            "s",
+            "--data",
+            "tiny.toml",
+            "--seq-len",
+            "16",
+            "--batches",
+            "2",
+        ],
+    )
+    .assert_success();
     // Recovery training starts from the pruned model; its architecture comes from the checkpoint.
     let ft = tiny_recipe("ft");
     let start = ft.find("[model]").unwrap();
     let end = ft.find("[data]").unwrap();
     let ft = format!("{}[init]\nfrom = \"s\"\n\n{}", &ft[..start], &ft[end..]);
     write_recipe(w, "ft.toml", &ft);
-    let rows = train_rows(&run_tiny(w, "ft.toml", "ft", &["--set", "train.max_steps=10"]));
+    let rows = train_rows(&run_tiny(
+        w,
+        "ft.toml",
+        "ft",
+        &["--set", "train.max_steps=10"],
+    ));
     assert_eq!(rows.len(), 10);
-    assert_eq!(summary(&w.join("ft"))["params"].as_i64(), report["params_after"].as_i64());
-    trainer(w, &["prune", "--init", "a", "--method", "structured", "--layers", "4", "--out", "s2"])
-        .assert_one_error(&["--layers", "1..=3"]);
-    trainer(w, &["prune", "--init", "a", "--method", "structured", "--sparsity", "0.5", "--out", "s3"])
-        .assert_one_error(&["--sparsity"]);
+    assert_eq!(
+        summary(&w.join("ft"))["params"].as_i64(),
+        report["params_after"].as_i64()
+    );
+    trainer(
+        w,
+        &[
+            "prune",
+            "--init",
+            "a",
+            "--method",
+            "structured",
+            "--layers",
+            "4",
+            "--out",
+            "s2",
+        ],
+    )
+    .assert_one_error(&["--layers", "1..=3"]);
+    trainer(
+        w,
+        &[
+            "prune",
+            "--init",
+            "a",
+            "--method",
+            "structured",
+            "--sparsity",
+            "0.5",
+            "--out",
+            "s3",
+        ],
+    )
+    .assert_one_error(&["--sparsity"]);
 }
 
 fn tiny_resnet(out_dir: &str, optim: &str, extra: &str) -> String {
@@ -303,20 +517,59 @@ fn gsm_and_magnitude_prune_a_resnet_classifier() {
     trainer(w, &["run", "gsm.toml"]).assert_success();
     let s = summary(&w.join("g"));
     let p = &s["pruning"];
-    assert!((p["global_sparsity"].as_f64().unwrap() - 0.6).abs() < 1e-3, "{p}");
+    assert!(
+        (p["global_sparsity"].as_f64().unwrap() - 0.6).abs() < 1e-3,
+        "{p}"
+    );
     // Convolutions and the classifier are prunable; BatchNorm is not.
-    let names: Vec<&str> = p["layers"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
-    assert!(names.iter().any(|n| n.starts_with("conv1")) && names.contains(&"fc.weight"), "{names:?}");
+    let names: Vec<&str> = p["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("conv1")) && names.contains(&"fc.weight"),
+        "{names:?}"
+    );
     assert!(!names.iter().any(|n| n.contains("bn")), "{names:?}");
 
     // One-shot magnitude pruning of the trained classifier, then fine-tuning with the zeros kept.
     let sgd = "kind = \"sgd\"\nlr = 0.05\nmomentum = 0.9";
     write_recipe(w, "dense.toml", &tiny_resnet("d", sgd, ""));
     trainer(w, &["run", "dense.toml"]).assert_success();
-    trainer(w, &["prune", "--init", "d", "--method", "magnitude", "--sparsity", "0.5", "--scope", "layer", "--out", "p"])
-        .assert_success();
-    trainer(w, &["prune", "--init", "d", "--method", "wanda", "--sparsity", "0.5", "--out", "p2"])
-        .assert_one_error(&["--method", "magnitude"]);
+    trainer(
+        w,
+        &[
+            "prune",
+            "--init",
+            "d",
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "0.5",
+            "--scope",
+            "layer",
+            "--out",
+            "p",
+        ],
+    )
+    .assert_success();
+    trainer(
+        w,
+        &[
+            "prune",
+            "--init",
+            "d",
+            "--method",
+            "wanda",
+            "--sparsity",
+            "0.5",
+            "--out",
+            "p2",
+        ],
+    )
+    .assert_one_error(&["--method", "magnitude"]);
     let init = "[init]\nfrom = \"p/checkpoints/step-00000020\"\n\n";
     write_recipe(w, "ft.toml", &tiny_resnet("ft", sgd, init));
     trainer(w, &["run", "ft.toml"]).assert_success();
@@ -324,7 +577,14 @@ fn gsm_and_magnitude_prune_a_resnet_classifier() {
     let after = tensors(&w.join("ft/checkpoints/step-00000020/model.safetensors"));
     for (k, m) in &masks {
         // Per layer: every prunable tensor is half zeros.
-        assert!((count(m) as f64 / m.numel() as f64 - 0.5).abs() < 0.02, "{k}");
-        assert_eq!(count(&after[k].eq(0.0).logical_and(m)), count(m), "{k} stayed zero");
+        assert!(
+            (count(m) as f64 / m.numel() as f64 - 0.5).abs() < 0.02,
+            "{k}"
+        );
+        assert_eq!(
+            count(&after[k].eq(0.0).logical_and(m)),
+            count(m),
+            "{k} stayed zero"
+        );
     }
 }

@@ -99,7 +99,7 @@ fn writes_the_sbatch_script() {
     assert!(
         script.contains(&format!(
             "trainer={}",
-            trainer_bin().canonicalize().unwrap().display()
+            trainer_bin().canonicalize().expect("binary path").display()
         )),
         "{script}"
     );
@@ -120,19 +120,24 @@ fn writes_the_sbatch_script() {
     let other = ["slurm", "tiny.toml", "--nodes", "1", "--gpus-per-node", "0"];
     trainer(w, &other).assert_one_error(&["tiny.sbatch", "--force"]);
     assert_eq!(
-        std::fs::read_to_string(w.join("tiny.sbatch")).unwrap(),
+        std::fs::read_to_string(w.join("tiny.sbatch")).expect("the script"),
         script
     );
     let mut forced = other.to_vec();
     forced.push("--force");
     trainer(w, &forced).assert_success();
-    let cpu = std::fs::read_to_string(w.join("tiny.sbatch")).unwrap();
+    let cpu = std::fs::read_to_string(w.join("tiny.sbatch")).expect("the script");
     assert!(cpu.contains("#SBATCH --ntasks-per-node=1\n"), "{cpu}");
     assert!(!cpu.contains("--gpus-per-node"), "{cpu}");
     // No temporary file left behind.
     let names: Vec<String> = std::fs::read_dir(w)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .expect("listing the work dir")
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .to_string()
+        })
         .filter(|n| n.contains("tmp"))
         .collect();
     assert!(names.is_empty(), "{names:?}");
@@ -152,16 +157,31 @@ fn bad_input() {
 
     // --submit without sbatch: one line, and nothing written.
     let empty = w.join("empty-path");
-    std::fs::create_dir(&empty).unwrap();
+    std::fs::create_dir(&empty).expect("mkdir");
     let out = trainer_with_env(
         w,
         &with(&base, &["--submit"]),
-        &[("PATH", Some(empty.to_str().unwrap()))],
+        &[("PATH", Some(empty.to_str().expect("utf-8 path")))],
     );
     let line = out.assert_one_error(&["--submit needs sbatch on PATH"]);
     assert_eq!(line, "error: --submit needs sbatch on PATH");
     assert!(!w.join("tiny.sbatch").exists());
 
+    // sbatch that refuses the job: its last stderr line, in one line.
+    let fake = w.join("fake-sbatch");
+    std::fs::create_dir(&fake).expect("mkdir");
+    write_exe(
+        &fake.join("sbatch"),
+        "#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Invalid partition name specified' >&2\nexit 1\n",
+    );
+    let out = trainer_with_env(
+        w,
+        &with(&base, &["--submit", "--out", "refused.sbatch"]),
+        &[("PATH", Some(fake.to_str().expect("utf-8 path")))],
+    );
+    out.assert_one_error(&["refused.sbatch", "Invalid partition name specified"]);
+
+    trainer(w, &with(&base, &["--signal-lead", "0"])).assert_one_error(&["--signal-lead"]);
     trainer(w, &with(&base, &["--time", "1h"])).assert_one_error(&["--time 1h", "HH:MM:SS"]);
     trainer(w, &with(&base, &["--time", "00:01:00"]))
         .assert_one_error(&["--time 00:01:00", "--signal-lead"]);
@@ -185,10 +205,44 @@ fn bad_input() {
         ],
     )
     .assert_one_error(&["missing.toml"]);
-    std::fs::write(w.join("bad.tmpl"), "#!/bin/bash\n{{nodes}} {{node}}\n").unwrap();
+    std::fs::write(w.join("bad.tmpl"), "#!/bin/bash\n{{nodes}} {{node}}\n").expect("writing");
     trainer(w, &with(&base, &["--template", "bad.tmpl"]))
         .assert_one_error(&["bad.tmpl", "{{node}}"]);
     assert!(!w.join("tiny.sbatch").exists(), "bad input wrote a script");
+}
+
+/// `--submit` prints the job id that `sbatch --parsable` gives (`ID` or `ID;CLUSTER`).
+#[test]
+fn submit_prints_the_job_id() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, "tiny.toml", &tiny_recipe("run"));
+    let fake = w.join("fake-sbatch");
+    std::fs::create_dir(&fake).expect("mkdir");
+    write_exe(
+        &fake.join("sbatch"),
+        "#!/bin/sh\necho \"$@\" > sbatch.args\necho '4242;cluster'\n",
+    );
+    let out = trainer_with_env(
+        w,
+        &[
+            "slurm",
+            "tiny.toml",
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "0",
+            "--submit",
+        ],
+        &[("PATH", Some(fake.to_str().expect("utf-8 path")))],
+    );
+    out.assert_success();
+    assert_eq!(out.stdout, "4242\n", "{}", out.describe());
+    let args = std::fs::read_to_string(w.join("sbatch.args")).expect("sbatch was called");
+    assert_eq!(
+        args.trim(),
+        format!("--parsable {}", w.join("tiny.sbatch").display())
+    );
 }
 
 /// The batch script's decisions, with stand-ins for srun (exits with $FAKE_SRUN_RC after
@@ -204,7 +258,7 @@ fn the_script_requeues_only_after_the_preemption_signal() {
     )
     .assert_success();
     let bin = w.join("fake-bin");
-    std::fs::create_dir(&bin).unwrap();
+    std::fs::create_dir(&bin).expect("mkdir");
     write_exe(
         &bin.join("srun"),
         "#!/bin/bash\necho \"$@\" > \"$FAKE_DIR/srun.args\"\ntouch \"$FAKE_DIR/srun.started\"\n\
@@ -214,11 +268,11 @@ fn the_script_requeues_only_after_the_preemption_signal() {
         &bin.join("scontrol"),
         "#!/bin/bash\necho \"$@\" >> \"$FAKE_DIR/scontrol.calls\"\n",
     );
-    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").expect("PATH"));
 
     // Returns (exit code, scontrol calls, output).
     let case = |rc: i32, term_to_shell: bool| -> (Option<i32>, String, String) {
-        let dir = tempfile::tempdir_in(w).unwrap();
+        let dir = tempfile::tempdir_in(w).expect("tempdir");
         let mut child = Command::new("bash")
             .arg(w.join("tiny.sbatch"))
             .current_dir(w)
@@ -227,10 +281,10 @@ fn the_script_requeues_only_after_the_preemption_signal() {
             .env("FAKE_SRUN_RC", rc.to_string())
             .env("FAKE_SRUN_SLEEP", if term_to_shell { "1" } else { "0" })
             .env("SLURM_JOB_ID", "42")
-            .stdout(std::fs::File::create(dir.path().join("out")).unwrap())
+            .stdout(std::fs::File::create(dir.path().join("out")).expect("out file"))
             .stderr(Stdio::null())
             .spawn()
-            .unwrap();
+            .expect("bash");
         if term_to_shell {
             let start = Instant::now();
             while !dir.path().join("srun.started").exists() {
@@ -242,7 +296,7 @@ fn the_script_requeues_only_after_the_preemption_signal() {
             }
             send_signal(child.id(), "TERM");
         }
-        let code = child.wait().unwrap().code();
+        let code = child.wait().expect("wait").code();
         let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap_or_default();
         assert!(
             read("srun.args").contains("/tiny.toml --resume auto"),
@@ -361,6 +415,124 @@ fn slurm_recipe() -> String {
     r
 }
 
+/// A job submitted with `trainer slurm --submit` to the test cluster.
+struct Job<'a> {
+    conf: &'a str,
+    id: String,
+    log: PathBuf,
+    run: PathBuf,
+}
+
+impl Job<'_> {
+    /// Submits `recipe` from `dir` under `name`, training into `dir/out_dir`.
+    fn submit<'a>(conf: &'a str, dir: &Path, recipe: &str, name: &str, out_dir: &str) -> Job<'a> {
+        let set = format!("run.out_dir={out_dir}");
+        let script = format!("{name}.sbatch");
+        let out = trainer_with_env(
+            dir,
+            &[
+                "slurm",
+                recipe,
+                "--nodes",
+                "1",
+                "--gpus-per-node",
+                "0",
+                "--job-name",
+                name,
+                "--set",
+                &set,
+                "--out",
+                &script,
+                "--submit",
+            ],
+            &[("SLURM_CONF", Some(conf))],
+        );
+        out.assert_success();
+        let id = out.stdout.trim().to_string();
+        assert!(id.parse::<u64>().is_ok(), "{}", out.describe());
+        Job {
+            conf,
+            log: dir.join(format!("slurm-{name}-{id}.out")),
+            run: dir.join(out_dir),
+            id,
+        }
+    }
+
+    fn show(&self) -> BTreeMap<String, String> {
+        show_job(self.conf, &self.id).unwrap_or_default()
+    }
+
+    /// `what`, the job's record and its log, for a failed assertion.
+    fn diagnose(&self, what: &str) -> String {
+        format!(
+            "{what}\n--- scontrol show job {} ---\n{:?}\n--- {} ---\n{}",
+            self.id,
+            self.show(),
+            self.log.display(),
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        )
+    }
+
+    /// Waits for the first complete checkpoint; returns the newest logged step then.
+    fn wait_for_checkpoint(&self, start: Instant) -> i64 {
+        while !checkpoint_entries(&self.run)
+            .iter()
+            .any(|n| n.starts_with("step-"))
+        {
+            let state = self.show().get("JobState").cloned();
+            assert!(
+                matches!(
+                    state.as_deref(),
+                    Some("PENDING" | "RUNNING" | "CONFIGURING")
+                ),
+                "{}",
+                self.diagnose(&format!("the job is {state:?} before its first checkpoint"))
+            );
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "{}",
+                self.diagnose("no checkpoint within 90 s")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        last_logged_step(&self.run.join("metrics.jsonl")).unwrap_or(0)
+    }
+
+    fn scancel(&self, args: &[&str]) {
+        let status = Command::new("scancel")
+            .args(args)
+            .arg(&self.id)
+            .env("SLURM_CONF", self.conf)
+            .status()
+            .expect("scancel");
+        assert!(status.success(), "scancel {args:?} {} failed", self.id);
+    }
+
+    /// Waits until the job has ended; returns its record.
+    fn wait_for_end(&self, start: Instant) -> BTreeMap<String, String> {
+        loop {
+            let job = self.show();
+            let state = job.get("JobState").map(String::as_str).unwrap_or("");
+            if matches!(
+                state,
+                "COMPLETED" | "FAILED" | "CANCELLED" | "TIMEOUT" | "NODE_FAIL"
+            ) {
+                return job;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(240),
+                "{}",
+                self.diagnose("the job did not end within 240 s")
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).expect("the job's log")
+    }
+}
+
 #[test]
 fn preempted_job_requeues_and_resumes_on_a_real_slurm() {
     let Some(cluster) = start_cluster() else {
@@ -374,92 +546,27 @@ fn preempted_job_requeues_and_resumes_on_a_real_slurm() {
     // The uninterrupted reference, alongside (one thread each; the machine has two cores).
     let reference = spawn(w, &["run", "job.toml", "--set", "run.out_dir=reference"]);
 
-    let submitted = trainer_with_env(
-        w,
-        &[
-            "slurm",
-            "job.toml",
-            "--nodes",
-            "1",
-            "--gpus-per-node",
-            "0",
-            "--submit",
-        ],
-        &[("SLURM_CONF", Some(conf))],
-    );
-    submitted.assert_success();
-    let id = submitted.stdout.trim().to_string();
-    assert!(id.parse::<u64>().is_ok(), "{}", submitted.describe());
-    let log = w.join(format!("slurm-slurm-e2e-{id}.out"));
-    let diagnose = |what: &str| -> String {
-        format!(
-            "{what}\n--- scontrol show job {id} ---\n{:?}\n--- {} ---\n{}",
-            show_job(conf, &id),
-            log.display(),
-            std::fs::read_to_string(&log).unwrap_or_default()
-        )
-    };
-
+    let start = Instant::now();
+    let job = Job::submit(conf, w, "job.toml", "preempted", "run");
+    let id = job.id.clone();
     // Once the job has written a checkpoint, send the pre-emption warning to its tasks, as
     // `#SBATCH --signal=USR1@120` does before the time limit.
-    let start = Instant::now();
-    let run = w.join("run");
-    while !checkpoint_entries(&run)
-        .iter()
-        .any(|n| n.starts_with("step-"))
-    {
-        let state = show_job(conf, &id).and_then(|j| j.get("JobState").cloned());
-        assert!(
-            matches!(
-                state.as_deref(),
-                Some("PENDING" | "RUNNING" | "CONFIGURING")
-            ),
-            "{}",
-            diagnose(&format!("the job is {state:?} before its first checkpoint"))
-        );
-        assert!(
-            start.elapsed() < Duration::from_secs(90),
-            "{}",
-            diagnose("no checkpoint within 90 s")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let signalled_at = last_logged_step(&run.join("metrics.jsonl")).unwrap_or(0);
-    let scancel = Command::new("scancel")
-        .args(["--signal=USR1", &id])
-        .env("SLURM_CONF", conf)
-        .status()
-        .expect("scancel");
-    assert!(scancel.success(), "scancel --signal=USR1 {id} failed");
+    let signalled_at = job.wait_for_checkpoint(start);
+    job.scancel(&["--signal=USR1"]);
 
     // It checkpoints, exits 75, requeues itself, waits out the requeue delay, resumes, finishes.
-    let job = loop {
-        let job = show_job(conf, &id).unwrap_or_default();
-        let state = job.get("JobState").map(String::as_str).unwrap_or("");
-        if matches!(
-            state,
-            "COMPLETED" | "FAILED" | "CANCELLED" | "TIMEOUT" | "NODE_FAIL"
-        ) {
-            break job;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(240),
-            "{}",
-            diagnose("the job did not end within 240 s")
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    let end = job.wait_for_end(start);
     assert_eq!(
         (
-            job["JobState"].as_str(),
-            job["Restarts"].as_str(),
-            job["ExitCode"].as_str()
+            end["JobState"].as_str(),
+            end["Restarts"].as_str(),
+            end["ExitCode"].as_str()
         ),
         ("COMPLETED", "1", "0:0"),
         "{}",
-        diagnose("expected one requeue and success")
+        job.diagnose("expected one requeue and success")
     );
-    let text = std::fs::read_to_string(&log).expect("the job's log");
+    let text = job.log_text();
     for needle in [
         format!("job {id} start 1 "),
         "stopped by signal after step".to_string(),
@@ -473,8 +580,10 @@ fn preempted_job_requeues_and_resumes_on_a_real_slurm() {
     let reference = reference.wait(TIMEOUT);
     reference.assert_success();
     let summary = |run: &str| -> Value {
-        serde_json::from_str(&std::fs::read_to_string(w.join(run).join("summary.json")).unwrap())
-            .unwrap()
+        serde_json::from_str(
+            &std::fs::read_to_string(w.join(run).join("summary.json")).expect("summary.json"),
+        )
+        .expect("summary JSON")
     };
     let (a, b) = (summary("reference"), summary("run"));
     let resumed_from = b["resumed_from"].as_str().unwrap_or_default().to_string();
@@ -506,5 +615,33 @@ fn preempted_job_requeues_and_resumes_on_a_real_slurm() {
         b["final_train_loss"],
         a["final_train_loss"],
         start.elapsed().as_secs_f64()
+    );
+
+    // A plain `scancel` is the user ending the job: SIGTERM to the tasks and the batch shell; the
+    // tasks checkpoint, and the job is not requeued.
+    let start = Instant::now();
+    let job = Job::submit(conf, w, "job.toml", "cancelled", "cancelled");
+    let cancelled_at = job.wait_for_checkpoint(start);
+    job.scancel(&[]);
+    let end = job.wait_for_end(start);
+    assert_eq!(
+        (end["JobState"].as_str(), end["Restarts"].as_str()),
+        ("CANCELLED", "0"),
+        "{}",
+        job.diagnose("expected a cancelled job, not requeued")
+    );
+    let text = job.log_text();
+    for needle in ["SIGTERM", "the run exited with code 75"] {
+        assert!(text.contains(needle), "{needle:?} not in the log:\n{text}");
+    }
+    assert!(!text.contains("requeueing"), "{text}");
+    let newest = checkpoint_entries(&job.run)
+        .iter()
+        .filter_map(|n| n.strip_prefix("step-")?.parse::<i64>().ok())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        newest > cancelled_at,
+        "the SIGTERM should leave a checkpoint newer than step {cancelled_at}, newest: {newest}\n{text}"
     );
 }

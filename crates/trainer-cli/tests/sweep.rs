@@ -27,10 +27,14 @@ fn short_recipe(out_dir: &str) -> String {
     replace_line(&r, "eval_every = 10", "eval_every = 5")
 }
 
+fn read_text(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
 fn summary(run_dir: &Path) -> Value {
     let text = std::fs::read_to_string(run_dir.join("summary.json"))
         .unwrap_or_else(|e| panic!("{}: no summary.json: {e}", run_dir.display()));
-    serde_json::from_str(&text).unwrap()
+    serde_json::from_str(&text).expect("valid JSON")
 }
 
 /// The cells of one CSV line (RFC 4180 quoting, no newlines inside cells).
@@ -54,9 +58,9 @@ fn csv_cells(line: &str) -> Vec<String> {
 
 /// results.csv as one map per row (header -> cell).
 fn read_csv(path: &Path) -> Vec<BTreeMap<String, String>> {
-    let text = std::fs::read_to_string(path).unwrap();
+    let text = read_text(path);
     let mut lines = text.lines();
-    let header = csv_cells(lines.next().unwrap());
+    let header = csv_cells(lines.next().expect("a header line"));
     lines
         .map(|l| {
             let cells = csv_cells(l);
@@ -92,7 +96,7 @@ fn sweep_runs_every_point_aggregates_and_skips_finished_ones() {
             let run = dir.join("runs/lr").join(p).join(format!("seed={seed}"));
             let s = summary(&run);
             assert_eq!(s["steps"], 10, "{}", run.display());
-            let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+            let config = read_text(&run.join("config.toml"));
             assert!(config.contains(&format!("seed = {seed}")), "{config}");
             runs.push(run);
         }
@@ -100,7 +104,7 @@ fn sweep_runs_every_point_aggregates_and_skips_finished_ones() {
     // Different seeds and learning rates give different runs.
     let losses: Vec<f64> = runs
         .iter()
-        .map(|r| summary(r)["final_valid_loss"].as_f64().unwrap())
+        .map(|r| summary(r)["final_valid_loss"].as_f64().expect("a number"))
         .collect();
     for i in 0..4 {
         for j in 0..i {
@@ -121,13 +125,17 @@ fn sweep_runs_every_point_aggregates_and_skips_finished_ones() {
                 .map(|s| {
                     summary(&dir.join("runs/lr").join(p).join(format!("seed={s}")))[metric]
                         .as_f64()
-                        .unwrap()
+                        .expect("a number")
                 })
                 .collect();
             let mean = (xs[0] + xs[1]) / 2.0;
             let std = (((xs[0] - mean).powi(2) + (xs[1] - mean).powi(2)) / 1.0).sqrt();
-            let got_mean: f64 = row[&format!("{metric}_mean")].parse().unwrap();
-            let got_std: f64 = row[&format!("{metric}_std")].parse().unwrap();
+            let got_mean: f64 = row[&format!("{metric}_mean")]
+                .parse()
+                .expect("a number in the CSV");
+            let got_std: f64 = row[&format!("{metric}_std")]
+                .parse()
+                .expect("a number in the CSV");
             assert!(
                 (got_mean - mean).abs() <= 1e-12 * mean.abs(),
                 "{metric} mean {got_mean} vs {mean}"
@@ -139,7 +147,7 @@ fn sweep_runs_every_point_aggregates_and_skips_finished_ones() {
             assert_eq!(row[&format!("{metric}_n")], "2");
         }
     }
-    let md = std::fs::read_to_string(dir.join("runs/lr/results.md")).unwrap();
+    let md = read_text(&dir.join("runs/lr/results.md"));
     assert!(
         md.contains("| `optim.lr` | final_valid_loss | final_train_loss | unfinished |"),
         "{md}"
@@ -147,7 +155,7 @@ fn sweep_runs_every_point_aggregates_and_skips_finished_ones() {
     assert!(dir.join("runs/lr/runs.csv").is_file());
 
     // A second sweep starts nothing: every run has its summary.
-    let before = std::fs::read(runs[0].join("summary.json")).unwrap();
+    let before = std::fs::read(runs[0].join("summary.json")).expect("reading a test file");
     let again = trainer(dir, &["sweep", "lr.toml"]);
     again.assert_success();
     assert!(
@@ -156,13 +164,16 @@ fn sweep_runs_every_point_aggregates_and_skips_finished_ones() {
         again.describe()
     );
     assert!(!again.stderr.contains("start "), "{}", again.describe());
-    assert_eq!(std::fs::read(runs[0].join("summary.json")).unwrap(), before);
+    assert_eq!(
+        std::fs::read(runs[0].join("summary.json")).expect("reading a test file"),
+        before
+    );
 
     // A half-done run (stopped after its step-5 checkpoint) is resumed, to the same result.
     let half = &runs[3];
     let full = summary(half);
-    std::fs::remove_file(half.join("summary.json")).unwrap();
-    std::fs::remove_dir_all(half.join("checkpoints/step-00000010")).unwrap();
+    std::fs::remove_file(half.join("summary.json")).expect("removing a file");
+    std::fs::remove_dir_all(half.join("checkpoints/step-00000010")).expect("removing a file");
     let resumed = trainer(dir, &["sweep", "lr.toml"]);
     resumed.assert_success();
     assert!(
@@ -180,10 +191,67 @@ fn sweep_runs_every_point_aggregates_and_skips_finished_ones() {
     assert!(
         s["resumed_from"]
             .as_str()
-            .unwrap()
+            .expect("resumed_from is set")
             .ends_with("step-00000005"),
         "{s}"
     );
+}
+
+#[test]
+fn index_runs_one_run_and_collect_writes_the_table() {
+    // What a scheduler's job array does: one run per task, then the table.
+    let work = workdir();
+    let dir = work.path();
+    write_recipe(dir, "tiny.toml", &short_recipe("unused"));
+    write_recipe(
+        dir,
+        "arr.toml",
+        "[sweep]\nbase = \"tiny.toml\"\nseeds = [1, 2]\n",
+    );
+    let listed = trainer(dir, &["sweep", "arr.toml", "--dry-run"]);
+    listed.assert_success();
+    assert_eq!(
+        listed.stdout.lines().collect::<Vec<_>>(),
+        [
+            "new       runs/arr/base/seed=1",
+            "new       runs/arr/base/seed=2"
+        ]
+    );
+    trainer(dir, &["sweep", "arr.toml", "--index", "1"]).assert_success();
+    assert!(dir.join("runs/arr/base/seed=2/summary.json").is_file());
+    assert!(!dir.join("runs/arr/base/seed=1").exists());
+    trainer(dir, &["sweep", "arr.toml", "--index", "2"]).assert_one_error(&["--index 2", "2 runs"]);
+    trainer(dir, &["sweep", "arr.toml", "--collect"]).assert_success();
+    let rows = read_csv(&dir.join("runs/arr/results.csv"));
+    assert_eq!(rows[0]["final_valid_loss_n"], "1");
+    assert_eq!(rows[0]["unfinished"], "1");
+    assert_eq!(
+        rows[0]["final_valid_loss_mean"]
+            .parse::<f64>()
+            .expect("a number in the CSV"),
+        summary(&dir.join("runs/arr/base/seed=2"))["final_valid_loss"]
+            .as_f64()
+            .expect("a number")
+    );
+}
+
+#[test]
+fn the_example_sweep_validates() {
+    // --dry-run reads the sweep and checks every point against the recipe; it writes nothing.
+    let out = trainer(
+        &repo_root(),
+        &["sweep", "configs/sweeps/quickstart_lr.toml", "--dry-run"],
+    );
+    out.assert_success();
+    assert!(
+        out.stderr.contains("3 points x 3 seeds = 9 runs"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(out.stdout.lines().count(), 9, "{}", out.describe());
+    assert!(out
+        .stdout
+        .contains("runs/sweeps/quickstart_lr/optim.lr=0.01/seed=3"));
 }
 
 #[test]
@@ -195,7 +263,11 @@ fn bad_sweeps_are_one_line_errors_before_anything_runs() {
         (
             "typo.toml",
             "[sweep]\nbase = \"tiny.toml\"\n[sweep.grid]\n\"optim.lrr\" = [1e-3, 3e-3]\n",
-            vec!["typo.toml", "sweep key \"optim.lrr\"", "unknown field `lrr`"],
+            vec![
+                "typo.toml",
+                "sweep key \"optim.lrr\"",
+                "unknown field `lrr`",
+            ],
         ),
         (
             "section.toml",
@@ -204,8 +276,16 @@ fn bad_sweeps_are_one_line_errors_before_anything_runs() {
         ),
         (
             "range.toml",
-            "[sweep]\nbase = \"tiny.toml\"\n[[sweep.points]]\n\"train.max_steps\" = 5\n[[sweep.points]]\n\"train.max_steps\" = 0\n",
-            vec!["sweep point train.max_steps=0", "train.max_steps", "positive"],
+            concat!(
+                "[sweep]\nbase = \"tiny.toml\"\n",
+                "[[sweep.points]]\n\"train.max_steps\" = 5\n",
+                "[[sweep.points]]\n\"train.max_steps\" = 0\n",
+            ),
+            vec![
+                "sweep point train.max_steps=0",
+                "train.max_steps",
+                "positive",
+            ],
         ),
         (
             "nobase.toml",
@@ -251,14 +331,17 @@ base = "tiny.toml"
         .join("runs/mixed/optim.lr=0.001/seed=7/summary.json")
         .is_file());
     let failed = dir.join("runs/mixed/data.train.kind=text,data.train.path=missing.txt/seed=7");
-    let log = std::fs::read_to_string(failed.join("sweep.log")).unwrap();
+    let log = read_text(&failed.join("sweep.log"));
     assert!(
         log.contains("error:") && log.contains("missing.txt"),
         "{log}"
     );
     let rows = read_csv(&dir.join("runs/mixed/results.csv"));
     assert_eq!(
-        (rows[0]["unfinished"].as_str(), rows[1]["unfinished"].as_str()),
+        (
+            rows[0]["unfinished"].as_str(),
+            rows[1]["unfinished"].as_str()
+        ),
         ("0", "1")
     );
     assert_eq!(rows[1]["final_valid_loss_n"], "0");
@@ -330,8 +413,7 @@ fn soups_average_weights_evaluate_and_greedy_is_no_worse_than_the_best() {
         assert!(!t.equal(&a[name]) || a[name].equal(&b[name]), "{name}");
     }
     let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("soup2/soup.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&read_text(&dir.join("soup2/soup.json"))).expect("valid JSON");
     assert_eq!(report["method"], "uniform");
     // The soup measures each ingredient exactly as its training run did.
     for (i, r) in [&runs[0], &runs[3]].iter().enumerate() {
@@ -346,7 +428,7 @@ fn soups_average_weights_evaluate_and_greedy_is_no_worse_than_the_best() {
         dir.join("text.txt"),
         "Alice was beginning to get very tired. ".repeat(20),
     )
-    .unwrap();
+    .expect("writing text.txt");
     let eval = trainer(
         dir,
         &[
@@ -361,8 +443,8 @@ fn soups_average_weights_evaluate_and_greedy_is_no_worse_than_the_best() {
         ],
     );
     eval.assert_success();
-    let e: Value = serde_json::from_str(eval.stdout.trim()).unwrap();
-    assert!(e["loss"].as_f64().unwrap().is_finite(), "{e}");
+    let e: Value = serde_json::from_str(eval.stdout.trim()).expect("valid JSON");
+    assert!(e["loss"].as_f64().expect("a number").is_finite(), "{e}");
     trainer(dir, &["export", "soup2", "--to", "hf", "hf_soup"]).assert_success();
     assert!(dir.join("hf_soup/model.safetensors").is_file());
 
@@ -372,15 +454,14 @@ fn soups_average_weights_evaluate_and_greedy_is_no_worse_than_the_best() {
     args.extend(["--greedy", "--out", "greedy", "--device", "cpu"]);
     trainer(dir, &args).assert_success();
     let g: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("greedy/soup.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&read_text(&dir.join("greedy/soup.json"))).expect("valid JSON");
     let best = g["ingredients"]
         .as_array()
-        .unwrap()
+        .expect("a JSON array")
         .iter()
-        .map(|i| i["valid_loss"].as_f64().unwrap())
+        .map(|i| i["valid_loss"].as_f64().expect("a number"))
         .fold(f64::INFINITY, f64::min);
-    let loss = g["valid_loss"].as_f64().unwrap();
+    let loss = g["valid_loss"].as_f64().expect("a number");
     assert!(
         loss <= best,
         "greedy soup {loss} is worse than the best ingredient {best}"
@@ -388,7 +469,7 @@ fn soups_average_weights_evaluate_and_greedy_is_no_worse_than_the_best() {
     assert_eq!(g["greedy_valid_loss"].as_f64(), Some(loss));
     assert!(g["ingredients"]
         .as_array()
-        .unwrap()
+        .expect("a JSON array")
         .iter()
         .any(|i| i["in_soup"] == true));
 }
@@ -440,7 +521,7 @@ fn report_draws_png_and_svg() {
     )
     .assert_success();
     trainer(dir, &["report", "runs/a", "runs/b", "--out", "r.png"]).assert_success();
-    let png = std::fs::read(dir.join("r.png")).unwrap();
+    let png = std::fs::read(dir.join("r.png")).expect("reading a test file");
     assert!(
         png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 2000,
         "{} bytes",
@@ -459,7 +540,7 @@ fn report_draws_png_and_svg() {
         ],
     )
     .assert_success();
-    let svg = std::fs::read_to_string(dir.join("r.svg")).unwrap();
+    let svg = read_text(&dir.join("r.svg"));
     assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);
     // 2 runs: train + valid loss, lr, grad_norm: 6 curves (plus grid lines).
     assert!(svg.matches("<polyline").count() >= 6);
@@ -481,13 +562,13 @@ fn report_draws_png_and_svg() {
 /// metrics.jsonl's lines as written, without the wall-clock field `"tokens_per_s":...`: text
 /// equality of Rust's shortest round-trip float printing is bitwise equality of the values.
 fn comparable_rows(run_dir: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let text = read_text(&run_dir.join("metrics.jsonl"));
     text.lines()
         .map(|l| match l.find("\"tokens_per_s\":") {
             None => l.to_string(),
             Some(start) => {
                 let rest = &l[start..];
-                let end = rest.find([',', '}']).unwrap();
+                let end = rest.find([',', '}']).expect("the end of the field");
                 if rest[end..].starts_with(',') {
                     format!("{}{}", &l[..start], &rest[end + 1..])
                 } else {
@@ -521,15 +602,15 @@ fn same_recipe_and_seed_give_bitwise_identical_metrics() {
     .assert_success();
     let one = comparable_rows(&dir.join("runs/one"));
     assert_eq!(one.len(), 44, "40 training rows and 4 evaluations");
-    let first: Value = serde_json::from_str(&one[0]).unwrap();
-    let mut fields: Vec<&String> = first.as_object().unwrap().keys().collect();
+    let first: Value = serde_json::from_str(&one[0]).expect("valid JSON");
+    let mut fields: Vec<&String> = first.as_object().expect("a JSON object").keys().collect();
     fields.sort();
     assert_eq!(fields, ["grad_norm", "loss", "lr", "step", "tokens"]);
     assert_eq!(one, comparable_rows(&dir.join("runs/two")));
     assert_eq!(one, comparable_rows(&dir.join("runs/det")));
-    let config = std::fs::read_to_string(dir.join("runs/det/config.toml")).unwrap();
+    let config = read_text(&dir.join("runs/det/config.toml"));
     assert!(config.contains("deterministic = true"), "{config}");
-    let config = std::fs::read_to_string(dir.join("runs/one/config.toml")).unwrap();
+    let config = read_text(&dir.join("runs/one/config.toml"));
     assert!(!config.contains("deterministic"), "{config}");
     // A different seed gives different numbers (the comparison can fail).
     trainer(

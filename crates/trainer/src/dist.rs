@@ -70,9 +70,7 @@ impl World {
             match var(key) {
                 None => Ok(None),
                 Some(v) => v.trim().parse().map(Some).map_err(|_| {
-                    Error::Recipe(format!(
-                        "{key}: expected a non-negative integer, got {v:?}"
-                    ))
+                    Error::Recipe(format!("{key}: expected a non-negative integer, got {v:?}"))
                 }),
             }
         };
@@ -212,6 +210,8 @@ pub struct DataParallel {
     group: Option<ProcessGroup>,
     /// The training device: NCCL reduces CUDA tensors only, Gloo CPU ones.
     device: Device,
+    /// Bounds every collective (for the error message; the group enforces it).
+    timeout: Duration,
     /// Reused flat buffers, one per bucket, on the training device.
     buckets: std::cell::RefCell<Vec<Tensor>>,
 }
@@ -252,6 +252,7 @@ impl DataParallel {
             world,
             group,
             device,
+            timeout,
             buckets: Default::default(),
         })
     }
@@ -291,6 +292,7 @@ impl DataParallel {
             world: World::single(),
             group: None,
             device: Device::Cpu,
+            timeout: Duration::ZERO,
             buckets: Default::default(),
         }
     }
@@ -317,7 +319,11 @@ impl DataParallel {
         };
         let k = scalars.len();
         let mut values = scalars.to_vec();
-        values.extend(params.iter().map(|p| f64::from(u8::from(p.grad().defined()))));
+        values.extend(
+            params
+                .iter()
+                .map(|p| f64::from(u8::from(p.grad().defined()))),
+        );
         self.sum(&mut values)?;
         scalars.copy_from_slice(&values[..k]);
         let used: Vec<&Tensor> = params
@@ -398,11 +404,18 @@ impl DataParallel {
     }
 
     fn collective_error(&self, what: &str, e: &str) -> Error {
+        let msg = crate::error::first_line(e);
+        let (rank, size) = (self.world.rank, self.world.size);
+        let cause = if msg.to_lowercase().contains("timed out") {
+            format!(
+                "timed out after {}s (run.collective_timeout_s): another rank hangs or stopped",
+                self.timeout.as_secs_f64()
+            )
+        } else {
+            "another rank died or stopped".to_string()
+        };
         Error::Torch(format!(
-            "rank {} of {}: {what} failed: another rank died, hung or stopped (run.collective_timeout_s bounds the wait): {}",
-            self.world.rank,
-            self.world.size,
-            crate::error::first_line(e)
+            "rank {rank} of {size}: {what} failed: {cause}: {msg}"
         ))
     }
 }
@@ -544,7 +557,10 @@ mod tests {
             ..World::single()
         };
         assert_eq!(w.shard(8, "train.batch_size").expect("ok"), (4, 4));
-        let e = w.shard(7, "train.batch_size").expect_err("an error").to_string();
+        let e = w
+            .shard(7, "train.batch_size")
+            .expect_err("an error")
+            .to_string();
         assert!(e.starts_with("train.batch_size: "), "{e}");
     }
 

@@ -22,9 +22,9 @@ use trainer::recipe::{DistillConfig, HiddenLoss, HiddenPair, KdLoss, ModelConfig
 
 const TOL: f64 = 1e-5;
 
-/// torch's generator is global and the tests of this file run on parallel threads: whoever
-/// seeds it and draws from it (building models, batches) holds this lock meanwhile, so that the
-/// same seed always gives the same model.
+/// torch's generator is global and the tests of this file run on parallel threads: every test
+/// that seeds it and draws from it (building models, batches) holds this lock throughout, so that
+/// the same seed always gives the same model.
 static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn rng() -> std::sync::MutexGuard<'static, ()> {
@@ -259,7 +259,6 @@ fn distill_config(
 /// A student (d 16, 2 layers), a teacher (d 24, 3 layers) and a distiller over them, the
 /// same for every call.
 fn setup(cfg: &DistillConfig<ModelConfig>) -> (Transformer, ParamStore, LmDistiller) {
-    let _rng = rng();
     tch::manual_seed(7);
     let mut tp = ParamStore::new(Device::Cpu);
     let teacher = Transformer::new(&llama(32, 24, 3), &mut tp).expect("teacher");
@@ -272,7 +271,6 @@ fn setup(cfg: &DistillConfig<ModelConfig>) -> (Transformer, ParamStore, LmDistil
 }
 
 fn batch() -> (Tensor, Tensor) {
-    let _rng = rng();
     tch::manual_seed(11);
     let inputs = Tensor::randint(32, [3, 8], (Kind::Int64, Device::Cpu));
     let targets = Tensor::randint(32, [3, 8], (Kind::Int64, Device::Cpu));
@@ -294,6 +292,7 @@ fn grads(params: &ParamStore) -> Vec<(String, Tensor)> {
 
 #[test]
 fn chunked_equals_unchunked_in_loss_and_gradients() {
+    let _rng = rng();
     let hidden = vec![
         HiddenPair {
             student: 1,
@@ -373,6 +372,7 @@ fn chunked_equals_unchunked_in_loss_and_gradients() {
 
 #[test]
 fn gradients_reach_the_student_and_its_projections_but_never_the_teacher() {
+    let _rng = rng();
     let cfg = distill_config(
         KdLoss::ForwardKl,
         7,
@@ -423,6 +423,7 @@ fn gradients_reach_the_student_and_its_projections_but_never_the_teacher() {
 
 #[test]
 fn a_teacher_with_another_vocabulary_is_refused_naming_the_key() {
+    let _rng = rng();
     let mut tp = ParamStore::new(Device::Cpu);
     let teacher = Transformer::new(&llama(48, 16, 1), &mut tp).expect("teacher");
     let teacher = LmTeacher::new(teacher, tp, "runs/big".into());
@@ -446,6 +447,7 @@ fn a_teacher_with_another_vocabulary_is_refused_naming_the_key() {
 
 #[test]
 fn hidden_layers_out_of_range_are_refused_naming_the_key() {
+    let _rng = rng();
     let mut tp = ParamStore::new(Device::Cpu);
     let teacher = Transformer::new(&llama(32, 16, 2), &mut tp).expect("teacher");
     let teacher = LmTeacher::new(teacher, tp, "t".into());
@@ -471,6 +473,7 @@ fn hidden_layers_out_of_range_are_refused_naming_the_key() {
 
 #[test]
 fn a_bf16_teacher_gives_nearly_the_fp32_teacher_losses() {
+    let _rng = rng();
     let cfg = distill_config(
         KdLoss::ForwardKl,
         7,
@@ -514,5 +517,65 @@ fn a_bf16_teacher_gives_nearly_the_fp32_teacher_losses() {
         values(&fp32.ce),
         values(&bf16.ce),
         "the student's CE does not involve the teacher"
+    );
+}
+
+#[test]
+fn an_moe_student_also_minimises_its_router_losses() {
+    let _rng = rng();
+    // Top-1 routing after a softmax: the router learns only through its aux and z losses, so
+    // its gradient is non-zero exactly when they are part of the backward pass.
+    let router_grad = |aux: f64| {
+        tch::manual_seed(7);
+        let mut tp = ParamStore::new(Device::Cpu);
+        let teacher = Transformer::new(&llama(32, 24, 1), &mut tp).expect("teacher");
+        let teacher = LmTeacher::new(teacher, tp, "teacher".into());
+        let mut sp = ParamStore::new(Device::Cpu);
+        let moe = trainer::models::moe::MoeConfig {
+            d_model: 16,
+            d_ff: 32,
+            n_experts: 2,
+            top_k: 1,
+            routing: trainer::models::moe::Routing::SoftmaxThenTopK,
+            capacity_factor: None,
+            aux_loss_coef: aux,
+            router_z_loss_coef: aux,
+            shared_expert: false,
+        };
+        let scfg = TransformerConfig {
+            moe: Some(moe),
+            ..llama(32, 16, 1)
+        };
+        let student = Transformer::new(&scfg, &mut sp).expect("student");
+        let cfg = distill_config(KdLoss::ReverseKl, 7, vec![]);
+        let d = LmDistiller::with_teacher(&cfg, teacher, &scfg, &mut sp).expect("distiller");
+        tch::manual_seed(11);
+        let inputs = Tensor::randint(32, [2, 8], (Kind::Int64, Device::Cpu));
+        let l = d
+            .backward(
+                &student,
+                &inputs,
+                &inputs,
+                1.0,
+                Device::Cpu,
+                Precision::Fp32,
+            )
+            .expect("backward");
+        assert_eq!(l.moe_layers.len(), 1);
+        let g = sp
+            .get("model.layers.0.mlp.gate.weight")
+            .expect("router")
+            .grad();
+        if g.defined() {
+            g.abs().sum(Kind::Float).double_value(&[])
+        } else {
+            0.0
+        }
+    };
+    // Without the losses, only rounding in the renormalisation of one weight reaches it.
+    let (without, with) = (router_grad(0.0), router_grad(0.01));
+    assert!(
+        without < 1e-8 && with > 1e-5,
+        "router gradient {without} vs {with}"
     );
 }

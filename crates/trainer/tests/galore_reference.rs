@@ -569,6 +569,7 @@ fn recipe_parses_with_galore_defaults() {
             update_proj_gap: 200,
             scale: 1.0,
             target: vec![],
+            state_bits: 32,
         }
     );
     let text = RECIPE.replace(
@@ -660,6 +661,7 @@ fn galore_config(rank: i64, target: &[&str], lr: f64) -> OptimConfig {
         update_proj_gap: 10,
         scale: 0.25,
         target: target.iter().map(|s| s.to_string()).collect(),
+        state_bits: 32,
     }
 }
 
@@ -706,6 +708,7 @@ fn state_bytes_of_a_tiny_llama_are_below_adamw() {
         weight_decay: 0.0,
         decay_embeddings: false,
         fused: Some(false),
+        state_bits: 32,
     };
     let adamw_bytes = Optimizer::build(&adamw, &store)
         .expect("adamw")

@@ -285,6 +285,7 @@ fn state_bits(opt: &Optimizer) -> Vec<(String, Vec<u64>)> {
         Optimizer::AdamW(o) => o.state_tensors(),
         Optimizer::Sgd(o) => o.state_tensors(),
         Optimizer::GaloreAdamW(o) => o.state_tensors(),
+        Optimizer::Gsm(o) => o.state_tensors(),
     };
     tensors
         .into_iter()

@@ -229,7 +229,7 @@ impl LmDistiller {
         let grad = leaf.grad();
         let mut trunk = (&hs * grad.to_kind(hs.kind())).sum(Kind::Float);
         if let Some(h) = &hidden_sum {
-            trunk = trunk + h * (self.hidden_weight * scale);
+            trunk += h * (self.hidden_weight * scale);
         }
         let router = s_out
             .moe_layers
@@ -237,7 +237,7 @@ impl LmDistiller {
             .map(|l| l.loss.shallow_clone())
             .reduce(|a, b| a + b);
         if let Some(r) = router {
-            trunk = trunk + r * scale;
+            trunk += r * scale;
         }
         trunk.f_backward()?;
 
@@ -246,7 +246,7 @@ impl LmDistiller {
         let hidden = hidden_sum.map(|h| h.detach());
         let mut loss = &kd * self.alpha + &ce * (1.0 - self.alpha);
         if let Some(h) = &hidden {
-            loss = loss + h * self.hidden_weight;
+            loss += h * self.hidden_weight;
         }
         Ok(LmLosses {
             loss,

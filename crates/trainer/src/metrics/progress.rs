@@ -6,7 +6,9 @@ use std::io::IsTerminal;
 
 pub enum Progress {
     Bar(ProgressBar),
-    Lines { total: u64 },
+    Lines {
+        total: u64,
+    },
     /// Nothing at all: the ranks other than 0 of a multi-process run.
     Silent,
 }

@@ -203,7 +203,9 @@ impl ParamStore {
     /// Sets (or replaces) the pruning mask of `name` (true = pruned) and zeroes those weights.
     pub fn set_mask(&mut self, name: &str, pruned: Tensor) -> Result<()> {
         let Some(p) = self.get(name) else {
-            return Err(Error::Recipe(format!("prune: {name:?} is not a tensor of this model")));
+            return Err(Error::Recipe(format!(
+                "prune: {name:?} is not a tensor of this model"
+            )));
         };
         if p.size() != pruned.size() {
             return Err(Error::Recipe(format!(

@@ -182,7 +182,12 @@ impl Linear {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         if let Some(acc) = self.input_sq.borrow_mut().as_mut() {
             let d = x.size().last().copied().unwrap_or(0);
-            *acc += x.detach().to_kind(Kind::Float).reshape([-1, d]).square().sum_dim_intlist(0, false, Kind::Float);
+            *acc += x
+                .detach()
+                .to_kind(Kind::Float)
+                .reshape([-1, d])
+                .square()
+                .sum_dim_intlist(0, false, Kind::Float);
         }
         let y = if self.transposed {
             x.linear(&self.weight.tr(), self.bias.as_ref())

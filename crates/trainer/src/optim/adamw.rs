@@ -11,6 +11,7 @@
 //!
 //! The moments are owned here as named tensors so that they save, load and reset.
 
+use super::moment::Moment;
 use super::{grad_of, StateTensors};
 use tch::Tensor;
 
@@ -30,8 +31,8 @@ struct Slot {
     name: String,
     param: Tensor,
     decay: bool,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
+    exp_avg: Moment,
+    exp_avg_sq: Moment,
 }
 
 impl AdamW {
@@ -45,8 +46,8 @@ impl AdamW {
         let slots = params
             .into_iter()
             .map(|(name, param, decay)| {
-                let exp_avg = param.zeros_like().detach();
-                let exp_avg_sq = param.zeros_like().detach();
+                let exp_avg = Moment::Full(param.zeros_like().detach());
+                let exp_avg_sq = Moment::Full(param.zeros_like().detach());
                 Slot {
                     name,
                     param,
@@ -66,6 +67,19 @@ impl AdamW {
         }
     }
 
+    /// Keeps the moments 8-bit block-wise quantised (`moment.rs`); they are dequantised, updated
+    /// and quantised again at every step (not with the fused kernel).
+    pub fn with_8bit_states(mut self) -> AdamW {
+        for s in &mut self.slots {
+            let shape = s.param.size();
+            let device = s.param.device();
+            s.exp_avg = Moment::zeros(&shape, s.param.kind(), device, true, true);
+            s.exp_avg_sq = Moment::zeros(&shape, s.param.kind(), device, true, false);
+        }
+        self.fused = false;
+        self
+    }
+
     pub fn step(&mut self, lr: f64) -> crate::Result<()> {
         if self.fused {
             return self.step_fused(lr);
@@ -83,11 +97,14 @@ impl AdamW {
                 if s.decay && self.weight_decay != 0.0 {
                     let _ = p.g_mul_scalar_(1.0 - lr * self.weight_decay);
                 }
-                let _ = s.exp_avg.lerp_(&g, 1.0 - b1);
-                let _ = s.exp_avg_sq.g_mul_scalar_(b2);
-                let _ = s.exp_avg_sq.addcmul_(&g, &(&g * (1.0 - b2)));
-                let denom = (s.exp_avg_sq.sqrt() / bias_correction2_sqrt) + self.eps;
-                let _ = p.g_sub_(&(&s.exp_avg / denom * step_size));
+                let (mut m, mut v) = (s.exp_avg.load(), s.exp_avg_sq.load());
+                let _ = m.lerp_(&g, 1.0 - b1);
+                let _ = v.g_mul_scalar_(b2);
+                let _ = v.addcmul_(&g, &(&g * (1.0 - b2)));
+                let denom = (v.sqrt() / bias_correction2_sqrt) + self.eps;
+                let _ = p.g_sub_(&(&m / denom * step_size));
+                s.exp_avg.store(&m);
+                s.exp_avg_sq.store(&v);
             }
         });
         Ok(())
@@ -111,8 +128,14 @@ impl AdamW {
                 .collect();
             let params: Vec<&Tensor> = live.iter().map(|(s, _)| &s.param).collect();
             let grads: Vec<&Tensor> = live.iter().map(|(_, g)| g).collect();
-            let m: Vec<&Tensor> = live.iter().map(|(s, _)| &s.exp_avg).collect();
-            let v: Vec<&Tensor> = live.iter().map(|(s, _)| &s.exp_avg_sq).collect();
+            let m: Vec<&Tensor> = live
+                .iter()
+                .map(|(s, _)| full(&s.exp_avg))
+                .collect::<crate::Result<_>>()?;
+            let v: Vec<&Tensor> = live
+                .iter()
+                .map(|(s, _)| full(&s.exp_avg_sq))
+                .collect::<crate::Result<_>>()?;
             let wd = if decay { self.weight_decay } else { 0.0 };
             tch::no_grad(|| {
                 torch_ext::fused_adamw(&params, &grads, &m, &v, &step, lr, self.betas, wd, self.eps)
@@ -129,9 +152,9 @@ impl AdamW {
     /// reference. The fused path steps these same tensors. Returns the number of parameters reset.
     pub fn reset_state(&mut self, names: &[String], keep_fraction: f64) -> crate::Result<usize> {
         let mut n = 0;
-        for s in self.slots.iter().filter(|s| names.contains(&s.name)) {
-            super::prune_by_magnitude(&s.exp_avg, keep_fraction)?;
-            super::prune_by_magnitude(&s.exp_avg_sq, keep_fraction)?;
+        for s in self.slots.iter_mut().filter(|s| names.contains(&s.name)) {
+            s.exp_avg.prune(keep_fraction)?;
+            s.exp_avg_sq.prune(keep_fraction)?;
             n += 1;
         }
         Ok(n)
@@ -141,11 +164,18 @@ impl AdamW {
     pub fn state_bytes(&self) -> i64 {
         self.slots
             .iter()
-            .map(|s| {
-                crate::models::params::bytes_of(&s.exp_avg)
-                    + crate::models::params::bytes_of(&s.exp_avg_sq)
-            })
+            .map(|s| s.exp_avg.bytes() + s.exp_avg_sq.bytes())
             .sum()
+    }
+}
+
+/// The tensor of a 32-bit moment (the fused kernel's input).
+fn full(m: &Moment) -> crate::Result<&Tensor> {
+    match m {
+        Moment::Full(t) => Ok(t),
+        Moment::Int8(_) => Err(crate::Error::Recipe(
+            "optim.fused: the fused AdamW kernel needs 32-bit states".into(),
+        )),
     }
 }
 
@@ -153,11 +183,8 @@ impl StateTensors for AdamW {
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![("step".to_string(), Tensor::from(self.step))];
         for s in &self.slots {
-            out.push((format!("exp_avg.{}", s.name), s.exp_avg.shallow_clone()));
-            out.push((
-                format!("exp_avg_sq.{}", s.name),
-                s.exp_avg_sq.shallow_clone(),
-            ));
+            out.extend(s.exp_avg.named("exp_avg", &s.name));
+            out.extend(s.exp_avg_sq.named("exp_avg_sq", &s.name));
         }
         out
     }

@@ -33,6 +33,7 @@
 //!   vectors; the reference keeps a view that holds all of `U` or `Vh` alive.
 //! - A rank above a weight's smaller dimension is an error (the reference silently uses fewer).
 
+use super::moment::Moment;
 use super::{grad_of, StateTensors};
 use crate::error::{Error, Result};
 use crate::models::params::bytes_of;
@@ -66,8 +67,8 @@ struct Slot {
     /// For projected weights; None: plain AdamW on the full gradient.
     projector: Option<Projector>,
     /// `[m, r]` or `[r, n]` for projected weights, else the parameter's shape.
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
+    exp_avg: Moment,
+    exp_avg_sq: Moment,
 }
 
 /// Which side the projector multiplies, chosen by shape as the reference's "std" type does.
@@ -235,7 +236,7 @@ impl GaloreAdamW {
                 }
                 None => param.zeros_like().detach(),
             };
-            let (exp_avg, exp_avg_sq) = (moment(), moment());
+            let (exp_avg, exp_avg_sq) = (Moment::Full(moment()), Moment::Full(moment()));
             slots.push(Slot {
                 name,
                 param,
@@ -260,6 +261,19 @@ impl GaloreAdamW {
             step: 0,
             slots,
         })
+    }
+
+    /// Keeps the (low-rank) moments 8-bit block-wise quantised (`moment.rs`): 8-bit GaLore.
+    pub fn with_8bit_states(mut self) -> GaloreAdamW {
+        for s in &mut self.slots {
+            let (shape, kind, device) = match &s.exp_avg {
+                Moment::Full(t) => (t.size(), t.kind(), t.device()),
+                Moment::Int8(q) => (q.shape.clone(), Kind::Float, q.codes.device()),
+            };
+            s.exp_avg = Moment::zeros(&shape, kind, device, true, true);
+            s.exp_avg_sq = Moment::zeros(&shape, kind, device, true, false);
+        }
+        self
     }
 
     pub fn step(&mut self, lr: f64) -> Result<()> {
@@ -303,12 +317,15 @@ impl GaloreAdamW {
                     Some(p) => p.project(&g),
                     None => g,
                 };
-                let _ = s.exp_avg.g_mul_scalar_(b1);
-                let _ = s.exp_avg.g_add_(&(&g * (1.0 - b1)));
-                let _ = s.exp_avg_sq.g_mul_scalar_(b2);
-                let _ = s.exp_avg_sq.addcmul_(&g, &(&g * (1.0 - b2)));
-                let denom = s.exp_avg_sq.sqrt() + self.eps;
-                let mut update = &s.exp_avg / denom;
+                let (mut m, mut v) = (s.exp_avg.load(), s.exp_avg_sq.load());
+                let _ = m.g_mul_scalar_(b1);
+                let _ = m.g_add_(&(&g * (1.0 - b1)));
+                let _ = v.g_mul_scalar_(b2);
+                let _ = v.addcmul_(&g, &(&g * (1.0 - b2)));
+                let denom = v.sqrt() + self.eps;
+                let mut update = &m / denom;
+                s.exp_avg.store(&m);
+                s.exp_avg_sq.store(&v);
                 if let Some(p) = &s.projector {
                     update = p.project_back(&update) * scale;
                 }
@@ -330,8 +347,8 @@ impl GaloreAdamW {
         self.slots
             .iter()
             .map(|s| {
-                bytes_of(&s.exp_avg)
-                    + bytes_of(&s.exp_avg_sq)
+                s.exp_avg.bytes()
+                    + s.exp_avg_sq.bytes()
                     + s.projector.as_ref().map_or(0, |p| bytes_of(&p.ortho))
             })
             .sum()
@@ -351,11 +368,8 @@ impl StateTensors for GaloreAdamW {
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![("step".to_string(), Tensor::from(self.step))];
         for s in &self.slots {
-            out.push((format!("exp_avg.{}", s.name), s.exp_avg.shallow_clone()));
-            out.push((
-                format!("exp_avg_sq.{}", s.name),
-                s.exp_avg_sq.shallow_clone(),
-            ));
+            out.extend(s.exp_avg.named("exp_avg", &s.name));
+            out.extend(s.exp_avg_sq.named("exp_avg_sq", &s.name));
             if let Some(p) = &s.projector {
                 out.push((format!("ortho.{}", s.name), p.ortho.shallow_clone()));
             }

@@ -76,7 +76,11 @@ impl Gsm {
             }
             let saliency: Vec<Tensor> = with_grads
                 .iter()
-                .map(|(w, g)| (w.to_kind(Kind::Float) * g.to_kind(Kind::Float)).abs().flatten(0, -1))
+                .map(|(w, g)| {
+                    (w.to_kind(Kind::Float) * g.to_kind(Kind::Float))
+                        .abs()
+                        .flatten(0, -1)
+                })
                 .collect();
             let all = Tensor::f_cat(&saliency, 0).map_err(torch)?;
             let n = all.size()[0];
@@ -131,7 +135,15 @@ mod tests {
     }
 
     impl Direct {
-        fn step(&mut self, grads: &[Vec<f64>], prunable: &[bool], density: f64, lr: f64, m: f64, wd: f64) {
+        fn step(
+            &mut self,
+            grads: &[Vec<f64>],
+            prunable: &[bool],
+            density: f64,
+            lr: f64,
+            m: f64,
+            wd: f64,
+        ) {
             // Saliency over the prunable tensors, ranked globally.
             let mut sal: Vec<f64> = Vec::new();
             for (i, w) in self.w.iter().enumerate() {

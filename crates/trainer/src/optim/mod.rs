@@ -4,6 +4,7 @@
 pub mod adamw;
 pub mod galore;
 pub mod gsm;
+pub mod moment;
 pub mod sgd;
 
 use crate::error::{Error, Result};
@@ -59,10 +60,14 @@ impl Optimizer {
                 weight_decay,
                 decay_embeddings,
                 fused,
+                state_bits,
                 ..
             } => {
                 let mut o = AdamW::new(groups(*decay_embeddings), *betas, *eps, *weight_decay);
                 o.fused = fused.unwrap_or(true);
+                if *state_bits == 8 {
+                    o = o.with_8bit_states();
+                }
                 Optimizer::AdamW(o)
             }
             OptimConfig::Sgd {
@@ -86,19 +91,27 @@ impl Optimizer {
                 update_proj_gap,
                 scale,
                 target,
+                state_bits,
                 ..
-            } => Optimizer::GaloreAdamW(GaloreAdamW::new(
-                groups(false),
-                target,
-                galore::Projection {
-                    rank: *rank,
-                    update_proj_gap: *update_proj_gap,
-                    scale: *scale,
-                },
-                *betas,
-                *eps,
-                *weight_decay,
-            )?),
+            } => Optimizer::GaloreAdamW({
+                let o = GaloreAdamW::new(
+                    groups(false),
+                    target,
+                    galore::Projection {
+                        rank: *rank,
+                        update_proj_gap: *update_proj_gap,
+                        scale: *scale,
+                    },
+                    *betas,
+                    *eps,
+                    *weight_decay,
+                )?;
+                if *state_bits == 8 {
+                    o.with_8bit_states()
+                } else {
+                    o
+                }
+            }),
             OptimConfig::Gsm {
                 momentum,
                 nesterov,

@@ -67,7 +67,10 @@ impl PruneConfig {
         check(
             self.start_step >= 0 && self.start_step <= total_steps,
             "prune.start_step",
-            format!("expected a step in [0, {total_steps}] (the run's length), got {}", self.start_step),
+            format!(
+                "expected a step in [0, {total_steps}] (the run's length), got {}",
+                self.start_step
+            ),
         )?;
         if let Some(end) = self.end_step {
             check(
@@ -79,7 +82,11 @@ impl PruneConfig {
                 ),
             )?;
         }
-        check(self.every > 0, "prune.every", format!("expected a positive number of steps, got {}", self.every))
+        check(
+            self.every > 0,
+            "prune.every",
+            format!("expected a positive number of steps, got {}", self.every),
+        )
     }
 
     /// The sparsity to prune to after `step` completed steps, when an event falls there.
@@ -121,14 +128,18 @@ mod tests {
     #[test]
     fn one_shot_prunes_once_at_start() {
         let c = cfg(5, None, 10);
-        let events: Vec<(i64, f64)> = (0..20).filter_map(|s| c.sparsity_at(s).map(|x| (s, x))).collect();
+        let events: Vec<(i64, f64)> = (0..20)
+            .filter_map(|s| c.sparsity_at(s).map(|x| (s, x)))
+            .collect();
         assert_eq!(events, vec![(5, 0.8)]);
     }
 
     #[test]
     fn gradual_follows_the_cubic_schedule_on_its_grid() {
         let c = cfg(10, Some(40), 10);
-        let events: Vec<(i64, f64)> = (0..60).filter_map(|s| c.sparsity_at(s).map(|x| (s, x))).collect();
+        let events: Vec<(i64, f64)> = (0..60)
+            .filter_map(|s| c.sparsity_at(s).map(|x| (s, x)))
+            .collect();
         let steps: Vec<i64> = events.iter().map(|e| e.0).collect();
         // Step 10 would be sparsity 0: no event there.
         assert_eq!(steps, vec![20, 30, 40]);

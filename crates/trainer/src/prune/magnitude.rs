@@ -39,7 +39,9 @@ pub fn masks(
                 store
                     .get(n)
                     .map(|t| (n.clone(), t.abs().to_kind(Kind::Float)))
-                    .ok_or_else(|| Error::Recipe(format!("prune: {n:?} is not a tensor of this model")))
+                    .ok_or_else(|| {
+                        Error::Recipe(format!("prune: {n:?} is not a tensor of this model"))
+                    })
             })
             .collect::<Result<_>>()?;
         match scope {
@@ -71,7 +73,12 @@ pub fn masks(
 }
 
 /// Prunes `names` of `store` to `sparsity` by magnitude and installs the masks.
-pub fn prune(store: &mut ParamStore, names: &[String], sparsity: f64, scope: PruneScope) -> Result<()> {
+pub fn prune(
+    store: &mut ParamStore,
+    names: &[String],
+    sparsity: f64,
+    scope: PruneScope,
+) -> Result<()> {
     for (name, mask) in masks(store, names, sparsity, scope)? {
         store.set_mask(&name, mask)?;
     }
@@ -80,7 +87,11 @@ pub fn prune(store: &mut ParamStore, names: &[String], sparsity: f64, scope: Pru
 
 /// For GSM's log: per tensor, a bool mask of the weights a global magnitude cut keeping
 /// `density` of them would keep.
-pub fn survivors(store: &ParamStore, names: &[String], density: f64) -> Result<Vec<(String, Tensor)>> {
+pub fn survivors(
+    store: &ParamStore,
+    names: &[String],
+    density: f64,
+) -> Result<Vec<(String, Tensor)>> {
     Ok(masks(store, names, 1.0 - density, PruneScope::Global)?
         .into_iter()
         .map(|(n, m)| (n, m.logical_not()))
@@ -95,8 +106,14 @@ mod tests {
     fn store() -> ParamStore {
         let mut s = ParamStore::new(Device::Cpu);
         // Layer a holds the small weights, layer b the large ones.
-        let _ = s.add("a.weight", Tensor::from_slice(&[0.1f32, -0.2, 0.3, -0.4]).view([2, 2]));
-        let _ = s.add("b.weight", Tensor::from_slice(&[1.0f32, -2.0, 3.0, -4.0, 0.05, 5.0]).view([2, 3]));
+        let _ = s.add(
+            "a.weight",
+            Tensor::from_slice(&[0.1f32, -0.2, 0.3, -0.4]).view([2, 2]),
+        );
+        let _ = s.add(
+            "b.weight",
+            Tensor::from_slice(&[1.0f32, -2.0, 3.0, -4.0, 0.05, 5.0]).view([2, 3]),
+        );
         s
     }
 
@@ -130,7 +147,11 @@ mod tests {
         prune(&mut s, &names, 0.5, PruneScope::Global).unwrap();
         // An update touches every weight; applying the masks restores the zeros.
         tch::no_grad(|| {
-            let _ = s.get("b.weight").unwrap().shallow_clone().g_add_scalar_(1.0);
+            let _ = s
+                .get("b.weight")
+                .unwrap()
+                .shallow_clone()
+                .g_add_scalar_(1.0);
         });
         s.apply_masks();
         assert_eq!(values(&s, "b.weight"), vec![2.0, -1.0, 4.0, -3.0, 0.0, 6.0]);

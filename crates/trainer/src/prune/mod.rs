@@ -129,7 +129,10 @@ impl SparsityReport {
             .max()
             .unwrap_or(5)
             .max(5);
-        let mut out = format!("{:<width$} {:>12} {:>12} {:>9}\n", "layer", "params", "zeros", "sparsity");
+        let mut out = format!(
+            "{:<width$} {:>12} {:>12} {:>9}\n",
+            "layer", "params", "zeros", "sparsity"
+        );
         for l in &self.layers {
             out += &format!(
                 "{:<width$} {:>12} {:>12} {:>8.2}%\n",
@@ -163,7 +166,10 @@ pub struct Pruner {
 enum Plan {
     Magnitude(PruneConfig),
     /// GSM: cut the smallest weights to exact zeros at `cut_step`, keeping `density` of them.
-    GsmCut { density: f64, cut_step: i64 },
+    GsmCut {
+        density: f64,
+        cut_step: i64,
+    },
 }
 
 impl Pruner {
@@ -195,10 +201,19 @@ impl Pruner {
                 "prune: [prune] and optim.kind = \"gsm\" both prune; use one of them".into(),
             )),
             (Some(cfg), _) => {
-                cfg.validate(total_steps).map_err(|e| Error::Recipe(format!("{}: {}", e.key, e.msg)))?;
+                cfg.validate(total_steps)
+                    .map_err(|e| Error::Recipe(format!("{}: {}", e.key, e.msg)))?;
                 Ok(Some(Pruner::magnitude(cfg, store)?))
             }
-            (None, OptimConfig::Gsm { density, prunable, cut_step, .. }) => {
+            (
+                None,
+                OptimConfig::Gsm {
+                    density,
+                    prunable,
+                    cut_step,
+                    ..
+                },
+            ) => {
                 let cut = cut_step.unwrap_or(total_steps);
                 if cut > total_steps {
                     return Err(Error::Recipe(format!(
@@ -257,17 +272,29 @@ impl Pruner {
                     let Some(w) = store.get(name) else { continue };
                     let w = w.to_kind(Kind::Float);
                     let sq = (&w * &w).sum(Kind::Double).double_value(&[]);
-                    let k = (&w * &w * keep.to_kind(Kind::Float)).sum(Kind::Double).double_value(&[]);
+                    let k = (&w * &w * keep.to_kind(Kind::Float))
+                        .sum(Kind::Double)
+                        .double_value(&[]);
                     let n = keep.numel() as i64;
                     let nk = keep.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]);
-                    out.push((format!("gsm/density/{name}"), (nk as f64 / n.max(1) as f64).into()));
+                    out.push((
+                        format!("gsm/density/{name}"),
+                        (nk as f64 / n.max(1) as f64).into(),
+                    ));
                     kept_sq += k;
                     total_sq += sq;
                     kept += nk;
                     all += n;
                 }
-                out.push(("gsm/density".into(), (kept as f64 / all.max(1) as f64).into()));
-                let cut = if total_sq > 0.0 { ((total_sq - kept_sq) / total_sq).sqrt() } else { 0.0 };
+                out.push((
+                    "gsm/density".into(),
+                    (kept as f64 / all.max(1) as f64).into(),
+                ));
+                let cut = if total_sq > 0.0 {
+                    ((total_sq - kept_sq) / total_sq).sqrt()
+                } else {
+                    0.0
+                };
                 out.push(("gsm/cut_norm_fraction".into(), cut.into()));
             }
         }

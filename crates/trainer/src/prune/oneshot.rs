@@ -60,28 +60,37 @@ pub fn run(init: &str, opts: &OneShot, out: &Path, device: Device) -> Result<Pru
     check_new_dir(out)?;
     if let Sparsity::Unstructured(s) = opts.sparsity {
         if !(s > 0.0 && s < 1.0) {
-            return Err(Error::Recipe(format!("--sparsity: expected a fraction in (0, 1), got {s}")));
+            return Err(Error::Recipe(format!(
+                "--sparsity: expected a fraction in (0, 1), got {s}"
+            )));
         }
     }
     if opts.method == Method::Magnitude && matches!(opts.sparsity, Sparsity::NM { .. }) {
-        return Err(Error::Recipe("--nm: N:M sparsity is for --method wanda".into()));
+        return Err(Error::Recipe(
+            "--nm: N:M sparsity is for --method wanda".into(),
+        ));
     }
     let source = ModelSource::parse(init)?;
     let classifier = match &source {
-        ModelSource::Checkpoint { run_dir, .. } => match recipe::load_any(&run_dir.join("config.toml"), &[])? {
-            AnyRecipe::Classify(r) => Some(r),
-            AnyRecipe::Pretrain(_) => None,
-        },
+        ModelSource::Checkpoint { run_dir, .. } => {
+            match recipe::load_any(&run_dir.join("config.toml"), &[])? {
+                AnyRecipe::Classify(r) => Some(r),
+                AnyRecipe::Pretrain(_) => None,
+            }
+        }
         ModelSource::Hf(_) => None,
     };
     let (params, names) = match classifier {
         Some(r) => {
             if opts.method == Method::Wanda {
                 return Err(Error::Recipe(
-                    "--method: wanda prunes transformers; use magnitude for a ResNet classifier".into(),
+                    "--method: wanda prunes transformers; use magnitude for a ResNet classifier"
+                        .into(),
                 ));
             }
-            let ModelSource::Checkpoint { dir, .. } = &source else { unreachable!() };
+            let ModelSource::Checkpoint { dir, .. } = &source else {
+                unreachable!()
+            };
             let mut params = ParamStore::new(device);
             let _model = crate::models::resnet::ResNet::new(&r.model.build()?, &mut params)?;
             params.load(&dir.join(checkpoint::MODEL_FILE))?;
@@ -101,8 +110,19 @@ pub fn run(init: &str, opts: &OneShot, out: &Path, device: Device) -> Result<Pru
                 }
                 Method::Wanda => {
                     wanda::check_patterns(&loaded.model, &opts.prunable)?;
-                    let calib = calibration(opts, loaded.config.vocab_size, loaded.config.max_seq_len, device)?;
-                    wanda::prune(&loaded.model, &mut params, &calib, opts.sparsity, &opts.prunable)?
+                    let calib = calibration(
+                        opts,
+                        loaded.config.vocab_size,
+                        loaded.config.max_seq_len,
+                        device,
+                    )?;
+                    wanda::prune(
+                        &loaded.model,
+                        &mut params,
+                        &calib,
+                        opts.sparsity,
+                        &opts.prunable,
+                    )?
                 }
             };
             if let ModelSource::Hf(_) = &source {
@@ -118,8 +138,9 @@ pub fn run(init: &str, opts: &OneShot, out: &Path, device: Device) -> Result<Pru
             out.to_path_buf()
         }
         ModelSource::Checkpoint { dir, run_dir } => {
-            let config = std::fs::read_to_string(run_dir.join("config.toml"))
-                .map_err(io_err(format!("reading {}", run_dir.join("config.toml").display())))?;
+            let config = std::fs::read_to_string(run_dir.join("config.toml")).map_err(io_err(
+                format!("reading {}", run_dir.join("config.toml").display()),
+            ))?;
             write_checkpoint(&params, dir, &config, out)?
         }
     };
@@ -135,7 +156,10 @@ pub fn run(init: &str, opts: &OneShot, out: &Path, device: Device) -> Result<Pru
         report,
     };
     let json = serde_json::to_string_pretty(&pruned).unwrap_or_default();
-    std::fs::write(out.join("pruning.json"), json).map_err(io_err(format!("writing {}", out.join("pruning.json").display())))?;
+    std::fs::write(out.join("pruning.json"), json).map_err(io_err(format!(
+        "writing {}",
+        out.join("pruning.json").display()
+    )))?;
     Ok(pruned)
 }
 
@@ -159,16 +183,25 @@ pub struct Shrunk {
 /// Structured pruning (`structured.rs`): a smaller dense transformer with the most important
 /// layers and MLP channels of the model at `init`, written to `out` (see the module docs).
 /// `opts` gives the calibration data.
-pub fn run_structured(init: &str, shape: Shape, opts: &OneShot, out: &Path, device: Device) -> Result<Shrunk> {
+pub fn run_structured(
+    init: &str,
+    shape: Shape,
+    opts: &OneShot,
+    out: &Path,
+    device: Device,
+) -> Result<Shrunk> {
     check_new_dir(out)?;
     if shape.d_ff.is_none() && shape.n_layers.is_none() {
-        return Err(Error::Recipe("--method structured: give --d-ff and/or --layers".into()));
+        return Err(Error::Recipe(
+            "--method structured: give --d-ff and/or --layers".into(),
+        ));
     }
     let source = ModelSource::parse(init)?;
     if let ModelSource::Checkpoint { run_dir, .. } = &source {
         if let AnyRecipe::Classify(_) = recipe::load_any(&run_dir.join("config.toml"), &[])? {
             return Err(Error::Recipe(
-                "--method: structured prunes transformers; use magnitude for a ResNet classifier".into(),
+                "--method: structured prunes transformers; use magnitude for a ResNet classifier"
+                    .into(),
             ));
         }
     }
@@ -178,13 +211,20 @@ pub fn run_structured(init: &str, shape: Shape, opts: &OneShot, out: &Path, devi
             "--init: a run with LoRA adapters; export it merged (trainer export --to hf --merged) and prune that".into(),
         ));
     }
-    let calib = calibration(opts, loaded.config.vocab_size, loaded.config.max_seq_len, device)?;
+    let calib = calibration(
+        opts,
+        loaded.config.vocab_size,
+        loaded.config.max_seq_len,
+        device,
+    )?;
     let imp = structured::importance(&loaded.model, &calib)?;
     let (layers, channels) = structured::selection(&imp, &loaded.config, shape)?;
     let d_ff = shape.d_ff.unwrap_or(loaded.config.d_ff);
-    let model_cfg = structured::smaller_model_config(&source.model_config()?, layers.len() as i64, d_ff);
+    let model_cfg =
+        structured::smaller_model_config(&source.model_config()?, layers.len() as i64, d_ff);
     let new_cfg = crate::models::transformer::TransformerConfig::from_recipe(&model_cfg);
-    let (params, _) = structured::shrink(&loaded.params, &loaded.config, &layers, &channels, &new_cfg)?;
+    let (params, _) =
+        structured::shrink(&loaded.params, &loaded.config, &layers, &channels, &new_cfg)?;
     let model = match &source {
         ModelSource::Hf(_) => {
             crate::models::hf::export(&new_cfg, &params, out)?;
@@ -208,12 +248,19 @@ pub fn run_structured(init: &str, shape: Shape, opts: &OneShot, out: &Path, devi
         block_importance: imp.blocks,
     };
     let json = serde_json::to_string_pretty(&shrunk).unwrap_or_default();
-    std::fs::write(out.join("pruning.json"), json).map_err(io_err(format!("writing {}", out.join("pruning.json").display())))?;
+    std::fs::write(out.join("pruning.json"), json).map_err(io_err(format!(
+        "writing {}",
+        out.join("pruning.json").display()
+    )))?;
     Ok(shrunk)
 }
 
 fn check_new_dir(out: &Path) -> Result<()> {
-    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+    if out.exists()
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
         return Err(Error::RunDir {
             path: out.to_path_buf(),
             msg: "--out already exists and is not empty; choose a new output directory".into(),
@@ -225,23 +272,37 @@ fn check_new_dir(out: &Path) -> Result<()> {
 /// `out/config.toml` (`config`: the source run's recipe, with the new model for a structured
 /// pruning) and `out/checkpoints/step-N/` with the pruned weights, their masks and the source's
 /// state. No optimizer state: the pruned model starts a new run.
-fn write_checkpoint(params: &ParamStore, src_dir: &Path, config: &str, out: &Path) -> Result<PathBuf> {
+fn write_checkpoint(
+    params: &ParamStore,
+    src_dir: &Path,
+    config: &str,
+    out: &Path,
+) -> Result<PathBuf> {
     let state = checkpoint::read_state(src_dir)?;
     let dir = checkpoint::step_dir(out, state.step);
     std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-    std::fs::write(out.join("config.toml"), config)
-        .map_err(io_err(format!("writing {}", out.join("config.toml").display())))?;
+    std::fs::write(out.join("config.toml"), config).map_err(io_err(format!(
+        "writing {}",
+        out.join("config.toml").display()
+    )))?;
     params.save(&dir.join(checkpoint::MODEL_FILE))?;
     params.save_masks(&dir.join(checkpoint::MASKS_FILE))?;
     // state.json last: it marks the checkpoint complete.
     let json = serde_json::to_string_pretty(&state).unwrap_or_default();
-    std::fs::write(dir.join(checkpoint::STATE_FILE), json)
-        .map_err(io_err(format!("writing {}", dir.join(checkpoint::STATE_FILE).display())))?;
+    std::fs::write(dir.join(checkpoint::STATE_FILE), json).map_err(io_err(format!(
+        "writing {}",
+        dir.join(checkpoint::STATE_FILE).display()
+    )))?;
     Ok(dir)
 }
 
 /// Consecutive windows of `seq_len` tokens from the start of the calibration data, in batches.
-fn calibration(opts: &OneShot, vocab: i64, max_seq_len: i64, device: Device) -> Result<Vec<Tensor>> {
+fn calibration(
+    opts: &OneShot,
+    vocab: i64,
+    max_seq_len: i64,
+    device: Device,
+) -> Result<Vec<Tensor>> {
     let seq_len = opts.seq_len.unwrap_or(max_seq_len as usize);
     if seq_len == 0 || seq_len as i64 > max_seq_len {
         return Err(Error::Recipe(format!(
@@ -249,7 +310,9 @@ fn calibration(opts: &OneShot, vocab: i64, max_seq_len: i64, device: Device) -> 
         )));
     }
     if opts.calib_batches == 0 || opts.batch_size == 0 {
-        return Err(Error::Recipe("--calib-batches and --batch-size: expected positive integers".into()));
+        return Err(Error::Recipe(
+            "--calib-batches and --batch-size: expected positive integers".into(),
+        ));
     }
     let cfg = opts.calib.clone().unwrap_or(SourceConfig::Builtin {});
     let data = source::open(&cfg, "--calib", vocab)?;

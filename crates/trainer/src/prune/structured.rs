@@ -50,13 +50,19 @@ fn is_mlp_out(path: &str) -> bool {
 pub fn importance(model: &Transformer, calibration: &[Tensor]) -> Result<Importance> {
     if model.config.moe.is_some() {
         return Err(Error::Recipe(
-            "--method structured: MoE models are not supported (prune experts' MLPs by hand)".into(),
+            "--method structured: MoE models are not supported (prune experts' MLPs by hand)"
+                .into(),
         ));
     }
     let blocks = model.block_projections();
     let mlp_out: Vec<_> = blocks
         .iter()
-        .map(|b| b.iter().copied().find(|l| is_mlp_out(&l.path)).expect("every dense block has an MLP output"))
+        .map(|b| {
+            b.iter()
+                .copied()
+                .find(|l| is_mlp_out(&l.path))
+                .expect("every dense block has an MLP output")
+        })
         .collect();
     for l in &mlp_out {
         let (fan_in, _) = l.in_out();
@@ -71,8 +77,13 @@ pub fn importance(model: &Transformer, calibration: &[Tensor]) -> Result<Importa
             let out = model.forward_hidden(batch, false, &all_layers);
             for i in 0..n as usize {
                 let (a, b) = (&out.layers[i], &out.layers[i + 1]);
-                let cos = Tensor::f_cosine_similarity(&a.to_kind(Kind::Float), &b.to_kind(Kind::Float), -1, 1e-8)
-                    .map_err(torch_err)?;
+                let cos = Tensor::f_cosine_similarity(
+                    &a.to_kind(Kind::Float),
+                    &b.to_kind(Kind::Float),
+                    -1,
+                    1e-8,
+                )
+                .map_err(torch_err)?;
                 cos_sum[i] += cos.sum(Kind::Double).double_value(&[]);
             }
             tokens += batch.numel() as i64;
@@ -85,30 +96,52 @@ pub fn importance(model: &Transformer, calibration: &[Tensor]) -> Result<Importa
         .collect();
     Ok(Importance {
         channels,
-        blocks: cos_sum.iter().map(|c| 1.0 - c / tokens.max(1) as f64).collect(),
+        blocks: cos_sum
+            .iter()
+            .map(|c| 1.0 - c / tokens.max(1) as f64)
+            .collect(),
     })
 }
 
 /// The layers kept (in order) and, per kept layer, the MLP channels kept (ascending).
-pub fn selection(imp: &Importance, config: &TransformerConfig, shape: Shape) -> Result<(Vec<i64>, Vec<Tensor>)> {
+pub fn selection(
+    imp: &Importance,
+    config: &TransformerConfig,
+    shape: Shape,
+) -> Result<(Vec<i64>, Vec<Tensor>)> {
     let n = config.n_layers;
     let keep_layers = shape.n_layers.unwrap_or(n);
     if keep_layers < 1 || keep_layers > n {
-        return Err(Error::Recipe(format!("--layers: expected 1..={n} (the model's n_layers), got {keep_layers}")));
+        return Err(Error::Recipe(format!(
+            "--layers: expected 1..={n} (the model's n_layers), got {keep_layers}"
+        )));
     }
     let d_ff = shape.d_ff.unwrap_or(config.d_ff);
     if d_ff < 1 || d_ff > config.d_ff {
-        return Err(Error::Recipe(format!("--d-ff: expected 1..={} (the model's d_ff), got {d_ff}", config.d_ff)));
+        return Err(Error::Recipe(format!(
+            "--d-ff: expected 1..={} (the model's d_ff), got {d_ff}",
+            config.d_ff
+        )));
     }
     // Most important blocks first; ties by position.
     let mut order: Vec<usize> = (0..n as usize).collect();
-    order.sort_by(|&a, &b| imp.blocks[b].partial_cmp(&imp.blocks[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
-    let mut layers: Vec<i64> = order[..keep_layers as usize].iter().map(|&i| i as i64).collect();
+    order.sort_by(|&a, &b| {
+        imp.blocks[b]
+            .partial_cmp(&imp.blocks[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    let mut layers: Vec<i64> = order[..keep_layers as usize]
+        .iter()
+        .map(|&i| i as i64)
+        .collect();
     layers.sort();
     let channels = layers
         .iter()
         .map(|&l| {
-            let (_, idx) = imp.channels[l as usize].f_sort_stable(true, 0, true).map_err(torch_err)?;
+            let (_, idx) = imp.channels[l as usize]
+                .f_sort_stable(true, 0, true)
+                .map_err(torch_err)?;
             let (kept, _) = idx.narrow(0, 0, d_ff).f_sort(0, false).map_err(torch_err)?;
             Ok(kept)
         })
@@ -120,11 +153,19 @@ pub fn selection(imp: &Importance, config: &TransformerConfig, shape: Shape) -> 
 pub fn smaller_model_config(cfg: &ModelConfig, n_layers: i64, d_ff: i64) -> ModelConfig {
     let mut out = cfg.clone();
     match &mut out {
-        ModelConfig::Llama { n_layers: l, d_ff: f, .. } => {
+        ModelConfig::Llama {
+            n_layers: l,
+            d_ff: f,
+            ..
+        } => {
             *l = n_layers;
             *f = d_ff;
         }
-        ModelConfig::Gpt2 { n_layers: l, d_ff: f, .. } => {
+        ModelConfig::Gpt2 {
+            n_layers: l,
+            d_ff: f,
+            ..
+        } => {
             *l = n_layers;
             *f = Some(d_ff);
         }
@@ -152,7 +193,9 @@ pub fn shrink(
             continue;
         };
         let (index, field) = rest.split_once('.').unwrap_or((rest, ""));
-        let old_layer: i64 = index.parse().map_err(|_| Error::Recipe(format!("unexpected tensor name {name}")))?;
+        let old_layer: i64 = index
+            .parse()
+            .map_err(|_| Error::Recipe(format!("unexpected tensor name {name}")))?;
         let Some(new_layer) = layers.iter().position(|&l| l == old_layer) else {
             continue; // a dropped layer
         };
@@ -169,7 +212,9 @@ pub fn shrink(
             _ => None,
         };
         let t = match channel_dim {
-            Some(dim) => t.f_index_select(dim, &keep.to_device(t.device())).map_err(torch_err)?,
+            Some(dim) => t
+                .f_index_select(dim, &keep.to_device(t.device()))
+                .map_err(torch_err)?,
             None => t.shallow_clone(),
         };
         tensors.push((format!("{prefix}{new_layer}.{field}"), t));
@@ -218,7 +263,15 @@ mod tests {
         let imp = importance(&dense, &[batch.shallow_clone()]).unwrap();
         assert_eq!(imp.channels.len(), 2);
         assert_eq!(imp.blocks.len(), 2);
-        let (layers, channels) = selection(&imp, &cfg, Shape { d_ff: Some(10), n_layers: None }).unwrap();
+        let (layers, channels) = selection(
+            &imp,
+            &cfg,
+            Shape {
+                d_ff: Some(10),
+                n_layers: None,
+            },
+        )
+        .unwrap();
         assert_eq!(layers, vec![0, 1]);
         // The kept channels are the most important ones.
         for (l, kept) in channels.iter().enumerate() {
@@ -228,12 +281,17 @@ mod tests {
             let max_dropped = all.masked_select(&mask).max().double_value(&[]);
             assert!(min_kept >= max_dropped);
         }
-        let small_cfg = TransformerConfig { d_ff: 10, ..cfg.clone() };
+        let small_cfg = TransformerConfig {
+            d_ff: 10,
+            ..cfg.clone()
+        };
         let (_, small) = shrink(&store, &cfg, &layers, &channels, &small_cfg).unwrap();
         // Zero the dropped channels' down_proj columns in the dense model.
         tch::no_grad(|| {
             for (l, kept) in channels.iter().enumerate() {
-                let w = store.get(&format!("model.layers.{l}.mlp.down_proj.weight")).unwrap();
+                let w = store
+                    .get(&format!("model.layers.{l}.mlp.down_proj.weight"))
+                    .unwrap();
                 let mask = Tensor::ones([24], (Kind::Bool, Device::Cpu)).index_fill(0, kept, 0);
                 let _ = w.shallow_clone().masked_fill_(&mask.unsqueeze(0), 0.0);
             }
@@ -250,18 +308,49 @@ mod tests {
         let mut store = ParamStore::new(Device::Cpu);
         let _dense = Transformer::new(&cfg, &mut store).unwrap();
         let imp = Importance {
-            channels: (0..3).map(|_| Tensor::ones([24], (Kind::Float, Device::Cpu))).collect(),
+            channels: (0..3)
+                .map(|_| Tensor::ones([24], (Kind::Float, Device::Cpu)))
+                .collect(),
             blocks: vec![0.3, 0.1, 0.2],
         };
-        let (layers, channels) = selection(&imp, &cfg, Shape { d_ff: None, n_layers: Some(2) }).unwrap();
+        let (layers, channels) = selection(
+            &imp,
+            &cfg,
+            Shape {
+                d_ff: None,
+                n_layers: Some(2),
+            },
+        )
+        .unwrap();
         assert_eq!(layers, vec![0, 2]);
-        let small_cfg = TransformerConfig { n_layers: 2, ..cfg.clone() };
+        let small_cfg = TransformerConfig {
+            n_layers: 2,
+            ..cfg.clone()
+        };
         let (small, _) = shrink(&store, &cfg, &layers, &channels, &small_cfg).unwrap();
         let same = |a: &str, b: &str| store.get(a).unwrap().equal(small.get(b).unwrap());
-        assert!(same("model.layers.2.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"));
-        assert!(same("model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight"));
-        assert!(same("model.embed_tokens.weight", "model.embed_tokens.weight"));
-        let err = selection(&imp, &cfg, Shape { d_ff: None, n_layers: Some(4) }).unwrap_err().to_string();
+        assert!(same(
+            "model.layers.2.self_attn.q_proj.weight",
+            "model.layers.1.self_attn.q_proj.weight"
+        ));
+        assert!(same(
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.0.mlp.up_proj.weight"
+        ));
+        assert!(same(
+            "model.embed_tokens.weight",
+            "model.embed_tokens.weight"
+        ));
+        let err = selection(
+            &imp,
+            &cfg,
+            Shape {
+                d_ff: None,
+                n_layers: Some(4),
+            },
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("--layers"), "{err}");
     }
 }

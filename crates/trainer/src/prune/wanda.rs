@@ -35,8 +35,14 @@ impl Sparsity {
         let (n, m) = text
             .split_once(':')
             .ok_or_else(|| err(format!("expected N:M such as 2:4, got {text:?}")))?;
-        let n: i64 = n.trim().parse().map_err(|_| err(format!("expected N:M such as 2:4, got {text:?}")))?;
-        let m: i64 = m.trim().parse().map_err(|_| err(format!("expected N:M such as 2:4, got {text:?}")))?;
+        let n: i64 = n
+            .trim()
+            .parse()
+            .map_err(|_| err(format!("expected N:M such as 2:4, got {text:?}")))?;
+        let m: i64 = m
+            .trim()
+            .parse()
+            .map_err(|_| err(format!("expected N:M such as 2:4, got {text:?}")))?;
         if n < 1 || m < 2 || n >= m {
             return Err(err(format!(
                 "expected 1 <= N < M (N weights kept of every M), got {n}:{m}"
@@ -63,7 +69,8 @@ pub fn row_mask(scores: &Tensor, sparsity: Sparsity) -> Result<Tensor> {
             let k = (cols as f64 * s) as i64; // as the reference: int(in * ratio)
             let (_, order) = scores.f_sort_stable(true, 1, false).map_err(torch)?;
             let mask = Tensor::zeros([rows, cols], (Kind::Bool, scores.device()));
-            mask.f_scatter_value(1, &order.narrow(1, 0, k), 1).map_err(torch)
+            mask.f_scatter_value(1, &order.narrow(1, 0, k), 1)
+                .map_err(torch)
         }
         Sparsity::NM { n, m } => {
             if cols % m != 0 {
@@ -91,7 +98,11 @@ pub fn scores(weight_out_in: &Tensor, input_sq: &Tensor) -> Tensor {
 /// Every pattern must select a projection of the transformer blocks.
 pub fn check_patterns(model: &Transformer, patterns: &[String]) -> Result<()> {
     for p in patterns {
-        if !model.projections().iter().any(|l| pattern_matches(p, &l.path)) {
+        if !model
+            .projections()
+            .iter()
+            .any(|l| pattern_matches(p, &l.path))
+        {
             return Err(Error::Recipe(format!(
                 "--prunable: pattern {p:?} matches no linear layer of the transformer blocks"
             )));
@@ -114,7 +125,8 @@ pub fn prune(
         return Err(Error::Recipe("--calib: no calibration batch".into()));
     }
     check_patterns(model, patterns)?;
-    let selected = |l: &Linear| patterns.is_empty() || patterns.iter().any(|p| pattern_matches(p, &l.path));
+    let selected =
+        |l: &Linear| patterns.is_empty() || patterns.iter().any(|p| pattern_matches(p, &l.path));
     let mut pruned = Vec::new();
     for block in model.block_projections() {
         let layers: Vec<&Linear> = block.into_iter().filter(|l| selected(l)).collect();
@@ -134,9 +146,17 @@ pub fn prune(
         let mut masks = Vec::new();
         for l in &layers {
             let input_sq = l.input_sq.borrow_mut().take().expect("set above");
-            let w = if l.transposed { l.weight.tr() } else { l.weight.shallow_clone() };
+            let w = if l.transposed {
+                l.weight.tr()
+            } else {
+                l.weight.shallow_clone()
+            };
             let mask = row_mask(&scores(&w, &input_sq), sparsity)?;
-            let mask = if l.transposed { mask.tr().contiguous() } else { mask };
+            let mask = if l.transposed {
+                mask.tr().contiguous()
+            } else {
+                mask
+            };
             masks.push((format!("{}.weight", l.path), mask));
         }
         // Pruned only now, so that every projection of the block saw the same inputs.
@@ -157,7 +177,10 @@ mod tests {
         let s = Tensor::from_slice(&[4.0f32, 1.0, 3.0, 2.0, 0.5, 0.7, 0.1, 0.9]).view([2, 4]);
         let m = row_mask(&s, Sparsity::Unstructured(0.5)).unwrap();
         let got = Vec::<bool>::try_from(m.flatten(0, -1)).unwrap();
-        assert_eq!(got, vec![false, true, false, true, true, false, true, false]);
+        assert_eq!(
+            got,
+            vec![false, true, false, true, true, false, true, false]
+        );
     }
 
     #[test]
@@ -165,9 +188,16 @@ mod tests {
         let s = Tensor::from_slice(&[4.0f32, 1.0, 3.0, 2.0, 0.5, 0.7, 0.1, 0.9]).view([1, 8]);
         let m = row_mask(&s, Sparsity::NM { n: 2, m: 4 }).unwrap();
         let got = Vec::<bool>::try_from(m.flatten(0, -1)).unwrap();
-        assert_eq!(got, vec![false, true, false, true, true, false, true, false]);
+        assert_eq!(
+            got,
+            vec![false, true, false, true, true, false, true, false]
+        );
         let m = row_mask(&s, Sparsity::NM { n: 1, m: 4 }).unwrap();
-        let kept: i64 = m.logical_not().to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]);
+        let kept: i64 = m
+            .logical_not()
+            .to_kind(Kind::Int64)
+            .sum(Kind::Int64)
+            .int64_value(&[]);
         assert_eq!(kept, 2);
     }
 
@@ -177,7 +207,10 @@ mod tests {
         let w = Tensor::from_slice(&[10.0f32, 1.0]).view([1, 2]);
         let x_sq = Tensor::from_slice(&[0.01f32, 400.0]);
         let m = row_mask(&scores(&w, &x_sq), Sparsity::Unstructured(0.5)).unwrap();
-        assert_eq!(Vec::<bool>::try_from(m.flatten(0, -1)).unwrap(), vec![true, false]);
+        assert_eq!(
+            Vec::<bool>::try_from(m.flatten(0, -1)).unwrap(),
+            vec![true, false]
+        );
     }
 
     #[test]
@@ -186,6 +219,9 @@ mod tests {
             let e = Sparsity::parse_nm(bad, "--nm").unwrap_err().to_string();
             assert!(e.contains("--nm"), "{e}");
         }
-        assert_eq!(Sparsity::parse_nm("2:4", "--nm").unwrap(), Sparsity::NM { n: 2, m: 4 });
+        assert_eq!(
+            Sparsity::parse_nm("2:4", "--nm").unwrap(),
+            Sparsity::NM { n: 2, m: 4 }
+        );
     }
 }

@@ -612,6 +612,9 @@ pub enum OptimConfig {
         /// single-tensor AdamW.
         #[serde(default)]
         fused: Option<bool>,
+        /// 32 (default) or 8: the moments block-wise quantised to 8 bits (`optim/moment.rs`).
+        #[serde(default = "default_state_bits", skip_serializing_if = "is_32")]
+        state_bits: u32,
     },
     /// SGD with momentum and optional Nesterov (torch.optim.SGD's update).
     Sgd {
@@ -647,6 +650,9 @@ pub enum OptimConfig {
         /// every 2-D weight except embeddings and lm_head.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         target: Vec<String>,
+        /// 32 (default) or 8: the low-rank moments block-wise quantised to 8 bits (8-bit GaLore).
+        #[serde(default = "default_state_bits", skip_serializing_if = "is_32")]
+        state_bits: u32,
     },
     /// Global sparse momentum SGD (`optim/gsm.rs`): each step only the `density` most salient
     /// prunable weights (by |w * g|, ranked across all layers) get the objective's gradient; the
@@ -672,6 +678,12 @@ pub enum OptimConfig {
     },
 }
 
+fn default_state_bits() -> u32 {
+    32
+}
+fn is_32(bits: &u32) -> bool {
+    *bits == 32
+}
 fn default_gsm_momentum() -> f64 {
     0.9
 }
@@ -1082,6 +1094,14 @@ pub(crate) fn validate_pruning(
     Ok(())
 }
 
+fn check_state_bits(bits: u32) -> Result<(), Invalid> {
+    check(
+        bits == 32 || bits == 8,
+        "optim.state_bits",
+        format!("expected 32 or 8, got {bits}"),
+    )
+}
+
 /// The checks AdamW and GaLore-AdamW share.
 fn validate_adam(lr: f64, betas: &[f64; 2], eps: f64, weight_decay: f64) -> Result<(), Invalid> {
     positive_finite(lr, "optim.lr")?;
@@ -1108,9 +1128,17 @@ impl OptimSections<'_> {
                 betas,
                 eps,
                 weight_decay,
+                fused,
+                state_bits,
                 ..
             } => {
                 validate_adam(*lr, betas, *eps, *weight_decay)?;
+                check_state_bits(*state_bits)?;
+                check(
+                    !(*state_bits == 8 && *fused == Some(true)),
+                    "optim.fused",
+                    "the fused AdamW kernel needs 32-bit states (state_bits = 32)",
+                )?;
             }
             OptimConfig::Sgd {
                 lr,
@@ -1150,8 +1178,10 @@ impl OptimSections<'_> {
                 update_proj_gap,
                 scale,
                 target,
+                state_bits,
             } => {
                 validate_adam(*lr, betas, *eps, *weight_decay)?;
+                check_state_bits(*state_bits)?;
                 positive(*rank, "optim.rank")?;
                 positive(*update_proj_gap, "optim.update_proj_gap")?;
                 positive_finite(*scale, "optim.scale")?;
@@ -1203,7 +1233,11 @@ impl OptimSections<'_> {
                     )?;
                 }
                 if let Some(c) = cut_step {
-                    check(*c >= 0, "optim.cut_step", format!("expected a step >= 0, got {c}"))?;
+                    check(
+                        *c >= 0,
+                        "optim.cut_step",
+                        format!("expected a step >= 0, got {c}"),
+                    )?;
                 }
             }
         }

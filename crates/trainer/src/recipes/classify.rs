@@ -304,8 +304,10 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
         let mut global = None;
         let mut stop_all = false;
         if world.is_distributed() {
-            let trainable: Vec<Tensor> =
-                params.trainable().map(|p| p.tensor.shallow_clone()).collect();
+            let trainable: Vec<Tensor> = params
+                .trainable()
+                .map(|p| p.tensor.shallow_clone())
+                .collect();
             let (top1, _) = correct(&logits.detach(), &y, 1);
             let mut sums = [
                 loss.double_value(&[]),
@@ -329,8 +331,11 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
         params.zero_grad();
         if world.is_distributed() {
             // BatchNorm's running statistics (and any other buffer): rank 0's.
-            let buffers: Vec<&Tensor> =
-                params.iter().filter(|p| !p.trainable).map(|p| &p.tensor).collect();
+            let buffers: Vec<&Tensor> = params
+                .iter()
+                .filter(|p| !p.trainable)
+                .map(|p| &p.tensor)
+                .collect();
             dp.broadcast_from_main(&buffers)?;
         }
         state.step += 1;
@@ -370,7 +375,11 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
                 ("epoch", json!(state.step as f64 / steps_per_epoch as f64)),
             ]);
             r.extend(distill_parts.into_iter().map(|(k, v)| (k.to_string(), v)));
-            r.extend(super::pretrain::pruning_metrics(pruner.as_ref(), &optimizer, &params));
+            r.extend(super::pretrain::pruning_metrics(
+                pruner.as_ref(),
+                &optimizer,
+                &params,
+            ));
             if let Some(m) = metrics.as_mut() {
                 m.log(r)?;
             }

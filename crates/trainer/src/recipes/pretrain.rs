@@ -396,7 +396,10 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
         let mut global_loss_sum = None;
         let mut stop_all = false;
         if world.is_distributed() {
-            let trainable: Vec<Tensor> = params.trainable().map(|p| p.tensor.shallow_clone()).collect();
+            let trainable: Vec<Tensor> = params
+                .trainable()
+                .map(|p| p.tensor.shallow_clone())
+                .collect();
             let mut sums = [
                 loss_sum.double_value(&[]),
                 f64::from(u8::from(stop.requested())),

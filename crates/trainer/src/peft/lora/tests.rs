@@ -192,6 +192,7 @@ fn only_adapters_train_and_get_gradients() {
             weight_decay: 0.0,
             decay_embeddings: false,
             fused: Some(false),
+            state_bits: 32,
         },
         &store,
     )
@@ -290,6 +291,7 @@ fn lora_fa_trains_b_only_and_leaves_a_unchanged() {
             weight_decay: 0.1,
             decay_embeddings: false,
             fused: None,
+            state_bits: 32,
         },
         &store,
     )

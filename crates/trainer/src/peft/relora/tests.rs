@@ -51,6 +51,7 @@ fn build(p: &PeftConfig) -> (Transformer, ParamStore, Lora, Optimizer) {
             weight_decay: 0.0,
             decay_embeddings: false,
             fused: Some(false),
+            state_bits: 32,
         },
         &store,
     )
@@ -205,6 +206,7 @@ fn optimizer_reset_zeroes_or_prunes_exactly_the_adapter_moments() {
             weight_decay: 0.0,
             decay_embeddings: false,
             fused: Some(true),
+            state_bits: 32,
         };
         let mut opt = Optimizer::build(&adam, &store).expect("optimizer");
         drop(rng);
