@@ -27,19 +27,14 @@ fn torch_root() -> PathBuf {
 
 /// The directory holding `gloo/config.h`: GLOO_INCLUDE_DIR, else the system include directory.
 fn gloo_include() -> Option<PathBuf> {
-    let candidates = std::env::var("GLOO_INCLUDE_DIR")
+    std::env::var("GLOO_INCLUDE_DIR")
         .map(PathBuf::from)
         .into_iter()
         .chain([
             PathBuf::from("/usr/include"),
             PathBuf::from("/usr/local/include"),
-        ]);
-    for dir in candidates {
-        if dir.join("gloo/config.h").exists() {
-            return Some(dir);
-        }
-    }
-    None
+        ])
+        .find(|dir| dir.join("gloo/config.h").exists())
 }
 
 /// The include directories for c10d's ProcessGroupNCCL.hpp, when every header it needs is found:

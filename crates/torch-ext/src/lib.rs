@@ -2,6 +2,8 @@
 //!
 //! - bf16 autocast on CUDA (tch's `autocast` keeps PyTorch's float16 default);
 //! - accelerator allocator statistics (peak memory for `summary.json`).
+//! - c10d process groups (TCPStore rendezvous, ProcessGroupGloo / ProcessGroupNCCL) for data
+//!   parallelism: broadcast, all-reduce (sum), barrier.
 
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};

@@ -41,3 +41,28 @@ fn gloo_all_reduce_and_broadcast_across_two_ranks() {
         assert_eq!(rest, vec![11.0, 7.0]);
     }
 }
+
+/// ProcessGroupNCCL initialises and reduces on a GPU (a group of one rank: one GPU is enough).
+/// Skipped, with a message, without CUDA or without NCCL compiled in.
+#[test]
+fn nccl_group_of_one_reduces_on_the_gpu() {
+    if !torch_ext::have_nccl() || !tch::Cuda::is_available() {
+        eprintln!(
+            "skipped: NCCL compiled in: {}, CUDA available: {}",
+            torch_ext::have_nccl(),
+            tch::Cuda::is_available()
+        );
+        return;
+    }
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let t = Duration::from_secs(60);
+    let g = ProcessGroup::new("127.0.0.1", port, 0, 1, Backend::Nccl, t, t).expect("NCCL group");
+    let x = Tensor::from_slice(&[1.5f32, -2.0]).to_device(tch::Device::Cuda(0));
+    g.all_reduce_sum(&[&x]).expect("all-reduce");
+    g.broadcast(&[&x], 0).expect("broadcast");
+    let v = Vec::<f32>::try_from(x.to_device(tch::Device::Cpu)).expect("values");
+    assert_eq!(v, vec![1.5, -2.0]);
+}

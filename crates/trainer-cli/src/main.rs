@@ -268,10 +268,57 @@ fn parse_overrides(set: &[String]) -> anyhow::Result<Vec<Override>> {
         .collect()
 }
 
+/// `trainer validate` of a `[[stages]]` recipe: every stage's resolved recipe.
+fn validate_stages(
+    path: &std::path::Path,
+    stages: &[trainer::recipes::stages::Stage],
+) -> anyhow::Result<ExitCode> {
+    for s in stages {
+        println!("# stage {:?}: steps {}..{}", s.name, s.start, s.end());
+        print!("{}", recipe::to_toml(&s.recipe));
+    }
+    eprintln!(
+        "{}: valid ({} stages, {} steps)",
+        path.display(),
+        stages.len(),
+        stages.last().map_or(0, |s| s.end())
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `trainer run` of a `[[stages]]` recipe (`trainer::recipes::stages`).
+fn run_stages(
+    stages: &[trainer::recipes::stages::Stage],
+    resume: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let resume = match resume {
+        None => Resume::No,
+        Some("auto") => Resume::Auto,
+        Some(dir) => Resume::From(PathBuf::from(dir)),
+    };
+    let stop = StopFlag::install().context("installing signal handlers")?;
+    let run_dir = stages[0].recipe.run.out_dir.display().to_string();
+    match trainer::recipes::stages::run(stages, resume, &stop)? {
+        Outcome::Finished(summary) => {
+            pretrain::print_summary(&summary);
+            eprintln!("  run directory     {run_dir}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Outcome::Interrupted { .. } => Ok(ExitCode::from(EXIT_INTERRUPTED as u8)),
+        Outcome::AlreadyDone { step } => {
+            tracing::info!("{run_dir}: the run already reached step {step}; nothing to do");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate { recipe: path, set } => {
             let overrides = parse_overrides(&set)?;
+            if let Some(stages) = trainer::recipes::stages::load(&path, &overrides)? {
+                return validate_stages(&path, &stages);
+            }
             let recipe = match recipe::load_any(&path, &overrides)? {
                 recipe::AnyRecipe::Pretrain(r) => r,
                 recipe::AnyRecipe::Classify(r) => return validate_classify(&path, &r),
@@ -291,6 +338,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             resume,
         } => {
             let overrides = parse_overrides(&set)?;
+            if let Some(stages) = trainer::recipes::stages::load(&path, &overrides)? {
+                return run_stages(&stages, resume.as_deref());
+            }
             let recipe = match recipe::load_any(&path, &overrides)? {
                 recipe::AnyRecipe::Pretrain(r) => r,
                 recipe::AnyRecipe::Classify(r) => return run_classify(&r, resume.as_deref()),

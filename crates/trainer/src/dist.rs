@@ -286,24 +286,14 @@ impl DataParallel {
         Ok(dp)
     }
 
-    /// A single process.
-    pub fn single() -> DataParallel {
-        DataParallel {
-            world: World::single(),
-            group: None,
-            device: Device::Cpu,
-            timeout: Duration::ZERO,
-            buckets: Default::default(),
-        }
-    }
-
-    /// Overwrites `tensors` with rank 0's values on every rank (parameters at the start).
+    /// Overwrites `tensors` with rank 0's values on every rank (parameters at the start,
+    /// BatchNorm statistics after each step).
     pub fn broadcast_from_main(&self, tensors: &[&Tensor]) -> Result<()> {
         let Some(g) = &self.group else {
             return Ok(());
         };
         tch::no_grad(|| g.broadcast(tensors, 0))
-            .map_err(|e| self.collective_error("broadcasting the parameters", &e))
+            .map_err(|e| self.collective_error("broadcasting rank 0's tensors", &e))
     }
 
     /// After the backward pass of a step: sums `scalars` over the ranks (the step's loss and stop

@@ -5,3 +5,4 @@ pub mod evaluate;
 pub mod pretrain;
 pub mod run_dir;
 pub mod soup;
+pub mod stages;

@@ -99,6 +99,18 @@ pub struct Summary {
 }
 
 pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> {
+    run_from(recipe, resume, stop, 0)
+}
+
+/// `run`, for one stage of a `[[stages]]` recipe (`recipes/stages.rs`) that begins at step
+/// `stage_start` (0 for an ordinary run): its schedule and its mixture's realised fractions are
+/// counted from there.
+pub fn run_from(
+    recipe: &Recipe,
+    resume: Resume,
+    stop: &StopFlag,
+    stage_start: i64,
+) -> Result<Outcome> {
     // ---- set-up -------------------------------------------------------------------------
     let run_dir = recipe.run.out_dir.clone();
     let resume_dir = resume_checkpoint(&run_dir, &resume)?;
@@ -208,7 +220,11 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
     }
     let mut optimizer = Optimizer::build(&recipe.optim, &params)?;
     let total_steps = recipe.max_steps();
-    let schedule = Schedule::new(&recipe.schedule, recipe.optim.lr(), total_steps);
+    let schedule = Schedule::new(
+        &recipe.schedule,
+        recipe.optim.lr(),
+        total_steps - stage_start,
+    );
 
     let mut state = TrainState {
         format: 1,
@@ -312,7 +328,7 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
         recipe.train.grad_accum,
         recipe.run.seed,
     );
-    let first_step = full_init.as_ref().map_or(0, |(_, s)| *s);
+    let first_step = full_init.as_ref().map_or(stage_start, |(_, s)| *s);
     // Rows drawn per source so far: a pure function of the steps, recomputed on resume.
     let mut mix_counts = if mixed {
         train_data.counts(bs, accum, seed, first_step, state.step)
@@ -418,7 +434,7 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
             )));
         }
         // ReLoRA's jagged schedule re-warms the LR after each merge.
-        let lr = schedule.lr(step) * relora.as_ref().map_or(1.0, |(r, _)| r.lr_factor(step));
+        let lr = schedule.lr(step - stage_start) * relora.as_ref().map_or(1.0, |(r, _)| r.lr_factor(step));
         optimizer.step(lr)?;
         params.apply_masks();
         params.zero_grad();
