@@ -56,15 +56,26 @@ evaluate() { # model dir, text file -> loss over the whole file
         python3 -c 'import json, sys; print("%.4f" % json.load(sys.stdin)["loss"])'
 }
 
+sequences() { # run dir, sequences of A before it, of B when it has no mixture -> "A / B"
+    python3 - "$@" <<'PY'
+import json, os, sys
+run, a_before, b_plain = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+mix = json.load(open(os.path.join(run, "summary.json"))).get("mixture")
+a, b = (mix["a"]["sequences"], mix["b"]["sequences"]) if mix else (0, b_plain)
+print(f"{a_before + a} / {b}")
+PY
+}
+
 echo
-echo "| model | steps on A / B | held-out loss A | held-out loss B |"
+echo "| model | training sequences of A / B | held-out loss A | held-out loss B |"
 echo "|---|---|---|---|"
+# 400 steps x 16 sequences of 64 tokens per stage.
 for row in \
-    "pretrained on A:400 / 0:$out/pretrain_a" \
-    "(a) + B, no re-warm, no replay (constant 3e-4):400 / 400:$out/continue_b_constant" \
-    "(b) + B, re-warm 3e-3 + re-decay:400 / 400:$out/continue_b_rewarm" \
-    "(c) + B, re-warm + re-decay + 5% replay of A:400+20 / 380:$out/continue_b_replay" \
-    "(d) baseline: A and B 50/50 from scratch:400 / 400:$out/joint_ab"; do
-    IFS=: read -r name steps dir <<<"$row"
-    echo "| $name | $steps | $(evaluate "$dir" "$data/a_valid.txt") | $(evaluate "$dir" "$data/b_valid.txt") |"
+    "pretrained on A:$out/pretrain_a:6400:0" \
+    "(a) then B: no re-warm, no replay (constant 3e-4):$out/continue_b_constant:6400:6400" \
+    "(b) then B: re-warm to 3e-3, re-decay:$out/continue_b_rewarm:6400:6400" \
+    "(c) then B: re-warm, re-decay, 5% replay of A:$out/continue_b_replay:6400:0" \
+    "(d) baseline: A and B 50/50 from scratch:$out/joint_ab:0:0"; do
+    IFS=: read -r name dir a_before b_plain <<<"$row"
+    echo "| $name | $(sequences "$dir" "$a_before" "$b_plain") | $(evaluate "$dir" "$data/a_valid.txt") | $(evaluate "$dir" "$data/b_valid.txt") |"
 done

@@ -73,8 +73,8 @@ for row in \
     "structured-pruned + fine-tuned on labels (200 steps):$out/finetune" \
     "structured-pruned + distilled from the teacher (200 steps):$out/distill" \
     "magnitude 50%, no recovery:$out/magnitude" \
-    "magnitude 50% + momentum SGD (200 steps):$out/magnitude_finetune" \
-    "GSM density 0.5 (200 steps, cut at the end):$out/gsm"; do
+    "magnitude 50% + momentum SGD, lr 0.01 (200 steps):$out/magnitude_finetune" \
+    "GSM density 0.5, lr 0.01 (200 steps, cut at the end):$out/gsm"; do
     name=${row%%:*}
     dir=${row#*:}
     echo "| $name | $(params "$dir") | $(evaluate "$dir") |"

@@ -553,6 +553,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             steps,
         } => {
             let overrides = parse_overrides(&set)?;
+            if let Some(stages) = trainer::recipes::stages::load(&path, &overrides)? {
+                anyhow::ensure!(
+                    steps.is_none(),
+                    "--steps: a [[stages]] recipe is as long as its stages"
+                );
+                let peak = stages
+                    .iter()
+                    .map(|s| s.recipe.optim.lr())
+                    .fold(0.0, f64::max);
+                let s = trainer::recipes::stages::schedule(&stages);
+                schedule_cmd::show(&s, peak, csv.as_deref(), png.as_deref())?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let (schedule, lr, recipe_steps) = match recipe::load_any(&path, &overrides)? {
                 recipe::AnyRecipe::Pretrain(r) => {
                     (r.schedule.clone(), r.optim.lr(), Some(r.max_steps()))

@@ -22,12 +22,21 @@ pub fn run(
     csv: Option<&Path>,
     png: Option<&Path>,
 ) -> anyhow::Result<()> {
+    show(&Schedule::new(cfg, peak_lr, total_steps), peak_lr, csv, png)
+}
+
+/// `run` for a schedule already built (a `[[stages]]` recipe's stages joined end to end).
+pub fn show(
+    s: &Schedule,
+    peak_lr: f64,
+    csv: Option<&Path>,
+    png: Option<&Path>,
+) -> anyhow::Result<()> {
     for (flag, path) in [("--csv", csv), ("--png", png)] {
         if let Some(path) = path {
             check_output(flag, path)?;
         }
     }
-    let s = Schedule::new(cfg, peak_lr, total_steps);
     println!(
         "schedule {}: {} steps, peak lr {} (optim.lr), final lr {} (step {})",
         s.kind,
@@ -36,16 +45,16 @@ pub fn run(
         report::fmt_lr(s.lr(s.total_steps - 1)),
         s.total_steps - 1
     );
-    print!("{}", report::table(&s));
+    print!("{}", report::table(s));
     println!();
-    print!("{}", report::ascii_plot(&s, 64, 12));
+    print!("{}", report::ascii_plot(s, 64, 12));
     if let Some(path) = csv {
-        write_file(path, report::csv(&s).as_bytes())
+        write_file(path, report::csv(s).as_bytes())
             .with_context(|| format!("--csv {}", path.display()))?;
         eprintln!("wrote {} ({} steps)", path.display(), s.total_steps);
     }
     if let Some(path) = png {
-        let bytes = plot_png(&s).with_context(|| format!("--png {}", path.display()))?;
+        let bytes = plot_png(s).with_context(|| format!("--png {}", path.display()))?;
         write_file(path, &bytes).with_context(|| format!("--png {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }

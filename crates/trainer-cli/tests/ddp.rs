@@ -488,3 +488,46 @@ fn classify_trains_on_two_processes_and_resumes_exactly() {
     let valid = |rows: &[Value]| eval_rows(rows, "valid").last().map(|r| num(r, "loss"));
     assert_eq!(valid(&two), valid(&resumed));
 }
+
+/// A `[[stages]]` recipe runs its stages one after another in the same processes, on one
+/// process group (joined once), and follows the one-process run.
+#[test]
+fn stages_run_on_two_processes_like_on_one() {
+    let work = workdir();
+    let dir = work.path();
+    let base = replace_line(&tiny_recipe("run"), "max_steps = 40", "");
+    let recipe = write_recipe(
+        dir,
+        "staged.toml",
+        &format!(
+            "{base}\n[[stages]]\nname = \"first\"\nsteps = 8\n\n[[stages]]\nname = \"second\"\nsteps = 8\n\
+             set = {{ \"optim.lr\" = 1e-3 }}\n"
+        ),
+    );
+    let one = run_tiny(dir, &recipe, "one", &[]);
+    let out = trainer(
+        dir,
+        &[
+            "launch",
+            "--nproc",
+            "2",
+            &recipe,
+            "--set",
+            "run.out_dir=two",
+        ],
+    );
+    out.assert_success();
+    assert_eq!(
+        out.stderr.matches("rendezvous at").count(),
+        1,
+        "one process group for both stages:\n{}",
+        out.describe()
+    );
+    let two = read_metrics(&dir.join("two/metrics.jsonl"));
+    let (a, b) = (losses(&one), losses(&two));
+    assert_eq!(a.len(), 16);
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (step, la) in &a {
+        assert_close(&format!("train loss at step {step}"), *la, b[step], 1e-5);
+    }
+}

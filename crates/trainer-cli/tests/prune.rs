@@ -588,3 +588,45 @@ fn gsm_and_magnitude_prune_a_resnet_classifier() {
         );
     }
 }
+
+/// The prune-then-distill pipeline's recipes (configs/prune_distill/, run by
+/// scripts/prune_distill.sh) validate and train for two steps from tiny stand-ins of the models
+/// the script makes first.
+#[test]
+fn prune_distill_pipeline_configs_run() {
+    let work = workdir();
+    let w = work.path();
+    let quickstart = repo_root().join("configs/quickstart.toml");
+    trainer(
+        w,
+        &[
+            "run", quickstart.to_str().unwrap(), "--set", "train.max_steps=2", "--set", "run.threads=1",
+            "--set", "schedule.warmup_steps=1", "--set", "run.out_dir=runs/prune_distill/teacher",
+        ],
+    )
+    .assert_success();
+    let teacher = "runs/prune_distill/teacher";
+    trainer(
+        w,
+        &["prune", "--init", teacher, "--method", "structured", "--d-ff", "176", "--layers", "3",
+          "--calib-batches", "1", "--out", "runs/prune_distill/pruned"],
+    )
+    .assert_success();
+    trainer(
+        w,
+        &["prune", "--init", teacher, "--method", "magnitude", "--sparsity", "0.5", "--out", "runs/prune_distill/magnitude"],
+    )
+    .assert_success();
+    for name in ["finetune", "distill", "magnitude_finetune", "gsm"] {
+        let path = repo_root().join(format!("configs/prune_distill/{name}.toml"));
+        let p = path.to_str().unwrap();
+        trainer(w, &["validate", p]).assert_success();
+        trainer(
+            w,
+            &["run", p, "--set", "train.max_steps=2", "--set", "schedule.warmup_steps=1", "--set", "run.threads=1"],
+        )
+        .assert_success();
+    }
+    let gsm = summary(&w.join("runs/prune_distill/gsm"));
+    assert!((gsm["pruning"]["global_sparsity"].as_f64().unwrap() - 0.5).abs() < 1e-3);
+}

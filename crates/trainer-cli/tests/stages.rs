@@ -71,7 +71,11 @@ fn two_stages_switch_schedule_and_data_at_the_boundary_and_resume_bitwise() {
 
     let out = trainer(w, &["validate", "staged.toml"]);
     out.assert_success();
-    assert!(out.stderr.contains("2 stages, 40 steps"), "{}", out.describe());
+    assert!(
+        out.stderr.contains("2 stages, 40 steps"),
+        "{}",
+        out.describe()
+    );
 
     let reference = run_tiny(w, "staged.toml", "a", &[]);
     let train = by_step(&train_rows(&reference));
@@ -96,6 +100,22 @@ fn two_stages_switch_schedule_and_data_at_the_boundary_and_resume_bitwise() {
         (40, 1e-3 + (1e-4 - 1e-3) * 15.0 / 16.0),
     ] {
         assert!(close(lr(s), want), "row {s}: lr {} != {want}", lr(s));
+    }
+    // `trainer schedule` shows the LR the stages train with.
+    trainer(w, &["schedule", "staged.toml", "--csv", "lr.csv"]).assert_success();
+    let csv = std::fs::read_to_string(w.join("lr.csv")).expect("lr.csv");
+    let planned: Vec<f64> = csv
+        .lines()
+        .filter_map(|l| l.split_once(',')?.1.parse().ok())
+        .collect();
+    assert_eq!(planned.len(), 40, "{csv}");
+    for s in 1..=40 {
+        let want = planned[s as usize - 1];
+        assert!(
+            close(lr(s), want),
+            "step {s}: logged {} planned {want}",
+            lr(s)
+        );
     }
     // The mixture exists from stage 2 on, and its fractions count stage 2's sequences alone.
     for s in 1..=20 {
@@ -147,7 +167,14 @@ fn two_stages_switch_schedule_and_data_at_the_boundary_and_resume_bitwise() {
     assert!((21..40).contains(&stopped), "stopped at {stopped}");
     trainer(
         w,
-        &["run", "staged.toml", "--set", "run.out_dir=b", "--resume", "auto"],
+        &[
+            "run",
+            "staged.toml",
+            "--set",
+            "run.out_dir=b",
+            "--resume",
+            "auto",
+        ],
     )
     .assert_success();
     let resumed = read_metrics(&w.join("b/metrics.jsonl"));
@@ -167,13 +194,24 @@ fn two_stages_switch_schedule_and_data_at_the_boundary_and_resume_bitwise() {
         let (x, y) = (eval_rows(&reference, split), eval_rows(&resumed, split));
         assert_eq!(x.len(), y.len(), "{split}");
         for (a, b) in x.iter().zip(&y) {
-            assert_eq!(num(a, "loss").to_bits(), num(b, "loss").to_bits(), "{split}");
+            assert_eq!(
+                num(a, "loss").to_bits(),
+                num(b, "loss").to_bits(),
+                "{split}"
+            );
         }
     }
     // Resuming a finished staged run does nothing.
     let out = trainer(
         w,
-        &["run", "staged.toml", "--set", "run.out_dir=b", "--resume", "auto"],
+        &[
+            "run",
+            "staged.toml",
+            "--set",
+            "run.out_dir=b",
+            "--resume",
+            "auto",
+        ],
     );
     out.assert_success();
     assert!(out.stderr.contains("nothing to do"), "{}", out.describe());
@@ -183,7 +221,8 @@ fn two_stages_switch_schedule_and_data_at_the_boundary_and_resume_bitwise() {
 fn bad_stages_are_one_line_errors_naming_the_key() {
     let work = workdir();
     let w = work.path();
-    let cases: Vec<(String, Vec<&str>)> = vec![
+    let cases: Vec<(String, Vec<&str>)> =
+        vec![
         (
             STAGES.replace("name = \"english\"", "name = \"english\"\nlr = 1.0"),
             vec!["stages[0].lr", "unknown key"],
@@ -230,7 +269,10 @@ fn bad_stages_are_one_line_errors_naming_the_key() {
     trainer(w, &["run", "bad.toml"]).assert_one_error(&["stages", "at least one"]);
     // train.max_steps given: it must equal the stages' sum (in the file or by --set).
     write_recipe(w, "bad.toml", &staged_recipe(w, STAGES));
-    trainer(w, &["run", "bad.toml", "--set", "train.max_steps=30"])
-        .assert_one_error(&["train.max_steps", "30", "40"]);
+    trainer(w, &["run", "bad.toml", "--set", "train.max_steps=30"]).assert_one_error(&[
+        "train.max_steps",
+        "30",
+        "40",
+    ]);
     trainer(w, &["validate", "bad.toml", "--set", "train.max_steps=40"]).assert_success();
 }

@@ -16,6 +16,7 @@
 //! stay in step without exchanging optimizer state.
 
 use crate::error::{Error, Result};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 use torch_ext::{Backend, ProcessGroup};
@@ -203,11 +204,23 @@ pub fn first_host(list: &str) -> Option<String> {
     (!host.is_empty()).then_some(host)
 }
 
-/// The process group of a multi-process run, or nothing for a single process (every operation
-/// is then a no-op, so that the training loop reads the same either way).
+/// The process group this process joined, kept from one training run to the next: the stages
+/// of a `[[stages]]` recipe run one after another in the same processes, and a second
+/// rendezvous on the same port could meet the previous run's store before rank 0 closed it.
+/// Never dropped: the process's exit closes it.
+static GROUP: Mutex<Option<Joined>> = Mutex::new(None);
+
+struct Joined {
+    world: World,
+    backend: Backend,
+    timeout: Duration,
+    group: ProcessGroup,
+}
+
+/// A training run's view of the process group (every operation is a no-op for a single
+/// process, so that the training loop reads the same either way).
 pub struct DataParallel {
     pub world: World,
-    group: Option<ProcessGroup>,
     /// The training device: NCCL reduces CUDA tensors only, Gloo CPU ones.
     device: Device,
     /// Bounds every collective (for the error message; the group enforces it).
@@ -217,44 +230,72 @@ pub struct DataParallel {
 }
 
 impl DataParallel {
-    /// Joins the group (rank 0 hosts the rendezvous): Gloo for CPU training, NCCL for CUDA.
-    /// `timeout` bounds the rendezvous and every collective.
+    /// Joins the group (rank 0 hosts the rendezvous), or keeps the one this process already
+    /// joined for the same world: Gloo for CPU training, NCCL for CUDA. `timeout` bounds the
+    /// rendezvous and every collective (a kept group keeps its own).
     pub fn init(world: World, device: Device, timeout: Duration) -> Result<DataParallel> {
-        let group = if world.is_distributed() {
+        let mut timeout = timeout;
+        if world.is_distributed() {
             let backend = if device.is_cuda() {
                 Backend::Nccl
             } else {
                 Backend::Gloo
             };
-            let group = ProcessGroup::new(
-                &world.master_addr,
-                world.master_port,
-                world.rank,
-                world.size,
-                backend,
-                timeout,
-                timeout,
-            )
-            .map_err(|e| rendezvous_error(&world, timeout, &e))?;
-            tracing::info!(
-                "rank {} of {} ({:?}, rendezvous at {}:{})",
-                world.rank,
-                world.size,
-                backend,
-                world.master_addr,
-                world.master_port
-            );
-            Some(group)
-        } else {
-            None
-        };
+            let mut joined = GROUP.lock().unwrap_or_else(PoisonError::into_inner);
+            match joined.as_ref() {
+                Some(j) if j.world == world && j.backend == backend => timeout = j.timeout,
+                _ => {
+                    *joined = None; // leave another group first
+                    let group = ProcessGroup::new(
+                        &world.master_addr,
+                        world.master_port,
+                        world.rank,
+                        world.size,
+                        backend,
+                        timeout,
+                        timeout,
+                    )
+                    .map_err(|e| rendezvous_error(&world, timeout, &e))?;
+                    tracing::info!(
+                        "rank {} of {} ({:?}, rendezvous at {}:{})",
+                        world.rank,
+                        world.size,
+                        backend,
+                        world.master_addr,
+                        world.master_port
+                    );
+                    *joined = Some(Joined {
+                        world: world.clone(),
+                        backend,
+                        timeout,
+                        group,
+                    });
+                }
+            }
+        }
         Ok(DataParallel {
             world,
-            group,
             device,
             timeout,
             buckets: Default::default(),
         })
+    }
+
+    /// Runs `f` on the process group; nothing for a single process. `what` names the operation
+    /// in the error.
+    fn collective(
+        &self,
+        what: &str,
+        f: impl FnOnce(&ProcessGroup) -> std::result::Result<(), String>,
+    ) -> Result<()> {
+        if !self.world.is_distributed() {
+            return Ok(());
+        }
+        let joined = GROUP.lock().unwrap_or_else(PoisonError::into_inner);
+        match joined.as_ref() {
+            Some(j) => f(&j.group).map_err(|e| self.collective_error(what, &e)),
+            None => Err(Error::Torch(format!("{what}: not in a process group"))),
+        }
     }
 
     /// A training loop's start: joins the group, gives every rank rank 0's parameters and
@@ -289,11 +330,9 @@ impl DataParallel {
     /// Overwrites `tensors` with rank 0's values on every rank (parameters at the start,
     /// BatchNorm statistics after each step).
     pub fn broadcast_from_main(&self, tensors: &[&Tensor]) -> Result<()> {
-        let Some(g) = &self.group else {
-            return Ok(());
-        };
-        tch::no_grad(|| g.broadcast(tensors, 0))
-            .map_err(|e| self.collective_error("broadcasting rank 0's tensors", &e))
+        self.collective("broadcasting rank 0's tensors", |g| {
+            tch::no_grad(|| g.broadcast(tensors, 0))
+        })
     }
 
     /// After the backward pass of a step: sums `scalars` over the ranks (the step's loss and stop
@@ -304,9 +343,9 @@ impl DataParallel {
     /// idle expert) keeps none, as in a single process; one that some ranks used gets a zero
     /// gradient on the others first.
     pub fn reduce_step(&self, params: &[&Tensor], scalars: &mut [f64]) -> Result<()> {
-        let Some(g) = &self.group else {
+        if !self.world.is_distributed() {
             return Ok(());
-        };
+        }
         let k = scalars.len();
         let mut values = scalars.to_vec();
         values.extend(
@@ -355,8 +394,7 @@ impl DataParallel {
                 }
             }
             let refs: Vec<&Tensor> = buffers.iter().collect();
-            g.all_reduce_sum(&refs)
-                .map_err(|e| self.collective_error("averaging the gradients", &e))?;
+            self.collective("averaging the gradients", |g| g.all_reduce_sum(&refs))?;
             let scale = 1.0 / self.world.size as f64;
             for (buf, idx) in buffers.iter_mut().zip(&groups) {
                 let _ = buf.g_mul_scalar_(scale);
@@ -374,12 +412,13 @@ impl DataParallel {
 
     /// Sums `values` over the ranks (in float64), in place: losses, counts, stop flags.
     pub fn sum(&self, values: &mut [f64]) -> Result<()> {
-        let Some(g) = &self.group else {
+        if !self.world.is_distributed() {
             return Ok(());
-        };
+        }
         let t = Tensor::from_slice(values).to_device(self.device);
-        g.all_reduce_sum(&[&t])
-            .map_err(|e| self.collective_error("summing the step's loss and stop flag", &e))?;
+        self.collective("summing the step's loss and stop flag", |g| {
+            g.all_reduce_sum(&[&t])
+        })?;
         let back = Vec::<f64>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Double))
             .map_err(|e| Error::Torch(e.to_string()))?;
         values.copy_from_slice(&back);

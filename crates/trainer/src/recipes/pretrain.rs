@@ -434,7 +434,8 @@ pub fn run_from(
             )));
         }
         // ReLoRA's jagged schedule re-warms the LR after each merge.
-        let lr = schedule.lr(step - stage_start) * relora.as_ref().map_or(1.0, |(r, _)| r.lr_factor(step));
+        let lr = schedule.lr(step - stage_start)
+            * relora.as_ref().map_or(1.0, |(r, _)| r.lr_factor(step));
         optimizer.step(lr)?;
         params.apply_masks();
         params.zero_grad();

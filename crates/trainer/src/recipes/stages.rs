@@ -100,7 +100,14 @@ pub fn parse(text: &str, file: &str, overrides: &[Override]) -> Result<Option<Ve
         .iter()
         .rev()
         .find(|o| o.path == ["train", "max_steps"])
-        .map(|o| o.raw.split_once('=').map_or("", |(_, v)| v).trim().parse::<i64>().ok())
+        .map(|o| {
+            o.raw
+                .split_once('=')
+                .map_or("", |(_, v)| v)
+                .trim()
+                .parse::<i64>()
+                .ok()
+        })
         .unwrap_or_else(|| {
             base.get("train")
                 .and_then(|t| t.get("max_steps"))
@@ -144,7 +151,12 @@ pub fn parse(text: &str, file: &str, overrides: &[Override]) -> Result<Option<Ve
                     "expected a name of letters, digits, '_' or '-'",
                 ))
             }
-            None => return Err(bad(&format!("{at}.name"), "missing; every stage has a name")),
+            None => {
+                return Err(bad(
+                    &format!("{at}.name"),
+                    "missing; every stage has a name",
+                ))
+            }
         };
         if stages.iter().any(|s| s.name == name) {
             return Err(bad(
@@ -160,20 +172,31 @@ pub fn parse(text: &str, file: &str, overrides: &[Override]) -> Result<Option<Ve
                     "expected a positive number of steps",
                 ))
             }
-            None => return Err(bad(&format!("{at}.steps"), "missing; every stage has a length")),
+            None => {
+                return Err(bad(
+                    &format!("{at}.steps"),
+                    "missing; every stage has a length",
+                ))
+            }
         };
 
         // The stage's document: the base with its whole-section replacements.
         let mut doc = base.clone();
         if let Some(schedule) = table.get("schedule") {
             let Some(t) = as_table(schedule) else {
-                return Err(bad(&format!("{at}.schedule"), "expected a table (a [schedule])"));
+                return Err(bad(
+                    &format!("{at}.schedule"),
+                    "expected a table (a [schedule])",
+                ));
             };
             doc.insert("schedule", toml_edit::Item::Table(t));
         }
         if let Some(data) = table.get("data") {
             let Some(t) = as_table(data) else {
-                return Err(bad(&format!("{at}.data"), "expected a table of [data] keys"));
+                return Err(bad(
+                    &format!("{at}.data"),
+                    "expected a table of [data] keys",
+                ));
             };
             let Some(target) = doc.get_mut("data").and_then(|d| d.as_table_like_mut()) else {
                 return Err(bad("data", "missing section [data]"));
@@ -203,9 +226,8 @@ pub fn parse(text: &str, file: &str, overrides: &[Override]) -> Result<Option<Ve
             let mut leaves = Vec::new();
             flatten(&t, "", &mut leaves);
             for (key, value) in leaves {
-                let mut o = Override::parse(&format!("{key}={value}")).map_err(|_| {
-                    bad(&format!("{at}.set.{key}"), "expected key.path = value")
-                })?;
+                let mut o = Override::parse(&format!("{key}={value}"))
+                    .map_err(|_| bad(&format!("{at}.set.{key}"), "expected key.path = value"))?;
                 o.raw = format!("{at}.set {key} = {value}");
                 all.push(o);
             }
@@ -218,7 +240,12 @@ pub fn parse(text: &str, file: &str, overrides: &[Override]) -> Result<Option<Ve
         recipe
             .schedule
             .check_lengths(recipe.optim.lr(), steps)
-            .map_err(|inv| bad(&format!("{at}: {}", inv.key), &format!("{} (the stage has {steps} steps)", inv.msg)))?;
+            .map_err(|inv| {
+                bad(
+                    &format!("{at}: {}", inv.key),
+                    &format!("{} (the stage has {steps} steps)", inv.msg),
+                )
+            })?;
         // Every stage's files are checked now, not when training reaches the stage.
         check_files(&recipe).map_err(|(key, path)| {
             bad(
@@ -226,7 +253,11 @@ pub fn parse(text: &str, file: &str, overrides: &[Override]) -> Result<Option<Ve
                 &format!("no such file: {}", path.display()),
             )
         })?;
-        if recipe.init.as_ref().is_some_and(|i| i.load == InitLoad::Full) {
+        if recipe
+            .init
+            .as_ref()
+            .is_some_and(|i| i.load == InitLoad::Full)
+        {
             return Err(bad(
                 "init.load",
                 "\"full\" cannot be combined with [[stages]] (the stages count steps from 0); use load = \"model\"",
@@ -353,4 +384,29 @@ pub fn run(stages: &[Stage], resume: Resume, stop: &StopFlag) -> Result<Outcome>
         }
     }
     Ok(outcome.unwrap_or(Outcome::AlreadyDone { step: at_step }))
+}
+
+/// The LR of the whole run as one schedule (for `trainer schedule`): every stage's phases, moved
+/// to the stage's first step. `lr(step)` equals what the stage holding `step` trains with.
+pub fn schedule(stages: &[Stage]) -> crate::schedule::Schedule {
+    let mut phases = Vec::new();
+    let mut end_lr = 0.0;
+    for stage in stages {
+        let s = crate::schedule::Schedule::new(
+            &stage.recipe.schedule,
+            stage.recipe.optim.lr(),
+            stage.steps,
+        );
+        phases.extend(s.phases.iter().map(|ph| crate::schedule::Phase {
+            start: ph.start + stage.start,
+            ..*ph
+        }));
+        end_lr = s.end_lr;
+    }
+    crate::schedule::Schedule {
+        kind: "stages",
+        phases,
+        end_lr,
+        total_steps: stages.last().map_or(0, Stage::end),
+    }
 }
