@@ -8,7 +8,8 @@
 #   DEVICE=cpu RECIPE=<tiny recipe> STEPS=3 benches/memory_compare.sh target/release/trainer
 #
 # Environment: STEPS (15), BATCH (16), RANK_GALORE (256), RANK_LORA (16), PYTHON (python3),
-# WORK (/tmp/trainer-mem-bench), OUT (results written there when set).
+# WORK (/tmp/trainer-mem-bench), OUT (results written there when set), METHODS (all below),
+# SET (one more --set override for every run, e.g. SET=data.seq_len=64 for a quick CPU count).
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 BIN="${1:-device-bin/trainer}"
@@ -31,16 +32,19 @@ TARGETS='["q_proj", "k_proj", "v_proj", "o_proj", "mlp.*"]'
 declare -A EXTRA=(
   [adamw]=""
   [galore_adamw]="optim={kind=\"galore_adamw\", lr=3e-4, rank=$RANK_GALORE, update_proj_gap=200, scale=0.25}"
+  [adamw_8bit]="optim.state_bits=8"
+  [galore_8bit]="optim={kind=\"galore_adamw\", lr=3e-4, rank=$RANK_GALORE, update_proj_gap=200, scale=0.25, state_bits=8}"
   [lora]="peft={kind=\"lora\", rank=$RANK_LORA, alpha=$((2 * RANK_LORA)), target=$TARGETS}"
   [lora_fa]="peft={kind=\"lora_fa\", rank=$RANK_LORA, alpha=$((2 * RANK_LORA)), target=$TARGETS}"
 )
 ROWS="$WORK/memory.jsonl"; : > "$ROWS"
-for method in adamw galore_adamw lora lora_fa; do
+for method in ${METHODS:-adamw adamw_8bit galore_adamw galore_8bit lora lora_fa}; do
   dir="$WORK/$method"; rm -rf "$dir"
   args=(run "$RECIPE" --set "run.out_dir=\"$dir\"" --set "data.train.path=\"$TOKENS\""
         --set "run.device=\"$DEVICE\"" --set "train.max_steps=$STEPS" --set "train.batch_size=$BATCH"
         --set "train.log_every=5")
   [[ -n "${EXTRA[$method]}" ]] && args+=(--set "${EXTRA[$method]}")
+  [[ -n "${SET:-}" ]] && args+=(--set "$SET")
   echo "== $method" >&2
   if timeout 300 "$BIN" "${args[@]}" > "$WORK/$method.log" 2>&1; then
     "$PY" - "$dir/summary.json" "$method" >> "$ROWS" <<'PYEOF'

@@ -71,11 +71,11 @@ echo "| model | training sequences of A / B | held-out loss A | held-out loss B 
 echo "|---|---|---|---|"
 # 400 steps x 16 sequences of 64 tokens per stage.
 for row in \
-    "pretrained on A:$out/pretrain_a:6400:0" \
-    "(a) then B: no re-warm, no replay (constant 3e-4):$out/continue_b_constant:6400:6400" \
-    "(b) then B: re-warm to 3e-3, re-decay:$out/continue_b_rewarm:6400:6400" \
-    "(c) then B: re-warm, re-decay, 5% replay of A:$out/continue_b_replay:6400:0" \
-    "(d) baseline: A and B 50/50 from scratch:$out/joint_ab:0:0"; do
-    IFS=: read -r name dir a_before b_plain <<<"$row"
+    "pretrained on A|$out/pretrain_a|6400|0" \
+    "(a) then B: no re-warm, no replay (constant 3e-4)|$out/continue_b_constant|6400|6400" \
+    "(b) then B: re-warm to 3e-3, re-decay|$out/continue_b_rewarm|6400|6400" \
+    "(c) then B: re-warm, re-decay, 5% replay of A|$out/continue_b_replay|6400|0" \
+    "(d) baseline: A and B 50/50 from scratch|$out/joint_ab|0|0"; do
+    IFS="|" read -r name dir a_before b_plain <<<"$row"
     echo "| $name | $(sequences "$dir" "$a_before" "$b_plain") | $(evaluate "$dir" "$data/a_valid.txt") | $(evaluate "$dir" "$data/b_valid.txt") |"
 done
