@@ -4,7 +4,7 @@
 # table of every model's loss on the held-out parts of corpus A and corpus B.
 #
 #   scripts/continual_forgetting.sh     # everything under runs/continual/; finished runs are
-#                                       # skipped (about 6 minutes on a quiet 2-core CPU)
+#                                       # skipped (6.5 minutes measured on a shared 2-core CPU)
 #
 # Data (generated here, nothing downloaded): A = the built-in corpus (Alice's Adventures in
 # Wonderland), B = its ROT13 cipher (every letter shifted by 13: the same story in a "new

@@ -11,7 +11,8 @@
 # 3. recovery, 200 steps each: fine-tune on labels (configs/prune_distill/finetune.toml) or
 #    distill from the teacher (distill.toml)
 # 4. unstructured at density 0.5: one-shot magnitude + 200 steps of momentum SGD
-#    (magnitude_finetune.toml) vs 200 steps of GSM from the teacher, cut at the end (gsm.toml)
+#    (magnitude_finetune.toml) vs 200 steps of GSM from the teacher, cut at the end (gsm.toml);
+#    and magnitude + 200 steps of AdamW (magnitude_adamw.toml), the teacher's own optimizer
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$TRAINER_ROOT"
@@ -40,6 +41,7 @@ run configs/prune_distill/finetune.toml "$out/finetune"
 run configs/prune_distill/distill.toml "$out/distill"
 run configs/prune_distill/magnitude_finetune.toml "$out/magnitude_finetune"
 run configs/prune_distill/gsm.toml "$out/gsm"
+run configs/prune_distill/magnitude_adamw.toml "$out/magnitude_adamw"
 
 # The held-out split: the last 10% of the built-in corpus (data.valid_fraction = 0.1).
 corpus=crates/trainer/data/wonderland.txt
@@ -51,16 +53,24 @@ evaluate() { # model dir -> loss
     "${trainer[@]}" eval --init "$1" --data "$out/valid.txt" --seq-len 128 --json 2>/dev/null |
         python3 -c 'import json, sys; print("%.4f" % json.load(sys.stdin)["loss"])'
 }
-params() { # run or pruned dir -> parameter count (and nonzero count for pruned ones)
+params() { # run or pruned dir -> "parameters | nonzero" of its newest checkpoint (stdlib only)
     python3 - "$1" <<'EOF'
-import glob, json, os, sys
-from safetensors.numpy import load_file
+import array, glob, json, os, struct, sys
 d = sys.argv[1]
-ckpts = sorted(glob.glob(os.path.join(d, "checkpoints", "step-*")))
-t = load_file(os.path.join(ckpts[-1], "model.safetensors"))
-total = sum(v.size for v in t.values())
-nonzero = sum(int((v != 0).sum()) for v in t.values())
-print(f"{total} | {nonzero}")
+ckpt = sorted(glob.glob(os.path.join(d, "checkpoints", "step-*")))[-1]
+with open(os.path.join(ckpt, "model.safetensors"), "rb") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    header = json.loads(f.read(n))
+    data = f.read()
+total = nonzero = 0
+for name, t in header.items():
+    if name == "__metadata__" or name.startswith("distill."):
+        continue
+    assert t["dtype"] == "F32", (name, t["dtype"])
+    a = array.array("f", data[t["data_offsets"][0]:t["data_offsets"][1]])
+    total += len(a)
+    nonzero += sum(1 for x in a if x != 0.0)
+print(f"{total:,} | {nonzero:,}")
 EOF
 }
 
@@ -74,7 +84,8 @@ for row in \
     "structured-pruned + distilled from the teacher (200 steps):$out/distill" \
     "magnitude 50%, no recovery:$out/magnitude" \
     "magnitude 50% + momentum SGD, lr 0.01 (200 steps):$out/magnitude_finetune" \
-    "GSM density 0.5, lr 0.01 (200 steps, cut at the end):$out/gsm"; do
+    "GSM density 0.5, lr 0.01 (200 steps, cut at the end):$out/gsm" \
+    "magnitude 50% + AdamW as finetune.toml (200 steps):$out/magnitude_adamw"; do
     name=${row%%:*}
     dir=${row#*:}
     echo "| $name | $(params "$dir") | $(evaluate "$dir") |"

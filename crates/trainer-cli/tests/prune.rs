@@ -617,7 +617,7 @@ fn prune_distill_pipeline_configs_run() {
         &["prune", "--init", teacher, "--method", "magnitude", "--sparsity", "0.5", "--out", "runs/prune_distill/magnitude"],
     )
     .assert_success();
-    for name in ["finetune", "distill", "magnitude_finetune", "gsm"] {
+    for name in ["finetune", "distill", "magnitude_finetune", "gsm", "magnitude_adamw"] {
         let path = repo_root().join(format!("configs/prune_distill/{name}.toml"));
         let p = path.to_str().unwrap();
         trainer(w, &["validate", p]).assert_success();

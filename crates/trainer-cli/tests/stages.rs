@@ -276,3 +276,71 @@ fn bad_stages_are_one_line_errors_naming_the_key() {
     ]);
     trainer(w, &["validate", "bad.toml", "--set", "train.max_steps=40"]).assert_success();
 }
+
+/// The forgetting pipeline's recipes (configs/continual/, run by
+/// scripts/continual_forgetting.sh) validate and train for two steps on the data files the
+/// script writes (A = the built-in corpus, B = its ROT13), and the two-stage version validates
+/// and shows its schedule.
+#[test]
+fn continual_pipeline_configs_run() {
+    let work = workdir();
+    let w = work.path();
+    let text = std::fs::read_to_string(repo_root().join("crates/trainer/data/wonderland.txt"))
+        .expect("the built-in corpus");
+    let rot13: String = text
+        .chars()
+        .map(|c| match c {
+            'a'..='z' => (((c as u8 - b'a' + 13) % 26) + b'a') as char,
+            'A'..='Z' => (((c as u8 - b'A' + 13) % 26) + b'A') as char,
+            c => c,
+        })
+        .collect();
+    let data = w.join("runs/continual/data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let cut = text.len() - (text.len() + 5) / 10;
+    for (name, t) in [("a", &text), ("b", &rot13)] {
+        std::fs::write(data.join(format!("{name}_train.txt")), &t[..cut]).expect("train");
+        std::fs::write(data.join(format!("{name}_valid.txt")), &t[cut..]).expect("valid");
+    }
+    let config = |name: &str| {
+        repo_root()
+            .join(format!("configs/continual/{name}.toml"))
+            .to_str()
+            .expect("utf-8")
+            .to_string()
+    };
+    let short = ["--set", "train.max_steps=2", "--set", "run.threads=1"];
+    let warmup = ["--set", "schedule.warmup_steps=1"];
+    for (name, extra) in [
+        ("pretrain_a", &warmup[..]),
+        ("continue_b_constant", &[][..]),
+        ("continue_b_rewarm", &warmup[..]),
+        ("continue_b_replay", &warmup[..]),
+        ("joint_ab", &warmup[..]),
+    ] {
+        let path = config(name);
+        let mut args = vec!["run", path.as_str()];
+        args.extend_from_slice(&short);
+        args.extend_from_slice(extra);
+        trainer(w, &args).assert_success();
+        let summary: Value = serde_json::from_str(
+            &std::fs::read_to_string(w.join(format!("runs/continual/{name}/summary.json")))
+                .expect("summary.json"),
+        )
+        .expect("json");
+        let losses = &summary["final_valid_losses"];
+        assert!(
+            losses["a"].is_number() && losses["b"].is_number(),
+            "{name}: {summary}"
+        );
+    }
+    let staged = config("staged_replay");
+    let out = trainer(w, &["validate", &staged]);
+    out.assert_success();
+    assert!(
+        out.stderr.contains("2 stages, 800 steps"),
+        "{}",
+        out.describe()
+    );
+    trainer(w, &["schedule", &staged]).assert_success();
+}
