@@ -32,7 +32,8 @@ TARGETS='["q_proj", "k_proj", "v_proj", "o_proj", "mlp.*"]'
 declare -A EXTRA=(
   [adamw]=""
   [galore_adamw]="optim={kind=\"galore_adamw\", lr=3e-4, rank=$RANK_GALORE, update_proj_gap=200, scale=0.25}"
-  [adamw_8bit]="optim.state_bits=8"
+  # gpu_llama.toml asks for the fused kernel, which needs 32-bit states.
+  [adamw_8bit]="optim={kind=\"adamw\", lr=3e-4, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, fused=false, state_bits=8}"
   [galore_8bit]="optim={kind=\"galore_adamw\", lr=3e-4, rank=$RANK_GALORE, update_proj_gap=200, scale=0.25, state_bits=8}"
   [lora]="peft={kind=\"lora\", rank=$RANK_LORA, alpha=$((2 * RANK_LORA)), target=$TARGETS}"
   [lora_fa]="peft={kind=\"lora_fa\", rank=$RANK_LORA, alpha=$((2 * RANK_LORA)), target=$TARGETS}"

@@ -600,30 +600,76 @@ fn prune_distill_pipeline_configs_run() {
     trainer(
         w,
         &[
-            "run", quickstart.to_str().unwrap(), "--set", "train.max_steps=2", "--set", "run.threads=1",
-            "--set", "schedule.warmup_steps=1", "--set", "run.out_dir=runs/prune_distill/teacher",
+            "run",
+            quickstart.to_str().unwrap(),
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "run.threads=1",
+            "--set",
+            "schedule.warmup_steps=1",
+            "--set",
+            "run.out_dir=runs/prune_distill/teacher",
         ],
     )
     .assert_success();
     let teacher = "runs/prune_distill/teacher";
     trainer(
         w,
-        &["prune", "--init", teacher, "--method", "structured", "--d-ff", "176", "--layers", "3",
-          "--calib-batches", "1", "--out", "runs/prune_distill/pruned"],
+        &[
+            "prune",
+            "--init",
+            teacher,
+            "--method",
+            "structured",
+            "--d-ff",
+            "176",
+            "--layers",
+            "3",
+            "--calib-batches",
+            "1",
+            "--out",
+            "runs/prune_distill/pruned",
+        ],
     )
     .assert_success();
     trainer(
         w,
-        &["prune", "--init", teacher, "--method", "magnitude", "--sparsity", "0.5", "--out", "runs/prune_distill/magnitude"],
+        &[
+            "prune",
+            "--init",
+            teacher,
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "0.5",
+            "--out",
+            "runs/prune_distill/magnitude",
+        ],
     )
     .assert_success();
-    for name in ["finetune", "distill", "magnitude_finetune", "gsm", "magnitude_adamw"] {
+    for name in [
+        "finetune",
+        "distill",
+        "magnitude_finetune",
+        "gsm",
+        "magnitude_adamw",
+    ] {
         let path = repo_root().join(format!("configs/prune_distill/{name}.toml"));
         let p = path.to_str().unwrap();
         trainer(w, &["validate", p]).assert_success();
         trainer(
             w,
-            &["run", p, "--set", "train.max_steps=2", "--set", "schedule.warmup_steps=1", "--set", "run.threads=1"],
+            &[
+                "run",
+                p,
+                "--set",
+                "train.max_steps=2",
+                "--set",
+                "schedule.warmup_steps=1",
+                "--set",
+                "run.threads=1",
+            ],
         )
         .assert_success();
     }

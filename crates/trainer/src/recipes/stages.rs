@@ -410,3 +410,104 @@ pub fn schedule(stages: &[Stage]) -> crate::schedule::Schedule {
         total_steps: stages.last().map_or(0, Stage::end),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[run]
+name = "t"
+out_dir = "run"
+[model]
+kind = "llama"
+vocab_size = 256
+d_model = 32
+n_layers = 1
+n_heads = 4
+n_kv_heads = 2
+d_ff = 64
+max_seq_len = 16
+[data]
+seq_len = 16
+[[data.mixture.sources]]
+name = "x"
+weight = 1.0
+source = { kind = "builtin" }
+[optim]
+kind = "adamw"
+lr = 3e-3
+[schedule]
+kind = "cosine"
+warmup_steps = 2
+min_lr = 3e-4
+[train]
+batch_size = 2
+"#;
+
+    fn stages(extra: &str) -> Vec<Stage> {
+        parse(&format!("{BASE}{extra}"), "t.toml", &[])
+            .expect("valid")
+            .expect("has stages")
+    }
+
+    #[test]
+    fn a_recipe_without_stages_is_not_staged() {
+        assert!(parse(BASE, "t.toml", &[]).expect("parses").is_none());
+    }
+
+    #[test]
+    fn stages_follow_each_other_and_apply_their_changes() {
+        let s = stages(
+            r#"
+[[stages]]
+name = "one"
+steps = 5
+[[stages]]
+name = "two"
+steps = 7
+set = { optim.lr = 1e-3, "train.batch_size" = 4 }
+data = { train = { kind = "builtin" } }
+schedule = { kind = "constant" }
+"#,
+        );
+        assert_eq!(
+            (s[0].start, s[0].end(), s[1].start, s[1].end()),
+            (0, 5, 5, 12)
+        );
+        assert_eq!(s[0].recipe.train.max_steps, Some(5));
+        assert_eq!(s[1].recipe.train.max_steps, Some(12));
+        assert_eq!(s[0].recipe.optim.lr(), 3e-3);
+        assert_eq!(s[1].recipe.optim.lr(), 1e-3);
+        assert_eq!(s[1].recipe.train.batch_size, 4);
+        // `data.train` replaces the base's mixture (the two exclude each other).
+        assert!(s[0].recipe.data.mixture.is_some() && s[0].recipe.data.train.is_none());
+        assert!(s[1].recipe.data.mixture.is_none() && s[1].recipe.data.train.is_some());
+        assert_eq!(s[1].recipe.schedule.kind(), "constant");
+        // The joined schedule: stage two's constant LR from its first step on.
+        let lr = schedule(&s);
+        assert_eq!(lr.total_steps, 12);
+        assert_eq!(lr.lr(0), 3e-3 / 2.0);
+        // Stage one's last step: the cosine two thirds of the way down (it reaches min_lr at
+        // the milestone, where stage two begins).
+        let cos = 3e-4 + (3e-3 - 3e-4) * 0.5 * (1.0 + (std::f64::consts::PI * 2.0 / 3.0).cos());
+        assert!((lr.lr(4) - cos).abs() < 1e-15);
+        assert_eq!(lr.lr(5), 1e-3);
+        assert_eq!(lr.lr(11), 1e-3);
+    }
+
+    #[test]
+    fn command_line_overrides_apply_to_every_stage_and_the_stage_wins() {
+        let o = [
+            Override::parse("optim.lr=2e-3").unwrap(),
+            Override::parse("train.batch_size=8").unwrap(),
+        ];
+        let text = format!(
+            "{BASE}\n[[stages]]\nname = \"a\"\nsteps = 3\n[[stages]]\nname = \"b\"\nsteps = 3\nset = {{ \"optim.lr\" = 1e-3 }}\n"
+        );
+        let s = parse(&text, "t.toml", &o).unwrap().unwrap();
+        assert_eq!(s[0].recipe.optim.lr(), 2e-3);
+        assert_eq!(s[1].recipe.optim.lr(), 1e-3);
+        assert!(s.iter().all(|s| s.recipe.train.batch_size == 8));
+    }
+}
