@@ -20,9 +20,11 @@ trainer=(scripts/trainer)
 out=runs/prune_distill
 mkdir -p "$out"
 
-run() { # recipe, run dir: train unless finished
-    if [[ ! -f "$2/summary.json" ]]; then
-        "${trainer[@]}" run "$1" --set "run.out_dir=$2" --resume auto
+run() { # recipe, run dir, extra args: train unless finished
+    local recipe=$1 dir=$2
+    shift 2
+    if [[ ! -f "$dir/summary.json" ]]; then
+        "${trainer[@]}" run "$recipe" --set "run.out_dir=$dir" --resume auto "$@"
     fi
 }
 prune() { # out dir, args...
@@ -42,6 +44,8 @@ run configs/prune_distill/distill.toml "$out/distill"
 run configs/prune_distill/magnitude_finetune.toml "$out/magnitude_finetune"
 run configs/prune_distill/gsm.toml "$out/gsm"
 run configs/prune_distill/magnitude_adamw.toml "$out/magnitude_adamw"
+# GSM with a tenth of the decay: the unselected weights shrink less, the kept ones too.
+run configs/prune_distill/gsm.toml "$out/gsm_wd0.025" --set optim.weight_decay=0.025
 
 # The held-out split: the last 10% of the built-in corpus (data.valid_fraction = 0.1).
 corpus=crates/trainer/data/wonderland.txt
@@ -85,6 +89,7 @@ for row in \
     "magnitude 50%, no recovery:$out/magnitude" \
     "magnitude 50% + momentum SGD, lr 0.01 (200 steps):$out/magnitude_finetune" \
     "GSM density 0.5, lr 0.01 (200 steps, cut at the end):$out/gsm" \
+    "GSM as above with weight_decay 0.025:$out/gsm_wd0.025" \
     "magnitude 50% + AdamW as finetune.toml (200 steps):$out/magnitude_adamw"; do
     name=${row%%:*}
     dir=${row#*:}
