@@ -46,6 +46,9 @@ pub struct PruneArgs {
     /// Structured: layers kept (the least important, by block importance, are dropped).
     #[arg(long)]
     layers: Option<i64>,
+    /// Structured (Llama): query heads kept per layer, in whole key/value groups.
+    #[arg(long)]
+    heads: Option<i64>,
     /// The new model directory (must not exist or be empty).
     #[arg(long)]
     out: PathBuf,
@@ -71,12 +74,12 @@ pub fn run(args: &PruneArgs) -> anyhow::Result<()> {
     if structured {
         anyhow::ensure!(
             args.sparsity.is_none() && args.nm.is_none(),
-            "--sparsity/--nm: not for --method structured (give --d-ff and/or --layers)"
+            "--sparsity/--nm: not for --method structured (give --d-ff, --heads and/or --layers)"
         );
     } else {
         anyhow::ensure!(
-            args.d_ff.is_none() && args.layers.is_none(),
-            "--d-ff/--layers: only for --method structured"
+            args.d_ff.is_none() && args.layers.is_none() && args.heads.is_none(),
+            "--d-ff/--layers/--heads: only for --method structured"
         );
     }
     let sparsity = match (&args.nm, args.sparsity) {
@@ -116,10 +119,11 @@ pub fn run(args: &PruneArgs) -> anyhow::Result<()> {
         let shape = trainer::prune::structured::Shape {
             d_ff: args.d_ff,
             n_layers: args.layers,
+            n_heads: args.heads,
         };
         let s = oneshot::run_structured(&args.init, shape, &opts, &args.out, device)?;
         println!(
-            "kept layers {:?} of {} (block importance {}), d_ff {}: {} -> {} parameters",
+            "kept layers {:?} of {} (block importance {}), d_ff {}, {} heads: {} -> {} parameters",
             s.layers,
             s.block_importance.len(),
             s.block_importance
@@ -128,6 +132,7 @@ pub fn run(args: &PruneArgs) -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
                 .join(", "),
             s.d_ff,
+            s.n_heads,
             s.params_before,
             s.params_after
         );

@@ -487,6 +487,90 @@ fn structured_pruning_makes_a_smaller_model_that_evaluates_and_trains() {
             "a",
             "--method",
             "structured",
+            "--heads",
+            "3",
+            "--out",
+            "s4",
+        ],
+    )
+    .assert_one_error(&["--heads", "multiple of 2"]);
+
+    // Heads too (4 heads in 2 key/value groups -> 2 heads, head_dim stays 8): the Hugging Face
+    // export loads in transformers, which computes the loss `trainer eval` does.
+    trainer(
+        w,
+        &[
+            "prune",
+            "--init",
+            "a",
+            "--method",
+            "structured",
+            "--heads",
+            "2",
+            "--d-ff",
+            "40",
+            "--calib-batches",
+            "2",
+            "--out",
+            "h",
+        ],
+    )
+    .assert_success();
+    let config = std::fs::read_to_string(w.join("h/config.toml")).unwrap();
+    assert!(
+        config.contains("n_heads = 2")
+            && config.contains("n_kv_heads = 1")
+            && config.contains("head_dim = 8"),
+        "{config}"
+    );
+    trainer(w, &["export", "h", "--to", "hf", "h-hf"]).assert_success();
+    let ours = trainer(
+        w,
+        &[
+            "eval",
+            "--init",
+            "hf:h-hf",
+            "--data",
+            "tiny.toml",
+            "--seq-len",
+            "16",
+            "--json",
+        ],
+    );
+    ours.assert_success();
+    let ours: Value = serde_json::from_str(ours.stdout.trim()).unwrap();
+    let script = repo_root().join("crates/trainer-cli/tests/reference/hf_eval.py");
+    let out = std::process::Command::new(python())
+        .current_dir(w)
+        .args([
+            script.to_str().unwrap(),
+            "eval",
+            "h-hf",
+            "tiny.toml",
+            "16",
+            "8",
+        ])
+        .output()
+        .expect("running hf_eval.py");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    let (a, b) = (
+        ours["loss"].as_f64().unwrap(),
+        theirs["loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-4 * b, "trainer {a} vs transformers {b}");
+    trainer(
+        w,
+        &[
+            "prune",
+            "--init",
+            "a",
+            "--method",
+            "structured",
             "--sparsity",
             "0.5",
             "--out",

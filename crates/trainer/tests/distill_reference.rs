@@ -227,6 +227,7 @@ fn llama(vocab: i64, d_model: i64, n_layers: i64) -> TransformerConfig {
         n_layers,
         n_heads: 2,
         n_kv_heads: 2,
+        head_dim: None,
         d_ff: 2 * d_model,
         max_seq_len: 16,
         rope_theta: 10000.0,

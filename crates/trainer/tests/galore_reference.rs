@@ -641,6 +641,7 @@ fn tiny_config() -> TransformerConfig {
         n_layers: 2,
         n_heads: 2,
         n_kv_heads: 2,
+        head_dim: None,
         d_ff: 32,
         max_seq_len: 16,
         rope_theta: 10000.0,

@@ -16,6 +16,7 @@ fn dense_config() -> TransformerConfig {
         n_layers: 2,
         n_heads: 4,
         n_kv_heads: 2,
+        head_dim: None,
         d_ff: 48,
         max_seq_len: 16,
         rope_theta: 10000.0,

@@ -89,16 +89,11 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
                 .and_then(Value::as_f64)
                 .unwrap_or_else(|| float_or("rope_theta", 10000.0));
             let (d, heads) = (int("hidden_size")?, int("num_attention_heads")?);
-            if let Some(hd) = cfg.get("head_dim").and_then(Value::as_i64) {
-                if heads == 0 || hd * heads != d {
-                    return unsupported(
-                        &format!("head_dim = {hd}"),
-                        &format!(
-                            "head_dim must equal hidden_size / num_attention_heads = {d}/{heads}"
-                        ),
-                    );
-                }
-            }
+            // A head width other than hidden_size / heads (e.g. after head pruning) is kept.
+            let head_dim = cfg
+                .get("head_dim")
+                .and_then(Value::as_i64)
+                .filter(|hd| heads == 0 || hd * heads != d);
             let moe = if model_type == "mixtral" {
                 if float_or("router_jitter_noise", 0.0) != 0.0 {
                     return unsupported("router_jitter_noise != 0", "no router jitter");
@@ -133,6 +128,7 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
                         .and_then(Value::as_i64)
                         .unwrap_or(heads),
                 ),
+                head_dim,
                 d_ff: int("intermediate_size")?,
                 max_seq_len: int("max_position_embeddings")?,
                 rope_theta,
@@ -425,6 +421,7 @@ mod tests {
                 n_layers: 2,
                 n_heads: 4,
                 n_kv_heads: Some(2),
+                head_dim: None,
                 d_ff: 64,
                 max_seq_len: 128,
                 rope_theta: 500000.0,
@@ -455,7 +452,6 @@ mod tests {
                 json!({"type": "linear", "factor": 2.0}),
                 "rope_scaling",
             ),
-            ("head_dim", json!(16), "head_dim"),
             ("model_type", json!("mamba"), "mamba"),
         ];
         for (k, v, expect) in cases {
@@ -464,6 +460,20 @@ mod tests {
             let e = model_config_from_json(&cfg).expect_err("refused");
             assert!(e.contains(expect), "{k}: {e}");
         }
+        // A head width other than hidden_size / heads (a head-pruned model) is kept.
+        let mut cfg = llama_json();
+        cfg.insert("head_dim".to_string(), json!(16));
+        let m = model_config_from_json(&cfg).expect("supported");
+        assert!(
+            matches!(
+                m,
+                ModelConfig::Llama {
+                    head_dim: Some(16),
+                    ..
+                }
+            ),
+            "{m:?}"
+        );
         let mut cfg = llama_json();
         cfg.remove("hidden_size");
         assert!(model_config_from_json(&cfg)

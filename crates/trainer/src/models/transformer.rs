@@ -31,6 +31,8 @@ pub struct TransformerConfig {
     pub n_layers: i64,
     pub n_heads: i64,
     pub n_kv_heads: i64,
+    /// Width of each attention head; None: d_model / n_heads.
+    pub head_dim: Option<i64>,
     pub d_ff: i64,
     pub max_seq_len: i64,
     pub rope_theta: f64,
@@ -75,6 +77,7 @@ impl TransformerConfig {
                 norm_eps,
                 tie_embeddings,
                 moe,
+                head_dim,
             } => TransformerConfig {
                 family: Family::Llama,
                 vocab_size: *vocab_size,
@@ -82,6 +85,7 @@ impl TransformerConfig {
                 n_layers: *n_layers,
                 n_heads: *n_heads,
                 n_kv_heads: n_kv_heads.unwrap_or(*n_heads),
+                head_dim: *head_dim,
                 d_ff: *d_ff,
                 max_seq_len: *max_seq_len,
                 rope_theta: *rope_theta,
@@ -106,6 +110,7 @@ impl TransformerConfig {
                 n_layers: *n_layers,
                 n_heads: *n_heads,
                 n_kv_heads: *n_heads,
+                head_dim: None,
                 d_ff: d_ff.unwrap_or(4 * d_model),
                 max_seq_len: *max_seq_len,
                 rope_theta: 0.0,
@@ -118,7 +123,7 @@ impl TransformerConfig {
     }
 
     pub fn head_dim(&self) -> i64 {
-        self.d_model / self.n_heads
+        self.head_dim.unwrap_or(self.d_model / self.n_heads)
     }
 
     /// Training FLOPs per token (6N plus attention), as in the PaLM paper's appendix B, used for

@@ -176,6 +176,7 @@ pub struct Shrunk {
     pub layers: Vec<i64>,
     pub n_layers: i64,
     pub d_ff: i64,
+    pub n_heads: i64,
     /// Block importance (1 - cos(input, output)) of every source layer.
     pub block_importance: Vec<f64>,
 }
@@ -191,9 +192,9 @@ pub fn run_structured(
     device: Device,
 ) -> Result<Shrunk> {
     check_new_dir(out)?;
-    if shape.d_ff.is_none() && shape.n_layers.is_none() {
+    if shape.d_ff.is_none() && shape.n_layers.is_none() && shape.n_heads.is_none() {
         return Err(Error::Recipe(
-            "--method structured: give --d-ff and/or --layers".into(),
+            "--method structured: give --d-ff, --heads and/or --layers".into(),
         ));
     }
     let source = ModelSource::parse(init)?;
@@ -218,13 +219,19 @@ pub fn run_structured(
         device,
     )?;
     let imp = structured::importance(&loaded.model, &calib)?;
-    let (layers, channels) = structured::selection(&imp, &loaded.config, shape)?;
+    let sel = structured::selection(&imp, &loaded.config, shape)?;
     let d_ff = shape.d_ff.unwrap_or(loaded.config.d_ff);
-    let model_cfg =
-        structured::smaller_model_config(&source.model_config()?, layers.len() as i64, d_ff);
+    let n_heads = shape.n_heads.unwrap_or(loaded.config.n_heads);
+    let model_cfg = structured::smaller_model_config(
+        &source.model_config()?,
+        &loaded.config,
+        sel.layers.len() as i64,
+        d_ff,
+        n_heads,
+    );
     let new_cfg = crate::models::transformer::TransformerConfig::from_recipe(&model_cfg);
-    let (params, _) =
-        structured::shrink(&loaded.params, &loaded.config, &layers, &channels, &new_cfg)?;
+    let (params, _) = structured::shrink(&loaded.params, &loaded.config, &sel, &new_cfg)?;
+    let layers = sel.layers.clone();
     let model = match &source {
         ModelSource::Hf(_) => {
             crate::models::hf::export(&new_cfg, &params, out)?;
@@ -245,6 +252,7 @@ pub fn run_structured(
         n_layers: layers.len() as i64,
         layers,
         d_ff,
+        n_heads,
         block_importance: imp.blocks,
     };
     let json = serde_json::to_string_pretty(&shrunk).unwrap_or_default();

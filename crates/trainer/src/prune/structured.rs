@@ -11,8 +11,10 @@
 //!
 //! The result is a new, smaller model (fewer layers, narrower MLPs) with the kept weights copied;
 //! it usually needs recovery training (distillation from the dense model: `[distill]`).
-//! Attention heads are not pruned: the model's head width is d_model / n_heads, so removing heads
-//! would need a separate head_dim setting, which the model config does not have yet.
+//! Llama attention heads are pruned too (`n_heads`): ranked by the L2 norm of their outputs (the
+//! input of `o_proj`), in whole key/value groups so that grouped-query attention keeps its shape;
+//! the heads keep their width, which the smaller model's config records as `head_dim`. GPT-2's
+//! fused attention is not head-pruned.
 
 use crate::error::{Error, Result};
 use crate::models::params::{copy_named, ParamStore};
@@ -27,6 +29,8 @@ pub struct Shape {
     pub d_ff: Option<i64>,
     /// Layers; None: all.
     pub n_layers: Option<i64>,
+    /// Query heads per layer, a multiple of n_heads / n_kv_heads (Llama); None: all.
+    pub n_heads: Option<i64>,
 }
 
 /// Importances measured on calibration batches.
@@ -36,6 +40,8 @@ pub struct Importance {
     pub channels: Vec<Tensor>,
     /// Per layer: 1 - mean cosine(input, output) of the block over the calibration tokens.
     pub blocks: Vec<f64>,
+    /// Per layer, per key/value group: the L2 norm of its query heads' outputs.
+    pub groups: Vec<Tensor>,
 }
 
 fn torch_err(e: tch::TchError) -> Error {
@@ -46,7 +52,21 @@ fn is_mlp_out(path: &str) -> bool {
     path.ends_with("mlp.down_proj") || path.ends_with("mlp.c_proj")
 }
 
-/// One pass over `calibration` collecting channel and block importances.
+fn is_attn_out(path: &str) -> bool {
+    path.ends_with("self_attn.o_proj") || path.ends_with("attn.c_proj")
+}
+
+/// What the smaller model keeps of the source layers.
+pub struct Selection {
+    /// The source layers kept, in order.
+    pub layers: Vec<i64>,
+    /// Per kept layer: its MLP channels kept (ascending).
+    pub channels: Vec<Tensor>,
+    /// Per kept layer: its key/value groups kept (ascending); all of them without head pruning.
+    pub groups: Vec<Tensor>,
+}
+
+/// One pass over `calibration` collecting channel, head and block importances.
 pub fn importance(model: &Transformer, calibration: &[Tensor]) -> Result<Importance> {
     if model.config.moe.is_some() {
         return Err(Error::Recipe(
@@ -55,16 +75,19 @@ pub fn importance(model: &Transformer, calibration: &[Tensor]) -> Result<Importa
         ));
     }
     let blocks = model.block_projections();
-    let mlp_out: Vec<_> = blocks
-        .iter()
-        .map(|b| {
-            b.iter()
-                .copied()
-                .find(|l| is_mlp_out(&l.path))
-                .expect("every dense block has an MLP output")
-        })
-        .collect();
-    for l in &mlp_out {
+    let find = |is: fn(&str) -> bool| -> Vec<_> {
+        blocks
+            .iter()
+            .map(|b| {
+                b.iter()
+                    .copied()
+                    .find(|l| is(&l.path))
+                    .expect("every dense block has an attention and an MLP output")
+            })
+            .collect()
+    };
+    let (mlp_out, attn_out) = (find(is_mlp_out), find(is_attn_out));
+    for l in mlp_out.iter().chain(&attn_out) {
         let (fan_in, _) = l.in_out();
         *l.input_sq.borrow_mut() = Some(Tensor::zeros([fan_in], (Kind::Float, l.weight.device())));
     }
@@ -90,9 +113,19 @@ pub fn importance(model: &Transformer, calibration: &[Tensor]) -> Result<Importa
         }
         Ok(())
     })?;
-    let channels = mlp_out
+    let take =
+        |l: &crate::models::transformer::Linear| l.input_sq.borrow_mut().take().expect("set above");
+    let channels = mlp_out.iter().map(|l| take(l).sqrt()).collect();
+    let kv = model.config.n_kv_heads;
+    // o_proj's input is [n_heads * head_dim], the heads of a key/value group side by side.
+    let groups = attn_out
         .iter()
-        .map(|l| l.input_sq.borrow_mut().take().expect("set above").sqrt())
+        .map(|l| {
+            take(l)
+                .view([kv, -1])
+                .sum_dim_intlist(1, false, Kind::Float)
+                .sqrt()
+        })
         .collect();
     Ok(Importance {
         channels,
@@ -100,15 +133,19 @@ pub fn importance(model: &Transformer, calibration: &[Tensor]) -> Result<Importa
             .iter()
             .map(|c| 1.0 - c / tokens.max(1) as f64)
             .collect(),
+        groups,
     })
 }
 
-/// The layers kept (in order) and, per kept layer, the MLP channels kept (ascending).
-pub fn selection(
-    imp: &Importance,
-    config: &TransformerConfig,
-    shape: Shape,
-) -> Result<(Vec<i64>, Vec<Tensor>)> {
+/// The `k` highest scores' indices, ascending.
+fn top(scores: &Tensor, k: i64) -> Result<Tensor> {
+    let (_, idx) = scores.f_sort_stable(true, 0, true).map_err(torch_err)?;
+    let (kept, _) = idx.narrow(0, 0, k).f_sort(0, false).map_err(torch_err)?;
+    Ok(kept)
+}
+
+/// The layers kept (in order) and, per kept layer, the MLP channels and key/value groups kept.
+pub fn selection(imp: &Importance, config: &TransformerConfig, shape: Shape) -> Result<Selection> {
     let n = config.n_layers;
     let keep_layers = shape.n_layers.unwrap_or(n);
     if keep_layers < 1 || keep_layers > n {
@@ -121,6 +158,19 @@ pub fn selection(
         return Err(Error::Recipe(format!(
             "--d-ff: expected 1..={} (the model's d_ff), got {d_ff}",
             config.d_ff
+        )));
+    }
+    let group = config.n_heads / config.n_kv_heads; // query heads per key/value head
+    let heads = shape.n_heads.unwrap_or(config.n_heads);
+    if heads != config.n_heads && config.family == Family::Gpt2 {
+        return Err(Error::Recipe(
+            "--heads: head pruning is for Llama-family models".into(),
+        ));
+    }
+    if heads < group || heads > config.n_heads || heads % group != 0 {
+        return Err(Error::Recipe(format!(
+            "--heads: expected a multiple of {group} (query heads per key/value head) in {group}..={}, got {heads}",
+            config.n_heads
         )));
     }
     // Most important blocks first; ties by position.
@@ -138,28 +188,51 @@ pub fn selection(
     layers.sort();
     let channels = layers
         .iter()
-        .map(|&l| {
-            let (_, idx) = imp.channels[l as usize]
-                .f_sort_stable(true, 0, true)
-                .map_err(torch_err)?;
-            let (kept, _) = idx.narrow(0, 0, d_ff).f_sort(0, false).map_err(torch_err)?;
-            Ok(kept)
-        })
+        .map(|&l| top(&imp.channels[l as usize], d_ff))
         .collect::<Result<_>>()?;
-    Ok((layers, channels))
+    let groups = layers
+        .iter()
+        .map(|&l| top(&imp.groups[l as usize], heads / group))
+        .collect::<Result<_>>()?;
+    Ok(Selection {
+        layers,
+        channels,
+        groups,
+    })
 }
 
-/// The recipe's model section with the new depth and MLP width.
-pub fn smaller_model_config(cfg: &ModelConfig, n_layers: i64, d_ff: i64) -> ModelConfig {
+/// The indices `u * width .. (u + 1) * width` of every unit `u` of `units`, in order.
+fn units_index(units: &Tensor, width: i64) -> Tensor {
+    let offsets = Tensor::arange(width, (Kind::Int64, units.device()));
+    (units.unsqueeze(1) * width + offsets.unsqueeze(0)).flatten(0, -1)
+}
+
+/// The recipe's model section with the new depth, MLP width and heads (`old`: the source).
+pub fn smaller_model_config(
+    cfg: &ModelConfig,
+    old: &TransformerConfig,
+    n_layers: i64,
+    d_ff: i64,
+    n_heads: i64,
+) -> ModelConfig {
     let mut out = cfg.clone();
     match &mut out {
         ModelConfig::Llama {
             n_layers: l,
             d_ff: f,
+            n_heads: h,
+            n_kv_heads: kv,
+            head_dim,
             ..
         } => {
             *l = n_layers;
             *f = d_ff;
+            if n_heads != old.n_heads {
+                *h = n_heads;
+                *kv = Some(n_heads / (old.n_heads / old.n_kv_heads));
+                // The heads keep their width, no longer d_model / n_heads.
+                *head_dim = Some(old.head_dim());
+            }
         }
         ModelConfig::Gpt2 {
             n_layers: l,
@@ -177,14 +250,15 @@ pub fn smaller_model_config(cfg: &ModelConfig, n_layers: i64, d_ff: i64) -> Mode
 pub fn shrink(
     old: &ParamStore,
     config: &TransformerConfig,
-    layers: &[i64],
-    channels: &[Tensor],
+    sel: &Selection,
     new_config: &TransformerConfig,
 ) -> Result<(ParamStore, Transformer)> {
     let prefix = match config.family {
         Family::Llama => "model.layers.",
         Family::Gpt2 => "transformer.h.",
     };
+    let hd = config.head_dim();
+    let group = config.n_heads / config.n_kv_heads;
     let mut tensors = Vec::new();
     for p in old.iter() {
         let name = &p.name;
@@ -196,27 +270,37 @@ pub fn shrink(
         let old_layer: i64 = index
             .parse()
             .map_err(|_| Error::Recipe(format!("unexpected tensor name {name}")))?;
-        let Some(new_layer) = layers.iter().position(|&l| l == old_layer) else {
+        let Some(new_layer) = sel.layers.iter().position(|&l| l == old_layer) else {
             continue; // a dropped layer
         };
-        let keep = &channels[new_layer];
+        let channels = &sel.channels[new_layer];
+        let groups = &sel.groups[new_layer];
+        // The query heads of the kept groups (query head h belongs to group h / group).
+        let q_heads = units_index(groups, group);
         let t = p.tensor.detach();
-        // Which dimension of this tensor indexes the MLP channels, if any.
-        let channel_dim = match (config.family, field) {
-            (Family::Llama, "mlp.gate_proj.weight" | "mlp.up_proj.weight") => Some(0),
-            (Family::Llama, "mlp.down_proj.weight") => Some(1),
+        // Which dimension of this tensor indexes kept units, and which indices it keeps.
+        let (dim, keep) = match (config.family, field) {
+            (Family::Llama, "mlp.gate_proj.weight" | "mlp.up_proj.weight") => {
+                (0, channels.shallow_clone())
+            }
+            (Family::Llama, "mlp.down_proj.weight") => (1, channels.shallow_clone()),
+            (Family::Llama, "self_attn.q_proj.weight") => (0, units_index(&q_heads, hd)),
+            (Family::Llama, "self_attn.k_proj.weight" | "self_attn.v_proj.weight") => {
+                (0, units_index(groups, hd))
+            }
+            (Family::Llama, "self_attn.o_proj.weight") => (1, units_index(&q_heads, hd)),
             // GPT-2's Conv1D stores [in, out].
-            (Family::Gpt2, "mlp.c_fc.weight") => Some(1),
-            (Family::Gpt2, "mlp.c_fc.bias") => Some(0),
-            (Family::Gpt2, "mlp.c_proj.weight") => Some(0),
-            _ => None,
+            (Family::Gpt2, "mlp.c_fc.weight") => (1, channels.shallow_clone()),
+            (Family::Gpt2, "mlp.c_fc.bias") => (0, channels.shallow_clone()),
+            (Family::Gpt2, "mlp.c_proj.weight") => (0, channels.shallow_clone()),
+            _ => {
+                tensors.push((format!("{prefix}{new_layer}.{field}"), t));
+                continue;
+            }
         };
-        let t = match channel_dim {
-            Some(dim) => t
-                .f_index_select(dim, &keep.to_device(t.device()))
-                .map_err(torch_err)?,
-            None => t.shallow_clone(),
-        };
+        let t = t
+            .f_index_select(dim, &keep.to_device(t.device()))
+            .map_err(torch_err)?;
         tensors.push((format!("{prefix}{new_layer}.{field}"), t));
     }
     let mut store = ParamStore::new(old.device());
@@ -242,6 +326,7 @@ mod tests {
             n_layers,
             n_heads: 4,
             n_kv_heads: Some(2),
+            head_dim: None,
             d_ff,
             max_seq_len: 16,
             rope_theta: 10000.0,
@@ -251,10 +336,10 @@ mod tests {
         })
     }
 
-    /// Zeroing the dropped channels of the dense model gives the same function as the smaller
-    /// model: the copy puts every kept weight where it belongs.
+    /// Zeroing the dropped channels and heads of the dense model gives the same function as the
+    /// smaller model: the copy puts every kept weight where it belongs.
     #[test]
-    fn the_smaller_model_computes_what_the_dense_one_does_without_the_dropped_channels() {
+    fn the_smaller_model_computes_what_the_dense_one_does_without_the_dropped_units() {
         tch::manual_seed(1);
         let cfg = llama(2, 24);
         let mut store = ParamStore::new(Device::Cpu);
@@ -263,42 +348,90 @@ mod tests {
         let imp = importance(&dense, &[batch.shallow_clone()]).unwrap();
         assert_eq!(imp.channels.len(), 2);
         assert_eq!(imp.blocks.len(), 2);
-        let (layers, channels) = selection(
-            &imp,
-            &cfg,
-            Shape {
-                d_ff: Some(10),
-                n_layers: None,
-            },
-        )
-        .unwrap();
-        assert_eq!(layers, vec![0, 1]);
-        // The kept channels are the most important ones.
-        for (l, kept) in channels.iter().enumerate() {
+        assert_eq!(imp.groups[0].size(), vec![2]);
+        // 4 heads in 2 key/value groups: keep 2 heads (one group), 10 of 24 channels.
+        let shape = Shape {
+            d_ff: Some(10),
+            n_layers: None,
+            n_heads: Some(2),
+        };
+        let sel = selection(&imp, &cfg, shape).unwrap();
+        assert_eq!(sel.layers, vec![0, 1]);
+        // The kept units are the most important ones.
+        for (l, kept) in sel.channels.iter().enumerate() {
             let all = &imp.channels[l];
             let min_kept = all.index_select(0, kept).min().double_value(&[]);
             let mask = Tensor::ones([24], (Kind::Bool, Device::Cpu)).index_fill(0, kept, 0);
             let max_dropped = all.masked_select(&mask).max().double_value(&[]);
             assert!(min_kept >= max_dropped);
+            let g = &imp.groups[l];
+            let kept_group = sel.groups[l].int64_value(&[0]);
+            assert!(g.double_value(&[kept_group]) >= g.double_value(&[1 - kept_group]));
         }
-        let small_cfg = TransformerConfig {
-            d_ff: 10,
-            ..cfg.clone()
-        };
-        let (_, small) = shrink(&store, &cfg, &layers, &channels, &small_cfg).unwrap();
-        // Zero the dropped channels' down_proj columns in the dense model.
+        let model_cfg = smaller_model_config(
+            &ModelConfig::Llama {
+                vocab_size: 64,
+                d_model: 16,
+                n_layers: 2,
+                n_heads: 4,
+                n_kv_heads: Some(2),
+                head_dim: None,
+                d_ff: 24,
+                max_seq_len: 16,
+                rope_theta: 10000.0,
+                norm_eps: 1e-6,
+                tie_embeddings: false,
+                moe: None,
+            },
+            &cfg,
+            2,
+            10,
+            2,
+        );
+        let small_cfg = TransformerConfig::from_recipe(&model_cfg);
+        assert_eq!(
+            (
+                small_cfg.n_heads,
+                small_cfg.n_kv_heads,
+                small_cfg.head_dim()
+            ),
+            (2, 1, 4)
+        );
+        let (_, small) = shrink(&store, &cfg, &sel, &small_cfg).unwrap();
+        // Zero the dropped channels' down_proj columns and the dropped heads' o_proj columns.
         tch::no_grad(|| {
-            for (l, kept) in channels.iter().enumerate() {
-                let w = store
+            for l in 0..2usize {
+                let down = store
                     .get(&format!("model.layers.{l}.mlp.down_proj.weight"))
                     .unwrap();
-                let mask = Tensor::ones([24], (Kind::Bool, Device::Cpu)).index_fill(0, kept, 0);
-                let _ = w.shallow_clone().masked_fill_(&mask.unsqueeze(0), 0.0);
+                let mask = Tensor::ones([24], (Kind::Bool, Device::Cpu)).index_fill(
+                    0,
+                    &sel.channels[l],
+                    0,
+                );
+                let _ = down.shallow_clone().masked_fill_(&mask.unsqueeze(0), 0.0);
+                // Group g holds query heads 2g, 2g + 1, each 4 wide: o_proj columns 8g..8g + 8.
+                let o = store
+                    .get(&format!("model.layers.{l}.self_attn.o_proj.weight"))
+                    .unwrap();
+                let dropped = 1 - sel.groups[l].int64_value(&[0]);
+                let _ = o.narrow(1, 8 * dropped, 8).shallow_clone().zero_();
             }
         });
         let a = dense.forward(&batch, false);
         let b = small.forward(&batch, false);
         assert!(a.allclose(&b, 1e-5, 1e-6, false));
+        // Heads that do not fill whole key/value groups are refused.
+        let bad = Shape {
+            d_ff: None,
+            n_layers: None,
+            n_heads: Some(3),
+        };
+        let err = selection(&imp, &cfg, bad).err().unwrap().to_string();
+        assert!(
+            err.contains("--heads") && err.contains("multiple of 2"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -312,22 +445,26 @@ mod tests {
                 .map(|_| Tensor::ones([24], (Kind::Float, Device::Cpu)))
                 .collect(),
             blocks: vec![0.3, 0.1, 0.2],
+            groups: (0..3)
+                .map(|_| Tensor::ones([2], (Kind::Float, Device::Cpu)))
+                .collect(),
         };
-        let (layers, channels) = selection(
+        let sel = selection(
             &imp,
             &cfg,
             Shape {
                 d_ff: None,
                 n_layers: Some(2),
+                n_heads: None,
             },
         )
         .unwrap();
-        assert_eq!(layers, vec![0, 2]);
+        assert_eq!(sel.layers, vec![0, 2]);
         let small_cfg = TransformerConfig {
             n_layers: 2,
             ..cfg.clone()
         };
-        let (small, _) = shrink(&store, &cfg, &layers, &channels, &small_cfg).unwrap();
+        let (small, _) = shrink(&store, &cfg, &sel, &small_cfg).unwrap();
         let same = |a: &str, b: &str| store.get(a).unwrap().equal(small.get(b).unwrap());
         assert!(same(
             "model.layers.2.self_attn.q_proj.weight",
@@ -347,9 +484,11 @@ mod tests {
             Shape {
                 d_ff: None,
                 n_layers: Some(4),
+                n_heads: None,
             },
         )
-        .unwrap_err()
+        .err()
+        .unwrap()
         .to_string();
         assert!(err.contains("--layers"), "{err}");
     }

@@ -238,6 +238,7 @@ fn resolve_model(file: RecipeFile, locate_key: &dyn Fn(&str) -> String) -> Resul
                         rope_theta,
                         norm_eps,
                         tie_embeddings,
+                        head_dim,
                     },
                 ) => ModelConfig::Llama {
                     moe: Some(up.clone()),
@@ -251,6 +252,7 @@ fn resolve_model(file: RecipeFile, locate_key: &dyn Fn(&str) -> String) -> Resul
                     rope_theta,
                     norm_eps,
                     tie_embeddings,
+                    head_dim,
                 },
                 (Some(_), _) => {
                     return Err(Error::Recipe(format!(

@@ -381,6 +381,10 @@ pub enum ModelConfig {
         n_kv_heads: Option<i64>,
         /// Hidden width of the SwiGLU MLP (`intermediate_size`).
         d_ff: i64,
+        /// Width of each attention head; absent: d_model / n_heads. Set when heads were pruned
+        /// (`trainer prune --method structured --heads`), as Hugging Face's `head_dim`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        head_dim: Option<i64>,
         max_seq_len: i64,
         #[serde(default = "default_rope_theta")]
         rope_theta: f64,
@@ -876,9 +880,42 @@ impl Recipe {
                 rope_theta,
                 norm_eps,
                 moe,
+                head_dim,
                 ..
             } => {
-                common_model_checks(*vocab_size, *d_model, *n_layers, *n_heads, *max_seq_len)?;
+                match head_dim {
+                    None => common_model_checks(
+                        *vocab_size,
+                        *d_model,
+                        *n_layers,
+                        *n_heads,
+                        *max_seq_len,
+                    )?,
+                    Some(hd) => {
+                        // The width check below needs no divisibility when the head width is given.
+                        common_model_checks(
+                            *vocab_size,
+                            *d_model,
+                            *n_layers,
+                            *n_heads,
+                            *max_seq_len,
+                        )
+                        .or_else(|e| {
+                            if e.key == "model.d_model" {
+                                Ok(())
+                            } else {
+                                Err(e)
+                            }
+                        })?;
+                        check(
+                            *hd > 0 && hd % 2 == 0,
+                            "model.head_dim",
+                            format!(
+                                "expected a positive even integer (RoPE rotates pairs), got {hd}"
+                            ),
+                        )?;
+                    }
+                }
                 check(
                     *d_ff > 0,
                     "model.d_ff",
@@ -896,7 +933,7 @@ impl Recipe {
                     format!("n_heads ({n_heads}) must be divisible by n_kv_heads ({kv})"),
                 )?;
                 check(
-                    (d_model / n_heads) % 2 == 0,
+                    head_dim.is_some() || (d_model / n_heads) % 2 == 0,
                     "model.d_model",
                     format!(
                         "head size d_model/n_heads = {} must be even for RoPE",

@@ -10,6 +10,7 @@ fn llama() -> TransformerConfig {
         n_layers: 2,
         n_heads: 4,
         n_kv_heads: Some(2),
+        head_dim: None,
         d_ff: 48,
         max_seq_len: 16,
         rope_theta: 10000.0,
@@ -413,6 +414,7 @@ fn peft_export_loads_back_into_the_same_adapters() {
     // An adapter for another base (other widths) is refused, naming the tensor and both shapes.
     let mha = TransformerConfig {
         n_kv_heads: 4,
+        head_dim: None,
         ..llama()
     };
     let (m3, _, l3) = build(&mha, Some(&p));
