@@ -7,7 +7,8 @@
 #                                       # on a quiet 2-core CPU); finished steps are skipped
 #
 # 1. teacher: configs/quickstart.toml (4 layers, d_ff 352, 600 steps)
-# 2. structured pruning to 3 layers (block importance) and d_ff 176 (MLP channel importance)
+# 2. structured pruning to 3 layers (block importance), 2 of 4 heads (head importance) and d_ff
+#    176 (MLP channel importance)
 # 3. recovery, 200 steps each: fine-tune on labels (configs/prune_distill/finetune.toml) or
 #    distill from the teacher (distill.toml)
 # 4. unstructured at density 0.5: one-shot magnitude + 200 steps of momentum SGD
@@ -37,7 +38,7 @@ prune() { # out dir, args...
 }
 
 run configs/quickstart.toml "$out/teacher"
-prune "$out/pruned" --init "$out/teacher" --method structured --d-ff 176 --layers 3
+prune "$out/pruned" --init "$out/teacher" --method structured --d-ff 176 --heads 2 --layers 3
 prune "$out/magnitude" --init "$out/teacher" --method magnitude --sparsity 0.5
 run configs/prune_distill/finetune.toml "$out/finetune"
 run configs/prune_distill/distill.toml "$out/distill"
@@ -83,7 +84,7 @@ echo "| model | parameters | nonzero | held-out loss |"
 echo "|---|---|---|---|"
 for row in \
     "dense teacher (quickstart, 600 steps):$out/teacher" \
-    "structured-pruned (3 layers, d_ff 176), no recovery:$out/pruned" \
+    "structured-pruned (3 layers, 2 of 4 heads, d_ff 176), no recovery:$out/pruned" \
     "structured-pruned + fine-tuned on labels (200 steps):$out/finetune" \
     "structured-pruned + distilled from the teacher (200 steps):$out/distill" \
     "magnitude 50%, no recovery:$out/magnitude" \

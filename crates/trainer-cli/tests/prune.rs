@@ -708,6 +708,8 @@ fn prune_distill_pipeline_configs_run() {
             "structured",
             "--d-ff",
             "176",
+            "--heads",
+            "2",
             "--layers",
             "3",
             "--calib-batches",
