@@ -112,6 +112,7 @@ fn wanda_masks_match_the_reference_implementation() {
             differ += count(&a.logical_xor(b));
             total += a.numel() as i64;
         }
+        eprintln!("wanda {name}: {differ} of {total} mask entries differ from the reference");
         // The calibration norms are sums in a different order (SDPA vs eager attention), so a
         // near-tie may rank the other way; anything beyond that is a real difference.
         assert!(

@@ -80,7 +80,7 @@ pub fn save(
     params.save(&tmp.join(MODEL_FILE))?;
     optimizer.save(&tmp.join(OPTIMIZER_FILE))?;
     params.save_masks(&tmp.join(MASKS_FILE))?;
-    if !params.masks().is_empty() {
+    if params.has_masks() {
         sync_file(&tmp.join(MASKS_FILE))?;
     }
     let json = serde_json::to_string_pretty(state).unwrap_or_default();

@@ -22,7 +22,15 @@ pub struct ParamStore {
     /// weight is pruned. `apply_masks` zeroes those entries after every optimizer step, so pruned
     /// weights stay exactly zero through training; checkpoints carry the masks beside the
     /// weights (`masks.safetensors`).
-    masks: Vec<(String, Tensor)>,
+    masks: Vec<Mask>,
+}
+
+/// A pruning mask and a handle on the weight it applies to (so that the per-step `apply_masks`
+/// needs no lookup by name).
+struct Mask {
+    name: String,
+    weight: Tensor,
+    pruned: Tensor,
 }
 
 impl ParamStore {
@@ -214,16 +222,21 @@ impl ParamStore {
                 p.size()
             )));
         }
+        let weight = p.shallow_clone();
         let pruned = pruned.to_device(self.device).to_kind(Kind::Bool);
-        self.masks.retain(|(n, _)| n != name);
-        self.masks.push((name.to_string(), pruned));
+        self.masks.retain(|m| m.name != name);
+        self.masks.push(Mask {
+            name: name.to_string(),
+            weight,
+            pruned,
+        });
         self.apply_masks();
         Ok(())
     }
 
-    /// The pruning masks, by parameter name (true = pruned).
-    pub fn masks(&self) -> &[(String, Tensor)] {
-        &self.masks
+    /// Whether any weight is pruned.
+    pub fn has_masks(&self) -> bool {
+        !self.masks.is_empty()
     }
 
     /// Zeroes every pruned weight (call after each optimizer step).
@@ -232,10 +245,8 @@ impl ParamStore {
             return;
         }
         tch::no_grad(|| {
-            for (name, pruned) in &self.masks {
-                if let Some(t) = self.get(name) {
-                    let _ = t.shallow_clone().masked_fill_(pruned, 0.0);
-                }
+            for m in &self.masks {
+                let _ = m.weight.shallow_clone().masked_fill_(&m.pruned, 0.0);
             }
         });
     }
@@ -248,7 +259,7 @@ impl ParamStore {
         let named: Vec<(&str, Tensor)> = self
             .masks
             .iter()
-            .map(|(n, m)| (n.as_str(), m.to_device(Device::Cpu)))
+            .map(|m| (m.name.as_str(), m.pruned.to_device(Device::Cpu)))
             .collect();
         Tensor::write_safetensors(&named, path).map_err(|e| Error::Checkpoint {
             path: path.to_path_buf(),

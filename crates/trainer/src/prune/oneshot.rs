@@ -71,16 +71,7 @@ pub fn run(init: &str, opts: &OneShot, out: &Path, device: Device) -> Result<Pru
         ));
     }
     let source = ModelSource::parse(init)?;
-    let classifier = match &source {
-        ModelSource::Checkpoint { run_dir, .. } => {
-            match recipe::load_any(&run_dir.join("config.toml"), &[])? {
-                AnyRecipe::Classify(r) => Some(r),
-                AnyRecipe::Pretrain(_) => None,
-            }
-        }
-        ModelSource::Hf(_) => None,
-    };
-    let (params, names) = match classifier {
+    let (params, names) = match classifier_recipe(&source)? {
         Some(r) => {
             if opts.method == Method::Wanda {
                 return Err(Error::Recipe(
@@ -198,13 +189,11 @@ pub fn run_structured(
         ));
     }
     let source = ModelSource::parse(init)?;
-    if let ModelSource::Checkpoint { run_dir, .. } = &source {
-        if let AnyRecipe::Classify(_) = recipe::load_any(&run_dir.join("config.toml"), &[])? {
-            return Err(Error::Recipe(
-                "--method: structured prunes transformers; use magnitude for a ResNet classifier"
-                    .into(),
-            ));
-        }
+    if classifier_recipe(&source)?.is_some() {
+        return Err(Error::Recipe(
+            "--method: structured prunes transformers; use magnitude for a ResNet classifier"
+                .into(),
+        ));
     }
     let loaded = load::load(&source, device)?;
     if loaded.lora.is_some() {
@@ -261,6 +250,20 @@ pub fn run_structured(
         out.join("pruning.json").display()
     )))?;
     Ok(shrunk)
+}
+
+/// The classification recipe of a trainer run whose model is a ResNet; None for language models
+/// and `hf:` sources.
+fn classifier_recipe(source: &ModelSource) -> Result<Option<crate::recipe::ClassifyRecipe>> {
+    Ok(match source {
+        ModelSource::Checkpoint { run_dir, .. } => {
+            match recipe::load_any(&run_dir.join("config.toml"), &[])? {
+                AnyRecipe::Classify(r) => Some(r),
+                AnyRecipe::Pretrain(_) => None,
+            }
+        }
+        ModelSource::Hf(_) => None,
+    })
 }
 
 fn check_new_dir(out: &Path) -> Result<()> {

@@ -14,7 +14,7 @@
 //! uninterrupted run (on the CPU, same thread count).
 
 use super::pretrain::{human, Resume};
-use super::run_dir::{peak_memory, prepare_run_dir, resume_checkpoint};
+use super::run_dir::{peak_memory, prepare_run_dir, resume_checkpoint, save_checkpoint};
 use crate::checkpoint::{self, TrainState};
 use crate::data::images::{self, eval_batch, Augment, ImagePrefetcher, ImageSet};
 use crate::data::loader::stream_seed;
@@ -426,22 +426,16 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
             || stopping
         {
             state.train_seconds = seconds_before + session_start.elapsed().as_secs_f64();
-            // Every rank holds the same weights and optimizer state; rank 0 writes them.
-            let dir = if main {
-                checkpoint::save(
-                    &run_dir,
-                    &state,
-                    &params,
-                    &optimizer,
-                    recipe.train.keep_checkpoints as usize,
-                )?
-            } else {
-                checkpoint::step_dir(&run_dir, state.step)
-            };
-            // The others leave only once it is on disk (or learn that rank 0 failed).
-            if (done || stopping) && world.is_distributed() {
-                dp.barrier()?;
-            }
+            let dir = save_checkpoint(
+                &world,
+                &dp,
+                &run_dir,
+                &state,
+                &params,
+                &optimizer,
+                recipe.train.keep_checkpoints,
+                done || stopping,
+            )?;
             progress.println(&format!(
                 "step {}: checkpoint {}",
                 state.step,

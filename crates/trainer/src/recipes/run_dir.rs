@@ -67,6 +67,31 @@ pub fn prepare_run_dir(run_dir: &Path, resolved_recipe: &str, step: i64) -> Resu
     std::fs::write(&path, text).map_err(io_err(format!("writing {}", path.display())))
 }
 
+/// Writes the checkpoint of `state` from rank 0 (every rank holds the same weights and optimizer
+/// state) and returns its directory. With `last` (the run ends or stops here), the other ranks
+/// leave only once it is on disk, or learn that rank 0 failed.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn save_checkpoint(
+    world: &crate::dist::World,
+    dp: &crate::dist::DataParallel,
+    run_dir: &Path,
+    state: &checkpoint::TrainState,
+    params: &crate::models::params::ParamStore,
+    optimizer: &crate::optim::Optimizer,
+    keep: i64,
+    last: bool,
+) -> Result<PathBuf> {
+    let dir = if world.is_main() {
+        checkpoint::save(run_dir, state, params, optimizer, keep as usize)?
+    } else {
+        checkpoint::step_dir(run_dir, state.step)
+    };
+    if last && world.is_distributed() {
+        dp.barrier()?;
+    }
+    Ok(dir)
+}
+
 pub fn peak_memory(device: Device) -> (Option<i64>, String) {
     match device {
         Device::Cuda(i) => match torch_ext::accelerator_memory(i) {
