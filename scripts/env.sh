@@ -27,6 +27,13 @@ provision_torch() {
             log "installing torch==$TORCH_VERSION into $VENV (first use only; a few GB)"
             "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" numpy
         fi
+        # CUDA headers that c10d's ProcessGroupNCCL.hpp includes and the torch wheel lacks (3 MB):
+        # with them the shim compiles multi-GPU (NCCL) training in.
+        if [[ ! -d "$("$VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')/../nvidia/cu13/include/crt" ]]; then
+            log "installing the CUDA headers for NCCL (nvidia-cuda-crt, nvidia-cuda-cccl; first use only)"
+            "$VENV/bin/pip" install --quiet --disable-pip-version-check "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*" \
+                || log "warning: could not install the NCCL headers; building without multi-GPU training"
+        fi
         export PATH="$VENV/bin:$PATH"
         export LIBTORCH_USE_PYTORCH=1
     fi

@@ -119,6 +119,16 @@ fn main() {
         .exists()
         .then(|| nccl_includes(&root))
         .flatten();
+    // Installing the header packages later must rebuild the shim: watch pip's nvidia folder.
+    let nvidia = root.parent().map(|p| p.join("nvidia")).unwrap_or_default();
+    if nvidia.is_dir() {
+        println!("cargo:rerun-if-changed={}", nvidia.display());
+    }
+    if nccl.is_none() && lib.join("libtorch_cuda.so").exists() {
+        println!(
+            "cargo:warning=torch-ext: CUDA libtorch but no NCCL/CUDA headers (pip install \"nvidia-cuda-crt==13.0.*\" \"nvidia-cuda-cccl==13.0.*\", or set CUDA_INCLUDE_DIRS): built without multi-GPU training"
+        );
+    }
     if let Some(dirs) = &nccl {
         for d in dirs {
             build.include(d);

@@ -35,6 +35,10 @@ pub struct World {
     /// Where rank 0 hosts the rendezvous store.
     pub master_addr: String,
     pub master_port: u16,
+    /// Joins a process group: several processes, or a torchrun-style launch of one (WORLD_SIZE=1,
+    /// as `trainer launch --nproc 1` gives), which runs the collectives of the real backend
+    /// (NCCL on one GPU) as torch.distributed does under torchrun.
+    pub in_group: bool,
 }
 
 impl World {
@@ -46,11 +50,13 @@ impl World {
             local_rank: 0,
             master_addr: "127.0.0.1".into(),
             master_port: 0,
+            in_group: false,
         }
     }
 
+    /// Whether this process communicates with a process group (see `in_group`).
     pub fn is_distributed(&self) -> bool {
-        self.size > 1
+        self.in_group
     }
 
     pub fn is_main(&self) -> bool {
@@ -108,7 +114,9 @@ impl World {
                 "RANK: expected a rank below the world size {size}, got {rank}"
             )));
         }
-        if size == 1 {
+        // One Slurm task is a plain single process; torchrun's WORLD_SIZE=1 joins a group of one.
+        let torchrun = var("WORLD_SIZE").is_some();
+        if size == 1 && !torchrun {
             return Ok(World {
                 local_rank,
                 ..World::single()
@@ -137,6 +145,7 @@ impl World {
             local_rank,
             master_addr: addr.unwrap_or_else(|| "127.0.0.1".into()),
             master_port: port,
+            in_group: true,
         })
     }
 
@@ -526,9 +535,13 @@ mod tests {
                 size: 4,
                 local_rank: 1,
                 master_addr: "10.0.0.2".into(),
-                master_port: 29600
+                master_port: 29600,
+                in_group: true,
             }
         );
+        // torchrun with one process joins a group of one (the backend's collectives run).
+        let w = world(&[("RANK", "0"), ("WORLD_SIZE", "1")]).expect("ok");
+        assert!(w.is_distributed() && w.size == 1, "{w:?}");
         let e = world(&[("RANK", "4"), ("WORLD_SIZE", "4")]).expect_err("an error");
         assert!(e.to_string().starts_with("RANK:"), "{e}");
         let e = world(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "http")])
