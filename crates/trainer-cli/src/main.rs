@@ -10,6 +10,7 @@ mod report_cmd;
 mod schedule_cmd;
 mod slurm_cmd;
 mod sweep_cmd;
+mod sweep_slurm_cmd;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -153,6 +154,7 @@ enum Command {
     Slurm(slurm_cmd::SlurmArgs),
     /// Run every point of a sweep file (a grid or list of recipe overrides, times seeds), each
     /// in its own run directory, skipping finished ones; write results.csv and results.md.
+    /// With --slurm, write (--submit: submit) a Slurm job array that does the same.
     Sweep(sweep_cmd::SweepArgs),
     /// Average the weights of runs fine-tuned from the same start (a model soup), evaluate it
     /// on the first run's validation data and write it as a run directory.
@@ -627,6 +629,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("cuda devices: {}", tch::Cuda::device_count());
             println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
             println!("threads: {}", tch::get_num_threads());
+            // What multi-process training this build has (c10d backends compiled into the shim).
+            println!("gloo (multi-process CPU): {}", torch_ext::have_gloo());
+            println!("nccl (multi-GPU): {}", torch_ext::have_nccl());
             Ok(ExitCode::SUCCESS)
         }
     }

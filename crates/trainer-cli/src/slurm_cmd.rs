@@ -8,6 +8,10 @@
 //! value quoted for the place it goes. The job runs in the directory `trainer slurm` was run
 //! from (`#SBATCH --chdir`), so the recipe's relative paths (run directory, data) mean what they
 //! mean here.
+//!
+//! [`JobOptions`] (time, partition, account, the pre-emption warning, the trainer command, --out,
+//! --submit, ...) and the steps that turn them into a script are shared with `trainer sweep
+//! --slurm` (`sweep_slurm_cmd.rs`), which writes a job array from its own template.
 
 use anyhow::{bail, ensure, Context};
 use std::io::Write;
@@ -30,6 +34,17 @@ pub struct SlurmArgs {
     /// GPUs per node, one task each; 0 for CPU-only nodes (one task per node).
     #[arg(long, value_name = "G")]
     gpus_per_node: u32,
+    #[command(flatten)]
+    job: JobOptions,
+    /// Extra arguments for `trainer run`, after `--`.
+    #[arg(last = true, value_name = "RUN_ARGS")]
+    run_args: Vec<String>,
+}
+
+/// The job's settings that mean the same for one run (`trainer slurm`) and for a sweep's job
+/// array (`trainer sweep --slurm`).
+#[derive(clap::Args)]
+pub struct JobOptions {
     /// Time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (default: the partition's).
     #[arg(long, value_name = "TIME")]
     time: Option<String>,
@@ -40,13 +55,14 @@ pub struct SlurmArgs {
     #[arg(long, value_name = "C")]
     cpus_per_task: Option<u32>,
     /// Seconds before the time limit at which Slurm sends SIGUSR1 (the trainer checkpoints and
-    /// the job requeues itself).
-    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
-    signal_lead: u32,
-    /// The job name (default: the recipe's run.name).
+    /// the job requeues itself) [default: 120].
+    #[arg(long, value_name = "SECONDS")]
+    signal_lead: Option<u32>,
+    /// The job name (default: the recipe's run.name, or the sweep's name).
     #[arg(long, value_name = "NAME")]
     job_name: Option<String>,
-    /// Where to write the script (default: RECIPE's file stem + .sbatch, in this directory).
+    /// Where to write the script (default: the recipe's or sweep file's stem + .sbatch, in this
+    /// directory).
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
     /// Replace an existing, different script at --out.
@@ -55,7 +71,8 @@ pub struct SlurmArgs {
     /// Submit the script with sbatch and print the job id.
     #[arg(long)]
     submit: bool,
-    /// A template to use instead of the built-in scripts/slurm/train.sbatch.tmpl.
+    /// A template to use instead of the built-in one (scripts/slurm/train.sbatch.tmpl, or
+    /// scripts/slurm/sweep.sbatch.tmpl for a sweep).
     #[arg(long, value_name = "FILE")]
     template: Option<PathBuf>,
     /// The trainer command on the compute nodes (default: this binary, with this shell's
@@ -65,9 +82,217 @@ pub struct SlurmArgs {
     /// An extra srun option (repeatable), e.g. --srun-arg=--container-image=trainer.sqsh.
     #[arg(long = "srun-arg", value_name = "ARG", allow_hyphen_values = true)]
     srun_args: Vec<String>,
-    /// Extra arguments for `trainer run`, after `--`.
-    #[arg(last = true, value_name = "RUN_ARGS")]
-    run_args: Vec<String>,
+}
+
+/// The pre-emption warning when --signal-lead is not given.
+const DEFAULT_SIGNAL_LEAD: u32 = 120;
+
+impl JobOptions {
+    /// The first of these flags that was given, for a command where they need another flag
+    /// (`trainer sweep` without --slurm).
+    pub fn first_given(&self) -> Option<&'static str> {
+        [
+            ("--time", self.time.is_some()),
+            ("--partition", self.partition.is_some()),
+            ("--account", self.account.is_some()),
+            ("--cpus-per-task", self.cpus_per_task.is_some()),
+            ("--signal-lead", self.signal_lead.is_some()),
+            ("--job-name", self.job_name.is_some()),
+            ("--out", self.out.is_some()),
+            ("--force", self.force),
+            ("--submit", self.submit),
+            ("--template", self.template.is_some()),
+            ("--trainer", self.trainer.is_some()),
+            ("--srun-arg", !self.srun_args.is_empty()),
+        ]
+        .into_iter()
+        .find(|(_, given)| *given)
+        .map(|(flag, _)| flag)
+    }
+
+    fn signal_lead(&self) -> u32 {
+        self.signal_lead.unwrap_or(DEFAULT_SIGNAL_LEAD)
+    }
+
+    /// Checks the values before anything is read or written; with --submit, returns sbatch's
+    /// path (a script that cannot be submitted is not what was asked for).
+    pub fn check(&self) -> anyhow::Result<Option<PathBuf>> {
+        if let Some(c) = self.cpus_per_task {
+            ensure!(c > 0, "--cpus-per-task: expected a positive integer, got 0");
+        }
+        // Slurm keeps the warning time in 16 bits.
+        let lead = self.signal_lead();
+        ensure!(
+            (1..=u16::MAX as u32).contains(&lead),
+            "--signal-lead: expected 1 to {} seconds, got {lead}",
+            u16::MAX,
+        );
+        if let Some(t) = &self.time {
+            let seconds = parse_time_limit(t).with_context(|| {
+                format!("--time {t}: expected MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+            })?;
+            ensure!(
+                seconds > lead as u64,
+                "--time {t} is not longer than the pre-emption warning (--signal-lead {lead} s)",
+            );
+        }
+        for (flag, value) in [
+            ("--partition", &self.partition),
+            ("--account", &self.account),
+            ("--job-name", &self.job_name),
+        ] {
+            if let Some(v) = value {
+                check_sbatch_value(flag, v)?;
+            }
+        }
+        if self.submit {
+            Ok(Some(
+                find_on_path("sbatch").context("--submit needs sbatch on PATH")?,
+            ))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Where the script goes, the job name, and the placeholder values that every template
+    /// shares: job_name, sbatch_options, submit_dir, log, signal, trainer, script, env,
+    /// srun_options. `default_name` is the job name without --job-name (`what` says where it
+    /// comes from, for the message when it cannot be one); `default_out` the script's file
+    /// without --out; `log` the name pattern of the job's output file in the submit directory.
+    pub fn job_script(
+        &self,
+        gpus_per_node: u32,
+        (default_name, what): (&str, &str),
+        default_out: PathBuf,
+        log: &str,
+    ) -> anyhow::Result<JobScript> {
+        let submit_dir = std::env::current_dir().context("reading the working directory")?;
+        check_sbatch_value("the working directory", &submit_dir.display().to_string())?;
+        let job_name = self
+            .job_name
+            .clone()
+            .unwrap_or_else(|| default_name.to_string());
+        check_sbatch_value(
+            &format!("{what} (the job name; or give --job-name)"),
+            &job_name,
+        )?;
+        let out = self.out.clone().unwrap_or(default_out);
+        let path = absolute(&submit_dir, &out);
+
+        let (trainer, env) = match &self.trainer {
+            Some(cmd) => (shell_quote(cmd), String::new()),
+            None => {
+                let exe = this_binary().context("locating the trainer binary")?;
+                // The binary needs libtorch at run time; carry this shell's library path along
+                // so that the script also works when it is submitted from another shell.
+                let env = match std::env::var("LD_LIBRARY_PATH") {
+                    Ok(p) if !p.is_empty() => {
+                        format!("export LD_LIBRARY_PATH={}\n", shell_quote(&p))
+                    }
+                    _ => String::new(),
+                };
+                (shell_quote(&exe.display().to_string()), env)
+            }
+        };
+        let mut sbatch_options = String::new();
+        if gpus_per_node > 0 {
+            sbatch_options += &format!("#SBATCH --gpus-per-node={gpus_per_node}\n");
+        }
+        if let Some(c) = self.cpus_per_task {
+            sbatch_options += &format!("#SBATCH --cpus-per-task={c}\n");
+        }
+        if let Some(t) = &self.time {
+            sbatch_options += &format!("#SBATCH --time={t}\n");
+        }
+        if let Some(p) = &self.partition {
+            sbatch_options += &format!("#SBATCH --partition={p}\n");
+        }
+        if let Some(a) = &self.account {
+            sbatch_options += &format!("#SBATCH --account={a}\n");
+        }
+        let srun_options: String = self
+            .srun_args
+            .iter()
+            .map(|a| shell_quote(a) + " ")
+            .collect();
+
+        let dir_text = submit_dir.display().to_string();
+        let values = vec![
+            ("job_name", job_name.clone()),
+            ("sbatch_options", sbatch_options),
+            ("submit_dir", dir_text.clone()),
+            ("log", format!("{dir_text}/{log}")),
+            ("signal", format!("USR1@{}", self.signal_lead())),
+            ("trainer", trainer.clone()),
+            ("script", shell_quote(&path.display().to_string())),
+            ("env", env.clone()),
+            ("srun_options", srun_options.clone()),
+        ];
+        Ok(JobScript {
+            out,
+            path,
+            submit_dir,
+            job_name,
+            trainer,
+            env,
+            srun_options,
+            values,
+        })
+    }
+
+    /// Renders the template (--template, or `builtin` named `builtin_name`) with the shared
+    /// values and `extra`, and writes it to the script's path (see [`write_script`]); returns
+    /// false when the file already held exactly this script.
+    pub fn write(
+        &self,
+        script: &JobScript,
+        (builtin, builtin_name): (&str, &str),
+        extra: Vec<(&'static str, String)>,
+    ) -> anyhow::Result<bool> {
+        let (template, template_name) = match &self.template {
+            Some(p) => (
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("--template {}: cannot read", p.display()))?,
+                p.display().to_string(),
+            ),
+            None => (builtin.to_string(), builtin_name.to_string()),
+        };
+        let mut values = script.values.clone();
+        values.extend(extra);
+        let text =
+            render(&template, &values).with_context(|| format!("template {template_name}"))?;
+        write_script(&script.path, &text, self.force)
+    }
+
+    /// `--partition` and `--account` as sbatch command-line options (for a job submitted
+    /// without a script, e.g. a sweep's collect job).
+    pub fn sbatch_flags(&self) -> Vec<String> {
+        let mut flags = Vec::new();
+        if let Some(p) = &self.partition {
+            flags.push(format!("--partition={p}"));
+        }
+        if let Some(a) = &self.account {
+            flags.push(format!("--account={a}"));
+        }
+        flags
+    }
+}
+
+/// A job script about to be written.
+pub struct JobScript {
+    /// --out as given (or the default), for messages.
+    pub out: PathBuf,
+    /// The script's absolute path.
+    pub path: PathBuf,
+    /// Where `trainer` ran: the job's working directory.
+    pub submit_dir: PathBuf,
+    pub job_name: String,
+    /// The trainer command for bash (quoted) and the `export ...` lines it needs.
+    pub trainer: String,
+    pub env: String,
+    /// The extra srun options, quoted, each followed by a space.
+    pub srun_options: String,
+    values: Vec<(&'static str, String)>,
 }
 
 pub fn run(args: &SlurmArgs) -> anyhow::Result<()> {
@@ -75,44 +300,10 @@ pub fn run(args: &SlurmArgs) -> anyhow::Result<()> {
         args.nodes > 0,
         "--nodes: expected a positive integer, got 0"
     );
-    if let Some(c) = args.cpus_per_task {
-        ensure!(c > 0, "--cpus-per-task: expected a positive integer, got 0");
-    }
-    // Slurm keeps the warning time in 16 bits.
-    ensure!(
-        (1..=u16::MAX as u32).contains(&args.signal_lead),
-        "--signal-lead: expected 1 to {} seconds, got {}",
-        u16::MAX,
-        args.signal_lead
-    );
-    if let Some(t) = &args.time {
-        let seconds = parse_time_limit(t).with_context(|| {
-            format!("--time {t}: expected MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
-        })?;
-        ensure!(
-            seconds > args.signal_lead as u64,
-            "--time {t} is not longer than the pre-emption warning (--signal-lead {} s)",
-            args.signal_lead
-        );
-    }
-    for (flag, value) in [
-        ("--partition", &args.partition),
-        ("--account", &args.account),
-        ("--job-name", &args.job_name),
-    ] {
-        if let Some(v) = value {
-            check_sbatch_value(flag, v)?;
-        }
-    }
+    let sbatch = args.job.check()?;
     if let Some(a) = args.run_args.iter().find(|a| a.starts_with("--resume")) {
         bail!("{a}: the script passes --resume auto itself; leave it out of the run arguments");
     }
-    // Before anything is written: a script that cannot be submitted is not what was asked for.
-    let sbatch = if args.submit {
-        Some(find_on_path("sbatch").context("--submit needs sbatch on PATH")?)
-    } else {
-        None
-    };
 
     let overrides = args
         .set
@@ -123,64 +314,20 @@ pub fn run(args: &SlurmArgs) -> anyhow::Result<()> {
         AnyRecipe::Pretrain(r) => r.run,
         AnyRecipe::Classify(r) => r.run,
     };
-    let submit_dir = std::env::current_dir().context("reading the working directory")?;
-    check_sbatch_value("the working directory", &submit_dir.display().to_string())?;
-    let recipe_path = absolute(&submit_dir, &args.recipe);
-    let run_dir = absolute(&submit_dir, &run_cfg.out_dir);
-    let job_name = args
-        .job_name
-        .clone()
-        .unwrap_or_else(|| run_cfg.name.clone());
-    check_sbatch_value("run.name (the job name; or give --job-name)", &job_name)?;
+    let stem = args
+        .recipe
+        .file_stem()
+        .unwrap_or_default()
+        .to_string_lossy();
+    let script = args.job.job_script(
+        args.gpus_per_node,
+        (&run_cfg.name, "run.name"),
+        PathBuf::from(format!("{stem}.sbatch")),
+        "slurm-%x-%j.out",
+    )?;
+    let recipe_path = absolute(&script.submit_dir, &args.recipe);
+    let run_dir = absolute(&script.submit_dir, &run_cfg.out_dir);
 
-    let out = match &args.out {
-        Some(p) => p.clone(),
-        None => {
-            let stem = args
-                .recipe
-                .file_stem()
-                .unwrap_or_default()
-                .to_string_lossy();
-            PathBuf::from(format!("{stem}.sbatch"))
-        }
-    };
-    let script_path = absolute(&submit_dir, &out);
-
-    let (trainer_cmd, env) = match &args.trainer {
-        Some(cmd) => (shell_quote(cmd), String::new()),
-        None => {
-            let exe = this_binary().context("locating the trainer binary")?;
-            // The binary needs libtorch at run time; carry this shell's library path along so
-            // that the script also works when it is submitted from another shell.
-            let env = match std::env::var("LD_LIBRARY_PATH") {
-                Ok(p) if !p.is_empty() => format!("export LD_LIBRARY_PATH={}\n", shell_quote(&p)),
-                _ => String::new(),
-            };
-            (shell_quote(&exe.display().to_string()), env)
-        }
-    };
-
-    let mut sbatch_options = String::new();
-    if args.gpus_per_node > 0 {
-        sbatch_options += &format!("#SBATCH --gpus-per-node={}\n", args.gpus_per_node);
-    }
-    if let Some(c) = args.cpus_per_task {
-        sbatch_options += &format!("#SBATCH --cpus-per-task={c}\n");
-    }
-    if let Some(t) = &args.time {
-        sbatch_options += &format!("#SBATCH --time={t}\n");
-    }
-    if let Some(p) = &args.partition {
-        sbatch_options += &format!("#SBATCH --partition={p}\n");
-    }
-    if let Some(a) = &args.account {
-        sbatch_options += &format!("#SBATCH --account={a}\n");
-    }
-    let srun_options: String = args
-        .srun_args
-        .iter()
-        .map(|a| shell_quote(a) + " ")
-        .collect();
     let mut run_args = String::new();
     for s in &args.set {
         run_args += &format!(" --set {}", shell_quote(s));
@@ -188,46 +335,32 @@ pub fn run(args: &SlurmArgs) -> anyhow::Result<()> {
     for a in &args.run_args {
         run_args += &format!(" {}", shell_quote(a));
     }
-
-    let submit_dir_text = submit_dir.display().to_string();
-    let values: Vec<(&str, String)> = vec![
-        ("job_name", job_name.clone()),
-        ("nodes", args.nodes.to_string()),
-        ("tasks_per_node", args.gpus_per_node.max(1).to_string()),
-        ("sbatch_options", sbatch_options),
-        ("submit_dir", submit_dir_text.clone()),
-        ("log", format!("{submit_dir_text}/slurm-%x-%j.out")),
-        ("signal", format!("USR1@{}", args.signal_lead)),
-        ("trainer", trainer_cmd),
-        ("recipe", shell_quote(&recipe_path.display().to_string())),
-        ("run_dir", shell_quote(&run_dir.display().to_string())),
-        ("script", shell_quote(&script_path.display().to_string())),
-        ("env", env),
-        ("srun_options", srun_options),
-        ("run_args", run_args),
-    ];
-    let (template, template_name) = match &args.template {
-        Some(p) => (
-            std::fs::read_to_string(p)
-                .with_context(|| format!("--template {}: cannot read", p.display()))?,
-            p.display().to_string(),
-        ),
-        None => (TEMPLATE.to_string(), TEMPLATE_NAME.to_string()),
-    };
-    let script = render(&template, &values).with_context(|| format!("template {template_name}"))?;
-
-    let written = write_script(&script_path, &script, args.force)?;
+    let written = args.job.write(
+        &script,
+        (TEMPLATE, TEMPLATE_NAME),
+        vec![
+            ("nodes", args.nodes.to_string()),
+            ("tasks_per_node", args.gpus_per_node.max(1).to_string()),
+            ("recipe", shell_quote(&recipe_path.display().to_string())),
+            ("run_dir", shell_quote(&run_dir.display().to_string())),
+            ("run_args", run_args),
+        ],
+    )?;
     eprintln!(
         "{} {} ({} node(s) x {} task(s), run directory {})",
         if written { "wrote" } else { "unchanged:" },
-        out.display(),
+        script.out.display(),
         args.nodes,
         args.gpus_per_node.max(1),
         run_dir.display()
     );
     if let Some(sbatch) = sbatch {
-        let job_id = submit(&sbatch, &script_path)?;
-        eprintln!("submitted job {job_id}; its log: slurm-{job_name}-{job_id}.out");
+        let path = script.path.display().to_string();
+        let job_id = submit(&sbatch, std::slice::from_ref(&path), &path)?;
+        eprintln!(
+            "submitted job {job_id}; its log: slurm-{}-{job_id}.out",
+            script.job_name
+        );
         println!("{job_id}");
     }
     Ok(())
@@ -289,7 +422,7 @@ fn check_sbatch_value(what: &str, value: &str) -> anyhow::Result<()> {
 }
 
 /// `path` as an absolute path, relative paths taken from `base`.
-fn absolute(base: &Path, path: &Path) -> PathBuf {
+pub fn absolute(base: &Path, path: &Path) -> PathBuf {
     if path.is_absolute() {
         path.to_path_buf()
     } else {
@@ -298,7 +431,7 @@ fn absolute(base: &Path, path: &Path) -> PathBuf {
 }
 
 /// A word for bash: single-quoted unless it is plainly safe.
-fn shell_quote(s: &str) -> String {
+pub fn shell_quote(s: &str) -> String {
     let plain = !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@".contains(&b));
@@ -384,11 +517,12 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
         })
 }
 
-/// Runs `sbatch --parsable SCRIPT` and returns the job id it prints (`ID` or `ID;CLUSTER`).
-fn submit(sbatch: &Path, script: &Path) -> anyhow::Result<String> {
+/// Runs `sbatch --parsable ARGS` and returns the job id it prints (`ID` or `ID;CLUSTER`);
+/// `what` names the job in messages (the script's path).
+pub fn submit(sbatch: &Path, args: &[String], what: &str) -> anyhow::Result<String> {
     let out = std::process::Command::new(sbatch)
         .arg("--parsable")
-        .arg(script)
+        .args(args)
         .output()
         .with_context(|| format!("running {}", sbatch.display()))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -399,18 +533,12 @@ fn submit(sbatch: &Path, script: &Path) -> anyhow::Result<String> {
             .rev()
             .find(|l| !l.trim().is_empty())
             .unwrap_or("no message");
-        bail!(
-            "sbatch {} failed ({}): {}",
-            script.display(),
-            out.status,
-            why.trim()
-        );
+        bail!("sbatch {what} failed ({}): {}", out.status, why.trim());
     }
     let id = stdout.trim().split(';').next().unwrap_or("").to_string();
     ensure!(
         !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit() || b == b'_'),
-        "sbatch {}: expected a job id on stdout, got {:?}",
-        script.display(),
+        "sbatch {what}: expected a job id on stdout, got {:?}",
         stdout.trim()
     );
     Ok(id)

@@ -10,7 +10,8 @@
 //!
 //! For a scheduler's job array: `--index I` runs only the I-th run (0-based, in `--dry-run`'s
 //! order) in this process's place (exec, so signals reach the trainer itself), and `--collect`
-//! writes the results table from the runs that finished, starting nothing.
+//! writes the results table from the runs that finished, starting nothing. `--slurm` writes (and
+//! with `--submit` submits) that job array: `sweep_slurm_cmd.rs`.
 
 use anyhow::Context;
 use std::path::{Path, PathBuf};
@@ -36,9 +37,38 @@ pub struct SweepArgs {
     /// Write results.csv, results.md and runs.csv from the finished runs; start nothing.
     #[arg(long)]
     collect: bool,
+    /// Write an sbatch script that runs the sweep as a Slurm job array instead: task I runs
+    /// `--index I`, each run on one node (a run never spans nodes) with --gpus-per-node GPUs,
+    /// requeued after the pre-emption signal; --submit submits it, and a job that runs
+    /// --collect once the array has ended.
+    #[arg(long, conflicts_with_all = ["dry_run", "index", "collect", "parallel"])]
+    slurm: bool,
+    /// GPUs of each array task (one node, one task per GPU); 0 for CPU-only nodes.
+    #[arg(long, value_name = "G", requires = "slurm", help_heading = SLURM_HEADING)]
+    gpus_per_node: Option<u32>,
+    /// At most K array tasks at a time (`#SBATCH --array=0-N%K`).
+    #[arg(long, value_name = "K", requires = "slurm", help_heading = SLURM_HEADING)]
+    max_parallel: Option<u32>,
+    /// The job options of `trainer slurm`, with the same meaning.
+    #[command(flatten, next_help_heading = SLURM_HEADING)]
+    job: crate::slurm_cmd::JobOptions,
 }
 
+const SLURM_HEADING: &str = "With --slurm (as for `trainer slurm`)";
+
 pub fn run(args: &SweepArgs) -> anyhow::Result<ExitCode> {
+    if args.slurm {
+        crate::sweep_slurm_cmd::run(
+            &args.sweep,
+            args.gpus_per_node,
+            args.max_parallel,
+            &args.job,
+        )?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(flag) = args.job.first_given() {
+        anyhow::bail!("{flag}: only with --slurm");
+    }
     let parallel = args.parallel;
     anyhow::ensure!(
         parallel > 0,

@@ -2,6 +2,11 @@
 //! against stand-ins for srun and scontrol, and the whole flow on a real one-node Slurm
 //! (`scripts/slurm/local_cluster.sh`): submit, pre-emption signal, checkpoint, requeue, resume,
 //! finish with the same final loss as an uninterrupted run.
+//!
+//! `trainer sweep --slurm` (a sweep as a job array) likewise: the array script, its bad input,
+//! `--submit` with the collect job after it, the script's decisions against stand-ins, what an
+//! array task relies on (`--index` skips a finished run and resumes a half-done one), and on the
+//! real Slurm a 4-task array with one task pre-empted and requeued, then the results table.
 
 mod common;
 
@@ -326,7 +331,11 @@ fn the_script_requeues_only_after_the_preemption_signal() {
 struct Cluster {
     script: PathBuf,
     conf: String,
+    /// The cluster's directory and ports are fixed: one test at a time uses it.
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+static CLUSTER_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Drop for Cluster {
     fn drop(&mut self) {
@@ -334,8 +343,14 @@ impl Drop for Cluster {
     }
 }
 
-/// Starts the one-node cluster; None (after printing why) where this machine cannot run one.
-fn start_cluster() -> Option<Cluster> {
+/// Starts the one-node cluster for the test `test`; None (after printing why) where this
+/// machine cannot run one.
+fn start_cluster(test: &str) -> Option<Cluster> {
+    // A test that failed while holding the cluster leaves the lock poisoned; the next one
+    // starts the cluster afresh anyway.
+    let turn = CLUSTER_TURN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let script = repo_root().join("scripts/slurm/local_cluster.sh");
     let dir = std::env::temp_dir().join("trainer-slurm");
     let out = Command::new(&script)
@@ -350,6 +365,7 @@ fn start_cluster() -> Option<Cluster> {
         Some(0) => Some(Cluster {
             script,
             conf: dir.join("slurm.conf").display().to_string(),
+            _turn: turn,
         }),
         Some(77) => {
             let why = stdout
@@ -365,10 +381,7 @@ fn start_cluster() -> Option<Cluster> {
             // Straight to stderr: libtest captures print!/eprint! of a passing test, and a skip
             // must be seen.
             use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "preempted_job_requeues_and_resumes_on_a_real_slurm: {why}"
-            );
+            let _ = writeln!(std::io::stderr(), "{test}: {why}");
             None
         }
         code => panic!("local_cluster.sh start failed ({code:?}):\n{stdout}\n{stderr}"),
@@ -535,7 +548,7 @@ impl Job<'_> {
 
 #[test]
 fn preempted_job_requeues_and_resumes_on_a_real_slurm() {
-    let Some(cluster) = start_cluster() else {
+    let Some(cluster) = start_cluster("preempted_job_requeues_and_resumes_on_a_real_slurm") else {
         return;
     };
     let conf = cluster.conf.as_str();
@@ -643,5 +656,784 @@ fn preempted_job_requeues_and_resumes_on_a_real_slurm() {
     assert!(
         newest > cancelled_at,
         "the SIGTERM should leave a checkpoint newer than step {cancelled_at}, newest: {newest}\n{text}"
+    );
+}
+
+// ---- sweeps as job arrays (`trainer sweep --slurm`) --------------------------------------------
+
+/// The tiny recipe, 10 steps, evaluating at 5 and 10, a checkpoint every 5.
+fn short_recipe() -> String {
+    let r = tiny_recipe("unused");
+    let r = replace_line(&r, "max_steps = 40", "max_steps = 10");
+    replace_line(&r, "eval_every = 10", "eval_every = 5")
+}
+
+/// 2 learning rates x 2 seeds: 4 runs.
+const LR_SWEEP: &str = "[sweep]\nbase = \"tiny.toml\"\nseeds = [1, 2]\n\
+                        [sweep.grid]\n\"optim.lr\" = [1e-3, 3e-3]\n";
+
+/// The cells of one CSV line (RFC 4180 quoting, as results.csv writes a point's label).
+fn csv_cells(line: &str) -> Vec<String> {
+    let (mut cells, mut cell, mut quoted) = (Vec::new(), String::new(), false);
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                cell.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => cells.push(std::mem::take(&mut cell)),
+            (c, _) => cell.push(c),
+        }
+    }
+    cells.push(cell);
+    cells
+}
+
+fn summary_of(run_dir: &Path) -> Value {
+    let text = std::fs::read_to_string(run_dir.join("summary.json"))
+        .unwrap_or_else(|e| panic!("{}: no summary.json: {e}", run_dir.display()));
+    serde_json::from_str(&text).expect("summary JSON")
+}
+
+#[test]
+fn writes_the_sweep_array_script() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, "tiny.toml", &short_recipe());
+    write_recipe(w, "lr.toml", LR_SWEEP);
+    let out = trainer(
+        w,
+        &[
+            "sweep",
+            "lr.toml",
+            "--slurm",
+            "--gpus-per-node",
+            "2",
+            "--max-parallel",
+            "3",
+            "--time",
+            "02:00:00",
+            "--partition",
+            "gpu",
+            "--cpus-per-task",
+            "4",
+        ],
+    );
+    out.assert_success();
+    // Where the script went and how to collect the results afterwards.
+    for needle in [
+        "wrote lr.sbatch (job array 0-3%3: 4 runs",
+        "sbatch lr.sbatch",
+        "trainer sweep lr.toml --collect",
+    ] {
+        assert!(
+            out.stderr.contains(needle),
+            "{needle:?}: {}",
+            out.describe()
+        );
+    }
+    let script = std::fs::read_to_string(w.join("lr.sbatch")).expect("the script");
+    let dir = w.display().to_string();
+    for line in [
+        "#SBATCH --job-name=lr".to_string(),
+        "#SBATCH --array=0-3%3".to_string(),
+        "#SBATCH --nodes=1".to_string(),
+        "#SBATCH --ntasks-per-node=2".to_string(),
+        "#SBATCH --gpus-per-node=2".to_string(),
+        "#SBATCH --cpus-per-task=4".to_string(),
+        "#SBATCH --time=02:00:00".to_string(),
+        "#SBATCH --partition=gpu".to_string(),
+        format!("#SBATCH --chdir={dir}"),
+        format!("#SBATCH --output={dir}/slurm-%x-%A_%a.out"),
+        "#SBATCH --open-mode=append".to_string(),
+        "#SBATCH --requeue".to_string(),
+        "#SBATCH --signal=USR1@120".to_string(),
+        format!("sweep={dir}/lr.toml"),
+        format!("out_dir={dir}/runs/lr"),
+        "index=\"${SLURM_ARRAY_TASK_ID:?".to_string(),
+        "srun \"$trainer\" sweep \"$sweep\" --index \"$index\"".to_string(),
+        "    if scontrol requeue \"$SLURM_JOB_ID\"; then".to_string(),
+    ] {
+        assert!(
+            script.lines().any(|l| l.starts_with(&line)),
+            "no line starting with {line:?} in:\n{script}"
+        );
+    }
+    assert!(!script.contains("{{"), "an unfilled placeholder:\n{script}");
+    let syntax = Command::new("bash")
+        .args(["-n", "lr.sbatch"])
+        .current_dir(w)
+        .status()
+        .expect("bash");
+    assert!(syntax.success(), "bash -n refuses the script:\n{script}");
+
+    // No throttle without --max-parallel; CPU-only: one task, no GPUs; another warning time.
+    trainer(
+        w,
+        &[
+            "sweep",
+            "lr.toml",
+            "--slurm",
+            "--gpus-per-node",
+            "0",
+            "--signal-lead",
+            "300",
+            "--out",
+            "cpu.sbatch",
+        ],
+    )
+    .assert_success();
+    let cpu = std::fs::read_to_string(w.join("cpu.sbatch")).expect("the script");
+    for line in [
+        "#SBATCH --array=0-3\n",
+        "#SBATCH --ntasks-per-node=1\n",
+        "#SBATCH --signal=USR1@300\n",
+    ] {
+        assert!(cpu.contains(line), "{line:?} not in:\n{cpu}");
+    }
+    assert!(!cpu.contains("--gpus-per-node"), "{cpu}");
+    // Writing the script starts nothing.
+    assert!(!w.join("runs").exists());
+}
+
+#[test]
+fn sweep_array_bad_input() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, "tiny.toml", &short_recipe());
+    write_recipe(w, "lr.toml", LR_SWEEP);
+    let base = ["sweep", "lr.toml", "--slurm", "--gpus-per-node", "0"];
+    fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        a
+    }
+    trainer(w, &with(&base, &["--max-parallel", "0"]))
+        .assert_one_error(&["--max-parallel", "positive"]);
+    trainer(w, &["sweep", "lr.toml", "--slurm"]).assert_one_error(&["--gpus-per-node"]);
+    // trainer slurm's checks, with its messages.
+    trainer(w, &with(&base, &["--time", "1h"])).assert_one_error(&["--time 1h", "HH:MM:SS"]);
+    trainer(w, &with(&base, &["--time", "00:01:00"]))
+        .assert_one_error(&["--time 00:01:00", "--signal-lead"]);
+    trainer(w, &with(&base, &["--cpus-per-task", "0"])).assert_one_error(&["--cpus-per-task"]);
+    trainer(w, &with(&base, &["--partition", "a b"])).assert_one_error(&["--partition", "#SBATCH"]);
+    let empty = w.join("empty-path");
+    std::fs::create_dir(&empty).expect("mkdir");
+    let line = trainer_with_env(
+        w,
+        &with(&base, &["--submit"]),
+        &[("PATH", Some(empty.to_str().expect("utf-8 path")))],
+    )
+    .assert_one_error(&[]);
+    assert_eq!(line, "error: --submit needs sbatch on PATH");
+    // Job flags without --slurm would be silently ignored by the local runner: refused.
+    trainer(w, &["sweep", "lr.toml", "--time", "10"]).assert_one_error(&["--time", "--slurm"]);
+    // The sweep's own errors, before anything is written: a grid key with no values (an empty
+    // sweep), a key the recipe does not have, a missing sweep file.
+    write_recipe(
+        w,
+        "empty.toml",
+        "[sweep]\nbase = \"tiny.toml\"\n[sweep.grid]\n\"optim.lr\" = []\n",
+    );
+    trainer(
+        w,
+        &["sweep", "empty.toml", "--slurm", "--gpus-per-node", "0"],
+    )
+    .assert_one_error(&[
+        "empty.toml",
+        "sweep.grid.\"optim.lr\"",
+        "at least one value",
+    ]);
+    write_recipe(
+        w,
+        "typo.toml",
+        "[sweep]\nbase = \"tiny.toml\"\n[sweep.grid]\n\"optim.lrr\" = [1e-3]\n",
+    );
+    trainer(
+        w,
+        &["sweep", "typo.toml", "--slurm", "--gpus-per-node", "0"],
+    )
+    .assert_one_error(&["sweep key \"optim.lrr\"", "unknown field `lrr`"]);
+    trainer(
+        w,
+        &["sweep", "missing.toml", "--slurm", "--gpus-per-node", "0"],
+    )
+    .assert_one_error(&["missing.toml"]);
+    // --slurm with --index or --parallel is a usage error (clap: exit code 2).
+    for extra in [["--index", "1"], ["--parallel", "2"]] {
+        let out = trainer(w, &with(&base, &extra));
+        assert_eq!(out.code, Some(2), "{}", out.describe());
+    }
+    let names: Vec<String> = std::fs::read_dir(w)
+        .expect("listing the work dir")
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .to_string()
+        })
+        .filter(|n| n.ends_with(".sbatch"))
+        .collect();
+    assert!(names.is_empty(), "bad input wrote a script: {names:?}");
+}
+
+/// `--submit` submits the array, prints its id, and submits the collect job after it.
+#[test]
+fn sweep_array_submit_prints_the_array_id_and_queues_the_collect_job() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, "tiny.toml", &short_recipe());
+    write_recipe(w, "lr.toml", LR_SWEEP);
+    let fake = w.join("fake-sbatch");
+    std::fs::create_dir(&fake).expect("mkdir");
+    // The first call (the array) gets job 4242, the second (the collect job) 4243.
+    write_exe(
+        &fake.join("sbatch"),
+        "#!/bin/bash\nn=$(ls calls 2>/dev/null | wc -l)\nmkdir -p calls\n\
+         printf '%s\\n' \"$@\" > calls/$n\necho \"$(( 4242 + n ));cluster\"\n",
+    );
+    // Before the system's PATH: the stand-in uses ls, mkdir and wc.
+    let path = format!(
+        "{}:{}",
+        fake.display(),
+        std::env::var("PATH").expect("PATH")
+    );
+    let path = path.as_str();
+    let args = [
+        "sweep",
+        "lr.toml",
+        "--slurm",
+        "--gpus-per-node",
+        "0",
+        "--partition",
+        "cpu",
+        "--submit",
+    ];
+    let out = trainer_with_env(w, &args, &[("PATH", Some(path))]);
+    out.assert_success();
+    assert_eq!(out.stdout, "4242\n", "{}", out.describe());
+    for needle in [
+        "submitted array job 4242 (4 tasks)",
+        "slurm-lr-4242_<index>.out",
+        "submitted job 4243: trainer sweep lr.toml --collect",
+    ] {
+        assert!(
+            out.stderr.contains(needle),
+            "{needle:?}: {}",
+            out.describe()
+        );
+    }
+    let call = |n: usize| -> Vec<String> {
+        std::fs::read_to_string(w.join("calls").join(n.to_string()))
+            .expect("sbatch was called")
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(
+        call(0),
+        [
+            "--parsable".to_string(),
+            w.join("lr.sbatch").display().to_string()
+        ]
+    );
+    let collect = call(1);
+    let dir = w.display().to_string();
+    for arg in [
+        "--parsable".to_string(),
+        "--dependency=afterany:4242".to_string(),
+        "--job-name=lr-collect".to_string(),
+        format!("--chdir={dir}"),
+        "--partition=cpu".to_string(),
+    ] {
+        assert!(collect.contains(&arg), "{arg:?} not in {collect:?}");
+    }
+    let wrap = collect
+        .iter()
+        .find(|a| a.starts_with("--wrap="))
+        .expect("a --wrap command");
+    assert!(
+        wrap.ends_with(&format!(" sweep {dir}/lr.toml --collect")),
+        "{wrap}"
+    );
+
+    // An sbatch that takes the array but refuses the collect job: the array's id still comes
+    // out (it is in the queue), with a warning that says how to collect by hand.
+    write_exe(
+        &fake.join("sbatch"),
+        "#!/bin/bash\ncase \"$*\" in *--wrap*) echo 'sbatch: error: no' >&2; exit 1;; esac\n\
+         echo 99\n",
+    );
+    let out = trainer_with_env(w, &args, &[("PATH", Some(path))]);
+    out.assert_success();
+    assert_eq!(out.stdout, "99\n", "{}", out.describe());
+    assert!(
+        out.stderr
+            .contains("warning: the collect job was not submitted")
+            && out.stderr.contains("trainer sweep lr.toml --collect"),
+        "{}",
+        out.describe()
+    );
+}
+
+/// The array script's task runs its own index, and requeues only itself after the pre-emption
+/// signal (stand-ins for srun and scontrol, as for the single-run script above).
+#[test]
+fn the_array_script_runs_its_index_and_requeues_the_task() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, "tiny.toml", &short_recipe());
+    write_recipe(w, "lr.toml", LR_SWEEP);
+    trainer(w, &["sweep", "lr.toml", "--slurm", "--gpus-per-node", "0"]).assert_success();
+    let bin = w.join("fake-bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    write_exe(
+        &bin.join("srun"),
+        "#!/bin/bash\necho \"$@\" > \"$FAKE_DIR/srun.args\"\nexit \"$FAKE_SRUN_RC\"\n",
+    );
+    write_exe(
+        &bin.join("scontrol"),
+        "#!/bin/bash\necho \"$@\" >> \"$FAKE_DIR/scontrol.calls\"\n",
+    );
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").expect("PATH"));
+    let case = |rc: i32, task: Option<&str>| -> (Option<i32>, String, String, String) {
+        let dir = tempfile::tempdir_in(w).expect("tempdir");
+        let mut cmd = Command::new("bash");
+        cmd.arg(w.join("lr.sbatch"))
+            .current_dir(w)
+            .env("PATH", &path)
+            .env("FAKE_DIR", dir.path())
+            .env("FAKE_SRUN_RC", rc.to_string())
+            .env("SLURM_JOB_ID", "57")
+            .env("SLURM_ARRAY_JOB_ID", "50")
+            .env_remove("SLURM_ARRAY_TASK_ID");
+        if let Some(t) = task {
+            cmd.env("SLURM_ARRAY_TASK_ID", t);
+        }
+        let out = cmd.output().expect("bash");
+        let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap_or_default();
+        (
+            out.status.code(),
+            read("srun.args"),
+            read("scontrol.calls"),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, srun, calls, out) = case(75, Some("3"));
+    assert_eq!((code, calls.as_str()), (Some(0), "requeue 57\n"), "{out}");
+    assert!(
+        srun.trim_end()
+            .ends_with(&format!(" sweep {}/lr.toml --index 3", w.display())),
+        "{srun}"
+    );
+    assert!(out.contains("array 50 task 3 (job 57) start 1"), "{out}");
+    let (code, _, calls, out) = case(0, Some("0"));
+    assert_eq!((code, calls.as_str()), (Some(0), ""), "{out}");
+    assert!(out.contains("task 0: the run finished"), "{out}");
+    let (code, _, calls, out) = case(1, Some("1"));
+    assert_eq!((code, calls.as_str()), (Some(1), ""), "{out}");
+    // Run outside an array: a clear message, srun never started.
+    let (code, srun, _, out) = case(0, None);
+    assert_ne!(code, Some(0), "{out}");
+    assert!(srun.is_empty(), "{srun}");
+    assert!(out.contains("not an array task"), "{out}");
+}
+
+/// What an array task relies on: `--index I` leaves a finished run alone and resumes a half-done
+/// one from its newest checkpoint, to the same result.
+#[test]
+fn index_skips_a_finished_run_and_resumes_a_half_done_one() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, "tiny.toml", &short_recipe());
+    write_recipe(
+        w,
+        "one.toml",
+        "[sweep]\nbase = \"tiny.toml\"\nseeds = [3]\n",
+    );
+    let run = w.join("runs/one/base/seed=3");
+    trainer(w, &["sweep", "one.toml", "--index", "0"]).assert_success();
+    let full = summary_of(&run);
+    assert_eq!(full["steps"], 10);
+
+    let before = snapshot(&run);
+    let again = trainer(w, &["sweep", "one.toml", "--index", "0"]);
+    again.assert_success();
+    assert!(
+        again.stderr.contains("nothing to do"),
+        "{}",
+        again.describe()
+    );
+    assert_same_files(
+        &before,
+        &snapshot(&run),
+        "a finished run, run again by --index",
+    );
+
+    // Stopped after its step-5 checkpoint (as a pre-empted task leaves it).
+    std::fs::remove_file(run.join("summary.json")).expect("removing summary.json");
+    std::fs::remove_dir_all(run.join("checkpoints/step-00000010")).expect("removing a checkpoint");
+    trainer(w, &["sweep", "one.toml", "--index", "0"]).assert_success();
+    let resumed = summary_of(&run);
+    assert!(
+        resumed["resumed_from"]
+            .as_str()
+            .expect("resumed_from is set")
+            .ends_with("step-00000005"),
+        "{resumed}"
+    );
+    for key in ["steps", "final_train_loss", "final_valid_loss"] {
+        assert_eq!(resumed[key], full[key], "{key}");
+    }
+}
+
+/// `scontrol -o show job ID`: one record per line (an array gives one per task, pending tasks
+/// possibly folded into one record).
+fn job_records(conf: &str, id: &str) -> Vec<BTreeMap<String, String>> {
+    let Ok(out) = Command::new("scontrol")
+        .args(["-o", "show", "job", id])
+        .env("SLURM_CONF", conf)
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect()
+}
+
+fn ended(state: &str) -> bool {
+    matches!(
+        state,
+        "COMPLETED" | "FAILED" | "CANCELLED" | "TIMEOUT" | "NODE_FAIL" | "OUT_OF_MEMORY"
+    )
+}
+
+/// A sweep submitted with `trainer sweep --slurm --submit` to the test cluster.
+struct ArrayJob<'a> {
+    conf: &'a str,
+    dir: PathBuf,
+    name: String,
+    id: String,
+    /// The job that runs `--collect` after the array.
+    collect_id: String,
+    tasks: usize,
+}
+
+impl ArrayJob<'_> {
+    fn submit<'a>(
+        conf: &'a str,
+        dir: &Path,
+        sweep: &str,
+        name: &str,
+        tasks: usize,
+    ) -> ArrayJob<'a> {
+        let out = trainer_with_env(
+            dir,
+            &[
+                "sweep",
+                sweep,
+                "--slurm",
+                "--gpus-per-node",
+                "0",
+                "--cpus-per-task",
+                "1",
+                "--max-parallel",
+                "2",
+                "--job-name",
+                name,
+                "--submit",
+            ],
+            &[("SLURM_CONF", Some(conf))],
+        );
+        out.assert_success();
+        let id = out.stdout.trim().to_string();
+        assert!(id.parse::<u64>().is_ok(), "{}", out.describe());
+        let collect_id = out
+            .stderr
+            .split("submitted job ")
+            .nth(1)
+            .and_then(|rest| rest.split(':').next())
+            .unwrap_or_else(|| panic!("no collect job: {}", out.describe()))
+            .to_string();
+        ArrayJob {
+            conf,
+            dir: dir.to_path_buf(),
+            name: name.to_string(),
+            id,
+            collect_id,
+            tasks,
+        }
+    }
+
+    fn log(&self, task: usize) -> PathBuf {
+        self.dir
+            .join(format!("slurm-{}-{}_{task}.out", self.name, self.id))
+    }
+
+    fn log_text(&self, task: usize) -> String {
+        std::fs::read_to_string(self.log(task)).unwrap_or_default()
+    }
+
+    /// The task records, by index, once every task has ended.
+    fn ended_tasks(&self) -> Option<BTreeMap<usize, BTreeMap<String, String>>> {
+        let mut tasks = BTreeMap::new();
+        for r in job_records(self.conf, &self.id) {
+            let index = r.get("ArrayTaskId")?.parse::<usize>().ok()?;
+            if !ended(r.get("JobState")?) {
+                return None;
+            }
+            tasks.insert(index, r);
+        }
+        (tasks.len() == self.tasks).then_some(tasks)
+    }
+
+    fn diagnose(&self, what: &str) -> String {
+        let mut text = format!("{what}\n--- scontrol show job {} ---\n", self.id);
+        for r in job_records(self.conf, &self.id) {
+            text += &format!("{r:?}\n");
+        }
+        for t in 0..self.tasks {
+            text += &format!("--- {} ---\n{}\n", self.log(t).display(), self.log_text(t));
+        }
+        text
+    }
+
+    /// Waits until every task has ended; returns their records by index.
+    fn wait_for_end(&self, start: Instant) -> BTreeMap<usize, BTreeMap<String, String>> {
+        loop {
+            if let Some(tasks) = self.ended_tasks() {
+                return tasks;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(180),
+                "{}",
+                self.diagnose("the array did not end within 180 s")
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Waits for the collect job (the job after the array) to end; returns its record.
+    fn wait_for_collect_job(&self, start: Instant) -> BTreeMap<String, String> {
+        let id = &self.collect_id;
+        loop {
+            if let Some(r) = job_records(self.conf, id).into_iter().next() {
+                assert_eq!(
+                    r.get("JobName").map(String::as_str),
+                    Some(format!("{}-collect", self.name).as_str()),
+                    "job {id}: {r:?}"
+                );
+                if r.get("JobState").is_some_and(|s| ended(s)) {
+                    return r;
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(180),
+                "{}",
+                self.diagnose("the collect job did not end within 180 s")
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+#[test]
+fn sweep_array_runs_every_point_on_a_real_slurm() {
+    let Some(cluster) = start_cluster("sweep_array_runs_every_point_on_a_real_slurm") else {
+        return;
+    };
+    let conf = cluster.conf.as_str();
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, "tiny.toml", &short_recipe());
+    // Two points x two seeds: a long one (about 5 s, a checkpoint every 100 steps; tasks 0 and
+    // 1), which is signalled mid-run, and the short base (tasks 2 and 3).
+    write_recipe(
+        w,
+        "arr.toml",
+        r#"
+[sweep]
+base = "tiny.toml"
+seeds = [1, 2]
+[[sweep.points]]
+"train.max_steps" = 2000
+"train.checkpoint_every" = 100
+"train.log_every" = 50
+"train.eval_every" = 1000
+[[sweep.points]]
+"train.max_steps" = 10
+"#,
+    );
+    // The run directories in array order.
+    let listed = trainer(w, &["sweep", "arr.toml", "--dry-run"]);
+    listed.assert_success();
+    let runs: Vec<PathBuf> = listed
+        .stdout
+        .lines()
+        .map(|l| w.join(l.trim_start_matches("new").trim()))
+        .collect();
+    assert_eq!(runs.len(), 4, "{}", listed.describe());
+    assert!(
+        runs[0].display().to_string().contains("max_steps=2000"),
+        "{runs:?}"
+    );
+
+    let start = Instant::now();
+    let job = ArrayJob::submit(conf, w, "arr.toml", "arr", 4);
+    let id = job.id.clone();
+    // Task 0 gets the pre-emption warning after its first checkpoint.
+    while !checkpoint_entries(&runs[0])
+        .iter()
+        .any(|n| n.starts_with("step-"))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "{}",
+            job.diagnose("task 0 wrote no checkpoint within 90 s")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // To the trainer process itself: `scancel --signal=USR1 ID_0` would do the same, but Slurm
+    // 22.05 answers it with "Job can not be altered now" while other tasks of the array are
+    // pending, and scancel then retries every few seconds, signalling the task again after its
+    // requeue. (The time-limit warning, #SBATCH --signal, comes from slurmctld itself.)
+    let task_job = job_records(conf, &id)
+        .into_iter()
+        .find(|r| r.get("ArrayTaskId").map(String::as_str) == Some("0"))
+        .and_then(|r| r.get("JobId").cloned())
+        .unwrap_or_else(|| panic!("{}", job.diagnose("no record of task 0")));
+    let pids = Command::new("scontrol")
+        .args(["listpids", &task_job])
+        .env("SLURM_CONF", conf)
+        .output()
+        .expect("scontrol listpids");
+    // PID JOBID STEPID LOCALID GLOBALID: the srun step is step 0.
+    let trainer_pids: Vec<u32> = String::from_utf8_lossy(&pids.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"0"))
+                .then(|| f[0].parse().ok())
+                .flatten()
+        })
+        .collect();
+    assert_eq!(
+        trainer_pids.len(),
+        1,
+        "{}",
+        job.diagnose(&format!(
+            "scontrol listpids {task_job}:\n{}",
+            String::from_utf8_lossy(&pids.stdout)
+        ))
+    );
+    send_signal(trainer_pids[0], "USR1");
+
+    let tasks = job.wait_for_end(start);
+    for (i, t) in &tasks {
+        let want_restarts = if *i == 0 { "1" } else { "0" };
+        assert_eq!(
+            (
+                t["JobState"].as_str(),
+                t["ExitCode"].as_str(),
+                t["Restarts"].as_str()
+            ),
+            ("COMPLETED", "0:0", want_restarts),
+            "{}",
+            job.diagnose(&format!("task {i}"))
+        );
+    }
+    let text = job.log_text(0);
+    for needle in [
+        format!("array {id} task 0 "),
+        "start 1 ".to_string(),
+        "requeueing".to_string(),
+        "start 2 ".to_string(),
+        "task 0: the run finished".to_string(),
+    ] {
+        assert!(text.contains(&needle), "{needle:?} not in the log:\n{text}");
+    }
+    for (run, steps) in runs.iter().zip([2000, 2000, 10, 10]) {
+        let s = summary_of(run);
+        assert_eq!(s["steps"], steps, "{}", run.display());
+    }
+    let resumed = summary_of(&runs[0]);
+    assert!(
+        resumed["resumed_from"]
+            .as_str()
+            .is_some_and(|r| r.contains("step-")),
+        "task 0 resumed from a checkpoint: {resumed}"
+    );
+
+    // The collect job ran after the array and wrote the table.
+    let collect = job.wait_for_collect_job(start);
+    assert_eq!(
+        (collect["JobState"].as_str(), collect["ExitCode"].as_str()),
+        ("COMPLETED", "0:0"),
+        "{collect:?}"
+    );
+    let table = w.join("runs/arr/results.csv");
+    let by_job = std::fs::read_to_string(&table).expect("results.csv from the collect job");
+    let check_table = |text: &str| {
+        let mut lines = text.lines();
+        let header = csv_cells(lines.next().expect("a header"));
+        let rows: Vec<Vec<String>> = lines.map(csv_cells).collect();
+        assert_eq!(rows.len(), 2, "{text}");
+        let col = |name: &str| {
+            header
+                .iter()
+                .position(|h| *h == name)
+                .unwrap_or_else(|| panic!("no column {name}: {text}"))
+        };
+        for row in &rows {
+            assert_eq!(row[col("runs")], "2", "{text}");
+            assert_eq!(row[col("unfinished")], "0", "{text}");
+            assert_eq!(row[col("final_valid_loss_n")], "2", "{text}");
+            assert!(
+                row[col("final_valid_loss_mean")].parse::<f64>().is_ok(),
+                "{text}"
+            );
+        }
+    };
+    check_table(&by_job);
+
+    // `--collect` by hand writes the same table.
+    std::fs::remove_file(&table).expect("removing results.csv");
+    let out = trainer(w, &["sweep", "arr.toml", "--collect"]);
+    out.assert_success();
+    let by_hand = std::fs::read_to_string(&table).expect("results.csv");
+    check_table(&by_hand);
+    assert_eq!(by_hand, by_job);
+    assert!(out.stdout.contains("| 0 of 2 |"), "{}", out.describe());
+
+    // Submitted again, every task finds its run finished and leaves it alone.
+    let before: Vec<_> = runs.iter().map(|r| snapshot(r)).collect();
+    let start = Instant::now();
+    let again = ArrayJob::submit(conf, w, "arr.toml", "arr", 4);
+    for (i, t) in again.wait_for_end(start) {
+        assert_eq!(
+            t["JobState"],
+            "COMPLETED",
+            "{}",
+            again.diagnose("resubmitted")
+        );
+        let log = again.log_text(i);
+        assert!(log.contains("nothing to do"), "task {i}:\n{log}");
+    }
+    for (run, b) in runs.iter().zip(&before) {
+        assert_same_files(b, &snapshot(run), &run.display().to_string());
+    }
+    eprintln!(
+        "slurm array {id}: 4 tasks, task 0 pre-empted and requeued ({}), collect job {}",
+        resumed["resumed_from"], collect["JobId"]
     );
 }

@@ -2,7 +2,8 @@
 //! with different data (the built-in corpus, then a mixture with a synthetic text) and different
 //! schedules and peak LRs run as one run with one step counter; the logged LR and the mixture
 //! fractions change at the boundary; a run stopped by SIGTERM inside stage 2 and resumed logs
-//! bitwise the losses of the uninterrupted run; bad input is one line naming the key.
+//! bitwise the losses of the uninterrupted run; every metrics row names its stage (`stage`), also
+//! after the resume; bad input is one line naming the key.
 
 mod common;
 
@@ -145,6 +146,17 @@ fn two_stages_switch_schedule_and_data_at_the_boundary_and_resume_bitwise() {
     )
     .expect("json");
     assert_eq!(summary["steps"], 40);
+    // Every row names its stage: row s belongs to the stage that ran optimizer step s, so the
+    // boundary rows are 20 ("english", also its last evaluation) and 21 ("alpha").
+    assert_stages(&reference);
+    assert_eq!(
+        summary["stages"],
+        serde_json::json!([
+            { "name": "english", "steps": 20, "first_step": 1, "last_step": 20 },
+            { "name": "alpha", "steps": 20, "first_step": 21, "last_step": 40 },
+        ]),
+        "{summary}"
+    );
     assert!(
         summary["mixture"]["new"]["fraction"].as_f64() == Some(new40),
         "{summary}"
@@ -178,6 +190,7 @@ fn two_stages_switch_schedule_and_data_at_the_boundary_and_resume_bitwise() {
     )
     .assert_success();
     let resumed = read_metrics(&w.join("b/metrics.jsonl"));
+    assert_stages(&resumed);
     let resumed_train = by_step(&train_rows(&resumed));
     assert_eq!(train.len(), resumed_train.len());
     for (s, a) in &train {
@@ -215,6 +228,25 @@ fn two_stages_switch_schedule_and_data_at_the_boundary_and_resume_bitwise() {
     );
     out.assert_success();
     assert!(out.stderr.contains("nothing to do"), "{}", out.describe());
+}
+
+/// The `stage` of every row of a run of `STAGES`: "english" for steps 1..=20, "alpha" after.
+fn assert_stages(rows: &[Value]) {
+    let train = train_rows(rows);
+    assert_eq!(train.len(), 40);
+    for r in rows {
+        let want = if step_of(r) <= 20 { "english" } else { "alpha" };
+        assert_eq!(r.get("stage").and_then(Value::as_str), Some(want), "{r}");
+    }
+    let at = |split: &str, step: i64| {
+        eval_rows(rows, split)
+            .into_iter()
+            .find(|r| step_of(r) == step)
+            .unwrap_or_else(|| panic!("no {split} row at step {step}"))
+    };
+    assert_eq!(at("valid", 20)["stage"], "english");
+    assert_eq!(at("new", 30)["stage"], "alpha");
+    assert_eq!(by_step(&train)[&21]["stage"], "alpha");
 }
 
 #[test]

@@ -8,6 +8,8 @@ pub enum Progress {
     Bar(ProgressBar),
     Lines {
         total: u64,
+        /// The stage of a `[[stages]]` run, shown in every line.
+        stage: Option<String>,
     },
     /// Nothing at all: the ranks other than 0 of a multi-process run.
     Silent,
@@ -19,7 +21,7 @@ impl Progress {
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
             let style = ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+                "{prefix}{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar());
             bar.set_style(style);
@@ -27,7 +29,22 @@ impl Progress {
             bar.reset_eta();
             Progress::Bar(bar)
         } else {
-            Progress::Lines { total }
+            Progress::Lines { total, stage: None }
+        }
+    }
+
+    /// Names the stage of a `[[stages]]` run in the bar and in every line.
+    pub fn in_stage(self, name: &str) -> Progress {
+        match self {
+            Progress::Bar(bar) => {
+                bar.set_prefix(format!("[{name}] "));
+                Progress::Bar(bar)
+            }
+            Progress::Lines { total, .. } => Progress::Lines {
+                total,
+                stage: Some(name.to_string()),
+            },
+            Progress::Silent => Progress::Silent,
         }
     }
 
@@ -44,8 +61,9 @@ impl Progress {
                     "loss {loss:.4}  lr {lr:.2e}  {tokens_per_s:.0} tok/s"
                 ));
             }
-            Progress::Lines { total } => tracing::info!(
-                "step {step}/{total}  loss {loss:.4}  lr {lr:.3e}  {tokens_per_s:.0} tok/s  eta {}",
+            Progress::Lines { total, stage } => tracing::info!(
+                "{}step {step}/{total}  loss {loss:.4}  lr {lr:.3e}  {tokens_per_s:.0} tok/s  eta {}",
+                stage.as_ref().map(|s| format!("[{s}] ")).unwrap_or_default(),
                 format_duration(eta_s)
             ),
             Progress::Silent => {}

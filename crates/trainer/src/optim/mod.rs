@@ -142,6 +142,17 @@ impl Optimizer {
         }
     }
 
+    /// Sets the weight decay coefficient of the decayed parameters, for the steps that follow
+    /// (`train.weight_decay_schedule`). GSM's decay, its pruning mechanism, is left alone.
+    pub fn set_weight_decay(&mut self, weight_decay: f64) {
+        match self {
+            Optimizer::AdamW(o) => o.weight_decay = weight_decay,
+            Optimizer::Sgd(o) => o.weight_decay = weight_decay,
+            Optimizer::GaloreAdamW(o) => o.weight_decay = weight_decay,
+            Optimizer::Gsm(_) => {}
+        }
+    }
+
     pub fn state_bytes(&self) -> i64 {
         match self {
             Optimizer::AdamW(o) => o.state_bytes(),

@@ -34,6 +34,8 @@ pub struct Quantized {
     pub scale: Tensor,
     pub shape: Vec<i64>,
     pub signed: bool,
+    /// `[256]`: the value of each code at scale 1 (see `table`), on the codes' device.
+    table: Tensor,
 }
 
 /// (levels besides zero, log2 range) of each map.
@@ -52,6 +54,25 @@ pub fn relative_error_bound(signed: bool) -> f64 {
     2f64.powf(0.5 / k) - 1.0
 }
 
+/// The fp32 value of each code at a block scale of 1, indexed by code (+ 128 for the signed
+/// map): 0 for code 0, else sign * 2^((|code| - levels) / K).
+fn table(signed: bool, device: Device) -> Tensor {
+    let (levels, range) = map(signed);
+    let k = (levels - 1.0) / range;
+    let code = if signed {
+        Tensor::arange_start(-128, 128, (Kind::Float, device))
+    } else {
+        Tensor::arange(256, (Kind::Float, device))
+    };
+    let mag = code.abs();
+    let r = ((&mag - levels) / k).exp2().masked_fill(&mag.eq(0.0), 0.0);
+    if signed {
+        r * code.sign()
+    } else {
+        r
+    }
+}
+
 impl Quantized {
     pub fn zeros(shape: &[i64], device: Device, signed: bool) -> Quantized {
         let numel: i64 = shape.iter().product();
@@ -62,6 +83,7 @@ impl Quantized {
             scale: Tensor::zeros([blocks], (Kind::Float, device)),
             shape: shape.to_vec(),
             signed,
+            table: table(signed, device),
         }
     }
 
@@ -70,6 +92,10 @@ impl Quantized {
     }
 
     /// Quantises `x` (any float kind, this shape) into these codes and scales, in place.
+    /// Few passes over the data, in place where possible (this runs for every moment at every
+    /// step): level = round(K log2(|x| / scale)) is at most 0, and code = level + levels clamped
+    /// to [0, levels] is 0 exactly for the levels below the smallest one (and for x = 0, whose
+    /// log is -inf).
     pub fn store(&mut self, x: &Tensor) {
         let (levels, range) = map(self.signed);
         let k = (levels - 1.0) / range;
@@ -79,34 +105,32 @@ impl Quantized {
         let padded = flat
             .constant_pad_nd([0, blocks * BLOCK - n])
             .view([blocks, BLOCK]);
-        let scale = padded.abs().amax([1], false); // [blocks]
-                                                   // An all-zero block divides 0 by a tiny scale: codes 0.
-        let r = padded.abs() / scale.clamp_min(1e-37).unsqueeze(1);
-        // Level in [-(levels - 1), 0]; below the smallest level's lower half: zero.
-        let level = (r.clamp_min(1e-45).log2() * k).round();
-        let zero = level.lt(-(levels - 1.0)).logical_or(&r.eq(0.0));
-        let code = (level.clamp(-(levels - 1.0), 0.0) + levels).masked_fill(&zero, 0.0);
-        let code = if self.signed {
-            code * padded.sign()
-        } else {
-            code
-        };
-        self.codes
-            .copy_(&code.flatten(0, -1).to_kind(self.codes.kind()));
+        let mut code = padded.abs();
+        let scale = code.amax([1], false); // [blocks]
+                                           // An all-zero block divides 0 by a tiny scale: codes 0.
+        let _ = code.g_div_(&scale.clamp_min(1e-37).unsqueeze(1));
+        let _ = code.log2_();
+        let _ = code.g_mul_scalar_(k);
+        let _ = code.round_();
+        let _ = code.g_add_scalar_(levels);
+        let _ = code.clamp_(0.0, levels);
+        if self.signed {
+            let _ = code.g_mul_(&padded.sign());
+        }
+        self.codes.copy_(&code.view([-1]));
         self.scale.copy_(&scale);
     }
 
-    /// The fp32 tensor the codes stand for.
+    /// The fp32 tensor the codes stand for: a table lookup per entry, times its block's scale.
     pub fn load(&self) -> Tensor {
-        let (levels, range) = map(self.signed);
-        let k = (levels - 1.0) / range;
         let blocks = self.scale.size()[0];
-        let code = self.codes.to_kind(Kind::Float).view([blocks, BLOCK]);
-        let mag = code.abs();
-        let r = ((&mag - levels) / k).exp2().masked_fill(&mag.eq(0.0), 0.0);
-        let r = if self.signed { r * code.sign() } else { r };
-        (r * self.scale.unsqueeze(1))
-            .flatten(0, -1)
+        let mut index = self.codes.to_kind(Kind::Int64);
+        if self.signed {
+            let _ = index.g_add_scalar_(128);
+        }
+        let mut r = self.table.take(&index).view([blocks, BLOCK]);
+        let _ = r.g_mul_(&self.scale.unsqueeze(1));
+        r.view([-1])
             .narrow(0, 0, self.numel())
             .view(self.shape.as_slice())
     }

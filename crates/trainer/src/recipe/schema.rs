@@ -726,6 +726,15 @@ impl OptimConfig {
             | OptimConfig::Gsm { lr, .. } => *lr,
         }
     }
+
+    pub fn weight_decay(&self) -> f64 {
+        match self {
+            OptimConfig::Adamw { weight_decay, .. }
+            | OptimConfig::Sgd { weight_decay, .. }
+            | OptimConfig::GaloreAdamw { weight_decay, .. }
+            | OptimConfig::Gsm { weight_decay, .. } => *weight_decay,
+        }
+    }
 }
 
 /// `[schedule]`: the learning-rate schedule registry, defined beside the schedules themselves.
@@ -764,6 +773,32 @@ pub struct TrainConfig {
     /// How many checkpoints to keep; older ones are deleted once a newer one is complete.
     #[serde(default = "default_keep")]
     pub keep_checkpoints: i64,
+    /// `[train.reweight]`: loss-based sample reweighting (`data/reweight.rs`); absent: every
+    /// sequence counts the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reweight: Option<crate::data::reweight::ReweightConfig>,
+    /// How `optim.weight_decay` changes over the run; absent: `constant`.
+    #[serde(default, skip_serializing_if = "WeightDecaySchedule::is_constant")]
+    pub weight_decay_schedule: WeightDecaySchedule,
+}
+
+/// `train.weight_decay_schedule`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightDecaySchedule {
+    /// `optim.weight_decay` at every step.
+    #[default]
+    Constant,
+    /// `optim.weight_decay * lr / optim.lr`: the coefficient follows the LR schedule's phases
+    /// (warmup, decay, re-warm), at its full value where the LR is at its peak. With AdamW's
+    /// decoupled decay `p *= 1 - lr * wd` the per-step shrink is then `lr^2 * wd / optim.lr`.
+    FollowLr,
+}
+
+impl WeightDecaySchedule {
+    fn is_constant(&self) -> bool {
+        *self == WeightDecaySchedule::Constant
+    }
 }
 
 fn one() -> i64 {
@@ -1315,6 +1350,19 @@ impl Recipe {
             positive(c, "train.checkpoint_every")?;
         }
         positive(t.keep_checkpoints, "train.keep_checkpoints")?;
+        if let Some(r) = &t.reweight {
+            r.validate(t.batch_size, "a micro-batch (train.batch_size)")?;
+            check(
+                self.distill.is_none(),
+                "train.reweight",
+                "cannot be combined with [distill] (the distillation loss is not reweighted)",
+            )?;
+        }
+        check(
+            t.weight_decay_schedule.is_constant() || !matches!(self.optim, OptimConfig::Gsm { .. }),
+            "train.weight_decay_schedule",
+            "GSM's weight decay is how it prunes: keep it constant with optim.kind = \"gsm\"",
+        )?;
         validate_pruning(self.prune.as_ref(), &self.optim, self.max_steps())?;
         self.schedule
             .check_lengths(self.optim.lr(), self.max_steps())

@@ -10,6 +10,7 @@ use super::run_dir::{peak_memory, prepare_run_dir, resume_checkpoint, save_check
 use crate::checkpoint::{self, TrainState};
 use crate::data::loader::{stream_seed, valid_batch, Prefetcher};
 use crate::data::mixture::{Mixture, MixtureReport};
+use crate::data::reweight;
 use crate::data::source::{self, Span};
 use crate::device;
 use crate::error::{io_err, Error, Result};
@@ -20,7 +21,7 @@ use crate::models::params::ParamStore;
 use crate::models::transformer::{ModelOutput, MoeLayerStats, Transformer, TransformerConfig};
 use crate::optim::{clip_grad_norm, Optimizer};
 use crate::prune::Pruner;
-use crate::recipe::{self, InitLoad, Precision, Recipe};
+use crate::recipe::{self, InitLoad, Precision, Recipe, WeightDecaySchedule};
 use crate::schedule::Schedule;
 use crate::signals::StopFlag;
 use serde::Serialize;
@@ -96,21 +97,44 @@ pub struct Summary {
     /// With `[data.mixture]`: per source its weight, realised fraction and epochs over the run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mixture: Option<std::collections::BTreeMap<String, MixtureReport>>,
+    /// With `[[stages]]`: every stage's name and the steps of its metrics rows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stages: Option<Vec<StageSteps>>,
+}
+
+/// One stage of a `[[stages]]` run in summary.json: its metrics rows are those whose `step` lies
+/// in `first_step..=last_step` (a row's step counts the optimizer steps done, so the stage that
+/// starts after `start` steps logs from `start + 1`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StageSteps {
+    pub name: String,
+    pub steps: i64,
+    pub first_step: i64,
+    pub last_step: i64,
+}
+
+/// The stage `run_from` trains (`recipes/stages.rs`): its name (every metrics row carries it as
+/// `stage`), its first step (its schedule and mixture counts start there), and all the stages.
+pub struct InStage<'a> {
+    pub name: &'a str,
+    pub start: i64,
+    pub all: &'a [StageSteps],
 }
 
 pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> {
-    run_from(recipe, resume, stop, 0)
+    run_from(recipe, resume, stop, None)
 }
 
-/// `run`, for one stage of a `[[stages]]` recipe (`recipes/stages.rs`) that begins at step
-/// `stage_start` (0 for an ordinary run): its schedule and its mixture's realised fractions are
-/// counted from there.
+/// `run`, for one stage of a `[[stages]]` recipe (`recipes/stages.rs`), or an ordinary run
+/// (`None`, which writes no `stage` fields). The stage's schedule and its mixture's realised
+/// fractions are counted from its first step.
 pub fn run_from(
     recipe: &Recipe,
     resume: Resume,
     stop: &StopFlag,
-    stage_start: i64,
+    stage: Option<&InStage>,
 ) -> Result<Outcome> {
+    let stage_start = stage.map_or(0, |s| s.start);
     // ---- set-up -------------------------------------------------------------------------
     let run_dir = recipe.run.out_dir.clone();
     let resume_dir = resume_checkpoint(&run_dir, &resume)?;
@@ -126,6 +150,15 @@ pub fn run_from(
         world.shard(recipe.train.batch_size as usize, "train.batch_size")?;
     let main = world.is_main();
     let precision = recipe.run.precision;
+    if let (Some(rw), true) = (&recipe.train.reweight, world.is_distributed()) {
+        // The rule applies to each rank's rows of a micro-batch.
+        let what = format!(
+            "a rank's micro-batch (train.batch_size / {} ranks)",
+            world.size
+        );
+        rw.validate(shard_rows as i64, &what)
+            .map_err(|inv| Error::Recipe(format!("{}: {}", inv.key, inv.msg)))?;
+    }
 
     let seq_len = recipe.data.seq_len as usize;
     let vocab = recipe.model.vocab_size();
@@ -346,7 +379,11 @@ pub fn run_from(
         2 * recipe.train.grad_accum as usize,
     );
     let progress = if main {
-        Progress::new(total_steps, state.step)
+        let p = Progress::new(total_steps, state.step);
+        match stage {
+            Some(s) => p.in_stage(s.name),
+            None => p,
+        }
     } else {
         Progress::silent()
     };
@@ -379,6 +416,7 @@ pub fn run_from(
         let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
         let mut moe_stats = Vec::new();
         let mut distill_sums = crate::distill::StepSums::new(device);
+        let mut reweight_sums = reweight::ReweightSums::new(device);
         for _ in 0..recipe.train.grad_accum {
             let batch = prefetch
                 .next()
@@ -396,7 +434,19 @@ pub fn run_from(
                 moe_stats = l.moe_layers;
                 continue;
             }
-            let (loss, out) = forward_loss(&model, &inputs, &targets, true, device, precision)?;
+            let (loss, out) = match &recipe.train.reweight {
+                None => forward_loss(&model, &inputs, &targets, true, device, precision)?,
+                // `[train.reweight]`: each sequence's loss times a weight computed from the
+                // detached losses (`data/reweight.rs`).
+                Some(rw) => {
+                    let (seq, out) = forward_with(&model, &inputs, true, device, precision, |l| {
+                        reweight::sequence_losses(l, &targets)
+                    })?;
+                    let weights = rw.weights(&seq);
+                    reweight_sums.add(&seq, &weights);
+                    ((&seq * &weights).mean(Kind::Float), out)
+                }
+            };
             // MoE models also minimise their routers' load-balancing and z losses.
             let total = match out.router_loss() {
                 Some(router) => &loss + router,
@@ -410,6 +460,7 @@ pub fn run_from(
         // Several ranks: average the gradients, sum the loss and agree on stopping (a signal to
         // any rank stops all of them after this step, with one checkpoint).
         let mut global_loss_sum = None;
+        let mut global_unweighted_sum = None;
         let mut stop_all = false;
         if world.is_distributed() {
             let trainable: Vec<Tensor> = params
@@ -419,10 +470,12 @@ pub fn run_from(
             let mut sums = [
                 loss_sum.double_value(&[]),
                 f64::from(u8::from(stop.requested())),
+                reweight_sums.unweighted.double_value(&[]),
             ];
             dp.reduce_step(&trainable.iter().collect::<Vec<_>>(), &mut sums)?;
             global_loss_sum = Some(sums[0] / world.size as f64);
             stop_all = sums[1] > 0.0;
+            global_unweighted_sum = Some(sums[2] / world.size as f64);
         }
         let grad_norm = clip_grad_norm(&params, recipe.train.clip_grad_norm)?;
         if !grad_norm.is_finite() {
@@ -436,6 +489,15 @@ pub fn run_from(
         // ReLoRA's jagged schedule re-warms the LR after each merge.
         let lr = schedule.lr(step - stage_start)
             * relora.as_ref().map_or(1.0, |(r, _)| r.lr_factor(step));
+        // `train.weight_decay_schedule = "follow_lr"`: the decay coefficient scales with the LR.
+        let weight_decay = match recipe.train.weight_decay_schedule {
+            WeightDecaySchedule::Constant => None,
+            WeightDecaySchedule::FollowLr => {
+                let wd = recipe.optim.weight_decay() * (lr / recipe.optim.lr());
+                optimizer.set_weight_decay(wd);
+                Some(wd)
+            }
+        };
         optimizer.step(lr)?;
         params.apply_masks();
         params.zero_grad();
@@ -498,11 +560,21 @@ pub fn run_from(
             r.extend(moe_metrics(&moe_stats));
             r.extend(pruning_metrics(pruner.as_ref(), &optimizer, &params));
             r.extend(distill_sums.metrics());
+            r.extend(
+                reweight_sums
+                    .metrics(global_unweighted_sum.map(|s| s / recipe.train.grad_accum as f64)),
+            );
             if mixed {
                 for (name, m) in train_data.report(&mix_counts, seq_len) {
                     r.insert(format!("mix_{name}_fraction"), json!(m.fraction));
                     r.insert(format!("mix_{name}_epochs"), json!(m.epochs));
                 }
+            }
+            if let Some(wd) = weight_decay {
+                r.insert("weight_decay".into(), json!(wd));
+            }
+            if let Some(s) = stage {
+                r.insert("stage".into(), json!(s.name));
             }
             if let Some(m) = metrics.as_mut() {
                 m.log(r)?;
@@ -517,12 +589,16 @@ pub fn run_from(
             state.last_valid_loss = losses.first().map(|(_, l)| *l);
             for (name, valid_loss) in &losses {
                 if let Some(m) = metrics.as_mut() {
-                    m.log(row(&[
+                    let mut r = row(&[
                         ("step", json!(state.step)),
                         ("split", json!(name)),
                         ("loss", json!(valid_loss)),
                         ("perplexity", json!(valid_loss.exp())),
-                    ]))?;
+                    ]);
+                    if let Some(s) = stage {
+                        r.insert("stage".into(), json!(s.name));
+                    }
+                    m.log(r)?;
                 }
                 progress.println(&format!(
                     "step {}: {name} loss {valid_loss:.4}, perplexity {:.2}",
@@ -637,6 +713,7 @@ pub fn run_from(
                 .into_iter()
                 .collect()
         }),
+        stages: stage.map(|s| s.all.to_vec()),
     };
     if main {
         let path = run_dir.join("summary.json");
@@ -728,9 +805,24 @@ fn forward_loss(
     device: Device,
     precision: Precision,
 ) -> Result<(Tensor, ModelOutput)> {
+    forward_with(model, inputs, train, device, precision, |logits| {
+        Transformer::loss(logits, targets)
+    })
+}
+
+/// The forward pass of `forward_loss` with another loss of the logits `[b, t, vocab]` (with
+/// `[train.reweight]`: the per-sequence losses).
+fn forward_with<L>(
+    model: &Transformer,
+    inputs: &Tensor,
+    train: bool,
+    device: Device,
+    precision: Precision,
+    loss: impl FnOnce(&Tensor) -> L,
+) -> Result<(L, ModelOutput)> {
     let run = || {
         let mut out = model.forward_full(inputs, train);
-        let loss = Transformer::loss(&out.logits, targets);
+        let loss = loss(&out.logits);
         out.logits = Tensor::new();
         (loss, out)
     };

@@ -32,6 +32,8 @@
 //! the losses are bitwise those of the uninterrupted run (on the CPU), as for one-stage runs.
 //! The run directory's `config.toml` is the current stage's resolved recipe; each earlier
 //! stage's is kept as `config.before-step-N.toml` (N: the step at which the next stage began).
+//! Every row of `metrics.jsonl` (training and evaluation) carries the name of its stage as
+//! `stage`, and summary.json lists the stages with the steps of their rows.
 
 use super::pretrain::{self, Outcome, Resume};
 use crate::checkpoint;
@@ -360,6 +362,15 @@ pub fn run(stages: &[Stage], resume: Resume, stop: &StopFlag) -> Result<Outcome>
             .map_or(0, |(step, _)| step),
         Resume::From(dir) => checkpoint::read_state(dir)?.step,
     };
+    let all: Vec<pretrain::StageSteps> = stages
+        .iter()
+        .map(|s| pretrain::StageSteps {
+            name: s.name.clone(),
+            steps: s.steps,
+            first_step: s.start + 1,
+            last_step: s.end(),
+        })
+        .collect();
     let mut resume = Some(resume);
     let mut outcome = None;
     for (k, stage) in stages.iter().enumerate() {
@@ -377,7 +388,12 @@ pub fn run(stages: &[Stage], resume: Resume, stop: &StopFlag) -> Result<Outcome>
         // The first stage run takes the caller's resume mode; later ones continue from the
         // checkpoint the previous stage wrote at its end.
         let mode = resume.take().unwrap_or(Resume::Auto);
-        match pretrain::run_from(&stage.recipe, mode, stop, stage.start)? {
+        let at = pretrain::InStage {
+            name: &stage.name,
+            start: stage.start,
+            all: &all,
+        };
+        match pretrain::run_from(&stage.recipe, mode, stop, Some(&at))? {
             Outcome::Finished(summary) => outcome = Some(Outcome::Finished(summary)),
             Outcome::AlreadyDone { step } => outcome = Some(Outcome::AlreadyDone { step }),
             interrupted @ Outcome::Interrupted { .. } => return Ok(interrupted),
