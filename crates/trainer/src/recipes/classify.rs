@@ -260,7 +260,13 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
             .train
             .eval_images
             .map_or(valid.len(), |n| (n as usize).min(valid.len()));
-        evaluate(model, &valid, &aug, limit, batch_size, device, precision)
+        // With several processes each evaluates its share of the batches; the sums are added
+        // over the ranks (one all-reduce).
+        let mut sums = evaluate_part(
+            model, &valid, &aug, limit, batch_size, device, precision, world.rank, world.size,
+        )?;
+        dp.sum(&mut sums)?;
+        Ok(eval_result(sums, limit))
     };
     let mut last_train_loss = None;
     let mut last_eval: Option<EvalResult> = None;
@@ -590,10 +596,31 @@ pub fn evaluate(
     device: Device,
     precision: Precision,
 ) -> Result<EvalResult> {
+    let sums = evaluate_part(model, set, aug, limit, batch_size, device, precision, 0, 1)?;
+    Ok(eval_result(sums, limit))
+}
+
+/// Summed cross-entropy, top-1 hits and top-5 hits over this rank's validation batches: batch
+/// `i` of the first `limit` images in batches of `batch_size` when `i % world == rank`. Summed
+/// over the ranks they give the whole set's result (`eval_result`), and each of N processes
+/// evaluates 1/N of the batches.
+#[allow(clippy::too_many_arguments)]
+fn evaluate_part(
+    model: &ResNet,
+    set: &ImageSet,
+    aug: &Augment,
+    limit: usize,
+    batch_size: usize,
+    device: Device,
+    precision: Precision,
+    rank: usize,
+    world: usize,
+) -> Result<[f64; 3]> {
     tch::no_grad(|| {
         let (mut loss_sum, mut top1, mut top5) = (0.0f64, 0i64, 0i64);
-        let mut start = 0;
-        while start < limit {
+        let batches = limit.div_ceil(batch_size);
+        for i in (rank..batches).step_by(world) {
+            let start = i * batch_size;
             let len = batch_size.min(limit - start);
             let b = eval_batch(set, aug, start, len);
             let y = b.labels.to_device(device);
@@ -603,16 +630,20 @@ pub fn evaluate(
             loss_sum += loss.double_value(&[]);
             top1 += correct(&logits, &y, 1).0;
             top5 += correct(&logits, &y, 5).0;
-            start += len;
         }
-        let n = limit.max(1) as f64;
-        Ok(EvalResult {
-            loss: loss_sum / n,
-            top1: top1 as f64 / n,
-            top5: top5 as f64 / n,
-            images: limit,
-        })
+        Ok([loss_sum, top1 as f64, top5 as f64])
     })
+}
+
+/// Means over `images` from the sums of `evaluate_part`.
+fn eval_result([loss_sum, top1, top5]: [f64; 3], images: usize) -> EvalResult {
+    let n = images.max(1) as f64;
+    EvalResult {
+        loss: loss_sum / n,
+        top1: top1 / n,
+        top5: top5 / n,
+        images,
+    }
 }
 
 pub fn print_summary(s: &Summary) {

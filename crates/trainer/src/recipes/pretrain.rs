@@ -387,16 +387,24 @@ pub fn run_from(
     } else {
         Progress::silent()
     };
+    // Every validation set; with several processes each evaluates its share of the batches and
+    // the partial sums are added over the ranks (one all-reduce).
     let eval = |model: &Transformer| -> Result<Vec<(String, f64)>> {
-        valid_sets
+        let mut sums = valid_sets
             .iter()
-            .map(|(name, span)| {
-                Ok((
-                    name.clone(),
-                    evaluate(model, span, recipe, device, precision)?,
-                ))
+            .map(|(_, span)| {
+                evaluate_part(
+                    model, span, recipe, device, precision, world.rank, world.size,
+                )
             })
-            .collect()
+            .collect::<Result<Vec<f64>>>()?;
+        dp.sum(&mut sums)?;
+        let batches = recipe.train.eval_batches as f64;
+        Ok(valid_sets
+            .iter()
+            .zip(sums)
+            .map(|((name, _), sum)| (name.clone(), sum / batches))
+            .collect())
     };
     let mut final_valid_losses = std::collections::BTreeMap::new();
     let mut last_train_loss = None;
@@ -893,11 +901,28 @@ pub(crate) fn evaluate(
     device: Device,
     precision: Precision,
 ) -> Result<f64> {
+    let sum = evaluate_part(model, span, recipe, device, precision, 0, 1)?;
+    Ok(sum / recipe.train.eval_batches as f64)
+}
+
+/// The sum of the mean losses of this rank's validation batches: batch `i` of the
+/// `recipe.train.eval_batches` fixed batches of `span` when `i % world == rank`. Summed over the
+/// ranks and divided by the number of batches, it is the validation loss, and each of N
+/// processes evaluates 1/N of the batches.
+fn evaluate_part(
+    model: &Transformer,
+    span: &Span,
+    recipe: &Recipe,
+    device: Device,
+    precision: Precision,
+    rank: usize,
+    world: usize,
+) -> Result<f64> {
     let n = recipe.train.eval_batches as usize;
     let bs = recipe.train.batch_size as usize;
     tch::no_grad(|| {
         let mut total = 0.0;
-        for i in 0..n {
+        for i in (rank..n).step_by(world) {
             let b = valid_batch(span, recipe.data.seq_len as usize, bs, n, i);
             let (loss, _) = forward_loss(
                 model,
@@ -909,7 +934,7 @@ pub(crate) fn evaluate(
             )?;
             total += loss.double_value(&[]);
         }
-        Ok(total / n as f64)
+        Ok(total)
     })
 }
 
