@@ -560,34 +560,36 @@ pub fn train_batch(
 ) -> ImageBatch {
     let spe = (set.len() / batch_size).max(1) as i64;
     let order = epoch_order(seed, step / spe, set.len());
-    train_batch_from(
-        set,
-        aug,
-        step_indices(&order, batch_size, spe, step),
-        seed,
-        step,
-    )
+    let indices = step_indices(&order, batch_size, spe, step);
+    train_batch_from(set, aug, indices, 0..indices.len(), seed, step)
 }
 
+/// The rows `rows` of the batch of `indices` (a data-parallel rank's share): the augmentation
+/// draws of every row are taken in order, so that a row's crop and flip do not depend on which
+/// rows are built, but only the rows asked for are cropped and normalised.
 fn train_batch_from(
     set: &ImageSet,
     aug: &Augment,
     indices: &[u32],
+    rows: std::ops::Range<usize>,
     seed: u64,
     step: i64,
 ) -> ImageBatch {
     let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(seed, step, 0, 0));
     let (c, h, w) = (set.channels, set.height, set.width);
     let p = aug.crop_padding as i64;
-    let mut out = Vec::with_capacity(indices.len() * c * h * w);
-    let mut labels = Vec::with_capacity(indices.len());
-    for &k in indices {
+    let mut out = Vec::with_capacity(rows.len() * c * h * w);
+    let mut labels = Vec::with_capacity(rows.len());
+    for (row, &k) in indices.iter().enumerate() {
         let (dx, dy) = if p > 0 {
             (rng.gen_range(0..=2 * p), rng.gen_range(0..=2 * p))
         } else {
             (p, p)
         };
         let flip = aug.hflip && rng.gen_bool(0.5);
+        if !rows.contains(&row) {
+            continue;
+        }
         let src = set.image(k as usize);
         for ch in 0..c {
             let (mean, std) = (aug.mean[ch.min(2)], aug.std[ch.min(2)]);
@@ -648,7 +650,8 @@ fn to_batch(
 }
 
 /// Prepares training batches for steps `first_step..=last_step` on a background thread, `depth`
-/// batches ahead. Dropping it stops the thread.
+/// batches ahead: the rows `rows` of each global batch of `batch_size` (all of them in a single
+/// process, a rank's share under data parallelism). Dropping it stops the thread.
 pub struct ImagePrefetcher {
     rx: Option<Receiver<ImageBatch>>,
     handle: Option<JoinHandle<()>>,
@@ -659,6 +662,7 @@ impl ImagePrefetcher {
         set: ImageSet,
         aug: Augment,
         batch_size: usize,
+        rows: std::ops::Range<usize>,
         seed: u64,
         first_step: i64,
         last_step: i64,
@@ -676,7 +680,7 @@ impl ImagePrefetcher {
                     }
                     let idx = step_indices(&epoch.1, batch_size, spe, step);
                     if tx
-                        .send(train_batch_from(&set, &aug, idx, seed, step))
+                        .send(train_batch_from(&set, &aug, idx, rows.clone(), seed, step))
                         .is_err()
                     {
                         return; // the trainer stopped
@@ -916,7 +920,7 @@ mod tests {
             floats(&train_batch(&set, &aug, 8, 4, 7).images)
         );
         // The prefetch thread yields exactly these batches.
-        let p = ImagePrefetcher::start(set.clone(), aug.clone(), 8, 3, 6, 12, 2);
+        let p = ImagePrefetcher::start(set.clone(), aug.clone(), 8, 0..8, 3, 6, 12, 2);
         for step in 6..=12 {
             let got = p.next().expect("batch");
             assert_eq!(got.step, step);
@@ -926,6 +930,15 @@ mod tests {
             );
         }
         assert!(p.next().is_none());
+        // A rank's share (rows 3..6) is exactly those rows of the whole batch.
+        let p = ImagePrefetcher::start(set.clone(), aug.clone(), 8, 3..6, 3, 6, 7, 2);
+        for step in 6..=7 {
+            let got = p.next().expect("batch");
+            let whole = train_batch(&set, &aug, 8, 3, step);
+            assert_eq!(got.images.size(), vec![3, 3, 32, 32]);
+            assert_eq!(floats(&got.images), floats(&whole.images.narrow(0, 3, 3)));
+            assert_eq!(longs(&got.labels), longs(&whole.labels.narrow(0, 3, 3)));
+        }
     }
 
     #[test]

@@ -245,6 +245,8 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
         train.clone(),
         aug.clone(),
         batch_size,
+        // This rank's rows of every global batch: each rank augments only its own images.
+        shard_start..shard_start + shard_rows,
         recipe.run.seed,
         state.step,
         total_steps - 1,
@@ -287,10 +289,9 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
         let batch = prefetch
             .next()
             .ok_or_else(|| Error::Torch("data prefetch thread stopped".into()))?;
-        // This rank's rows of the global batch.
-        let rows = |t: &Tensor| t.narrow(0, shard_start as i64, shard_rows as i64);
-        let x = rows(&batch.images).to_device(device); // [b, 3, h, w]
-        let y = rows(&batch.labels).to_device(device); // [b]
+        // This rank's rows of the global batch (the prefetcher built only those).
+        let x = batch.images.to_device(device); // [b, 3, h, w]
+        let y = batch.labels.to_device(device); // [b]
         let logits = forward(&model, &x, true, device, precision)?; // [b, classes]
         let loss = classification_loss(&logits, &y, recipe.train.label_smoothing)?;
         // `[distill]`: alpha * kd + (1 - alpha) * the cross-entropy above.
