@@ -39,6 +39,20 @@ fn trainer_with_env(cwd: &Path, args: &[&str], env: &[(&str, Option<&str>)]) -> 
     }
 }
 
+/// The names of the files in `dir` that `keep` accepts.
+fn file_names(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("listing the work dir")
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .to_string()
+        })
+        .filter(|n| keep(n))
+        .collect()
+}
+
 fn write_exe(path: &Path, text: &str) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::write(path, text).expect("writing a script");
@@ -135,16 +149,7 @@ fn writes_the_sbatch_script() {
     assert!(cpu.contains("#SBATCH --ntasks-per-node=1\n"), "{cpu}");
     assert!(!cpu.contains("--gpus-per-node"), "{cpu}");
     // No temporary file left behind.
-    let names: Vec<String> = std::fs::read_dir(w)
-        .expect("listing the work dir")
-        .map(|e| {
-            e.expect("dir entry")
-                .file_name()
-                .to_string_lossy()
-                .to_string()
-        })
-        .filter(|n| n.contains("tmp"))
-        .collect();
+    let names = file_names(w, |n| n.contains("tmp"));
     assert!(names.is_empty(), "{names:?}");
 }
 
@@ -866,16 +871,7 @@ fn sweep_array_bad_input() {
         let out = trainer(w, &with(&base, &extra));
         assert_eq!(out.code, Some(2), "{}", out.describe());
     }
-    let names: Vec<String> = std::fs::read_dir(w)
-        .expect("listing the work dir")
-        .map(|e| {
-            e.expect("dir entry")
-                .file_name()
-                .to_string_lossy()
-                .to_string()
-        })
-        .filter(|n| n.ends_with(".sbatch"))
-        .collect();
+    let names = file_names(w, |n| n.ends_with(".sbatch"));
     assert!(names.is_empty(), "bad input wrote a script: {names:?}");
 }
 

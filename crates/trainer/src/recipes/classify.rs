@@ -586,22 +586,8 @@ fn correct(logits: &Tensor, labels: &Tensor, k: i64) -> (i64, i64) {
     )
 }
 
-/// Loss (unsmoothed), top-1 and top-5 accuracy over the first `limit` images of `set`, with
-/// BatchNorm on its running statistics.
-pub fn evaluate(
-    model: &ResNet,
-    set: &ImageSet,
-    aug: &Augment,
-    limit: usize,
-    batch_size: usize,
-    device: Device,
-    precision: Precision,
-) -> Result<EvalResult> {
-    let sums = evaluate_part(model, set, aug, limit, batch_size, device, precision, 0, 1)?;
-    Ok(eval_result(sums, limit))
-}
-
-/// Summed cross-entropy, top-1 hits and top-5 hits over this rank's validation batches: batch
+/// Summed cross-entropy (unsmoothed), top-1 hits and top-5 hits, with BatchNorm on its running
+/// statistics, over this rank's validation batches: batch
 /// `i` of the first `limit` images in batches of `batch_size` when `i % world == rank`. Summed
 /// over the ranks they give the whole set's result (`eval_result`), and each of N processes
 /// evaluates 1/N of the batches.
