@@ -587,10 +587,9 @@ fn correct(logits: &Tensor, labels: &Tensor, k: i64) -> (i64, i64) {
 }
 
 /// Summed cross-entropy (unsmoothed), top-1 hits and top-5 hits, with BatchNorm on its running
-/// statistics, over this rank's validation batches: batch
-/// `i` of the first `limit` images in batches of `batch_size` when `i % world == rank`. Summed
-/// over the ranks they give the whole set's result (`eval_result`), and each of N processes
-/// evaluates 1/N of the batches.
+/// statistics, over this rank's validation batches: batch `i` of the first `limit` images in
+/// batches of `batch_size` when `i % world == rank`. Summed over the ranks they give the whole
+/// set's result (`eval_result`), and each of N processes evaluates 1/N of the batches.
 #[allow(clippy::too_many_arguments)]
 fn evaluate_part(
     model: &ResNet,
