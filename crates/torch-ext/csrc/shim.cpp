@@ -145,6 +145,43 @@ int te_grads_zero_if_none(at::Tensor **tensors, int n) {
 
 }  // extern "C"
 
+// ---- gradient-ready hooks (layer-wise optimizer updates) -------------------------------------
+
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
+
+namespace {
+// After autograd has accumulated a parameter's gradient (torch's
+// register_post_accumulate_grad_hook), calls `callback(index)`: the optimizer can update that
+// parameter and drop its gradient while the backward pass goes on with the earlier layers.
+struct TeGradReadyHook : torch::autograd::PostAccumulateGradHook {
+  void (*callback)(int64_t);
+  int64_t index;
+  TeGradReadyHook(void (*cb)(int64_t), int64_t i) : callback(cb), index(i) {}
+  void operator()(const torch::autograd::Variable &) override { callback(index); }
+};
+}  // namespace
+
+extern "C" {
+
+// Installs (callback != nullptr) or removes the gradient-ready hook of a leaf tensor.
+int te_set_grad_ready_hook(at::Tensor *t, void (*callback)(int64_t), int64_t index) {
+  try {
+    if (callback) {
+      torch::autograd::impl::set_post_acc_grad_hooks(
+          *t, std::make_unique<TeGradReadyHook>(callback, index));
+    } else {
+      torch::autograd::impl::set_post_acc_grad_hooks(*t, nullptr);
+    }
+    return 0;
+  } catch (const std::exception &e) {
+    set_error(e);
+    return -1;
+  }
+}
+
+}  // extern "C"
+
 // ---- c10d: rendezvous and collectives (the engine under torch.nn.parallel.DDP) ---------------
 //
 // A process group is a TCPStore (rank 0 hosts it at host:port, the others connect) and one c10d

@@ -5,6 +5,9 @@
 //! - c10d process groups (TCPStore rendezvous, ProcessGroupGloo / ProcessGroupNCCL) for data
 //!   parallelism: broadcast, all-reduce (sum), barrier.
 
+pub mod grad_hooks;
+pub use grad_hooks::GradReadyHooks;
+
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
 use tch::Tensor;

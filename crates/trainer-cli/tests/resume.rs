@@ -403,6 +403,27 @@ fn resume_auto_on_a_finished_run_changes_nothing() {
     );
 }
 
+/// Waits (at most 10 s) until signal `signal` is no longer pending for process `pid`, per the
+/// SigPnd/ShdPnd masks of /proc/PID/status.
+fn wait_until_delivered(pid: u32, signal: u32) {
+    let bit = 1u64 << (signal - 1);
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(10) {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            return; // gone already
+        };
+        let pending = status
+            .lines()
+            .filter(|l| l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
+            .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+            .any(|mask| mask & bit != 0);
+        if !pending {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// SIGINT stops after the current step with a checkpoint (exit 75); a second SIGINT while that
 /// is pending exits at once (exit 130) without writing a checkpoint of its own.
 #[test]
@@ -433,6 +454,9 @@ fn first_sigint_checkpoints_second_sigint_exits_at_once() {
     let first = last_logged_step(&metrics).unwrap_or(0);
     wait_for_step(&mut twice, &metrics, first + 1);
     send_signal(twice.pid(), "INT");
+    // Two signals sent back to back can merge into one while the first is still pending (a
+    // loaded machine may not run the process in between): wait until it has been delivered.
+    wait_until_delivered(twice.pid(), 2);
     send_signal(twice.pid(), "INT");
     let out = twice.wait(TIMEOUT);
     assert_eq!(out.code, Some(130), "{}", out.describe());

@@ -84,30 +84,77 @@ impl AdamW {
         if self.fused {
             return self.step_fused(lr);
         }
+        for i in 0..self.slots.len() {
+            self.update(i, lr);
+        }
         self.step += 1;
-        let t = self.step as i32;
+        Ok(())
+    }
+
+    /// The parameters in slot order (the index `step_param` takes).
+    pub fn params(&self) -> Vec<Tensor> {
+        self.slots.iter().map(|s| s.param.shallow_clone()).collect()
+    }
+
+    /// Updates parameter `i` alone from its gradient, as `step` would (layer-wise updates, during
+    /// the backward pass); `finish_step` counts the step once every parameter had its turn.
+    pub fn step_param(&mut self, i: usize, lr: f64) -> crate::Result<()> {
+        if !self.fused {
+            self.update(i, lr);
+            return Ok(());
+        }
+        let s = &self.slots[i];
+        let Some(g) = grad_of(&s.param) else {
+            return Ok(());
+        };
+        let step = Tensor::full([], (self.step + 1) as f64, (tch::Kind::Float, g.device()));
+        let wd = if s.decay { self.weight_decay } else { 0.0 };
+        tch::no_grad(|| {
+            torch_ext::fused_adamw(
+                &[&s.param],
+                &[&g],
+                &[full(&s.exp_avg)?],
+                &[full(&s.exp_avg_sq)?],
+                &step,
+                lr,
+                self.betas,
+                wd,
+                self.eps,
+            )
+            .map_err(|e| crate::Error::Torch(format!("fused AdamW: {e}")))
+        })
+    }
+
+    /// Ends a step taken with `step_param`.
+    pub fn finish_step(&mut self) {
+        self.step += 1;
+    }
+
+    /// The unfused update of slot `i` at step `self.step + 1`.
+    fn update(&mut self, i: usize, lr: f64) {
+        let t = (self.step + 1) as i32;
         let [b1, b2] = self.betas;
         let bias_correction1 = 1.0 - b1.powi(t);
         let bias_correction2_sqrt = (1.0 - b2.powi(t)).sqrt();
         let step_size = lr / bias_correction1;
+        let weight_decay = self.weight_decay;
+        let eps = self.eps;
+        let s = &mut self.slots[i];
+        let Some(g) = grad_of(&s.param) else { return };
         tch::no_grad(|| {
-            for s in &mut self.slots {
-                let Some(g) = grad_of(&s.param) else { continue };
-                let mut p = s.param.shallow_clone();
-                if s.decay && self.weight_decay != 0.0 {
-                    let _ = p.g_mul_scalar_(1.0 - lr * self.weight_decay);
-                }
-                let (mut m, mut v) = (s.exp_avg.load(), s.exp_avg_sq.load());
-                let _ = m.lerp_(&g, 1.0 - b1);
-                let _ = v.g_mul_scalar_(b2);
-                let _ = v.addcmul_(&g, &(&g * (1.0 - b2)));
-                let denom = (v.sqrt() / bias_correction2_sqrt) + self.eps;
-                let _ = p.g_sub_(&(&m / denom * step_size));
-                s.exp_avg.store(&m);
-                s.exp_avg_sq.store(&v);
+            let mut p = s.param.shallow_clone();
+            if s.decay && weight_decay != 0.0 {
+                let _ = p.g_mul_scalar_(1.0 - lr * weight_decay);
             }
+            let (mut m, mut v) = (s.exp_avg.load(), s.exp_avg_sq.load());
+            let _ = m.lerp_(&g, 1.0 - b1);
+            let _ = v.g_mul_scalar_(b2);
+            let _ = v.addcmul_(&g, &(&g * (1.0 - b2)));
+            let denom = (v.sqrt() / bias_correction2_sqrt) + eps;
+            let _ = p.g_sub_(&(&m / denom * step_size));
+            s.exp_avg.store(&m);
+            s.exp_avg_sq.store(&v);
         });
-        Ok(())
     }
 
     fn step_fused(&mut self, lr: f64) -> crate::Result<()> {

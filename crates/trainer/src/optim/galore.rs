@@ -277,69 +277,96 @@ impl GaloreAdamW {
     }
 
     pub fn step(&mut self, lr: f64) -> Result<()> {
-        let Projection {
-            rank,
-            update_proj_gap,
-            scale,
-        } = self.projection;
-        // The reference refreshes when its step count before this step is a multiple of the gap.
-        let refresh = self.step % update_proj_gap == 0;
+        // Every SVD first (the only step that can fail, e.g. on a NaN gradient), so that a failed
+        // step changes nothing.
+        let fresh = (0..self.slots.len())
+            .map(|i| self.fresh_projector(i))
+            .collect::<Result<Vec<_>>>()?;
+        for (i, ortho) in fresh.into_iter().enumerate() {
+            self.update(i, lr, ortho);
+        }
+        self.step += 1;
+        Ok(())
+    }
+
+    /// The parameters in slot order (the index `step_param` takes).
+    pub fn params(&self) -> Vec<Tensor> {
+        self.slots.iter().map(|s| s.param.shallow_clone()).collect()
+    }
+
+    /// Updates parameter `i` alone from its gradient, as `step` would (layer-wise updates, during
+    /// the backward pass: the GaLore paper's per-layer weight updates); `finish_step` counts the
+    /// step once every parameter had its turn.
+    pub fn step_param(&mut self, i: usize, lr: f64) -> Result<()> {
+        let ortho = self.fresh_projector(i)?;
+        self.update(i, lr, ortho);
+        Ok(())
+    }
+
+    /// Ends a step taken with `step_param`.
+    pub fn finish_step(&mut self) {
+        self.step += 1;
+    }
+
+    /// A new projector for slot `i` when this step refreshes it (the reference refreshes when
+    /// its step count before this step is a multiple of the gap) or it has none yet.
+    fn fresh_projector(&self, i: usize) -> Result<Option<Tensor>> {
+        let refresh = self.step % self.projection.update_proj_gap == 0;
+        let s = &self.slots[i];
+        match (&s.projector, grad_of(&s.param)) {
+            (Some(p), Some(g)) if refresh || !p.ready => tch::no_grad(|| {
+                p.orthogonal(&g, self.projection.rank)
+                    .map(Some)
+                    .map_err(|e| {
+                        Error::Torch(format!(
+                            "GaLore SVD of the gradient of {}: {}",
+                            s.name,
+                            crate::error::first_line(&e.to_string())
+                        ))
+                    })
+            }),
+            _ => Ok(None),
+        }
+    }
+
+    /// The update of slot `i` at step `self.step + 1`, with its fresh projector if any.
+    fn update(&mut self, i: usize, lr: f64, ortho: Option<Tensor>) {
+        let scale = self.projection.scale;
         // As Python's `beta ** step` (libm pow).
         let t = (self.step + 1) as f64;
         let [b1, b2] = self.betas;
         let step_size = lr * (1.0 - b2.powf(t)).sqrt() / (1.0 - b1.powf(t));
+        let (eps, weight_decay) = (self.eps, self.weight_decay);
+        let s = &mut self.slots[i];
+        let Some(g) = grad_of(&s.param) else { return };
         tch::no_grad(|| {
-            // Every SVD first (the only step that can fail, e.g. on a NaN gradient), so that a
-            // failed step changes nothing.
-            let mut fresh = Vec::with_capacity(self.slots.len());
-            for s in &self.slots {
-                let ortho = match (&s.projector, grad_of(&s.param)) {
-                    (Some(p), Some(g)) if refresh || !p.ready => {
-                        Some(p.orthogonal(&g, rank).map_err(|e| {
-                            Error::Torch(format!(
-                                "GaLore SVD of the gradient of {}: {}",
-                                s.name,
-                                crate::error::first_line(&e.to_string())
-                            ))
-                        })?)
-                    }
-                    _ => None,
-                };
-                fresh.push(ortho);
+            if let (Some(p), Some(ortho)) = (&mut s.projector, ortho) {
+                p.ortho.copy_(&ortho);
+                p.ready = true;
             }
-            for (s, ortho) in self.slots.iter_mut().zip(fresh) {
-                let Some(g) = grad_of(&s.param) else { continue };
-                if let (Some(p), Some(ortho)) = (&mut s.projector, ortho) {
-                    p.ortho.copy_(&ortho);
-                    p.ready = true;
-                }
-                let g = match &s.projector {
-                    Some(p) => p.project(&g),
-                    None => g,
-                };
-                let (mut m, mut v) = (s.exp_avg.load(), s.exp_avg_sq.load());
-                let _ = m.g_mul_scalar_(b1);
-                let _ = m.g_add_(&(&g * (1.0 - b1)));
-                let _ = v.g_mul_scalar_(b2);
-                let _ = v.addcmul_(&g, &(&g * (1.0 - b2)));
-                let denom = v.sqrt() + self.eps;
-                let mut update = &m / denom;
-                s.exp_avg.store(&m);
-                s.exp_avg_sq.store(&v);
-                if let Some(p) = &s.projector {
-                    update = p.project_back(&update) * scale;
-                }
-                let mut w = s.param.shallow_clone();
-                let _ = w.g_add_(&(update * -step_size));
-                if s.decay && self.weight_decay > 0.0 {
-                    let decay = &w * (-lr * self.weight_decay);
-                    let _ = w.g_add_(&decay);
-                }
+            let g = match &s.projector {
+                Some(p) => p.project(&g),
+                None => g,
+            };
+            let (mut m, mut v) = (s.exp_avg.load(), s.exp_avg_sq.load());
+            let _ = m.g_mul_scalar_(b1);
+            let _ = m.g_add_(&(&g * (1.0 - b1)));
+            let _ = v.g_mul_scalar_(b2);
+            let _ = v.addcmul_(&g, &(&g * (1.0 - b2)));
+            let denom = v.sqrt() + eps;
+            let mut update = &m / denom;
+            s.exp_avg.store(&m);
+            s.exp_avg_sq.store(&v);
+            if let Some(p) = &s.projector {
+                update = p.project_back(&update) * scale;
             }
-            Ok::<(), Error>(())
-        })?;
-        self.step += 1;
-        Ok(())
+            let mut w = s.param.shallow_clone();
+            let _ = w.g_add_(&(update * -step_size));
+            if s.decay && weight_decay > 0.0 {
+                let decay = &w * (-lr * weight_decay);
+                let _ = w.g_add_(&decay);
+            }
+        });
     }
 
     /// Bytes of optimizer state: the (low-rank) moments and the projectors.

@@ -142,6 +142,39 @@ impl Optimizer {
         }
     }
 
+    /// The parameters that layer-wise updates step one by one (`step_param`'s index), for the
+    /// optimizers that support them (AdamW, GaLore-AdamW).
+    pub fn layerwise_params(&self) -> Result<Vec<Tensor>> {
+        match self {
+            Optimizer::AdamW(o) => Ok(o.params()),
+            Optimizer::GaloreAdamW(o) => Ok(o.params()),
+            Optimizer::Sgd(_) | Optimizer::Gsm(_) => Err(Error::Recipe(
+                "optim.layerwise: only adamw and galore_adamw update layer by layer".into(),
+            )),
+        }
+    }
+
+    /// Layer-wise updates: parameter `i` (of `layerwise_params`) from its gradient, during the
+    /// backward pass; `finish_step` ends the step.
+    pub fn step_param(&mut self, i: usize, lr: f64) -> Result<()> {
+        match self {
+            Optimizer::AdamW(o) => o.step_param(i, lr),
+            Optimizer::GaloreAdamW(o) => o.step_param(i, lr),
+            Optimizer::Sgd(_) | Optimizer::Gsm(_) => Err(Error::Recipe(
+                "optim.layerwise: only adamw and galore_adamw update layer by layer".into(),
+            )),
+        }
+    }
+
+    /// Ends a step taken with `step_param`.
+    pub fn finish_step(&mut self) {
+        match self {
+            Optimizer::AdamW(o) => o.finish_step(),
+            Optimizer::GaloreAdamW(o) => o.finish_step(),
+            Optimizer::Sgd(_) | Optimizer::Gsm(_) => {}
+        }
+    }
+
     /// Sets the weight decay coefficient of the decayed parameters, for the steps that follow
     /// (`train.weight_decay_schedule`). GSM's decay, its pruning mechanism, is left alone.
     pub fn set_weight_decay(&mut self, weight_decay: f64) {
@@ -149,6 +182,20 @@ impl Optimizer {
             Optimizer::AdamW(o) => o.weight_decay = weight_decay,
             Optimizer::Sgd(o) => o.weight_decay = weight_decay,
             Optimizer::GaloreAdamW(o) => o.weight_decay = weight_decay,
+            Optimizer::Gsm(_) => {}
+        }
+    }
+
+    /// Sets the momentum for the steps that follow (`train.momentum_schedule`): SGD's momentum,
+    /// AdamW's and GaLore-AdamW's beta1. Each step reads it afresh (the fused AdamW kernel takes
+    /// the betas per call), and Adam's bias correction `1 - beta1^t` then uses the current beta1,
+    /// as torch.optim.Adam(W) does when a scheduler changes `betas`. GSM is refused by the recipe
+    /// check and left alone.
+    pub fn set_momentum(&mut self, momentum: f64) {
+        match self {
+            Optimizer::AdamW(o) => o.betas[0] = momentum,
+            Optimizer::Sgd(o) => o.momentum = momentum,
+            Optimizer::GaloreAdamW(o) => o.betas[0] = momentum,
             Optimizer::Gsm(_) => {}
         }
     }

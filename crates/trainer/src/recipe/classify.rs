@@ -271,6 +271,11 @@ impl ClassifyRecipe {
         )?;
         r.validate()?;
         check(
+            !self.optim.layerwise(),
+            "optim.layerwise",
+            "layer-wise updates are for language-model recipes only",
+        )?;
+        check(
             r.precision != Precision::Bf16,
             "run.precision",
             "classify runs in fp32 or bf16-mixed (BatchNorm statistics stay fp32)",

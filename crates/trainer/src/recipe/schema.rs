@@ -619,6 +619,11 @@ pub enum OptimConfig {
         /// 32 (default) or 8: the moments block-wise quantised to 8 bits (`optim/moment.rs`).
         #[serde(default = "default_state_bits", skip_serializing_if = "is_32")]
         state_bits: u32,
+        /// Layer-wise updates: each parameter is updated as soon as its gradient is complete
+        /// during the backward pass and its gradient freed, so the whole model's gradients are
+        /// never held at once (no gradient clipping, one process).
+        #[serde(default, skip_serializing_if = "is_false")]
+        layerwise: bool,
     },
     /// SGD with momentum and optional Nesterov (torch.optim.SGD's update).
     Sgd {
@@ -657,6 +662,9 @@ pub enum OptimConfig {
         /// 32 (default) or 8: the low-rank moments block-wise quantised to 8 bits (8-bit GaLore).
         #[serde(default = "default_state_bits", skip_serializing_if = "is_32")]
         state_bits: u32,
+        /// Layer-wise updates, as for adamw (the GaLore paper's per-layer weight updates).
+        #[serde(default, skip_serializing_if = "is_false")]
+        layerwise: bool,
     },
     /// Global sparse momentum SGD (`optim/gsm.rs`): each step only the `density` most salient
     /// prunable weights (by |w * g|, ranked across all layers) get the objective's gradient; the
@@ -684,6 +692,9 @@ pub enum OptimConfig {
 
 fn default_state_bits() -> u32 {
     32
+}
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 fn is_32(bits: &u32) -> bool {
     *bits == 32
@@ -724,6 +735,25 @@ impl OptimConfig {
             | OptimConfig::Sgd { lr, .. }
             | OptimConfig::GaloreAdamw { lr, .. }
             | OptimConfig::Gsm { lr, .. } => *lr,
+        }
+    }
+
+    /// The momentum the optimizer starts from: SGD's and GSM's `momentum`, AdamW's and
+    /// GaLore-AdamW's `betas[0]`.
+    pub fn momentum(&self) -> f64 {
+        match self {
+            OptimConfig::Adamw { betas, .. } | OptimConfig::GaloreAdamw { betas, .. } => betas[0],
+            OptimConfig::Sgd { momentum, .. } | OptimConfig::Gsm { momentum, .. } => *momentum,
+        }
+    }
+
+    /// `layerwise = true` (AdamW and GaLore-AdamW).
+    pub fn layerwise(&self) -> bool {
+        match self {
+            OptimConfig::Adamw { layerwise, .. } | OptimConfig::GaloreAdamw { layerwise, .. } => {
+                *layerwise
+            }
+            OptimConfig::Sgd { .. } | OptimConfig::Gsm { .. } => false,
         }
     }
 
@@ -780,6 +810,13 @@ pub struct TrainConfig {
     /// How `optim.weight_decay` changes over the run; absent: `constant`.
     #[serde(default, skip_serializing_if = "WeightDecaySchedule::is_constant")]
     pub weight_decay_schedule: WeightDecaySchedule,
+    /// How the optimizer's momentum (SGD's `momentum`, AdamW's and GaLore's `betas[0]`) changes
+    /// over the run; absent: `constant`.
+    #[serde(default, skip_serializing_if = "MomentumSchedule::is_constant")]
+    pub momentum_schedule: MomentumSchedule,
+    /// The momentum at the LR's peak with `momentum_schedule = "inverse_lr"` (required there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub momentum_min: Option<f64>,
 }
 
 /// `train.weight_decay_schedule`.
@@ -798,6 +835,35 @@ pub enum WeightDecaySchedule {
 impl WeightDecaySchedule {
     fn is_constant(&self) -> bool {
         *self == WeightDecaySchedule::Constant
+    }
+}
+
+/// `train.momentum_schedule`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MomentumSchedule {
+    /// The optimizer's own momentum at every step.
+    #[default]
+    Constant,
+    /// `max - (max - train.momentum_min) * lr / optim.lr`, max the optimizer's own momentum:
+    /// high momentum while the LR is low, `momentum_min` at its peak. The cyclical momentum of
+    /// Smith's 1cycle policy (PyTorch's `OneCycleLR(cycle_momentum=True)`, which moves Adam's
+    /// beta1), driven by whatever phases the LR schedule has.
+    InverseLr,
+}
+
+impl MomentumSchedule {
+    fn is_constant(&self) -> bool {
+        *self == MomentumSchedule::Constant
+    }
+
+    /// The momentum for a step at learning rate `lr` (`peak_lr` = `optim.lr`), or None when the
+    /// optimizer's own momentum stays. `max` is that momentum, `min` is `train.momentum_min`.
+    pub fn momentum(&self, max: f64, min: Option<f64>, lr: f64, peak_lr: f64) -> Option<f64> {
+        match (self, min) {
+            (MomentumSchedule::InverseLr, Some(min)) => Some(max - (max - min) * (lr / peak_lr)),
+            _ => None,
+        }
     }
 }
 
@@ -892,6 +958,7 @@ impl Recipe {
         self.validate_data()?;
         self.validate_optim()?;
         self.validate_train()?;
+        self.validate_layerwise()?;
         if let Some(p) = &self.peft {
             p.validate()?;
         }
@@ -1123,6 +1190,30 @@ impl Recipe {
     fn validate_optim(&self) -> Result<(), Invalid> {
         validate_optim_schedule(&self.optim, &self.schedule)
     }
+
+    /// `optim.layerwise`: each parameter is updated inside the backward pass, so nothing may
+    /// need all the gradients at once or run several backward passes per micro-batch.
+    fn validate_layerwise(&self) -> Result<(), Invalid> {
+        if !self.optim.layerwise() {
+            return Ok(());
+        }
+        let key = "optim.layerwise";
+        check(
+            self.train.clip_grad_norm.is_none(),
+            key,
+            "cannot clip the global gradient norm (each parameter is updated before the others' gradients exist): remove train.clip_grad_norm",
+        )?;
+        check(
+            self.distill.is_none(),
+            key,
+            "cannot be combined with [distill] (its chunked backward passes complete a gradient more than once)",
+        )?;
+        check(
+            !matches!(&self.peft, Some(p) if p.kind == PeftKind::Relora),
+            key,
+            "cannot be combined with ReLoRA (its merges and optimizer resets run between whole steps)",
+        )
+    }
 }
 
 /// `[optim]` and `[schedule]` range checks, shared by every recipe type (pretrain, classify).
@@ -1251,6 +1342,7 @@ impl OptimSections<'_> {
                 scale,
                 target,
                 state_bits,
+                ..
             } => {
                 validate_adam(*lr, betas, *eps, *weight_decay)?;
                 check_state_bits(*state_bits)?;
@@ -1363,9 +1455,43 @@ impl Recipe {
             "train.weight_decay_schedule",
             "GSM's weight decay is how it prunes: keep it constant with optim.kind = \"gsm\"",
         )?;
+        self.validate_momentum_schedule()?;
         validate_pruning(self.prune.as_ref(), &self.optim, self.max_steps())?;
         self.schedule
             .check_lengths(self.optim.lr(), self.max_steps())
+    }
+
+    fn validate_momentum_schedule(&self) -> Result<(), Invalid> {
+        let t = &self.train;
+        let Some(min) = t.momentum_min else {
+            return check(
+                t.momentum_schedule.is_constant(),
+                "train.momentum_min",
+                "momentum_schedule = \"inverse_lr\" needs momentum_min (the momentum at the LR's peak)",
+            );
+        };
+        check(
+            !t.momentum_schedule.is_constant(),
+            "train.momentum_min",
+            "only used with momentum_schedule = \"inverse_lr\"",
+        )?;
+        check(
+            !matches!(self.optim, OptimConfig::Gsm { .. }),
+            "train.momentum_schedule",
+            "GSM's momentum and decay set how fast unselected weights reach zero: keep it \
+             constant with optim.kind = \"gsm\"",
+        )?;
+        let max = self.optim.momentum();
+        check(
+            max > 0.0,
+            "train.momentum_schedule",
+            "the optimizer has no momentum (optim.momentum = 0): nothing to schedule",
+        )?;
+        check(
+            (0.0..max).contains(&min),
+            "train.momentum_min",
+            format!("expected 0 <= momentum_min < the optimizer's momentum ({max}), got {min}"),
+        )
     }
 
     /// Tokens consumed by one optimizer step.

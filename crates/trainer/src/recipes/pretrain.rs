@@ -252,6 +252,22 @@ pub fn run_from(
         params.set_kind(Kind::BFloat16);
     }
     let mut optimizer = Optimizer::build(&recipe.optim, &params)?;
+    // `optim.layerwise`: each parameter is updated from a hook as soon as its gradient is
+    // complete in the last backward pass of a step, and its gradient dropped at once.
+    let layerwise = if recipe.optim.layerwise() {
+        if world.is_distributed() {
+            return Err(Error::Recipe(
+                "optim.layerwise: one process only (the gradients must be averaged over the ranks before any update)".into(),
+            ));
+        }
+        let params = optimizer.layerwise_params()?;
+        let hooks =
+            torch_ext::GradReadyHooks::install(params.iter().map(Tensor::shallow_clone).collect())
+                .map_err(Error::Torch)?;
+        Some((hooks, params))
+    } else {
+        None
+    };
     let total_steps = recipe.max_steps();
     let schedule = Schedule::new(
         &recipe.schedule,
@@ -421,11 +437,35 @@ pub fn run_from(
         let step_start = Instant::now();
         // Dropout and any other torch randomness: a pure function of (seed, step, rank).
         tch::manual_seed((stream_seed(recipe.run.seed, step, -1, world.rank as i64) >> 1) as i64);
+        // This step's hyperparameters, before the backward pass (layer-wise updates use them
+        // inside it). ReLoRA's jagged schedule re-warms the LR after each merge.
+        let lr = schedule.lr(step - stage_start)
+            * relora.as_ref().map_or(1.0, |(r, _)| r.lr_factor(step));
+        // `train.weight_decay_schedule = "follow_lr"`: the decay coefficient scales with the LR.
+        let weight_decay = match recipe.train.weight_decay_schedule {
+            WeightDecaySchedule::Constant => None,
+            WeightDecaySchedule::FollowLr => {
+                let wd = recipe.optim.weight_decay() * (lr / recipe.optim.lr());
+                optimizer.set_weight_decay(wd);
+                Some(wd)
+            }
+        };
+        // `train.momentum_schedule = "inverse_lr"`: low momentum at the LR's peak, high around it.
+        let momentum = recipe.train.momentum_schedule.momentum(
+            recipe.optim.momentum(),
+            recipe.train.momentum_min,
+            lr,
+            recipe.optim.lr(),
+        );
+        if let Some(m) = momentum {
+            optimizer.set_momentum(m);
+        }
+        let mut layerwise_norm_sq = Tensor::zeros([], (Kind::Float, device));
         let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
         let mut moe_stats = Vec::new();
         let mut distill_sums = crate::distill::StepSums::new(device);
         let mut reweight_sums = reweight::ReweightSums::new(device);
-        for _ in 0..recipe.train.grad_accum {
+        for micro in 0..recipe.train.grad_accum {
             let batch = prefetch
                 .next()
                 .ok_or_else(|| Error::Torch("data prefetch thread stopped".into()))?;
@@ -461,7 +501,34 @@ pub fn run_from(
                 None => loss.shallow_clone(),
             };
             let scaled = &total / recipe.train.grad_accum as f64;
-            scaled.f_backward()?;
+            match &layerwise {
+                // The step's last backward pass updates each parameter as its gradient
+                // completes (the earlier micro-batches only accumulate).
+                Some((hooks, lw_params)) if micro + 1 == recipe.train.grad_accum => {
+                    let mut failed = None;
+                    hooks.backward(
+                        &mut |i| {
+                            if failed.is_some() {
+                                return;
+                            }
+                            let p = &lw_params[i];
+                            let g = p.grad();
+                            if g.defined() {
+                                layerwise_norm_sq += g.square().sum(Kind::Float).to_device(device);
+                            }
+                            let stepped = optimizer.step_param(i, lr).and_then(|()| {
+                                torch_ext::grads_to_none(&[p]).map_err(Error::Torch)
+                            });
+                            failed = stepped.err();
+                        },
+                        || scaled.f_backward(),
+                    )?;
+                    if let Some(e) = failed {
+                        return Err(e);
+                    }
+                }
+                _ => scaled.f_backward()?,
+            }
             loss_sum += loss.detach().to_kind(Kind::Float);
             moe_stats = out.moe_layers;
         }
@@ -485,7 +552,14 @@ pub fn run_from(
             stop_all = sums[1] > 0.0;
             global_unweighted_sum = Some(sums[2] / world.size as f64);
         }
-        let grad_norm = clip_grad_norm(&params, recipe.train.clip_grad_norm)?;
+        let grad_norm = match &layerwise {
+            // Already stepped, parameter by parameter, during the backward pass.
+            Some(_) => {
+                optimizer.finish_step();
+                layerwise_norm_sq.double_value(&[]).sqrt()
+            }
+            None => clip_grad_norm(&params, recipe.train.clip_grad_norm)?,
+        };
         if !grad_norm.is_finite() {
             // Stepping would write NaN/inf into the weights (and into the next checkpoint).
             return Err(Error::Torch(format!(
@@ -494,19 +568,9 @@ pub fn run_from(
                 step + 1
             )));
         }
-        // ReLoRA's jagged schedule re-warms the LR after each merge.
-        let lr = schedule.lr(step - stage_start)
-            * relora.as_ref().map_or(1.0, |(r, _)| r.lr_factor(step));
-        // `train.weight_decay_schedule = "follow_lr"`: the decay coefficient scales with the LR.
-        let weight_decay = match recipe.train.weight_decay_schedule {
-            WeightDecaySchedule::Constant => None,
-            WeightDecaySchedule::FollowLr => {
-                let wd = recipe.optim.weight_decay() * (lr / recipe.optim.lr());
-                optimizer.set_weight_decay(wd);
-                Some(wd)
-            }
-        };
-        optimizer.step(lr)?;
+        if layerwise.is_none() {
+            optimizer.step(lr)?;
+        }
         params.apply_masks();
         params.zero_grad();
         if mixed {
@@ -580,6 +644,9 @@ pub fn run_from(
             }
             if let Some(wd) = weight_decay {
                 r.insert("weight_decay".into(), json!(wd));
+            }
+            if let Some(m) = momentum {
+                r.insert("momentum".into(), json!(m));
             }
             if let Some(s) = stage {
                 r.insert("stage".into(), json!(s.name));
