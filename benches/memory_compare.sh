@@ -37,6 +37,10 @@ declare -A EXTRA=(
   [adamw_unfused]="optim={kind=\"adamw\", lr=3e-4, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, fused=false}"
   [adamw_8bit]="optim={kind=\"adamw\", lr=3e-4, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, fused=false, state_bits=8}"
   [galore_8bit]="optim={kind=\"galore_adamw\", lr=3e-4, rank=$RANK_GALORE, update_proj_gap=200, scale=0.25, state_bits=8}"
+  # Layer-wise updates (each parameter stepped inside backward, its gradient freed at once);
+  # they refuse train.clip_grad_norm: run them with a RECIPE without it (gpu_layerwise_check.sh).
+  [adamw_layerwise]="optim={kind=\"adamw\", lr=3e-4, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, fused=true, layerwise=true}"
+  [galore_8bit_layerwise]="optim={kind=\"galore_adamw\", lr=3e-4, rank=$RANK_GALORE, update_proj_gap=200, scale=0.25, state_bits=8, layerwise=true}"
   [lora]="peft={kind=\"lora\", rank=$RANK_LORA, alpha=$((2 * RANK_LORA)), target=$TARGETS}"
   [lora_fa]="peft={kind=\"lora_fa\", rank=$RANK_LORA, alpha=$((2 * RANK_LORA)), target=$TARGETS}"
 )
