@@ -349,6 +349,43 @@ int te_pg_allreduce_sum(void *group, at::Tensor **tensors, int n) {
   }
 }
 
+// Starts a sum all-reduce of one tensor and returns its work handle without waiting (the
+// overlap of gradient communication with the backward pass); te_work_wait, then te_work_free.
+void *te_pg_allreduce_sum_start(void *group, at::Tensor *tensor) {
+  try {
+    auto *g = static_cast<TeGroup *>(group);
+    std::vector<at::Tensor> one{*tensor};
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    opts.timeout = g->timeout;
+    return new c10::intrusive_ptr<c10d::Work>(g->backend->allreduce(one, opts));
+  } catch (const c10::Error &e) {
+    set_c10_error(e);
+    return nullptr;
+  } catch (const std::exception &e) {
+    set_error(e);
+    return nullptr;
+  }
+}
+
+// Waits for a started collective (the group's timeout bounds it).
+int te_work_wait(void *group, void *work) {
+  try {
+    auto *g = static_cast<TeGroup *>(group);
+    std::vector<c10::intrusive_ptr<c10d::Work>> works{*static_cast<c10::intrusive_ptr<c10d::Work> *>(work)};
+    wait_all(works, g->timeout);
+    return 0;
+  } catch (const c10::Error &e) {
+    set_c10_error(e);
+    return -1;
+  } catch (const std::exception &e) {
+    set_error(e);
+    return -1;
+  }
+}
+
+void te_work_free(void *work) { delete static_cast<c10::intrusive_ptr<c10d::Work> *>(work); }
+
 int te_pg_barrier(void *group) {
   try {
     auto *g = static_cast<TeGroup *>(group);

@@ -223,6 +223,9 @@ extern "C" {
         root: c_int,
     ) -> c_int;
     fn te_pg_allreduce_sum(group: *mut c_void, tensors: *const *mut c_void, n: c_int) -> c_int;
+    fn te_pg_allreduce_sum_start(group: *mut c_void, tensor: *mut c_void) -> *mut c_void;
+    fn te_work_wait(group: *mut c_void, work: *mut c_void) -> c_int;
+    fn te_work_free(work: *mut c_void);
     fn te_pg_barrier(group: *mut c_void) -> c_int;
     fn te_pg_destroy(group: *mut c_void);
 }
@@ -333,6 +336,27 @@ impl ProcessGroup {
         Ok(())
     }
 
+    /// Starts a sum all-reduce of `tensor` over all ranks and returns without waiting; the
+    /// tensor must stay alive and untouched until `Work::wait` returns.
+    pub fn all_reduce_sum_start(&self, tensor: &Tensor) -> Result<Work, String> {
+        // SAFETY: live group and tensor handles for the duration of the call.
+        let work =
+            unsafe { te_pg_allreduce_sum_start(self.handle, tensor.as_ptr() as *mut c_void) };
+        if work.is_null() {
+            return Err(last_error());
+        }
+        Ok(Work(work))
+    }
+
+    /// Waits for a collective started on this group (bounded by the group's timeout).
+    pub fn wait(&self, work: Work) -> Result<(), String> {
+        // SAFETY: live group handle and a work handle from this group.
+        if unsafe { te_work_wait(self.handle, work.0) } != 0 {
+            return Err(last_error());
+        }
+        Ok(())
+    }
+
     /// Returns when every rank has reached it.
     pub fn barrier(&self) -> Result<(), String> {
         // SAFETY: live group handle.
@@ -340,6 +364,20 @@ impl ProcessGroup {
             return Err(last_error());
         }
         Ok(())
+    }
+}
+
+/// A collective started with `ProcessGroup::all_reduce_sum_start`.
+pub struct Work(*mut c_void);
+
+// SAFETY: a c10d work handle may be waited for from any thread (DDP waits for work started in
+// autograd's hooks).
+unsafe impl Send for Work {}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from te_pg_allreduce_sum_start and is freed once.
+        unsafe { te_work_free(self.0) }
     }
 }
 

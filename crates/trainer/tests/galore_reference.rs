@@ -570,6 +570,7 @@ fn recipe_parses_with_galore_defaults() {
             scale: 1.0,
             target: vec![],
             state_bits: 32,
+            layerwise: false,
         }
     );
     let text = RECIPE.replace(
@@ -663,6 +664,7 @@ fn galore_config(rank: i64, target: &[&str], lr: f64) -> OptimConfig {
         scale: 0.25,
         target: target.iter().map(|s| s.to_string()).collect(),
         state_bits: 32,
+        layerwise: false,
     }
 }
 
@@ -710,6 +712,7 @@ fn state_bytes_of_a_tiny_llama_are_below_adamw() {
         decay_embeddings: false,
         fused: Some(false),
         state_bits: 32,
+        layerwise: false,
     };
     let adamw_bytes = Optimizer::build(&adamw, &store)
         .expect("adamw")

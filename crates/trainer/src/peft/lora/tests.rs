@@ -194,6 +194,7 @@ fn only_adapters_train_and_get_gradients() {
             decay_embeddings: false,
             fused: Some(false),
             state_bits: 32,
+            layerwise: false,
         },
         &store,
     )
@@ -293,6 +294,7 @@ fn lora_fa_trains_b_only_and_leaves_a_unchanged() {
             decay_embeddings: false,
             fused: None,
             state_bits: 32,
+            layerwise: false,
         },
         &store,
     )

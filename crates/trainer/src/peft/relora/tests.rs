@@ -53,6 +53,7 @@ fn build(p: &PeftConfig) -> (Transformer, ParamStore, Lora, Optimizer) {
             decay_embeddings: false,
             fused: Some(false),
             state_bits: 32,
+            layerwise: false,
         },
         &store,
     )
@@ -208,6 +209,7 @@ fn optimizer_reset_zeroes_or_prunes_exactly_the_adapter_moments() {
             decay_embeddings: false,
             fused: Some(true),
             state_bits: 32,
+            layerwise: false,
         };
         let mut opt = Optimizer::build(&adam, &store).expect("optimizer");
         drop(rng);
