@@ -28,7 +28,8 @@ pub struct LaunchArgs {
 /// How long the other ranks get to exit on their own after one failed, before SIGKILL.
 const GRACE: Duration = Duration::from_secs(5);
 
-pub fn run(args: &LaunchArgs) -> anyhow::Result<ExitCode> {
+/// `log_level`: the launcher's own `--log-level`, passed on to every rank.
+pub fn run(args: &LaunchArgs, log_level: &str) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(
         args.nproc >= 1,
         "--nproc: expected at least 1 process, got 0"
@@ -65,6 +66,8 @@ pub fn run(args: &LaunchArgs) -> anyhow::Result<ExitCode> {
     for rank in 0..args.nproc {
         let mut cmd = Command::new(&program);
         cmd.arg0(&exe)
+            .arg("--log-level")
+            .arg(log_level)
             .arg("run")
             .arg(&args.recipe)
             .args(&args.run_args)

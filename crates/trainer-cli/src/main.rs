@@ -578,7 +578,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             schedule_cmd::run(&schedule, lr, steps, csv.as_deref(), png.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Launch(args) => launch_cmd::run(&args),
+        Command::Launch(args) => launch_cmd::run(&args, &cli.log_level),
         Command::Prune(args) => {
             prune_cmd::run(&args)?;
             Ok(ExitCode::SUCCESS)

@@ -149,6 +149,48 @@ fn two_processes_match_one_process_with_the_same_global_batch() {
         .join("two/checkpoints/step-00000020/model.safetensors")
         .exists());
 
+    // Small buckets (10 KiB): the all-reduces of many buckets start one by one inside the
+    // backward pass as their gradients complete, and the curve is the same.
+    let out = trainer(
+        dir,
+        &[
+            "--log-level",
+            "debug",
+            "launch",
+            "--nproc",
+            "2",
+            RECIPE,
+            "--set",
+            "run.out_dir=buckets",
+            "--set",
+            "train.max_steps=20",
+            "--set",
+            "run.bucket_mb=0.01",
+        ],
+    );
+    out.assert_success();
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("gradient buckets:"))
+        .unwrap_or_else(|| panic!("no bucket log line:\n{}", out.describe()));
+    let counts: Vec<usize> = line
+        .split("gradient buckets: ")
+        .nth(1)
+        .and_then(|rest| {
+            let mut words = rest.split_whitespace();
+            Some(vec![
+                words.next()?.parse().ok()?,
+                words.nth(1)?.parse().ok()?,
+            ])
+        })
+        .unwrap_or_else(|| panic!("unreadable: {line}"));
+    assert!(counts[1] > 10 && counts[0] == counts[1], "{line}");
+    let c = losses(&read_metrics(&dir.join("buckets/metrics.jsonl")));
+    for (step, la) in &a {
+        assert_close(&format!("small buckets, step {step}"), *la, c[step], 1e-5);
+    }
+
     // A checkpoint does not depend on the number of processes: one process continues it.
     let ckpt = dir.join("two/checkpoints/step-00000015");
     let ckpt = ckpt.to_str().expect("utf-8 path");

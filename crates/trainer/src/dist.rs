@@ -9,8 +9,9 @@
 //!   gradients after every backward pass, and sum a few scalars (loss, stop flag).
 //!
 //! Gradients are averaged as torch.nn.parallel.DistributedDataParallel does (bucketed
-//! all-reduce, then division by the world size), but after the whole backward pass: tch exposes
-//! no per-parameter autograd hooks, so communication does not overlap with backward.
+//! all-reduce, then division by the world size): overlapped with the backward pass through
+//! gradient-ready hooks ([`OverlappedGrads`]) for dense models, after it (`reduce_step`) for MoE
+//! models and distillation.
 //! Every rank then holds the same gradients and takes the same optimizer step, so AdamW, SGD,
 //! GaLore (same SVD of the same gradient) and ReLoRA (merge and re-draw seeded from (seed, step))
 //! stay in step without exchanging optimizer state.
@@ -20,10 +21,6 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 use torch_ext::{Backend, ProcessGroup};
-
-/// Gradients are flattened into buckets of about this many bytes per all-reduce (DDP's default
-/// `bucket_cap_mb`).
-pub const BUCKET_BYTES: i64 = 25 << 20;
 
 /// This process's place among the processes of a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,6 +231,8 @@ pub struct DataParallel {
     device: Device,
     /// Bounds every collective (for the error message; the group enforces it).
     timeout: Duration,
+    /// Gradients are averaged in flat buckets of about this many bytes (`run.bucket_mb`).
+    bucket_bytes: i64,
     /// Reused flat buffers, one per bucket, on the training device.
     buckets: std::cell::RefCell<Vec<Tensor>>,
 }
@@ -286,6 +285,7 @@ impl DataParallel {
             world,
             device,
             timeout,
+            bucket_bytes: 25 << 20,
             buckets: Default::default(),
         })
     }
@@ -310,15 +310,18 @@ impl DataParallel {
     /// A training loop's start: joins the group, gives every rank rank 0's parameters and
     /// buffers, and checks that all ranks are at the same `step` (resumed from the same
     /// checkpoint of `run_dir`).
+    /// `run` gives the collective timeout and the bucket size.
     pub fn start(
         world: &World,
         device: Device,
-        timeout_s: f64,
+        run: &crate::recipe::RunConfig,
         params: &crate::models::params::ParamStore,
         step: i64,
         run_dir: &std::path::Path,
     ) -> Result<DataParallel> {
-        let dp = DataParallel::init(world.clone(), device, Duration::from_secs_f64(timeout_s))?;
+        let timeout = Duration::from_secs_f64(run.collective_timeout_s);
+        let mut dp = DataParallel::init(world.clone(), device, timeout)?;
+        dp.bucket_bytes = ((run.bucket_mb * (1 << 20) as f64) as i64).max(1);
         if world.is_distributed() {
             dp.broadcast_from_main(&params.iter().map(|p| &p.tensor).collect::<Vec<_>>())?;
             let mut steps = [step as f64];
@@ -346,7 +349,7 @@ impl DataParallel {
 
     /// After the backward pass of a step: sums `scalars` over the ranks (the step's loss and stop
     /// flag) and replaces the gradient of every parameter in `params` by its mean over the
-    /// ranks. The gradients are copied into flat buckets of about [`BUCKET_BYTES`] (one dtype
+    /// ranks. The gradients are copied into flat buckets of about `run.bucket_mb` (one dtype
     /// each), all-reduced (summed) together, divided by the world size and copied back.
     /// A parameter without a gradient on every rank (unused by the whole global batch, e.g. an
     /// idle expert) keeps none, as in a single process; one that some ranks used gets a zero
@@ -375,7 +378,7 @@ impl DataParallel {
         if grads.is_empty() {
             return Ok(());
         }
-        let groups = bucket_groups(&grads, BUCKET_BYTES);
+        let groups = bucket_groups(&grads, self.bucket_bytes);
         let sizes: Vec<i64> = groups
             .iter()
             .map(|idx| idx.iter().map(|&i| grads[i].numel() as i64).sum())
@@ -417,6 +420,25 @@ impl DataParallel {
             }
             Ok(())
         })
+    }
+
+    /// Starts the sum all-reduce of `t` without waiting (see `OverlappedGrads`).
+    fn start_sum(&self, t: &Tensor) -> Result<torch_ext::Work> {
+        let joined = GROUP.lock().unwrap_or_else(PoisonError::into_inner);
+        match joined.as_ref() {
+            Some(j) => j
+                .group
+                .all_reduce_sum_start(t)
+                .map_err(|e| self.collective_error("averaging the gradients", &e)),
+            None => Err(Error::Torch(
+                "averaging the gradients: not in a process group".into(),
+            )),
+        }
+    }
+
+    /// Waits for a collective from `start_sum`.
+    fn wait(&self, work: torch_ext::Work) -> Result<()> {
+        self.collective("averaging the gradients", |g| g.wait(work))
     }
 
     /// Sums `values` over the ranks (in float64), in place: losses, counts, stop flags.
@@ -477,6 +499,146 @@ fn rendezvous_error(world: &World, timeout: Duration, e: &str) -> Error {
 
 /// Splits the gradients (in order) into groups of one dtype and device of at most `cap` bytes
 /// each (a single larger tensor is a group of its own).
+/// Gradient averaging overlapped with the backward pass, as DistributedDataParallel's reducer
+/// does it: the trainable parameters are grouped into buckets of about `run.bucket_mb` in
+/// reverse order (the order in which backward completes their gradients). During the step's
+/// last backward pass a hook marks each gradient ready; a bucket whose gradients are all ready,
+/// once the buckets before it are started (so that every rank starts the same collectives in
+/// the same order), is copied into its flat buffer and its all-reduce started while backward
+/// goes on. `finish` waits for them, divides by the world size and copies back; the buckets
+/// that were not started (a parameter without a gradient this step, e.g. frozen by ReLoRA) go
+/// through `reduce_step` with the step's scalars, as without overlap.
+///
+/// Only for models in which every rank uses the same parameters at every step (not MoE, whose
+/// routing decides per rank which experts get gradients): otherwise ranks would start different
+/// buckets during backward.
+pub struct OverlappedGrads {
+    hooks: torch_ext::GradReadyHooks,
+    params: Vec<Tensor>,
+    buckets: Vec<Vec<usize>>,
+    buffers: Vec<Tensor>,
+    step: Mutex<OverlapStep>,
+    /// The first step's overlap has been logged (debug).
+    logged: std::sync::atomic::AtomicBool,
+}
+
+/// What one step's backward pass has done so far.
+#[derive(Default)]
+struct OverlapStep {
+    ready: Vec<bool>,
+    /// The next bucket to start.
+    next: usize,
+    started: Vec<torch_ext::Work>,
+    error: Option<Error>,
+}
+
+impl OverlappedGrads {
+    /// Hooks on `params` (the trainable parameters, in model order), in `dp`'s bucket size.
+    pub fn new(dp: &DataParallel, params: Vec<Tensor>) -> Result<OverlappedGrads> {
+        let params: Vec<Tensor> = params.into_iter().rev().collect();
+        let buckets = bucket_groups(&params, dp.bucket_bytes);
+        let buffers = buckets
+            .iter()
+            .map(|idx| {
+                let n: i64 = idx.iter().map(|&i| params[i].numel() as i64).sum();
+                let first = &params[idx[0]];
+                Tensor::empty([n], (first.kind(), first.device()))
+            })
+            .collect();
+        let hooks =
+            torch_ext::GradReadyHooks::install(params.iter().map(Tensor::shallow_clone).collect())
+                .map_err(Error::Torch)?;
+        Ok(OverlappedGrads {
+            hooks,
+            params,
+            buckets,
+            buffers,
+            step: Mutex::new(OverlapStep::default()),
+            logged: Default::default(),
+        })
+    }
+
+    /// Runs the step's last backward pass, starting each bucket's all-reduce as soon as it can.
+    pub fn backward<R>(&self, dp: &DataParallel, backward: impl FnOnce() -> R) -> R {
+        *self.step.lock().unwrap_or_else(PoisonError::into_inner) = OverlapStep {
+            ready: vec![false; self.params.len()],
+            ..OverlapStep::default()
+        };
+        self.hooks.backward(
+            &mut |i| {
+                let mut st = self.step.lock().unwrap_or_else(PoisonError::into_inner);
+                st.ready[i] = true;
+                while st.error.is_none()
+                    && st.next < self.buckets.len()
+                    && self.buckets[st.next].iter().all(|&j| st.ready[j])
+                {
+                    let b = st.next;
+                    match self.start(dp, b) {
+                        Ok(work) => st.started.push(work),
+                        Err(e) => st.error = Some(e),
+                    }
+                    st.next += 1;
+                }
+            },
+            backward,
+        )
+    }
+
+    /// Copies bucket `b`'s gradients into its buffer and starts its all-reduce.
+    fn start(&self, dp: &DataParallel, b: usize) -> Result<torch_ext::Work> {
+        let buf = &self.buffers[b];
+        tch::no_grad(|| {
+            let mut offset = 0;
+            for &i in &self.buckets[b] {
+                let g = self.params[i].grad();
+                let n = g.numel() as i64;
+                buf.narrow(0, offset, n).copy_(&g.reshape([-1]));
+                offset += n;
+            }
+        });
+        dp.start_sum(buf)
+    }
+
+    /// After the step's backward passes: waits for the started all-reduces and replaces those
+    /// gradients by their means; averages the rest with `reduce_step`, which also sums `scalars`.
+    pub fn finish(&self, dp: &DataParallel, scalars: &mut [f64]) -> Result<()> {
+        let st = std::mem::take(&mut *self.step.lock().unwrap_or_else(PoisonError::into_inner));
+        let started = st.started.len();
+        if !self.logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::debug!(
+                "gradient buckets: {started} of {} started during the backward pass",
+                self.buckets.len()
+            );
+        }
+        for work in st.started {
+            dp.wait(work)?;
+        }
+        if let Some(e) = st.error {
+            return Err(e);
+        }
+        let scale = 1.0 / dp.world.size as f64;
+        tch::no_grad(|| {
+            for (buf, idx) in self.buffers.iter().zip(&self.buckets).take(started) {
+                let mut buf = buf.shallow_clone();
+                let _ = buf.g_mul_scalar_(scale);
+                let mut offset = 0;
+                for &i in idx {
+                    let mut g = self.params[i].grad();
+                    let n = g.numel() as i64;
+                    g.copy_(&buf.narrow(0, offset, n).view_as(&g));
+                    offset += n;
+                }
+            }
+        });
+        let rest: Vec<&Tensor> = self.buckets[started..]
+            .iter()
+            .flatten()
+            .map(|&i| &self.params[i])
+            .collect();
+        dp.reduce_step(&rest, scalars)
+    }
+}
+
 fn bucket_groups(grads: &[Tensor], cap: i64) -> Vec<Vec<usize>> {
     let mut groups: Vec<Vec<usize>> = Vec::new();
     let mut bytes = 0i64;

@@ -314,10 +314,26 @@ pub struct RunConfig {
         skip_serializing_if = "is_default_collective_timeout_s"
     )]
     pub collective_timeout_s: f64,
+    /// Multi-process runs: gradients are averaged in flat buckets of about this many MiB
+    /// (DistributedDataParallel's `bucket_cap_mb`); each bucket's all-reduce starts as soon as its
+    /// gradients are complete in the backward pass.
+    #[serde(
+        default = "default_bucket_mb",
+        skip_serializing_if = "is_default_bucket_mb"
+    )]
+    pub bucket_mb: f64,
 }
 
 fn default_collective_timeout_s() -> f64 {
     300.0
+}
+
+fn default_bucket_mb() -> f64 {
+    25.0
+}
+
+fn is_default_bucket_mb(v: &f64) -> bool {
+    *v == default_bucket_mb()
 }
 
 fn is_default_collective_timeout_s(v: &f64) -> bool {
@@ -922,6 +938,7 @@ impl RunConfig {
             positive_finite(p, "run.peak_tflops")?;
         }
         positive_finite(r.collective_timeout_s, "run.collective_timeout_s")?;
+        positive_finite(r.bucket_mb, "run.bucket_mb")?;
         Ok(())
     }
 }

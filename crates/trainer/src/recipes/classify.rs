@@ -209,7 +209,7 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
     let dp = crate::dist::DataParallel::start(
         &world,
         device,
-        recipe.run.collective_timeout_s,
+        &recipe.run,
         &params,
         state.step,
         &run_dir,
@@ -256,6 +256,19 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
         Progress::new(total_steps, state.step)
     } else {
         Progress::silent()
+    };
+    // Several processes: the gradients are averaged while the backward pass goes on (every rank
+    // uses every parameter; not with a distillation teacher, as for language models).
+    let overlap = if world.is_distributed() && distiller.is_none() {
+        Some(crate::dist::OverlappedGrads::new(
+            &dp,
+            params
+                .trainable()
+                .map(|p| p.tensor.shallow_clone())
+                .collect(),
+        )?)
+    } else {
+        None
     };
     let eval = |model: &ResNet| -> Result<EvalResult> {
         let limit = recipe
@@ -305,7 +318,10 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
             }
             None => (loss, Vec::new()),
         };
-        loss.f_backward()?;
+        match &overlap {
+            Some(o) => o.backward(&dp, || loss.f_backward())?,
+            None => loss.f_backward()?,
+        }
         // Several ranks: average the gradients; sum the loss and correct predictions (for the
         // log) and the stop flags.
         let mut global = None;
@@ -321,7 +337,10 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
                 top1 as f64,
                 f64::from(u8::from(stop.requested())),
             ];
-            dp.reduce_step(&trainable.iter().collect::<Vec<_>>(), &mut sums)?;
+            match &overlap {
+                Some(o) => o.finish(&dp, &mut sums)?,
+                None => dp.reduce_step(&trainable.iter().collect::<Vec<_>>(), &mut sums)?,
+            }
             global = Some((sums[0] / world.size as f64, sums[1]));
             stop_all = sums[2] > 0.0;
         }

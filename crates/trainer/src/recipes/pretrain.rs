@@ -330,7 +330,7 @@ pub fn run_from(
     let dp = crate::dist::DataParallel::start(
         &world,
         device,
-        recipe.run.collective_timeout_s,
+        &recipe.run,
         &params,
         state.step,
         &run_dir,
@@ -402,6 +402,20 @@ pub fn run_from(
         }
     } else {
         Progress::silent()
+    };
+    // Several processes: the gradients are averaged while the backward pass goes on, unless ranks
+    // may use different parameters (MoE routing) or the backward pass runs in pieces (distill).
+    let overlap = if world.is_distributed() && distiller.is_none() && model.moe_layers().is_empty()
+    {
+        Some(crate::dist::OverlappedGrads::new(
+            &dp,
+            params
+                .trainable()
+                .map(|p| p.tensor.shallow_clone())
+                .collect(),
+        )?)
+    } else {
+        None
     };
     // Every validation set; with several processes each evaluates its share of the batches and
     // the partial sums are added over the ranks (one all-reduce).
@@ -527,7 +541,12 @@ pub fn run_from(
                         return Err(e);
                     }
                 }
-                _ => scaled.f_backward()?,
+                _ => match &overlap {
+                    Some(o) if micro + 1 == recipe.train.grad_accum => {
+                        o.backward(&dp, || scaled.f_backward())?
+                    }
+                    _ => scaled.f_backward()?,
+                },
             }
             loss_sum += loss.detach().to_kind(Kind::Float);
             moe_stats = out.moe_layers;
@@ -547,7 +566,10 @@ pub fn run_from(
                 f64::from(u8::from(stop.requested())),
                 reweight_sums.unweighted.double_value(&[]),
             ];
-            dp.reduce_step(&trainable.iter().collect::<Vec<_>>(), &mut sums)?;
+            match &overlap {
+                Some(o) => o.finish(&dp, &mut sums)?,
+                None => dp.reduce_step(&trainable.iter().collect::<Vec<_>>(), &mut sums)?,
+            }
             global_loss_sum = Some(sums[0] / world.size as f64);
             stop_all = sums[1] > 0.0;
             global_unweighted_sum = Some(sums[2] / world.size as f64);
