@@ -533,9 +533,16 @@ struct OverlapStep {
 }
 
 impl OverlappedGrads {
-    /// Hooks on `params` (the trainable parameters, in model order), in `dp`'s bucket size.
-    pub fn new(dp: &DataParallel, params: Vec<Tensor>) -> Result<OverlappedGrads> {
-        let params: Vec<Tensor> = params.into_iter().rev().collect();
+    /// Hooks on the trainable parameters of `store`, in `dp`'s bucket size.
+    pub fn new(
+        dp: &DataParallel,
+        store: &crate::models::params::ParamStore,
+    ) -> Result<OverlappedGrads> {
+        let mut params: Vec<Tensor> = store
+            .trainable()
+            .map(|p| p.tensor.shallow_clone())
+            .collect();
+        params.reverse();
         let buckets = bucket_groups(&params, dp.bucket_bytes);
         let buffers = buckets
             .iter()

@@ -260,13 +260,7 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
     // Several processes: the gradients are averaged while the backward pass goes on (every rank
     // uses every parameter; not with a distillation teacher, as for language models).
     let overlap = if world.is_distributed() && distiller.is_none() {
-        Some(crate::dist::OverlappedGrads::new(
-            &dp,
-            params
-                .trainable()
-                .map(|p| p.tensor.shallow_clone())
-                .collect(),
-        )?)
+        Some(crate::dist::OverlappedGrads::new(&dp, &params)?)
     } else {
         None
     };

@@ -407,13 +407,7 @@ pub fn run_from(
     // may use different parameters (MoE routing) or the backward pass runs in pieces (distill).
     let overlap = if world.is_distributed() && distiller.is_none() && model.moe_layers().is_empty()
     {
-        Some(crate::dist::OverlappedGrads::new(
-            &dp,
-            params
-                .trainable()
-                .map(|p| p.tensor.shallow_clone())
-                .collect(),
-        )?)
+        Some(crate::dist::OverlappedGrads::new(&dp, &params)?)
     } else {
         None
     };
