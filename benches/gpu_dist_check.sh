@@ -83,7 +83,9 @@ quick det-a run --set run.deterministic=true
 quick det-b run --set run.deterministic=true
 quick nondet-a run
 quick nondet-b run
-quick nccl-1 launch --set run.deterministic=true
+# Several 1 MiB gradient buckets: the all-reduces start inside the backward pass (NCCL from
+# autograd's device thread), as with several GPUs.
+quick nccl-1 launch --set run.deterministic=true --set run.bucket_mb=1
 grep -q "rank 0 of 1 ($BACKEND" "$LOGS/nccl-1.log" || check "nccl-1 did not join a $BACKEND group"
 same det-a det-b "deterministic=true twice" required
 same nondet-a nondet-b "deterministic=false twice" optional
