@@ -223,6 +223,40 @@ void wait_all(std::vector<c10::intrusive_ptr<c10d::Work>> &works, std::chrono::m
   }
 }
 
+// Runs f, turning a C++ exception into last_error: the c10d entry points' common frame.
+// guarded returns 0 (or -1 on an exception), guarded_ptr f's pointer (or nullptr).
+template <class F> int guarded(F f) {
+  try {
+    f();
+    return 0;
+  } catch (const c10::Error &e) {
+    set_c10_error(e);
+  } catch (const std::exception &e) {
+    set_error(e);
+  }
+  return -1;
+}
+
+template <class F> void *guarded_ptr(F f) {
+  try {
+    return f();
+  } catch (const c10::Error &e) {
+    set_c10_error(e);
+  } catch (const std::exception &e) {
+    set_error(e);
+  }
+  return nullptr;
+}
+
+// Starts a sum all-reduce of one tensor, bounded by the group's timeout.
+c10::intrusive_ptr<c10d::Work> start_allreduce_sum(TeGroup *g, const at::Tensor &t) {
+  std::vector<at::Tensor> one{t};
+  c10d::AllreduceOptions opts;
+  opts.reduceOp = c10d::ReduceOp::SUM;
+  opts.timeout = g->timeout;
+  return g->backend->allreduce(one, opts);
+}
+
 }  // namespace
 
 extern "C" {
@@ -249,7 +283,7 @@ int te_have_nccl() {
 // handle, or null with the message in te_last_error.
 void *te_pg_new(const char *host, int port, int rank, int world, int nccl,
                 int64_t connect_timeout_ms, int64_t timeout_ms) {
-  try {
+  return guarded_ptr([&]() -> void * {
     const std::string h(host);
     c10d::TCPStoreOptions so;
     so.port = static_cast<std::uint16_t>(port);
@@ -293,18 +327,12 @@ void *te_pg_new(const char *host, int port, int rank, int world, int nccl,
 #endif
     }
     return g;
-  } catch (const c10::Error &e) {
-    set_c10_error(e);
-    return nullptr;
-  } catch (const std::exception &e) {
-    set_error(e);
-    return nullptr;
-  }
+  });
 }
 
 // Broadcasts n tensors in place from `root` to every rank.
 int te_pg_broadcast(void *group, at::Tensor **tensors, int n, int root) {
-  try {
+  return guarded([&] {
     auto *g = static_cast<TeGroup *>(group);
     std::vector<c10::intrusive_ptr<c10d::Work>> works;
     for (int i = 0; i < n; i++) {
@@ -315,92 +343,48 @@ int te_pg_broadcast(void *group, at::Tensor **tensors, int n, int root) {
       works.push_back(g->backend->broadcast(one, opts));
     }
     wait_all(works, g->timeout);
-    return 0;
-  } catch (const c10::Error &e) {
-    set_c10_error(e);
-    return -1;
-  } catch (const std::exception &e) {
-    set_error(e);
-    return -1;
-  }
+  });
 }
 
 // Sums each of n tensors in place over all ranks. The collectives are all started before the
 // first wait, so that the transfer of one overlaps with the reduction of the next.
 int te_pg_allreduce_sum(void *group, at::Tensor **tensors, int n) {
-  try {
+  return guarded([&] {
     auto *g = static_cast<TeGroup *>(group);
     std::vector<c10::intrusive_ptr<c10d::Work>> works;
-    for (int i = 0; i < n; i++) {
-      std::vector<at::Tensor> one{*tensors[i]};
-      c10d::AllreduceOptions opts;
-      opts.reduceOp = c10d::ReduceOp::SUM;
-      opts.timeout = g->timeout;
-      works.push_back(g->backend->allreduce(one, opts));
-    }
+    for (int i = 0; i < n; i++) works.push_back(start_allreduce_sum(g, *tensors[i]));
     wait_all(works, g->timeout);
-    return 0;
-  } catch (const c10::Error &e) {
-    set_c10_error(e);
-    return -1;
-  } catch (const std::exception &e) {
-    set_error(e);
-    return -1;
-  }
+  });
 }
 
 // Starts a sum all-reduce of one tensor and returns its work handle without waiting (the
 // overlap of gradient communication with the backward pass); te_work_wait, then te_work_free.
 void *te_pg_allreduce_sum_start(void *group, at::Tensor *tensor) {
-  try {
+  return guarded_ptr([&]() -> void * {
     auto *g = static_cast<TeGroup *>(group);
-    std::vector<at::Tensor> one{*tensor};
-    c10d::AllreduceOptions opts;
-    opts.reduceOp = c10d::ReduceOp::SUM;
-    opts.timeout = g->timeout;
-    return new c10::intrusive_ptr<c10d::Work>(g->backend->allreduce(one, opts));
-  } catch (const c10::Error &e) {
-    set_c10_error(e);
-    return nullptr;
-  } catch (const std::exception &e) {
-    set_error(e);
-    return nullptr;
-  }
+    return new c10::intrusive_ptr<c10d::Work>(start_allreduce_sum(g, *tensor));
+  });
 }
 
 // Waits for a started collective (the group's timeout bounds it).
 int te_work_wait(void *group, void *work) {
-  try {
+  return guarded([&] {
     auto *g = static_cast<TeGroup *>(group);
     std::vector<c10::intrusive_ptr<c10d::Work>> works{*static_cast<c10::intrusive_ptr<c10d::Work> *>(work)};
     wait_all(works, g->timeout);
-    return 0;
-  } catch (const c10::Error &e) {
-    set_c10_error(e);
-    return -1;
-  } catch (const std::exception &e) {
-    set_error(e);
-    return -1;
-  }
+  });
 }
 
 void te_work_free(void *work) { delete static_cast<c10::intrusive_ptr<c10d::Work> *>(work); }
 
 int te_pg_barrier(void *group) {
-  try {
+  return guarded([&] {
     auto *g = static_cast<TeGroup *>(group);
     c10d::BarrierOptions opts;
     opts.timeout = g->timeout;
     std::vector<c10::intrusive_ptr<c10d::Work>> works{g->backend->barrier(opts)};
     wait_all(works, g->timeout);
-    return 0;
-  } catch (const c10::Error &e) {
-    set_c10_error(e);
-    return -1;
-  } catch (const std::exception &e) {
-    set_error(e);
-    return -1;
-  }
+  });
 }
 
 // Leaves the group and frees it. Never fails: a peer that is already gone is not an error here.

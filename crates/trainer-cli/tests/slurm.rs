@@ -11,7 +11,6 @@
 mod common;
 
 use common::*;
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -597,12 +596,7 @@ fn preempted_job_requeues_and_resumes_on_a_real_slurm() {
 
     let reference = reference.wait(TIMEOUT);
     reference.assert_success();
-    let summary = |run: &str| -> Value {
-        serde_json::from_str(
-            &std::fs::read_to_string(w.join(run).join("summary.json")).expect("summary.json"),
-        )
-        .expect("summary JSON")
-    };
+    let summary = |run: &str| read_summary(&w.join(run));
     let (a, b) = (summary("reference"), summary("run"));
     let resumed_from = b["resumed_from"].as_str().unwrap_or_default().to_string();
     assert!(
@@ -676,31 +670,6 @@ fn short_recipe() -> String {
 /// 2 learning rates x 2 seeds: 4 runs.
 const LR_SWEEP: &str = "[sweep]\nbase = \"tiny.toml\"\nseeds = [1, 2]\n\
                         [sweep.grid]\n\"optim.lr\" = [1e-3, 3e-3]\n";
-
-/// The cells of one CSV line (RFC 4180 quoting, as results.csv writes a point's label).
-fn csv_cells(line: &str) -> Vec<String> {
-    let (mut cells, mut cell, mut quoted) = (Vec::new(), String::new(), false);
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (c, quoted) {
-            ('"', true) if chars.peek() == Some(&'"') => {
-                cell.push('"');
-                chars.next();
-            }
-            ('"', _) => quoted = !quoted,
-            (',', false) => cells.push(std::mem::take(&mut cell)),
-            (c, _) => cell.push(c),
-        }
-    }
-    cells.push(cell);
-    cells
-}
-
-fn summary_of(run_dir: &Path) -> Value {
-    let text = std::fs::read_to_string(run_dir.join("summary.json"))
-        .unwrap_or_else(|e| panic!("{}: no summary.json: {e}", run_dir.display()));
-    serde_json::from_str(&text).expect("summary JSON")
-}
 
 #[test]
 fn writes_the_sweep_array_script() {
@@ -1052,7 +1021,7 @@ fn index_skips_a_finished_run_and_resumes_a_half_done_one() {
     );
     let run = w.join("runs/one/base/seed=3");
     trainer(w, &["sweep", "one.toml", "--index", "0"]).assert_success();
-    let full = summary_of(&run);
+    let full = read_summary(&run);
     assert_eq!(full["steps"], 10);
 
     let before = snapshot(&run);
@@ -1073,7 +1042,7 @@ fn index_skips_a_finished_run_and_resumes_a_half_done_one() {
     std::fs::remove_file(run.join("summary.json")).expect("removing summary.json");
     std::fs::remove_dir_all(run.join("checkpoints/step-00000010")).expect("removing a checkpoint");
     trainer(w, &["sweep", "one.toml", "--index", "0"]).assert_success();
-    let resumed = summary_of(&run);
+    let resumed = read_summary(&run);
     assert!(
         resumed["resumed_from"]
             .as_str()
@@ -1359,10 +1328,10 @@ seeds = [1, 2]
         assert!(text.contains(&needle), "{needle:?} not in the log:\n{text}");
     }
     for (run, steps) in runs.iter().zip([2000, 2000, 10, 10]) {
-        let s = summary_of(run);
+        let s = read_summary(run);
         assert_eq!(s["steps"], steps, "{}", run.display());
     }
-    let resumed = summary_of(&runs[0]);
+    let resumed = read_summary(&runs[0]);
     assert!(
         resumed["resumed_from"]
             .as_str()

@@ -31,31 +31,6 @@ fn read_text(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
-fn summary(run_dir: &Path) -> Value {
-    let text = std::fs::read_to_string(run_dir.join("summary.json"))
-        .unwrap_or_else(|e| panic!("{}: no summary.json: {e}", run_dir.display()));
-    serde_json::from_str(&text).expect("valid JSON")
-}
-
-/// The cells of one CSV line (RFC 4180 quoting, no newlines inside cells).
-fn csv_cells(line: &str) -> Vec<String> {
-    let (mut cells, mut cell, mut quoted) = (Vec::new(), String::new(), false);
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (c, quoted) {
-            ('"', true) if chars.peek() == Some(&'"') => {
-                cell.push('"');
-                chars.next();
-            }
-            ('"', _) => quoted = !quoted,
-            (',', false) => cells.push(std::mem::take(&mut cell)),
-            (c, _) => cell.push(c),
-        }
-    }
-    cells.push(cell);
-    cells
-}
-
 /// results.csv as one map per row (header -> cell).
 fn read_csv(path: &Path) -> Vec<BTreeMap<String, String>> {
     let text = read_text(path);
@@ -94,7 +69,7 @@ fn sweep_runs_every_point_aggregates_and_skips_finished_ones() {
     for p in point_dirs {
         for seed in [1, 2] {
             let run = dir.join("runs/lr").join(p).join(format!("seed={seed}"));
-            let s = summary(&run);
+            let s = read_summary(&run);
             assert_eq!(s["steps"], 10, "{}", run.display());
             let config = read_text(&run.join("config.toml"));
             assert!(config.contains(&format!("seed = {seed}")), "{config}");
@@ -104,7 +79,11 @@ fn sweep_runs_every_point_aggregates_and_skips_finished_ones() {
     // Different seeds and learning rates give different runs.
     let losses: Vec<f64> = runs
         .iter()
-        .map(|r| summary(r)["final_valid_loss"].as_f64().expect("a number"))
+        .map(|r| {
+            read_summary(r)["final_valid_loss"]
+                .as_f64()
+                .expect("a number")
+        })
         .collect();
     for i in 0..4 {
         for j in 0..i {
@@ -123,7 +102,7 @@ fn sweep_runs_every_point_aggregates_and_skips_finished_ones() {
             let xs: Vec<f64> = [1, 2]
                 .iter()
                 .map(|s| {
-                    summary(&dir.join("runs/lr").join(p).join(format!("seed={s}")))[metric]
+                    read_summary(&dir.join("runs/lr").join(p).join(format!("seed={s}")))[metric]
                         .as_f64()
                         .expect("a number")
                 })
@@ -171,7 +150,7 @@ fn sweep_runs_every_point_aggregates_and_skips_finished_ones() {
 
     // A half-done run (stopped after its step-5 checkpoint) is resumed, to the same result.
     let half = &runs[3];
-    let full = summary(half);
+    let full = read_summary(half);
     std::fs::remove_file(half.join("summary.json")).expect("removing a file");
     std::fs::remove_dir_all(half.join("checkpoints/step-00000010")).expect("removing a file");
     let resumed = trainer(dir, &["sweep", "lr.toml"]);
@@ -186,7 +165,7 @@ fn sweep_runs_every_point_aggregates_and_skips_finished_ones() {
         "{}",
         resumed.describe()
     );
-    let s = summary(half);
+    let s = read_summary(half);
     assert_eq!(s["final_valid_loss"], full["final_valid_loss"]);
     assert!(
         s["resumed_from"]
@@ -229,7 +208,7 @@ fn index_runs_one_run_and_collect_writes_the_table() {
         rows[0]["final_valid_loss_mean"]
             .parse::<f64>()
             .expect("a number in the CSV"),
-        summary(&dir.join("runs/arr/base/seed=2"))["final_valid_loss"]
+        read_summary(&dir.join("runs/arr/base/seed=2"))["final_valid_loss"]
             .as_f64()
             .expect("a number")
     );
@@ -419,7 +398,7 @@ fn soups_average_weights_evaluate_and_greedy_is_no_worse_than_the_best() {
     for (i, r) in [&runs[0], &runs[3]].iter().enumerate() {
         assert_eq!(
             report["ingredients"][i]["valid_loss"],
-            summary(&dir.join(r))["final_valid_loss"],
+            read_summary(&dir.join(r))["final_valid_loss"],
             "{r}"
         );
     }

@@ -241,7 +241,12 @@ impl DataParallel {
     /// Joins the group (rank 0 hosts the rendezvous), or keeps the one this process already
     /// joined for the same world: Gloo for CPU training, NCCL for CUDA. `timeout` bounds the
     /// rendezvous and every collective (a kept group keeps its own).
-    pub fn init(world: World, device: Device, timeout: Duration) -> Result<DataParallel> {
+    pub fn init(
+        world: World,
+        device: Device,
+        timeout: Duration,
+        bucket_bytes: i64,
+    ) -> Result<DataParallel> {
         let mut timeout = timeout;
         if world.is_distributed() {
             let backend = if device.is_cuda() {
@@ -285,7 +290,7 @@ impl DataParallel {
             world,
             device,
             timeout,
-            bucket_bytes: 25 << 20,
+            bucket_bytes,
             buckets: Default::default(),
         })
     }
@@ -300,6 +305,15 @@ impl DataParallel {
         if !self.world.is_distributed() {
             return Ok(());
         }
+        self.with_group(what, f)
+    }
+
+    /// Runs `f` on the joined process group; `what` names the operation in the error.
+    fn with_group<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&ProcessGroup) -> std::result::Result<T, String>,
+    ) -> Result<T> {
         let joined = GROUP.lock().unwrap_or_else(PoisonError::into_inner);
         match joined.as_ref() {
             Some(j) => f(&j.group).map_err(|e| self.collective_error(what, &e)),
@@ -320,8 +334,8 @@ impl DataParallel {
         run_dir: &std::path::Path,
     ) -> Result<DataParallel> {
         let timeout = Duration::from_secs_f64(run.collective_timeout_s);
-        let mut dp = DataParallel::init(world.clone(), device, timeout)?;
-        dp.bucket_bytes = ((run.bucket_mb * (1 << 20) as f64) as i64).max(1);
+        let bucket_bytes = ((run.bucket_mb * (1 << 20) as f64) as i64).max(1);
+        let dp = DataParallel::init(world.clone(), device, timeout, bucket_bytes)?;
         if world.is_distributed() {
             dp.broadcast_from_main(&params.iter().map(|p| &p.tensor).collect::<Vec<_>>())?;
             let mut steps = [step as f64];
@@ -396,44 +410,21 @@ impl DataParallel {
                 .map(|(idx, &n)| Tensor::empty([n], (grads[idx[0]].kind(), grads[idx[0]].device())))
                 .collect();
         }
-        tch::no_grad(|| -> Result<()> {
-            for (buf, idx) in buffers.iter().zip(&groups) {
-                let mut offset = 0;
-                for &i in idx {
-                    let n = grads[i].numel() as i64;
-                    buf.narrow(0, offset, n).copy_(&grads[i].reshape([-1]));
-                    offset += n;
-                }
-            }
-            let refs: Vec<&Tensor> = buffers.iter().collect();
-            self.collective("averaging the gradients", |g| g.all_reduce_sum(&refs))?;
-            let scale = 1.0 / self.world.size as f64;
-            for (buf, idx) in buffers.iter_mut().zip(&groups) {
-                let _ = buf.g_mul_scalar_(scale);
-                let mut offset = 0;
-                for &i in idx {
-                    let n = grads[i].numel() as i64;
-                    let mut grad = grads[i].shallow_clone();
-                    grad.copy_(&buf.narrow(0, offset, n).view_as(&grads[i]));
-                    offset += n;
-                }
-            }
-            Ok(())
-        })
+        let bucket = |idx: &Vec<usize>| idx.iter().map(|&i| &grads[i]).collect::<Vec<_>>();
+        for (buf, idx) in buffers.iter().zip(&groups) {
+            pack(buf, &bucket(idx));
+        }
+        let refs: Vec<&Tensor> = buffers.iter().collect();
+        self.collective("averaging the gradients", |g| g.all_reduce_sum(&refs))?;
+        for (buf, idx) in buffers.iter().zip(&groups) {
+            unpack_mean(buf, &bucket(idx), self.world.size);
+        }
+        Ok(())
     }
 
     /// Starts the sum all-reduce of `t` without waiting (see `OverlappedGrads`).
     fn start_sum(&self, t: &Tensor) -> Result<torch_ext::Work> {
-        let joined = GROUP.lock().unwrap_or_else(PoisonError::into_inner);
-        match joined.as_ref() {
-            Some(j) => j
-                .group
-                .all_reduce_sum_start(t)
-                .map_err(|e| self.collective_error("averaging the gradients", &e)),
-            None => Err(Error::Torch(
-                "averaging the gradients: not in a process group".into(),
-            )),
-        }
+        self.with_group("averaging the gradients", |g| g.all_reduce_sum_start(t))
     }
 
     /// Waits for a collective from `start_sum`.
@@ -497,8 +488,6 @@ fn rendezvous_error(world: &World, timeout: Duration, e: &str) -> Error {
     ))
 }
 
-/// Splits the gradients (in order) into groups of one dtype and device of at most `cap` bytes
-/// each (a single larger tensor is a group of its own).
 /// Gradient averaging overlapped with the backward pass, as DistributedDataParallel's reducer
 /// does it: the trainable parameters are grouped into buckets of about `run.bucket_mb` in
 /// reverse order (the order in which backward completes their gradients). During the step's
@@ -591,19 +580,18 @@ impl OverlappedGrads {
         )
     }
 
+    /// The gradients of bucket `b`'s parameters.
+    fn grads(&self, b: usize) -> Vec<Tensor> {
+        self.buckets[b]
+            .iter()
+            .map(|&i| self.params[i].grad())
+            .collect()
+    }
+
     /// Copies bucket `b`'s gradients into its buffer and starts its all-reduce.
     fn start(&self, dp: &DataParallel, b: usize) -> Result<torch_ext::Work> {
-        let buf = &self.buffers[b];
-        tch::no_grad(|| {
-            let mut offset = 0;
-            for &i in &self.buckets[b] {
-                let g = self.params[i].grad();
-                let n = g.numel() as i64;
-                buf.narrow(0, offset, n).copy_(&g.reshape([-1]));
-                offset += n;
-            }
-        });
-        dp.start_sum(buf)
+        pack(&self.buffers[b], &self.grads(b));
+        dp.start_sum(&self.buffers[b])
     }
 
     /// After the step's backward passes: waits for the started all-reduces and replaces those
@@ -623,20 +611,9 @@ impl OverlappedGrads {
         if let Some(e) = st.error {
             return Err(e);
         }
-        let scale = 1.0 / dp.world.size as f64;
-        tch::no_grad(|| {
-            for (buf, idx) in self.buffers.iter().zip(&self.buckets).take(started) {
-                let mut buf = buf.shallow_clone();
-                let _ = buf.g_mul_scalar_(scale);
-                let mut offset = 0;
-                for &i in idx {
-                    let mut g = self.params[i].grad();
-                    let n = g.numel() as i64;
-                    g.copy_(&buf.narrow(0, offset, n).view_as(&g));
-                    offset += n;
-                }
-            }
-        });
+        for b in 0..started {
+            unpack_mean(&self.buffers[b], &self.grads(b), dp.world.size);
+        }
         let rest: Vec<&Tensor> = self.buckets[started..]
             .iter()
             .flatten()
@@ -646,6 +623,36 @@ impl OverlappedGrads {
     }
 }
 
+/// Copies `grads` one after the other into the flat buffer `buf`.
+fn pack(buf: &Tensor, grads: &[impl std::borrow::Borrow<Tensor>]) {
+    tch::no_grad(|| {
+        let mut offset = 0;
+        for g in grads {
+            let g = g.borrow();
+            let n = g.numel() as i64;
+            buf.narrow(0, offset, n).copy_(&g.reshape([-1]));
+            offset += n;
+        }
+    });
+}
+
+/// Divides the all-reduced (summed) buffer `buf` by the world size and copies it back into
+/// `grads`, the inverse of `pack`.
+fn unpack_mean(buf: &Tensor, grads: &[impl std::borrow::Borrow<Tensor>], world_size: usize) {
+    tch::no_grad(|| {
+        let _ = buf.shallow_clone().g_mul_scalar_(1.0 / world_size as f64);
+        let mut offset = 0;
+        for g in grads {
+            let mut g = g.borrow().shallow_clone();
+            let n = g.numel() as i64;
+            g.copy_(&buf.narrow(0, offset, n).view_as(&g));
+            offset += n;
+        }
+    });
+}
+
+/// Splits the gradients (in order) into groups of one dtype and device of at most `cap` bytes
+/// each (a single larger tensor is a group of its own).
 fn bucket_groups(grads: &[Tensor], cap: i64) -> Vec<Vec<usize>> {
     let mut groups: Vec<Vec<usize>> = Vec::new();
     let mut bytes = 0i64;

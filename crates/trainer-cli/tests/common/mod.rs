@@ -462,3 +462,30 @@ pub fn cuda_devices(cwd: &Path) -> usize {
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("no `cuda devices:` line:\n{}", out.describe()))
 }
+
+/// The summary.json of a run directory; panics when it is missing or not JSON.
+pub fn read_summary(run_dir: &Path) -> Value {
+    let text = std::fs::read_to_string(run_dir.join("summary.json"))
+        .unwrap_or_else(|e| panic!("{}: no summary.json: {e}", run_dir.display()));
+    serde_json::from_str(&text).expect("summary JSON")
+}
+
+/// The cells of one CSV line (RFC 4180 quoting, as results.csv writes a point's label; no
+/// newlines inside cells).
+pub fn csv_cells(line: &str) -> Vec<String> {
+    let (mut cells, mut cell, mut quoted) = (Vec::new(), String::new(), false);
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                cell.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => cells.push(std::mem::take(&mut cell)),
+            (c, _) => cell.push(c),
+        }
+    }
+    cells.push(cell);
+    cells
+}

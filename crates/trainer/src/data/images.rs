@@ -658,6 +658,7 @@ pub struct ImagePrefetcher {
 }
 
 impl ImagePrefetcher {
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         set: ImageSet,
         aug: Augment,

@@ -156,18 +156,13 @@ fn dropped(fraction: f64, n: i64) -> i64 {
 /// The mean token loss of every sequence: logits `[b, t, v]`, targets `[b, t]` -> `[b]` (float).
 /// Positions whose target is -100 are left out, as in the unweighted loss.
 pub fn sequence_losses(logits: &Tensor, targets: &Tensor) -> Tensor {
-    let (b, v) = (logits.size()[0], logits.size()[2]);
-    let per_token = logits
-        .reshape([-1, v])
-        .to_kind(Kind::Float)
-        .cross_entropy_loss::<Tensor>(
-            &targets.reshape([-1]),
-            None,
-            tch::Reduction::None,
-            -100,
-            0.0,
-        )
-        .reshape([b, -1]); // [b, t]
+    let b = logits.size()[0];
+    let per_token = crate::models::transformer::Transformer::token_losses(
+        logits,
+        targets,
+        tch::Reduction::None,
+    )
+    .reshape([b, -1]); // [b, t]
     let counted = targets
         .ne(-100)
         .to_kind(Kind::Float)

@@ -619,17 +619,17 @@ impl Transformer {
 
     /// Mean next-token cross-entropy of `logits` against `targets` `[b, t]`, computed in fp32.
     pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
+        Transformer::token_losses(logits, targets, tch::Reduction::Mean)
+    }
+
+    /// Next-token cross-entropy in fp32 of logits `[b, t, vocab]` against targets `[b, t]`
+    /// (-100: left out), reduced by `reduction` (`None`: one loss per position, `[b * t]`).
+    pub fn token_losses(logits: &Tensor, targets: &Tensor, reduction: tch::Reduction) -> Tensor {
         let v = logits.size()[2];
         logits
             .reshape([-1, v])
             .to_kind(Kind::Float)
-            .cross_entropy_loss::<Tensor>(
-                &targets.reshape([-1]),
-                None,
-                tch::Reduction::Mean,
-                -100,
-                0.0,
-            )
+            .cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, reduction, -100, 0.0)
     }
 
     /// Parameters that are not embeddings (for FLOPs accounting).

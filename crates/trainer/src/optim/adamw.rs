@@ -104,25 +104,7 @@ impl AdamW {
             return Ok(());
         }
         let s = &self.slots[i];
-        let Some(g) = grad_of(&s.param) else {
-            return Ok(());
-        };
-        let step = Tensor::full([], (self.step + 1) as f64, (tch::Kind::Float, g.device()));
-        let wd = if s.decay { self.weight_decay } else { 0.0 };
-        tch::no_grad(|| {
-            torch_ext::fused_adamw(
-                &[&s.param],
-                &[&g],
-                &[full(&s.exp_avg)?],
-                &[full(&s.exp_avg_sq)?],
-                &step,
-                lr,
-                self.betas,
-                wd,
-                self.eps,
-            )
-            .map_err(|e| crate::Error::Torch(format!("fused AdamW: {e}")))
-        })
+        self.fused_update(std::iter::once(s), s.decay, lr)
     }
 
     /// Ends a step taken with `step_param`.
@@ -158,7 +140,26 @@ impl AdamW {
     }
 
     fn step_fused(&mut self, lr: f64) -> crate::Result<()> {
-        let Some(first) = self.slots.first() else {
+        for decay in [true, false] {
+            let group = self.slots.iter().filter(|s| s.decay == decay);
+            self.fused_update(group, decay, lr)?;
+        }
+        self.step += 1;
+        Ok(())
+    }
+
+    /// One `at::_fused_adamw_` call at step `self.step + 1` over the `slots` that have a
+    /// gradient, all decayed (`decay`) or none.
+    fn fused_update<'a>(
+        &self,
+        slots: impl Iterator<Item = &'a Slot>,
+        decay: bool,
+        lr: f64,
+    ) -> crate::Result<()> {
+        let live: Vec<(&Slot, Tensor)> = slots
+            .filter_map(|s| grad_of(&s.param).map(|g| (s, g)))
+            .collect();
+        let Some((first, _)) = live.first() else {
             return Ok(());
         };
         let step = Tensor::full(
@@ -166,31 +167,21 @@ impl AdamW {
             (self.step + 1) as f64,
             (tch::Kind::Float, first.param.device()),
         );
-        for decay in [true, false] {
-            let live: Vec<(&Slot, Tensor)> = self
-                .slots
-                .iter()
-                .filter(|s| s.decay == decay)
-                .filter_map(|s| grad_of(&s.param).map(|g| (s, g)))
-                .collect();
-            let params: Vec<&Tensor> = live.iter().map(|(s, _)| &s.param).collect();
-            let grads: Vec<&Tensor> = live.iter().map(|(_, g)| g).collect();
-            let m: Vec<&Tensor> = live
-                .iter()
-                .map(|(s, _)| full(&s.exp_avg))
-                .collect::<crate::Result<_>>()?;
-            let v: Vec<&Tensor> = live
-                .iter()
-                .map(|(s, _)| full(&s.exp_avg_sq))
-                .collect::<crate::Result<_>>()?;
-            let wd = if decay { self.weight_decay } else { 0.0 };
-            tch::no_grad(|| {
-                torch_ext::fused_adamw(&params, &grads, &m, &v, &step, lr, self.betas, wd, self.eps)
-            })
-            .map_err(|e| crate::Error::Torch(format!("fused AdamW: {e}")))?;
-        }
-        self.step += 1;
-        Ok(())
+        let params: Vec<&Tensor> = live.iter().map(|(s, _)| &s.param).collect();
+        let grads: Vec<&Tensor> = live.iter().map(|(_, g)| g).collect();
+        let m: Vec<&Tensor> = live
+            .iter()
+            .map(|(s, _)| full(&s.exp_avg))
+            .collect::<crate::Result<_>>()?;
+        let v: Vec<&Tensor> = live
+            .iter()
+            .map(|(s, _)| full(&s.exp_avg_sq))
+            .collect::<crate::Result<_>>()?;
+        let wd = if decay { self.weight_decay } else { 0.0 };
+        tch::no_grad(|| {
+            torch_ext::fused_adamw(&params, &grads, &m, &v, &step, lr, self.betas, wd, self.eps)
+        })
+        .map_err(|e| crate::Error::Torch(format!("fused AdamW: {e}")))
     }
 
     /// Resets the moments of the parameters named in `names` (ReLoRA's optimizer reset): keeps

@@ -101,10 +101,15 @@ impl Quantized {
         let k = (levels - 1.0) / range;
         let n = self.numel();
         let blocks = self.scale.size()[0];
-        let flat = x.detach().to_kind(Kind::Float).flatten(0, -1);
-        let padded = flat
-            .constant_pad_nd([0, blocks * BLOCK - n])
-            .view([blocks, BLOCK]);
+        let flat = x.detach().to_kind(Kind::Float).reshape([-1]);
+        // A partial last block is padded with zeros (a copy); whole blocks are viewed as they are.
+        let pad = blocks * BLOCK - n;
+        let padded = if pad == 0 {
+            flat
+        } else {
+            flat.constant_pad_nd([0, pad])
+        }
+        .view([blocks, BLOCK]);
         let mut code = padded.abs();
         let scale = code.amax([1], false); // [blocks]
                                            // An all-zero block divides 0 by a tiny scale: codes 0.

@@ -321,10 +321,6 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
         let mut global = None;
         let mut stop_all = false;
         if world.is_distributed() {
-            let trainable: Vec<Tensor> = params
-                .trainable()
-                .map(|p| p.tensor.shallow_clone())
-                .collect();
             let (top1, _) = correct(&logits.detach(), &y, 1);
             let mut sums = [
                 loss.double_value(&[]),
@@ -333,7 +329,10 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
             ];
             match &overlap {
                 Some(o) => o.finish(&dp, &mut sums)?,
-                None => dp.reduce_step(&trainable.iter().collect::<Vec<_>>(), &mut sums)?,
+                None => {
+                    let trainable: Vec<&Tensor> = params.trainable().map(|p| &p.tensor).collect();
+                    dp.reduce_step(&trainable, &mut sums)?
+                }
             }
             global = Some((sums[0] / world.size as f64, sums[1]));
             stop_all = sums[2] > 0.0;
@@ -447,7 +446,6 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
         {
             state.train_seconds = seconds_before + session_start.elapsed().as_secs_f64();
             let dir = save_checkpoint(
-                &world,
                 &dp,
                 &run_dir,
                 &state,

@@ -522,7 +522,7 @@ pub fn run_from(
                             let p = &lw_params[i];
                             let g = p.grad();
                             if g.defined() {
-                                layerwise_norm_sq += g.square().sum(Kind::Float).to_device(device);
+                                layerwise_norm_sq += g.square().sum(Kind::Float);
                             }
                             let stepped = optimizer.step_param(i, lr).and_then(|()| {
                                 torch_ext::grads_to_none(&[p]).map_err(Error::Torch)
@@ -551,10 +551,6 @@ pub fn run_from(
         let mut global_unweighted_sum = None;
         let mut stop_all = false;
         if world.is_distributed() {
-            let trainable: Vec<Tensor> = params
-                .trainable()
-                .map(|p| p.tensor.shallow_clone())
-                .collect();
             let mut sums = [
                 loss_sum.double_value(&[]),
                 f64::from(u8::from(stop.requested())),
@@ -562,7 +558,10 @@ pub fn run_from(
             ];
             match &overlap {
                 Some(o) => o.finish(&dp, &mut sums)?,
-                None => dp.reduce_step(&trainable.iter().collect::<Vec<_>>(), &mut sums)?,
+                None => {
+                    let trainable: Vec<&Tensor> = params.trainable().map(|p| &p.tensor).collect();
+                    dp.reduce_step(&trainable, &mut sums)?
+                }
             }
             global_loss_sum = Some(sums[0] / world.size as f64);
             stop_all = sums[1] > 0.0;
@@ -715,7 +714,6 @@ pub fn run_from(
         {
             state.train_seconds = seconds_before + session_start.elapsed().as_secs_f64();
             let dir = save_checkpoint(
-                &world,
                 &dp,
                 &run_dir,
                 &state,
@@ -925,9 +923,6 @@ fn forward_with<L>(
     }
 }
 
-/// Metrics of the MoE layers of the last micro-batch: the mean aux and z losses over layers, the
-/// share of dropped assignments, and per layer the load of the busiest expert relative to a
-/// uniform load (1 = balanced) plus every expert's share (as arrays, in metrics.jsonl only).
 /// The pruning columns of a log row: sparsity so far, and GSM's selection and would-be cut.
 pub(crate) fn pruning_metrics(
     pruner: Option<&Pruner>,
@@ -943,6 +938,9 @@ pub(crate) fn pruning_metrics(
     out
 }
 
+/// Metrics of the MoE layers of the last micro-batch: the mean aux and z losses over layers, the
+/// share of dropped assignments, and per layer the load of the busiest expert relative to a
+/// uniform load (1 = balanced) plus every expert's share (as arrays, in metrics.jsonl only).
 fn moe_metrics(layers: &[MoeLayerStats]) -> Vec<(String, serde_json::Value)> {
     if layers.is_empty() {
         return Vec::new();

@@ -72,7 +72,6 @@ pub fn prepare_run_dir(run_dir: &Path, resolved_recipe: &str, step: i64) -> Resu
 /// leave only once it is on disk, or learn that rank 0 failed.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn save_checkpoint(
-    world: &crate::dist::World,
     dp: &crate::dist::DataParallel,
     run_dir: &Path,
     state: &checkpoint::TrainState,
@@ -81,13 +80,13 @@ pub(crate) fn save_checkpoint(
     keep: i64,
     last: bool,
 ) -> Result<PathBuf> {
-    let dir = if world.is_main() {
+    let dir = if dp.world.is_main() {
         checkpoint::save(run_dir, state, params, optimizer, keep as usize)?
     } else {
         checkpoint::step_dir(run_dir, state.step)
     };
-    if last && world.is_distributed() {
-        dp.barrier()?;
+    if last {
+        dp.barrier()?; // nothing for a single process
     }
     Ok(dir)
 }
