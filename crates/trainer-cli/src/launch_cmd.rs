@@ -174,14 +174,14 @@ fn check_batch(args: &LaunchArgs) -> anyhow::Result<()> {
     }
     let Ok(overrides) = sets
         .iter()
-        .map(|s| trainer::recipe::Override::parse(s))
+        .map(|s| trainer::config::Override::parse(s))
         .collect::<Result<Vec<_>, _>>()
     else {
         return Ok(());
     };
-    let batch = match trainer::recipe::load_any(&args.recipe, &overrides) {
-        Ok(trainer::recipe::AnyRecipe::Pretrain(r)) => r.train.batch_size as usize,
-        Ok(trainer::recipe::AnyRecipe::Classify(r)) => r.train.batch_size as usize,
+    let batch = match trainer::config::load_any(&args.recipe, &overrides) {
+        Ok(trainer::config::AnyRecipe::Pretrain(r)) => r.train.batch_size as usize,
+        Ok(trainer::config::AnyRecipe::Classify(r)) => r.train.batch_size as usize,
         Err(_) => return Ok(()),
     };
     let world = trainer::dist::World {

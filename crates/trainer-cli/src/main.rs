@@ -17,10 +17,10 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::data::tokenizer::Tokenizer;
-use trainer::models::load::{self, ModelSource};
-use trainer::recipe::{self, Override};
-use trainer::recipes::evaluate;
-use trainer::recipes::pretrain::{self, Outcome, Resume};
+use trainer::load::{self, ModelSource};
+use trainer::config::{self, Override};
+use trainer::train::evaluate;
+use trainer::train::pretrain::{self, Outcome, Resume};
 use trainer::signals::{StopFlag, EXIT_INTERRUPTED};
 
 #[derive(Parser)]
@@ -273,11 +273,11 @@ fn parse_overrides(set: &[String]) -> anyhow::Result<Vec<Override>> {
 /// `trainer validate` of a `[[stages]]` recipe: every stage's resolved recipe.
 fn validate_stages(
     path: &std::path::Path,
-    stages: &[trainer::recipes::stages::Stage],
+    stages: &[trainer::train::stages::Stage],
 ) -> anyhow::Result<ExitCode> {
     for s in stages {
         println!("# stage {:?}: steps {}..{}", s.name, s.start, s.end());
-        print!("{}", recipe::to_toml(&s.recipe));
+        print!("{}", config::to_toml(&s.recipe));
     }
     eprintln!(
         "{}: valid ({} stages, {} steps)",
@@ -288,9 +288,9 @@ fn validate_stages(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `trainer run` of a `[[stages]]` recipe (`trainer::recipes::stages`).
+/// `trainer run` of a `[[stages]]` recipe (`trainer::train::stages`).
 fn run_stages(
-    stages: &[trainer::recipes::stages::Stage],
+    stages: &[trainer::train::stages::Stage],
     resume: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
     let resume = match resume {
@@ -300,7 +300,7 @@ fn run_stages(
     };
     let stop = StopFlag::install().context("installing signal handlers")?;
     let run_dir = stages[0].recipe.run.out_dir.display().to_string();
-    match trainer::recipes::stages::run(stages, resume, &stop)? {
+    match trainer::train::stages::run(stages, resume, &stop)? {
         Outcome::Finished(summary) => {
             pretrain::print_summary(&summary);
             eprintln!("  run directory     {run_dir}");
@@ -318,14 +318,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate { recipe: path, set } => {
             let overrides = parse_overrides(&set)?;
-            if let Some(stages) = trainer::recipes::stages::load(&path, &overrides)? {
+            if let Some(stages) = trainer::train::stages::load(&path, &overrides)? {
                 return validate_stages(&path, &stages);
             }
-            let recipe = match recipe::load_any(&path, &overrides)? {
-                recipe::AnyRecipe::Pretrain(r) => r,
-                recipe::AnyRecipe::Classify(r) => return validate_classify(&path, &r),
+            let recipe = match config::load_any(&path, &overrides)? {
+                config::AnyRecipe::Pretrain(r) => r,
+                config::AnyRecipe::Classify(r) => return validate_classify(&path, &r),
             };
-            print!("{}", recipe::to_toml(&recipe));
+            print!("{}", config::to_toml(&recipe));
             eprintln!(
                 "{}: valid ({} steps, {} tokens per step)",
                 path.display(),
@@ -340,12 +340,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             resume,
         } => {
             let overrides = parse_overrides(&set)?;
-            if let Some(stages) = trainer::recipes::stages::load(&path, &overrides)? {
+            if let Some(stages) = trainer::train::stages::load(&path, &overrides)? {
                 return run_stages(&stages, resume.as_deref());
             }
-            let recipe = match recipe::load_any(&path, &overrides)? {
-                recipe::AnyRecipe::Pretrain(r) => r,
-                recipe::AnyRecipe::Classify(r) => return run_classify(&r, resume.as_deref()),
+            let recipe = match config::load_any(&path, &overrides)? {
+                config::AnyRecipe::Pretrain(r) => r,
+                config::AnyRecipe::Classify(r) => return run_classify(&r, resume.as_deref()),
             };
             let resume = match resume.as_deref() {
                 None => Resume::No,
@@ -385,7 +385,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             device,
             json,
         } => {
-            use trainer::recipe::{SourceConfig, TokenDtype};
+            use trainer::config::{SourceConfig, TokenDtype};
             anyhow::ensure!(
                 seq_len > 0,
                 "--seq-len: expected a positive integer, got {seq_len}"
@@ -555,7 +555,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             steps,
         } => {
             let overrides = parse_overrides(&set)?;
-            if let Some(stages) = trainer::recipes::stages::load(&path, &overrides)? {
+            if let Some(stages) = trainer::train::stages::load(&path, &overrides)? {
                 anyhow::ensure!(
                     steps.is_none(),
                     "--steps: a [[stages]] recipe is as long as its stages"
@@ -564,15 +564,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .iter()
                     .map(|s| s.recipe.optim.lr())
                     .fold(0.0, f64::max);
-                let s = trainer::recipes::stages::schedule(&stages);
+                let s = trainer::train::stages::schedule(&stages);
                 schedule_cmd::show(&s, peak, csv.as_deref(), png.as_deref())?;
                 return Ok(ExitCode::SUCCESS);
             }
-            let (schedule, lr, recipe_steps) = match recipe::load_any(&path, &overrides)? {
-                recipe::AnyRecipe::Pretrain(r) => {
+            let (schedule, lr, recipe_steps) = match config::load_any(&path, &overrides)? {
+                config::AnyRecipe::Pretrain(r) => {
                     (r.schedule.clone(), r.optim.lr(), Some(r.max_steps()))
                 }
-                recipe::AnyRecipe::Classify(r) => (r.schedule, r.optim.lr(), r.train.max_steps),
+                config::AnyRecipe::Classify(r) => (r.schedule, r.optim.lr(), r.train.max_steps),
             };
             let steps = schedule_cmd::run_length(&path, &schedule, lr, recipe_steps, steps)?;
             schedule_cmd::run(&schedule, lr, steps, csv.as_deref(), png.as_deref())?;
@@ -594,7 +594,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out,
             device,
         } => {
-            use trainer::recipes::soup;
+            use trainer::train::soup;
             let method = if greedy {
                 soup::Method::Greedy
             } else {
@@ -640,9 +640,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// `trainer validate` of a `task = "classify"` recipe.
 fn validate_classify(
     path: &std::path::Path,
-    recipe: &recipe::ClassifyRecipe,
+    recipe: &config::ClassifyRecipe,
 ) -> anyhow::Result<ExitCode> {
-    print!("{}", recipe::to_toml(recipe));
+    print!("{}", config::to_toml(recipe));
     eprintln!(
         "{}: valid ({}, {} images per step)",
         path.display(),
@@ -653,8 +653,8 @@ fn validate_classify(
 }
 
 /// `trainer run` of a `task = "classify"` recipe.
-fn run_classify(recipe: &recipe::ClassifyRecipe, resume: Option<&str>) -> anyhow::Result<ExitCode> {
-    use trainer::recipes::classify;
+fn run_classify(recipe: &config::ClassifyRecipe, resume: Option<&str>) -> anyhow::Result<ExitCode> {
+    use trainer::train::classify;
     let resume = match resume {
         None => Resume::No,
         Some("auto") => Resume::Auto,

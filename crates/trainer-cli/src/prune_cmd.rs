@@ -1,13 +1,13 @@
 //! `trainer prune --init MODEL --method (magnitude|wanda) --sparsity S --out DIR`: one-shot
-//! pruning into a new model directory (see `trainer::prune::oneshot`), then the sparsity table.
+//! pruning into a new model directory (see `trainer::train::prune`), then the sparsity table.
 //! `--method structured --d-ff N --layers L`: a smaller dense model (Minitron-style width and
 //! depth pruning, `trainer::prune::structured`).
 
 use std::path::PathBuf;
-use trainer::prune::oneshot::{self, Method, OneShot};
+use trainer::train::prune::{self as oneshot, Method, OneShot};
 use trainer::prune::wanda::Sparsity;
 use trainer::prune::PruneScope;
-use trainer::recipe::{SourceConfig, TokenDtype};
+use trainer::config::{SourceConfig, TokenDtype};
 
 #[derive(clap::Args)]
 pub struct PruneArgs {

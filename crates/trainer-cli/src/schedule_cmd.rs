@@ -10,7 +10,7 @@ use anyhow::{anyhow, Context};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::Path;
-use trainer::recipe::ScheduleConfig;
+use trainer::config::ScheduleConfig;
 use trainer::schedule::{report, Schedule};
 
 /// Prints the schedule of a run of `total_steps` steps whose peak LR is `peak_lr` (`optim.lr`)

@@ -16,7 +16,7 @@
 use anyhow::{bail, ensure, Context};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use trainer::recipe::{self, AnyRecipe};
+use trainer::config::{self, AnyRecipe};
 
 /// The template compiled into the binary.
 const TEMPLATE: &str = include_str!("../../../scripts/slurm/train.sbatch.tmpl");
@@ -308,9 +308,9 @@ pub fn run(args: &SlurmArgs) -> anyhow::Result<()> {
     let overrides = args
         .set
         .iter()
-        .map(|s| recipe::Override::parse(s).map_err(anyhow::Error::from))
+        .map(|s| config::Override::parse(s).map_err(anyhow::Error::from))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let run_cfg = match recipe::load_any(&args.recipe, &overrides)? {
+    let run_cfg = match config::load_any(&args.recipe, &overrides)? {
         AnyRecipe::Pretrain(r) => r.run,
         AnyRecipe::Classify(r) => r.run,
     };

@@ -17,7 +17,7 @@ use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
-use trainer::recipe::{self, Override};
+use trainer::config::{self, Override};
 use trainer::signals::{StopFlag, EXIT_INTERRUPTED};
 use trainer::sweep::{results, RunStatus, Sweep, SweepRun};
 
@@ -262,9 +262,9 @@ fn base_threads(sweep: &Sweep) -> anyhow::Result<u32> {
         .iter()
         .map(|s| Override::parse(s))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(match recipe::load_any(&sweep.base, &overrides)? {
-        recipe::AnyRecipe::Pretrain(r) => r.run.threads,
-        recipe::AnyRecipe::Classify(r) => r.run.threads,
+    Ok(match config::load_any(&sweep.base, &overrides)? {
+        config::AnyRecipe::Pretrain(r) => r.run.threads,
+        config::AnyRecipe::Classify(r) => r.run.threads,
     })
 }
 

@@ -68,6 +68,14 @@ fn every_config_validates_and_its_resolved_form_is_a_fixpoint() {
             out.describe()
         );
         assert!(out.stderr.contains("valid ("), "{}", out.describe());
+        // The same text as before the config types moved (reference/resolved/README.md).
+        let name = path.file_name().expect("file name");
+        let reference = repo_root()
+            .join("crates/trainer-cli/tests/reference/resolved")
+            .join(name);
+        let want = std::fs::read_to_string(&reference)
+            .unwrap_or_else(|e| panic!("{}: {e} (add the reference)", reference.display()));
+        assert_eq!(out.stdout, want, "{p}: the resolved recipe changed");
         // The printed recipe is itself a valid recipe that resolves to the same text.
         let resolved = format!("resolved-{i}.toml");
         write_recipe(w, &resolved, &out.stdout);

@@ -27,7 +27,7 @@ use std::process::Command;
 use tch::{Kind, Tensor};
 use trainer::optim::galore::Projection;
 use trainer::optim::{AdamW, GaloreAdamW, Optimizer, Sgd};
-use trainer::recipe::MomentumSchedule;
+use trainer::config::MomentumSchedule;
 
 fn reference() -> Value {
     let script = repo_root().join("crates/trainer-cli/tests/reference/momentum_reference.py");

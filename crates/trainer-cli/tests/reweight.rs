@@ -13,7 +13,7 @@ use std::path::Path;
 use tch::Device;
 use trainer::data::mixture::Mixture;
 use trainer::data::source::{self, Span};
-use trainer::models::load::ModelSource;
+use trainer::load::ModelSource;
 use trainer::models::params::ParamStore;
 use trainer::models::transformer::{Transformer, TransformerConfig};
 
@@ -62,7 +62,7 @@ fn weighted(losses: &[f64], rule: Rule) -> f64 {
 /// The mean token loss of every sequence of the training batch of (`step`, `micro`), with the
 /// weights of checkpoint `step` of `run`, one sequence per forward pass.
 fn sequence_losses(run: &Path, step: i64, micro: i64) -> Vec<f64> {
-    let recipe = trainer::recipe::load(&run.join("config.toml"), &[]).expect("config.toml");
+    let recipe = trainer::config::load(&run.join("config.toml"), &[]).expect("config.toml");
     let vocab = recipe.model.vocab_size();
     let cfg = TransformerConfig::from_recipe(&recipe.model);
     let mut params = ParamStore::new(Device::Cpu);

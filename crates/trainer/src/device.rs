@@ -1,6 +1,7 @@
 //! Choosing the device a run trains on, and refusing one that this machine does not have.
 
 use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
 use tch::Device;
 
 /// What the recipe asked for, before looking at the machine.
@@ -75,4 +76,29 @@ pub fn set_deterministic(on: bool) -> Result<()> {
         std::env::set_var("CUBLAS_WORKSPACE_CONFIG", ":4096:8");
     }
     torch_ext::set_deterministic(true).map_err(Error::Torch)
+}
+
+/// `run.precision`: the dtypes a run keeps its weights in and computes in.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// fp32 weights and compute.
+    #[default]
+    #[serde(rename = "fp32")]
+    Fp32,
+    /// fp32 master weights and optimizer state, bf16 compute through CUDA autocast.
+    #[serde(rename = "bf16-mixed")]
+    Bf16Mixed,
+    /// bf16 weights, gradients, optimizer state and compute.
+    #[serde(rename = "bf16")]
+    Bf16,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16Mixed => "bf16-mixed",
+            Precision::Bf16 => "bf16",
+        }
+    }
 }

@@ -22,6 +22,16 @@ use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 use torch_ext::{Backend, ProcessGroup};
 
+/// How the collectives of a multi-process run behave (`run.collective_timeout_s`,
+/// `run.bucket_mb` in a recipe).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Collectives {
+    /// Seconds a rank waits at a collective (and at the rendezvous) before failing.
+    pub timeout_s: f64,
+    /// Gradients are averaged in flat buckets of about this many MiB.
+    pub bucket_mb: f64,
+}
+
 /// This process's place among the processes of a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct World {
@@ -324,16 +334,15 @@ impl DataParallel {
     /// A training loop's start: joins the group, gives every rank rank 0's parameters and
     /// buffers, and checks that all ranks are at the same `step` (resumed from the same
     /// checkpoint of `run_dir`).
-    /// `run` gives the collective timeout and the bucket size.
     pub fn start(
         world: &World,
         device: Device,
-        run: &crate::recipe::RunConfig,
+        run: &Collectives,
         params: &crate::models::params::ParamStore,
         step: i64,
         run_dir: &std::path::Path,
     ) -> Result<DataParallel> {
-        let timeout = Duration::from_secs_f64(run.collective_timeout_s);
+        let timeout = Duration::from_secs_f64(run.timeout_s);
         let bucket_bytes = ((run.bucket_mb * (1 << 20) as f64) as i64).max(1);
         let dp = DataParallel::init(world.clone(), device, timeout, bucket_bytes)?;
         if world.is_distributed() {

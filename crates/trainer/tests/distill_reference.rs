@@ -18,7 +18,7 @@ use trainer::distill::losses::{chunk_sums, divergence_rows, hidden_loss, kd_loss
 use trainer::distill::{LmDistiller, LmTeacher};
 use trainer::models::params::ParamStore;
 use trainer::models::transformer::{Family, Transformer, TransformerConfig};
-use trainer::recipe::{DistillConfig, HiddenLoss, HiddenPair, KdLoss, ModelConfig, Precision};
+use trainer::config::{DistillConfig, HiddenLoss, HiddenPair, KdLoss, ModelConfig, Precision};
 
 const TOL: f64 = 1e-5;
 

@@ -39,7 +39,7 @@ use trainer::models::params::ParamStore;
 use trainer::models::transformer::{Family, Transformer, TransformerConfig};
 use trainer::optim::galore::Projection;
 use trainer::optim::{AdamW, GaloreAdamW, Optimizer, StateTensors};
-use trainer::recipe::OptimConfig;
+use trainer::config::OptimConfig;
 
 const RTOL: f64 = 1e-5;
 const ATOL: f64 = 1e-6;
@@ -549,7 +549,7 @@ max_steps = 4
 "#;
 
 fn recipe_err(text: &str) -> String {
-    match trainer::recipe::parse(text, "r.toml", &[]) {
+    match trainer::config::parse(text, "r.toml", &[]) {
         Ok(_) => panic!("expected an error"),
         Err(e) => e.to_string(),
     }
@@ -557,7 +557,7 @@ fn recipe_err(text: &str) -> String {
 
 #[test]
 fn recipe_parses_with_galore_defaults() {
-    let r = trainer::recipe::parse(RECIPE, "r.toml", &[]).expect("valid");
+    let r = trainer::config::parse(RECIPE, "r.toml", &[]).expect("valid");
     assert_eq!(
         r.optim,
         OptimConfig::GaloreAdamw {
@@ -577,13 +577,13 @@ fn recipe_parses_with_galore_defaults() {
         "rank = 4",
         "rank = 4\ntarget = [\"self_attn\", \"mlp\"]\nscale = 0.25",
     );
-    let r = trainer::recipe::parse(&text, "r.toml", &[]).expect("valid");
+    let r = trainer::config::parse(&text, "r.toml", &[]).expect("valid");
     assert!(
         matches!(&r.optim, OptimConfig::GaloreAdamw { target, scale, .. } if target == &["self_attn", "mlp"] && *scale == 0.25)
     );
     // The resolved recipe round-trips.
     let again =
-        trainer::recipe::parse(&trainer::recipe::to_toml(&r), "r.toml", &[]).expect("valid");
+        trainer::config::parse(&trainer::config::to_toml(&r), "r.toml", &[]).expect("valid");
     assert_eq!(again.optim, r.optim);
 }
 

@@ -3,10 +3,10 @@
 
 use tch::{Device, Kind, Tensor};
 use trainer::models::hf;
-use trainer::models::load::ModelSource;
+use trainer::load::ModelSource;
 use trainer::models::params::ParamStore;
 use trainer::models::transformer::{moe_config, Family, Transformer, TransformerConfig};
-use trainer::recipe::{MoeRecipe, RoutingKind};
+use trainer::config::{MoeRecipe, RoutingKind};
 
 fn dense_config() -> TransformerConfig {
     TransformerConfig {

@@ -17,6 +17,9 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "state.json";
 /// Pruning masks of a pruned model (absent when nothing is pruned); see `ParamStore::set_mask`.
 pub const MASKS_FILE: &str = "masks.safetensors";
+/// Parameters that distillation adds to the student's store (its hidden-state projections,
+/// `distill/`): saved and resumed with a checkpoint, left out when one is loaded as a model.
+pub const DISTILL_PARAM_PREFIX: &str = "distill.";
 
 /// Everything besides tensors that a resumed run needs. Data order and learning rate are pure
 /// functions of (seed, step), so the step is the whole cursor.

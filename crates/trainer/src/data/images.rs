@@ -22,7 +22,7 @@
 
 use super::loader::stream_seed;
 use crate::error::{Error, Result};
-use crate::recipe::{Cifar100Labels, ImageDataConfig, ImageSourceConfig, Split};
+use super::config::{Cifar100Labels, ImageDataConfig, ImageSourceConfig, Split};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::{Path, PathBuf};

@@ -158,7 +158,7 @@ impl Drop for Prefetcher {
 mod tests {
     use super::*;
     use crate::data::source::{open, Span};
-    use crate::recipe::SourceConfig;
+    use crate::data::SourceConfig;
 
     fn builtin() -> Span {
         Span::whole(open(&SourceConfig::Builtin {}, "data.train", 256).expect("builtin corpus"))

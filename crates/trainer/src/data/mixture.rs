@@ -170,7 +170,7 @@ mod tests {
     use super::*;
     use crate::data::loader::train_batch;
     use crate::data::source::{open, Span};
-    use crate::recipe::SourceConfig;
+    use crate::data::SourceConfig;
 
     fn builtin() -> Span {
         Span::whole(open(&SourceConfig::Builtin {}, "data.train", 256).expect("builtin corpus"))

@@ -1,10 +1,19 @@
 //! Data: token sources (token files, text, the built-in corpus) and their batches; image
 //! datasets (CIFAR, folders, the built-in generated set) and their augmented batches; how much
 //! each sequence of a batch counts in the loss (`reweight`).
+//!
+//! `config` holds `[data]` of both tasks (`DataConfig`, `ImageDataConfig`) and its checks.
+//! Imports: `models/` (the per-token loss that `reweight` weighs), `validate`, `error`.
 
+pub mod config;
 pub mod images;
 pub mod loader;
 pub mod mixture;
 pub mod reweight;
 pub mod source;
 pub mod tokenizer;
+
+pub use config::{
+    Cifar100Labels, DataConfig, ImageDataConfig, ImageSourceConfig, MixtureConfig, MixtureSource,
+    SourceConfig, Split, TokenDtype, CIFAR10_MEAN, CIFAR10_STD,
+};

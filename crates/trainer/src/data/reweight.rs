@@ -29,7 +29,7 @@
 //! gradient accumulation to each micro-batch alone, with data parallelism to each rank's rows
 //! alone (no communication before the backward pass).
 
-use crate::recipe::{check, Invalid};
+use crate::validate::{check, Invalid};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};

@@ -6,7 +6,7 @@
 //!   compiled into the binary so that the quickstart needs no download.
 
 use crate::error::{Error, Result};
-use crate::recipe::{SourceConfig, TokenDtype};
+use super::config::{SourceConfig, TokenDtype};
 use std::path::Path;
 use std::sync::Arc;
 

@@ -16,7 +16,7 @@
 //! cross-entropy averages over, so the two parts of `alpha * kd + (1 - alpha) * ce` are both per
 //! token; for a classifier they are the examples of the batch. Everything is computed in fp32.
 
-use crate::recipe::{HiddenLoss, KdLoss};
+use super::config::{HiddenLoss, KdLoss};
 use tch::{Kind, Reduction, Tensor};
 
 /// The target id that the cross-entropy (`Transformer::loss`) and these losses skip.

@@ -16,21 +16,25 @@
 //! 2020). When the widths differ a learned projection `[d_teacher, d_student]` (no bias) maps the
 //! student's into the teacher's space; it is registered in the student's parameter store as
 //! `distill.hidden.{i}.proj.weight`, so it is trained by the optimizer and saved (and resumed)
-//! with the checkpoint. Loading that checkpoint as a model leaves it out (`models/load.rs`).
+//! with the checkpoint. Loading that checkpoint as a model leaves it out (`load.rs`).
 
+pub mod config;
 pub mod losses;
 pub mod teacher;
 
 use crate::error::{Error, Result};
 use crate::models::params::ParamStore;
 use crate::models::transformer::{MoeLayerStats, Transformer, TransformerConfig};
-use crate::recipe::{ClassifierConfig, DistillConfig, HiddenLoss, KdLoss, ModelConfig, Precision};
+use crate::device::Precision;
+use crate::models::{ClassifierConfig, ModelConfig};
+pub use config::{DistillConfig, HiddenLoss, HiddenPair, KdLoss, TeacherPrecision};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 pub use teacher::{ClassifierTeacher, LmTeacher};
 
-/// The prefix of the parameters distillation adds to the student's store.
-pub const PARAM_PREFIX: &str = "distill.";
+/// The prefix of the parameters distillation adds to the student's store (defined with the
+/// checkpoint layout, which leaves them out when a checkpoint is loaded as a model).
+pub use crate::checkpoint::DISTILL_PARAM_PREFIX as PARAM_PREFIX;
 
 /// Runs `f` under bf16 autocast for `bf16-mixed`, as the training loops run their forward pass.
 fn autocast<T>(precision: Precision, device: Device, f: impl FnOnce() -> T) -> Result<T> {
@@ -125,7 +129,7 @@ impl LmDistiller {
                 let bound = 1.0 / (ds as f64).sqrt();
                 let init =
                     Tensor::rand([dt, ds], (Kind::Float, Device::Cpu)) * (2.0 * bound) - bound;
-                student_params.add(&format!("{PARAM_PREFIX}hidden.{i}.proj.weight"), init)
+                student_params.add_extra(&format!("{PARAM_PREFIX}hidden.{i}.proj.weight"), init)
             });
             hidden.push(HiddenMatch {
                 student: p.student,

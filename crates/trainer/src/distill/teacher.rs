@@ -5,13 +5,12 @@
 
 use crate::checkpoint;
 use crate::error::{Error, Result};
-use crate::models::load::{self, ModelSource};
+use crate::load::{self, ModelSource, StoredModel};
 use crate::models::params::{copy_named, read_safetensors, ParamStore};
 use crate::models::resnet::ResNet;
 use crate::models::transformer::{Transformer, TransformerConfig};
-use crate::recipe::{
-    self, AnyRecipe, ClassifierConfig, DistillConfig, ModelConfig, TeacherPrecision,
-};
+use super::config::{DistillConfig, TeacherPrecision};
+use crate::models::{ClassifierConfig, ModelConfig};
 use std::path::PathBuf;
 use tch::{Device, Kind};
 
@@ -126,17 +125,16 @@ impl ClassifierTeacher {
                          checkpoint or a safetensors file",
                     ))
                 }
-                ModelSource::Checkpoint { dir, run_dir } => (
-                    dir.join(checkpoint::MODEL_FILE),
-                    Some(run_dir.join("config.toml")),
-                ),
+                ModelSource::Checkpoint { dir, run_dir } => {
+                    (dir.join(checkpoint::MODEL_FILE), Some(run_dir))
+                }
             }
         };
         let model_cfg = match (&cfg.teacher_model, stored) {
             (Some(m), _) => m.clone(),
-            (None, Some(config)) => match recipe::load_any(&config, &[]).map_err(teacher_err)? {
-                AnyRecipe::Classify(r) => r.model,
-                AnyRecipe::Pretrain(_) => {
+            (None, Some(run_dir)) => match StoredModel::read(&run_dir).map_err(teacher_err)? {
+                StoredModel::Classifier(model) => model,
+                StoredModel::Lm { .. } => {
                     return Err(teacher_err(format!(
                         "{} is a language model's run; a classifier needs a classifier teacher",
                         cfg.teacher

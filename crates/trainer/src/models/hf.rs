@@ -10,7 +10,7 @@ use super::moe::{fuse_checkpoint_experts, split_checkpoint_experts, Routing};
 use super::params::{copy_named, read_safetensors, ParamStore};
 use super::transformer::{Family, TransformerConfig};
 use crate::error::{io_err, Error, Result};
-use crate::recipe::{ModelConfig, MoeRecipe, RoutingKind};
+use super::config::{Gpt2Config, LlamaConfig, ModelConfig, MoeRecipe, RoutingKind};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -118,7 +118,7 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
             } else {
                 None
             };
-            Ok(ModelConfig::Llama {
+            Ok(ModelConfig::Llama(LlamaConfig {
                 vocab_size: int("vocab_size")?,
                 d_model: d,
                 n_layers: int("num_hidden_layers")?,
@@ -135,7 +135,7 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
                 norm_eps: float_or("rms_norm_eps", 1e-6),
                 tie_embeddings: bool_or("tie_word_embeddings", false),
                 moe,
-            })
+            }))
         }
         "gpt2" => {
             let act = str_or("activation_function", "gelu_new");
@@ -158,7 +158,7 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
             if !bool_or("tie_word_embeddings", true) {
                 return Err("unsupported tie_word_embeddings = false for GPT-2".to_string());
             }
-            Ok(ModelConfig::Gpt2 {
+            Ok(ModelConfig::Gpt2(Gpt2Config {
                 vocab_size: int("vocab_size")?,
                 d_model: int("n_embd")?,
                 n_layers: int("n_layer")?,
@@ -167,7 +167,7 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
                 max_seq_len: int("n_positions")?,
                 norm_eps: float_or("layer_norm_epsilon", 1e-5),
                 dropout: float_or("resid_pdrop", 0.0).max(0.0),
-            })
+            }))
         }
         "" => Err("config.json has no model_type".to_string()),
         other => Err(format!(
@@ -359,11 +359,11 @@ pub fn export(cfg: &TransformerConfig, params: &ParamStore, out: &Path) -> Resul
         }
     }
     let config_value = config_json(cfg).map_err(|msg| hf_err(out, msg))?;
-    // LoRA adapters are not part of the base model (merge them first, or export them with
-    // `--to peft`).
+    // What methods add beside the model's weights (LoRA adapters: merge them first, or export
+    // them with `--to peft`) is not part of the base model.
     let mut named: BTreeMap<String, Tensor> = params
         .iter()
-        .filter(|p| !crate::peft::lora::is_adapter_param(&p.name))
+        .filter(|p| !p.extra)
         .map(|p| {
             (
                 p.name.clone(),
@@ -415,7 +415,7 @@ mod tests {
         let m = model_config_from_json(&llama_json()).expect("supported");
         assert_eq!(
             m,
-            ModelConfig::Llama {
+            ModelConfig::Llama(LlamaConfig {
                 vocab_size: 256,
                 d_model: 32,
                 n_layers: 2,
@@ -428,7 +428,7 @@ mod tests {
                 norm_eps: 1e-6,
                 tie_embeddings: true,
                 moe: None,
-            }
+            })
         );
         // Our own export reads back to the same config.
         let t = TransformerConfig::from_recipe(&m);
@@ -467,10 +467,10 @@ mod tests {
         assert!(
             matches!(
                 m,
-                ModelConfig::Llama {
+                ModelConfig::Llama(LlamaConfig {
                     head_dim: Some(16),
                     ..
-                }
+                })
             ),
             "{m:?}"
         );

@@ -13,6 +13,9 @@ pub struct Param {
     pub name: String,
     pub tensor: Tensor,
     pub trainable: bool,
+    /// Added by a method beside the model's own weights (`add_extra`: LoRA factors,
+    /// distillation projections): trained and checkpointed, left out of a model export.
+    pub extra: bool,
 }
 
 pub struct ParamStore {
@@ -59,7 +62,19 @@ impl ParamStore {
             name: name.to_string(),
             tensor,
             trainable: true,
+            extra: false,
         });
+        handle
+    }
+
+    /// Registers a trainable parameter that a method adds beside the model's own weights
+    /// (adapters, projections): saved in checkpoints like any other, but not part of the
+    /// model's architecture, so a model export (`hf::export`) leaves it out.
+    pub fn add_extra(&mut self, name: &str, init: Tensor) -> Tensor {
+        let handle = self.add(name, init);
+        if let Some(p) = self.params.last_mut() {
+            p.extra = true;
+        }
         handle
     }
 
@@ -76,6 +91,7 @@ impl ParamStore {
             name: name.to_string(),
             tensor,
             trainable: false,
+            extra: false,
         });
         handle
     }

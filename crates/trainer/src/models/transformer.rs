@@ -13,8 +13,7 @@
 use super::moe::{Moe, MoeConfig, Routing};
 use super::params::ParamStore;
 use crate::error::Result;
-use crate::peft::lora::LoraAdapter;
-use crate::recipe::{ModelConfig, MoeRecipe, RoutingKind};
+use super::config::{ModelConfig, MoeRecipe, RoutingKind};
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,58 +64,36 @@ pub fn moe_config(m: &MoeRecipe, d_model: i64, d_ff: i64) -> MoeConfig {
 impl TransformerConfig {
     pub fn from_recipe(cfg: &ModelConfig) -> TransformerConfig {
         match cfg {
-            ModelConfig::Llama {
-                vocab_size,
-                d_model,
-                n_layers,
-                n_heads,
-                n_kv_heads,
-                d_ff,
-                max_seq_len,
-                rope_theta,
-                norm_eps,
-                tie_embeddings,
-                moe,
-                head_dim,
-            } => TransformerConfig {
+            ModelConfig::Llama(c) => TransformerConfig {
                 family: Family::Llama,
-                vocab_size: *vocab_size,
-                d_model: *d_model,
-                n_layers: *n_layers,
-                n_heads: *n_heads,
-                n_kv_heads: n_kv_heads.unwrap_or(*n_heads),
-                head_dim: *head_dim,
-                d_ff: *d_ff,
-                max_seq_len: *max_seq_len,
-                rope_theta: *rope_theta,
-                norm_eps: *norm_eps,
-                tie_embeddings: *tie_embeddings,
+                vocab_size: c.vocab_size,
+                d_model: c.d_model,
+                n_layers: c.n_layers,
+                n_heads: c.n_heads,
+                n_kv_heads: c.n_kv_heads.unwrap_or(c.n_heads),
+                head_dim: c.head_dim,
+                d_ff: c.d_ff,
+                max_seq_len: c.max_seq_len,
+                rope_theta: c.rope_theta,
+                norm_eps: c.norm_eps,
+                tie_embeddings: c.tie_embeddings,
                 dropout: 0.0,
-                moe: moe.as_ref().map(|m| moe_config(m, *d_model, *d_ff)),
+                moe: c.moe.as_ref().map(|m| moe_config(m, c.d_model, c.d_ff)),
             },
-            ModelConfig::Gpt2 {
-                vocab_size,
-                d_model,
-                n_layers,
-                n_heads,
-                d_ff,
-                max_seq_len,
-                norm_eps,
-                dropout,
-            } => TransformerConfig {
+            ModelConfig::Gpt2(c) => TransformerConfig {
                 family: Family::Gpt2,
-                vocab_size: *vocab_size,
-                d_model: *d_model,
-                n_layers: *n_layers,
-                n_heads: *n_heads,
-                n_kv_heads: *n_heads,
+                vocab_size: c.vocab_size,
+                d_model: c.d_model,
+                n_layers: c.n_layers,
+                n_heads: c.n_heads,
+                n_kv_heads: c.n_heads,
                 head_dim: None,
-                d_ff: d_ff.unwrap_or(4 * d_model),
-                max_seq_len: *max_seq_len,
+                d_ff: c.d_ff.unwrap_or(4 * c.d_model),
+                max_seq_len: c.max_seq_len,
                 rope_theta: 0.0,
-                norm_eps: *norm_eps,
+                norm_eps: c.norm_eps,
                 tie_embeddings: true,
-                dropout: *dropout,
+                dropout: c.dropout,
                 moe: None,
             },
         }
@@ -146,9 +123,19 @@ impl TransformerConfig {
     }
 }
 
+/// The hook through which a method adds to a projection's output without the model knowing
+/// the method: `peft/lora.rs`'s LoRA adapters implement it. The model only calls `forward`;
+/// the adapter's owner reaches its own type again through `as_any`.
+pub trait LinearAdapter: Send {
+    /// What the adapter adds to the projection's output `[.., out]` for its input `x`
+    /// `[.., in]`, or None when it adds nothing (e.g. while merged into the weight).
+    fn forward(&self, x: &Tensor, train: bool) -> Option<Tensor>;
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
 /// A dense projection. `transposed` weights are stored `[in, out]` (GPT-2's Conv1D); the others
-/// `[out, in]` (torch.nn.Linear). Every projection may carry a LoRA adapter (`peft/lora.rs`),
-/// whose low-rank update is added to the output unless it is merged into the weight.
+/// `[out, in]` (torch.nn.Linear). Every projection may carry an adapter (`LinearAdapter`, e.g.
+/// LoRA), whose output is added to the projection's.
 pub struct Linear {
     /// The module path, the Hugging Face module name (`model.layers.0.self_attn.q_proj`,
     /// `transformer.h.0.attn.c_attn`): the weight's key without `.weight`.
@@ -156,7 +143,7 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub transposed: bool,
-    pub lora: Option<LoraAdapter>,
+    pub adapter: Option<Box<dyn LinearAdapter>>,
     /// Wanda's calibration (`prune/wanda.rs`): while Some, every forward adds the squared
     /// inputs, summed over tokens, per input feature `[in]` (fp32).
     pub input_sq: std::cell::RefCell<Option<Tensor>>,
@@ -169,7 +156,7 @@ impl Linear {
             weight,
             bias,
             transposed,
-            lora: None,
+            adapter: None,
             input_sq: std::cell::RefCell::new(None),
         }
     }
@@ -199,7 +186,7 @@ impl Linear {
         } else {
             x.linear(&self.weight, self.bias.as_ref())
         };
-        match self.lora.as_ref().and_then(|a| a.forward(x, train)) {
+        match self.adapter.as_ref().and_then(|a| a.forward(x, train)) {
             Some(delta) => y + delta,
             None => y,
         }

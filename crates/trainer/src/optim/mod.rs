@@ -1,7 +1,11 @@
 //! Optimizers written in Rust that own their state tensors, so that state saves, loads and
-//! resets (tch's built-in optimizers hide theirs). A closed registry: one variant per `kind`.
+//! resets (tch's built-in optimizers hide theirs). A closed registry: one variant per `kind`
+//! (`config.rs` holds `[optim]`, `OptimConfig`).
+//!
+//! Imports: `models/` (the parameter store, parameter names), `validate`, `error`.
 
 pub mod adamw;
+pub mod config;
 pub mod galore;
 pub mod gsm;
 pub mod moment;
@@ -10,11 +14,11 @@ pub mod sgd;
 use crate::error::{Error, Result};
 use crate::models::params::{copy_named, read_safetensors, ParamStore};
 use crate::models::transformer::{is_embedding, is_norm_or_bias};
-use crate::recipe::OptimConfig;
 use std::path::Path;
 use tch::Tensor;
 
 pub use adamw::AdamW;
+pub use config::OptimConfig;
 pub use galore::GaloreAdamW;
 pub use gsm::Gsm;
 pub use sgd::Sgd;

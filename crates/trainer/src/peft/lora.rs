@@ -29,8 +29,8 @@
 
 use crate::error::{io_err, Error, Result};
 use crate::models::params::{read_safetensors, ParamStore};
-use crate::models::transformer::{Family, Linear, Transformer};
-use crate::recipe::{PeftConfig, PeftKind};
+use crate::models::transformer::{Family, Linear, LinearAdapter, Transformer};
+use super::config::{PeftConfig, PeftKind};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -56,9 +56,9 @@ pub struct LoraAdapter {
     merged: AtomicBool,
 }
 
-impl LoraAdapter {
+impl LinearAdapter for LoraAdapter {
     /// `scale * B A dropout(x)` for x `[.., in]`, or None while merged.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Option<Tensor> {
+    fn forward(&self, x: &Tensor, train: bool) -> Option<Tensor> {
         if self.is_merged() {
             return None;
         }
@@ -71,6 +71,19 @@ impl LoraAdapter {
         Some(h.linear(&self.b, None::<&Tensor>) * self.scale) // [.., out]
     }
 
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// The LoRA adapter on a projection, if it carries one.
+pub fn adapter_of(lin: &Linear) -> Option<&LoraAdapter> {
+    lin.adapter
+        .as_ref()
+        .and_then(|a| a.as_any().downcast_ref::<LoraAdapter>())
+}
+
+impl LoraAdapter {
     /// `scale * B A`, `[out, in]`.
     pub fn delta(&self) -> Tensor {
         self.b.matmul(&self.a) * self.scale
@@ -208,21 +221,21 @@ pub fn apply(model: &mut Transformer, store: &mut ParamStore, cfg: &PeftConfig) 
         let (fan_in, fan_out) = lin.in_out();
         let bound = 1.0 / (fan_in as f64).sqrt();
         let a_init = Tensor::rand([r, fan_in], (Kind::Float, Device::Cpu)) * (2.0 * bound) - bound;
-        let a = store.add(&a_name(&lin.path), a_init);
-        let b = store.add(
+        let a = store.add_extra(&a_name(&lin.path), a_init);
+        let b = store.add_extra(
             &b_name(&lin.path),
             Tensor::zeros([fan_out, r], (Kind::Float, Device::Cpu)),
         );
         if cfg.kind == PeftKind::LoraFa {
             store.freeze(&a_name(&lin.path));
         }
-        lin.lora = Some(LoraAdapter {
+        lin.adapter = Some(Box::new(LoraAdapter {
             a,
             b,
             scale: cfg.scale(),
             dropout: cfg.dropout,
             merged: AtomicBool::new(false),
-        });
+        }));
         modules.push(lin.path.clone());
     }
     Ok(Lora {
@@ -235,7 +248,7 @@ pub fn apply(model: &mut Transformer, store: &mut ParamStore, cfg: &PeftConfig) 
 /// adapters off: the model computes the same function with plain projections. Idempotent.
 pub fn merge(model: &Transformer) -> Result<()> {
     for lin in model.projections() {
-        if let Some(ad) = &lin.lora {
+        if let Some(ad) = adapter_of(lin) {
             if !ad.is_merged() {
                 add_delta(lin, ad, 1.0)?;
                 ad.merged.store(true, Ordering::Relaxed);
@@ -248,7 +261,7 @@ pub fn merge(model: &Transformer) -> Result<()> {
 /// Undoes `merge`: subtracts `scale * B A` again and switches the adapters back on.
 pub fn unmerge(model: &Transformer) -> Result<()> {
     for lin in model.projections() {
-        if let Some(ad) = &lin.lora {
+        if let Some(ad) = adapter_of(lin) {
             if ad.is_merged() {
                 add_delta(lin, ad, -1.0)?;
                 ad.merged.store(false, Ordering::Relaxed);
@@ -326,7 +339,7 @@ pub fn export_peft(model: &Transformer, lora: &Lora, base: Option<&str>, out: &P
     // they export as peft_type LORA.
     let mut named: Vec<(String, Tensor)> = Vec::new();
     for lin in model.projections() {
-        if let Some(ad) = &lin.lora {
+        if let Some(ad) = adapter_of(lin) {
             let cpu = |t: &Tensor| t.detach().to_device(Device::Cpu).to_kind(Kind::Float);
             named.push((
                 format!("{PEFT_PREFIX}{}.lora_A.weight", lin.path),
@@ -420,7 +433,7 @@ pub fn load_peft(model: &Transformer, lora: &Lora, dir: &Path) -> Result<()> {
         .collect();
     let mut pairs = Vec::new();
     for lin in model.projections() {
-        let Some(ad) = &lin.lora else { continue };
+        let Some(ad) = adapter_of(lin) else { continue };
         for (name, target) in [(a_name(&lin.path), &ad.a), (b_name(&lin.path), &ad.b)] {
             let src = loaded
                 .remove(&name)

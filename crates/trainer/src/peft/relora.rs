@@ -24,11 +24,11 @@
 //! Every counter is a pure function of the step, and the re-drawn A comes from torch's CPU
 //! generator seeded from (seed, step): a run resumed from any checkpoint replays bitwise.
 
-use super::lora::{a_name, add_delta, b_name, Lora};
+use super::lora::{a_name, adapter_of, add_delta, b_name, Lora};
 use crate::error::Result;
 use crate::models::transformer::Transformer;
 use crate::optim::Optimizer;
-use crate::recipe::{OptimizerReset, PeftConfig, PeftKind};
+use super::config::{OptimizerReset, PeftConfig, PeftKind};
 use tch::{Device, Kind, Tensor};
 
 /// The ReLoRA settings of a `[peft] kind = "relora"` section.
@@ -113,7 +113,7 @@ pub fn adapter_names(lora: &Lora) -> Vec<String> {
 /// function before and after (up to the rounding of the addition).
 pub fn merge_and_reinit(model: &Transformer) -> Result<()> {
     for lin in model.projections() {
-        let Some(ad) = &lin.lora else { continue };
+        let Some(ad) = adapter_of(lin) else { continue };
         if ad.is_merged() {
             continue;
         }

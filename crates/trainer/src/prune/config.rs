@@ -15,7 +15,7 @@
 //! `S * (1 - (1 - (t - start) / (end - start))^3)` at the events `start, start + every, ...,
 //! end`, so that most weights go early, while the network can still recover.
 
-use crate::recipe::{check, Invalid};
+use crate::validate::{check, Invalid};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

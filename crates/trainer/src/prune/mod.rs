@@ -5,11 +5,13 @@
 //! A mask lives in the `ParamStore` (`set_mask`): the trainer zeroes the masked weights after
 //! every optimizer step and checkpoints carry the masks, so the zeros stay zeros through later
 //! training, resumes and fine-tuning from a pruned checkpoint. Global sparse momentum (GSM) is an
-//! optimizer (`optim/gsm.rs`); its final cut to exact zeros is a pruning event here.
+//! optimizer (`optim/gsm.rs`); its final cut to exact zeros is a pruning event here. `trainer
+//! prune` (one-shot pruning of a saved model) is a task in `train/prune.rs`.
+//!
+//! Imports: `models/`, `validate`, `error`.
 
 pub mod config;
 pub mod magnitude;
-pub mod oneshot;
 pub mod structured;
 pub mod wanda;
 
@@ -191,11 +193,11 @@ impl Pruner {
     /// default the last step); None when the run prunes nothing.
     pub fn for_run(
         prune: Option<&PruneConfig>,
-        optim: &crate::recipe::OptimConfig,
+        optim: &crate::optim::OptimConfig,
         store: &ParamStore,
         total_steps: i64,
     ) -> Result<Option<Pruner>> {
-        use crate::recipe::OptimConfig;
+        use crate::optim::OptimConfig;
         match (prune, optim) {
             (Some(_), OptimConfig::Gsm { .. }) => Err(Error::Recipe(
                 "prune: [prune] and optim.kind = \"gsm\" both prune; use one of them".into(),

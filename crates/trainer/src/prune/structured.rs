@@ -19,7 +19,7 @@
 use crate::error::{Error, Result};
 use crate::models::params::{copy_named, ParamStore};
 use crate::models::transformer::{Family, Transformer, TransformerConfig};
-use crate::recipe::ModelConfig;
+use crate::models::ModelConfig;
 use tch::{Kind, Tensor};
 
 /// What the smaller model keeps.
@@ -217,30 +217,19 @@ pub fn smaller_model_config(
 ) -> ModelConfig {
     let mut out = cfg.clone();
     match &mut out {
-        ModelConfig::Llama {
-            n_layers: l,
-            d_ff: f,
-            n_heads: h,
-            n_kv_heads: kv,
-            head_dim,
-            ..
-        } => {
-            *l = n_layers;
-            *f = d_ff;
+        ModelConfig::Llama(c) => {
+            c.n_layers = n_layers;
+            c.d_ff = d_ff;
             if n_heads != old.n_heads {
-                *h = n_heads;
-                *kv = Some(n_heads / (old.n_heads / old.n_kv_heads));
+                c.n_heads = n_heads;
+                c.n_kv_heads = Some(n_heads / (old.n_heads / old.n_kv_heads));
                 // The heads keep their width, no longer d_model / n_heads.
-                *head_dim = Some(old.head_dim());
+                c.head_dim = Some(old.head_dim());
             }
         }
-        ModelConfig::Gpt2 {
-            n_layers: l,
-            d_ff: f,
-            ..
-        } => {
-            *l = n_layers;
-            *f = Some(d_ff);
+        ModelConfig::Gpt2(c) => {
+            c.n_layers = n_layers;
+            c.d_ff = Some(d_ff);
         }
     }
     out
@@ -320,7 +309,7 @@ mod tests {
     use tch::Device;
 
     fn llama(n_layers: i64, d_ff: i64) -> TransformerConfig {
-        TransformerConfig::from_recipe(&ModelConfig::Llama {
+        TransformerConfig::from_recipe(&ModelConfig::Llama(crate::models::LlamaConfig {
             vocab_size: 64,
             d_model: 16,
             n_layers,
@@ -333,7 +322,7 @@ mod tests {
             norm_eps: 1e-6,
             tie_embeddings: false,
             moe: None,
-        })
+        }))
     }
 
     /// Zeroing the dropped channels and heads of the dense model gives the same function as the
@@ -369,7 +358,7 @@ mod tests {
             assert!(g.double_value(&[kept_group]) >= g.double_value(&[1 - kept_group]));
         }
         let model_cfg = smaller_model_config(
-            &ModelConfig::Llama {
+            &ModelConfig::Llama(crate::models::LlamaConfig {
                 vocab_size: 64,
                 d_model: 16,
                 n_layers: 2,
@@ -382,7 +371,7 @@ mod tests {
                 norm_eps: 1e-6,
                 tie_embeddings: false,
                 moe: None,
-            },
+            }),
             &cfg,
             2,
             10,

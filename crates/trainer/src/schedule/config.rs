@@ -29,7 +29,7 @@
 //! to = 3e-5
 //! ```
 
-use crate::recipe::Invalid;
+use crate::validate::Invalid;
 use serde::{Deserialize, Serialize};
 
 /// The schedule registry. Each variant compiles to a list of phases (`Schedule::new`).

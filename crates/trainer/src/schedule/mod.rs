@@ -37,9 +37,11 @@
 //! directory keeps as `config.toml`, give bit-identical values).
 
 mod config;
+pub mod coupled;
 pub mod report;
 
 pub use config::{DecayShape, PhaseConfig, PhaseShape, ScheduleConfig};
+pub use coupled::{MomentumSchedule, WeightDecaySchedule};
 
 /// One compiled phase: `steps` optimizer steps from milestone `start`, from `from` to `to`.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -2,7 +2,7 @@
 //! classic kinds against the implementation they replace, purity, and validation messages.
 
 use super::*;
-use crate::recipe::{self, Override};
+use crate::config::{self, Override};
 use std::f64::consts::PI;
 
 const MAX: f64 = 1.0;
@@ -350,7 +350,7 @@ fn build(text: &str, overrides: &[&str]) -> Schedule {
         .iter()
         .map(|o| Override::parse(o).expect("override"))
         .collect();
-    let r = recipe::parse(text, "r.toml", &ovs).expect("valid recipe");
+    let r = config::parse(text, "r.toml", &ovs).expect("valid recipe");
     Schedule::new(&r.schedule, r.optim.lr(), r.max_steps())
 }
 
@@ -360,7 +360,7 @@ fn a_schedule_is_a_pure_function_of_recipe_and_step() {
     // from the resolved config.toml of the run directory) and must see the same values.
     let a = build(RECIPE, &[]);
     let b = build(RECIPE, &[]);
-    let resolved = recipe::to_toml(&recipe::parse(RECIPE, "r.toml", &[]).expect("valid"));
+    let resolved = config::to_toml(&config::parse(RECIPE, "r.toml", &[]).expect("valid"));
     let c = build(&resolved, &[]);
     assert_eq!(a, b);
     assert_eq!(a, c);
@@ -382,7 +382,7 @@ fn err(text: &str, overrides: &[&str]) -> String {
         .iter()
         .map(|o| Override::parse(o).expect("override"))
         .collect();
-    match recipe::parse(text, "r.toml", &ovs) {
+    match config::parse(text, "r.toml", &ovs) {
         Ok(r) => panic!("expected an error, got {:?}", r.schedule),
         Err(e) => e.to_string(),
     }
@@ -514,7 +514,7 @@ fn validation_messages_name_the_key() {
 #[test]
 fn classic_recipes_still_parse_with_the_same_meaning() {
     let classic = "[schedule]\nkind = \"cosine\"\nwarmup_steps = 5\nmin_lr = 1e-4\n";
-    let r = recipe::parse(&with_schedule(classic), "r.toml", &[]).expect("valid");
+    let r = config::parse(&with_schedule(classic), "r.toml", &[]).expect("valid");
     assert_eq!(
         r.schedule,
         ScheduleConfig::Cosine {
@@ -522,7 +522,7 @@ fn classic_recipes_still_parse_with_the_same_meaning() {
             min_lr: 1e-4
         }
     );
-    let r = recipe::parse(&with_schedule(""), "r.toml", &[]).expect("valid");
+    let r = config::parse(&with_schedule(""), "r.toml", &[]).expect("valid");
     assert_eq!(r.schedule, ScheduleConfig::default());
     let e = err(&with_schedule(classic), &["schedule.min_lr=2e-3"]);
     assert!(

@@ -24,7 +24,7 @@
 //! ```
 //!
 //! Every point is the base recipe with typed overrides, read through the same machinery as
-//! `--set` (`recipe::Override`), so a key that the recipe schema does not have, or a value of the
+//! `--set` (`config::Override`), so a key that the recipe schema does not have, or a value of the
 //! wrong type, is the same one-line error; all points are checked before any runs. Each (point,
 //! seed) runs in `<out_dir>/<key=value,...>/seed=<s>` (`<out_dir>/base/seed=<s>` when the sweep
 //! has no keys). [`Sweep::runs`] lists them with the arguments of their `trainer run`: what the
@@ -33,7 +33,7 @@
 pub mod results;
 
 use crate::error::{Error, Result};
-use crate::recipe::{self, Override};
+use crate::config::{self, Override};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -151,7 +151,7 @@ impl SweepRun {
     pub fn status(&self) -> RunStatus {
         if self.run_dir.join(SUMMARY_FILE).is_file() {
             RunStatus::Finished
-        } else if crate::recipes::run_dir::holds_run(&self.run_dir) {
+        } else if crate::train::run_dir::holds_run(&self.run_dir) {
             RunStatus::Started
         } else {
             RunStatus::New
@@ -292,9 +292,9 @@ impl Sweep {
             return Ok(self.seeds.clone());
         }
         let overrides = parse_all(&self.set)?;
-        Ok(vec![match recipe::load_any(&self.base, &overrides)? {
-            recipe::AnyRecipe::Pretrain(r) => r.run.seed,
-            recipe::AnyRecipe::Classify(r) => r.run.seed,
+        Ok(vec![match config::load_any(&self.base, &overrides)? {
+            config::AnyRecipe::Pretrain(r) => r.run.seed,
+            config::AnyRecipe::Classify(r) => r.run.seed,
         }])
     }
 
@@ -335,12 +335,12 @@ impl Sweep {
             )));
         }
         let shared = parse_all(&self.set)?;
-        recipe::load_any(&self.base, &shared)
+        config::load_any(&self.base, &shared)
             .map_err(|e| Error::Recipe(format!("{file}: sweep.set: {e}")))?;
         for run in self.runs()? {
             let overrides = parse_all(&run.set)?;
             let point = &self.points[run.point];
-            recipe::load_any(&self.base, &overrides).map_err(|e| {
+            config::load_any(&self.base, &overrides).map_err(|e| {
                 let msg = strip_set(&e);
                 match unknown_key(point, &msg) {
                     Some(key) => Error::Recipe(format!("{file}: sweep key \"{key}\": {msg}")),

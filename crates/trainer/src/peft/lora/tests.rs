@@ -1,10 +1,11 @@
 use super::*;
 use crate::models::transformer::TransformerConfig;
 use crate::optim::Optimizer;
-use crate::recipe::{ModelConfig, OptimConfig};
+use crate::models::ModelConfig;
+use crate::optim::OptimConfig;
 
 fn llama() -> TransformerConfig {
-    TransformerConfig::from_recipe(&ModelConfig::Llama {
+    TransformerConfig::from_recipe(&ModelConfig::Llama(crate::models::LlamaConfig {
         vocab_size: 64,
         d_model: 32,
         n_layers: 2,
@@ -17,11 +18,11 @@ fn llama() -> TransformerConfig {
         norm_eps: 1e-5,
         tie_embeddings: false,
         moe: None,
-    })
+    }))
 }
 
 fn gpt2() -> TransformerConfig {
-    TransformerConfig::from_recipe(&ModelConfig::Gpt2 {
+    TransformerConfig::from_recipe(&ModelConfig::Gpt2(crate::models::Gpt2Config {
         vocab_size: 64,
         d_model: 32,
         n_layers: 2,
@@ -30,7 +31,7 @@ fn gpt2() -> TransformerConfig {
         max_seq_len: 16,
         norm_eps: 1e-5,
         dropout: 0.0,
-    })
+    }))
 }
 
 fn peft(kind: PeftKind, target: &[&str]) -> PeftConfig {
@@ -78,7 +79,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 fn randomise_b(model: &Transformer) {
     tch::no_grad(|| {
         for lin in model.projections() {
-            if let Some(ad) = &lin.lora {
+            if let Some(ad) = adapter_of(lin) {
                 let mut b = ad.b.shallow_clone();
                 b.copy_(&(Tensor::randn(b.size(), (Kind::Float, Device::Cpu)) * 0.1));
             }
@@ -246,7 +247,7 @@ fn merge_then_unmerge_restores_weights_and_merged_model_gives_adapted_logits() {
         );
         // The merged weight is W + scale * B A in the weight's own layout.
         let lin = &model.projections()[0];
-        let ad = lin.lora.as_ref().expect("adapted");
+        let ad = adapter_of(lin).expect("adapted");
         let w0 = &before
             .iter()
             .find(|(n, _)| *n == format!("{}.weight", lin.path))

@@ -2,10 +2,11 @@ use super::*;
 use crate::models::params::ParamStore;
 use crate::models::transformer::TransformerConfig;
 use crate::peft::lora::apply;
-use crate::recipe::{ModelConfig, OptimConfig};
+use crate::models::ModelConfig;
+use crate::optim::OptimConfig;
 
 fn llama() -> TransformerConfig {
-    TransformerConfig::from_recipe(&ModelConfig::Llama {
+    TransformerConfig::from_recipe(&ModelConfig::Llama(crate::models::LlamaConfig {
         vocab_size: 64,
         d_model: 32,
         n_layers: 2,
@@ -18,7 +19,7 @@ fn llama() -> TransformerConfig {
         norm_eps: 1e-5,
         tie_embeddings: false,
         moe: None,
-    })
+    }))
 }
 
 fn relora_cfg(reset: OptimizerReset, keep: Option<f64>) -> PeftConfig {

@@ -7,15 +7,15 @@
 //! the zeros kept; an `hf:` source gives a Hugging Face directory plus `masks.safetensors`. Both
 //! hold `pruning.json`: the method and the per-layer sparsity table.
 
-use super::structured::{self, Shape};
-use super::wanda::{self, Sparsity};
-use super::{magnitude, select, PruneScope, SparsityReport};
 use crate::checkpoint;
+use crate::prune::structured::{self, Shape};
+use crate::prune::wanda::{self, Sparsity};
+use crate::prune::{magnitude, select, PruneScope, SparsityReport};
 use crate::data::source;
 use crate::error::{io_err, Error, Result};
-use crate::models::load::{self, ModelSource};
+use crate::load::{self, ModelSource};
 use crate::models::params::ParamStore;
-use crate::recipe::{self, AnyRecipe, SourceConfig};
+use crate::config::{self, AnyRecipe, SourceConfig};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
@@ -227,9 +227,9 @@ pub fn run_structured(
             out.to_path_buf()
         }
         ModelSource::Checkpoint { dir, run_dir } => {
-            let mut r = recipe::load(&run_dir.join("config.toml"), &[])?;
+            let mut r = config::load(&run_dir.join("config.toml"), &[])?;
             r.model = model_cfg;
-            write_checkpoint(&params, dir, &recipe::to_toml(&r), out)?
+            write_checkpoint(&params, dir, &config::to_toml(&r), out)?
         }
     };
     let shrunk = Shrunk {
@@ -254,10 +254,10 @@ pub fn run_structured(
 
 /// The classification recipe of a trainer run whose model is a ResNet; None for language models
 /// and `hf:` sources.
-fn classifier_recipe(source: &ModelSource) -> Result<Option<crate::recipe::ClassifyRecipe>> {
+fn classifier_recipe(source: &ModelSource) -> Result<Option<crate::config::ClassifyRecipe>> {
     Ok(match source {
         ModelSource::Checkpoint { run_dir, .. } => {
-            match recipe::load_any(&run_dir.join("config.toml"), &[])? {
+            match config::load_any(&run_dir.join("config.toml"), &[])? {
                 AnyRecipe::Classify(r) => Some(r),
                 AnyRecipe::Pretrain(_) => None,
             }

@@ -1,14 +1,18 @@
 //! Where a model's weights come from, for `[init] from`, `trainer eval`, `generate` and `export`:
 //! `hf:PATH` (a Hugging Face directory), a trainer checkpoint (`run/checkpoints/step-N`), or a
 //! trainer run directory (its newest complete checkpoint). Trainer checkpoints take their
-//! architecture from the run's `config.toml`.
+//! architecture (and LoRA adapters) from the run's `config.toml`.
+//!
+//! This sits above `models/` because it needs checkpoints, adapters (`peft/`) and the config
+//! types; `config/` and `train/` import it, and it imports neither.
 
-use super::hf;
-use super::params::{copy_named, read_safetensors, ParamStore};
-use super::transformer::{Transformer, TransformerConfig};
 use crate::checkpoint;
 use crate::error::{Error, Result};
-use crate::recipe::{self, ModelConfig};
+use crate::models::hf;
+use crate::models::params::{copy_named, read_safetensors, ParamStore};
+use crate::models::transformer::{Transformer, TransformerConfig};
+use crate::models::{ClassifierConfig, ModelConfig};
+use crate::peft::PeftConfig;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
@@ -74,22 +78,31 @@ impl ModelSource {
                         msg: "missing: the checkpoint's run directory has no config.toml".into(),
                     });
                 }
-                Ok(recipe::load(&path, &[])?.model)
+                match StoredModel::read(run_dir)? {
+                    StoredModel::Lm { model, .. } => Ok(model),
+                    StoredModel::Classifier(_) => Err(Error::Checkpoint {
+                        path,
+                        msg: "is an image classifier's run (task = \"classify\"), not a language model"
+                            .into(),
+                    }),
+                }
             }
         }
     }
 
     /// The `[peft]` adapters of a trainer run (its `config.toml`); None for other sources. The
     /// adapter weights themselves are in the checkpoint beside the base weights.
-    pub fn peft_config(&self) -> Result<Option<recipe::PeftConfig>> {
+    pub fn peft_config(&self) -> Result<Option<PeftConfig>> {
         match self {
             ModelSource::Hf(_) => Ok(None),
             ModelSource::Checkpoint { run_dir, .. } => {
-                let path = run_dir.join("config.toml");
-                if !path.is_file() {
+                if !run_dir.join("config.toml").is_file() {
                     return Ok(None);
                 }
-                Ok(recipe::load(&path, &[])?.peft)
+                match StoredModel::read(run_dir)? {
+                    StoredModel::Lm { peft, .. } => Ok(peft),
+                    StoredModel::Classifier(_) => Ok(None),
+                }
             }
         }
     }
@@ -182,7 +195,7 @@ impl ModelSource {
 fn load_model_file(params: &mut ParamStore, path: &Path) -> Result<()> {
     let tensors = read_safetensors(path)?
         .into_iter()
-        .filter(|(name, _)| !name.starts_with(crate::distill::PARAM_PREFIX))
+        .filter(|(name, _)| !name.starts_with(checkpoint::DISTILL_PARAM_PREFIX))
         .collect();
     copy_named(
         &mut params.iter().map(|p| (p.name.as_str(), &p.tensor)),
@@ -215,4 +228,60 @@ pub fn load(source: &ModelSource, device: Device) -> Result<Loaded> {
         model,
         lora,
     })
+}
+
+/// The model a trainer run trained, as its `config.toml` (the resolved recipe, written when the
+/// run started) describes it. Only `[run] task`, `[model]` and `[peft]` are read; the model's
+/// ranges are checked again, since the file may have been edited since.
+pub enum StoredModel {
+    Lm {
+        model: ModelConfig,
+        peft: Option<PeftConfig>,
+    },
+    Classifier(ClassifierConfig),
+}
+
+impl StoredModel {
+    pub fn read(run_dir: &Path) -> Result<StoredModel> {
+        let path = run_dir.join("config.toml");
+        let bad = |msg: String| Error::Checkpoint {
+            path: path.clone(),
+            msg,
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| bad(format!("cannot read the run's recipe: {e}")))?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| bad(format!("malformed TOML: {}", one_line(e.message()))))?;
+        let task = table
+            .get("run")
+            .and_then(|r| r.get("task"))
+            .and_then(|t| t.as_str())
+            .unwrap_or("pretrain")
+            .to_string();
+        let model = table
+            .remove("model")
+            .ok_or_else(|| bad("missing [model]".into()))?;
+        let section = |key: &str, e: toml::de::Error| bad(format!("{key}: {}", one_line(e.message())));
+        let invalid = |inv: crate::validate::Invalid| bad(format!("{}: {}", inv.key, inv.msg));
+        if task == "classify" {
+            let model: ClassifierConfig = model.try_into().map_err(|e| section("model", e))?;
+            model.validate().map_err(invalid)?;
+            return Ok(StoredModel::Classifier(model));
+        }
+        let model: ModelConfig = model.try_into().map_err(|e| section("model", e))?;
+        model.validate().map_err(invalid)?;
+        let peft: Option<PeftConfig> = match table.remove("peft") {
+            Some(p) => Some(p.try_into().map_err(|e| section("peft", e))?),
+            None => None,
+        };
+        if let Some(p) = &peft {
+            p.validate().map_err(invalid)?;
+        }
+        Ok(StoredModel::Lm { model, peft })
+    }
+}
+
+fn one_line(msg: &str) -> String {
+    msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }

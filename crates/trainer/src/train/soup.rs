@@ -24,9 +24,9 @@ use super::pretrain;
 use crate::checkpoint::{self, TrainState};
 use crate::device;
 use crate::error::{io_err, Error, Result};
-use crate::models::load::{self, ModelSource};
+use crate::load::{self, ModelSource};
 use crate::models::params::read_safetensors;
-use crate::recipe::{self, Recipe};
+use crate::config::{self, Recipe};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -245,9 +245,9 @@ pub fn run(runs: &[String], method: Method, out: &Path, device_name: &str) -> Re
 /// The first run's recipe from its `config.toml`: the soup's validation data.
 fn first_recipe(run_dir: &Path) -> Result<Recipe> {
     let path = run_dir.join("config.toml");
-    match recipe::load_any(&path, &[])? {
-        recipe::AnyRecipe::Pretrain(r) => Ok(r),
-        recipe::AnyRecipe::Classify(_) => Err(Error::Recipe(format!(
+    match config::load_any(&path, &[])? {
+        config::AnyRecipe::Pretrain(r) => Ok(r),
+        config::AnyRecipe::Classify(_) => Err(Error::Recipe(format!(
             "soup: {}: a classification run; soups are made of language-model runs",
             run_dir.display()
         ))),
@@ -346,7 +346,7 @@ fn write_soup(
     let mut r = recipe.clone();
     r.run.out_dir = out.to_path_buf();
     r.run.name = name;
-    write(tmp.join("config.toml"), recipe::to_toml(&r))?;
+    write(tmp.join("config.toml"), config::to_toml(&r))?;
     write(
         tmp.join("soup.json"),
         serde_json::to_string_pretty(report).unwrap_or_default() + "\n",

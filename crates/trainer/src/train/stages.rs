@@ -38,7 +38,7 @@
 use super::pretrain::{self, Outcome, Resume};
 use crate::checkpoint;
 use crate::error::{Error, Result};
-use crate::recipe::{self, InitLoad, Override, Recipe, SourceConfig};
+use crate::config::{self, InitLoad, Override, Recipe, SourceConfig};
 use crate::signals::StopFlag;
 use std::path::Path;
 
@@ -68,7 +68,7 @@ pub fn load(path: &Path, overrides: &[Override]) -> Result<Option<Vec<Stage>>> {
 const STAGE_KEYS: &str = "name, steps, set, schedule or data";
 
 /// Parses recipe `text` (from `file`, for messages); `None` when it has no `stages` key. Syntax
-/// errors are left to `recipe::parse`, which reports them with their location.
+/// errors are left to `config::parse`, which reports them with their location.
 pub fn parse(text: &str, file: &str, overrides: &[Override]) -> Result<Option<Vec<Stage>>> {
     let Ok(mut base) = text.parse::<toml_edit::DocumentMut>() else {
         return Ok(None);
@@ -237,7 +237,7 @@ pub fn parse(text: &str, file: &str, overrides: &[Override]) -> Result<Option<Ve
         let end = start + steps;
         all.push(Override::parse(&format!("train.max_steps={end}"))?);
         let label = format!("{file} (stage {name:?})");
-        let recipe = recipe::parse(&doc.to_string(), &label, &all)?;
+        let recipe = config::parse(&doc.to_string(), &label, &all)?;
         // The schedule runs over the stage, not the whole run.
         recipe
             .schedule

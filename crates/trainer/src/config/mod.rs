@@ -1,6 +1,14 @@
-//! Recipes: reading a TOML file, applying `--set key=value` overrides, and turning every problem
-//! into one line that names the file, line and column (or the override), the key path, and what
-//! was expected.
+//! Recipes: reading a TOML file (`configs/*.toml`), applying `--set key=value` overrides, and
+//! turning every problem into one line that names the file, line and column (or the override),
+//! the key path, and what was expected; then composing the sections into a recipe.
+//!
+//! This module owns no component's fields: `[model]` is `models::config`, `[data]`
+//! `data::config`, `[optim]` `optim::config`, `[schedule]` `schedule`, `[peft]` `peft::config`,
+//! `[prune]` `prune::config`, `[distill]` `distill::config`. It owns the training loop's own
+//! sections (`[run]`, `[init]`, `[train]`, in `recipe.rs` and `classify.rs`), the checks that
+//! span sections, and the `[[stages]]` file format (`stages.rs`). It imports the components and
+//! `load.rs` (a recipe may take `[model]` from its `[init]` checkpoint); only `train/`, `sweep/`
+//! and the CLI import it.
 //!
 //! The pipeline: parse the text with `toml_edit` (syntax errors carry a span) -> apply overrides
 //! to the document -> deserialize into the typed `Recipe` through `serde_path_to_error` (unknown
@@ -8,12 +16,27 @@
 //! Locations are found by walking the key path in the parsed original text.
 
 mod classify;
-mod distill;
-mod schema;
+mod recipe;
 
 pub use classify::*;
-pub use distill::*;
-pub use schema::*;
+pub use recipe::*;
+
+// The sections a recipe composes, re-exported so that a training loop names one module for a
+// recipe's parts. Each is defined beside the code it configures.
+pub use crate::data::{
+    Cifar100Labels, DataConfig, ImageDataConfig, ImageSourceConfig, MixtureConfig, MixtureSource,
+    SourceConfig, Split, TokenDtype, CIFAR10_MEAN, CIFAR10_STD,
+};
+pub use crate::device::Precision;
+pub use crate::distill::{DistillConfig, HiddenLoss, HiddenPair, KdLoss, TeacherPrecision};
+pub use crate::models::{ClassifierConfig, Gpt2Config, LlamaConfig, ModelConfig, MoeRecipe, RoutingKind};
+pub use crate::optim::OptimConfig;
+pub use crate::peft::{OptimizerReset, PeftConfig, PeftKind};
+pub use crate::prune::PruneConfig;
+pub use crate::schedule::{
+    DecayShape, MomentumSchedule, PhaseConfig, PhaseShape, ScheduleConfig, WeightDecaySchedule,
+};
+pub use crate::validate::{check, Invalid};
 
 use crate::error::{Error, Result};
 use std::path::Path;
@@ -217,43 +240,19 @@ impl<'a> Source<'a> {
 fn resolve_model(file: RecipeFile, locate_key: &dyn Fn(&str) -> String) -> Result<Recipe> {
     let from_init = match &file.init {
         Some(init) => {
-            let dense = crate::models::load::ModelSource::parse(&init.from)
+            let dense = crate::load::ModelSource::parse(&init.from)
                 .and_then(|src| src.model_config())
                 .map_err(|e| {
                     Error::Recipe(format!("{}: init.from: {e}", locate_key("init.from")))
                 })?;
             Some(match (&init.upcycle, dense) {
                 (None, dense) => dense,
-                (
-                    Some(up),
-                    ModelConfig::Llama {
-                        moe: None,
-                        vocab_size,
-                        d_model,
-                        n_layers,
-                        n_heads,
-                        n_kv_heads,
-                        d_ff,
-                        max_seq_len,
-                        rope_theta,
-                        norm_eps,
-                        tie_embeddings,
-                        head_dim,
-                    },
-                ) => ModelConfig::Llama {
-                    moe: Some(up.clone()),
-                    vocab_size,
-                    d_model,
-                    n_layers,
-                    n_heads,
-                    n_kv_heads,
-                    d_ff,
-                    max_seq_len,
-                    rope_theta,
-                    norm_eps,
-                    tie_embeddings,
-                    head_dim,
-                },
+                (Some(up), ModelConfig::Llama(dense)) if dense.moe.is_none() => {
+                    ModelConfig::Llama(LlamaConfig {
+                        moe: Some(up.clone()),
+                        ..dense
+                    })
+                }
                 (Some(_), _) => {
                     return Err(Error::Recipe(format!(
                         "{}: init.upcycle: needs a dense Llama checkpoint in init.from",

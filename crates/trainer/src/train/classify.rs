@@ -26,7 +26,7 @@ use crate::models::params::ParamStore;
 use crate::models::resnet::ResNet;
 use crate::optim::{clip_grad_norm, Optimizer};
 use crate::prune::Pruner;
-use crate::recipe::{self, ClassifyRecipe, Precision};
+use crate::config::{self, ClassifyRecipe, Precision};
 use crate::schedule::Schedule;
 use crate::signals::StopFlag;
 use serde::Serialize;
@@ -94,7 +94,7 @@ pub struct EvalResult {
 }
 
 /// Copies `[init] from` into the model: every tensor by name and shape, but those in `reinit`.
-fn load_init(init: &crate::recipe::ClassifierInit, params: &ParamStore) -> Result<()> {
+fn load_init(init: &crate::config::ClassifierInit, params: &ParamStore) -> Result<()> {
     let file = if init.from.is_dir() {
         init.from.join(checkpoint::MODEL_FILE)
     } else {
@@ -209,14 +209,14 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
     let dp = crate::dist::DataParallel::start(
         &world,
         device,
-        &recipe.run,
+        &recipe.run.collectives(),
         &params,
         state.step,
         &run_dir,
     )?;
     // Only rank 0 writes the run directory.
     let mut metrics = if main {
-        prepare_run_dir(&run_dir, &recipe::to_toml(recipe), state.step)?;
+        prepare_run_dir(&run_dir, &config::to_toml(recipe), state.step)?;
         Some(MetricsLog::open(&run_dir, Some(state.step))?)
     } else {
         None

@@ -16,12 +16,12 @@ use crate::device;
 use crate::error::{io_err, Error, Result};
 use crate::metrics::progress::{format_duration, Progress};
 use crate::metrics::{row, MetricsLog};
-use crate::models::load::ModelSource;
+use crate::load::ModelSource;
 use crate::models::params::ParamStore;
 use crate::models::transformer::{ModelOutput, MoeLayerStats, Transformer, TransformerConfig};
 use crate::optim::{clip_grad_norm, Optimizer};
 use crate::prune::Pruner;
-use crate::recipe::{self, InitLoad, Precision, Recipe, WeightDecaySchedule};
+use crate::config::{self, InitLoad, Precision, Recipe, WeightDecaySchedule};
 use crate::schedule::Schedule;
 use crate::signals::StopFlag;
 use serde::Serialize;
@@ -330,14 +330,14 @@ pub fn run_from(
     let dp = crate::dist::DataParallel::start(
         &world,
         device,
-        &recipe.run,
+        &recipe.run.collectives(),
         &params,
         state.step,
         &run_dir,
     )?;
     // Only rank 0 writes the run directory (logs, TensorBoard, checkpoints, summary).
     let mut metrics = if main {
-        prepare_run_dir(&run_dir, &recipe::to_toml(recipe), state.step)?;
+        prepare_run_dir(&run_dir, &config::to_toml(recipe), state.step)?;
         Some(MetricsLog::open(&run_dir, Some(state.step))?)
     } else {
         None

@@ -1,5 +1,5 @@
-//! `[distill]`: knowledge distillation from a frozen teacher (see `distill/` for the losses and
-//! the teacher). One section for both tasks: `M` is the teacher's architecture type, a
+//! `[distill]` in a recipe: knowledge distillation from a frozen teacher (the losses and
+//! the teacher are beside this file). One section for both tasks: `M` is the teacher's architecture type, a
 //! `ModelConfig` in a pretraining recipe and a `ClassifierConfig` in a classification recipe.
 //!
 //! ```toml
@@ -17,7 +17,7 @@
 //! Validation checks ranges only; the teacher itself (its architecture, vocabulary or label set,
 //! and the layers `hidden` names) is checked when the run opens it.
 
-use super::schema::{check, positive, positive_finite, Invalid};
+use crate::validate::{check, positive, positive_finite, Invalid};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -1,0 +1,520 @@
+//! A language-model recipe: the sections it composes (each defined beside the code it
+//! configures), the training loop's own sections (`[run]`, `[init]`, `[train]`, defined here
+//! because the loops in `train/` sit above this module), and the checks that span sections.
+//!
+//! Deserialization rejects unknown keys and wrong types (`deny_unknown_fields`); `validate`
+//! rejects values out of range. Both are turned into one-line errors with the file location by
+//! `config::load`.
+
+use crate::data::DataConfig;
+use crate::device::Precision;
+use crate::distill::DistillConfig;
+use crate::models::config::validate_moe;
+use crate::models::{ModelConfig, MoeRecipe};
+use crate::optim::OptimConfig;
+use crate::peft::{PeftConfig, PeftKind};
+use crate::prune::PruneConfig;
+use crate::schedule::{MomentumSchedule, ScheduleConfig, WeightDecaySchedule};
+use crate::validate::{check, positive, positive_finite, Invalid};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub run: RunConfig,
+    /// Where the initial weights come from; absent: a fresh random initialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitConfig>,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    pub train: TrainConfig,
+    /// Parameter-efficient fine-tuning (`peft/`): LoRA adapters on a frozen base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peft: Option<PeftConfig>,
+    /// Magnitude pruning during training (`prune/`), one-shot or gradual.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune: Option<PruneConfig>,
+    /// Knowledge distillation from a frozen teacher (`distill/`, `recipe/distill.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig<ModelConfig>>,
+}
+
+/// A recipe as written: `[model]` may be left out when `[init] from` names a checkpoint that
+/// carries its own architecture (`hf:PATH`'s config.json, or a trainer run's config.toml).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeFile {
+    pub run: RunConfig,
+    #[serde(default)]
+    pub init: Option<InitConfig>,
+    #[serde(default)]
+    pub model: Option<ModelConfig>,
+    pub data: DataConfig,
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub peft: Option<PeftConfig>,
+    #[serde(default)]
+    pub prune: Option<PruneConfig>,
+    #[serde(default)]
+    pub distill: Option<DistillConfig<ModelConfig>>,
+}
+
+impl RecipeFile {
+    pub fn with_model(self, model: ModelConfig) -> Recipe {
+        Recipe {
+            run: self.run,
+            init: self.init,
+            model,
+            data: self.data,
+            optim: self.optim,
+            schedule: self.schedule,
+            train: self.train,
+            peft: self.peft,
+            prune: self.prune,
+            distill: self.distill,
+        }
+    }
+}
+
+/// Initial weights: `from = "hf:PATH"` (a Hugging Face directory: config.json + safetensors) or
+/// the path of a trainer checkpoint (`.../checkpoints/step-N`) or run directory (its newest
+/// checkpoint). Only the model weights are taken: optimizer, schedule and step start fresh.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InitConfig {
+    pub from: String,
+    /// Sparse upcycling (Komatsuzaki et al. 2023): turn the dense Llama checkpoint into an MoE,
+    /// every expert a copy of the layer's MLP, routers freshly initialised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upcycle: Option<MoeRecipe>,
+    /// `"model"` (default): only the weights; optimizer, schedule and step start fresh.
+    /// `"full"`: continue a trainer checkpoint: weights, optimizer state and step.
+    #[serde(default, skip_serializing_if = "InitLoad::is_model")]
+    pub load: InitLoad,
+}
+
+/// What `[init] from` carries over.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum InitLoad {
+    #[default]
+    Model,
+    Full,
+}
+
+impl InitLoad {
+    pub fn is_model(&self) -> bool {
+        *self == InitLoad::Model
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub name: String,
+    /// What the recipe trains: `pretrain` (a language model, this schema) or `classify` (images,
+    /// the schema of `recipe/classify.rs`).
+    #[serde(default, skip_serializing_if = "Task::is_pretrain")]
+    pub task: Task,
+    #[serde(default)]
+    pub seed: u64,
+    /// Run directory; relative paths are relative to the working directory.
+    pub out_dir: PathBuf,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default)]
+    pub precision: Precision,
+    /// Intra-op threads for libtorch on CPU; 0 keeps libtorch's default.
+    #[serde(default)]
+    pub threads: u32,
+    /// Peak dense TFLOP/s of the device at the run's precision (e.g. 989 for an H100 SXM in
+    /// bf16); when given, the summary reports model FLOPs utilisation.
+    #[serde(default)]
+    pub peak_tflops: Option<f64>,
+    /// Require deterministic kernels (`torch.use_deterministic_algorithms(True)`, cuDNN
+    /// deterministic and not benchmarking; `device::set_deterministic`). Costs speed on CUDA;
+    /// an op without a deterministic kernel is an error. The CPU is deterministic without it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deterministic: bool,
+    /// Multi-process runs (`trainer launch`, torchrun or Slurm variables): seconds a rank waits
+    /// at a collective (and at the rendezvous) before failing, so that a rank that died or hangs
+    /// ends the run on every rank with an error instead of a hang.
+    #[serde(
+        default = "default_collective_timeout_s",
+        skip_serializing_if = "is_default_collective_timeout_s"
+    )]
+    pub collective_timeout_s: f64,
+    /// Multi-process runs: gradients are averaged in flat buckets of about this many MiB
+    /// (DistributedDataParallel's `bucket_cap_mb`); each bucket's all-reduce starts as soon as its
+    /// gradients are complete in the backward pass.
+    #[serde(
+        default = "default_bucket_mb",
+        skip_serializing_if = "is_default_bucket_mb"
+    )]
+    pub bucket_mb: f64,
+}
+
+fn default_collective_timeout_s() -> f64 {
+    300.0
+}
+
+fn default_bucket_mb() -> f64 {
+    25.0
+}
+
+fn is_default_bucket_mb(v: &f64) -> bool {
+    *v == default_bucket_mb()
+}
+
+fn is_default_collective_timeout_s(v: &f64) -> bool {
+    *v == default_collective_timeout_s()
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    #[default]
+    Pretrain,
+    Classify,
+}
+
+impl Task {
+    pub fn is_pretrain(&self) -> bool {
+        *self == Task::Pretrain
+    }
+}
+
+fn default_device() -> String {
+    "auto".to_string()
+}
+
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Sequences per micro-batch.
+    pub batch_size: i64,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "one")]
+    pub grad_accum: i64,
+    /// Length of the run in optimizer steps; give this or `max_tokens`.
+    #[serde(default)]
+    pub max_steps: Option<i64>,
+    /// Length of the run in training tokens, rounded up to whole steps.
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    /// Clip the global gradient norm to this value; absent: no clipping.
+    #[serde(default)]
+    pub clip_grad_norm: Option<f64>,
+    /// Evaluate every this many steps (and always at the end); absent: only at the end.
+    #[serde(default)]
+    pub eval_every: Option<i64>,
+    #[serde(default = "default_eval_batches")]
+    pub eval_batches: i64,
+    #[serde(default = "default_log_every")]
+    pub log_every: i64,
+    /// Checkpoint every this many steps (and always at the end); absent: only at the end.
+    #[serde(default)]
+    pub checkpoint_every: Option<i64>,
+    /// How many checkpoints to keep; older ones are deleted once a newer one is complete.
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: i64,
+    /// `[train.reweight]`: loss-based sample reweighting (`data/reweight.rs`); absent: every
+    /// sequence counts the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reweight: Option<crate::data::reweight::ReweightConfig>,
+    /// How `optim.weight_decay` changes over the run; absent: `constant`.
+    #[serde(default, skip_serializing_if = "WeightDecaySchedule::is_constant")]
+    pub weight_decay_schedule: WeightDecaySchedule,
+    /// How the optimizer's momentum (SGD's `momentum`, AdamW's and GaLore's `betas[0]`) changes
+    /// over the run; absent: `constant`.
+    #[serde(default, skip_serializing_if = "MomentumSchedule::is_constant")]
+    pub momentum_schedule: MomentumSchedule,
+    /// The momentum at the LR's peak with `momentum_schedule = "inverse_lr"` (required there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub momentum_min: Option<f64>,
+}
+
+fn one() -> i64 {
+    1
+}
+fn default_eval_batches() -> i64 {
+    10
+}
+fn default_log_every() -> i64 {
+    10
+}
+fn default_keep() -> i64 {
+    3
+}
+impl RunConfig {
+    /// What the data-parallel collectives take from `[run]`.
+    pub fn collectives(&self) -> crate::dist::Collectives {
+        crate::dist::Collectives {
+            timeout_s: self.collective_timeout_s,
+            bucket_mb: self.bucket_mb,
+        }
+    }
+
+    /// The `[run]` checks every recipe type shares.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let r = self;
+        check(
+            !r.name.trim().is_empty(),
+            "run.name",
+            "expected a non-empty name",
+        )?;
+        check(
+            !r.out_dir.as_os_str().is_empty(),
+            "run.out_dir",
+            "expected a directory path",
+        )?;
+        check(
+            crate::device::parse_device_spec(&r.device).is_some(),
+            "run.device",
+            format!("expected auto, cpu, cuda or cuda:N, got {:?}", r.device),
+        )?;
+        check(r.threads <= 1024, "run.threads", "expected at most 1024")?;
+        if let Some(p) = r.peak_tflops {
+            positive_finite(p, "run.peak_tflops")?;
+        }
+        positive_finite(r.collective_timeout_s, "run.collective_timeout_s")?;
+        positive_finite(r.bucket_mb, "run.bucket_mb")?;
+        Ok(())
+    }
+}
+
+impl Recipe {
+    /// Range checks that the types cannot express. The first failure is returned.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        self.run.validate()?;
+        if let Some(init) = &self.init {
+            if let Some(up) = &init.upcycle {
+                validate_moe(up, "init.upcycle")?;
+            }
+            if init.load == InitLoad::Full {
+                check(
+                    !init.from.trim().starts_with("hf:"),
+                    "init.load",
+                    "\"full\" continues a trainer checkpoint (weights, optimizer, step); an hf: model has \
+                     only weights: use load = \"model\"",
+                )?;
+                check(init.upcycle.is_none(), "init.load", "\"full\" cannot be combined with init.upcycle (the optimizer state is for the dense model)")?;
+                check(
+                    self.peft.is_none(),
+                    "init.load",
+                    "\"full\" cannot be combined with [peft]; use load = \"model\"",
+                )?;
+            }
+            check(
+                !init.from.trim().is_empty() && init.from.trim() != "hf:",
+                "init.from",
+                "expected \"hf:PATH\" or the path of a trainer checkpoint or run directory",
+            )?;
+        }
+        self.validate_model()?;
+        self.validate_data()?;
+        self.validate_optim()?;
+        self.validate_train()?;
+        self.validate_layerwise()?;
+        if let Some(p) = &self.peft {
+            p.validate()?;
+        }
+        if let Some(d) = &self.distill {
+            d.validate()?;
+        }
+        Ok(())
+    }
+
+    fn validate_model(&self) -> Result<(), Invalid> {
+        self.model.validate()?;
+        let seq_len = self.data.seq_len;
+        check(
+            seq_len <= self.model.max_seq_len(),
+            "data.seq_len",
+            format!(
+                "seq_len ({seq_len}) must not exceed model.max_seq_len ({})",
+                self.model.max_seq_len()
+            ),
+        )
+    }
+
+    fn validate_data(&self) -> Result<(), Invalid> {
+        self.data.validate(self.model.vocab_size())
+    }
+
+    fn validate_optim(&self) -> Result<(), Invalid> {
+        validate_optim_schedule(&self.optim, &self.schedule)
+    }
+
+    /// `optim.layerwise`: each parameter is updated inside the backward pass, so nothing may
+    /// need all the gradients at once or run several backward passes per micro-batch.
+    fn validate_layerwise(&self) -> Result<(), Invalid> {
+        if !self.optim.layerwise() {
+            return Ok(());
+        }
+        let key = "optim.layerwise";
+        check(
+            self.train.clip_grad_norm.is_none(),
+            key,
+            "cannot clip the global gradient norm (each parameter is updated before the others' gradients exist): remove train.clip_grad_norm",
+        )?;
+        check(
+            self.distill.is_none(),
+            key,
+            "cannot be combined with [distill] (its chunked backward passes complete a gradient more than once)",
+        )?;
+        check(
+            !matches!(&self.peft, Some(p) if p.kind == PeftKind::Relora),
+            key,
+            "cannot be combined with ReLoRA (its merges and optimizer resets run between whole steps)",
+        )
+    }
+}
+
+/// `[optim]` and `[schedule]` range checks, shared by every recipe type (pretrain, classify).
+pub(crate) fn validate_optim_schedule(
+    optim: &OptimConfig,
+    schedule: &ScheduleConfig,
+) -> Result<(), Invalid> {
+    optim.validate()?;
+    schedule.check_values(optim.lr())
+}
+
+/// `[prune]` and GSM's cut against the run's length; the two do not combine.
+pub(crate) fn validate_pruning(
+    prune: Option<&PruneConfig>,
+    optim: &OptimConfig,
+    total_steps: i64,
+) -> Result<(), Invalid> {
+    if let Some(p) = prune {
+        check(
+            !matches!(optim, OptimConfig::Gsm { .. }),
+            "prune",
+            "[prune] and optim.kind = \"gsm\" both prune; use one of them",
+        )?;
+        p.validate(total_steps)?;
+    }
+    if let OptimConfig::Gsm {
+        cut_step: Some(c), ..
+    } = optim
+    {
+        check(
+            *c <= total_steps,
+            "optim.cut_step",
+            format!("expected a step in [0, {total_steps}] (the run's length), got {c}"),
+        )?;
+    }
+    Ok(())
+}
+
+impl Recipe {
+    fn validate_train(&self) -> Result<(), Invalid> {
+        let t = &self.train;
+        positive(t.batch_size, "train.batch_size")?;
+        positive(t.grad_accum, "train.grad_accum")?;
+        match (t.max_steps, t.max_tokens) {
+            (Some(_), Some(_)) => {
+                return Err(Invalid {
+                    key: "train.max_steps".into(),
+                    msg: "give max_steps or max_tokens, not both".into(),
+                })
+            }
+            (None, None) => {
+                return Err(Invalid {
+                    key: "train.max_steps".into(),
+                    msg: "expected max_steps or max_tokens".into(),
+                })
+            }
+            (Some(s), None) => positive(s, "train.max_steps")?,
+            (None, Some(n)) => positive(n, "train.max_tokens")?,
+        }
+        if let Some(c) = t.clip_grad_norm {
+            positive_finite(c, "train.clip_grad_norm")?;
+        }
+        if let Some(e) = t.eval_every {
+            positive(e, "train.eval_every")?;
+        }
+        positive(t.eval_batches, "train.eval_batches")?;
+        positive(t.log_every, "train.log_every")?;
+        if let Some(c) = t.checkpoint_every {
+            positive(c, "train.checkpoint_every")?;
+        }
+        positive(t.keep_checkpoints, "train.keep_checkpoints")?;
+        if let Some(r) = &t.reweight {
+            r.validate(t.batch_size, "a micro-batch (train.batch_size)")?;
+            check(
+                self.distill.is_none(),
+                "train.reweight",
+                "cannot be combined with [distill] (the distillation loss is not reweighted)",
+            )?;
+        }
+        check(
+            t.weight_decay_schedule.is_constant() || !matches!(self.optim, OptimConfig::Gsm { .. }),
+            "train.weight_decay_schedule",
+            "GSM's weight decay is how it prunes: keep it constant with optim.kind = \"gsm\"",
+        )?;
+        self.validate_momentum_schedule()?;
+        validate_pruning(self.prune.as_ref(), &self.optim, self.max_steps())?;
+        self.schedule
+            .check_lengths(self.optim.lr(), self.max_steps())
+    }
+
+    fn validate_momentum_schedule(&self) -> Result<(), Invalid> {
+        let t = &self.train;
+        let Some(min) = t.momentum_min else {
+            return check(
+                t.momentum_schedule.is_constant(),
+                "train.momentum_min",
+                "momentum_schedule = \"inverse_lr\" needs momentum_min (the momentum at the LR's peak)",
+            );
+        };
+        check(
+            !t.momentum_schedule.is_constant(),
+            "train.momentum_min",
+            "only used with momentum_schedule = \"inverse_lr\"",
+        )?;
+        check(
+            !matches!(self.optim, OptimConfig::Gsm { .. }),
+            "train.momentum_schedule",
+            "GSM's momentum and decay set how fast unselected weights reach zero: keep it \
+             constant with optim.kind = \"gsm\"",
+        )?;
+        let max = self.optim.momentum();
+        check(
+            max > 0.0,
+            "train.momentum_schedule",
+            "the optimizer has no momentum (optim.momentum = 0): nothing to schedule",
+        )?;
+        check(
+            (0.0..max).contains(&min),
+            "train.momentum_min",
+            format!("expected 0 <= momentum_min < the optimizer's momentum ({max}), got {min}"),
+        )
+    }
+
+    /// Tokens consumed by one optimizer step.
+    pub fn tokens_per_step(&self) -> i64 {
+        self.train.batch_size * self.train.grad_accum * self.data.seq_len
+    }
+
+    /// The run's length in optimizer steps (`max_tokens` rounded up to whole steps).
+    pub fn max_steps(&self) -> i64 {
+        match (self.train.max_steps, self.train.max_tokens) {
+            (Some(s), _) => s,
+            (None, Some(n)) => {
+                let per = self.tokens_per_step().max(1);
+                (n + per - 1) / per
+            }
+            (None, None) => 0,
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! `[model]` in a language-model recipe: the decoder families of `transformer.rs`, each its own
+//! config type, in a closed registry tagged by `kind`; and `[model]` in an image-classification
+//! recipe (`ClassifierConfig`, the families of `resnet.rs`).
+//!
+//! ```toml
+//! [model]
+//! kind = "llama"
+//! vocab_size = 256
+//! d_model = 128
+//! n_layers = 4
+//! n_heads = 4
+//! d_ff = 344
+//! max_seq_len = 256
+//! ```
+//!
+//! Deserialization rejects unknown keys and wrong types; `validate` rejects values out of range
+//! with the key path (`model.d_model`), which `config/` locates in the recipe file.
+
+use super::resnet::ResNetConfig;
+use crate::validate::{check, positive, positive_finite, Invalid};
+use serde::{Deserialize, Serialize};
+
+/// The language-model registry. Each `kind` is one family of `models/transformer.rs`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ModelConfig {
+    /// RMSNorm, RoPE, SwiGLU, grouped-query attention, optional tied embeddings.
+    Llama(LlamaConfig),
+    /// LayerNorm, learned positions, GELU, biases, tied embeddings.
+    Gpt2(Gpt2Config),
+}
+
+/// `kind = "llama"`: Llama (transformers' `LlamaConfig`), and Mixtral with `[model.moe]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LlamaConfig {
+    pub vocab_size: i64,
+    pub d_model: i64,
+    pub n_layers: i64,
+    pub n_heads: i64,
+    /// Key/value heads for grouped-query attention; defaults to n_heads.
+    #[serde(default)]
+    pub n_kv_heads: Option<i64>,
+    /// Hidden width of the SwiGLU MLP (`intermediate_size`).
+    pub d_ff: i64,
+    /// Width of each attention head; absent: d_model / n_heads. Set when heads were pruned
+    /// (`trainer prune --method structured --heads`), as Hugging Face's `head_dim`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<i64>,
+    pub max_seq_len: i64,
+    /// The base of the rotary embedding's frequencies.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// RMSNorm's epsilon.
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    /// The output projection is the input embedding table (`tie_word_embeddings`).
+    #[serde(default)]
+    pub tie_embeddings: bool,
+    /// Mixture-of-Experts feed-forward layers in place of the dense SwiGLU (Mixtral-style).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeRecipe>,
+}
+
+/// `kind = "gpt2"`: GPT-2 (transformers' `GPT2Config`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Gpt2Config {
+    pub vocab_size: i64,
+    pub d_model: i64,
+    pub n_layers: i64,
+    pub n_heads: i64,
+    /// Hidden width of the MLP; defaults to 4 * d_model.
+    #[serde(default)]
+    pub d_ff: Option<i64>,
+    pub max_seq_len: i64,
+    /// LayerNorm's epsilon.
+    #[serde(default = "default_gpt2_eps")]
+    pub norm_eps: f64,
+    /// Dropout on embeddings, attention and residual branches (training only).
+    #[serde(default)]
+    pub dropout: f64,
+}
+
+/// `[model.moe]`: every layer's MLP becomes `n_experts` SwiGLU experts of width `d_ff` with a
+/// router choosing `top_k` per token (see `models/moe.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MoeRecipe {
+    pub n_experts: i64,
+    pub top_k: i64,
+    #[serde(default)]
+    pub routing: RoutingKind,
+    /// Per-expert capacity factor with token dropping in training; absent: no dropping.
+    #[serde(default)]
+    pub capacity_factor: Option<f64>,
+    /// Weight of the Switch load-balancing loss added to the training loss.
+    #[serde(default = "default_aux_loss_coef")]
+    pub aux_loss_coef: f64,
+    /// Weight of the router z-loss (ST-MoE) added to the training loss.
+    #[serde(default)]
+    pub z_loss_coef: f64,
+    /// One always-on SwiGLU expert beside the routed ones.
+    #[serde(default)]
+    pub shared_expert: bool,
+}
+
+fn default_aux_loss_coef() -> f64 {
+    0.01
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingKind {
+    /// Mixtral: softmax over all experts, top k, renormalised.
+    #[default]
+    SoftmaxTopK,
+    /// Top k logits, softmax over those k.
+    TopKSoftmax,
+    /// Switch Transformer: top-1 weighted by its probability.
+    Switch,
+}
+
+fn default_rope_theta() -> f64 {
+    10000.0
+}
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+fn default_gpt2_eps() -> f64 {
+    1e-5
+}
+
+impl ModelConfig {
+    pub fn vocab_size(&self) -> i64 {
+        match self {
+            ModelConfig::Llama(c) => c.vocab_size,
+            ModelConfig::Gpt2(c) => c.vocab_size,
+        }
+    }
+
+    pub fn max_seq_len(&self) -> i64 {
+        match self {
+            ModelConfig::Llama(c) => c.max_seq_len,
+            ModelConfig::Gpt2(c) => c.max_seq_len,
+        }
+    }
+
+    /// Range checks that the types cannot express, with `model.*` key paths.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        match self {
+            ModelConfig::Llama(c) => c.validate(),
+            ModelConfig::Gpt2(c) => c.validate(),
+        }
+    }
+}
+
+impl LlamaConfig {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let c = self;
+        let common = common_model_checks(c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.max_seq_len);
+        match c.head_dim {
+            None => common?,
+            Some(hd) => {
+                // The width check needs no divisibility when the head width is given.
+                common.or_else(|e| if e.key == "model.d_model" { Ok(()) } else { Err(e) })?;
+                check(
+                    hd > 0 && hd % 2 == 0,
+                    "model.head_dim",
+                    format!("expected a positive even integer (RoPE rotates pairs), got {hd}"),
+                )?;
+            }
+        }
+        check(
+            c.d_ff > 0,
+            "model.d_ff",
+            format!("expected a positive integer, got {}", c.d_ff),
+        )?;
+        let kv = c.n_kv_heads.unwrap_or(c.n_heads);
+        check(
+            kv > 0,
+            "model.n_kv_heads",
+            format!("expected a positive integer, got {kv}"),
+        )?;
+        check(
+            c.n_heads % kv == 0,
+            "model.n_kv_heads",
+            format!("n_heads ({}) must be divisible by n_kv_heads ({kv})", c.n_heads),
+        )?;
+        check(
+            c.head_dim.is_some() || (c.d_model / c.n_heads) % 2 == 0,
+            "model.d_model",
+            format!(
+                "head size d_model/n_heads = {} must be even for RoPE",
+                c.d_model / c.n_heads
+            ),
+        )?;
+        check(c.rope_theta > 0.0, "model.rope_theta", "expected a positive number")?;
+        check(c.norm_eps > 0.0, "model.norm_eps", "expected a positive number")?;
+        match &c.moe {
+            Some(m) => validate_moe(m, "model.moe"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Gpt2Config {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let c = self;
+        common_model_checks(c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.max_seq_len)?;
+        if let Some(d_ff) = c.d_ff {
+            check(
+                d_ff > 0,
+                "model.d_ff",
+                format!("expected a positive integer, got {d_ff}"),
+            )?;
+        }
+        check(c.norm_eps > 0.0, "model.norm_eps", "expected a positive number")?;
+        check(
+            (0.0..1.0).contains(&c.dropout),
+            "model.dropout",
+            format!("expected a probability in [0, 1), got {}", c.dropout),
+        )
+    }
+}
+
+fn common_model_checks(
+    vocab_size: i64,
+    d_model: i64,
+    n_layers: i64,
+    n_heads: i64,
+    max_seq_len: i64,
+) -> Result<(), Invalid> {
+    positive(vocab_size, "model.vocab_size")?;
+    positive(d_model, "model.d_model")?;
+    positive(n_layers, "model.n_layers")?;
+    positive(n_heads, "model.n_heads")?;
+    positive(max_seq_len, "model.max_seq_len")?;
+    check(
+        d_model % n_heads == 0,
+        "model.d_model",
+        format!("d_model ({d_model}) must be divisible by n_heads ({n_heads})"),
+    )
+}
+
+pub fn validate_moe(m: &MoeRecipe, key: &str) -> Result<(), Invalid> {
+    positive(m.n_experts, &format!("{key}.n_experts"))?;
+    positive(m.top_k, &format!("{key}.top_k"))?;
+    check(
+        m.top_k <= m.n_experts,
+        &format!("{key}.top_k"),
+        format!(
+            "top_k ({}) must not exceed n_experts ({})",
+            m.top_k, m.n_experts
+        ),
+    )?;
+    check(
+        m.routing != RoutingKind::Switch || m.top_k == 1,
+        &format!("{key}.routing"),
+        "switch routing is top-1: set top_k = 1",
+    )?;
+    if let Some(c) = m.capacity_factor {
+        positive_finite(c, &format!("{key}.capacity_factor"))?;
+    }
+    check(
+        m.aux_loss_coef >= 0.0,
+        &format!("{key}.aux_loss_coef"),
+        "expected a non-negative number",
+    )?;
+    check(
+        m.z_loss_coef >= 0.0,
+        &format!("{key}.z_loss_coef"),
+        "expected a non-negative number",
+    )
+}
+/// The classifier registry: the three families of `models/resnet.rs`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClassifierConfig {
+    /// torchvision's ImageNet ResNet: depth 18, 34, 50, 101 or 152.
+    Resnet { depth: i64, num_classes: i64 },
+    /// He et al.'s CIFAR ResNet (option A shortcuts): depth 6n+2 (20, 32, 44, 56, 110).
+    CifarResnet { depth: i64, num_classes: i64 },
+    /// Wide ResNet WRN-depth-width: depth 6n+4 (10, 16, 22, 28, 40), widen factor `width` (k).
+    Wrn {
+        depth: i64,
+        width: i64,
+        num_classes: i64,
+        /// Dropout between the two convs of each block (the paper uses 0.3 on CIFAR).
+        #[serde(default)]
+        dropout: f64,
+    },
+}
+
+impl ClassifierConfig {
+    pub fn num_classes(&self) -> i64 {
+        match self {
+            ClassifierConfig::Resnet { num_classes, .. }
+            | ClassifierConfig::CifarResnet { num_classes, .. }
+            | ClassifierConfig::Wrn { num_classes, .. } => *num_classes,
+        }
+    }
+
+    /// The model's architecture; fails (naming the field) on a depth or width the family lacks.
+    pub fn build(&self) -> crate::Result<ResNetConfig> {
+        match self {
+            ClassifierConfig::Resnet { depth, num_classes } => {
+                ResNetConfig::resnet(*depth, *num_classes)
+            }
+            ClassifierConfig::CifarResnet { depth, num_classes } => {
+                ResNetConfig::cifar_resnet(*depth, *num_classes)
+            }
+            ClassifierConfig::Wrn {
+                depth,
+                width,
+                num_classes,
+                dropout,
+            } => Ok(ResNetConfig {
+                dropout: *dropout,
+                ..ResNetConfig::wrn(*depth, *width, *num_classes)?
+            }),
+        }
+    }
+}
+
+impl ClassifierConfig {
+    /// Range checks that the types cannot express, with `model.*` key paths.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        match self {
+            ClassifierConfig::Resnet { depth, .. } => check(
+                [18, 34, 50, 101, 152].contains(depth),
+                "model.depth",
+                format!("resnet depth must be one of 18, 34, 50, 101, 152, got {depth}"),
+            )?,
+            ClassifierConfig::CifarResnet { depth, .. } => check(
+                *depth >= 8 && (depth - 2) % 6 == 0,
+                "model.depth",
+                format!("cifar_resnet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}"),
+            )?,
+            ClassifierConfig::Wrn {
+                depth,
+                width,
+                dropout,
+                ..
+            } => {
+                check(
+                    *depth >= 10 && (depth - 4) % 6 == 0,
+                    "model.depth",
+                    format!("wrn depth must be 6n+4 (10, 16, 22, 28, 40), got {depth}"),
+                )?;
+                positive(*width, "model.width")?;
+                check(
+                    (0.0..1.0).contains(dropout),
+                    "model.dropout",
+                    format!("expected a probability in [0, 1), got {dropout}"),
+                )?;
+            }
+        }
+        positive(self.num_classes(), "model.num_classes")
+    }
+}

@@ -1,0 +1,188 @@
+//! `[peft]` in a recipe: low-rank adapters on a frozen base model (`lora.rs` for the method and
+//! the rule by which `target` patterns select projections, `relora.rs` for the merges).
+//!
+//! ```toml
+//! [peft]
+//! kind = "lora"            # or "lora_fa", "relora"
+//! rank = 8
+//! alpha = 16
+//! target = ["q_proj", "v_proj"]
+//! ```
+
+use crate::validate::{check, positive, positive_finite, Invalid};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// `[peft]`: low-rank adapters on a frozen base model (see `peft/lora.rs` for the method and the
+/// rule by which `target` patterns select projections).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PeftConfig {
+    pub kind: PeftKind,
+    /// Rank r of the update B A.
+    pub rank: i64,
+    /// The update is scaled by alpha / r (alpha / sqrt(r) with `rslora`); absent: alpha = r.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    /// Dropout on the adapter's input (training only).
+    #[serde(default)]
+    pub dropout: f64,
+    /// Name patterns of the projections to adapt, e.g. ["q_proj", "v_proj", "mlp.*"].
+    pub target: Vec<String>,
+    /// Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023; PEFT's `use_rslora`).
+    #[serde(default)]
+    pub rslora: bool,
+    /// A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to start the
+    /// adapters from instead of their fresh initialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<PathBuf>,
+    /// ReLoRA only (see `peft/relora.rs`): merge the adapters into the base weights,
+    /// re-initialise them and reset their optimizer state every `merge_every` steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge_every: Option<i64>,
+    /// ReLoRA only: how the adapters' optimizer state is reset at a merge (default "zero").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer_reset: Option<OptimizerReset>,
+    /// ReLoRA with `optimizer_reset = "magnitude"`: the fraction of each adapter moment kept
+    /// (the largest by magnitude); the rest is zeroed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_fraction: Option<f64>,
+    /// ReLoRA only: after each merge the LR ramps linearly from 0 back to the main schedule over
+    /// this many steps (the jagged schedule; default 0: no re-warm).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewarm_steps: Option<i64>,
+    /// ReLoRA only: train every weight full-rank for the first N steps, then switch to ReLoRA
+    /// (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_rank_warmup_steps: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PeftKind {
+    /// LoRA (Hu et al. 2021): A and B trained.
+    Lora,
+    /// LoRA-FA (Zhang et al. 2023): A frozen at its random initialisation, only B trained.
+    LoraFa,
+    /// ReLoRA (Lialin et al. 2023): LoRA whose factors are merged and restarted periodically.
+    Relora,
+}
+
+/// ReLoRA's reset of the adapters' optimizer state at each merge.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerReset {
+    /// Zero the moments entirely.
+    Zero,
+    /// Keep the `keep_fraction` largest moments by magnitude, zero the rest.
+    Magnitude,
+}
+
+impl PeftConfig {
+    pub fn alpha(&self) -> f64 {
+        self.alpha.unwrap_or(self.rank as f64)
+    }
+
+    /// The factor of the low-rank update: alpha / r, or alpha / sqrt(r) with `rslora`.
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha() / (self.rank as f64).sqrt()
+        } else {
+            self.alpha() / self.rank as f64
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), Invalid> {
+        positive(self.rank, "peft.rank")?;
+        if let Some(a) = self.alpha {
+            positive_finite(a, "peft.alpha")?;
+        }
+        check(
+            (0.0..1.0).contains(&self.dropout),
+            "peft.dropout",
+            format!("expected a probability in [0, 1), got {}", self.dropout),
+        )?;
+        check(
+            !self.target.is_empty(),
+            "peft.target",
+            "expected at least one name pattern, e.g. [\"q_proj\", \"v_proj\"]",
+        )?;
+        for (i, p) in self.target.iter().enumerate() {
+            check(
+                !p.trim().is_empty(),
+                "peft.target",
+                format!("expected a non-empty name pattern, got target[{i}] = {p:?}"),
+            )?;
+        }
+        if let Some(from) = &self.from {
+            check(
+                !from.as_os_str().is_empty(),
+                "peft.from",
+                "expected a PEFT adapter directory",
+            )?;
+        }
+        self.validate_relora()
+    }
+
+    fn validate_relora(&self) -> Result<(), Invalid> {
+        if self.kind != PeftKind::Relora {
+            let set = [
+                ("peft.merge_every", self.merge_every.is_some()),
+                ("peft.optimizer_reset", self.optimizer_reset.is_some()),
+                ("peft.keep_fraction", self.keep_fraction.is_some()),
+                ("peft.rewarm_steps", self.rewarm_steps.is_some()),
+                (
+                    "peft.full_rank_warmup_steps",
+                    self.full_rank_warmup_steps.is_some(),
+                ),
+            ];
+            for (key, present) in set {
+                check(!present, key, "only applies to kind = \"relora\"")?;
+            }
+            return Ok(());
+        }
+        let merge_every = self.merge_every.unwrap_or(0);
+        check(
+            self.merge_every.is_some(),
+            "peft.merge_every",
+            "expected a positive number of steps between ReLoRA merges (required for kind = \"relora\")",
+        )?;
+        positive(merge_every, "peft.merge_every")?;
+        let rewarm = self.rewarm_steps.unwrap_or(0);
+        check(
+            rewarm >= 0,
+            "peft.rewarm_steps",
+            format!("expected a non-negative integer, got {rewarm}"),
+        )?;
+        check(
+            rewarm < merge_every,
+            "peft.rewarm_steps",
+            format!("expected fewer steps than peft.merge_every ({merge_every}), got {rewarm}"),
+        )?;
+        let warm = self.full_rank_warmup_steps.unwrap_or(0);
+        check(
+            warm >= 0,
+            "peft.full_rank_warmup_steps",
+            format!("expected a non-negative integer, got {warm}"),
+        )?;
+        match (self.optimizer_reset.unwrap_or(OptimizerReset::Zero), self.keep_fraction) {
+            (OptimizerReset::Zero, Some(_)) => check(
+                false,
+                "peft.keep_fraction",
+                "only applies to optimizer_reset = \"magnitude\" (\"zero\" resets fully)",
+            ),
+            (OptimizerReset::Magnitude, None) => check(
+                false,
+                "peft.keep_fraction",
+                "expected a fraction in [0, 1) of the moments to keep (required for optimizer_reset = \"magnitude\")",
+            ),
+            (OptimizerReset::Magnitude, Some(k)) => check(
+                (0.0..1.0).contains(&k),
+                "peft.keep_fraction",
+                format!("expected a fraction in [0, 1), got {k}"),
+            ),
+            (OptimizerReset::Zero, None) => Ok(()),
+        }
+    }
+}
+
