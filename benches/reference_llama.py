@@ -2,7 +2,7 @@
 """Plain-PyTorch reference for the trainer's Llama benchmark.
 
 The same model as crates/trainer/src/models/transformer.rs (Llama family) and the same training
-step as crates/trainer/src/recipes/pretrain.rs, written the way one would in PyTorch:
+step as crates/trainer/src/train/pretrain.rs, written the way one would in PyTorch:
 
 - token embedding, n_layers x [RMSNorm -> q/k/v/o attention with RoPE (rotate-half) and
   scaled_dot_product_attention(is_causal, enable_gqa) -> residual; RMSNorm -> SwiGLU MLP ->

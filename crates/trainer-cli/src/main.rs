@@ -273,7 +273,7 @@ fn parse_overrides(set: &[String]) -> anyhow::Result<Vec<Override>> {
 /// `trainer validate` of a `[[stages]]` recipe: every stage's resolved recipe.
 fn validate_stages(
     path: &std::path::Path,
-    stages: &[trainer::train::stages::Stage],
+    stages: &[trainer::config::Stage],
 ) -> anyhow::Result<ExitCode> {
     for s in stages {
         println!("# stage {:?}: steps {}..{}", s.name, s.start, s.end());
@@ -290,7 +290,7 @@ fn validate_stages(
 
 /// `trainer run` of a `[[stages]]` recipe (`trainer::train::stages`).
 fn run_stages(
-    stages: &[trainer::train::stages::Stage],
+    stages: &[trainer::config::Stage],
     resume: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
     let resume = match resume {
@@ -318,7 +318,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate { recipe: path, set } => {
             let overrides = parse_overrides(&set)?;
-            if let Some(stages) = trainer::train::stages::load(&path, &overrides)? {
+            if let Some(stages) = trainer::config::stages::load(&path, &overrides)? {
                 return validate_stages(&path, &stages);
             }
             let recipe = match config::load_any(&path, &overrides)? {
@@ -340,7 +340,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             resume,
         } => {
             let overrides = parse_overrides(&set)?;
-            if let Some(stages) = trainer::train::stages::load(&path, &overrides)? {
+            if let Some(stages) = trainer::config::stages::load(&path, &overrides)? {
                 return run_stages(&stages, resume.as_deref());
             }
             let recipe = match config::load_any(&path, &overrides)? {
@@ -555,7 +555,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             steps,
         } => {
             let overrides = parse_overrides(&set)?;
-            if let Some(stages) = trainer::train::stages::load(&path, &overrides)? {
+            if let Some(stages) = trainer::config::stages::load(&path, &overrides)? {
                 anyhow::ensure!(
                     steps.is_none(),
                     "--steps: a [[stages]] recipe is as long as its stages"
@@ -564,7 +564,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .iter()
                     .map(|s| s.recipe.optim.lr())
                     .fold(0.0, f64::max);
-                let s = trainer::train::stages::schedule(&stages);
+                let s = trainer::config::stages::schedule(&stages);
                 schedule_cmd::show(&s, peak, csv.as_deref(), png.as_deref())?;
                 return Ok(ExitCode::SUCCESS);
             }

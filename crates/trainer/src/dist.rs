@@ -15,6 +15,9 @@
 //! Every rank then holds the same gradients and takes the same optimizer step, so AdamW, SGD,
 //! GaLore (same SVD of the same gradient) and ReLoRA (merge and re-draw seeded from (seed, step))
 //! stay in step without exchanging optimizer state.
+//!
+//! Imports: `models/` (the parameter store) and the shim; the training loops (`train/`) call it
+//! with flat arguments (`Collectives`), not the recipe.
 
 use crate::error::{Error, Result};
 use std::sync::{Mutex, PoisonError};

@@ -5,6 +5,9 @@
 //! place once every file is complete and synced, so a reader never sees half of one; `state.json`
 //! is written last and is what marks a directory complete. Only the last `keep` complete
 //! checkpoints are kept, and an older one is deleted only after a newer one is complete.
+//!
+//! Imports: `models/` (the parameter store) and `optim/` (an optimizer saves its own state);
+//! above them, `load.rs`, `distill/` and `train/` read and write checkpoints.
 
 use crate::error::{io_err, Error, Result};
 use crate::models::params::ParamStore;

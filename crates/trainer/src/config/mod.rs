@@ -17,9 +17,11 @@
 
 mod classify;
 mod recipe;
+pub mod stages;
 
 pub use classify::*;
 pub use recipe::*;
+pub use stages::Stage;
 
 // The sections a recipe composes, re-exported so that a training loop names one module for a
 // recipe's parts. Each is defined beside the code it configures.
@@ -406,5 +408,7 @@ fn one_line(msg: &str) -> String {
     msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+#[cfg(test)]
+mod schedule_tests;
 #[cfg(test)]
 mod tests;

@@ -120,7 +120,7 @@ impl InitLoad {
 pub struct RunConfig {
     pub name: String,
     /// What the recipe trains: `pretrain` (a language model, this schema) or `classify` (images,
-    /// the schema of `recipe/classify.rs`).
+    /// the schema of `config/classify.rs`).
     #[serde(default, skip_serializing_if = "Task::is_pretrain")]
     pub task: Task,
     #[serde(default)]

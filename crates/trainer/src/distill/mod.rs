@@ -17,6 +17,9 @@
 //! student's into the teacher's space; it is registered in the student's parameter store as
 //! `distill.hidden.{i}.proj.weight`, so it is trained by the optimizer and saved (and resumed)
 //! with the checkpoint. Loading that checkpoint as a model leaves it out (`load.rs`).
+//!
+//! `config.rs` holds `[distill]`. Imports: `load.rs` and `checkpoint/` (the teacher), `models/`,
+//! `device` (the precision), `validate`, `error`.
 
 pub mod config;
 pub mod losses;

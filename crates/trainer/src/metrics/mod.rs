@@ -1,5 +1,7 @@
 //! What a run writes as it goes: `metrics.jsonl` (one JSON object per logged step or eval),
 //! TensorBoard event files under `tb/`, and what the user sees on the terminal (progress).
+//!
+//! Imports: `error` only.
 
 pub mod progress;
 pub mod tensorboard;

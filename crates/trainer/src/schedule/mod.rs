@@ -35,6 +35,9 @@
 //! in a checkpoint; a resumed run rebuilds the `Schedule` from the same recipe and gets the same
 //! value at every step (tested: two builds, and a build from the resolved recipe that a run
 //! directory keeps as `config.toml`, give bit-identical values).
+//!
+//! `config.rs` holds `[schedule]`; `coupled.rs` the weight-decay and momentum schedules that
+//! follow the LR. Imports: `validate` only.
 
 mod config;
 pub mod coupled;

@@ -29,6 +29,9 @@
 //! seed) runs in `<out_dir>/<key=value,...>/seed=<s>` (`<out_dir>/base/seed=<s>` when the sweep
 //! has no keys). [`Sweep::runs`] lists them with the arguments of their `trainer run`: what the
 //! local runner and a Slurm job array both start.
+//!
+//! Imports: `config/` (each point is a recipe with overrides) and `train/` (the run directory);
+//! only the CLI imports it.
 
 pub mod results;
 

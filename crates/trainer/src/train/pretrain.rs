@@ -113,7 +113,7 @@ pub struct StageSteps {
     pub last_step: i64,
 }
 
-/// The stage `run_from` trains (`recipes/stages.rs`): its name (every metrics row carries it as
+/// The stage `run_from` trains (`train/stages.rs`): its name (every metrics row carries it as
 /// `stage`), its first step (its schedule and mixture counts start there), and all the stages.
 pub struct InStage<'a> {
     pub name: &'a str,
@@ -125,7 +125,7 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
     run_from(recipe, resume, stop, None)
 }
 
-/// `run`, for one stage of a `[[stages]]` recipe (`recipes/stages.rs`), or an ordinary run
+/// `run`, for one stage of a `[[stages]]` recipe (`train/stages.rs`), or an ordinary run
 /// (`None`, which writes no `stage` fields). The stage's schedule and its mixture's realised
 /// fractions are counted from its first step.
 pub fn run_from(
