@@ -533,8 +533,6 @@ fn an_moe_student_also_minimises_its_router_losses() {
         let teacher = LmTeacher::new(teacher, tp, "teacher".into());
         let mut sp = ParamStore::new(Device::Cpu);
         let moe = trainer::models::moe::MoeConfig {
-            d_model: 16,
-            d_ff: 32,
             n_experts: 2,
             top_k: 1,
             routing: trainer::models::moe::Routing::SoftmaxThenTopK,

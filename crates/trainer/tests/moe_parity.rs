@@ -41,16 +41,23 @@ const TOLERANCE: f64 = 1e-4;
 const PREFIX: &str = "model.layers.0.mlp";
 const LEGACY_PREFIX: &str = "model.layers.0.block_sparse_moe";
 
+/// The model's width and the experts' hidden width of each case.
+fn widths(case: &str) -> (i64, i64) {
+    match case {
+        "e4_k2" => (16, 24),
+        "e6_k3" => (24, 20),
+        other => panic!("unknown case {other}"),
+    }
+}
+
 /// Our side of each case; must mirror `CASES` in the script (checked against its case.json).
 fn config(case: &str) -> MoeConfig {
-    let (d_model, d_ff, n_experts, top_k) = match case {
-        "e4_k2" => (16, 24, 4, 2),
-        "e6_k3" => (24, 20, 6, 3),
+    let (n_experts, top_k) = match case {
+        "e4_k2" => (4, 2),
+        "e6_k3" => (6, 3),
         other => panic!("unknown case {other}"),
     };
     MoeConfig {
-        d_model,
-        d_ff,
         n_experts,
         top_k,
         routing: Routing::SoftmaxThenTopK,
@@ -104,22 +111,23 @@ fn rel_err(ours: &Tensor, reference: &Tensor) -> f64 {
     diff / reference.abs().max().double_value(&[]).max(1e-12)
 }
 
-fn build(c: &MoeConfig, weights: &Path) -> Moe {
+fn build(c: &MoeConfig, (d_model, d_ff): (i64, i64), weights: &Path) -> Moe {
     let mut store = ParamStore::new(Device::Cpu);
-    let moe = Moe::new(c, PREFIX, &mut store).unwrap_or_else(|e| panic!("{e}"));
+    let moe = Moe::new(c, d_model, d_ff, PREFIX, &mut store).unwrap_or_else(|e| panic!("{e}"));
     store.load(weights).unwrap_or_else(|e| panic!("{e}"));
     moe
 }
 
 fn check_case(case: &str, dir: &Path) {
     let c = config(case);
+    let (d_model, d_ff) = widths(case);
     let info = read_json(&dir.join("case.json"));
 
     // 1. Config and keys.
     let hf = &info["config"];
     for (k, ours) in [
-        ("d_model", c.d_model),
-        ("d_ff", c.d_ff),
+        ("d_model", d_model),
+        ("d_ff", d_ff),
         ("n_experts", c.n_experts),
         ("top_k", c.top_k),
     ] {
@@ -130,7 +138,7 @@ fn check_case(case: &str, dir: &Path) {
         );
     }
     let mut store = ParamStore::new(Device::Cpu);
-    Moe::new(&c, PREFIX, &mut store).unwrap_or_else(|e| panic!("{e}"));
+    Moe::new(&c, d_model, d_ff, PREFIX, &mut store).unwrap_or_else(|e| panic!("{e}"));
     let ours: Vec<(String, Vec<i64>)> = store
         .iter()
         .map(|p| (p.name.clone(), p.tensor.size()))
@@ -158,7 +166,7 @@ fn check_case(case: &str, dir: &Path) {
     // 2. Output and router logits.
     let weights = dir.join("moe.safetensors");
     let r = read_map(&dir.join("reference.safetensors"));
-    let moe = build(&c, &weights);
+    let moe = build(&c, widths(case), &weights);
     for train in [false, true] {
         let out = moe.forward(&r["x"], train);
         let err = rel_err(&out.out, &r["out"]);
@@ -178,6 +186,7 @@ fn check_case(case: &str, dir: &Path) {
             routing: Routing::TopKThenSoftmax,
             ..c.clone()
         },
+        widths(case),
         &weights,
     );
     let err = rel_err(&topk_softmax.forward(&r["x"], false).out, &r["out"]);
@@ -215,6 +224,7 @@ fn check_case(case: &str, dir: &Path) {
             top_k: 1,
             ..c.clone()
         },
+        widths(case),
         &weights,
     );
     let sw = switch.forward(&r["x"], true);

@@ -5,8 +5,8 @@ use tch::{Device, Kind, Tensor};
 use trainer::models::hf;
 use trainer::load::ModelSource;
 use trainer::models::params::ParamStore;
-use trainer::models::transformer::{moe_config, Family, Transformer, TransformerConfig};
-use trainer::config::{MoeRecipe, RoutingKind};
+use trainer::models::transformer::{Family, Transformer, TransformerConfig};
+use trainer::models::{MoeConfig, Routing};
 
 fn dense_config() -> TransformerConfig {
     TransformerConfig {
@@ -27,7 +27,7 @@ fn dense_config() -> TransformerConfig {
     }
 }
 
-fn upcycled(routing: RoutingKind, top_k: i64, shared_expert: bool) -> (Tensor, Tensor) {
+fn upcycled(routing: Routing, top_k: i64, shared_expert: bool) -> (Tensor, Tensor) {
     tch::manual_seed(3);
     let dense_cfg = dense_config();
     let mut dense_params = ParamStore::new(Device::Cpu);
@@ -36,17 +36,17 @@ fn upcycled(routing: RoutingKind, top_k: i64, shared_expert: bool) -> (Tensor, T
     let hf_dir = dir.path().join("dense");
     hf::export(&dense_cfg, &dense_params, &hf_dir).expect("export");
 
-    let recipe = MoeRecipe {
+    let recipe = MoeConfig {
         n_experts: 4,
         top_k,
         routing,
         capacity_factor: None,
         aux_loss_coef: 0.01,
-        z_loss_coef: 0.0,
+        router_z_loss_coef: 0.0,
         shared_expert,
     };
     let moe_cfg = TransformerConfig {
-        moe: Some(moe_config(&recipe, dense_cfg.d_model, dense_cfg.d_ff)),
+        moe: Some(recipe),
         ..dense_cfg.clone()
     };
     tch::manual_seed(99); // routers get their own fresh initialisation
@@ -69,9 +69,9 @@ fn max_rel_err(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn upcycled_moe_equals_the_dense_model_before_training() {
     for (routing, k) in [
-        (RoutingKind::SoftmaxTopK, 2),
-        (RoutingKind::TopKSoftmax, 2),
-        (RoutingKind::SoftmaxTopK, 1),
+        (Routing::SoftmaxThenTopK, 2),
+        (Routing::TopKThenSoftmax, 2),
+        (Routing::SoftmaxThenTopK, 1),
     ] {
         let (dense, moe) = upcycled(routing, k, false);
         let err = max_rel_err(&moe, &dense);
@@ -86,9 +86,9 @@ fn upcycled_moe_equals_the_dense_model_before_training() {
 fn switch_routing_and_shared_experts_change_the_function_as_documented() {
     // Switch weights are the router probability (< 1), and a shared expert adds its own output:
     // neither preserves the dense function, which is why the identity above needs neither.
-    let (dense, moe) = upcycled(RoutingKind::Switch, 1, false);
+    let (dense, moe) = upcycled(Routing::Switch, 1, false);
     assert!(max_rel_err(&moe, &dense) > 1e-3);
-    let (dense, moe) = upcycled(RoutingKind::SoftmaxTopK, 2, true);
+    let (dense, moe) = upcycled(Routing::SoftmaxThenTopK, 2, true);
     assert!(max_rel_err(&moe, &dense) > 1e-3);
 }
 
@@ -109,17 +109,17 @@ fn upcycling_a_source_without_dense_mlp_weights_names_the_missing_tensor() {
         .collect();
     Tensor::write_safetensors(&kept, &path).expect("write");
 
-    let recipe = MoeRecipe {
+    let recipe = MoeConfig {
         n_experts: 2,
         top_k: 1,
-        routing: RoutingKind::SoftmaxTopK,
+        routing: Routing::SoftmaxThenTopK,
         capacity_factor: None,
         aux_loss_coef: 0.0,
-        z_loss_coef: 0.0,
+        router_z_loss_coef: 0.0,
         shared_expert: false,
     };
     let moe_cfg = TransformerConfig {
-        moe: Some(moe_config(&recipe, 32, 48)),
+        moe: Some(recipe), // the dense model's widths: d_model 32, d_ff 48
         ..dense_cfg.clone()
     };
     let mut moe_params = ParamStore::new(Device::Cpu);

@@ -31,7 +31,9 @@ pub use crate::data::{
 };
 pub use crate::device::Precision;
 pub use crate::distill::{DistillConfig, HiddenLoss, HiddenPair, KdLoss, TeacherPrecision};
-pub use crate::models::{ClassifierConfig, Gpt2Config, LlamaConfig, ModelConfig, MoeRecipe, RoutingKind};
+pub use crate::models::{
+    ClassifierConfig, Gpt2Config, LlamaConfig, ModelConfig, MoeConfig, Routing,
+};
 pub use crate::optim::OptimConfig;
 pub use crate::peft::{OptimizerReset, PeftConfig, PeftKind};
 pub use crate::prune::PruneConfig;

@@ -10,7 +10,7 @@ use crate::data::DataConfig;
 use crate::device::Precision;
 use crate::distill::DistillConfig;
 use crate::models::config::validate_moe;
-use crate::models::{ModelConfig, MoeRecipe};
+use crate::models::{ModelConfig, MoeConfig};
 use crate::optim::OptimConfig;
 use crate::peft::{PeftConfig, PeftKind};
 use crate::prune::PruneConfig;
@@ -93,7 +93,7 @@ pub struct InitConfig {
     /// Sparse upcycling (Komatsuzaki et al. 2023): turn the dense Llama checkpoint into an MoE,
     /// every expert a copy of the layer's MLP, routers freshly initialised.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub upcycle: Option<MoeRecipe>,
+    pub upcycle: Option<MoeConfig>,
     /// `"model"` (default): only the weights; optimizer, schedule and step start fresh.
     /// `"full"`: continue a trainer checkpoint: weights, optimizer state and step.
     #[serde(default, skip_serializing_if = "InitLoad::is_model")]

@@ -16,6 +16,7 @@
 //! Deserialization rejects unknown keys and wrong types; `validate` rejects values out of range
 //! with the key path (`model.d_model`), which `config/` locates in the recipe file.
 
+use super::moe::{MoeConfig, Routing};
 use super::resnet::ResNetConfig;
 use crate::validate::{check, positive, positive_finite, Invalid};
 use serde::{Deserialize, Serialize};
@@ -59,7 +60,7 @@ pub struct LlamaConfig {
     pub tie_embeddings: bool,
     /// Mixture-of-Experts feed-forward layers in place of the dense SwiGLU (Mixtral-style).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub moe: Option<MoeRecipe>,
+    pub moe: Option<MoeConfig>,
 }
 
 /// `kind = "gpt2"`: GPT-2 (transformers' `GPT2Config`).
@@ -80,45 +81,6 @@ pub struct Gpt2Config {
     /// Dropout on embeddings, attention and residual branches (training only).
     #[serde(default)]
     pub dropout: f64,
-}
-
-/// `[model.moe]`: every layer's MLP becomes `n_experts` SwiGLU experts of width `d_ff` with a
-/// router choosing `top_k` per token (see `models/moe.rs`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct MoeRecipe {
-    pub n_experts: i64,
-    pub top_k: i64,
-    #[serde(default)]
-    pub routing: RoutingKind,
-    /// Per-expert capacity factor with token dropping in training; absent: no dropping.
-    #[serde(default)]
-    pub capacity_factor: Option<f64>,
-    /// Weight of the Switch load-balancing loss added to the training loss.
-    #[serde(default = "default_aux_loss_coef")]
-    pub aux_loss_coef: f64,
-    /// Weight of the router z-loss (ST-MoE) added to the training loss.
-    #[serde(default)]
-    pub z_loss_coef: f64,
-    /// One always-on SwiGLU expert beside the routed ones.
-    #[serde(default)]
-    pub shared_expert: bool,
-}
-
-fn default_aux_loss_coef() -> f64 {
-    0.01
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum RoutingKind {
-    /// Mixtral: softmax over all experts, top k, renormalised.
-    #[default]
-    SoftmaxTopK,
-    /// Top k logits, softmax over those k.
-    TopKSoftmax,
-    /// Switch Transformer: top-1 weighted by its probability.
-    Switch,
 }
 
 fn default_rope_theta() -> f64 {
@@ -243,7 +205,7 @@ fn common_model_checks(
     )
 }
 
-pub fn validate_moe(m: &MoeRecipe, key: &str) -> Result<(), Invalid> {
+pub fn validate_moe(m: &MoeConfig, key: &str) -> Result<(), Invalid> {
     positive(m.n_experts, &format!("{key}.n_experts"))?;
     positive(m.top_k, &format!("{key}.top_k"))?;
     check(
@@ -255,7 +217,7 @@ pub fn validate_moe(m: &MoeRecipe, key: &str) -> Result<(), Invalid> {
         ),
     )?;
     check(
-        m.routing != RoutingKind::Switch || m.top_k == 1,
+        m.routing != Routing::Switch || m.top_k == 1,
         &format!("{key}.routing"),
         "switch routing is top-1: set top_k = 1",
     )?;
@@ -268,7 +230,7 @@ pub fn validate_moe(m: &MoeRecipe, key: &str) -> Result<(), Invalid> {
         "expected a non-negative number",
     )?;
     check(
-        m.z_loss_coef >= 0.0,
+        m.router_z_loss_coef >= 0.0,
         &format!("{key}.z_loss_coef"),
         "expected a non-negative number",
     )

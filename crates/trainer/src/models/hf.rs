@@ -6,11 +6,11 @@
 //! silently mis-loaded: rope scaling, attention or MLP biases in Llama, other activations,
 //! a `head_dim` that is not `hidden_size / num_attention_heads`, cross-attention in GPT-2.
 
-use super::moe::{fuse_checkpoint_experts, split_checkpoint_experts, Routing};
+use super::moe::{fuse_checkpoint_experts, split_checkpoint_experts, MoeConfig, Routing};
 use super::params::{copy_named, read_safetensors, ParamStore};
 use super::transformer::{Family, TransformerConfig};
 use crate::error::{io_err, Error, Result};
-use super::config::{Gpt2Config, LlamaConfig, ModelConfig, MoeRecipe, RoutingKind};
+use super::config::{Gpt2Config, LlamaConfig, ModelConfig};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -106,13 +106,13 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
                         );
                     }
                 }
-                Some(MoeRecipe {
+                Some(MoeConfig {
                     n_experts: int("num_local_experts")?,
                     top_k: int("num_experts_per_tok")?,
-                    routing: RoutingKind::SoftmaxTopK,
+                    routing: Routing::SoftmaxThenTopK,
                     capacity_factor: None,
                     aux_loss_coef: float_or("router_aux_loss_coef", 0.001),
-                    z_loss_coef: 0.0,
+                    router_z_loss_coef: 0.0,
                     shared_expert: false,
                 })
             } else {

@@ -20,4 +20,5 @@ pub mod params;
 pub mod resnet;
 pub mod transformer;
 
-pub use config::{ClassifierConfig, Gpt2Config, LlamaConfig, ModelConfig, MoeRecipe, RoutingKind};
+pub use config::{ClassifierConfig, Gpt2Config, LlamaConfig, ModelConfig};
+pub use moe::{MoeConfig, Routing};

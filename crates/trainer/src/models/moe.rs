@@ -47,50 +47,69 @@
 
 use super::params::ParamStore;
 use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
-/// How router logits become expert choices and combine weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How router logits become expert choices and combine weights (`routing` in `[model.moe]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Routing {
-    /// Mixtral: softmax over all experts, keep the top k, renormalise those k to sum to 1.
-    /// (With `top_k = 1` every weight is 1 and the router learns only through the aux losses.)
+    /// `"softmax_top_k"`, Mixtral: softmax over all experts, keep the top k, renormalise those k
+    /// to sum to 1. (With `top_k = 1` every weight is 1 and the router learns only through the
+    /// aux losses.)
+    #[default]
+    #[serde(rename = "softmax_top_k")]
     SoftmaxThenTopK,
-    /// Top k logits, softmax over those k only (weights sum to 1; same experts as above).
+    /// `"top_k_softmax"`: top k logits, softmax over those k only (weights sum to 1; same
+    /// experts as above).
+    #[serde(rename = "top_k_softmax")]
     TopKThenSoftmax,
-    /// Switch Transformer: top-1, weighted by that expert's probability under the full softmax
-    /// (not renormalised, so the router gets a gradient). Requires `top_k = 1`.
+    /// `"switch"`, Switch Transformer: top-1, weighted by that expert's probability under the
+    /// full softmax (not renormalised, so the router gets a gradient). Requires `top_k = 1`.
+    #[serde(rename = "switch")]
     Switch,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// `[model.moe]` (and `[init.upcycle]`): every layer's MLP becomes `n_experts` SwiGLU experts of
+/// the model's `d_ff` with a router choosing `top_k` per token. One type for the recipe and the
+/// layer: `Moe::new` takes the model's widths beside it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MoeConfig {
-    pub d_model: i64,
-    /// Hidden size of each expert (and of the shared expert).
-    pub d_ff: i64,
+    /// Routed experts per layer.
     pub n_experts: i64,
+    /// Experts each token is sent to.
     pub top_k: i64,
+    #[serde(default)]
     pub routing: Routing,
-    /// Per-expert capacity `ceil(capacity_factor * tokens * top_k / n_experts)` in training;
-    /// `None` drops no token. Evaluation never drops (a token's output must not depend on the
-    /// rest of the batch).
+    /// Per-expert capacity `ceil(capacity_factor * tokens * top_k / n_experts)` in training with
+    /// token dropping; absent: no token is dropped. Evaluation never drops (a token's output
+    /// must not depend on the rest of the batch).
+    #[serde(default)]
     pub capacity_factor: Option<f64>,
-    /// Weight of the Switch load-balancing loss in [`MoeOutput::loss`].
+    /// Weight of the Switch load-balancing loss added to the training loss
+    /// ([`MoeOutput::loss`]).
+    #[serde(default = "default_aux_loss_coef")]
     pub aux_loss_coef: f64,
-    /// Weight of the ST-MoE router z-loss in [`MoeOutput::loss`].
+    /// Weight of the ST-MoE router z-loss added to the training loss (`z_loss_coef` in a
+    /// recipe).
+    #[serde(default, rename = "z_loss_coef")]
     pub router_z_loss_coef: f64,
-    /// One always-on SwiGLU expert of size `d_ff` added to the routed output.
+    /// One always-on SwiGLU expert of size `d_ff` beside the routed ones.
+    #[serde(default)]
     pub shared_expert: bool,
 }
 
+fn default_aux_loss_coef() -> f64 {
+    0.01
+}
+
 impl MoeConfig {
-    /// Mixtral 8x7B's layer shape at a given width: 8 experts, top-2, softmax-then-top-k, no
-    /// dropping, `router_aux_loss_coef = 0.001` (MixtralConfig's default), no z-loss.
-    pub fn mixtral(d_model: i64, d_ff: i64) -> MoeConfig {
+    /// Mixtral 8x7B's routing: 8 experts, top-2, softmax-then-top-k, no dropping,
+    /// `router_aux_loss_coef = 0.001` (MixtralConfig's default), no z-loss.
+    pub fn mixtral() -> MoeConfig {
         MoeConfig {
-            d_model,
-            d_ff,
             n_experts: 8,
             top_k: 2,
             routing: Routing::SoftmaxThenTopK,
@@ -103,10 +122,8 @@ impl MoeConfig {
 
     /// Switch Transformer: top-1, capacity factor 1.25, aux coefficient 0.01 (Fedus et al.), and
     /// ST-MoE's z-loss coefficient 0.001.
-    pub fn switch(d_model: i64, d_ff: i64, n_experts: i64) -> MoeConfig {
+    pub fn switch(n_experts: i64) -> MoeConfig {
         MoeConfig {
-            d_model,
-            d_ff,
             n_experts,
             top_k: 1,
             routing: Routing::Switch,
@@ -120,14 +137,8 @@ impl MoeConfig {
     /// Checks every range; each message names the field and what was expected.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Recipe(format!("moe: {msg}")));
-        for (name, v) in [
-            ("d_model", self.d_model),
-            ("d_ff", self.d_ff),
-            ("n_experts", self.n_experts),
-        ] {
-            if v < 1 {
-                return bad(format!("{name} = {v} must be at least 1"));
-            }
+        if self.n_experts < 1 {
+            return bad(format!("n_experts = {} must be at least 1", self.n_experts));
         }
         if self.top_k < 1 || self.top_k > self.n_experts {
             return bad(format!(
@@ -202,6 +213,9 @@ impl SwiGlu {
 
 pub struct Moe {
     pub config: MoeConfig,
+    /// The model's width and each expert's hidden width.
+    pub d_model: i64,
+    pub d_ff: i64,
     router: Tensor,  // [E, d]
     gate_up: Tensor, // [E, 2 * d_ff, d]
     down: Tensor,    // [E, d, d_ff]
@@ -211,10 +225,22 @@ pub struct Moe {
 impl Moe {
     /// Validates `config` and registers the layer's parameters in `store` under `prefix` (keys in
     /// the module docs), initialised like transformers' `MixtralPreTrainedModel._init_weights`:
-    /// normal(0, 0.02) everywhere. Call `tch::manual_seed` first.
-    pub fn new(config: &MoeConfig, prefix: &str, store: &mut ParamStore) -> Result<Moe> {
+    /// normal(0, 0.02) everywhere. Call `tch::manual_seed` first. `d_model` is the model's width,
+    /// `d_ff` each expert's hidden width.
+    pub fn new(
+        config: &MoeConfig,
+        d_model: i64,
+        d_ff: i64,
+        prefix: &str,
+        store: &mut ParamStore,
+    ) -> Result<Moe> {
         config.validate()?;
-        let (d, f, e) = (config.d_model, config.d_ff, config.n_experts);
+        for (name, v) in [("d_model", d_model), ("d_ff", d_ff)] {
+            if v < 1 {
+                return Err(Error::Recipe(format!("moe: {name} = {v} must be at least 1")));
+            }
+        }
+        let (d, f, e) = (d_model, d_ff, config.n_experts);
         let std = 0.02;
         let router = store.normal(&format!("{prefix}.gate.weight"), &[e, d], std);
         let gate_up = store.normal(
@@ -233,6 +259,8 @@ impl Moe {
         });
         Ok(Moe {
             config: config.clone(),
+            d_model,
+            d_ff,
             router,
             gate_up,
             down,
@@ -261,7 +289,7 @@ impl Moe {
     /// `x` is `[b, t, d]` (any leading dims work). `train` enables capacity dropping.
     pub fn forward(&self, x: &Tensor, train: bool) -> MoeOutput {
         let c = &self.config;
-        let (d, f, e, k) = (c.d_model, c.d_ff, c.n_experts, c.top_k);
+        let (d, f, e, k) = (self.d_model, self.d_ff, c.n_experts, c.top_k);
         let (kind, device) = (x.kind(), x.device());
         let xf = x.reshape([-1, d]); // [n, d]
         let n = xf.size()[0];
@@ -360,7 +388,7 @@ impl Moe {
         down_proj: &Tensor,
         source: &Path,
     ) -> Result<()> {
-        let (d, f) = (self.config.d_model, self.config.d_ff);
+        let (d, f) = (self.d_model, self.d_ff);
         for (name, t, want) in [
             ("gate_proj", gate_proj, [f, d]),
             ("up_proj", up_proj, [f, d]),
@@ -520,10 +548,12 @@ fn to_vec_i64(t: &Tensor) -> Vec<i64> {
 mod tests {
     use super::*;
 
+    /// The widths of every test layer.
+    const D_MODEL: i64 = 8;
+    const D_FF: i64 = 12;
+
     fn config(n_experts: i64, top_k: i64, routing: Routing) -> MoeConfig {
         MoeConfig {
-            d_model: 8,
-            d_ff: 12,
             n_experts,
             top_k,
             routing,
@@ -539,7 +569,7 @@ mod tests {
     fn build(c: &MoeConfig, seed: i64) -> (Moe, ParamStore) {
         tch::manual_seed(seed);
         let mut store = ParamStore::new(Device::Cpu);
-        let moe = Moe::new(c, "moe", &mut store).expect("valid config");
+        let moe = Moe::new(c, D_MODEL, D_FF, "moe", &mut store).expect("valid config");
         tch::no_grad(|| {
             for p in store.iter() {
                 let _ = p.tensor.shallow_clone().normal_(0.0, 0.5);
@@ -569,14 +599,14 @@ mod tests {
     /// Loop-per-token reference: out[n] = sum_j w[n, j] * expert_{idx[n, j]}(x[n]).
     fn naive(moe: &Moe, x: &Tensor, keep: impl Fn(i64, i64) -> bool) -> Tensor {
         let c = &moe.config;
-        let xf = x.reshape([-1, c.d_model]);
+        let xf = x.reshape([-1, moe.d_model]);
         let logits = xf.linear(&moe.router, None::<&Tensor>);
         let probs = logits.softmax(-1, Kind::Float);
         let (w, idx) = moe.route(&logits, &probs);
-        let f = c.d_ff;
+        let f = moe.d_ff;
         let rows: Vec<Tensor> = (0..xf.size()[0])
             .map(|t| {
-                let mut acc = Tensor::zeros([c.d_model], (Kind::Float, Device::Cpu));
+                let mut acc = Tensor::zeros([moe.d_model], (Kind::Float, Device::Cpu));
                 for j in 0..c.top_k {
                     if !keep(t, j) {
                         continue;
@@ -625,10 +655,10 @@ mod tests {
             }),
             "moe: aux_loss_coef = -1 must be a non-negative number"
         );
-        MoeConfig::mixtral(8, 16)
+        MoeConfig::mixtral()
             .validate()
             .expect("mixtral preset");
-        MoeConfig::switch(8, 16, 4)
+        MoeConfig::switch(4)
             .validate()
             .expect("switch preset");
     }
@@ -640,7 +670,7 @@ mod tests {
             ..config(4, 2, Routing::SoftmaxThenTopK)
         };
         let mut store = ParamStore::new(Device::Cpu);
-        Moe::new(&c, "model.layers.0.mlp", &mut store).expect("valid");
+        Moe::new(&c, D_MODEL, D_FF, "model.layers.0.mlp", &mut store).expect("valid");
         let got: Vec<(String, Vec<i64>)> = store
             .iter()
             .map(|p| (p.name.clone(), p.tensor.size()))

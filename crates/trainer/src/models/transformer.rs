@@ -10,10 +10,10 @@
 //! one: GPT-2's `Conv1D` weights are stored `[in, out]` as Hugging Face stores them.
 //! Attention goes through libtorch's `scaled_dot_product_attention` (flash kernels on CUDA).
 
-use super::moe::{Moe, MoeConfig, Routing};
+use super::moe::{Moe, MoeConfig};
 use super::params::ParamStore;
 use crate::error::Result;
-use super::config::{ModelConfig, MoeRecipe, RoutingKind};
+use super::config::ModelConfig;
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,25 +42,6 @@ pub struct TransformerConfig {
     pub moe: Option<MoeConfig>,
 }
 
-/// The MoE layer config of a recipe's `[model.moe]` (or `[init.upcycle]`) at a model's width.
-pub fn moe_config(m: &MoeRecipe, d_model: i64, d_ff: i64) -> MoeConfig {
-    MoeConfig {
-        d_model,
-        d_ff,
-        n_experts: m.n_experts,
-        top_k: m.top_k,
-        routing: match m.routing {
-            RoutingKind::SoftmaxTopK => Routing::SoftmaxThenTopK,
-            RoutingKind::TopKSoftmax => Routing::TopKThenSoftmax,
-            RoutingKind::Switch => Routing::Switch,
-        },
-        capacity_factor: m.capacity_factor,
-        aux_loss_coef: m.aux_loss_coef,
-        router_z_loss_coef: m.z_loss_coef,
-        shared_expert: m.shared_expert,
-    }
-}
-
 impl TransformerConfig {
     pub fn from_recipe(cfg: &ModelConfig) -> TransformerConfig {
         match cfg {
@@ -78,7 +59,7 @@ impl TransformerConfig {
                 norm_eps: c.norm_eps,
                 tie_embeddings: c.tie_embeddings,
                 dropout: 0.0,
-                moe: c.moe.as_ref().map(|m| moe_config(m, c.d_model, c.d_ff)),
+                moe: c.moe.clone(),
             },
             ModelConfig::Gpt2(c) => TransformerConfig {
                 family: Family::Gpt2,
@@ -108,7 +89,7 @@ impl TransformerConfig {
     /// through (the active parameters).
     pub fn train_flops_per_token(&self, n_params_no_embed: i64, seq_len: i64) -> f64 {
         let inactive = match &self.moe {
-            Some(m) => (m.n_experts - m.top_k) * 3 * m.d_model * m.d_ff * self.n_layers,
+            Some(m) => (m.n_experts - m.top_k) * 3 * self.d_model * self.d_ff * self.n_layers,
             None => 0,
         };
         // A tied output projection is the embedding table, left out of `n_params_no_embed`, but
@@ -310,7 +291,7 @@ impl Transformer {
             );
             let o = lin(s, format!("{p}.self_attn.o_proj.weight"), d, c.n_heads * hd);
             let mlp = match &c.moe {
-                Some(m) => Mlp::Moe(Moe::new(m, &format!("{p}.mlp"), s)?),
+                Some(m) => Mlp::Moe(Moe::new(m, d, c.d_ff, &format!("{p}.mlp"), s)?),
                 None => Mlp::SwiGlu {
                     gate: lin(s, format!("{p}.mlp.gate_proj.weight"), c.d_ff, d),
                     up: lin(s, format!("{p}.mlp.up_proj.weight"), c.d_ff, d),
