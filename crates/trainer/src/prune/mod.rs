@@ -18,7 +18,7 @@ pub use config::{PruneConfig, PruneScope};
 use crate::error::{Error, Result};
 use crate::models::params::{select_prunable, ParamStore};
 use serde::Serialize;
-use tch::{Kind, Tensor};
+use tch::Kind;
 
 /// Zeros per layer among the prunable weights, and over all of them.
 #[derive(Debug, Clone, Serialize, PartialEq)]
