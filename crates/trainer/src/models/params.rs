@@ -20,7 +20,7 @@
 //!
 //! | pattern            | selects                                                       |
 //! |--------------------|---------------------------------------------------------------|
-//! | `q_proj`           | every `...q_proj.weight` (and `.bias`), as PEFT's `q_proj`      |
+//! | `q_proj`           | every `...q_proj.weight` (and `.bias`), as PEFT's `q_proj`    |
 //! | `self_attn.q_proj` | the same, spelled with its parent                             |
 //! | `q_proj.weight`    | the same weights, by parameter name                           |
 //! | `mlp.*`            | every parameter under an `mlp` module                         |
