@@ -25,8 +25,8 @@ pub struct PruneArgs {
     /// Magnitude only: rank all prunable weights together (global) or each tensor alone.
     #[arg(long, value_enum, default_value = "global")]
     scope: ScopeArg,
-    /// Name patterns of the weights to prune (repeatable; `*` for any run); default: linear
-    /// and convolution weights.
+    /// Name patterns of the weights to prune (repeatable; a whole module path or a suffix after
+    /// a `.`, `*` for any run, as `[prune] prunable`); default: linear and convolution weights.
     #[arg(long)]
     prunable: Vec<String>,
     /// Wanda's calibration data: a token file (.bin, uint16) or a text file (bytes as tokens);

@@ -397,6 +397,42 @@ fn bad_pruning_input_is_one_line_naming_the_key() {
     }
 }
 
+/// GaLore's `target` and every `prunable` used to match substrings; such a pattern in an old
+/// recipe stops the run before it starts, with one line naming the key, the pattern and the
+/// spelling of its old meaning under the one name rule (`models/params.rs`).
+#[test]
+fn old_substring_patterns_stop_the_run_naming_the_new_spelling() {
+    let work = workdir();
+    let w = work.path();
+    let optim = |line: &str| replace_line(&tiny_recipe("o"), "kind = \"adamw\"", line);
+    for (text, needles) in [
+        (
+            optim("kind = \"galore_adamw\"\nrank = 2\ntarget = [\"attn\"]"),
+            ["optim.target", "\"attn\"", "write \"*attn*\""],
+        ),
+        (
+            optim("kind = \"gsm\"\ndensity = 0.5\nprunable = [\"mlp\"]"),
+            ["optim.prunable", "\"mlp\"", "write \"mlp.*\""],
+        ),
+        (
+            format!(
+                "{}\n[prune]\nmethod = \"magnitude\"\nsparsity = 0.5\nprunable = [\"proj\"]\n",
+                tiny_recipe("o")
+            ),
+            ["prune.prunable", "\"proj\"", "write \"*proj\""],
+        ),
+    ] {
+        write_recipe(w, "old.toml", &text);
+        trainer(w, &["run", "old.toml"]).assert_one_error(&needles);
+        assert!(!w.join("o/checkpoints").exists());
+    }
+    // The new spellings run.
+    let text = optim("kind = \"galore_adamw\"\nrank = 2\ntarget = [\"*attn*\", \"mlp.*\"]");
+    write_recipe(w, "new.toml", &text);
+    let out = trainer(w, &["run", "new.toml", "--set", "train.max_steps=6"]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+}
+
 #[test]
 fn structured_pruning_makes_a_smaller_model_that_evaluates_and_trains() {
     let work = workdir();

@@ -685,7 +685,7 @@ fn build_errors_name_the_weight_or_pattern() {
          [16, 16] (expected rank <= 16)"
     );
     assert_eq!(
-        build_err(&store, &galore_config(4, &["self_attn", "experts"], 1e-3)),
+        build_err(&store, &galore_config(4, &["self_attn.*", "experts"], 1e-3)),
         "optim.target: pattern \"experts\" matches no 2-D trainable weight"
     );
     let mut norms_only = ParamStore::new(Device::Cpu);
@@ -717,8 +717,8 @@ fn state_bytes_of_a_tiny_llama_are_below_adamw() {
     let adamw_bytes = Optimizer::build(&adamw, &store)
         .expect("adamw")
         .state_bytes();
-    let galore =
-        Optimizer::build(&galore_config(4, &["self_attn", "mlp"], 1e-3), &store).expect("galore");
+    let galore = Optimizer::build(&galore_config(4, &["self_attn.*", "mlp.*"], 1e-3), &store)
+        .expect("galore");
     let galore_bytes = galore.state_bytes();
     assert_eq!(adamw_bytes, 2 * 4 * store.num_trainable());
     // Per layer: q, k, v, o [16, 16] and gate, up [32, 16] project from the right (moments
@@ -737,8 +737,8 @@ fn galore_training_reduces_the_loss() {
     tch::manual_seed(7);
     let mut store = ParamStore::new(Device::Cpu);
     let model = Transformer::new(&tiny_config(), &mut store).expect("model");
-    let mut opt =
-        Optimizer::build(&galore_config(4, &["self_attn", "mlp"], 1e-2), &store).expect("galore");
+    let mut opt = Optimizer::build(&galore_config(4, &["self_attn.*", "mlp.*"], 1e-2), &store)
+        .expect("galore");
     let Optimizer::GaloreAdamW(g) = &opt else {
         panic!("expected GaloreAdamW")
     };

@@ -50,7 +50,7 @@ CASES = [
     {"name": "sgd dampening", "kind": "sgd", "peak_lr": 0.1, "momentum": 0.9, "momentum_min": 0.5,
      "dampening": 0.1, "nesterov": False, "weight_decay": 0.01},
     {"name": "galore_adamw", "kind": "galore_adamw", "peak_lr": 1e-2, "betas": [0.9, 0.999], "momentum_min": 0.8,
-     "eps": 1e-6, "weight_decay": 0.5, "rank": 2, "update_proj_gap": 2, "scale": 0.25, "target": ["proj."]},
+     "eps": 1e-6, "weight_decay": 0.5, "rank": 2, "update_proj_gap": 2, "scale": 0.25, "target": ["proj.*"]},
 ]
 
 

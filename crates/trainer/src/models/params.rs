@@ -1,9 +1,39 @@
-//! An ordered store of named parameters.
+//! An ordered store of named parameters, and the one rule by which name patterns select them.
 //!
 //! Models register each weight here under its Hugging Face key (`model.layers.0.mlp.up_proj.weight`)
 //! and keep a shallow clone for their forward pass, so both see the same storage. The order of
 //! registration is the order optimizers, checkpoints and gradient clipping walk: deterministic,
 //! unlike a hash map.
+//!
+//! ## Name patterns
+//!
+//! Every list of name patterns in a recipe or on the command line (`peft.target`,
+//! `optim.target` of GaLore, `optim.prunable` of GSM, `prune.prunable`, `trainer prune
+//! --prunable`) follows one rule, PEFT's rule for `target_modules` given as a list:
+//!
+//! - a pattern matches a path when it matches the whole path, or a suffix of it that starts
+//!   right after a `.` (so it matches whole components, never part of one);
+//! - `*` matches any run of characters, dots included;
+//! - a pattern matches a parameter when it matches the parameter's name
+//!   (`model.layers.0.self_attn.q_proj.weight`) or its module path, the name without its last
+//!   `.weight` or `.bias` (`model.layers.0.self_attn.q_proj`).
+//!
+//! | pattern            | selects                                                       |
+//! |--------------------|---------------------------------------------------------------|
+//! | `q_proj`           | every `...q_proj.weight` (and `.bias`), as PEFT's `q_proj`    |
+//! | `self_attn.q_proj` | the same, spelled with its parent                             |
+//! | `q_proj.weight`    | the same weights, by parameter name                           |
+//! | `mlp.*`            | every parameter under an `mlp` module                         |
+//! | `layers.0.*`       | every parameter of layer 0 (not of layer 10)                  |
+//! | `*attn*`           | every name containing `attn` (the old substring meaning)      |
+//! | `proj`             | nothing: no component is named `proj`                         |
+//!
+//! Each list selects among its own candidates (LoRA: the dense projections; GaLore: 2-D
+//! trainable weights; pruning: trainable weights of two or more dimensions), and a pattern that
+//! selects none of them is an error naming the key. GaLore's `target` and every `prunable` used
+//! to match substrings; a pattern of those lists whose selection differs between the old
+//! substring meaning and this rule is an error that spells the substring meaning in this rule
+//! (`"*attn*"`), so an old recipe never silently changes what it selects (`select`).
 
 use crate::error::{Error, Result};
 use std::path::Path;
@@ -360,3 +390,222 @@ pub fn copy_named<'a>(
         Ok(())
     })
 }
+
+/// Embedding tables (token and position): excluded from weight decay unless asked.
+pub fn is_embedding(name: &str) -> bool {
+    name.ends_with("embed_tokens.weight")
+        || name.ends_with("wte.weight")
+        || name.ends_with("wpe.weight")
+}
+
+/// Norm weights and biases: never weight-decayed.
+pub fn is_norm_or_bias(name: &str) -> bool {
+    name.ends_with(".bias") || name.contains("norm") || name.contains(".ln_")
+}
+
+/// The rule in a few words, quoted by the errors that compare it with the substring meaning.
+const RULE: &str = "a whole module path or a suffix after '.', '*' any run";
+
+/// Whether `pattern` matches `path` under the rule of the module docs: the whole path or a
+/// suffix after a `.`, `*` any run of characters. Applied to module paths as PEFT applies
+/// `target_modules`; `param_matches` adds the module path of a parameter name.
+pub fn name_matches(pattern: &str, path: &str) -> bool {
+    glob(pattern, path)
+        || path
+            .char_indices()
+            .filter(|(_, c)| *c == '.')
+            .any(|(i, _)| glob(pattern, &path[i + 1..]))
+}
+
+/// Whether `pattern` selects the parameter `name`: it matches the name or, for a `.weight` or
+/// `.bias`, the module path before it (so `q_proj` selects `...q_proj.weight` as PEFT's
+/// `q_proj` selects the module).
+pub fn param_matches(pattern: &str, name: &str) -> bool {
+    name_matches(pattern, name)
+        || module_path(name).is_some_and(|module| name_matches(pattern, module))
+}
+
+/// `a.b.weight` -> `a.b`; None for names that do not end in `.weight` or `.bias`.
+fn module_path(name: &str) -> Option<&str> {
+    name.strip_suffix(".weight")
+        .or_else(|| name.strip_suffix(".bias"))
+}
+
+/// Whole-string match where `*` matches any run of characters.
+fn glob(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// The substring meaning GaLore's `target` and `prunable` had before this rule: the pieces
+/// between `*`s occur in `name` in order, anywhere. Only for telling users what changed; it
+/// equals `param_matches("*{pattern}*", name)`.
+fn substring_matches(pattern: &str, name: &str) -> bool {
+    let mut rest = name;
+    for piece in pattern.split('*') {
+        match rest.find(piece) {
+            Some(i) => rest = &rest[i + piece.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Which meaning a pattern list had before this rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Before {
+    /// The same rule (LoRA's `target` always followed PEFT's).
+    SameRule,
+    /// Substrings (GaLore's `target`, every `prunable`): a pattern that selects differently
+    /// under the two meanings is an error, never a silent change.
+    Substring,
+}
+
+/// The names among `candidates` that some pattern of `patterns` selects (`param_matches`), in
+/// the order of `candidates`. Errors name `key`: a pattern that selects no candidate (`what`
+/// says what the candidates are, e.g. "2-D trainable weight"), and with `Before::Substring` a
+/// pattern that selects other candidates than it did as a substring, with the spelling that
+/// keeps the old meaning.
+pub fn select<'a>(
+    candidates: &[&'a str],
+    patterns: &[String],
+    key: &str,
+    what: &str,
+    before: Before,
+) -> Result<Vec<&'a str>> {
+    for pattern in patterns {
+        let now: Vec<&str> = matching(candidates, |n| param_matches(pattern, n));
+        let old: Vec<&str> = match before {
+            Before::SameRule => now.clone(),
+            Before::Substring => matching(candidates, |n| substring_matches(pattern, n)),
+        };
+        if now.is_empty() && old.is_empty() {
+            return Err(Error::Recipe(format!(
+                "{key}: pattern {pattern:?} matches no {what}"
+            )));
+        }
+        if now.is_empty() {
+            return Err(Error::Recipe(format!(
+                "{key}: pattern {pattern:?} matches no {what} under the name rule ({RULE}); \
+                 as a substring it would match {} ({}): write {:?}",
+                old.len(),
+                examples(&old),
+                substring_spelling(pattern, candidates, &old)
+            )));
+        }
+        if now != old {
+            // The sets differ, so one of them has a name the other lacks.
+            let difference = match old.iter().find(|n| !now.contains(n)) {
+                Some(n) => format!("{n:?} only as a substring"),
+                None => match now.iter().find(|n| !old.contains(n)) {
+                    Some(n) => format!("{n:?} only under the name rule"),
+                    None => String::new(),
+                },
+            };
+            return Err(Error::Recipe(format!(
+                "{key}: pattern {pattern:?} selects {} under the name rule ({RULE}) but {} as a \
+                 substring ({difference}): write {:?} for the substring meaning, or a pattern \
+                 both agree on",
+                now.len(),
+                old.len(),
+                substring_spelling(pattern, candidates, &old)
+            )));
+        }
+    }
+    Ok(matching(candidates, |n| {
+        patterns.iter().any(|p| param_matches(p, n))
+    }))
+}
+
+fn matching<'a>(candidates: &[&'a str], keep: impl Fn(&str) -> bool) -> Vec<&'a str> {
+    candidates.iter().copied().filter(|n| keep(n)).collect()
+}
+
+/// Up to two names, for an error line.
+fn examples(names: &[&str]) -> String {
+    let mut out = names
+        .iter()
+        .take(2)
+        .map(|n| format!("{n:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > 2 {
+        out += ", ...";
+    }
+    out
+}
+
+/// The shortest spelling under the name rule that selects `old` among `candidates`: `P.*` (a
+/// module and everything under it) or `*P` when that selects the same, else `*P*`, which always
+/// does (it is the substring meaning).
+fn substring_spelling(pattern: &str, candidates: &[&str], old: &[&str]) -> String {
+    let anywhere = format!(
+        "{}{pattern}{}",
+        if pattern.starts_with('*') { "" } else { "*" },
+        if pattern.ends_with('*') { "" } else { "*" }
+    );
+    [format!("{pattern}.*"), format!("*{pattern}")]
+        .into_iter()
+        .find(|p| matching(candidates, |n| param_matches(p, n)) == old)
+        .unwrap_or(anywhere)
+}
+
+/// The default prunable weights: the weights of convolutions and linear layers (tensors of two
+/// or more dimensions named `*.weight`), not norms, biases, embeddings or the LM head.
+pub fn default_prunable(name: &str, tensor: &Tensor) -> bool {
+    tensor.dim() >= 2
+        && name.ends_with(".weight")
+        && !is_norm_or_bias(name)
+        && !is_embedding(name)
+        && !name.ends_with("lm_head.weight")
+}
+
+/// The names of the prunable trainable weights of `store` (for `prune.prunable`, GSM's
+/// `optim.prunable` and `trainer prune --prunable`, all named by `key`): those that a pattern of
+/// `patterns` selects among the tensors of two or more dimensions (`select`, which also refuses
+/// patterns whose old substring meaning differs), or the defaults when `patterns` is empty.
+pub fn select_prunable(store: &ParamStore, patterns: &[String], key: &str) -> Result<Vec<String>> {
+    if patterns.is_empty() {
+        let names: Vec<String> = store
+            .trainable()
+            .filter(|p| default_prunable(&p.name, &p.tensor))
+            .map(|p| p.name.clone())
+            .collect();
+        if names.is_empty() {
+            return Err(Error::Recipe(format!(
+                "{key}: this model has no prunable weight (no trainable linear or convolution weight)"
+            )));
+        }
+        return Ok(names);
+    }
+    let candidates: Vec<&str> = store
+        .trainable()
+        .filter(|p| p.tensor.dim() >= 2)
+        .map(|p| p.name.as_str())
+        .collect();
+    let names = select(
+        &candidates,
+        patterns,
+        key,
+        "trainable weight of two or more dimensions",
+        Before::Substring,
+    )?;
+    Ok(names.into_iter().map(str::to_string).collect())
+}
+
+#[cfg(test)]
+mod tests;

@@ -646,17 +646,9 @@ pub struct MoeLayerStats {
     pub dropped_fraction: f64,
 }
 
-/// Embedding tables (token and position): excluded from weight decay unless asked.
-pub fn is_embedding(name: &str) -> bool {
-    name.ends_with("embed_tokens.weight")
-        || name.ends_with("wte.weight")
-        || name.ends_with("wpe.weight")
-}
-
-/// Norm weights and biases: never weight-decayed.
-pub fn is_norm_or_bias(name: &str) -> bool {
-    name.ends_with(".bias") || name.contains("norm") || name.contains(".ln_")
-}
+// The name rules of parameters live with the name patterns in `params.rs` (pruning's defaults
+// use them too); re-exported here where callers have always found them.
+pub use super::params::{is_embedding, is_norm_or_bias};
 
 /// cos and sin tables `[max_seq_len, head_dim]` of rotary embeddings, with the frequencies
 /// repeated over both halves as transformers' `LlamaRotaryEmbedding` does.

@@ -70,8 +70,9 @@ pub enum OptimConfig {
         /// Multiplies the projected-back update.
         #[serde(default = "default_galore_scale")]
         scale: f64,
-        /// Name patterns (substrings, `*` for any run) of the 2-D weights to project; empty:
-        /// every 2-D weight except embeddings and lm_head.
+        /// Name patterns of the 2-D weights to project (a whole module path or a suffix after
+        /// a `.`, `*` any run: the rule of `models/params.rs`); empty: every 2-D weight except
+        /// embeddings and lm_head.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         target: Vec<String>,
         /// 32 (default) or 8: the low-rank moments block-wise quantised to 8 bits (8-bit GaLore).
@@ -96,7 +97,8 @@ pub enum OptimConfig {
         weight_decay: f64,
         /// Fraction of the prunable weights that survive, in (0, 1).
         density: f64,
-        /// Name patterns of the prunable weights; empty: linear and convolution weights.
+        /// Name patterns of the prunable weights (the rule of `models/params.rs`); empty:
+        /// linear and convolution weights.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         prunable: Vec<String>,
         /// Optimizer steps after which the cut happens; absent: the end of the run.

@@ -36,8 +36,8 @@
 use super::moment::Moment;
 use super::{grad_of, StateTensors};
 use crate::error::{Error, Result};
-use crate::models::params::bytes_of;
-use crate::models::transformer::is_embedding;
+use crate::models::params::{bytes_of, is_embedding, select, Before};
+use std::collections::HashSet;
 use tch::{Kind, Tensor};
 
 /// The projection hyperparameters (the reference's `rank`, `update_proj_gap`, `scale`).
@@ -133,19 +133,6 @@ impl Projector {
     }
 }
 
-/// Whether `name` contains `pattern`, where a `*` in the pattern stands for any run of
-/// characters: "self_attn" selects every attention weight, "layers.0.*proj" the first layer's.
-pub fn name_matches(pattern: &str, name: &str) -> bool {
-    let mut rest = name;
-    for piece in pattern.split('*') {
-        match rest.find(piece) {
-            Some(i) => rest = &rest[i + piece.len()..],
-            None => return false,
-        }
-    }
-    true
-}
-
 /// The weights projected by default: every 2-D one except embeddings and the output head, as
 /// the reference's training script projects the Linear layers of attention and MLP blocks only.
 fn default_target(name: &str) -> bool {
@@ -154,8 +141,9 @@ fn default_target(name: &str) -> bool {
 
 impl GaloreAdamW {
     /// `params`: (name, tensor, decay?) for every trainable parameter, in a fixed order. The 2-D
-    /// ones whose names match a pattern of `target` (every 2-D one but embeddings and lm_head
-    /// when `target` is empty) are projected; the rest get plain AdamW.
+    /// ones that a pattern of `target` selects (the name rule of `models::params`; every 2-D one
+    /// but embeddings and lm_head when `target` is empty) are projected; the rest get plain
+    /// AdamW.
     pub fn new(
         params: Vec<(String, Tensor, bool)>,
         target: &[String],
@@ -188,28 +176,33 @@ impl GaloreAdamW {
                 format!("expected a positive number, got {scale}"),
             ));
         }
-        let selected = |name: &str, t: &Tensor| {
-            t.dim() == 2
-                && if target.is_empty() {
-                    default_target(name)
-                } else {
-                    target.iter().any(|p| name_matches(p, name))
-                }
+        let two_d: Vec<&str> = params
+            .iter()
+            .filter(|(_, t, _)| t.dim() == 2)
+            .map(|(n, _, _)| n.as_str())
+            .collect();
+        // `target` used to match substrings: `select` refuses a pattern whose meaning changed.
+        let projected: HashSet<String> = if target.is_empty() {
+            two_d
+                .into_iter()
+                .filter(|n| default_target(n))
+                .map(str::to_string)
+                .collect()
+        } else {
+            select(
+                &two_d,
+                target,
+                "optim.target",
+                "2-D trainable weight",
+                Before::Substring,
+            )?
+            .into_iter()
+            .map(str::to_string)
+            .collect()
         };
-        for pattern in target {
-            if !params
-                .iter()
-                .any(|(n, t, _)| t.dim() == 2 && name_matches(pattern, n))
-            {
-                return Err(recipe_err(
-                    "target",
-                    format!("pattern {pattern:?} matches no 2-D trainable weight"),
-                ));
-            }
-        }
         let mut slots = Vec::with_capacity(params.len());
         for (name, param, decay) in params {
-            let projector = if selected(&name, &param) {
+            let projector = if projected.contains(&name) {
                 let size = param.size();
                 let smaller = size[0].min(size[1]);
                 if rank > smaller {
@@ -482,27 +475,6 @@ mod tests {
     }
 
     #[test]
-    fn patterns_match_substrings_with_wildcards() {
-        assert!(name_matches(
-            "self_attn",
-            "model.layers.0.self_attn.q_proj.weight"
-        ));
-        assert!(name_matches(
-            "layers.1.*proj",
-            "model.layers.1.mlp.up_proj.weight"
-        ));
-        assert!(!name_matches(
-            "layers.1.*proj",
-            "model.layers.0.mlp.up_proj.weight"
-        ));
-        assert!(name_matches("*", "anything"));
-        assert!(!name_matches(
-            "mlp",
-            "model.layers.0.self_attn.o_proj.weight"
-        ));
-    }
-
-    #[test]
     fn default_target_leaves_out_embeddings_and_the_head() {
         let params = vec![
             (
@@ -556,7 +528,7 @@ mod tests {
              [16, 8] (expected rank <= 8)"
         );
         assert_eq!(
-            build_err(params(), &["mlp", "self_attn"], 2),
+            build_err(params(), &["mlp.*", "self_attn"], 2),
             "optim.target: pattern \"self_attn\" matches no 2-D trainable weight"
         );
         // A pattern that only matches 1-D weights selects nothing GaLore can project.

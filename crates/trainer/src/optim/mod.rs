@@ -12,7 +12,7 @@ pub mod moment;
 pub mod sgd;
 
 use crate::error::{Error, Result};
-use crate::models::params::{copy_named, read_safetensors, ParamStore};
+use crate::models::params::{copy_named, read_safetensors, select_prunable, ParamStore};
 use crate::models::transformer::{is_embedding, is_norm_or_bias};
 use std::path::Path;
 use tch::Tensor;
@@ -124,7 +124,7 @@ impl Optimizer {
                 prunable,
                 ..
             } => {
-                let names = crate::prune::select(store, prunable, "optim.prunable")?;
+                let names = select_prunable(store, prunable, "optim.prunable")?;
                 Optimizer::Gsm(Gsm::new(
                     groups(true),
                     &names,

@@ -13,8 +13,8 @@ use crate::validate::{check, positive, positive_finite, Invalid};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-/// `[peft]`: low-rank adapters on a frozen base model (see `peft/lora.rs` for the method and the
-/// rule by which `target` patterns select projections).
+/// `[peft]`: low-rank adapters on a frozen base model (see `peft/lora.rs` for the method and
+/// `models/params.rs` for the rule by which `target` patterns select projections).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PeftConfig {

@@ -20,17 +20,17 @@
 //! ## Target patterns
 //!
 //! `target` patterns select projections by module path (`model.layers.3.self_attn.q_proj`,
-//! `transformer.h.0.mlp.c_fc`). A pattern matches a path when it matches the whole path or a
-//! suffix that starts after a `.`, as PEFT's list-form `target_modules` does (`q_proj` matches
-//! `model.layers.0.self_attn.q_proj`, `self_attn.q_proj` too, `proj` nothing); `*` stands for
-//! any run of characters, dots included (`mlp.*` matches every MLP projection, `layers.1.*` every
+//! `transformer.h.0.mlp.c_fc`) or weight name (`...q_proj.weight`), by the one name rule of
+//! `models::params` (PEFT's rule for list-form `target_modules`: the whole path or a suffix that
+//! starts after a `.`, `*` any run; `q_proj` matches `model.layers.0.self_attn.q_proj`,
+//! `self_attn.q_proj` too, `proj` nothing; `mlp.*` every MLP projection, `layers.1.*` every
 //! projection of layer 1). Only dense projections are candidates: embeddings, the output head,
 //! norms and MoE experts never are. A pattern that selects nothing is an error naming it.
 
 use crate::error::{io_err, Error, Result};
-use crate::models::params::{read_safetensors, ParamStore};
-use crate::models::transformer::{Family, Linear, LinearAdapter, Transformer};
 use super::config::{PeftConfig, PeftKind};
+use crate::models::params::{name_matches, read_safetensors, select, Before, ParamStore};
+use crate::models::transformer::{Family, Linear, LinearAdapter, Transformer};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -107,35 +107,6 @@ pub fn is_adapter_param(name: &str) -> bool {
     name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight")
 }
 
-/// Whether `pattern` selects the module at `path` (see the module docs for the rule).
-pub fn matches(pattern: &str, path: &str) -> bool {
-    glob(pattern, path)
-        || path
-            .char_indices()
-            .filter(|(_, c)| *c == '.')
-            .any(|(i, _)| glob(pattern, &path[i + 1..]))
-}
-
-/// Whole-string match where `*` matches any run of characters.
-fn glob(pattern: &str, text: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == text;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
-        return false;
-    }
-    let mut rest = &text[first.len()..text.len() - last.len()];
-    for mid in &parts[1..parts.len() - 1] {
-        match rest.find(mid) {
-            Some(i) => rest = &rest[i + mid.len()..],
-            None => return false,
-        }
-    }
-    true
-}
-
 /// What `apply` did: the recipe's settings and the adapted module paths, in model order.
 #[derive(Debug, Clone)]
 pub struct Lora {
@@ -180,22 +151,33 @@ pub fn apply(model: &mut Transformer, store: &mut ParamStore, cfg: &PeftConfig) 
     let r = cfg.rank;
     let mut selected = Vec::new();
     let projections = model.projections_mut();
-    let paths: Vec<String> = projections.iter().map(|l| l.path.clone()).collect();
-    for pattern in &cfg.target {
-        if !paths.iter().any(|p| matches(pattern, p)) {
-            let leaves: BTreeSet<&str> =
-                paths.iter().filter_map(|p| p.rsplit('.').next()).collect();
-            return Err(peft_err(
-                "peft.target",
-                format!(
-                    "pattern {pattern:?} matches no projection of the model (its projections: {})",
-                    leaves.into_iter().collect::<Vec<_>>().join(", ")
-                ),
-            ));
-        }
-    }
+    // Candidates by weight name, so that a pattern means here what it means for GaLore's target
+    // and for pruning (`q_proj` and `q_proj.weight` alike select the projection).
+    let weights: Vec<String> = projections
+        .iter()
+        .map(|l| format!("{}.weight", l.path))
+        .collect();
+    let leaves: BTreeSet<&str> = projections
+        .iter()
+        .filter_map(|l| l.path.rsplit('.').next())
+        .collect();
+    let what = format!(
+        "projection of the model (its projections: {})",
+        leaves.into_iter().collect::<Vec<_>>().join(", ")
+    );
+    let candidates: Vec<&str> = weights.iter().map(String::as_str).collect();
+    // LoRA's target always followed this rule: nothing to compare with.
+    let chosen: BTreeSet<&str> = select(
+        &candidates,
+        &cfg.target,
+        "peft.target",
+        &what,
+        Before::SameRule,
+    )?
+    .into_iter()
+    .collect();
     for lin in projections {
-        if cfg.target.iter().any(|p| matches(p, &lin.path)) {
+        if chosen.contains(format!("{}.weight", lin.path).as_str()) {
             let (fan_in, fan_out) = lin.in_out();
             if r > fan_in.min(fan_out) {
                 return Err(peft_err(
@@ -292,7 +274,7 @@ fn peft_target_modules(model: &Transformer, lora: &Lora) -> Value {
         .filter_map(|p| p.rsplit('.').next())
         .collect();
     let same = model.projections().iter().all(|l| {
-        leaves.iter().any(|leaf| matches(leaf, &l.path)) == adapted.contains(l.path.as_str())
+        leaves.iter().any(|leaf| name_matches(leaf, &l.path)) == adapted.contains(l.path.as_str())
     });
     if same {
         json!(leaves.into_iter().collect::<Vec<_>>())

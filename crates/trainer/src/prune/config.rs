@@ -8,7 +8,7 @@
 //! start_step = 0          # first pruning event (after this many optimizer steps)
 //! end_step = 400          # absent: one-shot at start_step; else gradual until end_step
 //! every = 50              # steps between gradual events (fine-tuning in between)
-//! prunable = []           # name patterns; empty: linear and convolution weights
+//! prunable = []           # name patterns (`models/params.rs`); empty: linear and conv weights
 //! ```
 //!
 //! Gradual pruning follows Zhu & Gupta (2017): the sparsity after `t` steps is

@@ -18,64 +18,9 @@ pub mod wanda;
 pub use config::{PruneConfig, PruneScope};
 
 use crate::error::{Error, Result};
-use crate::models::params::ParamStore;
-use crate::models::transformer::{is_embedding, is_norm_or_bias};
+use crate::models::params::{select_prunable, ParamStore};
 use serde::Serialize;
-use tch::{Kind, Tensor};
-
-/// Whether `name` matches `pattern`: `*` stands for any run of characters and the pattern may
-/// match the whole name or any part of it (`mlp` selects `model.layers.0.mlp.up_proj.weight`).
-pub fn pattern_matches(pattern: &str, name: &str) -> bool {
-    crate::optim::galore::name_matches(pattern, name)
-}
-
-/// The default prunable weights: the weights of convolutions and linear layers (tensors of two
-/// or more dimensions named `*.weight`), not norms, biases, embeddings or the LM head.
-pub fn default_prunable(name: &str, tensor: &Tensor) -> bool {
-    tensor.dim() >= 2
-        && name.ends_with(".weight")
-        && !is_norm_or_bias(name)
-        && !is_embedding(name)
-        && !name.ends_with("lm_head.weight")
-}
-
-/// The names of the prunable trainable weights of `store`: those matching one of `patterns`
-/// (among tensors of two or more dimensions), or the defaults when `patterns` is empty. A pattern
-/// that matches nothing is an error naming `key`.
-pub fn select(store: &ParamStore, patterns: &[String], key: &str) -> Result<Vec<String>> {
-    let candidates: Vec<(&str, &Tensor)> = store
-        .trainable()
-        .map(|p| (p.name.as_str(), &p.tensor))
-        .collect();
-    if patterns.is_empty() {
-        let names: Vec<String> = candidates
-            .iter()
-            .filter(|(n, t)| default_prunable(n, t))
-            .map(|(n, _)| n.to_string())
-            .collect();
-        if names.is_empty() {
-            return Err(Error::Recipe(format!(
-                "{key}: this model has no prunable weight (no trainable linear or convolution weight)"
-            )));
-        }
-        return Ok(names);
-    }
-    for pattern in patterns {
-        if !candidates
-            .iter()
-            .any(|(n, t)| t.dim() >= 2 && pattern_matches(pattern, n))
-        {
-            return Err(Error::Recipe(format!(
-                "{key}: pattern {pattern:?} matches no trainable weight of two or more dimensions"
-            )));
-        }
-    }
-    Ok(candidates
-        .iter()
-        .filter(|(n, t)| t.dim() >= 2 && patterns.iter().any(|p| pattern_matches(p, n)))
-        .map(|(n, _)| n.to_string())
-        .collect())
-}
+use tch::Kind;
 
 /// Zeros per layer among the prunable weights, and over all of them.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -177,7 +122,7 @@ enum Plan {
 impl Pruner {
     pub fn magnitude(cfg: &PruneConfig, store: &ParamStore) -> Result<Pruner> {
         Ok(Pruner {
-            names: select(store, &cfg.prunable, "prune.prunable")?,
+            names: select_prunable(store, &cfg.prunable, "prune.prunable")?,
             plan: Plan::Magnitude(cfg.clone()),
         })
     }
@@ -222,7 +167,7 @@ impl Pruner {
                         "optim.cut_step: expected a step in [0, {total_steps}] (the run's length), got {cut}"
                     )));
                 }
-                let names = select(store, prunable, "optim.prunable")?;
+                let names = select_prunable(store, prunable, "optim.prunable")?;
                 Ok(Some(Pruner::gsm_cut(names, *density, cut)))
             }
             (None, _) => Ok(None),

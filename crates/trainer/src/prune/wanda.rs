@@ -13,10 +13,10 @@
 //! forward of the whole model on the calibration batches (simple; it costs one forward per block).
 //! MoE experts are not pruned.
 
-use super::pattern_matches;
 use crate::error::{Error, Result};
-use crate::models::params::ParamStore;
+use crate::models::params::{select, Before, ParamStore};
 use crate::models::transformer::{Linear, Transformer};
+use std::collections::HashSet;
 use tch::{Kind, Tensor};
 
 /// What each output row keeps.
@@ -97,18 +97,30 @@ pub fn scores(weight_out_in: &Tensor, input_sq: &Tensor) -> Tensor {
 
 /// Every pattern must select a projection of the transformer blocks.
 pub fn check_patterns(model: &Transformer, patterns: &[String]) -> Result<()> {
-    for p in patterns {
-        if !model
-            .projections()
-            .iter()
-            .any(|l| pattern_matches(p, &l.path))
-        {
-            return Err(Error::Recipe(format!(
-                "--prunable: pattern {p:?} matches no linear layer of the transformer blocks"
-            )));
-        }
+    selected_weights(model, patterns).map(|_| ())
+}
+
+/// The weight names (`{path}.weight`) of the projections that `patterns` select by the name rule
+/// of `models::params` (all projections when empty). `--prunable` used to match substrings of
+/// the module path: `select` refuses a pattern whose meaning changed.
+pub fn selected_weights(model: &Transformer, patterns: &[String]) -> Result<HashSet<String>> {
+    let weights: Vec<String> = model
+        .projections()
+        .iter()
+        .map(|l| format!("{}.weight", l.path))
+        .collect();
+    if patterns.is_empty() {
+        return Ok(weights.into_iter().collect());
     }
-    Ok(())
+    let candidates: Vec<&str> = weights.iter().map(String::as_str).collect();
+    let chosen = select(
+        &candidates,
+        patterns,
+        "--prunable",
+        "linear layer of the transformer blocks",
+        Before::Substring,
+    )?;
+    Ok(chosen.into_iter().map(str::to_string).collect())
 }
 
 /// Prunes the projections of `model` whose paths match `patterns` (all when empty) with Wanda,
@@ -124,9 +136,8 @@ pub fn prune(
     if calibration.is_empty() {
         return Err(Error::Recipe("--calib: no calibration batch".into()));
     }
-    check_patterns(model, patterns)?;
-    let selected =
-        |l: &Linear| patterns.is_empty() || patterns.iter().any(|p| pattern_matches(p, &l.path));
+    let chosen = selected_weights(model, patterns)?;
+    let selected = |l: &Linear| chosen.contains(&format!("{}.weight", l.path));
     let mut pruned = Vec::new();
     for block in model.block_projections() {
         let layers: Vec<&Linear> = block.into_iter().filter(|l| selected(l)).collect();

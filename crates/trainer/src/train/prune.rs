@@ -10,12 +10,12 @@
 use crate::checkpoint;
 use crate::prune::structured::{self, Shape};
 use crate::prune::wanda::{self, Sparsity};
-use crate::prune::{magnitude, select, PruneScope, SparsityReport};
+use crate::prune::{magnitude, PruneScope, SparsityReport};
 use crate::data::source;
 use crate::error::{io_err, Error, Result};
-use crate::load::{self, ModelSource};
-use crate::models::params::ParamStore;
 use crate::config::{self, AnyRecipe, SourceConfig};
+use crate::load::{self, ModelSource};
+use crate::models::params::{select_prunable, ParamStore};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
@@ -86,7 +86,7 @@ pub fn run(init: &str, opts: &OneShot, out: &Path, device: Device) -> Result<Pru
             let _model = crate::models::resnet::ResNet::new(&r.model.build()?, &mut params)?;
             params.load(&dir.join(checkpoint::MODEL_FILE))?;
             params.load_masks_if_present(&dir.join(checkpoint::MASKS_FILE))?;
-            let names = select(&params, &opts.prunable, "--prunable")?;
+            let names = select_prunable(&params, &opts.prunable, "--prunable")?;
             magnitude::prune(&mut params, &names, opts.sparsity.fraction(), opts.scope)?;
             (params, names)
         }
@@ -95,7 +95,7 @@ pub fn run(init: &str, opts: &OneShot, out: &Path, device: Device) -> Result<Pru
             let mut params = loaded.params;
             let names = match opts.method {
                 Method::Magnitude => {
-                    let names = select(&params, &opts.prunable, "--prunable")?;
+                    let names = select_prunable(&params, &opts.prunable, "--prunable")?;
                     magnitude::prune(&mut params, &names, opts.sparsity.fraction(), opts.scope)?;
                     names
                 }

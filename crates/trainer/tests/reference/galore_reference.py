@@ -61,7 +61,7 @@ GALORE = {
     "update_proj_gap": 2,
     "scale": 0.25,
     # The patterns our optimizer gets to select the same weights as the "galore" group.
-    "target": ["proj."],
+    "target": ["proj.*"],
 }
 
 

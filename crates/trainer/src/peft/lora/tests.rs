@@ -87,22 +87,85 @@ fn randomise_b(model: &Transformer) {
     });
 }
 
+/// One pattern list means the same to LoRA's `target`, GaLore's `target`, pruning's `prunable`
+/// (GSM and magnitude) and Wanda's `--prunable` (the name rule of `models::params`; the rule's
+/// own cases, formerly here as `target_patterns_follow_peft_suffix_rule_with_globs`, are in
+/// `models/params/tests.rs`).
 #[test]
-fn target_patterns_follow_peft_suffix_rule_with_globs() {
-    let q = "model.layers.0.self_attn.q_proj";
-    assert!(matches("q_proj", q));
-    assert!(matches("self_attn.q_proj", q));
-    assert!(matches(q, q));
-    assert!(!matches("proj", q), "suffixes start after a dot");
-    assert!(!matches("_proj", q));
-    assert!(matches("*_proj", q));
-    assert!(matches("mlp.*", "model.layers.1.mlp.down_proj"));
-    assert!(!matches("mlp.*", q));
-    assert!(matches("layers.1.*", "model.layers.1.mlp.up_proj"));
-    assert!(!matches("layers.1.*", "model.layers.11.mlp.up_proj"));
-    assert!(matches("c_attn", "transformer.h.0.attn.c_attn"));
-    assert!(matches("attn.c_proj", "transformer.h.0.attn.c_proj"));
-    assert!(!matches("attn.c_proj", "transformer.h.0.mlp.c_proj"));
+fn lora_galore_and_pruning_select_the_same_layers() {
+    use crate::models::params::select_prunable;
+    use crate::optim::galore::{GaloreAdamW, Projection};
+    let llama_target = [
+        "q_proj",
+        "self_attn.v_proj",
+        "mlp.*",
+        "layers.1.self_attn.o_proj.weight",
+    ];
+    let mut llama_expect = vec!["model.layers.1.self_attn.o_proj.weight".to_string()];
+    for l in 0..2 {
+        for m in [
+            "self_attn.q_proj",
+            "self_attn.v_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ] {
+            llama_expect.push(format!("model.layers.{l}.{m}.weight"));
+        }
+    }
+    let gpt2_target = ["c_attn", "h.1.mlp.*", "h.0.mlp.c_proj.weight"];
+    let gpt2_expect: Vec<String> = [
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.1.attn.c_attn.weight",
+        "transformer.h.0.mlp.c_proj.weight",
+        "transformer.h.1.mlp.c_fc.weight",
+        "transformer.h.1.mlp.c_proj.weight",
+    ]
+    .map(String::from)
+    .to_vec();
+    for (cfg, target, expect) in [
+        (llama(), &llama_target[..], llama_expect),
+        (gpt2(), &gpt2_target[..], gpt2_expect),
+    ] {
+        let expect: BTreeSet<String> = expect.into_iter().collect();
+        let patterns: Vec<String> = target.iter().map(|s| s.to_string()).collect();
+        let (model, store, _) = build(&cfg, None);
+
+        let params = store
+            .trainable()
+            .map(|p| (p.name.clone(), p.tensor.shallow_clone(), true))
+            .collect();
+        let projection = Projection {
+            rank: 2,
+            update_proj_gap: 10,
+            scale: 1.0,
+        };
+        let galore = GaloreAdamW::new(params, &patterns, projection, [0.9, 0.999], 1e-8, 0.0)
+            .expect("galore");
+        let galore: BTreeSet<String> = galore.projected().into_iter().map(String::from).collect();
+        assert_eq!(galore, expect, "GaLore's target {target:?}");
+
+        let prunable: BTreeSet<String> = select_prunable(&store, &patterns, "prune.prunable")
+            .expect("prunable")
+            .into_iter()
+            .collect();
+        assert_eq!(prunable, expect, "prunable {target:?}");
+
+        let wanda: BTreeSet<String> = crate::prune::wanda::selected_weights(&model, &patterns)
+            .expect("wanda")
+            .into_iter()
+            .collect();
+        assert_eq!(wanda, expect, "--prunable (Wanda) {target:?}");
+
+        let (_, _, lora) = build(&cfg, Some(&peft(PeftKind::Lora, target)));
+        let lora: BTreeSet<String> = lora
+            .expect("lora")
+            .modules
+            .iter()
+            .map(|m| format!("{m}.weight"))
+            .collect();
+        assert_eq!(lora, expect, "LoRA's target {target:?}");
+    }
 }
 
 #[test]
