@@ -103,7 +103,10 @@ impl Reference {
     /// with no conditions, the first key at `path`.
     pub fn find(&self, path: &str, when: &[&str]) -> Option<&Key> {
         self.keys.iter().find(|k| {
-            k.path == path && when.iter().all(|c| k.when.iter().any(|w| w.to_string() == *c))
+            k.path == path
+                && when
+                    .iter()
+                    .all(|c| k.when.iter().any(|w| w.to_string() == *c))
         })
     }
 }
@@ -166,7 +169,12 @@ impl<'a> Walker<'a> {
             .filter(|n| props.contains_key(*n))
             .collect();
         // `Map` without serde_json's preserve_order is sorted.
-        names.extend(props.keys().map(String::as_str).filter(|n| !required.contains(n)));
+        names.extend(
+            props
+                .keys()
+                .map(String::as_str)
+                .filter(|n| !required.contains(n)),
+        );
         for name in names {
             if Some(name) == skip {
                 continue;
@@ -210,7 +218,8 @@ impl<'a> Walker<'a> {
             self.keys.push(key("array of tables".into(), Vec::new()));
             self.table_body(items, &format!("{path}[]"), when);
         } else if let Some(values) = self.map_values(inner) {
-            self.keys.push(key("table of named tables".into(), Vec::new()));
+            self.keys
+                .push(key("table of named tables".into(), Vec::new()));
             self.table_body(values, &format!("{path}.<name>"), when);
         } else {
             let choices = self.choices(inner);
@@ -435,7 +444,11 @@ fn toml_float(f: f64) -> String {
     if f.is_nan() {
         "nan".into()
     } else if f.is_infinite() {
-        if f > 0.0 { "inf".into() } else { "-inf".into() }
+        if f > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        }
     } else if f == 0.0 || (f.abs() >= 1e-3 && f.abs() < 1e15) {
         let s = format!("{f}");
         if s.contains('.') {
@@ -604,7 +617,12 @@ mod tests {
 
     /// Keys whose doc comment is still to be written where the type is being reshaped (the MoE
     /// recipe); every other key must say what it means.
-    const UNDOCUMENTED_FOR_NOW: &[&str] = &["moe.n_experts", "moe.top_k", "upcycle.n_experts", "upcycle.top_k"];
+    const UNDOCUMENTED_FOR_NOW: &[&str] = &[
+        "moe.n_experts",
+        "moe.top_k",
+        "upcycle.n_experts",
+        "upcycle.top_k",
+    ];
 
     #[test]
     fn keys_every_key_has_a_meaning() {
@@ -613,7 +631,8 @@ mod tests {
             for k in &r.keys {
                 let excused = UNDOCUMENTED_FOR_NOW.iter().any(|s| k.path.ends_with(s));
                 // A string enum whose every value is documented says what it means.
-                let choices_say = !k.choices.is_empty() && k.choices.iter().all(|(_, d)| !d.is_empty());
+                let choices_say =
+                    !k.choices.is_empty() && k.choices.iter().all(|(_, d)| !d.is_empty());
                 if k.meaning.is_empty() && !choices_say && !excused {
                     missing.push(format!("{} {}", task_name(r.task), k.path));
                 }
@@ -642,7 +661,11 @@ mod tests {
                 Task::Pretrain => schemars::schema_for!(Recipe),
                 Task::Classify => schemars::schema_for!(ClassifyRecipe),
             };
-            hidden.extend(optional_without_null(&schema).into_iter().map(|p| format!("{} {p}", task_name(r.task))));
+            hidden.extend(
+                optional_without_null(&schema)
+                    .into_iter()
+                    .map(|p| format!("{} {p}", task_name(r.task))),
+            );
         }
         assert!(
             hidden.is_empty(),
@@ -666,9 +689,9 @@ mod tests {
                             .unwrap_or_default();
                         for (name, p) in props {
                             let nullable = p.get("anyOf").is_some()
-                                || p.get("type").and_then(Value::as_array).is_some_and(|t| {
-                                    t.iter().any(|x| x.as_str() == Some("null"))
-                                });
+                                || p.get("type")
+                                    .and_then(Value::as_array)
+                                    .is_some_and(|t| t.iter().any(|x| x.as_str() == Some("null")));
                             if !required.contains(&name.as_str())
                                 && p.get("default").is_none()
                                 && !nullable
@@ -705,46 +728,118 @@ mod tests {
     fn keys_known_defaults() {
         let p = reference(Task::Pretrain);
         let adamw = ["optim.kind = \"adamw\""];
-        assert_eq!(default_of(&p, "optim.betas", &adamw).as_deref(), Some("[0.9, 0.95]"));
+        assert_eq!(
+            default_of(&p, "optim.betas", &adamw).as_deref(),
+            Some("[0.9, 0.95]")
+        );
         assert_eq!(default_of(&p, "optim.eps", &adamw).as_deref(), Some("1e-8"));
-        assert_eq!(default_of(&p, "optim.weight_decay", &adamw).as_deref(), Some("0.1"));
-        assert_eq!(default_of(&p, "optim.state_bits", &adamw).as_deref(), Some("32"));
-        assert_eq!(default_of(&p, "optim.layerwise", &adamw).as_deref(), Some("false"));
+        assert_eq!(
+            default_of(&p, "optim.weight_decay", &adamw).as_deref(),
+            Some("0.1")
+        );
+        assert_eq!(
+            default_of(&p, "optim.state_bits", &adamw).as_deref(),
+            Some("32")
+        );
+        assert_eq!(
+            default_of(&p, "optim.layerwise", &adamw).as_deref(),
+            Some("false")
+        );
         let galore = ["optim.kind = \"galore_adamw\""];
-        assert_eq!(default_of(&p, "optim.betas", &galore).as_deref(), Some("[0.9, 0.999]"));
-        assert_eq!(default_of(&p, "optim.target", &galore).as_deref(), Some("[]"));
-        assert!(p.find("optim.lr", &adamw).is_some_and(|k| k.required && k.ty == "number"));
-        assert_eq!(default_of(&p, "run.device", &[]).as_deref(), Some("\"auto\""));
-        assert_eq!(default_of(&p, "run.bucket_mb", &[]).as_deref(), Some("25.0"));
-        assert_eq!(default_of(&p, "run.collective_timeout_s", &[]).as_deref(), Some("300.0"));
-        assert_eq!(default_of(&p, "run.precision", &[]).as_deref(), Some("\"fp32\""));
-        assert_eq!(default_of(&p, "run.task", &[]).as_deref(), Some("\"pretrain\""));
-        assert_eq!(default_of(&p, "data.valid_fraction", &[]).as_deref(), Some("0.1"));
-        assert_eq!(default_of(&p, "train.grad_accum", &[]).as_deref(), Some("1"));
+        assert_eq!(
+            default_of(&p, "optim.betas", &galore).as_deref(),
+            Some("[0.9, 0.999]")
+        );
+        assert_eq!(
+            default_of(&p, "optim.target", &galore).as_deref(),
+            Some("[]")
+        );
+        assert!(p
+            .find("optim.lr", &adamw)
+            .is_some_and(|k| k.required && k.ty == "number"));
+        assert_eq!(
+            default_of(&p, "run.device", &[]).as_deref(),
+            Some("\"auto\"")
+        );
+        assert_eq!(
+            default_of(&p, "run.bucket_mb", &[]).as_deref(),
+            Some("25.0")
+        );
+        assert_eq!(
+            default_of(&p, "run.collective_timeout_s", &[]).as_deref(),
+            Some("300.0")
+        );
+        assert_eq!(
+            default_of(&p, "run.precision", &[]).as_deref(),
+            Some("\"fp32\"")
+        );
+        assert_eq!(
+            default_of(&p, "run.task", &[]).as_deref(),
+            Some("\"pretrain\"")
+        );
+        assert_eq!(
+            default_of(&p, "data.valid_fraction", &[]).as_deref(),
+            Some("0.1")
+        );
+        assert_eq!(
+            default_of(&p, "train.grad_accum", &[]).as_deref(),
+            Some("1")
+        );
         assert_eq!(
             default_of(&p, "train.weight_decay_schedule", &[]).as_deref(),
             Some("\"constant\"")
         );
         // `[schedule]` may be left out: its kind and keys default to the constant schedule's.
-        assert_eq!(default_of(&p, "schedule.kind", &[]).as_deref(), Some("\"constant\""));
+        assert_eq!(
+            default_of(&p, "schedule.kind", &[]).as_deref(),
+            Some("\"constant\"")
+        );
         let constant = ["schedule.kind = \"constant\""];
-        assert_eq!(default_of(&p, "schedule.warmup_steps", &constant).as_deref(), Some("0"));
+        assert_eq!(
+            default_of(&p, "schedule.warmup_steps", &constant).as_deref(),
+            Some("0")
+        );
         let wsd = ["schedule.kind = \"wsd\""];
-        assert_eq!(default_of(&p, "schedule.decay_fraction", &wsd).as_deref(), Some("0.2"));
-        assert_eq!(default_of(&p, "schedule.decay_shape", &wsd).as_deref(), Some("\"sqrt\""));
+        assert_eq!(
+            default_of(&p, "schedule.decay_fraction", &wsd).as_deref(),
+            Some("0.2")
+        );
+        assert_eq!(
+            default_of(&p, "schedule.decay_shape", &wsd).as_deref(),
+            Some("\"sqrt\"")
+        );
         let phases = ["schedule.kind = \"phases\""];
-        let shape = p.find("schedule.phases[].shape", &phases).expect("phase shape");
-        assert!(shape.required && shape.ty.starts_with("one of \"warmup\""), "{shape:?}");
+        let shape = p
+            .find("schedule.phases[].shape", &phases)
+            .expect("phase shape");
+        assert!(
+            shape.required && shape.ty.starts_with("one of \"warmup\""),
+            "{shape:?}"
+        );
         let llama = ["model.kind = \"llama\""];
-        assert_eq!(default_of(&p, "model.rope_theta", &llama).as_deref(), Some("10000.0"));
-        assert_eq!(default_of(&p, "model.norm_eps", &llama).as_deref(), Some("1e-5"));
+        assert_eq!(
+            default_of(&p, "model.rope_theta", &llama).as_deref(),
+            Some("10000.0")
+        );
+        assert_eq!(
+            default_of(&p, "model.norm_eps", &llama).as_deref(),
+            Some("1e-5")
+        );
         let w = p
             .find("data.mixture.sources[].weight", &[])
             .expect("mixture weight");
         assert!(w.required && w.ty == "number");
         let tokens = ["data.train.kind = \"tokens\""];
-        assert_eq!(default_of(&p, "data.train.dtype", &tokens).as_deref(), Some("\"uint16\""));
-        assert!(p.find("data.valid_sets.<name>.path", &["data.valid_sets.<name>.kind = \"text\""]).is_some());
+        assert_eq!(
+            default_of(&p, "data.train.dtype", &tokens).as_deref(),
+            Some("\"uint16\"")
+        );
+        assert!(p
+            .find(
+                "data.valid_sets.<name>.path",
+                &["data.valid_sets.<name>.kind = \"text\""]
+            )
+            .is_some());
         assert_eq!(default_of(&p, "distill.alpha", &[]).as_deref(), Some("0.5"));
         assert!(p.find("peft.rank", &[]).is_some_and(|k| k.required));
 
@@ -758,7 +853,10 @@ mod tests {
         assert!(c.find("train.epochs", &[]).is_some());
 
         let text = render_text(&[p]);
-        assert!(text.contains("optim.betas  (array of 2 numbers; [0.9, 0.95])"), "{text}");
+        assert!(
+            text.contains("optim.betas  (array of 2 numbers; [0.9, 0.95])"),
+            "{text}"
+        );
         assert!(text.contains("when optim.kind = \"adamw\":\n"));
         assert!(text.contains("run.device  (string; \"auto\")"));
     }
@@ -766,7 +864,8 @@ mod tests {
     /// docs/recipe-keys.md is `trainer keys --format markdown` of both tasks.
     #[test]
     fn keys_doc_is_up_to_date() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/recipe-keys.md");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/recipe-keys.md");
         let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
         let generated = render_markdown(&both());
         assert!(

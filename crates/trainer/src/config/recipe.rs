@@ -130,7 +130,7 @@ pub struct RunConfig {
     /// The run's name, shown in logs and the summary.
     pub name: String,
     /// What the recipe trains: `pretrain` (a language model, this schema) or `classify` (images,
-    /// the schema of `recipe/classify.rs`).
+    /// the schema of `config/classify.rs`).
     #[serde(default, skip_serializing_if = "Task::is_pretrain")]
     #[schemars(!skip_serializing_if)]
     pub task: Task,
