@@ -4,6 +4,7 @@
 //! 75 stopped by SIGINT/SIGTERM/SIGUSR1 after writing a checkpoint (continue with
 //! `--resume auto`); 130 a second SIGINT (immediate exit).
 
+mod keys_cmd;
 mod launch_cmd;
 mod prune_cmd;
 mod report_cmd;
@@ -62,6 +63,8 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Every recipe key with its type, default and meaning (docs/recipe-keys.md).
+    Keys(keys_cmd::KeysArgs),
     /// Evaluate a model on a data file: prints loss, perplexity and tokens.
     Eval {
         /// hf:PATH, a checkpoint directory, or a run directory (its newest checkpoint).
@@ -579,6 +582,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Launch(args) => launch_cmd::run(&args, &cli.log_level),
+        Command::Keys(args) => keys_cmd::run(&args),
         Command::Prune(args) => {
             prune_cmd::run(&args)?;
             Ok(ExitCode::SUCCESS)

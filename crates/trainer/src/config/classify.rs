@@ -19,18 +19,24 @@ use crate::schedule::ScheduleConfig;
 use crate::validate::{check, positive, Invalid};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClassifyRecipe {
+    /// The run's identity, output directory and machine settings (`task = "classify"`).
     pub run: RunConfig,
     /// Initial weights, e.g. a torchvision state dict saved as safetensors; absent: random.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<ClassifierInit>,
+    /// The ResNet family (`kind`), its depth and the number of classes.
     pub model: ClassifierConfig,
+    /// The training and validation image sources, image size and augmentation.
     pub data: ImageDataConfig,
+    /// The optimizer (`kind`) and its hyperparameters; `lr` is the peak learning rate.
     pub optim: OptimConfig,
+    /// How the learning rate moves from `optim.lr` over the run; absent: constant, no warmup.
     #[serde(default)]
     pub schedule: ScheduleConfig,
+    /// Batch size, run length, loss, evaluation, logging and checkpoint cadence.
     pub train: ClassifyTrainConfig,
     /// Knowledge distillation from a frozen teacher classifier (`distill/`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -45,16 +51,18 @@ pub struct ClassifyRecipe {
 /// directory (`.../checkpoints/step-N`). Every tensor must match the model by name and shape,
 /// except those named in `reinit` (e.g. `["fc.weight", "fc.bias"]` to fine-tune onto another
 /// label set), which keep their fresh initialisation.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClassifierInit {
+    /// A safetensors file of torchvision-named tensors, or a trainer checkpoint directory.
     pub from: std::path::PathBuf,
+    /// Tensor names left at their fresh initialisation (e.g. a new classifier head).
     #[serde(default)]
     pub reinit: Vec<String>,
 }
 
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClassifyTrainConfig {
     /// Images per optimizer step.
@@ -75,11 +83,13 @@ pub struct ClassifyTrainConfig {
     /// Evaluate on the first this many images of data.valid; absent: all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_images: Option<i64>,
+    /// Log a metrics row every this many optimizer steps.
     #[serde(default = "default_log_every")]
     pub log_every: i64,
     /// Checkpoint every this many steps (and always at the end).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_every: Option<i64>,
+    /// How many checkpoints to keep; older ones are deleted once a newer one is complete.
     #[serde(default = "default_keep")]
     pub keep_checkpoints: i64,
 }

@@ -16,6 +16,7 @@
 //! Locations are found by walking the key path in the parsed original text.
 
 mod classify;
+pub mod keys;
 mod recipe;
 pub mod stages;
 

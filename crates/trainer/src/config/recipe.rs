@@ -19,18 +19,25 @@ use crate::validate::{check, positive, positive_finite, Invalid};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
+    /// The run's identity, output directory and machine settings.
     pub run: RunConfig,
     /// Where the initial weights come from; absent: a fresh random initialisation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<InitConfig>,
+    /// The architecture (`kind` and sizes); may be left out when `[init] from` names a checkpoint
+    /// that carries its own.
     pub model: ModelConfig,
+    /// The training token source (or a mixture), the sequence length and the validation data.
     pub data: DataConfig,
+    /// The optimizer (`kind`) and its hyperparameters; `lr` is the peak learning rate.
     pub optim: OptimConfig,
+    /// How the learning rate moves from `optim.lr` over the run; absent: constant, no warmup.
     #[serde(default)]
     pub schedule: ScheduleConfig,
+    /// Batch size, run length, evaluation, logging and checkpoint cadence.
     pub train: TrainConfig,
     /// Parameter-efficient fine-tuning (`peft/`): LoRA adapters on a frozen base.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -86,9 +93,10 @@ impl RecipeFile {
 /// Initial weights: `from = "hf:PATH"` (a Hugging Face directory: config.json + safetensors) or
 /// the path of a trainer checkpoint (`.../checkpoints/step-N`) or run directory (its newest
 /// checkpoint). Only the model weights are taken: optimizer, schedule and step start fresh.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InitConfig {
+    /// `hf:PATH` (config.json + safetensors), or a trainer checkpoint or run directory.
     pub from: String,
     /// Sparse upcycling (Komatsuzaki et al. 2023): turn the dense Llama checkpoint into an MoE,
     /// every expert a copy of the layer's MLP, routers freshly initialised.
@@ -97,11 +105,12 @@ pub struct InitConfig {
     /// `"model"` (default): only the weights; optimizer, schedule and step start fresh.
     /// `"full"`: continue a trainer checkpoint: weights, optimizer state and step.
     #[serde(default, skip_serializing_if = "InitLoad::is_model")]
+    #[schemars(!skip_serializing_if)]
     pub load: InitLoad,
 }
 
 /// What `[init] from` carries over.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum InitLoad {
     #[default]
@@ -115,14 +124,18 @@ impl InitLoad {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
+    /// The run's name, shown in logs and the summary.
     pub name: String,
     /// What the recipe trains: `pretrain` (a language model, this schema) or `classify` (images,
     /// the schema of `config/classify.rs`).
     #[serde(default, skip_serializing_if = "Task::is_pretrain")]
+    #[schemars(!skip_serializing_if)]
     pub task: Task,
+    /// Seed of every random draw: initialisation, data order, dropout (a function of seed,
+    /// step and rank).
     #[serde(default)]
     pub seed: u64,
     /// Run directory; relative paths are relative to the working directory.
@@ -130,6 +143,7 @@ pub struct RunConfig {
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
+    /// Dtypes of the weights and the compute.
     #[serde(default)]
     pub precision: Precision,
     /// Intra-op threads for libtorch on CPU; 0 keeps libtorch's default.
@@ -143,6 +157,7 @@ pub struct RunConfig {
     /// deterministic and not benchmarking; `device::set_deterministic`). Costs speed on CUDA;
     /// an op without a deterministic kernel is an error. The CPU is deterministic without it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[schemars(!skip_serializing_if)]
     pub deterministic: bool,
     /// Multi-process runs (`trainer launch`, torchrun or Slurm variables): seconds a rank waits
     /// at a collective (and at the rendezvous) before failing, so that a rank that died or hangs
@@ -151,6 +166,7 @@ pub struct RunConfig {
         default = "default_collective_timeout_s",
         skip_serializing_if = "is_default_collective_timeout_s"
     )]
+    #[schemars(!skip_serializing_if)]
     pub collective_timeout_s: f64,
     /// Multi-process runs: gradients are averaged in flat buckets of about this many MiB
     /// (DistributedDataParallel's `bucket_cap_mb`); each bucket's all-reduce starts as soon as its
@@ -159,6 +175,7 @@ pub struct RunConfig {
         default = "default_bucket_mb",
         skip_serializing_if = "is_default_bucket_mb"
     )]
+    #[schemars(!skip_serializing_if)]
     pub bucket_mb: f64,
 }
 
@@ -178,7 +195,7 @@ fn is_default_collective_timeout_s(v: &f64) -> bool {
     *v == default_collective_timeout_s()
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Task {
     #[default]
@@ -197,7 +214,7 @@ fn default_device() -> String {
 }
 
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     /// Sequences per micro-batch.
@@ -217,8 +234,10 @@ pub struct TrainConfig {
     /// Evaluate every this many steps (and always at the end); absent: only at the end.
     #[serde(default)]
     pub eval_every: Option<i64>,
+    /// Validation batches (of `batch_size` sequences) averaged per evaluation.
     #[serde(default = "default_eval_batches")]
     pub eval_batches: i64,
+    /// Log a metrics row every this many optimizer steps.
     #[serde(default = "default_log_every")]
     pub log_every: i64,
     /// Checkpoint every this many steps (and always at the end); absent: only at the end.
@@ -233,10 +252,12 @@ pub struct TrainConfig {
     pub reweight: Option<crate::data::reweight::ReweightConfig>,
     /// How `optim.weight_decay` changes over the run; absent: `constant`.
     #[serde(default, skip_serializing_if = "WeightDecaySchedule::is_constant")]
+    #[schemars(!skip_serializing_if)]
     pub weight_decay_schedule: WeightDecaySchedule,
     /// How the optimizer's momentum (SGD's `momentum`, AdamW's and GaLore's `betas[0]`) changes
     /// over the run; absent: `constant`.
     #[serde(default, skip_serializing_if = "MomentumSchedule::is_constant")]
+    #[schemars(!skip_serializing_if)]
     pub momentum_schedule: MomentumSchedule,
     /// The momentum at the LR's peak with `momentum_schedule = "inverse_lr"` (required there).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -12,7 +12,7 @@ use crate::validate::{check, positive, Invalid};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// Tokens per training sequence; windows of seq_len + 1 tokens are read.
@@ -26,28 +26,34 @@ pub struct DataConfig {
     /// A separate validation source; without one, the last `valid_fraction` of `train` is held out.
     #[serde(default)]
     pub valid: Option<SourceConfig>,
+    /// Without `data.valid` or `valid_sets`: the fraction of `train` held out at its end for
+    /// validation, in (0, 1).
     #[serde(default = "default_valid_fraction")]
     pub valid_fraction: f64,
     /// Named validation sets, each evaluated at every eval as its own curve (`split = name`).
     /// When given, they replace `data.valid` and the held-out parts: training sources are read
     /// whole.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schemars(!skip_serializing_if)]
     pub valid_sets: std::collections::BTreeMap<String, SourceConfig>,
 }
 
 /// `[data.mixture]`: `[[data.mixture.sources]]` tables, each `name`, `weight`, `source`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MixtureConfig {
+    /// The sources, one `[[data.mixture.sources]]` table each.
     pub sources: Vec<MixtureSource>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MixtureSource {
+    /// The source's name in metrics (letters, digits, `_`, `-`), unique in the mixture.
     pub name: String,
     /// Relative weight (normalised over the sources): the expected share of training sequences.
     pub weight: f64,
+    /// Where the source's tokens come from.
     pub source: SourceConfig,
 }
 
@@ -89,22 +95,27 @@ fn default_valid_fraction() -> f64 {
 }
 
 /// The data source registry.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SourceConfig {
     /// The corpus that ships inside the binary (Alice's Adventures in Wonderland), byte-level.
     Builtin {},
     /// A UTF-8 text file, tokenised to bytes (vocab 256).
-    Text { path: PathBuf },
+    Text {
+        /// The text file.
+        path: PathBuf,
+    },
     /// A flat little-endian array of token ids (nanoGPT's `.bin`), memory-mapped.
     Tokens {
+        /// The token file.
         path: PathBuf,
+        /// Width of each token id in the file.
         #[serde(default)]
         dtype: TokenDtype,
     },
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TokenDtype {
     #[default]
@@ -240,9 +251,10 @@ impl MixtureConfig {
 
 // ---- `[data]` of an image-classification recipe (`task = "classify"`) ---------------------
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImageDataConfig {
+    /// The training images.
     pub train: ImageSourceConfig,
     /// Top-1/top-5 accuracy and loss are measured on this set.
     pub valid: ImageSourceConfig,
@@ -264,6 +276,7 @@ pub struct ImageDataConfig {
     /// Defaults: CIFAR-10's training-set statistics.
     #[serde(default = "default_mean")]
     pub mean: [f64; 3],
+    /// Per-channel (R, G, B) standard deviation of the normalisation, pixels in [0, 1].
     #[serde(default = "default_std")]
     pub std: [f64; 3],
 }
@@ -288,15 +301,22 @@ fn default_std() -> [f64; 3] {
 }
 
 /// The image source registry.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ImageSourceConfig {
     /// The CIFAR-10 binary version (`cifar-10-batches-bin`): `path` is its directory; `train`
     /// reads `data_batch_*.bin`, `test` reads `test_batch.bin`.
-    Cifar10 { path: PathBuf, split: Split },
+    Cifar10 {
+        /// The `cifar-10-batches-bin` directory.
+        path: PathBuf,
+        /// Which files are read: the training or the test set.
+        split: Split,
+    },
     /// The CIFAR-100 binary version (`cifar-100-binary`): `train.bin` or `test.bin`.
     Cifar100 {
+        /// The `cifar-100-binary` directory.
         path: PathBuf,
+        /// Which file is read: the training or the test set.
         split: Split,
         /// The 100 fine classes or the 20 coarse superclasses.
         #[serde(default)]
@@ -304,24 +324,29 @@ pub enum ImageSourceConfig {
     },
     /// One sub-directory per class under `path`; class ids follow the sorted directory names.
     /// PNG and JPEG files.
-    Folder { path: PathBuf },
+    Folder {
+        /// The directory holding one sub-directory per class.
+        path: PathBuf,
+    },
     /// A generated set of 10 classes of coloured shapes and stripes (32x32, with noise), the
     /// same on every machine: 5000 training or 1000 test images unless `images` says otherwise.
     BuiltinShapes {
+        /// Which set is generated: the training or the test set.
         split: Split,
+        /// How many images to generate; absent: 5000 (train) or 1000 (test).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         images: Option<i64>,
     },
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Split {
     Train,
     Test,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Cifar100Labels {
     #[default]

@@ -34,9 +34,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReweightConfig {
+    /// How the sequences of a micro-batch are weighted by their loss.
     pub rule: ReweightRule,
     /// `drop_highest`, `drop_lowest`: the share of each micro-batch's sequences given weight 0,
     /// in [0, 1), rounded down to whole sequences.
@@ -47,7 +48,7 @@ pub struct ReweightConfig {
     pub temperature: Option<f64>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ReweightRule {
     DropHighest,

@@ -20,7 +20,7 @@
 use crate::validate::{check, positive, positive_finite, Invalid};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(
     deny_unknown_fields,
     bound(serialize = "M: Serialize", deserialize = "M: Deserialize<'de>")
@@ -51,7 +51,9 @@ pub struct DistillConfig<M> {
     pub chunk_tokens: i64,
     /// Language models: (student layer, teacher layer) pairs whose hidden states are matched.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(!skip_serializing_if)]
     pub hidden: Vec<HiddenPair>,
+    /// The loss between matched hidden states.
     #[serde(default)]
     pub hidden_loss: HiddenLoss,
     /// Weight of the summed hidden-state losses, added to the loss above.
@@ -61,14 +63,16 @@ pub struct DistillConfig<M> {
 
 /// A pair of layers whose hidden states are matched. Layer `i` is the residual stream after `i`
 /// blocks (0: the embeddings), as transformers' `output_hidden_states` counts them.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HiddenPair {
+    /// The student's layer (0: the embeddings, i: after i blocks).
     pub student: i64,
+    /// The teacher's layer (0: the embeddings, i: after i blocks).
     pub teacher: i64,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum KdLoss {
     /// KL(teacher || student) (Hinton et al. 2015).
@@ -82,7 +86,7 @@ pub enum KdLoss {
     Jsd,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum HiddenLoss {
     /// Mean squared error over every element (`F.mse_loss`).
@@ -92,7 +96,7 @@ pub enum HiddenLoss {
     Cosine,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TeacherPrecision {
     #[default]

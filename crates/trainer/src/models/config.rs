@@ -22,7 +22,7 @@ use crate::validate::{check, positive, positive_finite, Invalid};
 use serde::{Deserialize, Serialize};
 
 /// The language-model registry. Each `kind` is one family of `models/transformer.rs`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ModelConfig {
     /// RMSNorm, RoPE, SwiGLU, grouped-query attention, optional tied embeddings.
@@ -32,12 +32,16 @@ pub enum ModelConfig {
 }
 
 /// `kind = "llama"`: Llama (transformers' `LlamaConfig`), and Mixtral with `[model.moe]`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LlamaConfig {
+    /// Number of token ids (embedding rows).
     pub vocab_size: i64,
+    /// Width of the residual stream (`hidden_size`).
     pub d_model: i64,
+    /// Number of transformer blocks.
     pub n_layers: i64,
+    /// Number of attention (query) heads.
     pub n_heads: i64,
     /// Key/value heads for grouped-query attention; defaults to n_heads.
     #[serde(default)]
@@ -48,6 +52,7 @@ pub struct LlamaConfig {
     /// (`trainer prune --method structured --heads`), as Hugging Face's `head_dim`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<i64>,
+    /// Longest sequence in tokens (RoPE tables are built for it); `data.seq_len` must fit.
     pub max_seq_len: i64,
     /// The base of the rotary embedding's frequencies.
     #[serde(default = "default_rope_theta")]
@@ -64,16 +69,21 @@ pub struct LlamaConfig {
 }
 
 /// `kind = "gpt2"`: GPT-2 (transformers' `GPT2Config`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Gpt2Config {
+    /// Number of token ids (embedding rows).
     pub vocab_size: i64,
+    /// Width of the residual stream (`n_embd`).
     pub d_model: i64,
+    /// Number of transformer blocks.
     pub n_layers: i64,
+    /// Number of attention heads.
     pub n_heads: i64,
     /// Hidden width of the MLP; defaults to 4 * d_model.
     #[serde(default)]
     pub d_ff: Option<i64>,
+    /// Longest sequence in tokens (rows of the learned position table).
     pub max_seq_len: i64,
     /// LayerNorm's epsilon.
     #[serde(default = "default_gpt2_eps")]
@@ -236,17 +246,30 @@ pub fn validate_moe(m: &MoeConfig, key: &str) -> Result<(), Invalid> {
     )
 }
 /// The classifier registry: the three families of `models/resnet.rs`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClassifierConfig {
     /// torchvision's ImageNet ResNet: depth 18, 34, 50, 101 or 152.
-    Resnet { depth: i64, num_classes: i64 },
+    Resnet {
+        /// Total depth (number of layers): 18, 34, 50, 101 or 152.
+        depth: i64,
+        /// Number of output classes (rows of the final linear layer).
+        num_classes: i64,
+    },
     /// He et al.'s CIFAR ResNet (option A shortcuts): depth 6n+2 (20, 32, 44, 56, 110).
-    CifarResnet { depth: i64, num_classes: i64 },
+    CifarResnet {
+        /// Total depth (number of layers), 6n+2.
+        depth: i64,
+        /// Number of output classes (rows of the final linear layer).
+        num_classes: i64,
+    },
     /// Wide ResNet WRN-depth-width: depth 6n+4 (10, 16, 22, 28, 40), widen factor `width` (k).
     Wrn {
+        /// Total depth (number of layers), 6n+4.
         depth: i64,
+        /// Widen factor k of every block's channels.
         width: i64,
+        /// Number of output classes (rows of the final linear layer).
         num_classes: i64,
         /// Dropout between the two convs of each block (the paper uses 0.3 on CIFAR).
         #[serde(default)]

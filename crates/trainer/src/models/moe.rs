@@ -53,20 +53,17 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// How router logits become expert choices and combine weights (`routing` in `[model.moe]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Routing {
-    /// `"softmax_top_k"`, Mixtral: softmax over all experts, keep the top k, renormalise those k
-    /// to sum to 1. (With `top_k = 1` every weight is 1 and the router learns only through the
+    /// Mixtral: softmax over all experts, keep the top k, renormalise those k to sum to 1. (With `top_k = 1` every weight is 1 and the router learns only through the
     /// aux losses.)
     #[default]
     #[serde(rename = "softmax_top_k")]
     SoftmaxThenTopK,
-    /// `"top_k_softmax"`: top k logits, softmax over those k only (weights sum to 1; same
-    /// experts as above).
+    /// Top k logits, softmax over those k only (weights sum to 1; same experts as above).
     #[serde(rename = "top_k_softmax")]
     TopKThenSoftmax,
-    /// `"switch"`, Switch Transformer: top-1, weighted by that expert's probability under the
-    /// full softmax (not renormalised, so the router gets a gradient). Requires `top_k = 1`.
+    /// Switch Transformer: top-1, weighted by that expert's probability under the full softmax (not renormalised, so the router gets a gradient). Requires `top_k = 1`.
     #[serde(rename = "switch")]
     Switch,
 }
@@ -74,7 +71,7 @@ pub enum Routing {
 /// `[model.moe]` (and `[init.upcycle]`): every layer's MLP becomes `n_experts` SwiGLU experts of
 /// the model's `d_ff` with a router choosing `top_k` per token. One type for the recipe and the
 /// layer: `Moe::new` takes the model's widths beside it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MoeConfig {
     /// Routed experts per layer.

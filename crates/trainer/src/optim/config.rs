@@ -11,16 +11,20 @@ use crate::validate::{check, positive, positive_finite, Invalid};
 use serde::{Deserialize, Serialize};
 
 /// The optimizer registry.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum OptimConfig {
     /// AdamW with decoupled weight decay (torch.optim.AdamW's update).
     Adamw {
+        /// Peak learning rate (the schedule scales it).
         lr: f64,
+        /// Decay rates of the running averages of the gradient and of its square (beta1, beta2).
         #[serde(default = "default_betas")]
         betas: [f64; 2],
+        /// Added to the denominator's square root, for stability.
         #[serde(default = "default_eps")]
         eps: f64,
+        /// Decoupled weight decay coefficient (each step `p *= 1 - lr * weight_decay`).
         #[serde(default = "default_weight_decay")]
         weight_decay: f64,
         /// Decay embeddings too (norms and biases are never decayed).
@@ -33,22 +37,29 @@ pub enum OptimConfig {
         fused: Option<bool>,
         /// 32 (default) or 8: the moments block-wise quantised to 8 bits (`optim/moment.rs`).
         #[serde(default = "default_state_bits", skip_serializing_if = "is_32")]
+        #[schemars(!skip_serializing_if)]
         state_bits: u32,
         /// Layer-wise updates: each parameter is updated as soon as its gradient is complete
         /// during the backward pass and its gradient freed, so the whole model's gradients are
         /// never held at once (no gradient clipping, one process).
         #[serde(default, skip_serializing_if = "is_false")]
+        #[schemars(!skip_serializing_if)]
         layerwise: bool,
     },
     /// SGD with momentum and optional Nesterov (torch.optim.SGD's update).
     Sgd {
+        /// Peak learning rate (the schedule scales it).
         lr: f64,
+        /// Momentum factor; 0: plain SGD.
         #[serde(default)]
         momentum: f64,
+        /// Dampening of the gradient added to the momentum buffer.
         #[serde(default)]
         dampening: f64,
+        /// Nesterov momentum (needs momentum > 0 and dampening = 0).
         #[serde(default)]
         nesterov: bool,
+        /// L2 penalty coefficient added to the gradient (torch's SGD `weight_decay`).
         #[serde(default)]
         weight_decay: f64,
     },
@@ -56,13 +67,18 @@ pub enum OptimConfig {
     /// each targeted 2-D weight's gradient (galore_torch.GaLoreAdamW's update); other parameters
     /// get that AdamW unprojected. Defaults are galore-torch's.
     GaloreAdamw {
+        /// Peak learning rate (the schedule scales it).
         lr: f64,
+        /// Decay rates of the running averages of the gradient and of its square (beta1, beta2).
         #[serde(default = "default_galore_betas")]
         betas: [f64; 2],
+        /// Added to the denominator's square root, for stability.
         #[serde(default = "default_galore_eps")]
         eps: f64,
+        /// Decoupled weight decay coefficient (each step `p *= 1 - lr * weight_decay`).
         #[serde(default)]
         weight_decay: f64,
+        /// Rank of the gradient projection (the moments' inner dimension).
         rank: i64,
         /// Steps between SVD refreshes of the projectors.
         #[serde(default = "default_update_proj_gap")]
@@ -74,12 +90,15 @@ pub enum OptimConfig {
         /// a `.`, `*` any run: the rule of `models/params.rs`); empty: every 2-D weight except
         /// embeddings and lm_head.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        #[schemars(!skip_serializing_if)]
         target: Vec<String>,
         /// 32 (default) or 8: the low-rank moments block-wise quantised to 8 bits (8-bit GaLore).
         #[serde(default = "default_state_bits", skip_serializing_if = "is_32")]
+        #[schemars(!skip_serializing_if)]
         state_bits: u32,
         /// Layer-wise updates, as for adamw (the GaLore paper's per-layer weight updates).
         #[serde(default, skip_serializing_if = "is_false")]
+        #[schemars(!skip_serializing_if)]
         layerwise: bool,
     },
     /// Global sparse momentum SGD (`optim/gsm.rs`): each step only the `density` most salient
@@ -87,9 +106,12 @@ pub enum OptimConfig {
     /// others only decay towards zero. At `cut_step` (default: the end of the run) the smallest
     /// weights are cut to exact zeros and the mask is kept.
     Gsm {
+        /// Peak learning rate (the schedule scales it).
         lr: f64,
+        /// Momentum factor, in [0, 1).
         #[serde(default = "default_gsm_momentum")]
         momentum: f64,
+        /// Nesterov momentum (needs momentum > 0).
         #[serde(default)]
         nesterov: bool,
         /// Drives the unselected weights to zero: must be positive.
@@ -100,6 +122,7 @@ pub enum OptimConfig {
         /// Name patterns of the prunable weights (the rule of `models/params.rs`); empty:
         /// linear and convolution weights.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        #[schemars(!skip_serializing_if)]
         prunable: Vec<String>,
         /// Optimizer steps after which the cut happens; absent: the end of the run.
         #[serde(default, skip_serializing_if = "Option::is_none")]

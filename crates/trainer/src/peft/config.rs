@@ -15,9 +15,10 @@ use std::path::PathBuf;
 
 /// `[peft]`: low-rank adapters on a frozen base model (see `peft/lora.rs` for the method and
 /// `models/params.rs` for the rule by which `target` patterns select projections).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PeftConfig {
+    /// The adapter method.
     pub kind: PeftKind,
     /// Rank r of the update B A.
     pub rank: i64,
@@ -57,7 +58,7 @@ pub struct PeftConfig {
     pub full_rank_warmup_steps: Option<i64>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PeftKind {
     /// LoRA (Hu et al. 2021): A and B trained.
@@ -69,7 +70,7 @@ pub enum PeftKind {
 }
 
 /// ReLoRA's reset of the adapters' optimizer state at each merge.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OptimizerReset {
     /// Zero the moments entirely.

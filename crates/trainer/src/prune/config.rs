@@ -18,20 +18,28 @@
 use crate::validate::{check, Invalid};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PruneConfig {
+    /// How weights are ranked for pruning.
     pub method: PruneMethod,
+    /// Final fraction of the prunable weights set to zero, in (0, 1).
     pub sparsity: f64,
+    /// Whether weights are ranked across all prunable tensors or within each.
     #[serde(default)]
     pub scope: PruneScope,
+    /// The first pruning event, after this many optimizer steps.
     #[serde(default)]
     pub start_step: i64,
+    /// The last pruning event (gradual pruning); absent: one-shot at `start_step`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_step: Option<i64>,
+    /// Optimizer steps between gradual pruning events.
     #[serde(default = "default_every")]
     pub every: i64,
+    /// Name patterns of the prunable weights; empty: linear and convolution weights.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(!skip_serializing_if)]
     pub prunable: Vec<String>,
 }
 
@@ -39,14 +47,14 @@ fn default_every() -> i64 {
     100
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PruneMethod {
     /// Smallest |w| first.
     Magnitude,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PruneScope {
     /// One threshold over all prunable weights: per-layer sparsity follows from the ranking.

@@ -33,28 +33,34 @@ use crate::validate::Invalid;
 use serde::{Deserialize, Serialize};
 
 /// The schedule registry. Each variant compiles to a list of phases (`Schedule::new`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ScheduleConfig {
     /// Linear warmup from 0 to `optim.lr`, then `optim.lr` to the end. `min_lr` is accepted
     /// (and unused) so that switching between constant, cosine and linear is one edit.
     Constant {
+        /// Optimizer steps of the linear warmup from 0 to `optim.lr`.
         #[serde(default)]
         warmup_steps: i64,
+        /// Unused by this kind (accepted so that switching kinds is one edit).
         #[serde(default)]
         min_lr: f64,
     },
     /// Linear warmup from 0 to `optim.lr`, then a half cosine to `min_lr` at the end of the run.
     Cosine {
+        /// Optimizer steps of the linear warmup from 0 to `optim.lr`.
         #[serde(default)]
         warmup_steps: i64,
+        /// The learning rate at the end of the run (absolute, at most `optim.lr`).
         #[serde(default)]
         min_lr: f64,
     },
     /// Linear warmup from 0 to `optim.lr`, then a straight line to `min_lr` at the end of the run.
     Linear {
+        /// Optimizer steps of the linear warmup from 0 to `optim.lr`.
         #[serde(default)]
         warmup_steps: i64,
+        /// The learning rate at the end of the run (absolute, at most `optim.lr`).
         #[serde(default)]
         min_lr: f64,
     },
@@ -63,12 +69,16 @@ pub enum ScheduleConfig {
     /// `decay_fraction` of the run decays to `min_lr`. Their best cooldown is `1 - sqrt` over
     /// about 20% of the run, hence the defaults.
     Wsd {
+        /// Optimizer steps of the linear warmup from 0 to `optim.lr`.
         #[serde(default)]
         warmup_steps: i64,
+        /// The share of the run's steps spent decaying at its end, in (0, 1].
         #[serde(default = "default_decay_fraction")]
         decay_fraction: f64,
+        /// The shape of the final decay.
         #[serde(default = "default_wsd_shape")]
         decay_shape: DecayShape,
+        /// The learning rate at the end of the run (absolute, at most `optim.lr`).
         #[serde(default)]
         min_lr: f64,
     },
@@ -77,16 +87,23 @@ pub enum ScheduleConfig {
     /// cooldown to `constant_lr`, `constant_lr` for as long as data comes (the rest of the
     /// run), and a final `anneal_steps` anneal to `min_lr` (exponential in the paper).
     Infinite {
+        /// Optimizer steps of the linear warmup from 0 to `optim.lr`.
         #[serde(default)]
         warmup_steps: i64,
+        /// Optimizer steps of the cooldown from `optim.lr` to `constant_lr`.
         cooldown_steps: i64,
+        /// The shape of the cooldown.
         #[serde(default = "default_cosine")]
         cooldown_shape: DecayShape,
+        /// The learning rate held after the cooldown (absolute, at most `optim.lr`).
         constant_lr: f64,
+        /// Optimizer steps of the final anneal from `constant_lr` to `min_lr`; 0: none.
         #[serde(default)]
         anneal_steps: i64,
+        /// The shape of the final anneal.
         #[serde(default = "default_exponential")]
         anneal_shape: DecayShape,
+        /// The learning rate at the end of the run (absolute, at most `optim.lr`).
         #[serde(default)]
         min_lr: f64,
     },
@@ -94,19 +111,25 @@ pub enum ScheduleConfig {
     /// Models: How to (re)warm your model?"): linear warmup from `start_lr` (the checkpoint's
     /// final LR, or 0) to `optim.lr` over `warmup_steps`, then decay to `min_lr` at the end.
     Rewarm {
+        /// The learning rate the re-warmup starts from (absolute; the checkpoint's final LR).
         #[serde(default)]
         start_lr: f64,
+        /// Optimizer steps of the linear re-warmup from `start_lr` to `optim.lr`.
         warmup_steps: i64,
+        /// The shape of the decay after the re-warmup.
         #[serde(default = "default_cosine")]
         decay_shape: DecayShape,
+        /// The learning rate at the end of the run (absolute, at most `optim.lr`).
         #[serde(default)]
         min_lr: f64,
     },
     /// Phases written out in order (`[[schedule.phases]]`), each starting where the previous
     /// one ended; the first starts from `start_lr`.
     Phases {
+        /// The learning rate the first phase starts from (absolute, at most `optim.lr`).
         #[serde(default)]
         start_lr: f64,
+        /// The phases in order, one `[[schedule.phases]]` table each.
         phases: Vec<PhaseConfig>,
     },
 }
@@ -134,7 +157,7 @@ fn default_exponential() -> DecayShape {
 }
 
 /// How a named schedule's decay, cooldown or anneal goes from one LR to the next.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DecayShape {
     Linear,
@@ -157,9 +180,10 @@ impl DecayShape {
 }
 
 /// One `[[schedule.phases]]` entry.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PhaseConfig {
+    /// How the LR moves during the phase.
     pub shape: PhaseShape,
     /// Length in optimizer steps; at most one phase leaves it out and takes the rest of the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -173,7 +197,7 @@ pub struct PhaseConfig {
 }
 
 /// The shape of one phase; the formulas are in the module doc of `schedule`.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PhaseShape {
     Warmup,
