@@ -2,6 +2,7 @@
 
 pub mod classify;
 pub mod evaluate;
+pub mod harness;
 pub mod pretrain;
 pub mod run_dir;
 pub mod soup;
