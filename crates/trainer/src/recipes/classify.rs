@@ -16,7 +16,7 @@
 //! run resumed from the checkpoint of step k computes bitwise the same losses as the
 //! uninterrupted run (on the CPU, same thread count).
 
-use super::harness::{self, Checkpoints, Run, RunSummary, Setup};
+use super::harness::{self, Run, RunSummary, Sections, Setup};
 use crate::checkpoint::{self, TrainState};
 use crate::data::images::{self, eval_batch, Augment, ImagePrefetcher, ImageSet};
 use crate::data::loader::stream_seed;
@@ -62,17 +62,10 @@ pub struct Summary {
     pub images_per_s: f64,
     /// Images over the whole wall time of this start.
     pub images_per_s_wall: f64,
-    pub params: i64,
-    pub trainable_params: i64,
-    pub param_bytes: i64,
-    pub optimizer_state_bytes: i64,
-    /// With `[prune]` or GSM: zeros per prunable layer and over all of them, at the end.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pruning: Option<crate::prune::SparsityReport>,
-    pub device: String,
-    pub precision: String,
-    pub peak_memory_bytes: Option<i64>,
-    pub peak_memory_kind: String,
+    #[serde(flatten)]
+    pub sizes: harness::Sizes,
+    #[serde(flatten)]
+    pub footprint: harness::Footprint,
     pub resumed_from: Option<PathBuf>,
 }
 
@@ -136,20 +129,16 @@ pub fn run(recipe: &ClassifyRecipe, resume: harness::Resume, stop: &StopFlag) ->
     if let Some(done) = harness::already_done(&setup, &state, total_steps) {
         return Ok(done);
     }
-    let prune = recipe.prune.as_ref();
-    net.pruner = harness::start_pruner(prune, &recipe.optim, params, total_steps, state.step)?;
-    let toml = recipe::to_toml(recipe);
-    let every = recipe.train.checkpoint_every;
-    let checkpoints = Checkpoints::new(every, recipe.train.keep_checkpoints);
-    let mut run = Run::start(
-        setup,
-        &recipe.run,
-        &toml,
-        &net.params,
-        &state,
-        checkpoints,
-        stop,
-    )?;
+    let sections = Sections {
+        run: &recipe.run,
+        optim: &recipe.optim,
+        prune: recipe.prune.as_ref(),
+        checkpoint_every: recipe.train.checkpoint_every,
+        keep_checkpoints: recipe.train.keep_checkpoints,
+        resolved: recipe::to_toml(recipe),
+    };
+    net.pruner = harness::start_pruner(&sections, params, total_steps, state.step)?;
+    let mut run = Run::start(setup, &sections, &net.params, &state, stop)?;
     log_start(recipe, &run, &net, &train, &valid, total_steps);
     run.reset_peak_memory();
 
@@ -358,7 +347,7 @@ impl Net {
         last_eval: Option<EvalResult>,
     ) -> Summary {
         let time = run.clock.throughput(state.tokens);
-        let f = run.footprint(
+        let footprint = run.footprint(
             &self.params,
             &self.optimizer,
             self.pruner.as_ref(),
@@ -379,15 +368,8 @@ impl Net {
             train_seconds: time.train_seconds,
             images_per_s: time.per_s,
             images_per_s_wall: time.per_s_wall,
-            params: f.params,
-            trainable_params: f.trainable_params,
-            param_bytes: f.param_bytes,
-            optimizer_state_bytes: f.optimizer_state_bytes,
-            pruning: f.pruning,
-            device: f.device,
-            precision: f.precision,
-            peak_memory_bytes: f.peak_memory_bytes,
-            peak_memory_kind: f.peak_memory_kind,
+            sizes: harness::Sizes::of(&self.params),
+            footprint,
             resumed_from: run.resume_dir.clone(),
         }
     }
@@ -534,16 +516,16 @@ impl RunSummary for Summary {
         );
         lines.push(("images/s", rates));
         lines.extend(harness::report_peak_memory(
-            self.peak_memory_bytes,
-            &self.peak_memory_kind,
+            self.footprint.peak_memory_bytes,
+            &self.footprint.peak_memory_kind,
         ));
         let size = format!(
             "{} ({:.3} GiB)",
-            harness::human(self.params as f64),
-            harness::gib(self.param_bytes)
+            harness::human(self.sizes.params as f64),
+            harness::gib(self.sizes.param_bytes)
         );
         lines.push(("parameters", size));
-        lines.extend(harness::report_sparsity(self.pruning.as_ref()));
+        lines.extend(harness::report_sparsity(self.footprint.pruning.as_ref()));
         lines
     }
 }

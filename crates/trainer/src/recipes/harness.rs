@@ -147,30 +147,29 @@ pub fn already_done<S>(setup: &Setup, state: &TrainState, total_steps: i64) -> O
 /// Magnitude pruning or GSM's cut, if the recipe asks for one; an event at `step` (where the run
 /// starts or resumes) fires now.
 pub fn start_pruner(
-    prune: Option<&PruneConfig>,
-    optim: &OptimConfig,
+    sections: &Sections,
     params: &mut ParamStore,
     total_steps: i64,
     step: i64,
 ) -> Result<Option<Pruner>> {
-    let pruner = Pruner::for_run(prune, optim, params, total_steps)?;
+    let pruner = Pruner::for_run(sections.prune, sections.optim, params, total_steps)?;
     if let Some(p) = &pruner {
         p.on_step(step, params)?;
     }
     Ok(pruner)
 }
 
-/// When to write checkpoints: every `every` steps (and always at the end or on a stop), keeping
-/// the newest `keep`.
-pub struct Checkpoints {
-    pub every: Option<i64>,
-    pub keep: i64,
-}
-
-impl Checkpoints {
-    pub fn new(every: Option<i64>, keep: i64) -> Checkpoints {
-        Checkpoints { every, keep }
-    }
+/// The sections of a task's recipe that the harness reads.
+pub struct Sections<'r> {
+    pub run: &'r RunConfig,
+    pub optim: &'r OptimConfig,
+    pub prune: Option<&'r PruneConfig>,
+    /// `train.checkpoint_every` (a checkpoint is also written at the end and on a stop) and
+    /// `train.keep_checkpoints`.
+    pub checkpoint_every: Option<i64>,
+    pub keep_checkpoints: i64,
+    /// The resolved recipe, written to the run directory as config.toml.
+    pub resolved: String,
 }
 
 /// The state every training loop shares, from the start of training to the summary.
@@ -191,7 +190,8 @@ pub struct Run<'a> {
     /// The loss of the last logged training step, for the summary.
     pub last_train_loss: Option<f64>,
     stop: &'a StopFlag,
-    checkpoints: Checkpoints,
+    checkpoint_every: Option<i64>,
+    keep_checkpoints: i64,
     last_checkpoint: Option<PathBuf>,
     total_steps: i64,
     /// Tokens (or images) per optimizer step.
@@ -204,11 +204,9 @@ impl<'a> Run<'a> {
     /// alone writes the run directory (resolved recipe, logs, TensorBoard, checkpoints, summary).
     pub fn start(
         setup: Setup,
-        run: &RunConfig,
-        resolved_recipe: &str,
+        sections: &Sections,
         params: &ParamStore,
         state: &TrainState,
-        checkpoints: Checkpoints,
         stop: &'a StopFlag,
     ) -> Result<Run<'a>> {
         let Setup {
@@ -219,9 +217,10 @@ impl<'a> Run<'a> {
             shard_start,
             shard_rows,
         } = setup;
+        let run = sections.run;
         let dp = DataParallel::start(&world, device, run, params, state.step, &run_dir)?;
         let metrics = if world.is_main() {
-            prepare_run_dir(&run_dir, resolved_recipe, state.step)?;
+            prepare_run_dir(&run_dir, &sections.resolved, state.step)?;
             Some(MetricsLog::open(&run_dir, Some(state.step))?)
         } else {
             None
@@ -239,7 +238,8 @@ impl<'a> Run<'a> {
             clock: Clock::new(state),
             last_train_loss: None,
             stop,
-            checkpoints,
+            checkpoint_every: sections.checkpoint_every,
+            keep_checkpoints: sections.keep_checkpoints,
             last_checkpoint: None,
             total_steps: 0,
             per_step: 0,
@@ -346,7 +346,7 @@ impl<'a> Run<'a> {
         } else {
             self.stop.requested()
         };
-        if self.checkpoints.every.is_some_and(|c| state.step % c == 0) || done || stopping {
+        if self.checkpoint_every.is_some_and(|c| state.step % c == 0) || done || stopping {
             state.train_seconds = self.clock.train_seconds();
             let dir = save_checkpoint(
                 &self.dp,
@@ -354,7 +354,7 @@ impl<'a> Run<'a> {
                 state,
                 params,
                 optimizer,
-                self.checkpoints.keep,
+                self.keep_checkpoints,
                 done || stopping,
             )?;
             let line = format!("step {}: checkpoint {}", state.step, dir.display());
@@ -378,7 +378,8 @@ impl<'a> Run<'a> {
         }))
     }
 
-    /// What every summary reports about the model, its memory and the machine at the end.
+    /// What every summary reports about the optimizer, the sparsity, the machine and the peak
+    /// memory at the end.
     pub fn footprint(
         &self,
         params: &ParamStore,
@@ -388,9 +389,6 @@ impl<'a> Run<'a> {
     ) -> Footprint {
         let (peak_memory_bytes, peak_memory_kind) = peak_memory(self.device);
         Footprint {
-            params: params.num_params(),
-            trainable_params: params.num_trainable(),
-            param_bytes: params.bytes(),
             optimizer_state_bytes: optimizer.state_bytes(),
             pruning: pruner.map(|p| p.report(params)),
             device: device::describe(self.device),
@@ -514,13 +512,32 @@ impl Clock {
     }
 }
 
-/// The numbers every summary reports about the model, its memory and the machine.
-pub struct Footprint {
+/// The model's size in every summary.json (flattened into the task's summary).
+#[derive(Debug, Clone, Serialize)]
+pub struct Sizes {
     pub params: i64,
     pub trainable_params: i64,
     pub param_bytes: i64,
+}
+
+impl Sizes {
+    pub fn of(params: &ParamStore) -> Sizes {
+        Sizes {
+            params: params.num_params(),
+            trainable_params: params.num_trainable(),
+            param_bytes: params.bytes(),
+        }
+    }
+}
+
+/// The end of every summary.json's middle: the optimizer state, the sparsity, the machine and
+/// the peak memory (flattened into the task's summary, so its fields stand at the same place in
+/// both summaries).
+#[derive(Debug, Clone, Serialize)]
+pub struct Footprint {
     pub optimizer_state_bytes: i64,
     /// With `[prune]` or GSM: zeros per prunable layer and over all of them, at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pruning: Option<SparsityReport>,
     pub device: String,
     pub precision: String,

@@ -8,7 +8,7 @@
 //! pure function of (seed, step, micro-batch), so a run resumed from the checkpoint of step k
 //! computes bitwise the same losses as the uninterrupted run (on the CPU, same thread count).
 
-use super::harness::{self, Checkpoints, Run, RunSummary, Setup};
+use super::harness::{self, Run, RunSummary, Sections, Setup};
 use crate::checkpoint::{self, TrainState};
 use crate::data::loader::{stream_seed, valid_batch, Prefetcher};
 use crate::data::mixture::{Mixture, MixtureReport};
@@ -55,19 +55,11 @@ pub struct Summary {
     pub tokens_per_s: f64,
     /// Tokens over the whole wall time of this start (everything included).
     pub tokens_per_s_wall: f64,
-    pub params: i64,
-    pub trainable_params: i64,
-    pub param_bytes: i64,
+    #[serde(flatten)]
+    pub sizes: harness::Sizes,
     pub grad_bytes: i64,
-    pub optimizer_state_bytes: i64,
-    /// With `[prune]` or GSM: zeros per prunable layer and over all of them, at the end.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pruning: Option<crate::prune::SparsityReport>,
-    pub device: String,
-    pub precision: String,
-    /// Peak allocated accelerator memory (CUDA), or the process's peak resident set (CPU).
-    pub peak_memory_bytes: Option<i64>,
-    pub peak_memory_kind: String,
+    #[serde(flatten)]
+    pub footprint: harness::Footprint,
     pub model_tflops_per_s: f64,
     pub mfu: Option<f64>,
     pub resumed_from: Option<PathBuf>,
@@ -134,21 +126,9 @@ pub fn run_from(
     if let Some(done) = harness::already_done(&setup, &state, total_steps) {
         return Ok(done);
     }
-    let prune = recipe.prune.as_ref();
-    let params = &mut lm.params;
-    lm.pruner = harness::start_pruner(prune, &recipe.optim, params, total_steps, state.step)?;
-    let toml = recipe::to_toml(recipe);
-    let every = recipe.train.checkpoint_every;
-    let checkpoints = Checkpoints::new(every, recipe.train.keep_checkpoints);
-    let mut run = Run::start(
-        setup,
-        &recipe.run,
-        &toml,
-        &lm.params,
-        &state,
-        checkpoints,
-        stop,
-    )?;
+    let sections = sections(recipe);
+    lm.pruner = harness::start_pruner(&sections, &mut lm.params, total_steps, state.step)?;
+    let mut run = Run::start(setup, &sections, &lm.params, &state, stop)?;
     lm.log_start(recipe, &run, total_steps);
     run.reset_peak_memory();
 
@@ -205,6 +185,18 @@ pub fn run_from(
     let summary = lm.summary(recipe, &run, &state, init, evals.last, mixture, stage);
     run.write_summary(&summary)?;
     Ok(Outcome::Finished(summary))
+}
+
+/// The sections of the recipe that the harness reads.
+fn sections(recipe: &Recipe) -> Sections<'_> {
+    Sections {
+        run: &recipe.run,
+        optim: &recipe.optim,
+        prune: recipe.prune.as_ref(),
+        checkpoint_every: recipe.train.checkpoint_every,
+        keep_checkpoints: recipe.train.keep_checkpoints,
+        resolved: recipe::to_toml(recipe),
+    }
 }
 
 /// With `[train.reweight]` on several ranks, the rule applies to each rank's rows of a
@@ -606,7 +598,7 @@ impl Lm {
         stage: Option<&InStage>,
     ) -> Summary {
         let time = run.clock.throughput(state.tokens);
-        let f = run.footprint(
+        let footprint = run.footprint(
             &self.params,
             &self.optimizer,
             self.pruner.as_ref(),
@@ -636,16 +628,9 @@ impl Lm {
             train_seconds: time.train_seconds,
             tokens_per_s: time.per_s,
             tokens_per_s_wall: time.per_s_wall,
-            params: f.params,
-            trainable_params: f.trainable_params,
-            param_bytes: f.param_bytes,
+            sizes: harness::Sizes::of(&self.params),
             grad_bytes: grad_bytes(&self.params),
-            optimizer_state_bytes: f.optimizer_state_bytes,
-            pruning: f.pruning,
-            device: f.device,
-            precision: f.precision,
-            peak_memory_bytes: f.peak_memory_bytes,
-            peak_memory_kind: f.peak_memory_kind,
+            footprint,
             model_tflops_per_s: tflops,
             mfu: recipe.run.peak_tflops.map(|p| tflops / p),
             resumed_from: run.resume_dir.clone(),
@@ -1063,17 +1048,17 @@ impl RunSummary for Summary {
         let tflops = format!("{:.3}{}", self.model_tflops_per_s, mfu.unwrap_or_default());
         lines.push(("model TFLOP/s", tflops));
         lines.extend(harness::report_peak_memory(
-            self.peak_memory_bytes,
-            &self.peak_memory_kind,
+            self.footprint.peak_memory_bytes,
+            &self.footprint.peak_memory_kind,
         ));
         let memory = format!(
             "params {:.3} GiB, grads {:.3} GiB, optimizer {:.3} GiB",
-            gib(self.param_bytes),
+            gib(self.sizes.param_bytes),
             gib(self.grad_bytes),
-            gib(self.optimizer_state_bytes)
+            gib(self.footprint.optimizer_state_bytes)
         );
         lines.push(("memory", memory));
-        lines.extend(harness::report_sparsity(self.pruning.as_ref()));
+        lines.extend(harness::report_sparsity(self.footprint.pruning.as_ref()));
         lines
     }
 }
