@@ -1,4 +1,6 @@
-//! One readable file per training method.
+//! One readable file per training method. `harness.rs` is what the training loops share (set-up,
+//! resume, run directory and log, checkpoint-or-stop, outcome, summary); `pretrain.rs` (also run
+//! per stage by `stages.rs`) and `classify.rs` each hold their task's model, step and log rows.
 
 pub mod classify;
 pub mod evaluate;
