@@ -9,23 +9,56 @@
 use anyhow::{anyhow, Context};
 use plotters::coord::Shift;
 use plotters::prelude::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use trainer::config;
 use trainer::config::ScheduleConfig;
 use trainer::schedule::{report, Schedule};
 
-/// Prints the schedule of a run of `total_steps` steps whose peak LR is `peak_lr` (`optim.lr`)
-/// and writes the files asked for. Output paths are checked before anything is written.
-pub fn run(
-    cfg: &ScheduleConfig,
-    peak_lr: f64,
-    total_steps: i64,
-    csv: Option<&Path>,
-    png: Option<&Path>,
-) -> anyhow::Result<()> {
-    show(&Schedule::new(cfg, peak_lr, total_steps), peak_lr, csv, png)
+#[derive(clap::Args)]
+pub struct ScheduleArgs {
+    recipe: PathBuf,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Write `step,lr` for every step of the run to this file.
+    #[arg(long, value_name = "FILE")]
+    csv: Option<PathBuf>,
+    /// Write a plot of the learning rate to this PNG file.
+    #[arg(long, value_name = "FILE")]
+    png: Option<PathBuf>,
+    /// The run's length in optimizer steps (default: the recipe's; needed when it gives
+    /// epochs).
+    #[arg(long, value_name = "N")]
+    steps: Option<i64>,
 }
 
-/// `run` for a schedule already built (a `[[stages]]` recipe's stages joined end to end).
+/// Prints the schedule of the recipe's run (a `[[stages]]` recipe's stages joined end to end)
+/// and writes the files asked for. Output paths are checked before anything is written.
+pub fn run(args: &ScheduleArgs) -> anyhow::Result<ExitCode> {
+    let overrides = crate::parse_overrides(&args.set)?;
+    let (path, csv, png) = (&args.recipe, args.csv.as_deref(), args.png.as_deref());
+    if let Some(stages) = trainer::config::stages::load(path, &overrides)? {
+        anyhow::ensure!(
+            args.steps.is_none(),
+            "--steps: a [[stages]] recipe is as long as its stages"
+        );
+        let peak = stages
+            .iter()
+            .map(|s| s.recipe.optim.lr())
+            .fold(0.0, f64::max);
+        show(&trainer::config::stages::schedule(&stages), peak, csv, png)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (schedule, lr, recipe_steps) = match config::load_any(path, &overrides)? {
+        config::AnyRecipe::Pretrain(r) => (r.schedule.clone(), r.optim.lr(), Some(r.max_steps())),
+        config::AnyRecipe::Classify(r) => (r.schedule, r.optim.lr(), r.train.max_steps),
+    };
+    let steps = run_length(path, &schedule, lr, recipe_steps, args.steps)?;
+    show(&Schedule::new(&schedule, lr, steps), lr, csv, png)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a schedule whose peak LR is `peak_lr` and writes the files asked for.
 pub fn show(
     s: &Schedule,
     peak_lr: f64,

@@ -1,5 +1,8 @@
-//! Image classification with a ResNet, top to bottom: set-up, loop, evaluation, checkpoints,
-//! summary. The shape of `pretrain.rs`, copied rather than shared.
+//! Image classification with a ResNet. `run` reads top to bottom: set-up (`harness::Setup`), the
+//! model and its optimizer (`Net::build`), the state to start from, the shared run
+//! (`harness::Run`), then the loop: one `Net::step` (forward, backward, all-reduce, clipping,
+//! the optimizer step), its log row, evaluation, and `harness`'s checkpoint-or-stop; last, the
+//! summary.
 //!
 //! The loss is cross-entropy with optional label smoothing (Szegedy et al. 2016, "Rethinking the
 //! Inception Architecture", section 7: the target is (1 - s) one-hot + s uniform, as
@@ -13,15 +16,16 @@
 //! run resumed from the checkpoint of step k computes bitwise the same losses as the
 //! uninterrupted run (on the CPU, same thread count).
 
-use super::pretrain::{human, Resume};
-use super::run_dir::{peak_memory, prepare_run_dir, resume_checkpoint, save_checkpoint};
+use super::harness::{self, Run, RunSummary, Sections, Setup};
 use crate::checkpoint::{self, TrainState};
 use crate::data::images::{self, eval_batch, Augment, ImagePrefetcher, ImageSet};
 use crate::data::loader::stream_seed;
 use crate::device;
-use crate::error::{io_err, Error, Result};
-use crate::metrics::progress::{format_duration, Progress};
-use crate::metrics::{row, MetricsLog};
+use crate::dist::OverlappedGrads;
+use crate::distill::ClassifierDistiller;
+use crate::error::{Error, Result};
+use crate::metrics::progress::format_duration;
+use crate::metrics::row;
 use crate::models::params::ParamStore;
 use crate::models::resnet::ResNet;
 use crate::optim::{clip_grad_norm, Optimizer};
@@ -35,19 +39,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind, Reduction, Tensor};
 
-#[derive(Debug)]
-pub enum Outcome {
-    Finished(Summary),
-    /// Stopped by a signal after writing the checkpoint of `step`.
-    Interrupted {
-        step: i64,
-        checkpoint: PathBuf,
-    },
-    /// Resumed from a checkpoint at or past the end of the run: nothing was trained or written.
-    AlreadyDone {
-        step: i64,
-    },
-}
+pub type Outcome = harness::Outcome<Summary>;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -70,17 +62,10 @@ pub struct Summary {
     pub images_per_s: f64,
     /// Images over the whole wall time of this start.
     pub images_per_s_wall: f64,
-    pub params: i64,
-    pub trainable_params: i64,
-    pub param_bytes: i64,
-    pub optimizer_state_bytes: i64,
-    /// With `[prune]` or GSM: zeros per prunable layer and over all of them, at the end.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pruning: Option<crate::prune::SparsityReport>,
-    pub device: String,
-    pub precision: String,
-    pub peak_memory_bytes: Option<i64>,
-    pub peak_memory_kind: String,
+    #[serde(flatten)]
+    pub sizes: harness::Sizes,
+    #[serde(flatten)]
+    pub footprint: harness::Footprint,
     pub resumed_from: Option<PathBuf>,
 }
 
@@ -123,26 +108,10 @@ fn load_init(init: &crate::config::ClassifierInit, params: &ParamStore) -> Resul
     Ok(())
 }
 
-pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> {
+pub fn run(recipe: &ClassifyRecipe, resume: harness::Resume, stop: &StopFlag) -> Result<Outcome> {
     // ---- set-up -------------------------------------------------------------------------
-    let run_dir = recipe.run.out_dir.clone();
-    let resume_dir = resume_checkpoint(&run_dir, &resume)?;
-    if recipe.run.threads > 0 {
-        tch::set_num_threads(recipe.run.threads as i32);
-    }
-    device::set_deterministic(recipe.run.deterministic)?;
-    // Data parallelism (`trainer launch`, torchrun, Slurm): as in pretrain.rs. BatchNorm
-    // normalises each rank's rows with their own statistics, and its running statistics are
-    // rank 0's, broadcast after every step (DistributedDataParallel's broadcast_buffers).
-    let world = crate::dist::World::from_env()?;
-    let device = world.device(device::resolve(&recipe.run.device)?)?;
-    let (shard_start, shard_rows) =
-        world.shard(recipe.train.batch_size as usize, "train.batch_size")?;
-    let main = world.is_main();
-    let precision = recipe.run.precision;
-
+    let setup = Setup::new(&recipe.run, recipe.train.batch_size, &resume)?;
     let (train, valid) = open_data(recipe)?;
-    let batch_size = recipe.train.batch_size as usize;
     let total_steps = recipe.max_steps(train.len());
     recipe.check_warmup(total_steps).map_err(|inv| {
         Error::Recipe(format!(
@@ -150,378 +119,415 @@ pub fn run(recipe: &ClassifyRecipe, resume: Resume, stop: &StopFlag) -> Result<O
             inv.key, inv.msg
         ))
     })?;
-
-    tch::manual_seed(recipe.run.seed as i64);
-    let model_cfg = recipe.model.build()?;
-    let mut params = ParamStore::new(device);
-    let model = ResNet::new(&model_cfg, &mut params)?;
-    if let (Some(init), None) = (&recipe.init, &resume_dir) {
-        load_init(init, &params)?;
-        // A pruned checkpoint stays pruned (but for re-initialised tensors).
-        let masks = init.from.join(checkpoint::MASKS_FILE);
-        if init.from.is_dir() && masks.is_file() {
-            for (name, mask) in crate::models::params::read_safetensors(&masks)? {
-                if !init.reinit.contains(&name) {
-                    params.set_mask(&name, mask)?;
-                }
-            }
-        }
-    }
-    let distiller = match &recipe.distill {
-        Some(d) => Some(crate::distill::ClassifierDistiller::new(
-            d,
-            &recipe.model,
-            device,
-        )?),
-        None => None,
-    };
-    let mut optimizer = Optimizer::build(&recipe.optim, &params)?;
+    let mut net = Net::build(recipe, &setup)?;
     let schedule = Schedule::new(&recipe.schedule, recipe.optim.lr(), total_steps);
-
-    let mut state = TrainState {
-        format: 1,
-        step: 0,
-        tokens: 0, // images, for a classifier
-        seed: recipe.run.seed,
-        train_seconds: 0.0,
-        last_valid_loss: None,
+    let (seed, params, optimizer) = (recipe.run.seed, &mut net.params, &mut net.optimizer);
+    let mut state = match &setup.resume_dir {
+        Some(dir) => harness::load_resume(dir, seed, params, optimizer)?,
+        None => harness::fresh_state(seed),
     };
-    if let Some(dir) = &resume_dir {
-        state = checkpoint::load(dir, &mut params, &mut optimizer)?;
-        if state.seed != recipe.run.seed {
-            tracing::warn!(
-                "run.seed is {} but the checkpoint was trained with seed {}; data order changes",
-                recipe.run.seed,
-                state.seed
-            );
-            state.seed = recipe.run.seed;
-        }
-        tracing::info!("resuming from {} (step {})", dir.display(), state.step);
-        if state.step >= total_steps {
-            return Ok(Outcome::AlreadyDone { step: state.step });
-        }
+    if let Some(done) = harness::already_done(&setup, &state, total_steps) {
+        return Ok(done);
     }
-    // Magnitude pruning or GSM's cut; an event at the step the run (re)starts at fires now.
-    let pruner = Pruner::for_run(recipe.prune.as_ref(), &recipe.optim, &params, total_steps)?;
-    if let Some(p) = &pruner {
-        p.on_step(state.step, &mut params)?;
-    }
-    let dp = crate::dist::DataParallel::start(
-        &world,
-        device,
-        &recipe.run.collectives(),
-        &params,
-        state.step,
-        &run_dir,
-    )?;
-    // Only rank 0 writes the run directory.
-    let mut metrics = if main {
-        prepare_run_dir(&run_dir, &config::to_toml(recipe), state.step)?;
-        Some(MetricsLog::open(&run_dir, Some(state.step))?)
-    } else {
-        None
+    let sections = Sections {
+        run: &recipe.run,
+        optim: &recipe.optim,
+        prune: recipe.prune.as_ref(),
+        checkpoint_every: recipe.train.checkpoint_every,
+        keep_checkpoints: recipe.train.keep_checkpoints,
+        resolved: config::to_toml(recipe),
     };
-
-    let steps_per_epoch = recipe.steps_per_epoch(train.len());
-    tracing::info!(
-        "{}: {} parameters, {} ({}), {} training images in {} classes ({} steps/epoch), {} validation images, {} steps",
-        recipe.run.name,
-        human(params.num_trainable() as f64),
-        device::describe(device),
-        precision.as_str(),
-        train.len(),
-        train.num_classes(),
-        steps_per_epoch,
-        valid.len(),
-        total_steps
-    );
-    if let Device::Cuda(i) = device {
-        let _ = torch_ext::accelerator_reset_peak(i);
-    }
+    net.pruner = harness::start_pruner(&sections, params, total_steps, state.step)?;
+    let mut run = Run::start(setup, &sections, &net.params, &state, stop)?;
+    log_start(recipe, &run, &net, &train, &valid, total_steps);
+    run.reset_peak_memory();
 
     // ---- loop ---------------------------------------------------------------------------
     let aug = Augment::from_config(&recipe.data);
     let prefetch = ImagePrefetcher::start(
         train.clone(),
         aug.clone(),
-        batch_size,
+        recipe.train.batch_size as usize,
         // This rank's rows of every global batch: each rank augments only its own images.
-        shard_start..shard_start + shard_rows,
+        run.shard_start..run.shard_start + run.shard_rows,
         recipe.run.seed,
         state.step,
         total_steps - 1,
         4,
     );
-    let progress = if main {
-        Progress::new(total_steps, state.step)
-    } else {
-        Progress::silent()
-    };
     // Several processes: the gradients are averaged while the backward pass goes on (every rank
     // uses every parameter; not with a distillation teacher, as for language models).
-    let overlap = if world.is_distributed() && distiller.is_none() {
-        Some(crate::dist::OverlappedGrads::new(&dp, &params)?)
+    let overlap = if run.world.is_distributed() && net.distiller.is_none() {
+        Some(OverlappedGrads::new(&run.dp, &net.params)?)
     } else {
         None
     };
-    let eval = |model: &ResNet| -> Result<EvalResult> {
-        let limit = recipe
-            .train
-            .eval_images
-            .map_or(valid.len(), |n| (n as usize).min(valid.len()));
-        // With several processes each evaluates its share of the batches; the sums are added
-        // over the ranks (one all-reduce).
-        let mut sums = evaluate_part(
-            model, &valid, &aug, limit, batch_size, device, precision, world.rank, world.size,
-        )?;
-        dp.sum(&mut sums)?;
-        Ok(eval_result(sums, limit))
-    };
-    let mut last_train_loss = None;
     let mut last_eval: Option<EvalResult> = None;
-    let mut window_start = Instant::now();
-    let mut window_images = 0i64;
-    let session_start = Instant::now();
-    let seconds_before = state.train_seconds;
-    let images_before = state.tokens;
-    let (mut step_seconds, mut step_images) = (0.0f64, 0i64);
-    let mut last_checkpoint = None;
-    let per_step = recipe.train.batch_size;
-
+    run.start_loop(total_steps, recipe.train.batch_size, &state, None);
     while state.step < total_steps {
         let step = state.step;
         let step_start = Instant::now();
         // Dropout (WRN) and any other torch randomness: a pure function of (seed, step, rank).
-        tch::manual_seed((stream_seed(recipe.run.seed, step, -1, world.rank as i64) >> 1) as i64);
-        let batch = prefetch
+        tch::manual_seed(
+            (stream_seed(recipe.run.seed, step, -1, run.world.rank as i64) >> 1) as i64,
+        );
+        let lr = schedule.lr(step);
+        let out = net.step(recipe, &run, &prefetch, overlap.as_ref(), lr, step)?;
+        run.step_done(&mut state, step_start);
+        if let Some(p) = &net.pruner {
+            p.on_step(state.step, &mut net.params)?;
+        }
+        let done = state.step == total_steps;
+        if state.step % recipe.train.log_every == 0 || done {
+            log_step(recipe, &net, &mut run, &state, out.log, train.len())?;
+        }
+        if recipe.train.eval_every.is_some_and(|e| state.step % e == 0) || done {
+            let r = evaluate_and_log(&net.model, &valid, &aug, recipe, &mut run, &mut state)?;
+            last_eval = Some(r);
+        }
+        let (params, optimizer) = (&net.params, &net.optimizer);
+        if let Some(outcome) =
+            run.checkpoint_or_stop(&mut state, params, optimizer, done, out.stop_all)?
+        {
+            return Ok(outcome);
+        }
+    }
+    run.progress.finish();
+    drop(prefetch);
+
+    // ---- summary ------------------------------------------------------------------------
+    let summary = net.summary(recipe, &run, &state, &train, &valid, last_eval);
+    run.write_summary(&summary)?;
+    Ok(Outcome::Finished(summary))
+}
+
+/// The classifier being trained and everything that updates it.
+struct Net {
+    model: ResNet,
+    params: ParamStore,
+    optimizer: Optimizer,
+    /// `[distill]`: the frozen teacher.
+    distiller: Option<ClassifierDistiller>,
+    /// Magnitude pruning or GSM's cut (set once the start state is known).
+    pruner: Option<Pruner>,
+}
+
+/// What a step leaves for its log row.
+struct StepLog {
+    lr: f64,
+    /// The step's loss on this rank; its logits `[b, classes]` and labels `[b]` (top-1).
+    loss: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    /// Several ranks: the loss averaged and the correct predictions summed over them.
+    global: Option<(f64, f64)>,
+    grad_norm: f64,
+    /// `[distill]`: the distillation and cross-entropy parts of the loss.
+    distill_parts: Vec<(&'static str, serde_json::Value)>,
+}
+
+/// A step's result: its log, and whether any rank was asked to stop (several ranks).
+struct StepOut {
+    log: StepLog,
+    stop_all: bool,
+}
+
+impl Net {
+    /// The ResNet on the run's device, its weights from `[init]` (unless resuming), the
+    /// distillation teacher and the optimizer, in the order that draws the seeded initial values.
+    fn build(recipe: &ClassifyRecipe, setup: &Setup) -> Result<Net> {
+        tch::manual_seed(recipe.run.seed as i64);
+        let model_cfg = recipe.model.build()?;
+        let mut params = ParamStore::new(setup.device);
+        let model = ResNet::new(&model_cfg, &mut params)?;
+        if let (Some(init), None) = (&recipe.init, &setup.resume_dir) {
+            load_init(init, &params)?;
+            // A pruned checkpoint stays pruned (but for re-initialised tensors).
+            let masks = init.from.join(checkpoint::MASKS_FILE);
+            if init.from.is_dir() && masks.is_file() {
+                for (name, mask) in crate::models::params::read_safetensors(&masks)? {
+                    if !init.reinit.contains(&name) {
+                        params.set_mask(&name, mask)?;
+                    }
+                }
+            }
+        }
+        let distiller = match &recipe.distill {
+            Some(d) => Some(ClassifierDistiller::new(d, &recipe.model, setup.device)?),
+            None => None,
+        };
+        let optimizer = Optimizer::build(&recipe.optim, &params)?;
+        Ok(Net {
+            model,
+            params,
+            optimizer,
+            distiller,
+            pruner: None,
+        })
+    }
+
+    /// One optimizer step: forward and backward of this rank's rows, the gradients averaged
+    /// over the ranks and clipped, the update; then BatchNorm's running statistics are rank 0's.
+    fn step(
+        &mut self,
+        recipe: &ClassifyRecipe,
+        run: &Run,
+        batches: &ImagePrefetcher,
+        overlap: Option<&OverlappedGrads>,
+        lr: f64,
+        step: i64,
+    ) -> Result<StepOut> {
+        let (device, precision) = (run.device, recipe.run.precision);
+        let batch = batches
             .next()
             .ok_or_else(|| Error::Torch("data prefetch thread stopped".into()))?;
         // This rank's rows of the global batch (the prefetcher built only those).
         let x = batch.images.to_device(device); // [b, 3, h, w]
         let y = batch.labels.to_device(device); // [b]
-        let logits = forward(&model, &x, true, device, precision)?; // [b, classes]
+        let logits = forward(&self.model, &x, true, device, precision)?; // [b, classes]
         let loss = classification_loss(&logits, &y, recipe.train.label_smoothing)?;
         // `[distill]`: alpha * kd + (1 - alpha) * the cross-entropy above.
-        let (loss, distill_parts) = match &distiller {
+        let (loss, distill_parts) = match &self.distiller {
             Some(d) => {
                 let l = d.loss(&x, &logits, &loss, device, precision)?;
-                (
-                    l.total,
-                    vec![("kd_loss", json!(l.kd)), ("ce_loss", json!(l.ce))],
-                )
+                let parts = vec![("kd_loss", json!(l.kd)), ("ce_loss", json!(l.ce))];
+                (l.total, parts)
             }
             None => (loss, Vec::new()),
         };
-        match &overlap {
-            Some(o) => o.backward(&dp, || loss.f_backward())?,
+        match overlap {
+            Some(o) => o.backward(&run.dp, || loss.f_backward())?,
             None => loss.f_backward()?,
         }
         // Several ranks: average the gradients; sum the loss and correct predictions (for the
-        // log) and the stop flags.
-        let mut global = None;
-        let mut stop_all = false;
-        if world.is_distributed() {
+        // log) and the stop votes.
+        let (mut global, mut stop_all) = (None, false);
+        if run.world.is_distributed() {
             let (top1, _) = correct(&logits.detach(), &y, 1);
-            let mut sums = [
-                loss.double_value(&[]),
-                top1 as f64,
-                f64::from(u8::from(stop.requested())),
-            ];
-            match &overlap {
-                Some(o) => o.finish(&dp, &mut sums)?,
-                None => {
-                    let trainable: Vec<&Tensor> = params.trainable().map(|p| &p.tensor).collect();
-                    dp.reduce_step(&trainable, &mut sums)?
-                }
-            }
-            global = Some((sums[0] / world.size as f64, sums[1]));
+            let mut sums = [loss.double_value(&[]), top1 as f64, run.stop_vote()];
+            run.reduce_step(overlap, &self.params, &mut sums)?;
+            global = Some((sums[0] / run.world.size as f64, sums[1]));
             stop_all = sums[2] > 0.0;
         }
-        let grad_norm = clip_grad_norm(&params, None)?;
-        if !grad_norm.is_finite() {
-            return Err(Error::Torch(format!(
-                "gradient norm is {grad_norm} at step {}: training diverged (lower optim.lr); the last checkpoint is intact",
-                step + 1
-            )));
-        }
-        let lr = schedule.lr(step);
-        optimizer.step(lr)?;
-        params.apply_masks();
-        params.zero_grad();
-        if world.is_distributed() {
+        let grad_norm = clip_grad_norm(&self.params, None)?;
+        harness::check_grad_norm(grad_norm, step + 1, "lower optim.lr")?;
+        self.optimizer.step(lr)?;
+        self.params.apply_masks();
+        self.params.zero_grad();
+        if run.world.is_distributed() {
             // BatchNorm's running statistics (and any other buffer): rank 0's.
-            let buffers: Vec<&Tensor> = params
+            let buffers: Vec<&Tensor> = self
+                .params
                 .iter()
                 .filter(|p| !p.trainable)
                 .map(|p| &p.tensor)
                 .collect();
-            dp.broadcast_from_main(&buffers)?;
+            run.dp.broadcast_from_main(&buffers)?;
         }
-        state.step += 1;
-        state.tokens += per_step;
-        window_images += per_step;
-        if state.tokens - images_before > per_step {
-            step_seconds += step_start.elapsed().as_secs_f64();
-            step_images += per_step;
-        }
-        if let Some(p) = &pruner {
-            p.on_step(state.step, &mut params)?;
-        }
-        let done = state.step == total_steps;
-
-        if state.step % recipe.train.log_every == 0 || done {
-            let (loss, top1) = match global {
-                Some((loss, top1)) => (loss, top1 as i64),
-                None => (loss.double_value(&[]), correct(&logits.detach(), &y, 1).0),
-            };
-            if !loss.is_finite() {
-                return Err(Error::Torch(format!(
-                    "loss is {loss} at step {}: training diverged (lower optim.lr)",
-                    state.step
-                )));
-            }
-            let elapsed = window_start.elapsed().as_secs_f64().max(1e-9);
-            let images_per_s = window_images as f64 / elapsed;
-            let eta = (total_steps - state.step) as f64 * per_step as f64 / images_per_s;
-            let mut r = row(&[
-                ("step", json!(state.step)),
-                ("loss", json!(loss)),
-                ("lr", json!(lr)),
-                ("grad_norm", json!(grad_norm)),
-                ("top1", json!(top1 as f64 / per_step as f64)),
-                ("images", json!(state.tokens)),
-                ("images_per_s", json!(images_per_s)),
-                ("epoch", json!(state.step as f64 / steps_per_epoch as f64)),
-            ]);
-            r.extend(distill_parts.into_iter().map(|(k, v)| (k.to_string(), v)));
-            r.extend(super::pretrain::pruning_metrics(
-                pruner.as_ref(),
-                &optimizer,
-                &params,
-            ));
-            if let Some(m) = metrics.as_mut() {
-                m.log(r)?;
-            }
-            progress.update(state.step, loss, lr, images_per_s, eta);
-            last_train_loss = Some(loss);
-            window_start = Instant::now();
-            window_images = 0;
-        }
-        if recipe.train.eval_every.is_some_and(|e| state.step % e == 0) || done {
-            let r = eval(&model)?;
-            state.last_valid_loss = Some(r.loss);
-            last_eval = Some(r);
-            if let Some(m) = metrics.as_mut() {
-                m.log(row(&[
-                    ("step", json!(state.step)),
-                    ("split", json!("valid")),
-                    ("loss", json!(r.loss)),
-                    ("top1", json!(r.top1)),
-                    ("top5", json!(r.top5)),
-                    ("images", json!(r.images)),
-                ]))?;
-            }
-            progress.println(&format!(
-                "step {}: valid loss {:.4}, top-1 {:.2}%, top-5 {:.2}% ({} images)",
-                state.step,
-                r.loss,
-                100.0 * r.top1,
-                100.0 * r.top5,
-                r.images
-            ));
-            window_start = Instant::now();
-            window_images = 0;
-        }
-        let stopping = if world.is_distributed() {
-            stop_all
-        } else {
-            stop.requested()
+        let log = StepLog {
+            lr,
+            loss,
+            logits,
+            labels: y,
+            global,
+            grad_norm,
+            distill_parts,
         };
-        if recipe
-            .train
-            .checkpoint_every
-            .is_some_and(|c| state.step % c == 0)
-            || done
-            || stopping
-        {
-            state.train_seconds = seconds_before + session_start.elapsed().as_secs_f64();
-            let dir = save_checkpoint(
-                &dp,
-                &run_dir,
-                &state,
-                &params,
-                &optimizer,
-                recipe.train.keep_checkpoints,
-                done || stopping,
-            )?;
-            progress.println(&format!(
-                "step {}: checkpoint {}",
-                state.step,
-                dir.display()
-            ));
-            last_checkpoint = Some(dir);
-            window_start = Instant::now();
-            window_images = 0;
-        }
-        if stopping && !done {
-            progress.finish();
-            let checkpoint = last_checkpoint.unwrap_or_default();
-            tracing::warn!(
-                "stopped by signal after step {}; checkpoint {}; continue with --resume auto",
-                state.step,
-                checkpoint.display()
-            );
-            return Ok(Outcome::Interrupted {
-                step: state.step,
-                checkpoint,
-            });
-        }
+        Ok(StepOut { log, stop_all })
     }
-    progress.finish();
-    drop(prefetch);
 
-    // ---- summary ------------------------------------------------------------------------
-    let session_seconds = session_start.elapsed().as_secs_f64();
-    let images_per_s_wall = (state.tokens - images_before) as f64 / session_seconds.max(1e-9);
-    let images_per_s = if step_images > 0 {
-        step_images as f64 / step_seconds.max(1e-9)
-    } else {
-        images_per_s_wall
-    };
-    let (peak, peak_kind) = peak_memory(device);
-    let summary = Summary {
-        name: recipe.run.name.clone(),
-        steps: state.step,
-        images: state.tokens,
-        epochs: state.step as f64 / steps_per_epoch as f64,
-        final_train_loss: last_train_loss,
-        final_valid_loss: last_eval.map(|r| r.loss),
-        final_valid_top1: last_eval.map(|r| r.top1),
-        final_valid_top5: last_eval.map(|r| r.top5),
-        num_classes: train.num_classes(),
-        train_images: train.len(),
-        valid_images: valid.len(),
-        train_seconds: seconds_before + session_seconds,
-        images_per_s,
-        images_per_s_wall,
-        params: params.num_params(),
-        trainable_params: params.num_trainable(),
-        param_bytes: params.bytes(),
-        optimizer_state_bytes: optimizer.state_bytes(),
-        pruning: pruner.as_ref().map(|p| p.report(&params)),
-        device: device::describe(device),
-        precision: precision.as_str().to_string(),
-        peak_memory_bytes: peak,
-        peak_memory_kind: peak_kind,
-        resumed_from: resume_dir,
-    };
-    if main {
-        let path = run_dir.join("summary.json");
-        let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
-        std::fs::write(&path, text + "\n")
-            .map_err(io_err(format!("writing {}", path.display())))?;
+    /// summary.json's numbers at the end of the run.
+    fn summary(
+        &self,
+        recipe: &ClassifyRecipe,
+        run: &Run,
+        state: &TrainState,
+        train: &ImageSet,
+        valid: &ImageSet,
+        last_eval: Option<EvalResult>,
+    ) -> Summary {
+        let time = run.clock.throughput(state.tokens);
+        let footprint = run.footprint(
+            &self.params,
+            &self.optimizer,
+            self.pruner.as_ref(),
+            recipe.run.precision,
+        );
+        Summary {
+            name: recipe.run.name.clone(),
+            steps: state.step,
+            images: state.tokens,
+            epochs: state.step as f64 / recipe.steps_per_epoch(train.len()) as f64,
+            final_train_loss: run.last_train_loss,
+            final_valid_loss: last_eval.map(|r| r.loss),
+            final_valid_top1: last_eval.map(|r| r.top1),
+            final_valid_top5: last_eval.map(|r| r.top5),
+            num_classes: train.num_classes(),
+            train_images: train.len(),
+            valid_images: valid.len(),
+            train_seconds: time.train_seconds,
+            images_per_s: time.per_s,
+            images_per_s_wall: time.per_s_wall,
+            sizes: harness::Sizes::of(&self.params),
+            footprint,
+            resumed_from: run.resume_dir.clone(),
+        }
     }
-    Ok(Outcome::Finished(summary))
+}
+
+/// The start-up line: sizes, device, the data and the length of the run.
+fn log_start(
+    recipe: &ClassifyRecipe,
+    run: &Run,
+    net: &Net,
+    train: &ImageSet,
+    valid: &ImageSet,
+    total_steps: i64,
+) {
+    tracing::info!(
+        "{}: {} parameters, {} ({}), {} training images in {} classes ({} steps/epoch), {} validation images, {} steps",
+        recipe.run.name,
+        harness::human(net.params.num_trainable() as f64),
+        device::describe(run.device),
+        recipe.run.precision.as_str(),
+        train.len(),
+        train.num_classes(),
+        recipe.steps_per_epoch(train.len()),
+        valid.len(),
+        total_steps
+    );
+}
+
+/// A logged training step's row: the loss, LR, gradient norm, top-1 accuracy of the batch,
+/// throughput and epoch, then distillation and pruning columns.
+fn log_step(
+    recipe: &ClassifyRecipe,
+    net: &Net,
+    run: &mut Run,
+    state: &TrainState,
+    out: StepLog,
+    train_images: usize,
+) -> Result<()> {
+    let (loss, top1) = match out.global {
+        Some((loss, top1)) => (loss, top1 as i64),
+        None => (
+            out.loss.double_value(&[]),
+            correct(&out.logits.detach(), &out.labels, 1).0,
+        ),
+    };
+    harness::check_loss(loss, state.step, "lower optim.lr")?;
+    let images_per_s = run.clock.window_rate();
+    let per_step = recipe.train.batch_size;
+    let steps_per_epoch = recipe.steps_per_epoch(train_images);
+    let mut r = row(&[
+        ("step", json!(state.step)),
+        ("loss", json!(loss)),
+        ("lr", json!(out.lr)),
+        ("grad_norm", json!(out.grad_norm)),
+        ("top1", json!(top1 as f64 / per_step as f64)),
+        ("images", json!(state.tokens)),
+        ("images_per_s", json!(images_per_s)),
+        ("epoch", json!(state.step as f64 / steps_per_epoch as f64)),
+    ]);
+    r.extend(
+        out.distill_parts
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v)),
+    );
+    r.extend(harness::pruning_metrics(
+        net.pruner.as_ref(),
+        &net.optimizer,
+        &net.params,
+    ));
+    run.log_train(r, state.step, loss, out.lr, images_per_s)
+}
+
+/// Evaluates on data.valid (or its first `train.eval_images`), logs the row and the line, and keeps
+/// the loss in the state (checkpointed). With several processes each evaluates its share of the
+/// batches; the sums are added over the ranks (one all-reduce).
+fn evaluate_and_log(
+    model: &ResNet,
+    valid: &ImageSet,
+    aug: &Augment,
+    recipe: &ClassifyRecipe,
+    run: &mut Run,
+    state: &mut TrainState,
+) -> Result<EvalResult> {
+    let limit = recipe
+        .train
+        .eval_images
+        .map_or(valid.len(), |n| (n as usize).min(valid.len()));
+    let batch_size = recipe.train.batch_size as usize;
+    let (device, precision, world) = (run.device, recipe.run.precision, &run.world);
+    let mut sums = evaluate_part(
+        model, valid, aug, limit, batch_size, device, precision, world.rank, world.size,
+    )?;
+    run.dp.sum(&mut sums)?;
+    let r = eval_result(sums, limit);
+    state.last_valid_loss = Some(r.loss);
+    run.log(row(&[
+        ("step", json!(state.step)),
+        ("split", json!("valid")),
+        ("loss", json!(r.loss)),
+        ("top1", json!(r.top1)),
+        ("top5", json!(r.top5)),
+        ("images", json!(r.images)),
+    ]))?;
+    run.progress.println(&format!(
+        "step {}: valid loss {:.4}, top-1 {:.2}%, top-5 {:.2}% ({} images)",
+        state.step,
+        r.loss,
+        100.0 * r.top1,
+        100.0 * r.top5,
+        r.images
+    ));
+    run.clock.restart_window();
+    Ok(r)
+}
+
+impl RunSummary for Summary {
+    fn report(&self) -> Vec<(&'static str, String)> {
+        let steps = format!(
+            "{} ({:.2} epochs of {} images)",
+            self.steps, self.epochs, self.train_images
+        );
+        let mut lines = vec![("run", self.name.clone()), ("steps", steps)];
+        if let Some(l) = self.final_train_loss {
+            lines.push(("train loss", format!("{l:.4}")));
+        }
+        if let (Some(l), Some(t1), Some(t5)) = (
+            self.final_valid_loss,
+            self.final_valid_top1,
+            self.final_valid_top5,
+        ) {
+            let valid = format!(
+                "loss {l:.4}, top-1 {:.2}%, top-5 {:.2}% ({} images, {} classes)",
+                100.0 * t1,
+                100.0 * t5,
+                self.valid_images,
+                self.num_classes
+            );
+            lines.push(("valid", valid));
+        }
+        lines.push(("wall time", format_duration(self.train_seconds)));
+        let rates = format!(
+            "{:.0} in steps ({:.0} over the wall time)",
+            self.images_per_s, self.images_per_s_wall
+        );
+        lines.push(("images/s", rates));
+        lines.extend(harness::report_peak_memory(
+            self.footprint.peak_memory_bytes,
+            &self.footprint.peak_memory_kind,
+        ));
+        let size = format!(
+            "{} ({:.3} GiB)",
+            harness::human(self.sizes.params as f64),
+            harness::gib(self.sizes.param_bytes)
+        );
+        lines.push(("parameters", size));
+        lines.extend(harness::report_sparsity(self.footprint.pruning.as_ref()));
+        lines
+    }
 }
 
 /// Reads data.train and data.valid and checks them against the model and the batch size.
@@ -640,53 +646,6 @@ fn eval_result([loss_sum, top1, top5]: [f64; 3], images: usize) -> EvalResult {
         top1: top1 / n,
         top5: top5 / n,
         images,
-    }
-}
-
-pub fn print_summary(s: &Summary) {
-    let gib = |b: i64| b as f64 / (1u64 << 30) as f64;
-    eprintln!("\n  run               {}", s.name);
-    eprintln!(
-        "  steps             {} ({:.2} epochs of {} images)",
-        s.steps, s.epochs, s.train_images
-    );
-    if let Some(l) = s.final_train_loss {
-        eprintln!("  train loss        {l:.4}");
-    }
-    if let (Some(l), Some(t1), Some(t5)) =
-        (s.final_valid_loss, s.final_valid_top1, s.final_valid_top5)
-    {
-        eprintln!(
-            "  valid             loss {l:.4}, top-1 {:.2}%, top-5 {:.2}% ({} images, {} classes)",
-            100.0 * t1,
-            100.0 * t5,
-            s.valid_images,
-            s.num_classes
-        );
-    }
-    eprintln!("  wall time         {}", format_duration(s.train_seconds));
-    eprintln!(
-        "  images/s          {:.0} in steps ({:.0} over the wall time)",
-        s.images_per_s, s.images_per_s_wall
-    );
-    if let Some(p) = s.peak_memory_bytes {
-        eprintln!(
-            "  peak memory       {:.2} GiB ({})",
-            gib(p),
-            s.peak_memory_kind
-        );
-    }
-    eprintln!(
-        "  parameters        {} ({:.3} GiB)",
-        human(s.params as f64),
-        gib(s.param_bytes)
-    );
-    if let Some(p) = &s.pruning {
-        eprintln!(
-            "  sparsity          {:.2}% of {} prunable weights are zero",
-            100.0 * p.global_sparsity,
-            p.prunable_params
-        );
     }
 }
 

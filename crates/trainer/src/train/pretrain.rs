@@ -1,60 +1,43 @@
-//! Pretraining a decoder transformer on next-token prediction, top to bottom: set-up, loop,
-//! checkpoints, summary.
+//! Pretraining a decoder transformer on next-token prediction. `run_from` reads top to bottom:
+//! set-up (`harness::Setup`), the model and its optimizer (`Lm::build`), the state to start from,
+//! the shared run (`harness::Run`: ranks, run directory, log), then the loop: one `Lm::step`
+//! (micro-batches, backward, all-reduce, clipping, the optimizer step), its log row, evaluation,
+//! and `harness`'s checkpoint-or-stop; last, the summary.
 //!
 //! Reproducibility: torch is reseeded at every step from (seed, step) and the data windows are a
 //! pure function of (seed, step, micro-batch), so a run resumed from the checkpoint of step k
 //! computes bitwise the same losses as the uninterrupted run (on the CPU, same thread count).
 
-pub use super::run_dir::holds_run;
-use super::run_dir::{peak_memory, prepare_run_dir, resume_checkpoint, save_checkpoint};
+use super::harness::{self, Run, RunSummary, Sections, Setup};
 use crate::checkpoint::{self, TrainState};
 use crate::data::loader::{stream_seed, valid_batch, Prefetcher};
 use crate::data::mixture::{Mixture, MixtureReport};
-use crate::data::reweight;
+use crate::data::reweight::{self, ReweightSums};
 use crate::data::source::{self, Span};
 use crate::device;
-use crate::error::{io_err, Error, Result};
-use crate::metrics::progress::{format_duration, Progress};
-use crate::metrics::{row, MetricsLog};
+use crate::dist::OverlappedGrads;
+use crate::distill::{LmDistiller, StepSums};
+use crate::error::{Error, Result};
+use crate::metrics::progress::format_duration;
+use crate::metrics::row;
 use crate::load::ModelSource;
 use crate::models::params::ParamStore;
 use crate::models::transformer::{ModelOutput, MoeLayerStats, Transformer, TransformerConfig};
 use crate::optim::{clip_grad_norm, Optimizer};
+use crate::peft::lora::Lora;
+use crate::peft::relora::Relora;
 use crate::prune::Pruner;
 use crate::config::{self, InitLoad, Precision, Recipe, WeightDecaySchedule};
 use crate::schedule::Schedule;
 use crate::signals::StopFlag;
 use serde::Serialize;
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-/// Where a run starts from.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Resume {
-    /// A fresh run; refused if the run directory already holds one.
-    No,
-    /// The newest complete checkpoint of the run directory, or a fresh start if it has none.
-    Auto,
-    /// A given checkpoint directory.
-    From(PathBuf),
-}
-
-#[derive(Debug)]
-pub enum Outcome {
-    Finished(Summary),
-    /// Stopped by a signal after writing the checkpoint of `step`.
-    Interrupted {
-        step: i64,
-        checkpoint: PathBuf,
-    },
-    /// Resumed from a checkpoint at or past the end of the run (a finished run started again
-    /// with `--resume auto`, as a requeued job does): nothing was trained or written.
-    AlreadyDone {
-        step: i64,
-    },
-}
+pub type Outcome = harness::Outcome<Summary>;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -72,19 +55,11 @@ pub struct Summary {
     pub tokens_per_s: f64,
     /// Tokens over the whole wall time of this start (everything included).
     pub tokens_per_s_wall: f64,
-    pub params: i64,
-    pub trainable_params: i64,
-    pub param_bytes: i64,
+    #[serde(flatten)]
+    pub sizes: harness::Sizes,
     pub grad_bytes: i64,
-    pub optimizer_state_bytes: i64,
-    /// With `[prune]` or GSM: zeros per prunable layer and over all of them, at the end.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pruning: Option<crate::prune::SparsityReport>,
-    pub device: String,
-    pub precision: String,
-    /// Peak allocated accelerator memory (CUDA), or the process's peak resident set (CPU).
-    pub peak_memory_bytes: Option<i64>,
-    pub peak_memory_kind: String,
+    #[serde(flatten)]
+    pub footprint: harness::Footprint,
     pub model_tflops_per_s: f64,
     pub mfu: Option<f64>,
     pub resumed_from: Option<PathBuf>,
@@ -121,7 +96,7 @@ pub struct InStage<'a> {
     pub all: &'a [StageSteps],
 }
 
-pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> {
+pub fn run(recipe: &Recipe, resume: harness::Resume, stop: &StopFlag) -> Result<Outcome> {
     run_from(recipe, resume, stop, None)
 }
 
@@ -130,47 +105,619 @@ pub fn run(recipe: &Recipe, resume: Resume, stop: &StopFlag) -> Result<Outcome> 
 /// fractions are counted from its first step.
 pub fn run_from(
     recipe: &Recipe,
-    resume: Resume,
+    resume: harness::Resume,
     stop: &StopFlag,
     stage: Option<&InStage>,
 ) -> Result<Outcome> {
-    let stage_start = stage.map_or(0, |s| s.start);
     // ---- set-up -------------------------------------------------------------------------
-    let run_dir = recipe.run.out_dir.clone();
-    let resume_dir = resume_checkpoint(&run_dir, &resume)?;
-    if recipe.run.threads > 0 {
-        tch::set_num_threads(recipe.run.threads as i32);
-    }
-    device::set_deterministic(recipe.run.deterministic)?;
-    // Data parallelism (`trainer launch`, torchrun, Slurm): this process's rank, its GPU
-    // (LOCAL_RANK) and its rows of every global batch, checked before anyone waits on anyone.
-    let world = crate::dist::World::from_env()?;
-    let device = world.device(device::resolve(&recipe.run.device)?)?;
-    let (shard_start, shard_rows) =
-        world.shard(recipe.train.batch_size as usize, "train.batch_size")?;
-    let main = world.is_main();
-    let precision = recipe.run.precision;
-    if let (Some(rw), true) = (&recipe.train.reweight, world.is_distributed()) {
-        // The rule applies to each rank's rows of a micro-batch.
-        let what = format!(
-            "a rank's micro-batch (train.batch_size / {} ranks)",
-            world.size
-        );
-        rw.validate(shard_rows as i64, &what)
-            .map_err(|inv| Error::Recipe(format!("{}: {}", inv.key, inv.msg)))?;
-    }
-
+    let setup = Setup::new(&recipe.run, recipe.train.batch_size, &resume)?;
+    check_reweight_rows(recipe, &setup)?;
     let seq_len = recipe.data.seq_len as usize;
-    let vocab = recipe.model.vocab_size();
-    let (train_data, valid_sets) = open_data(recipe, vocab, seq_len + 1)?;
+    let (train_data, valid_sets) = open_data(recipe, recipe.model.vocab_size(), seq_len + 1)?;
+    let (mut lm, init) = Lm::build(recipe, &setup)?;
+    let total_steps = recipe.max_steps();
+    let stage_start = stage.map_or(0, |s| s.start);
+    let schedule = Schedule::new(
+        &recipe.schedule,
+        recipe.optim.lr(),
+        total_steps - stage_start,
+    );
+    let mut state = lm.start_state(recipe, &init, &setup, total_steps)?;
+    if let Some(done) = harness::already_done(&setup, &state, total_steps) {
+        return Ok(done);
+    }
+    let sections = sections(recipe);
+    lm.pruner = harness::start_pruner(&sections, &mut lm.params, total_steps, state.step)?;
+    let mut run = Run::start(setup, &sections, &lm.params, &state, stop)?;
+    lm.log_start(recipe, &run, total_steps);
+    run.reset_peak_memory();
 
-    tch::manual_seed(recipe.run.seed as i64);
-    let model_cfg = TransformerConfig::from_recipe(&recipe.model);
-    let mut params = ParamStore::new(device);
-    let mut model = Transformer::new(&model_cfg, &mut params)?;
-    // `[init] load = "full"`: the trainer checkpoint whose weights, optimizer state and step
-    // this run continues, and that step (mixture counts start there).
-    let full_init = match &recipe.init {
+    // ---- loop ---------------------------------------------------------------------------
+    let first_step = init.full.as_ref().map_or(stage_start, |(_, s)| *s);
+    let mut data = TrainData::start(recipe, train_data, first_step, state.step, total_steps);
+    // Several processes: the gradients are averaged while the backward pass goes on, unless ranks
+    // may use different parameters (MoE routing) or the backward pass runs in pieces (distill).
+    let overlap =
+        if run.world.is_distributed() && lm.distiller.is_none() && lm.model.moe_layers().is_empty()
+        {
+            Some(OverlappedGrads::new(&run.dp, &lm.params)?)
+        } else {
+            None
+        };
+    let mut evals = Evals::new(valid_sets);
+    run.start_loop(
+        total_steps,
+        recipe.tokens_per_step(),
+        &state,
+        stage.map(|s| s.name),
+    );
+    while state.step < total_steps {
+        let step = state.step;
+        let step_start = Instant::now();
+        // Dropout and any other torch randomness: a pure function of (seed, step, rank).
+        tch::manual_seed(
+            (stream_seed(recipe.run.seed, step, -1, run.world.rank as i64) >> 1) as i64,
+        );
+        let hyper = lm.hyperparameters(recipe, &schedule, step - stage_start, step);
+        let out = lm.step(recipe, &run, &data.prefetch, overlap.as_ref(), hyper, step)?;
+        data.count_step(recipe, step);
+        run.step_done(&mut state, step_start);
+        lm.after_step(recipe, state.step)?;
+        let done = state.step == total_steps;
+        if state.step % recipe.train.log_every == 0 || done {
+            log_step(recipe, &lm, &data, &mut run, &state, out.log, stage)?;
+        }
+        if recipe.train.eval_every.is_some_and(|e| state.step % e == 0) || done {
+            evals.run(&lm.model, recipe, &mut run, &mut state, stage)?;
+        }
+        let (params, optimizer) = (&lm.params, &lm.optimizer);
+        if let Some(outcome) =
+            run.checkpoint_or_stop(&mut state, params, optimizer, done, out.stop_all)?
+        {
+            return Ok(outcome);
+        }
+    }
+    run.progress.finish();
+    let mixture = data.report();
+    drop(data);
+
+    // ---- summary ------------------------------------------------------------------------
+    let summary = lm.summary(recipe, &run, &state, init, evals.last, mixture, stage);
+    run.write_summary(&summary)?;
+    Ok(Outcome::Finished(summary))
+}
+
+/// The sections of the recipe that the harness reads.
+fn sections(recipe: &Recipe) -> Sections<'_> {
+    Sections {
+        run: &recipe.run,
+        optim: &recipe.optim,
+        prune: recipe.prune.as_ref(),
+        checkpoint_every: recipe.train.checkpoint_every,
+        keep_checkpoints: recipe.train.keep_checkpoints,
+        resolved: config::to_toml(recipe),
+    }
+}
+
+/// With `[train.reweight]` on several ranks, the rule applies to each rank's rows of a
+/// micro-batch: checked against them.
+fn check_reweight_rows(recipe: &Recipe, setup: &Setup) -> Result<()> {
+    let (Some(rw), true) = (&recipe.train.reweight, setup.world.is_distributed()) else {
+        return Ok(());
+    };
+    let what = format!(
+        "a rank's micro-batch (train.batch_size / {} ranks)",
+        setup.world.size
+    );
+    rw.validate(setup.shard_rows as i64, &what)
+        .map_err(|inv| Error::Recipe(format!("{}: {}", inv.key, inv.msg)))
+}
+
+/// Where the weights come from, decided by `[init]`.
+struct Init {
+    /// `[init] from`, described for the summary (not when resuming: the run's own checkpoint
+    /// gives the weights).
+    from: Option<String>,
+    /// `[init] load = "full"`: the trainer checkpoint whose weights, optimizer state and step
+    /// this run continues, and that step (mixture counts start there).
+    full: Option<(PathBuf, i64)>,
+}
+
+/// The language model being trained and everything that updates it.
+struct Lm {
+    cfg: TransformerConfig,
+    model: Transformer,
+    params: ParamStore,
+    optimizer: Optimizer,
+    /// The parameters of the model before any adapter: frozen under LoRA (after ReLoRA's
+    /// full-rank warm start, if any).
+    base_params: Vec<String>,
+    relora: Option<(Relora, Lora)>,
+    /// `[distill]`: the frozen teacher.
+    distiller: Option<LmDistiller>,
+    /// `optim.layerwise`: each parameter is updated from a hook as soon as its gradient is
+    /// complete in the last backward pass of a step, and its gradient dropped at once.
+    layerwise: Option<(torch_ext::GradReadyHooks, Vec<Tensor>)>,
+    /// Magnitude pruning or GSM's cut (set once the start state is known).
+    pruner: Option<Pruner>,
+}
+
+/// One step's hyperparameters, set before the backward pass (layer-wise updates use them inside
+/// it); the schedules' values are logged when they move.
+#[derive(Clone, Copy)]
+struct Hyper {
+    lr: f64,
+    weight_decay: Option<f64>,
+    momentum: Option<f64>,
+}
+
+/// What a step leaves for its log row.
+struct StepLog {
+    hyper: Hyper,
+    /// The micro-batches' summed loss on this rank; on several ranks, averaged over them.
+    loss_sum: Tensor,
+    global_loss_sum: Option<f64>,
+    /// `[train.reweight]`: the unweighted loss sum averaged over the ranks.
+    global_unweighted_sum: Option<f64>,
+    grad_norm: f64,
+    /// The MoE layers' statistics of the last micro-batch.
+    moe_stats: Vec<MoeLayerStats>,
+    distill_sums: StepSums,
+    reweight_sums: ReweightSums,
+}
+
+/// A step's result: its log, and whether any rank was asked to stop (several ranks).
+struct StepOut {
+    log: StepLog,
+    stop_all: bool,
+}
+
+impl Lm {
+    /// The model on the run's device, its weights from `[init]` (unless resuming), LoRA / ReLoRA
+    /// adapters, the distillation teacher, the precision and the optimizer, in the order that
+    /// draws the seeded initial values.
+    fn build(recipe: &Recipe, setup: &Setup) -> Result<(Lm, Init)> {
+        tch::manual_seed(recipe.run.seed as i64);
+        let cfg = TransformerConfig::from_recipe(&recipe.model);
+        let mut params = ParamStore::new(setup.device);
+        let mut model = Transformer::new(&cfg, &mut params)?;
+        let init = init_weights(recipe, &cfg, setup, &mut params, &model)?;
+        let base_params: Vec<String> = params.trainable().map(|p| p.name.clone()).collect();
+        let relora = apply_peft(recipe, setup, &base_params, &mut model, &mut params)?;
+        // `[distill]`: the frozen teacher; hidden-state projections join the student's parameters.
+        let distiller = match &recipe.distill {
+            Some(d) => Some(LmDistiller::new(
+                d,
+                &cfg,
+                recipe.data.seq_len,
+                &mut params,
+                setup.device,
+            )?),
+            None => None,
+        };
+        if recipe.run.precision == Precision::Bf16 {
+            params.set_kind(Kind::BFloat16);
+        }
+        let optimizer = Optimizer::build(&recipe.optim, &params)?;
+        let layerwise = layerwise_hooks(recipe, setup, &optimizer)?;
+        let lm = Lm {
+            cfg,
+            model,
+            params,
+            optimizer,
+            base_params,
+            relora,
+            distiller,
+            layerwise,
+            pruner: None,
+        };
+        Ok((lm, init))
+    }
+
+    /// The state this start trains from, weights and optimizer state loaded: the resumed
+    /// checkpoint's, the `load = "full"` checkpoint's, or a fresh run's.
+    fn start_state(
+        &mut self,
+        recipe: &Recipe,
+        init: &Init,
+        setup: &Setup,
+        total_steps: i64,
+    ) -> Result<TrainState> {
+        let seed = recipe.run.seed;
+        if let Some(dir) = &setup.resume_dir {
+            let state = harness::load_resume(dir, seed, &mut self.params, &mut self.optimizer)?;
+            if let Some((r, _)) = &self.relora {
+                if r.full_rank_warmup_steps > 0 && !r.full_rank(state.step) {
+                    self.freeze_base();
+                }
+            }
+            return Ok(state);
+        }
+        let Some((dir, step)) = &init.full else {
+            return Ok(harness::fresh_state(seed));
+        };
+        let mut state = checkpoint::load(dir, &mut self.params, &mut self.optimizer)?;
+        state.seed = seed;
+        state.train_seconds = 0.0;
+        if *step >= total_steps {
+            return Err(Error::Recipe(format!(
+                "init.from: the checkpoint is at step {step} and load = \"full\" continues from there, \
+                 but the run has {total_steps} steps: raise train.max_steps"
+            )));
+        }
+        tracing::info!(
+            "continuing {} (weights, optimizer state, step {step})",
+            dir.display()
+        );
+        Ok(state)
+    }
+
+    fn freeze_base(&mut self) {
+        for name in &self.base_params {
+            self.params.freeze(name);
+        }
+    }
+
+    /// The start-up lines: sizes, device, tokens per step and the memory of the weights,
+    /// gradients and optimizer state.
+    fn log_start(&self, recipe: &Recipe, run: &Run, total_steps: i64) {
+        let params = &self.params;
+        tracing::info!(
+            "{}: {} parameters ({} trainable), {} ({}), {} tokens/step, {} steps",
+            recipe.run.name,
+            harness::human(params.num_params() as f64),
+            harness::human(params.num_trainable() as f64),
+            device::describe(run.device),
+            recipe.run.precision.as_str(),
+            recipe.tokens_per_step(),
+            total_steps
+        );
+        let mib = |b: i64| b as f64 / (1u64 << 20) as f64;
+        tracing::info!(
+            "memory: parameters {:.1} MiB, gradients {:.1} MiB, optimizer state {:.1} MiB",
+            mib(params.bytes()),
+            mib(grad_bytes(params)),
+            mib(self.optimizer.state_bytes())
+        );
+    }
+
+    /// This step's LR (`at` counts from the stage's first step) and the hyperparameters that
+    /// follow it, set on the optimizer. ReLoRA's jagged schedule re-warms the LR after each merge.
+    fn hyperparameters(
+        &mut self,
+        recipe: &Recipe,
+        schedule: &Schedule,
+        at: i64,
+        step: i64,
+    ) -> Hyper {
+        let lr = schedule.lr(at) * self.relora.as_ref().map_or(1.0, |(r, _)| r.lr_factor(step));
+        // `train.weight_decay_schedule = "follow_lr"`: the decay coefficient scales with the LR.
+        let weight_decay = match recipe.train.weight_decay_schedule {
+            WeightDecaySchedule::Constant => None,
+            WeightDecaySchedule::FollowLr => {
+                let wd = recipe.optim.weight_decay() * (lr / recipe.optim.lr());
+                self.optimizer.set_weight_decay(wd);
+                Some(wd)
+            }
+        };
+        // `train.momentum_schedule = "inverse_lr"`: low momentum at the LR's peak, high around it.
+        let momentum = recipe.train.momentum_schedule.momentum(
+            recipe.optim.momentum(),
+            recipe.train.momentum_min,
+            lr,
+            recipe.optim.lr(),
+        );
+        if let Some(m) = momentum {
+            self.optimizer.set_momentum(m);
+        }
+        Hyper {
+            lr,
+            weight_decay,
+            momentum,
+        }
+    }
+
+    /// One optimizer step: forward and backward over the micro-batches, the gradients averaged
+    /// over the ranks and clipped, then the update (already done inside the backward pass with
+    /// `optim.layerwise`).
+    fn step(
+        &mut self,
+        recipe: &Recipe,
+        run: &Run,
+        batches: &Prefetcher,
+        overlap: Option<&OverlappedGrads>,
+        hyper: Hyper,
+        step: i64,
+    ) -> Result<StepOut> {
+        let sums = self.backward(recipe, run, batches, overlap, hyper.lr)?;
+        // Several ranks: average the gradients, sum the loss and agree on stopping (a signal to
+        // any rank stops all of them after this step, with one checkpoint).
+        let (mut global_loss_sum, mut global_unweighted_sum, mut stop_all) = (None, None, false);
+        if run.world.is_distributed() {
+            let mut scalars = [
+                sums.loss.double_value(&[]),
+                run.stop_vote(),
+                sums.reweight.unweighted.double_value(&[]),
+            ];
+            run.reduce_step(overlap, &self.params, &mut scalars)?;
+            global_loss_sum = Some(scalars[0] / run.world.size as f64);
+            stop_all = scalars[1] > 0.0;
+            global_unweighted_sum = Some(scalars[2] / run.world.size as f64);
+        }
+        let grad_norm = match &self.layerwise {
+            // Already stepped, parameter by parameter, during the backward pass.
+            Some(_) => {
+                self.optimizer.finish_step();
+                sums.layerwise_norm_sq.double_value(&[]).sqrt()
+            }
+            None => clip_grad_norm(&self.params, recipe.train.clip_grad_norm)?,
+        };
+        harness::check_grad_norm(
+            grad_norm,
+            step + 1,
+            "lower optim.lr or set train.clip_grad_norm",
+        )?;
+        if self.layerwise.is_none() {
+            self.optimizer.step(hyper.lr)?;
+        }
+        self.params.apply_masks();
+        self.params.zero_grad();
+        let log = StepLog {
+            hyper,
+            loss_sum: sums.loss,
+            global_loss_sum,
+            global_unweighted_sum,
+            grad_norm,
+            moe_stats: sums.moe_stats,
+            distill_sums: sums.distill,
+            reweight_sums: sums.reweight,
+        };
+        Ok(StepOut { log, stop_all })
+    }
+
+    /// Forward and backward over the step's micro-batches, the gradients accumulating. The
+    /// last backward pass overlaps the all-reduce (`overlap`, several ranks) or updates each
+    /// parameter as its gradient completes (`optim.layerwise`).
+    fn backward(
+        &mut self,
+        recipe: &Recipe,
+        run: &Run,
+        batches: &Prefetcher,
+        overlap: Option<&OverlappedGrads>,
+        lr: f64,
+    ) -> Result<MicroSums> {
+        let device = run.device;
+        let accum = recipe.train.grad_accum;
+        let mut sums = MicroSums::new(device);
+        for micro in 0..accum {
+            let batch = batches
+                .next()
+                .ok_or_else(|| Error::Torch("data prefetch thread stopped".into()))?;
+            // This rank's rows of the global batch.
+            let rows = |t: &Tensor| t.narrow(0, run.shard_start as i64, run.shard_rows as i64);
+            let inputs = rows(&batch.inputs).to_device(device);
+            let targets = rows(&batch.targets).to_device(device);
+            if let Some(d) = &self.distiller {
+                // Forward and backward of both models, the logits chunk by chunk.
+                let scale = 1.0 / accum as f64;
+                let l = d.backward(
+                    &self.model,
+                    &inputs,
+                    &targets,
+                    scale,
+                    device,
+                    recipe.run.precision,
+                )?;
+                sums.loss += &l.loss;
+                sums.distill.add(&l);
+                sums.moe_stats = l.moe_layers;
+                continue;
+            }
+            let (loss, out) =
+                self.forward(recipe, &inputs, &targets, device, &mut sums.reweight)?;
+            // MoE models also minimise their routers' load-balancing and z losses.
+            let total = match out.router_loss() {
+                Some(router) => &loss + router,
+                None => loss.shallow_clone(),
+            };
+            let scaled = &total / accum as f64;
+            let last = micro + 1 == accum;
+            match (&self.layerwise, overlap) {
+                // The step's last backward pass updates each parameter as its gradient
+                // completes (the earlier micro-batches only accumulate).
+                (Some((hooks, lw_params)), _) if last => layerwise_backward(
+                    hooks,
+                    lw_params,
+                    &mut self.optimizer,
+                    &scaled,
+                    lr,
+                    &mut sums.layerwise_norm_sq,
+                )?,
+                (None, Some(o)) if last => o.backward(&run.dp, || scaled.f_backward())?,
+                _ => scaled.f_backward()?,
+            }
+            sums.loss += loss.detach().to_kind(Kind::Float);
+            sums.moe_stats = out.moe_layers;
+        }
+        Ok(sums)
+    }
+
+    /// The training loss of one micro-batch: the mean over tokens, or with `[train.reweight]`
+    /// each sequence's loss times a weight computed from the detached losses
+    /// (`data/reweight.rs`).
+    fn forward(
+        &self,
+        recipe: &Recipe,
+        inputs: &Tensor,
+        targets: &Tensor,
+        device: Device,
+        reweight_sums: &mut ReweightSums,
+    ) -> Result<(Tensor, ModelOutput)> {
+        let precision = recipe.run.precision;
+        let Some(rw) = &recipe.train.reweight else {
+            return forward_loss(&self.model, inputs, targets, true, device, precision);
+        };
+        let (seq, out) = forward_with(&self.model, inputs, true, device, precision, |l| {
+            reweight::sequence_losses(l, targets)
+        })?;
+        let weights = rw.weights(&seq);
+        reweight_sums.add(&seq, &weights);
+        Ok(((&seq * &weights).mean(Kind::Float), out))
+    }
+
+    /// After step `step` (counted done): ReLoRA's merge and restart, and pruning events.
+    fn after_step(&mut self, recipe: &Recipe, step: i64) -> Result<()> {
+        if let Some((r, lora)) = self.relora.as_ref().filter(|(r, _)| r.resets_after(step)) {
+            if step == r.full_rank_warmup_steps {
+                for name in &self.base_params {
+                    self.params.freeze(name);
+                }
+            }
+            // The re-drawn A factors: a pure function of (seed, step).
+            tch::manual_seed((stream_seed(recipe.run.seed, step, -2, 0) >> 1) as i64);
+            crate::peft::relora::merge_and_reinit(&self.model)?;
+            crate::peft::relora::reset_optimizer(r, lora, &mut self.optimizer)?;
+            tracing::debug!("ReLoRA: merged and restarted the adapters after step {step}");
+        }
+        if let Some(p) = &self.pruner {
+            p.on_step(step, &mut self.params)?;
+        }
+        Ok(())
+    }
+
+    /// summary.json's numbers at the end of the run.
+    #[allow(clippy::too_many_arguments)]
+    fn summary(
+        &self,
+        recipe: &Recipe,
+        run: &Run,
+        state: &TrainState,
+        init: Init,
+        final_valid_losses: BTreeMap<String, f64>,
+        mixture: Option<BTreeMap<String, MixtureReport>>,
+        stage: Option<&InStage>,
+    ) -> Summary {
+        let time = run.clock.throughput(state.tokens);
+        let footprint = run.footprint(
+            &self.params,
+            &self.optimizer,
+            self.pruner.as_ref(),
+            recipe.run.precision,
+        );
+        let no_embed = self.model.num_params_no_embeddings(&self.params);
+        let flops_per_token = self
+            .cfg
+            .train_flops_per_token(no_embed, recipe.data.seq_len);
+        let tflops = flops_per_token * time.per_s / 1e12;
+        let valid_loss = state.last_valid_loss;
+        let init_load = recipe.init.as_ref().map(|i| {
+            if i.load == InitLoad::Full {
+                "full"
+            } else {
+                "model"
+            }
+            .to_string()
+        });
+        Summary {
+            name: recipe.run.name.clone(),
+            steps: state.step,
+            tokens: state.tokens,
+            final_train_loss: run.last_train_loss,
+            final_valid_loss: valid_loss,
+            final_valid_perplexity: valid_loss.map(f64::exp),
+            train_seconds: time.train_seconds,
+            tokens_per_s: time.per_s,
+            tokens_per_s_wall: time.per_s_wall,
+            sizes: harness::Sizes::of(&self.params),
+            grad_bytes: grad_bytes(&self.params),
+            footprint,
+            model_tflops_per_s: tflops,
+            mfu: recipe.run.peak_tflops.map(|p| tflops / p),
+            resumed_from: run.resume_dir.clone(),
+            init_from: init.from,
+            init_load,
+            final_valid_losses,
+            mixture,
+            stages: stage.map(|s| s.all.to_vec()),
+        }
+    }
+}
+
+/// The bytes of the trainable parameters' gradients (as many as the parameters themselves).
+fn grad_bytes(params: &ParamStore) -> i64 {
+    params
+        .trainable()
+        .map(|p| crate::models::params::bytes_of(&p.tensor))
+        .sum()
+}
+
+/// What the micro-batches of one step add up.
+struct MicroSums {
+    loss: Tensor,
+    /// `optim.layerwise`: the squared gradient norm, summed as the hooks see the gradients.
+    layerwise_norm_sq: Tensor,
+    moe_stats: Vec<MoeLayerStats>,
+    distill: StepSums,
+    reweight: ReweightSums,
+}
+
+impl MicroSums {
+    fn new(device: Device) -> MicroSums {
+        MicroSums {
+            layerwise_norm_sq: Tensor::zeros([], (Kind::Float, device)),
+            loss: Tensor::zeros([], (Kind::Float, device)),
+            moe_stats: Vec::new(),
+            distill: StepSums::new(device),
+            reweight: ReweightSums::new(device),
+        }
+    }
+}
+
+/// The step's last backward pass with `optim.layerwise`: each parameter is updated as soon as
+/// its gradient is complete and its gradient dropped at once; the squared gradient norms are
+/// added to `norm_sq`.
+fn layerwise_backward(
+    hooks: &torch_ext::GradReadyHooks,
+    params: &[Tensor],
+    optimizer: &mut Optimizer,
+    loss: &Tensor,
+    lr: f64,
+    norm_sq: &mut Tensor,
+) -> Result<()> {
+    let mut failed = None;
+    hooks.backward(
+        &mut |i| {
+            if failed.is_some() {
+                return;
+            }
+            let p = &params[i];
+            let g = p.grad();
+            if g.defined() {
+                *norm_sq += g.square().sum(Kind::Float);
+            }
+            let stepped = optimizer
+                .step_param(i, lr)
+                .and_then(|()| torch_ext::grads_to_none(&[p]).map_err(Error::Torch));
+            failed = stepped.err();
+        },
+        || loss.f_backward(),
+    )?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// `[init]`: the weights this run starts from, loaded into `params` unless the run resumes
+/// (its own checkpoint gives them then); with `load = "full"`, the checkpoint to continue.
+fn init_weights(
+    recipe: &Recipe,
+    cfg: &TransformerConfig,
+    setup: &Setup,
+    params: &mut ParamStore,
+    model: &Transformer,
+) -> Result<Init> {
+    let full = match &recipe.init {
         Some(init) if init.load == InitLoad::Full => match ModelSource::parse(&init.from)? {
             ModelSource::Checkpoint { dir, .. } => {
                 let step = checkpoint::read_state(&dir)?.step;
@@ -185,632 +732,335 @@ pub fn run_from(
         },
         _ => None,
     };
-    let init_from = match (&recipe.init, &resume_dir) {
-        // A resumed run takes its weights from its own checkpoint instead.
-        (Some(init), None) if full_init.is_some() => {
-            Some(ModelSource::parse(&init.from)?.describe())
-        }
-        (Some(init), None) => {
-            let source = ModelSource::parse(&init.from)?;
-            if init.upcycle.is_some() {
-                let dense = TransformerConfig {
-                    moe: None,
-                    ..model_cfg.clone()
-                };
-                source.load_upcycled(&dense, &params, &model)?;
-                tracing::info!(
-                    "upcycled the dense model {} into {} experts per layer",
-                    source.describe(),
-                    model_cfg.moe.as_ref().map_or(0, |m| m.n_experts)
-                );
-            } else {
-                source.load_weights(&model_cfg, &mut params)?;
-                tracing::info!("initialised the model from {}", source.describe());
-            }
-            Some(source.describe())
-        }
-        _ => None,
+    let (Some(init), None) = (&recipe.init, &setup.resume_dir) else {
+        return Ok(Init { from: None, full });
     };
-    // LoRA / LoRA-FA / ReLoRA: adapters on the (loaded) base, which is frozen from here on
-    // (after ReLoRA's full-rank warm start, if any).
-    let base_params: Vec<String> = params.trainable().map(|p| p.name.clone()).collect();
-    let mut relora = None;
-    if let Some(peft) = &recipe.peft {
-        let lora = crate::peft::lora::apply(&mut model, &mut params, peft)?;
-        // A resumed run takes its adapters from its own checkpoint instead.
-        if let (Some(from), None) = (&peft.from, &resume_dir) {
-            crate::peft::lora::load_peft(&model, &lora, from)?;
-            tracing::info!("adapters initialised from {}", from.display());
-        }
-        tracing::info!("{}", lora.describe());
-        if let Some(r) = crate::peft::relora::Relora::from_config(peft) {
-            tracing::info!(
-                "ReLoRA: merge every {} steps, re-warm over {}, keep {} of the adapter moments, full-rank for the first {}",
-                r.merge_every, r.rewarm_steps, r.keep_fraction, r.full_rank_warmup_steps
-            );
-            if r.full_rank_warmup_steps > 0 {
-                // The base trains too until the switch, so the optimizer holds its state.
-                for name in &base_params {
-                    params.unfreeze(name);
-                }
-            }
-            relora = Some((r, lora));
-        }
+    let source = ModelSource::parse(&init.from)?;
+    // With load = "full", the weights come with the optimizer state (`Lm::start_state`).
+    if full.is_none() {
+        load_init_weights(init, &source, cfg, params, model)?;
     }
-    // `[distill]`: the frozen teacher; hidden-state projections join the student's parameters.
-    let distiller = match &recipe.distill {
-        Some(d) => Some(crate::distill::LmDistiller::new(
-            d,
-            &model_cfg,
-            recipe.data.seq_len,
-            &mut params,
-            device,
-        )?),
-        None => None,
-    };
-    if precision == Precision::Bf16 {
-        params.set_kind(Kind::BFloat16);
-    }
-    let mut optimizer = Optimizer::build(&recipe.optim, &params)?;
-    // `optim.layerwise`: each parameter is updated from a hook as soon as its gradient is
-    // complete in the last backward pass of a step, and its gradient dropped at once.
-    let layerwise = if recipe.optim.layerwise() {
-        if world.is_distributed() {
-            return Err(Error::Recipe(
-                "optim.layerwise: one process only (the gradients must be averaged over the ranks before any update)".into(),
-            ));
-        }
-        let params = optimizer.layerwise_params()?;
-        let hooks =
-            torch_ext::GradReadyHooks::install(params.iter().map(Tensor::shallow_clone).collect())
-                .map_err(Error::Torch)?;
-        Some((hooks, params))
-    } else {
-        None
-    };
-    let total_steps = recipe.max_steps();
-    let schedule = Schedule::new(
-        &recipe.schedule,
-        recipe.optim.lr(),
-        total_steps - stage_start,
-    );
+    Ok(Init {
+        from: Some(source.describe()),
+        full,
+    })
+}
 
-    let mut state = TrainState {
-        format: 1,
-        step: 0,
-        tokens: 0,
-        seed: recipe.run.seed,
-        train_seconds: 0.0,
-        last_valid_loss: None,
-    };
-    if let (Some((dir, step)), None) = (&full_init, &resume_dir) {
-        state = checkpoint::load(dir, &mut params, &mut optimizer)?;
-        state.seed = recipe.run.seed;
-        state.train_seconds = 0.0;
-        if *step >= total_steps {
-            return Err(Error::Recipe(format!(
-                "init.from: the checkpoint is at step {step} and load = \"full\" continues from there, \
-                 but the run has {total_steps} steps: raise train.max_steps"
-            )));
-        }
+/// `[init] from` into `params`: the weights as they are, or a dense model upcycled into the
+/// experts of an MoE one (`[init.upcycle]`).
+fn load_init_weights(
+    init: &crate::config::InitConfig,
+    source: &ModelSource,
+    cfg: &TransformerConfig,
+    params: &mut ParamStore,
+    model: &Transformer,
+) -> Result<()> {
+    if init.upcycle.is_some() {
+        let dense = TransformerConfig {
+            moe: None,
+            ..cfg.clone()
+        };
+        source.load_upcycled(&dense, params, model)?;
         tracing::info!(
-            "continuing {} (weights, optimizer state, step {step})",
-            dir.display()
+            "upcycled the dense model {} into {} experts per layer",
+            source.describe(),
+            cfg.moe.as_ref().map_or(0, |m| m.n_experts)
         );
+    } else {
+        source.load_weights(cfg, params)?;
+        tracing::info!("initialised the model from {}", source.describe());
     }
-    if let Some(dir) = &resume_dir {
-        state = checkpoint::load(dir, &mut params, &mut optimizer)?;
-        if state.seed != recipe.run.seed {
-            tracing::warn!(
-                "run.seed is {} but the checkpoint was trained with seed {}; data order changes",
-                recipe.run.seed,
-                state.seed
-            );
-            state.seed = recipe.run.seed;
-        }
-        tracing::info!("resuming from {} (step {})", dir.display(), state.step);
-        if let Some((r, _)) = &relora {
-            if r.full_rank_warmup_steps > 0 && !r.full_rank(state.step) {
-                for name in &base_params {
-                    params.freeze(name);
-                }
-            }
-        }
-        if state.step >= total_steps {
-            // Leave a finished run's files (summary.json, tb/, metrics) exactly as they are.
-            return Ok(Outcome::AlreadyDone { step: state.step });
+    Ok(())
+}
+
+/// `[peft]`: LoRA / LoRA-FA / ReLoRA adapters on the (loaded) base, which is frozen from here on
+/// (after ReLoRA's full-rank warm start, if any); ReLoRA's settings and adapters.
+fn apply_peft(
+    recipe: &Recipe,
+    setup: &Setup,
+    base_params: &[String],
+    model: &mut Transformer,
+    params: &mut ParamStore,
+) -> Result<Option<(Relora, Lora)>> {
+    let Some(peft) = &recipe.peft else {
+        return Ok(None);
+    };
+    let lora = crate::peft::lora::apply(model, params, peft)?;
+    // A resumed run takes its adapters from its own checkpoint instead.
+    if let (Some(from), None) = (&peft.from, &setup.resume_dir) {
+        crate::peft::lora::load_peft(model, &lora, from)?;
+        tracing::info!("adapters initialised from {}", from.display());
+    }
+    tracing::info!("{}", lora.describe());
+    let Some(r) = Relora::from_config(peft) else {
+        return Ok(None);
+    };
+    tracing::info!(
+        "ReLoRA: merge every {} steps, re-warm over {}, keep {} of the adapter moments, full-rank for the first {}",
+        r.merge_every, r.rewarm_steps, r.keep_fraction, r.full_rank_warmup_steps
+    );
+    if r.full_rank_warmup_steps > 0 {
+        // The base trains too until the switch, so the optimizer holds its state.
+        for name in base_params {
+            params.unfreeze(name);
         }
     }
-    // Magnitude pruning or GSM's cut; an event at the step the run (re)starts at fires now.
-    let pruner = Pruner::for_run(recipe.prune.as_ref(), &recipe.optim, &params, total_steps)?;
-    if let Some(p) = &pruner {
-        p.on_step(state.step, &mut params)?;
+    Ok(Some((r, lora)))
+}
+
+/// `optim.layerwise`: hooks on the parameters the optimizer updates during the backward pass.
+/// One process only.
+fn layerwise_hooks(
+    recipe: &Recipe,
+    setup: &Setup,
+    optimizer: &Optimizer,
+) -> Result<Option<(torch_ext::GradReadyHooks, Vec<Tensor>)>> {
+    if !recipe.optim.layerwise() {
+        return Ok(None);
     }
-    // Every rank starts from rank 0's weights, and must have resumed from the same step.
-    let dp = crate::dist::DataParallel::start(
-        &world,
-        device,
-        &recipe.run.collectives(),
-        &params,
+    if setup.world.is_distributed() {
+        return Err(Error::Recipe(
+            "optim.layerwise: one process only (the gradients must be averaged over the ranks before any update)".into(),
+        ));
+    }
+    let params = optimizer.layerwise_params()?;
+    let hooks =
+        torch_ext::GradReadyHooks::install(params.iter().map(Tensor::shallow_clone).collect())
+            .map_err(Error::Torch)?;
+    Ok(Some((hooks, params)))
+}
+
+/// The training batches, prefetched, and with `[data.mixture]` the rows drawn per source so far.
+struct TrainData {
+    mixture: Mixture,
+    prefetch: Prefetcher,
+    /// With a mixture: rows drawn per source so far, a pure function of the steps (recomputed on
+    /// resume from the run's, or the stage's, first step).
+    counts: Option<Vec<u64>>,
+    seq_len: usize,
+}
+
+impl TrainData {
+    fn start(
+        recipe: &Recipe,
+        mixture: Mixture,
+        first_step: i64,
+        step: i64,
+        total_steps: i64,
+    ) -> TrainData {
+        let (bs, accum, seed) = (
+            recipe.train.batch_size as usize,
+            recipe.train.grad_accum,
+            recipe.run.seed,
+        );
+        let counts = recipe
+            .data
+            .mixture
+            .is_some()
+            .then(|| mixture.counts(bs, accum, seed, first_step, step));
+        let prefetch = Prefetcher::start(
+            mixture.clone(),
+            recipe.data.seq_len as usize,
+            bs,
+            accum,
+            seed,
+            step,
+            total_steps - 1,
+            2 * accum as usize,
+        );
+        TrainData {
+            mixture,
+            prefetch,
+            counts,
+            seq_len: recipe.data.seq_len as usize,
+        }
+    }
+
+    /// Counts the rows step `step` drew.
+    fn count_step(&mut self, recipe: &Recipe, step: i64) {
+        let Some(counts) = self.counts.as_mut() else {
+            return;
+        };
+        let (bs, accum) = (recipe.train.batch_size as usize, recipe.train.grad_accum);
+        let drawn = self
+            .mixture
+            .counts(bs, accum, recipe.run.seed, step, step + 1);
+        for (c, n) in counts.iter_mut().zip(drawn) {
+            *c += n;
+        }
+    }
+
+    /// Per source: its weight, realised fraction and epochs so far.
+    fn report(&self) -> Option<BTreeMap<String, MixtureReport>> {
+        let counts = self.counts.as_ref()?;
+        Some(
+            self.mixture
+                .report(counts, self.seq_len)
+                .into_iter()
+                .collect(),
+        )
+    }
+}
+
+/// A logged training step's row: the loss, LR, gradient norm and throughput, then what the
+/// recipe's methods add (MoE, pruning, distillation, reweighting, mixture, schedules, stage).
+fn log_step(
+    recipe: &Recipe,
+    lm: &Lm,
+    data: &TrainData,
+    run: &mut Run,
+    state: &TrainState,
+    out: StepLog,
+    stage: Option<&InStage>,
+) -> Result<()> {
+    let accum = recipe.train.grad_accum as f64;
+    let loss = out
+        .global_loss_sum
+        .unwrap_or_else(|| out.loss_sum.double_value(&[]))
+        / accum;
+    harness::check_loss(
+        loss,
         state.step,
-        &run_dir,
+        "lower optim.lr or set train.clip_grad_norm",
     )?;
-    // Only rank 0 writes the run directory (logs, TensorBoard, checkpoints, summary).
-    let mut metrics = if main {
-        prepare_run_dir(&run_dir, &config::to_toml(recipe), state.step)?;
-        Some(MetricsLog::open(&run_dir, Some(state.step))?)
-    } else {
-        None
-    };
+    let tokens_per_s = run.clock.window_rate();
+    let lr = out.hyper.lr;
+    let mut r = row(&[
+        ("step", json!(state.step)),
+        ("loss", json!(loss)),
+        ("lr", json!(lr)),
+        ("grad_norm", json!(out.grad_norm)),
+        ("tokens", json!(state.tokens)),
+        ("tokens_per_s", json!(tokens_per_s)),
+    ]);
+    r.extend(moe_metrics(&out.moe_stats));
+    r.extend(harness::pruning_metrics(
+        lm.pruner.as_ref(),
+        &lm.optimizer,
+        &lm.params,
+    ));
+    r.extend(out.distill_sums.metrics());
+    r.extend(
+        out.reweight_sums
+            .metrics(out.global_unweighted_sum.map(|s| s / accum)),
+    );
+    if let Some(counts) = &data.counts {
+        for (name, m) in data.mixture.report(counts, data.seq_len) {
+            r.insert(format!("mix_{name}_fraction"), json!(m.fraction));
+            r.insert(format!("mix_{name}_epochs"), json!(m.epochs));
+        }
+    }
+    if let Some(wd) = out.hyper.weight_decay {
+        r.insert("weight_decay".into(), json!(wd));
+    }
+    if let Some(m) = out.hyper.momentum {
+        r.insert("momentum".into(), json!(m));
+    }
+    if let Some(s) = stage {
+        r.insert("stage".into(), json!(s.name));
+    }
+    run.log_train(r, state.step, loss, lr, tokens_per_s)
+}
 
-    let tokens_per_step = recipe.tokens_per_step();
-    let no_embed = model.num_params_no_embeddings(&params);
-    let flops_per_token = model_cfg.train_flops_per_token(no_embed, recipe.data.seq_len);
-    tracing::info!(
-        "{}: {} parameters ({} trainable), {} ({}), {} tokens/step, {} steps",
-        recipe.run.name,
-        human(params.num_params() as f64),
-        human(params.num_trainable() as f64),
-        device::describe(device),
-        precision.as_str(),
-        tokens_per_step,
-        total_steps
-    );
-    let mib = |b: i64| b as f64 / (1u64 << 20) as f64;
-    tracing::info!(
-        "memory: parameters {:.1} MiB, gradients {:.1} MiB, optimizer state {:.1} MiB",
-        mib(params.bytes()),
-        mib(params
-            .trainable()
-            .map(|p| crate::models::params::bytes_of(&p.tensor))
-            .sum()),
-        mib(optimizer.state_bytes())
-    );
-    if let Device::Cuda(i) = device {
-        let _ = torch_ext::accelerator_reset_peak(i);
+/// The validation sets and the last loss of each.
+struct Evals {
+    sets: Vec<(String, Span)>,
+    last: BTreeMap<String, f64>,
+}
+
+impl Evals {
+    fn new(sets: Vec<(String, Span)>) -> Evals {
+        Evals {
+            sets,
+            last: BTreeMap::new(),
+        }
     }
 
-    // ---- loop ---------------------------------------------------------------------------
-    let mixed = recipe.data.mixture.is_some();
-    let (bs, accum, seed) = (
-        recipe.train.batch_size as usize,
-        recipe.train.grad_accum,
-        recipe.run.seed,
-    );
-    let first_step = full_init.as_ref().map_or(stage_start, |(_, s)| *s);
-    // Rows drawn per source so far: a pure function of the steps, recomputed on resume.
-    let mut mix_counts = if mixed {
-        train_data.counts(bs, accum, seed, first_step, state.step)
-    } else {
-        Vec::new()
-    };
-    let prefetch = Prefetcher::start(
-        train_data.clone(),
-        seq_len,
-        recipe.train.batch_size as usize,
-        recipe.train.grad_accum,
-        recipe.run.seed,
-        state.step,
-        total_steps - 1,
-        2 * recipe.train.grad_accum as usize,
-    );
-    let progress = if main {
-        let p = Progress::new(total_steps, state.step);
-        match stage {
-            Some(s) => p.in_stage(s.name),
-            None => p,
-        }
-    } else {
-        Progress::silent()
-    };
-    // Several processes: the gradients are averaged while the backward pass goes on, unless ranks
-    // may use different parameters (MoE routing) or the backward pass runs in pieces (distill).
-    let overlap = if world.is_distributed() && distiller.is_none() && model.moe_layers().is_empty()
-    {
-        Some(crate::dist::OverlappedGrads::new(&dp, &params)?)
-    } else {
-        None
-    };
-    // Every validation set; with several processes each evaluates its share of the batches and
-    // the partial sums are added over the ranks (one all-reduce).
-    let eval = |model: &Transformer| -> Result<Vec<(String, f64)>> {
-        let mut sums = valid_sets
+    /// Evaluates every validation set, logs a row and a line for each, and keeps the first
+    /// set's loss in the state (checkpointed). With several processes each evaluates its share
+    /// of the batches and the partial sums are added over the ranks (one all-reduce).
+    fn run(
+        &mut self,
+        model: &Transformer,
+        recipe: &Recipe,
+        run: &mut Run,
+        state: &mut TrainState,
+        stage: Option<&InStage>,
+    ) -> Result<()> {
+        let (precision, world) = (recipe.run.precision, &run.world);
+        let mut sums = self
+            .sets
             .iter()
             .map(|(_, span)| {
                 evaluate_part(
-                    model, span, recipe, device, precision, world.rank, world.size,
+                    model, span, recipe, run.device, precision, world.rank, world.size,
                 )
             })
             .collect::<Result<Vec<f64>>>()?;
-        dp.sum(&mut sums)?;
+        run.dp.sum(&mut sums)?;
         let batches = recipe.train.eval_batches as f64;
-        Ok(valid_sets
-            .iter()
-            .zip(sums)
-            .map(|((name, _), sum)| (name.clone(), sum / batches))
-            .collect())
-    };
-    let mut final_valid_losses = std::collections::BTreeMap::new();
-    let mut last_train_loss = None;
-    let mut window_start = Instant::now();
-    let mut window_tokens = 0i64;
-    let session_start = Instant::now();
-    let seconds_before = state.train_seconds;
-    let tokens_before = state.tokens;
-    let (mut step_seconds, mut step_tokens) = (0.0f64, 0i64);
-    let mut last_checkpoint = None;
-
-    while state.step < total_steps {
-        let step = state.step;
-        let step_start = Instant::now();
-        // Dropout and any other torch randomness: a pure function of (seed, step, rank).
-        tch::manual_seed((stream_seed(recipe.run.seed, step, -1, world.rank as i64) >> 1) as i64);
-        // This step's hyperparameters, before the backward pass (layer-wise updates use them
-        // inside it). ReLoRA's jagged schedule re-warms the LR after each merge.
-        let lr = schedule.lr(step - stage_start)
-            * relora.as_ref().map_or(1.0, |(r, _)| r.lr_factor(step));
-        // `train.weight_decay_schedule = "follow_lr"`: the decay coefficient scales with the LR.
-        let weight_decay = match recipe.train.weight_decay_schedule {
-            WeightDecaySchedule::Constant => None,
-            WeightDecaySchedule::FollowLr => {
-                let wd = recipe.optim.weight_decay() * (lr / recipe.optim.lr());
-                optimizer.set_weight_decay(wd);
-                Some(wd)
-            }
-        };
-        // `train.momentum_schedule = "inverse_lr"`: low momentum at the LR's peak, high around it.
-        let momentum = recipe.train.momentum_schedule.momentum(
-            recipe.optim.momentum(),
-            recipe.train.momentum_min,
-            lr,
-            recipe.optim.lr(),
-        );
-        if let Some(m) = momentum {
-            optimizer.set_momentum(m);
-        }
-        let mut layerwise_norm_sq = Tensor::zeros([], (Kind::Float, device));
-        let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
-        let mut moe_stats = Vec::new();
-        let mut distill_sums = crate::distill::StepSums::new(device);
-        let mut reweight_sums = reweight::ReweightSums::new(device);
-        for micro in 0..recipe.train.grad_accum {
-            let batch = prefetch
-                .next()
-                .ok_or_else(|| Error::Torch("data prefetch thread stopped".into()))?;
-            // This rank's rows of the global batch.
-            let rows = |t: &Tensor| t.narrow(0, shard_start as i64, shard_rows as i64);
-            let inputs = rows(&batch.inputs).to_device(device);
-            let targets = rows(&batch.targets).to_device(device);
-            if let Some(d) = &distiller {
-                // Forward and backward of both models, the logits chunk by chunk.
-                let scale = 1.0 / recipe.train.grad_accum as f64;
-                let l = d.backward(&model, &inputs, &targets, scale, device, precision)?;
-                loss_sum += &l.loss;
-                distill_sums.add(&l);
-                moe_stats = l.moe_layers;
-                continue;
-            }
-            let (loss, out) = match &recipe.train.reweight {
-                None => forward_loss(&model, &inputs, &targets, true, device, precision)?,
-                // `[train.reweight]`: each sequence's loss times a weight computed from the
-                // detached losses (`data/reweight.rs`).
-                Some(rw) => {
-                    let (seq, out) = forward_with(&model, &inputs, true, device, precision, |l| {
-                        reweight::sequence_losses(l, &targets)
-                    })?;
-                    let weights = rw.weights(&seq);
-                    reweight_sums.add(&seq, &weights);
-                    ((&seq * &weights).mean(Kind::Float), out)
-                }
-            };
-            // MoE models also minimise their routers' load-balancing and z losses.
-            let total = match out.router_loss() {
-                Some(router) => &loss + router,
-                None => loss.shallow_clone(),
-            };
-            let scaled = &total / recipe.train.grad_accum as f64;
-            match &layerwise {
-                // The step's last backward pass updates each parameter as its gradient
-                // completes (the earlier micro-batches only accumulate).
-                Some((hooks, lw_params)) if micro + 1 == recipe.train.grad_accum => {
-                    let mut failed = None;
-                    hooks.backward(
-                        &mut |i| {
-                            if failed.is_some() {
-                                return;
-                            }
-                            let p = &lw_params[i];
-                            let g = p.grad();
-                            if g.defined() {
-                                layerwise_norm_sq += g.square().sum(Kind::Float);
-                            }
-                            let stepped = optimizer.step_param(i, lr).and_then(|()| {
-                                torch_ext::grads_to_none(&[p]).map_err(Error::Torch)
-                            });
-                            failed = stepped.err();
-                        },
-                        || scaled.f_backward(),
-                    )?;
-                    if let Some(e) = failed {
-                        return Err(e);
-                    }
-                }
-                _ => match &overlap {
-                    Some(o) if micro + 1 == recipe.train.grad_accum => {
-                        o.backward(&dp, || scaled.f_backward())?
-                    }
-                    _ => scaled.f_backward()?,
-                },
-            }
-            loss_sum += loss.detach().to_kind(Kind::Float);
-            moe_stats = out.moe_layers;
-        }
-        // Several ranks: average the gradients, sum the loss and agree on stopping (a signal to
-        // any rank stops all of them after this step, with one checkpoint).
-        let mut global_loss_sum = None;
-        let mut global_unweighted_sum = None;
-        let mut stop_all = false;
-        if world.is_distributed() {
-            let mut sums = [
-                loss_sum.double_value(&[]),
-                f64::from(u8::from(stop.requested())),
-                reweight_sums.unweighted.double_value(&[]),
-            ];
-            match &overlap {
-                Some(o) => o.finish(&dp, &mut sums)?,
-                None => {
-                    let trainable: Vec<&Tensor> = params.trainable().map(|p| &p.tensor).collect();
-                    dp.reduce_step(&trainable, &mut sums)?
-                }
-            }
-            global_loss_sum = Some(sums[0] / world.size as f64);
-            stop_all = sums[1] > 0.0;
-            global_unweighted_sum = Some(sums[2] / world.size as f64);
-        }
-        let grad_norm = match &layerwise {
-            // Already stepped, parameter by parameter, during the backward pass.
-            Some(_) => {
-                optimizer.finish_step();
-                layerwise_norm_sq.double_value(&[]).sqrt()
-            }
-            None => clip_grad_norm(&params, recipe.train.clip_grad_norm)?,
-        };
-        if !grad_norm.is_finite() {
-            // Stepping would write NaN/inf into the weights (and into the next checkpoint).
-            return Err(Error::Torch(format!(
-                "gradient norm is {grad_norm} at step {}: training diverged (lower optim.lr or \
-                 set train.clip_grad_norm); the last checkpoint is intact",
-                step + 1
-            )));
-        }
-        if layerwise.is_none() {
-            optimizer.step(lr)?;
-        }
-        params.apply_masks();
-        params.zero_grad();
-        if mixed {
-            for (c, n) in
-                mix_counts
-                    .iter_mut()
-                    .zip(train_data.counts(bs, accum, seed, step, step + 1))
-            {
-                *c += n;
-            }
-        }
-        state.step += 1;
-        state.tokens += tokens_per_step;
-        window_tokens += tokens_per_step;
-        if state.tokens - tokens_before > tokens_per_step {
-            step_seconds += step_start.elapsed().as_secs_f64();
-            step_tokens += tokens_per_step;
-        }
-        if let Some((r, lora)) = relora.as_ref().filter(|(r, _)| r.resets_after(state.step)) {
-            if state.step == r.full_rank_warmup_steps {
-                for name in &base_params {
-                    params.freeze(name);
-                }
-            }
-            // The re-drawn A factors: a pure function of (seed, step).
-            tch::manual_seed((stream_seed(recipe.run.seed, state.step, -2, 0) >> 1) as i64);
-            crate::peft::relora::merge_and_reinit(&model)?;
-            crate::peft::relora::reset_optimizer(r, lora, &mut optimizer)?;
-            tracing::debug!(
-                "ReLoRA: merged and restarted the adapters after step {}",
-                state.step
-            );
-        }
-        if let Some(p) = &pruner {
-            p.on_step(state.step, &mut params)?;
-        }
-        let done = state.step == total_steps;
-
-        if state.step % recipe.train.log_every == 0 || done {
-            let loss = global_loss_sum.unwrap_or_else(|| loss_sum.double_value(&[]))
-                / recipe.train.grad_accum as f64;
-            if !loss.is_finite() {
-                return Err(Error::Torch(format!(
-                    "loss is {loss} at step {}: training diverged (lower optim.lr or set train.clip_grad_norm)",
-                    state.step
-                )));
-            }
-            let elapsed = window_start.elapsed().as_secs_f64().max(1e-9);
-            let tokens_per_s = window_tokens as f64 / elapsed;
-            let eta = (total_steps - state.step) as f64 * tokens_per_step as f64 / tokens_per_s;
+        let losses: Vec<f64> = sums.iter().map(|sum| sum / batches).collect();
+        state.last_valid_loss = losses.first().copied();
+        for ((name, _), valid_loss) in self.sets.iter().zip(losses) {
             let mut r = row(&[
                 ("step", json!(state.step)),
-                ("loss", json!(loss)),
-                ("lr", json!(lr)),
-                ("grad_norm", json!(grad_norm)),
-                ("tokens", json!(state.tokens)),
-                ("tokens_per_s", json!(tokens_per_s)),
+                ("split", json!(name)),
+                ("loss", json!(valid_loss)),
+                ("perplexity", json!(valid_loss.exp())),
             ]);
-            r.extend(moe_metrics(&moe_stats));
-            r.extend(pruning_metrics(pruner.as_ref(), &optimizer, &params));
-            r.extend(distill_sums.metrics());
-            r.extend(
-                reweight_sums
-                    .metrics(global_unweighted_sum.map(|s| s / recipe.train.grad_accum as f64)),
-            );
-            if mixed {
-                for (name, m) in train_data.report(&mix_counts, seq_len) {
-                    r.insert(format!("mix_{name}_fraction"), json!(m.fraction));
-                    r.insert(format!("mix_{name}_epochs"), json!(m.epochs));
-                }
-            }
-            if let Some(wd) = weight_decay {
-                r.insert("weight_decay".into(), json!(wd));
-            }
-            if let Some(m) = momentum {
-                r.insert("momentum".into(), json!(m));
-            }
             if let Some(s) = stage {
                 r.insert("stage".into(), json!(s.name));
             }
-            if let Some(m) = metrics.as_mut() {
-                m.log(r)?;
-            }
-            progress.update(state.step, loss, lr, tokens_per_s, eta);
-            last_train_loss = Some(loss);
-            window_start = Instant::now();
-            window_tokens = 0;
-        }
-        if recipe.train.eval_every.is_some_and(|e| state.step % e == 0) || done {
-            let losses = eval(&model)?;
-            state.last_valid_loss = losses.first().map(|(_, l)| *l);
-            for (name, valid_loss) in &losses {
-                if let Some(m) = metrics.as_mut() {
-                    let mut r = row(&[
-                        ("step", json!(state.step)),
-                        ("split", json!(name)),
-                        ("loss", json!(valid_loss)),
-                        ("perplexity", json!(valid_loss.exp())),
-                    ]);
-                    if let Some(s) = stage {
-                        r.insert("stage".into(), json!(s.name));
-                    }
-                    m.log(r)?;
-                }
-                progress.println(&format!(
-                    "step {}: {name} loss {valid_loss:.4}, perplexity {:.2}",
-                    state.step,
-                    valid_loss.exp()
-                ));
-                final_valid_losses.insert(name.clone(), *valid_loss);
-            }
-            window_start = Instant::now();
-            window_tokens = 0;
-        }
-        let stopping = if world.is_distributed() {
-            stop_all
-        } else {
-            stop.requested()
-        };
-        if recipe
-            .train
-            .checkpoint_every
-            .is_some_and(|c| state.step % c == 0)
-            || done
-            || stopping
-        {
-            state.train_seconds = seconds_before + session_start.elapsed().as_secs_f64();
-            let dir = save_checkpoint(
-                &dp,
-                &run_dir,
-                &state,
-                &params,
-                &optimizer,
-                recipe.train.keep_checkpoints,
-                done || stopping,
-            )?;
-            progress.println(&format!(
-                "step {}: checkpoint {}",
+            run.log(r)?;
+            run.progress.println(&format!(
+                "step {}: {name} loss {valid_loss:.4}, perplexity {:.2}",
                 state.step,
-                dir.display()
+                valid_loss.exp()
             ));
-            last_checkpoint = Some(dir);
-            window_start = Instant::now();
-            window_tokens = 0;
+            self.last.insert(name.clone(), valid_loss);
         }
-        if stopping && !done {
-            progress.finish();
-            let checkpoint = last_checkpoint.unwrap_or_default();
-            tracing::warn!(
-                "stopped by signal after step {}; checkpoint {}; continue with --resume auto",
-                state.step,
-                checkpoint.display()
-            );
-            return Ok(Outcome::Interrupted {
-                step: state.step,
-                checkpoint,
-            });
-        }
+        run.clock.restart_window();
+        Ok(())
     }
-    progress.finish();
-    drop(prefetch);
+}
 
-    // ---- summary ------------------------------------------------------------------------
-    let session_seconds = session_start.elapsed().as_secs_f64();
-    let train_seconds = seconds_before + session_seconds;
-    let tokens_per_s_wall = (state.tokens - tokens_before) as f64 / session_seconds.max(1e-9);
-    let tokens_per_s = if step_tokens > 0 {
-        step_tokens as f64 / step_seconds.max(1e-9)
-    } else {
-        tokens_per_s_wall
-    };
-    let (peak, peak_kind) = peak_memory(device);
-    let tflops = flops_per_token * tokens_per_s / 1e12;
-    let valid_loss = state.last_valid_loss;
-    let summary = Summary {
-        name: recipe.run.name.clone(),
-        steps: state.step,
-        tokens: state.tokens,
-        final_train_loss: last_train_loss,
-        final_valid_loss: valid_loss,
-        final_valid_perplexity: valid_loss.map(f64::exp),
-        train_seconds,
-        tokens_per_s,
-        tokens_per_s_wall,
-        params: params.num_params(),
-        trainable_params: params.num_trainable(),
-        param_bytes: params.bytes(),
-        grad_bytes: params
-            .trainable()
-            .map(|p| crate::models::params::bytes_of(&p.tensor))
-            .sum(),
-        optimizer_state_bytes: optimizer.state_bytes(),
-        pruning: pruner.as_ref().map(|p| p.report(&params)),
-        device: device::describe(device),
-        precision: precision.as_str().to_string(),
-        peak_memory_bytes: peak,
-        peak_memory_kind: peak_kind,
-        model_tflops_per_s: tflops,
-        mfu: recipe.run.peak_tflops.map(|p| tflops / p),
-        resumed_from: resume_dir,
-        init_load: recipe.init.as_ref().map(|i| {
-            if i.load == InitLoad::Full {
-                "full"
-            } else {
-                "model"
-            }
-            .to_string()
-        }),
-        init_from,
-        final_valid_losses,
-        mixture: mixed.then(|| {
-            train_data
-                .report(&mix_counts, seq_len)
-                .into_iter()
-                .collect()
-        }),
-        stages: stage.map(|s| s.all.to_vec()),
-    };
-    if main {
-        let path = run_dir.join("summary.json");
-        let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
-        std::fs::write(&path, text + "\n")
-            .map_err(io_err(format!("writing {}", path.display())))?;
+impl RunSummary for Summary {
+    fn report(&self) -> Vec<(&'static str, String)> {
+        let gib = harness::gib;
+        let mut lines = vec![
+            ("run", self.name.clone()),
+            ("steps", self.steps.to_string()),
+            ("tokens", self.tokens.to_string()),
+        ];
+        if let Some(l) = self.final_train_loss {
+            lines.push(("train loss", format!("{l:.4}")));
+        }
+        if let (Some(l), Some(p)) = (self.final_valid_loss, self.final_valid_perplexity) {
+            lines.push(("valid loss", format!("{l:.4} (perplexity {p:.2})")));
+        }
+        lines.push(("wall time", format_duration(self.train_seconds)));
+        let rates = format!(
+            "{:.0} in steps ({:.0} over the wall time)",
+            self.tokens_per_s, self.tokens_per_s_wall
+        );
+        lines.push(("tokens/s", rates));
+        let mfu = self.mfu.map(|m| format!(" (MFU {:.1}%)", 100.0 * m));
+        let tflops = format!("{:.3}{}", self.model_tflops_per_s, mfu.unwrap_or_default());
+        lines.push(("model TFLOP/s", tflops));
+        lines.extend(harness::report_peak_memory(
+            self.footprint.peak_memory_bytes,
+            &self.footprint.peak_memory_kind,
+        ));
+        let memory = format!(
+            "params {:.3} GiB, grads {:.3} GiB, optimizer {:.3} GiB",
+            gib(self.sizes.param_bytes),
+            gib(self.grad_bytes),
+            gib(self.footprint.optimizer_state_bytes)
+        );
+        lines.push(("memory", memory));
+        lines.extend(harness::report_sparsity(self.footprint.pruning.as_ref()));
+        lines
     }
-    Ok(Outcome::Finished(summary))
 }
 
 /// The training data (one source, or a mixture) and the named validation sets, each checked to
@@ -923,21 +1173,6 @@ fn forward_with<L>(
     }
 }
 
-/// The pruning columns of a log row: sparsity so far, and GSM's selection and would-be cut.
-pub(crate) fn pruning_metrics(
-    pruner: Option<&Pruner>,
-    optimizer: &Optimizer,
-    params: &ParamStore,
-) -> Vec<(String, serde_json::Value)> {
-    let mut out = pruner.map_or_else(Vec::new, |p| p.metrics(params));
-    if let Optimizer::Gsm(g) = optimizer {
-        if let Some(f) = g.selected_fraction() {
-            out.push(("gsm/selected_fraction".into(), json!(f)));
-        }
-    }
-    out
-}
-
 /// Metrics of the MoE layers of the last micro-batch: the mean aux and z losses over layers, the
 /// share of dropped assignments, and per layer the load of the busiest expert relative to a
 /// uniform load (1 = balanced) plus every expert's share (as arrays, in metrics.jsonl only).
@@ -1017,61 +1252,4 @@ fn evaluate_part(
         }
         Ok(total)
     })
-}
-
-pub fn human(n: f64) -> String {
-    if n >= 1e9 {
-        format!("{:.2}B", n / 1e9)
-    } else if n >= 1e6 {
-        format!("{:.2}M", n / 1e6)
-    } else if n >= 1e3 {
-        format!("{:.1}K", n / 1e3)
-    } else {
-        format!("{n}")
-    }
-}
-
-pub fn print_summary(s: &Summary) {
-    let gib = |b: i64| b as f64 / (1u64 << 30) as f64;
-    eprintln!("\n  run               {}", s.name);
-    eprintln!("  steps             {}", s.steps);
-    eprintln!("  tokens            {}", s.tokens);
-    if let Some(l) = s.final_train_loss {
-        eprintln!("  train loss        {l:.4}");
-    }
-    if let (Some(l), Some(p)) = (s.final_valid_loss, s.final_valid_perplexity) {
-        eprintln!("  valid loss        {l:.4} (perplexity {p:.2})");
-    }
-    eprintln!("  wall time         {}", format_duration(s.train_seconds));
-    eprintln!(
-        "  tokens/s          {:.0} in steps ({:.0} over the wall time)",
-        s.tokens_per_s, s.tokens_per_s_wall
-    );
-    eprintln!(
-        "  model TFLOP/s     {:.3}{}",
-        s.model_tflops_per_s,
-        s.mfu
-            .map(|m| format!(" (MFU {:.1}%)", 100.0 * m))
-            .unwrap_or_default()
-    );
-    if let Some(p) = s.peak_memory_bytes {
-        eprintln!(
-            "  peak memory       {:.2} GiB ({})",
-            gib(p),
-            s.peak_memory_kind
-        );
-    }
-    eprintln!(
-        "  memory            params {:.3} GiB, grads {:.3} GiB, optimizer {:.3} GiB",
-        gib(s.param_bytes),
-        gib(s.grad_bytes),
-        gib(s.optimizer_state_bytes)
-    );
-    if let Some(p) = &s.pruning {
-        eprintln!(
-            "  sparsity          {:.2}% of {} prunable weights are zero",
-            100.0 * p.global_sparsity,
-            p.prunable_params
-        );
-    }
 }

@@ -2,7 +2,7 @@
 //! holds a run, which checkpoint a start resumes from, writing the resolved recipe without
 //! losing an earlier one, and the peak memory a run reports.
 
-use super::pretrain::Resume;
+use super::harness::Resume;
 use crate::checkpoint;
 use crate::error::{io_err, Error, Result};
 use std::path::{Path, PathBuf};

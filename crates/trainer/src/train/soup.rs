@@ -26,7 +26,7 @@ use crate::device;
 use crate::error::{io_err, Error, Result};
 use crate::load::{self, ModelSource};
 use crate::models::params::read_safetensors;
-use crate::config::{self, Recipe};
+use crate::config::{self, ModelConfig, PeftConfig, Recipe};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -68,23 +68,7 @@ struct Ingredient {
 /// Makes the soup of `runs` (run or checkpoint directories), evaluates it and writes it to
 /// `out` (which must not exist, or be empty).
 pub fn run(runs: &[String], method: Method, out: &Path, device_name: &str) -> Result<SoupReport> {
-    let bad = |msg: String| Error::Recipe(format!("soup: {msg}"));
-    if runs.len() < 2 {
-        return Err(bad(format!(
-            "expected at least two runs to average, got {}",
-            runs.len()
-        )));
-    }
-    if out.exists()
-        && std::fs::read_dir(out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        return Err(bad(format!(
-            "--out {}: exists and is not empty; choose a new directory",
-            out.display()
-        )));
-    }
+    check_args(runs, out)?;
     let device = device::resolve(device_name)?;
     let sources: Vec<ModelSource> = runs
         .iter()
@@ -101,8 +85,7 @@ pub fn run(runs: &[String], method: Method, out: &Path, device_name: &str) -> Re
         )));
     };
     let recipe = first_recipe(first_run)?;
-    let model_cfg = sources[0].model_config()?;
-    let peft = sources[0].peft_config()?;
+    let architecture = (sources[0].model_config()?, sources[0].peft_config()?);
     warn_on_different_starts(&sources);
 
     // The soup lives in the parameters of one loaded model.
@@ -114,49 +97,13 @@ pub fn run(runs: &[String], method: Method, out: &Path, device_name: &str) -> Re
         .collect();
     let mut ingredients = Vec::new();
     for (text, source) in runs.iter().zip(&sources) {
-        if !matches!(source, ModelSource::Checkpoint { .. }) {
-            return Err(bad(format!("{text}: expected a trainer run or checkpoint")));
-        }
-        if source.model_config()? != model_cfg {
-            return Err(bad(format!(
-                "{text}: its [model] differs from {}'s; a soup needs one architecture",
-                runs[0]
-            )));
-        }
-        if source.peft_config()? != peft {
-            return Err(bad(format!(
-                "{text}: its [peft] differs from {}'s; a soup needs one architecture",
-                runs[0]
-            )));
-        }
-        let ModelSource::Checkpoint { dir, .. } = source else {
-            unreachable!()
-        };
-        let path = dir.join(checkpoint::MODEL_FILE);
-        let tensors: BTreeMap<String, Tensor> = read_safetensors(&path)?.into_iter().collect();
-        for (name, shape) in &shapes {
-            match tensors.get(name) {
-                None => return Err(bad(format!("{text}: has no parameter {name}"))),
-                Some(t) if &t.size() != shape => {
-                    return Err(bad(format!(
-                        "{text}: parameter {name} has shape {:?}, {}'s has {shape:?}",
-                        t.size(),
-                        runs[0]
-                    )))
-                }
-                Some(_) => {}
-            }
-        }
-        if let Some(extra) = tensors.keys().find(|k| !shapes.contains_key(*k)) {
-            return Err(bad(format!(
-                "{text}: has a parameter {extra} that {} does not have",
-                runs[0]
-            )));
-        }
-        ingredients.push(Ingredient {
-            source: source.clone(),
-            tensors,
-        });
+        ingredients.push(read_ingredient(
+            text,
+            source,
+            &runs[0],
+            &architecture,
+            &shapes,
+        )?);
     }
 
     // Validation: the first run's sets, as its training loop evaluated them.
@@ -173,7 +120,6 @@ pub fn run(runs: &[String], method: Method, out: &Path, device_name: &str) -> Re
             })
             .collect()
     };
-    let first_loss = |losses: &[(String, f64)]| losses.first().map(|(_, l)| *l).unwrap_or(f64::NAN);
 
     let mut own: Vec<f64> = Vec::new();
     for (i, ing) in ingredients.iter().enumerate() {
@@ -189,39 +135,19 @@ pub fn run(runs: &[String], method: Method, out: &Path, device_name: &str) -> Re
     let (members, losses, greedy) = match method {
         Method::Uniform => (all, uniform_losses, None),
         Method::Greedy => {
-            let mut order = all.clone();
-            order.sort_by(|&a, &b| own[a].total_cmp(&own[b]));
-            let mut members = vec![order[0]];
-            let mut best = own[order[0]];
-            for &j in &order[1..] {
-                let mut with = members.clone();
-                with.push(j);
-                let l = first_loss(&eval(&with)?);
-                let keep = l <= best;
-                tracing::info!(
-                    "greedy soup: with {} valid loss {l:.4} ({})",
-                    ingredients[j].source.describe(),
-                    if keep { "added" } else { "left out" }
-                );
-                if keep {
-                    members = with;
-                    best = l;
-                }
-            }
+            let members = greedy_members(&own, &ingredients, &eval)?;
             let losses = eval(&members)?;
             let l = first_loss(&losses);
             (members, losses, Some(l))
         }
     };
-    let valid_loss = first_loss(&losses);
-
     let report = SoupReport {
         method: match method {
             Method::Uniform => "uniform",
             Method::Greedy => "greedy",
         }
         .into(),
-        valid_loss,
+        valid_loss: first_loss(&losses),
         valid_losses: losses.into_iter().collect(),
         uniform_valid_loss: uniform,
         greedy_valid_loss: greedy,
@@ -240,6 +166,113 @@ pub fn run(runs: &[String], method: Method, out: &Path, device_name: &str) -> Re
     let step = checkpoint::read_state(first_dir)?.step;
     write_soup(out, &recipe, &loaded.params, step, &report)?;
     Ok(report)
+}
+
+/// A soup's error.
+fn bad(msg: String) -> Error {
+    Error::Recipe(format!("soup: {msg}"))
+}
+
+/// The loss on the first validation set (the one the soup is picked on).
+fn first_loss(losses: &[(String, f64)]) -> f64 {
+    losses.first().map(|(_, l)| *l).unwrap_or(f64::NAN)
+}
+
+/// At least two runs, and an output directory that does not exist or is empty.
+fn check_args(runs: &[String], out: &Path) -> Result<()> {
+    if runs.len() < 2 {
+        return Err(bad(format!(
+            "expected at least two runs to average, got {}",
+            runs.len()
+        )));
+    }
+    if out.exists()
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(bad(format!(
+            "--out {}: exists and is not empty; choose a new directory",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Reads the weights of the run or checkpoint `source` (given as `text`), checked against the
+/// first run's (`first`) architecture and parameter shapes.
+fn read_ingredient(
+    text: &str,
+    source: &ModelSource,
+    first: &str,
+    (model_cfg, peft): &(ModelConfig, Option<PeftConfig>),
+    shapes: &BTreeMap<String, Vec<i64>>,
+) -> Result<Ingredient> {
+    let ModelSource::Checkpoint { dir, .. } = source else {
+        return Err(bad(format!("{text}: expected a trainer run or checkpoint")));
+    };
+    if &source.model_config()? != model_cfg {
+        return Err(bad(format!(
+            "{text}: its [model] differs from {first}'s; a soup needs one architecture"
+        )));
+    }
+    if &source.peft_config()? != peft {
+        return Err(bad(format!(
+            "{text}: its [peft] differs from {first}'s; a soup needs one architecture"
+        )));
+    }
+    let path = dir.join(checkpoint::MODEL_FILE);
+    let tensors: BTreeMap<String, Tensor> = read_safetensors(&path)?.into_iter().collect();
+    for (name, shape) in shapes {
+        match tensors.get(name) {
+            None => return Err(bad(format!("{text}: has no parameter {name}"))),
+            Some(t) if &t.size() != shape => {
+                return Err(bad(format!(
+                    "{text}: parameter {name} has shape {:?}, {first}'s has {shape:?}",
+                    t.size()
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(extra) = tensors.keys().find(|k| !shapes.contains_key(*k)) {
+        return Err(bad(format!(
+            "{text}: has a parameter {extra} that {first} does not have"
+        )));
+    }
+    Ok(Ingredient {
+        source: source.clone(),
+        tensors,
+    })
+}
+
+/// The greedy soup's members: ingredients best first (`own`: each one's validation loss), each
+/// added when the soup with it evaluates no worse than without it.
+fn greedy_members(
+    own: &[f64],
+    ingredients: &[Ingredient],
+    eval: &dyn Fn(&[usize]) -> Result<Vec<(String, f64)>>,
+) -> Result<Vec<usize>> {
+    let mut order: Vec<usize> = (0..own.len()).collect();
+    order.sort_by(|&a, &b| own[a].total_cmp(&own[b]));
+    let mut members = vec![order[0]];
+    let mut best = own[order[0]];
+    for &j in &order[1..] {
+        let mut with = members.clone();
+        with.push(j);
+        let l = first_loss(&eval(&with)?);
+        let keep = l <= best;
+        tracing::info!(
+            "greedy soup: with {} valid loss {l:.4} ({})",
+            ingredients[j].source.describe(),
+            if keep { "added" } else { "left out" }
+        );
+        if keep {
+            members = with;
+            best = l;
+        }
+    }
+    Ok(members)
 }
 
 /// The first run's recipe from its `config.toml`: the soup's validation data.

@@ -13,7 +13,8 @@
 //! Every row of `metrics.jsonl` (training and evaluation) carries the name of its stage as
 //! `stage`, and summary.json lists the stages with the steps of their rows.
 
-use super::pretrain::{self, Outcome, Resume};
+use super::harness::Resume;
+use super::pretrain::{self, Outcome};
 use crate::checkpoint;
 use crate::config::Stage;
 use crate::error::Result;
