@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use trainer::config::{SourceConfig, TokenDtype};
 use trainer::data::tokenizer::Tokenizer;
 use trainer::load::{self, ModelSource};
-use trainer::config::{SourceConfig, TokenDtype};
 use trainer::train::evaluate;
 
 #[derive(clap::Args)]

@@ -4,10 +4,10 @@
 //! depth pruning, `trainer::prune::structured`).
 
 use std::path::PathBuf;
-use trainer::train::prune::{self as oneshot, Method, OneShot};
+use trainer::config::{SourceConfig, TokenDtype};
 use trainer::prune::wanda::Sparsity;
 use trainer::prune::PruneScope;
-use trainer::config::{SourceConfig, TokenDtype};
+use trainer::train::prune::{self as oneshot, Method, OneShot};
 
 #[derive(clap::Args)]
 pub struct PruneArgs {

@@ -6,9 +6,9 @@ use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use trainer::config::{self, AnyRecipe};
+use trainer::signals::{StopFlag, EXIT_INTERRUPTED};
 use trainer::train::harness::{self, Outcome, Resume, RunSummary};
 use trainer::train::{classify, pretrain, stages};
-use trainer::signals::{StopFlag, EXIT_INTERRUPTED};
 
 pub fn run(path: &Path, set: &[String], resume: Option<&str>) -> anyhow::Result<ExitCode> {
     let overrides = crate::parse_overrides(set)?;

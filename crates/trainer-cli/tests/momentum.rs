@@ -25,9 +25,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use tch::{Kind, Tensor};
+use trainer::config::MomentumSchedule;
 use trainer::optim::galore::Projection;
 use trainer::optim::{AdamW, GaloreAdamW, Optimizer, Sgd};
-use trainer::config::MomentumSchedule;
 
 fn reference() -> Value {
     let script = repo_root().join("crates/trainer-cli/tests/reference/momentum_reference.py");

@@ -79,7 +79,9 @@ pub fn set_deterministic(on: bool) -> Result<()> {
 }
 
 /// `run.precision`: the dtypes a run keeps its weights in and computes in.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 pub enum Precision {
     /// fp32 weights and compute.
     #[default]

@@ -250,9 +250,9 @@ impl StoredModel {
         };
         let text = std::fs::read_to_string(&path)
             .map_err(|e| bad(format!("cannot read the run's recipe: {e}")))?;
-        let mut table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| bad(format!("malformed TOML: {}", one_line(e.message()))))?;
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            bad(format!("malformed TOML: {}", one_line(e.message())))
+        })?;
         let task = table
             .get("run")
             .and_then(|r| r.get("task"))
@@ -262,7 +262,8 @@ impl StoredModel {
         let model = table
             .remove("model")
             .ok_or_else(|| bad("missing [model]".into()))?;
-        let section = |key: &str, e: toml::de::Error| bad(format!("{key}: {}", one_line(e.message())));
+        let section =
+            |key: &str, e: toml::de::Error| bad(format!("{key}: {}", one_line(e.message())));
         let invalid = |inv: crate::validate::Invalid| bad(format!("{}: {}", inv.key, inv.msg));
         if task == "classify" {
             let model: ClassifierConfig = model.try_into().map_err(|e| section("model", e))?;

@@ -14,11 +14,11 @@
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
+use trainer::config::{DistillConfig, HiddenLoss, HiddenPair, KdLoss, ModelConfig, Precision};
 use trainer::distill::losses::{chunk_sums, divergence_rows, hidden_loss, kd_loss, IGNORE_INDEX};
 use trainer::distill::{LmDistiller, LmTeacher};
 use trainer::models::params::ParamStore;
 use trainer::models::transformer::{Family, Transformer, TransformerConfig};
-use trainer::config::{DistillConfig, HiddenLoss, HiddenPair, KdLoss, ModelConfig, Precision};
 
 const TOL: f64 = 1e-5;
 

@@ -35,11 +35,11 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
+use trainer::config::OptimConfig;
 use trainer::models::params::ParamStore;
 use trainer::models::transformer::{Family, Transformer, TransformerConfig};
 use trainer::optim::galore::Projection;
 use trainer::optim::{AdamW, GaloreAdamW, Optimizer, StateTensors};
-use trainer::config::OptimConfig;
 
 const RTOL: f64 = 1e-5;
 const ATOL: f64 = 1e-6;

@@ -2,8 +2,8 @@
 //! before any training, the MoE computes the dense model's function.
 
 use tch::{Device, Kind, Tensor};
-use trainer::models::hf;
 use trainer::load::ModelSource;
+use trainer::models::hf;
 use trainer::models::params::ParamStore;
 use trainer::models::transformer::{Family, Transformer, TransformerConfig};
 use trainer::models::{MoeConfig, Routing};

@@ -61,7 +61,6 @@ pub struct ClassifierInit {
     pub reinit: Vec<String>,
 }
 
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClassifyTrainConfig {

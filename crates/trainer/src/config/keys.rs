@@ -615,7 +615,6 @@ mod tests {
         vec![reference(Task::Pretrain), reference(Task::Classify)]
     }
 
-
     #[test]
     fn keys_every_key_has_a_meaning() {
         let mut missing = Vec::new();

@@ -110,7 +110,9 @@ pub struct InitConfig {
 }
 
 /// What `[init] from` carries over.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum InitLoad {
     #[default]
@@ -195,7 +197,9 @@ fn is_default_collective_timeout_s(v: &f64) -> bool {
     *v == default_collective_timeout_s()
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Task {
     #[default]
@@ -212,7 +216,6 @@ impl Task {
 fn default_device() -> String {
     "auto".to_string()
 }
-
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]

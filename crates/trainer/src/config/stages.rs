@@ -68,13 +68,11 @@ pub fn parse(text: &str, file: &str, overrides: &[Override]) -> Result<Option<Ve
     let mut start = 0i64;
     for (i, table) in tables.iter().enumerate() {
         let at = format!("stages[{i}]");
-        let (name, steps) = name_and_steps(table, &stages).map_err(|(k, m)| {
-            bad(&format!("{at}{k}"), &m)
-        })?;
+        let (name, steps) =
+            name_and_steps(table, &stages).map_err(|(k, m)| bad(&format!("{at}{k}"), &m))?;
         let doc = stage_document(&base, table).map_err(|(k, m)| bad(&k.replace("@", &at), m))?;
         let end = start + steps;
-        let all = stage_overrides(table, overrides, &at, end)
-            .map_err(|(k, m)| bad(&k, m))?;
+        let all = stage_overrides(table, overrides, &at, end).map_err(|(k, m)| bad(&k, m))?;
         let label = format!("{file} (stage {name:?})");
         let recipe = super::parse(&doc.to_string(), &label, &all)?;
         check_stage(&recipe, &stages, steps, &at, &name).map_err(|(k, m)| bad(&k, &m))?;
@@ -196,7 +194,12 @@ fn name_and_steps(
     }
     let steps = match table.get("steps").map(|v| v.as_integer()) {
         Some(Some(n)) if n > 0 => n,
-        Some(_) => return Err((".steps".into(), "expected a positive number of steps".into())),
+        Some(_) => {
+            return Err((
+                ".steps".into(),
+                "expected a positive number of steps".into(),
+            ))
+        }
         None => return Err((".steps".into(), "missing; every stage has a length".into())),
     };
     Ok((name, steps))

@@ -20,9 +20,9 @@
 //! before normalisation) and the flip follows the crop, as torchvision's
 //! `RandomCrop(32, padding=4)` then `RandomHorizontalFlip()` do.
 
+use super::config::{Cifar100Labels, ImageDataConfig, ImageSourceConfig, Split};
 use super::loader::stream_seed;
 use crate::error::{Error, Result};
-use super::config::{Cifar100Labels, ImageDataConfig, ImageSourceConfig, Split};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::{Path, PathBuf};

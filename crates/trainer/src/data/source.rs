@@ -5,8 +5,8 @@
 //! - the built-in corpus: Alice's Adventures in Wonderland (Project Gutenberg #11, public domain),
 //!   compiled into the binary so that the quickstart needs no download.
 
-use crate::error::{Error, Result};
 use super::config::{SourceConfig, TokenDtype};
+use crate::error::{Error, Result};
 use std::path::Path;
 use std::sync::Arc;
 

@@ -25,10 +25,10 @@ pub mod config;
 pub mod losses;
 pub mod teacher;
 
+use crate::device::Precision;
 use crate::error::{Error, Result};
 use crate::models::params::ParamStore;
 use crate::models::transformer::{MoeLayerStats, Transformer, TransformerConfig};
-use crate::device::Precision;
 use crate::models::{ClassifierConfig, ModelConfig};
 pub use config::{DistillConfig, HiddenLoss, HiddenPair, KdLoss, TeacherPrecision};
 use serde_json::{json, Value};

@@ -3,13 +3,13 @@
 //! student's device, and checked to share the student's vocabulary (language models) or label
 //! set (classifiers). Every problem is one line naming `distill.teacher` (or the key at fault).
 
+use super::config::{DistillConfig, TeacherPrecision};
 use crate::checkpoint;
 use crate::error::{Error, Result};
 use crate::load::{self, ModelSource, StoredModel};
 use crate::models::params::{copy_named, read_safetensors, ParamStore};
 use crate::models::resnet::ResNet;
 use crate::models::transformer::{Transformer, TransformerConfig};
-use super::config::{DistillConfig, TeacherPrecision};
 use crate::models::{ClassifierConfig, ModelConfig};
 use std::path::PathBuf;
 use tch::{Device, Kind};

@@ -130,12 +130,24 @@ impl ModelConfig {
 impl LlamaConfig {
     pub fn validate(&self) -> Result<(), Invalid> {
         let c = self;
-        let common = common_model_checks(c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.max_seq_len);
+        let common = common_model_checks(
+            c.vocab_size,
+            c.d_model,
+            c.n_layers,
+            c.n_heads,
+            c.max_seq_len,
+        );
         match c.head_dim {
             None => common?,
             Some(hd) => {
                 // The width check needs no divisibility when the head width is given.
-                common.or_else(|e| if e.key == "model.d_model" { Ok(()) } else { Err(e) })?;
+                common.or_else(|e| {
+                    if e.key == "model.d_model" {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })?;
                 check(
                     hd > 0 && hd % 2 == 0,
                     "model.head_dim",
@@ -157,7 +169,10 @@ impl LlamaConfig {
         check(
             c.n_heads % kv == 0,
             "model.n_kv_heads",
-            format!("n_heads ({}) must be divisible by n_kv_heads ({kv})", c.n_heads),
+            format!(
+                "n_heads ({}) must be divisible by n_kv_heads ({kv})",
+                c.n_heads
+            ),
         )?;
         check(
             c.head_dim.is_some() || (c.d_model / c.n_heads) % 2 == 0,
@@ -167,8 +182,16 @@ impl LlamaConfig {
                 c.d_model / c.n_heads
             ),
         )?;
-        check(c.rope_theta > 0.0, "model.rope_theta", "expected a positive number")?;
-        check(c.norm_eps > 0.0, "model.norm_eps", "expected a positive number")?;
+        check(
+            c.rope_theta > 0.0,
+            "model.rope_theta",
+            "expected a positive number",
+        )?;
+        check(
+            c.norm_eps > 0.0,
+            "model.norm_eps",
+            "expected a positive number",
+        )?;
         match &c.moe {
             Some(m) => validate_moe(m, "model.moe"),
             None => Ok(()),
@@ -179,7 +202,13 @@ impl LlamaConfig {
 impl Gpt2Config {
     pub fn validate(&self) -> Result<(), Invalid> {
         let c = self;
-        common_model_checks(c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.max_seq_len)?;
+        common_model_checks(
+            c.vocab_size,
+            c.d_model,
+            c.n_layers,
+            c.n_heads,
+            c.max_seq_len,
+        )?;
         if let Some(d_ff) = c.d_ff {
             check(
                 d_ff > 0,
@@ -187,7 +216,11 @@ impl Gpt2Config {
                 format!("expected a positive integer, got {d_ff}"),
             )?;
         }
-        check(c.norm_eps > 0.0, "model.norm_eps", "expected a positive number")?;
+        check(
+            c.norm_eps > 0.0,
+            "model.norm_eps",
+            "expected a positive number",
+        )?;
         check(
             (0.0..1.0).contains(&c.dropout),
             "model.dropout",

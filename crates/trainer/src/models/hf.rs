@@ -6,11 +6,11 @@
 //! silently mis-loaded: rope scaling, attention or MLP biases in Llama, other activations,
 //! a `head_dim` that is not `hidden_size / num_attention_heads`, cross-attention in GPT-2.
 
+use super::config::{Gpt2Config, LlamaConfig, ModelConfig};
 use super::moe::{fuse_checkpoint_experts, split_checkpoint_experts, MoeConfig, Routing};
 use super::params::{copy_named, read_safetensors, ParamStore};
 use super::transformer::{Family, TransformerConfig};
 use crate::error::{io_err, Error, Result};
-use super::config::{Gpt2Config, LlamaConfig, ModelConfig};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

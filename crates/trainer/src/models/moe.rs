@@ -53,7 +53,9 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// How router logits become expert choices and combine weights (`routing` in `[model.moe]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 pub enum Routing {
     /// Mixtral: softmax over all experts, keep the top k, renormalise those k to sum to 1. (With `top_k = 1` every weight is 1 and the router learns only through the
     /// aux losses.)
@@ -234,7 +236,9 @@ impl Moe {
         config.validate()?;
         for (name, v) in [("d_model", d_model), ("d_ff", d_ff)] {
             if v < 1 {
-                return Err(Error::Recipe(format!("moe: {name} = {v} must be at least 1")));
+                return Err(Error::Recipe(format!(
+                    "moe: {name} = {v} must be at least 1"
+                )));
             }
         }
         let (d, f, e) = (d_model, d_ff, config.n_experts);
@@ -652,12 +656,8 @@ mod tests {
             }),
             "moe: aux_loss_coef = -1 must be a non-negative number"
         );
-        MoeConfig::mixtral()
-            .validate()
-            .expect("mixtral preset");
-        MoeConfig::switch(4)
-            .validate()
-            .expect("switch preset");
+        MoeConfig::mixtral().validate().expect("mixtral preset");
+        MoeConfig::switch(4).validate().expect("switch preset");
     }
 
     #[test]

@@ -10,10 +10,10 @@
 //! one: GPT-2's `Conv1D` weights are stored `[in, out]` as Hugging Face stores them.
 //! Attention goes through libtorch's `scaled_dot_product_attention` (flash kernels on CUDA).
 
+use super::config::ModelConfig;
 use super::moe::{Moe, MoeConfig};
 use super::params::ParamStore;
 use crate::error::Result;
-use super::config::ModelConfig;
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

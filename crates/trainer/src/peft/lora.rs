@@ -27,8 +27,8 @@
 //! projection of layer 1). Only dense projections are candidates: embeddings, the output head,
 //! norms and MoE experts never are. A pattern that selects nothing is an error naming it.
 
-use crate::error::{io_err, Error, Result};
 use super::config::{PeftConfig, PeftKind};
+use crate::error::{io_err, Error, Result};
 use crate::models::params::{name_matches, read_safetensors, select, Before, ParamStore};
 use crate::models::transformer::{Family, Linear, LinearAdapter, Transformer};
 use serde_json::{json, Value};

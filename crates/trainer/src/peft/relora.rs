@@ -24,11 +24,11 @@
 //! Every counter is a pure function of the step, and the re-drawn A comes from torch's CPU
 //! generator seeded from (seed, step): a run resumed from any checkpoint replays bitwise.
 
+use super::config::{OptimizerReset, PeftConfig, PeftKind};
 use super::lora::{a_name, adapter_of, add_delta, b_name, Lora};
 use crate::error::Result;
 use crate::models::transformer::Transformer;
 use crate::optim::Optimizer;
-use super::config::{OptimizerReset, PeftConfig, PeftKind};
 use tch::{Device, Kind, Tensor};
 
 /// The ReLoRA settings of a `[peft] kind = "relora"` section.

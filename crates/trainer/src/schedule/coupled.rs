@@ -4,7 +4,9 @@
 use serde::{Deserialize, Serialize};
 
 /// `train.weight_decay_schedule`.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum WeightDecaySchedule {
     /// `optim.weight_decay` at every step.
@@ -23,7 +25,9 @@ impl WeightDecaySchedule {
 }
 
 /// `train.momentum_schedule`.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum MomentumSchedule {
     /// The optimizer's own momentum at every step.

@@ -35,8 +35,8 @@
 
 pub mod results;
 
-use crate::error::{Error, Result};
 use crate::config::{self, Override};
+use crate::error::{Error, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 

@@ -18,6 +18,7 @@
 
 use super::harness::{self, Run, RunSummary, Sections, Setup};
 use crate::checkpoint::{self, TrainState};
+use crate::config::{self, ClassifyRecipe, Precision};
 use crate::data::images::{self, eval_batch, Augment, ImagePrefetcher, ImageSet};
 use crate::data::loader::stream_seed;
 use crate::device;
@@ -30,7 +31,6 @@ use crate::models::params::ParamStore;
 use crate::models::resnet::ResNet;
 use crate::optim::{clip_grad_norm, Optimizer};
 use crate::prune::Pruner;
-use crate::config::{self, ClassifyRecipe, Precision};
 use crate::schedule::Schedule;
 use crate::signals::StopFlag;
 use serde::Serialize;

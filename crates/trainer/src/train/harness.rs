@@ -10,6 +10,7 @@
 
 use super::run_dir::{peak_memory, prepare_run_dir, resume_checkpoint, save_checkpoint};
 use crate::checkpoint::{self, TrainState};
+use crate::config::{OptimConfig, Precision, PruneConfig, RunConfig};
 use crate::device;
 use crate::dist::{DataParallel, OverlappedGrads, World};
 use crate::error::{io_err, Error, Result};
@@ -18,7 +19,6 @@ use crate::metrics::MetricsLog;
 use crate::models::params::ParamStore;
 use crate::optim::Optimizer;
 use crate::prune::{Pruner, SparsityReport};
-use crate::config::{OptimConfig, Precision, PruneConfig, RunConfig};
 use crate::signals::StopFlag;
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -218,7 +218,14 @@ impl<'a> Run<'a> {
             shard_rows,
         } = setup;
         let run = sections.run;
-        let dp = DataParallel::start(&world, device, &run.collectives(), params, state.step, &run_dir)?;
+        let dp = DataParallel::start(
+            &world,
+            device,
+            &run.collectives(),
+            params,
+            state.step,
+            &run_dir,
+        )?;
         let metrics = if world.is_main() {
             prepare_run_dir(&run_dir, &sections.resolved, state.step)?;
             Some(MetricsLog::open(&run_dir, Some(state.step))?)

@@ -10,6 +10,7 @@
 
 use super::harness::{self, Run, RunSummary, Sections, Setup};
 use crate::checkpoint::{self, TrainState};
+use crate::config::{self, InitLoad, Precision, Recipe, WeightDecaySchedule};
 use crate::data::loader::{stream_seed, valid_batch, Prefetcher};
 use crate::data::mixture::{Mixture, MixtureReport};
 use crate::data::reweight::{self, ReweightSums};
@@ -18,16 +19,15 @@ use crate::device;
 use crate::dist::OverlappedGrads;
 use crate::distill::{LmDistiller, StepSums};
 use crate::error::{Error, Result};
+use crate::load::ModelSource;
 use crate::metrics::progress::format_duration;
 use crate::metrics::row;
-use crate::load::ModelSource;
 use crate::models::params::ParamStore;
 use crate::models::transformer::{ModelOutput, MoeLayerStats, Transformer, TransformerConfig};
 use crate::optim::{clip_grad_norm, Optimizer};
 use crate::peft::lora::Lora;
 use crate::peft::relora::Relora;
 use crate::prune::Pruner;
-use crate::config::{self, InitLoad, Precision, Recipe, WeightDecaySchedule};
 use crate::schedule::Schedule;
 use crate::signals::StopFlag;
 use serde::Serialize;

@@ -8,14 +8,14 @@
 //! hold `pruning.json`: the method and the per-layer sparsity table.
 
 use crate::checkpoint;
+use crate::config::{self, AnyRecipe, SourceConfig};
+use crate::data::source;
+use crate::error::{io_err, Error, Result};
+use crate::load::{self, ModelSource};
+use crate::models::params::{select_prunable, ParamStore};
 use crate::prune::structured::{self, Shape};
 use crate::prune::wanda::{self, Sparsity};
 use crate::prune::{magnitude, PruneScope, SparsityReport};
-use crate::data::source;
-use crate::error::{io_err, Error, Result};
-use crate::config::{self, AnyRecipe, SourceConfig};
-use crate::load::{self, ModelSource};
-use crate::models::params::{select_prunable, ParamStore};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};

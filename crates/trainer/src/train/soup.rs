@@ -22,11 +22,11 @@
 
 use super::pretrain;
 use crate::checkpoint::{self, TrainState};
+use crate::config::{self, ModelConfig, PeftConfig, Recipe};
 use crate::device;
 use crate::error::{io_err, Error, Result};
 use crate::load::{self, ModelSource};
 use crate::models::params::read_safetensors;
-use crate::config::{self, ModelConfig, PeftConfig, Recipe};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,8 +1,8 @@
 use super::*;
 use crate::models::transformer::TransformerConfig;
-use crate::optim::Optimizer;
 use crate::models::ModelConfig;
 use crate::optim::OptimConfig;
+use crate::optim::Optimizer;
 
 fn llama() -> TransformerConfig {
     TransformerConfig::from_recipe(&ModelConfig::Llama(crate::models::LlamaConfig {

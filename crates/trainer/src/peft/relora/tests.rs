@@ -1,9 +1,9 @@
 use super::*;
 use crate::models::params::ParamStore;
 use crate::models::transformer::TransformerConfig;
-use crate::peft::lora::apply;
 use crate::models::ModelConfig;
 use crate::optim::OptimConfig;
+use crate::peft::lora::apply;
 
 fn llama() -> TransformerConfig {
     TransformerConfig::from_recipe(&ModelConfig::Llama(crate::models::LlamaConfig {
