@@ -54,6 +54,12 @@ pub fn first_line(text: &str) -> String {
         .to_string()
 }
 
+/// A message on one line: runs of whitespace (newlines included) become one space. Parser
+/// messages (toml, serde) span several lines; every error this library reports is one.
+pub fn one_line(msg: &str) -> String {
+    msg.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 pub fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let context = context.into();
     move |source| Error::Io { context, source }

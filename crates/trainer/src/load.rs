@@ -7,7 +7,7 @@
 //! types; `config/` and `train/` import it, and it imports neither.
 
 use crate::checkpoint;
-use crate::error::{Error, Result};
+use crate::error::{one_line, Error, Result};
 use crate::models::hf;
 use crate::models::params::{copy_named, read_safetensors, ParamStore};
 use crate::models::transformer::{Transformer, TransformerConfig};
@@ -68,8 +68,15 @@ impl ModelSource {
 
     /// The architecture stored with the weights.
     pub fn model_config(&self) -> Result<ModelConfig> {
+        Ok(self.architecture()?.0)
+    }
+
+    /// The architecture stored with the weights and, for a trainer run, its `[peft]` adapters
+    /// (whose weights are in the checkpoint beside the base weights; None for `hf:`). One read
+    /// of the run's `config.toml`.
+    pub fn architecture(&self) -> Result<(ModelConfig, Option<PeftConfig>)> {
         match self {
-            ModelSource::Hf(dir) => hf::read_config(dir),
+            ModelSource::Hf(dir) => Ok((hf::read_config(dir)?, None)),
             ModelSource::Checkpoint { run_dir, .. } => {
                 let path = run_dir.join("config.toml");
                 if !path.is_file() {
@@ -79,29 +86,12 @@ impl ModelSource {
                     });
                 }
                 match StoredModel::read(run_dir)? {
-                    StoredModel::Lm { model, .. } => Ok(model),
+                    StoredModel::Lm { model, peft } => Ok((model, peft)),
                     StoredModel::Classifier(_) => Err(Error::Checkpoint {
                         path,
                         msg: "is an image classifier's run (task = \"classify\"), not a language model"
                             .into(),
                     }),
-                }
-            }
-        }
-    }
-
-    /// The `[peft]` adapters of a trainer run (its `config.toml`); None for other sources. The
-    /// adapter weights themselves are in the checkpoint beside the base weights.
-    pub fn peft_config(&self) -> Result<Option<PeftConfig>> {
-        match self {
-            ModelSource::Hf(_) => Ok(None),
-            ModelSource::Checkpoint { run_dir, .. } => {
-                if !run_dir.join("config.toml").is_file() {
-                    return Ok(None);
-                }
-                match StoredModel::read(run_dir)? {
-                    StoredModel::Lm { peft, .. } => Ok(peft),
-                    StoredModel::Classifier(_) => Ok(None),
                 }
             }
         }
@@ -214,10 +204,11 @@ pub struct Loaded {
 }
 
 pub fn load(source: &ModelSource, device: Device) -> Result<Loaded> {
-    let config = TransformerConfig::from_recipe(&source.model_config()?);
+    let (model_config, peft) = source.architecture()?;
+    let config = TransformerConfig::from_recipe(&model_config);
     let mut params = ParamStore::new(device);
     let mut model = Transformer::new(&config, &mut params)?;
-    let lora = match source.peft_config()? {
+    let lora = match peft {
         Some(peft) => Some(crate::peft::lora::apply(&mut model, &mut params, &peft)?),
         None => None,
     };
@@ -281,8 +272,4 @@ impl StoredModel {
         }
         Ok(StoredModel::Lm { model, peft })
     }
-}
-
-fn one_line(msg: &str) -> String {
-    msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -43,7 +43,7 @@ pub use crate::schedule::{
 };
 pub use crate::validate::{check, Invalid};
 
-use crate::error::{Error, Result};
+use crate::error::{one_line, Error, Result};
 use std::path::Path;
 
 /// One `--set key.path=value` override. The value is read as a TOML value when it parses as one
@@ -405,10 +405,6 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
         .unwrap_or(0)
         + 1;
     (line, col)
-}
-
-fn one_line(msg: &str) -> String {
-    msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]

@@ -50,6 +50,9 @@ pub fn load(path: &Path, overrides: &[Override]) -> Result<Option<Vec<Stage>>> {
     parse(&text, &path.display().to_string(), overrides)
 }
 
+/// A problem with one stage: the key path (`stages[i].steps`, ...) and what was expected.
+type StageError = (String, String);
+
 const STAGE_KEYS: &str = "name, steps, set, schedule or data";
 
 /// Parses recipe `text` (from `file`, for messages); `None` when it has no `stages` key. Syntax
@@ -68,14 +71,14 @@ pub fn parse(text: &str, file: &str, overrides: &[Override]) -> Result<Option<Ve
     let mut start = 0i64;
     for (i, table) in tables.iter().enumerate() {
         let at = format!("stages[{i}]");
-        let (name, steps) =
-            name_and_steps(table, &stages).map_err(|(k, m)| bad(&format!("{at}{k}"), &m))?;
-        let doc = stage_document(&base, table).map_err(|(k, m)| bad(&k.replace("@", &at), m))?;
+        let at_stage = |(key, msg): StageError| bad(&key, &msg);
+        let (name, steps) = name_and_steps(table, &stages, &at).map_err(at_stage)?;
+        let doc = stage_document(&base, table, &at).map_err(at_stage)?;
         let end = start + steps;
-        let all = stage_overrides(table, overrides, &at, end).map_err(|(k, m)| bad(&k, m))?;
+        let all = stage_overrides(table, overrides, &at, end).map_err(at_stage)?;
         let label = format!("{file} (stage {name:?})");
         let recipe = super::parse(&doc.to_string(), &label, &all)?;
-        check_stage(&recipe, &stages, steps, &at, &name).map_err(|(k, m)| bad(&k, &m))?;
+        check_stage(&recipe, &stages, steps, &at, &name).map_err(at_stage)?;
         stages.push(Stage {
             name,
             start,
@@ -161,11 +164,12 @@ fn run_length(
 fn name_and_steps(
     table: &toml_edit::Table,
     earlier: &[Stage],
-) -> std::result::Result<(String, i64), (String, String)> {
+    at: &str,
+) -> std::result::Result<(String, i64), StageError> {
     for (key, _) in table.iter() {
         if !["name", "steps", "set", "schedule", "data"].contains(&key) {
             return Err((
-                format!(".{key}"),
+                format!("{at}.{key}"),
                 format!("unknown key; a stage takes {STAGE_KEYS}"),
             ));
         }
@@ -180,15 +184,20 @@ fn name_and_steps(
         }
         Some(_) => {
             return Err((
-                ".name".into(),
+                format!("{at}.name"),
                 "expected a name of letters, digits, '_' or '-'".into(),
             ))
         }
-        None => return Err((".name".into(), "missing; every stage has a name".into())),
+        None => {
+            return Err((
+                format!("{at}.name"),
+                "missing; every stage has a name".into(),
+            ))
+        }
     };
     if earlier.iter().any(|s| s.name == name) {
         return Err((
-            ".name".into(),
+            format!("{at}.name"),
             format!("{name:?} names an earlier stage too; stage names are unique"),
         ));
     }
@@ -196,35 +205,46 @@ fn name_and_steps(
         Some(Some(n)) if n > 0 => n,
         Some(_) => {
             return Err((
-                ".steps".into(),
+                format!("{at}.steps"),
                 "expected a positive number of steps".into(),
             ))
         }
-        None => return Err((".steps".into(), "missing; every stage has a length".into())),
+        None => {
+            return Err((
+                format!("{at}.steps"),
+                "missing; every stage has a length".into(),
+            ))
+        }
     };
     Ok((name, steps))
 }
 
 /// The stage's document: the base recipe with the stage's whole-section replacements
-/// (`schedule` replaces `[schedule]`; `data`'s keys replace those of `[data]`). Error keys use
-/// `@` for the stage's `stages[i]`.
+/// (`schedule` replaces `[schedule]`; `data`'s keys replace those of `[data]`).
 fn stage_document(
     base: &toml_edit::DocumentMut,
     table: &toml_edit::Table,
-) -> std::result::Result<toml_edit::DocumentMut, (&'static str, &'static str)> {
+    at: &str,
+) -> std::result::Result<toml_edit::DocumentMut, StageError> {
     let mut doc = base.clone();
     if let Some(schedule) = table.get("schedule") {
         let Some(t) = as_table(schedule) else {
-            return Err(("@.schedule", "expected a table (a [schedule])"));
+            return Err((
+                format!("{at}.schedule"),
+                "expected a table (a [schedule])".into(),
+            ));
         };
         doc.insert("schedule", toml_edit::Item::Table(t));
     }
     if let Some(data) = table.get("data") {
         let Some(t) = as_table(data) else {
-            return Err(("@.data", "expected a table of [data] keys"));
+            return Err((
+                format!("{at}.data"),
+                "expected a table of [data] keys".into(),
+            ));
         };
         let Some(target) = doc.get_mut("data").and_then(|d| d.as_table_like_mut()) else {
-            return Err(("data", "missing section [data]"));
+            return Err(("data".into(), "missing section [data]".into()));
         };
         for (key, value) in t.iter() {
             // `train` and `mixture` exclude each other: giving one drops the other.
@@ -250,26 +270,34 @@ fn stage_overrides(
     overrides: &[Override],
     at: &str,
     end: i64,
-) -> std::result::Result<Vec<Override>, (String, &'static str)> {
+) -> std::result::Result<Vec<Override>, StageError> {
     let mut all: Vec<Override> = overrides.to_vec();
     if let Some(set) = table.get("set") {
         let Some(t) = as_table(set) else {
             return Err((
                 format!("{at}.set"),
-                "expected a table of key = value, e.g. set = { \"optim.lr\" = 1e-4 }",
+                "expected a table of key = value, e.g. set = { \"optim.lr\" = 1e-4 }".into(),
             ));
         };
         let mut leaves = Vec::new();
         flatten(&t, "", &mut leaves);
         for (key, value) in leaves {
-            let mut o = Override::parse(&format!("{key}={value}"))
-                .map_err(|_| (format!("{at}.set.{key}"), "expected key.path = value"))?;
+            let mut o = Override::parse(&format!("{key}={value}")).map_err(|_| {
+                (
+                    format!("{at}.set.{key}"),
+                    "expected key.path = value".into(),
+                )
+            })?;
             o.raw = format!("{at}.set {key} = {value}");
             all.push(o);
         }
     }
-    let length = Override::parse(&format!("train.max_steps={end}"))
-        .map_err(|_| ("train.max_steps".to_string(), "expected an integer"))?;
+    let length = Override::parse(&format!("train.max_steps={end}")).map_err(|_| {
+        (
+            "train.max_steps".to_string(),
+            "expected an integer".to_string(),
+        )
+    })?;
     all.push(length);
     Ok(all)
 }
@@ -283,7 +311,7 @@ fn check_stage(
     steps: i64,
     at: &str,
     name: &str,
-) -> std::result::Result<(), (String, String)> {
+) -> std::result::Result<(), StageError> {
     recipe
         .schedule
         .check_lengths(recipe.optim.lr(), steps)

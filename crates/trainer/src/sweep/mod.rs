@@ -36,7 +36,7 @@
 pub mod results;
 
 use crate::config::{self, Override};
-use crate::error::{Error, Result};
+use crate::error::{one_line, Error, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -437,10 +437,6 @@ fn label_of(values: &[(String, toml::Value)]) -> String {
             }
         })
         .collect()
-}
-
-fn one_line(msg: &str) -> String {
-    msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]

@@ -85,7 +85,7 @@ pub fn run(runs: &[String], method: Method, out: &Path, device_name: &str) -> Re
         )));
     };
     let recipe = first_recipe(first_run)?;
-    let architecture = (sources[0].model_config()?, sources[0].peft_config()?);
+    let architecture = sources[0].architecture()?;
     warn_on_different_starts(&sources);
 
     // The soup lives in the parameters of one loaded model.
@@ -211,12 +211,13 @@ fn read_ingredient(
     let ModelSource::Checkpoint { dir, .. } = source else {
         return Err(bad(format!("{text}: expected a trainer run or checkpoint")));
     };
-    if &source.model_config()? != model_cfg {
+    let (their_model, their_peft) = source.architecture()?;
+    if &their_model != model_cfg {
         return Err(bad(format!(
             "{text}: its [model] differs from {first}'s; a soup needs one architecture"
         )));
     }
-    if &source.peft_config()? != peft {
+    if &their_peft != peft {
         return Err(bad(format!(
             "{text}: its [peft] differs from {first}'s; a soup needs one architecture"
         )));
