@@ -348,19 +348,7 @@ fn check_stage(
 
 /// The first file-backed data source of `recipe` whose file is missing: (key, path).
 fn check_files(recipe: &Recipe) -> std::result::Result<(), (String, std::path::PathBuf)> {
-    let d = &recipe.data;
-    let mut sources: Vec<(String, &SourceConfig)> = Vec::new();
-    sources.extend(d.train.iter().map(|s| ("data.train".to_string(), s)));
-    sources.extend(d.valid.iter().map(|s| ("data.valid".to_string(), s)));
-    if let Some(m) = &d.mixture {
-        for (i, s) in m.sources.iter().enumerate() {
-            sources.push((format!("data.mixture.sources[{i}].source"), &s.source));
-        }
-    }
-    for (name, s) in &d.valid_sets {
-        sources.push((format!("data.valid_sets.{name}"), s));
-    }
-    for (key, src) in sources {
+    for (key, src) in recipe.data.sources() {
         if let SourceConfig::Text { path } | SourceConfig::Tokens { path, .. } = src {
             if !path.is_file() {
                 return Err((key, path.clone()));

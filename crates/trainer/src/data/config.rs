@@ -190,18 +190,8 @@ impl DataConfig {
             }
             _ => {}
         }
-        let mut sources: Vec<(String, &SourceConfig)> = Vec::new();
-        if let Some(t) = &d.train {
-            sources.push(("data.train".into(), t));
-        }
-        if let Some(v) = &d.valid {
-            sources.push(("data.valid".into(), v));
-        }
         if let Some(m) = &d.mixture {
             m.validate()?;
-            for (i, s) in m.sources.iter().enumerate() {
-                sources.push((format!("data.mixture.sources[{i}].source"), &s.source));
-            }
         }
         if !d.valid_sets.is_empty() {
             check(
@@ -214,9 +204,25 @@ impl DataConfig {
             let key = format!("data.valid_sets.{name}");
             check_name(name, &key)?;
             check_exists(src, &key)?;
-            sources.push((key, src));
         }
-        Ok(sources)
+        Ok(self.sources())
+    }
+
+    /// Every source with its key path: `data.train`, `data.valid`, each mixture source, each
+    /// named validation set.
+    pub fn sources(&self) -> Vec<(String, &SourceConfig)> {
+        let mut sources: Vec<(String, &SourceConfig)> = Vec::new();
+        sources.extend(self.train.iter().map(|s| ("data.train".to_string(), s)));
+        sources.extend(self.valid.iter().map(|s| ("data.valid".to_string(), s)));
+        if let Some(m) = &self.mixture {
+            for (i, s) in m.sources.iter().enumerate() {
+                sources.push((format!("data.mixture.sources[{i}].source"), &s.source));
+            }
+        }
+        for (name, s) in &self.valid_sets {
+            sources.push((format!("data.valid_sets.{name}"), s));
+        }
+        sources
     }
 }
 
