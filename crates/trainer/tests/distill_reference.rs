@@ -235,6 +235,7 @@ fn llama(vocab: i64, d_model: i64, n_layers: i64) -> TransformerConfig {
         tie_embeddings: false,
         dropout: 0.0,
         moe: None,
+        variant: Default::default(),
     }
 }
 
@@ -543,6 +544,7 @@ fn an_moe_student_also_minimises_its_router_losses() {
         };
         let scfg = TransformerConfig {
             moe: Some(moe),
+            variant: Default::default(),
             ..llama(32, 16, 1)
         };
         let student = Transformer::new(&scfg, &mut sp).expect("student");

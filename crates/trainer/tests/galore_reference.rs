@@ -650,6 +650,7 @@ fn tiny_config() -> TransformerConfig {
         tie_embeddings: false,
         dropout: 0.0,
         moe: None,
+        variant: Default::default(),
     }
 }
 

@@ -49,6 +49,7 @@ fn config(case: &str) -> TransformerConfig {
                 tie_embeddings: tie,
                 dropout: 0.0,
                 moe: None,
+                variant: Default::default(),
             }
         };
     match case {
@@ -70,6 +71,7 @@ fn config(case: &str) -> TransformerConfig {
             tie_embeddings: true,
             dropout: 0.0,
             moe: None,
+            variant: Default::default(),
         },
         other => panic!("unknown case {other}"),
     }

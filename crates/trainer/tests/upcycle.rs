@@ -24,6 +24,7 @@ fn dense_config() -> TransformerConfig {
         tie_embeddings: false,
         dropout: 0.0,
         moe: None,
+        variant: Default::default(),
     }
 }
 
@@ -47,6 +48,7 @@ fn upcycled(routing: Routing, top_k: i64, shared_expert: bool) -> (Tensor, Tenso
     };
     let moe_cfg = TransformerConfig {
         moe: Some(recipe),
+        variant: Default::default(),
         ..dense_cfg.clone()
     };
     tch::manual_seed(99); // routers get their own fresh initialisation

@@ -18,6 +18,7 @@
 
 use super::moe::{MoeConfig, Routing};
 use super::resnet::ResNetConfig;
+use super::rope::RopeScaling;
 use crate::validate::{check, positive, positive_finite, Invalid};
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +67,76 @@ pub struct LlamaConfig {
     /// Mixture-of-Experts feed-forward layers in place of the dense SwiGLU (Mixtral-style).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeConfig>,
+    /// The Hugging Face architecture: its fixed differences from Llama and the config.json that
+    /// `trainer export` writes ("llama", "mistral", "qwen2", "qwen3"; Mixtral is llama + moe).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub family: DecoderFamily,
+    /// Biases on q, k, v and the output projection (transformers' `attention_bias`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub attention_bias: bool,
+    /// Biases on the MLP's gate, up and down projections (`mlp_bias`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub mlp_bias: bool,
+    /// Scaled rotary frequencies of long-context checkpoints (Llama 3.x, YaRN); absent: plain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Sliding-window attention: each position attends to this many most recent positions
+    /// (itself included), on the layers `layer_types` marks (all, when it is absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<i64>,
+    /// Per layer, "full_attention" or "sliding_attention" (transformers' `layer_types`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<LayerType>>,
+}
+
+/// The Llama-style architectures of Hugging Face. What each changes, fixed by the family (the
+/// switches a config.json may set on top are `LlamaConfig`'s fields):
+/// - `llama`: nothing (Llama 1, 2, 3.x; Mixtral with `[model.moe]`).
+/// - `mistral`: nothing but its config.json (its sliding window is `sliding_window`).
+/// - `qwen2`: biases on q, k and v (not on the output projection). Qwen2 and Qwen2.5.
+/// - `qwen3`: RMSNorm over each head of q and of k before RoPE (`q_norm`, `k_norm`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DecoderFamily {
+    #[default]
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+}
+
+/// One layer's attention in `layer_types`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerType {
+    FullAttention,
+    SlidingAttention,
+}
+
+impl DecoderFamily {
+    /// Biases on q, k and v whatever `attention_bias` says.
+    pub fn qkv_bias(self) -> bool {
+        self == DecoderFamily::Qwen2
+    }
+
+    /// RMSNorm over each head of q and of k.
+    pub fn qk_norm(self) -> bool {
+        self == DecoderFamily::Qwen3
+    }
+
+    /// transformers' `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            DecoderFamily::Llama => "llama",
+            DecoderFamily::Mistral => "mistral",
+            DecoderFamily::Qwen2 => "qwen2",
+            DecoderFamily::Qwen3 => "qwen3",
+        }
+    }
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// `kind = "gpt2"`: GPT-2 (transformers' `GPT2Config`).
@@ -91,6 +162,22 @@ pub struct Gpt2Config {
     /// Dropout on embeddings, attention and residual branches (training only).
     #[serde(default)]
     pub dropout: f64,
+    /// Attention scores divided by sqrt(head width) (`scale_attn_weights`).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub scale_attn_weights: bool,
+    /// Layer i's attention scores further divided by i + 1 (`scale_attn_by_inverse_layer_idx`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub scale_attn_by_inverse_layer_idx: bool,
+    /// The output projection is the token embedding table (`tie_word_embeddings`).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub tie_embeddings: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+fn is_true(v: &bool) -> bool {
+    *v
 }
 
 fn default_rope_theta() -> f64 {
@@ -130,6 +217,28 @@ impl ModelConfig {
 impl LlamaConfig {
     pub fn validate(&self) -> Result<(), Invalid> {
         let c = self;
+        if let Some(r) = &c.rope_scaling {
+            r.validate()?;
+        }
+        if let Some(w) = c.sliding_window {
+            positive(w, "model.sliding_window")?;
+        }
+        if let Some(types) = &c.layer_types {
+            check(
+                types.len() as i64 == c.n_layers,
+                "model.layer_types",
+                format!(
+                    "expected one entry per layer ({}), got {}",
+                    c.n_layers,
+                    types.len()
+                ),
+            )?;
+            check(
+                c.sliding_window.is_some() || !types.contains(&LayerType::SlidingAttention),
+                "model.layer_types",
+                "\"sliding_attention\" layers need model.sliding_window",
+            )?;
+        }
         let common = common_model_checks(
             c.vocab_size,
             c.d_model,

@@ -2,7 +2,8 @@
 //!
 //! - `config`: `[model]` (`ModelConfig` for language models, one type per family;
 //!   `ClassifierConfig` for image classifiers) and its range checks.
-//! - `transformer`: the decoder families (Llama, GPT-2) with MoE layers from `moe`.
+//! - `transformer`: the decoder families (Llama and its variants, GPT-2) with MoE layers from
+//!   `moe` and rotary embeddings from `rope`.
 //! - `resnet`: ResNets and Wide ResNets.
 //! - `hf`: Hugging Face `config.json` and safetensors names, in and out.
 //! - `params`: the parameter store, and the one name-pattern rule every `target`/`prunable`
@@ -18,7 +19,8 @@ pub mod hf;
 pub mod moe;
 pub mod params;
 pub mod resnet;
+pub mod rope;
 pub mod transformer;
 
-pub use config::{ClassifierConfig, Gpt2Config, LlamaConfig, ModelConfig};
+pub use config::{ClassifierConfig, DecoderFamily, Gpt2Config, LayerType, LlamaConfig, ModelConfig};
 pub use moe::{MoeConfig, Routing};

@@ -1,18 +1,26 @@
 //! Decoder-only transformer, two families in one file:
 //!
 //! - Llama (Touvron et al. 2023; transformers' `modeling_llama.py`): RMSNorm, rotary position
-//!   embeddings (rotate-half convention) with configurable theta, SwiGLU MLP, grouped-query
-//!   attention, no biases, optionally tied input and output embeddings.
+//!   embeddings (rotate-half convention, `rope.rs`) with configurable theta, SwiGLU MLP,
+//!   grouped-query attention, no biases, optionally tied input and output embeddings.
 //! - GPT-2 (Radford et al. 2019; transformers' `modeling_gpt2.py`): LayerNorm, learned absolute
 //!   positions, GELU (tanh approximation, `gelu_new`), biases everywhere, tied embeddings.
+//!
+//! The Llama-style families of Hugging Face differ from Llama by a few switches, gathered in
+//! `Variant`; which family sets which is in `hf/` (one file per family, with its config.json):
+//! q/k/v and output biases (Qwen2, `attention_bias`), MLP biases (`mlp_bias`), per-head RMSNorm of
+//! q and k (Qwen3), RoPE scaling (Llama 3.x, YaRN; `rope.rs`), sliding-window attention on some
+//! or all layers (Mistral, Qwen2 with `use_sliding_window`); and for GPT-2 its attention-scale
+//! flags and an untied head.
 //!
 //! Parameter names and shapes equal the Hugging Face checkpoint keys, so checkpoints map one to
 //! one: GPT-2's `Conv1D` weights are stored `[in, out]` as Hugging Face stores them.
 //! Attention goes through libtorch's `scaled_dot_product_attention` (flash kernels on CUDA).
 
-use super::config::ModelConfig;
+use super::config::{DecoderFamily, LayerType, LlamaConfig, ModelConfig};
 use super::moe::{Moe, MoeConfig};
 use super::params::ParamStore;
+use super::rope::{apply_rope, rope_tables, RopeScaling};
 use crate::error::Result;
 use tch::{Kind, Tensor};
 
@@ -40,6 +48,62 @@ pub struct TransformerConfig {
     pub dropout: f64,
     /// Llama only: Mixture-of-Experts MLPs in every layer (Mixtral-style).
     pub moe: Option<MoeConfig>,
+    /// The switches of the Llama-style families and of GPT-2 (all off: plain Llama / GPT-2).
+    pub variant: Variant,
+}
+
+/// What distinguishes a decoder family from plain Llama (or plain GPT-2) beyond its sizes.
+/// `Default` is plain Llama / GPT-2.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Variant {
+    /// The Hugging Face family of a Llama-style model, with its fixed differences
+    /// (`DecoderFamily::qkv_bias`, `qk_norm`) and the config.json it exports to.
+    pub family: DecoderFamily,
+    /// Biases on q, k, v and the output projection (`attention_bias`).
+    pub attention_bias: bool,
+    /// Biases on the gate, up and down projections (`mlp_bias`).
+    pub mlp_bias: bool,
+    /// RoPE frequency scaling (`rope.rs`); None: plain RoPE.
+    pub rope_scaling: Option<RopeScaling>,
+    /// Sliding-window attention: each query sees the `w` most recent positions, itself
+    /// included (transformers' `kv_idx > q_idx - sliding_window`).
+    pub sliding_window: Option<i64>,
+    /// Which layers use the window (transformers' `layer_types`); None: all of them.
+    pub sliding_layers: Option<Vec<bool>>,
+    /// GPT-2 `scale_attn_weights = false`: attention scores not divided by sqrt(head_dim).
+    pub unscaled_attention: bool,
+    /// GPT-2 `scale_attn_by_inverse_layer_idx`: layer i's scores divided by i + 1 as well.
+    pub scale_attn_by_inverse_layer_idx: bool,
+}
+
+impl Variant {
+    /// The switches of a `[model] kind = "llama"` recipe section.
+    fn of_llama(c: &LlamaConfig) -> Variant {
+        Variant {
+            family: c.family,
+            attention_bias: c.attention_bias,
+            mlp_bias: c.mlp_bias,
+            rope_scaling: c.rope_scaling.clone(),
+            sliding_window: c.sliding_window,
+            sliding_layers: c.layer_types.as_ref().map(|types| {
+                types
+                    .iter()
+                    .map(|t| *t == LayerType::SlidingAttention)
+                    .collect()
+            }),
+            ..Variant::default()
+        }
+    }
+
+    /// Biases on the q, k and v projections (Qwen2, or `attention_bias`).
+    pub fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.family.qkv_bias()
+    }
+
+    /// RMSNorm over each head's q and k before RoPE (Qwen3: `self_attn.q_norm`, `k_norm`).
+    pub fn qk_norm(&self) -> bool {
+        self.family.qk_norm()
+    }
 }
 
 impl TransformerConfig {
@@ -60,6 +124,7 @@ impl TransformerConfig {
                 tie_embeddings: c.tie_embeddings,
                 dropout: 0.0,
                 moe: c.moe.clone(),
+                variant: Variant::of_llama(c),
             },
             ModelConfig::Gpt2(c) => TransformerConfig {
                 family: Family::Gpt2,
@@ -73,9 +138,14 @@ impl TransformerConfig {
                 max_seq_len: c.max_seq_len,
                 rope_theta: 0.0,
                 norm_eps: c.norm_eps,
-                tie_embeddings: true,
+                tie_embeddings: c.tie_embeddings,
                 dropout: c.dropout,
                 moe: None,
+                variant: Variant {
+                    unscaled_attention: !c.scale_attn_weights,
+                    scale_attn_by_inverse_layer_idx: c.scale_attn_by_inverse_layer_idx,
+                    ..Variant::default()
+                },
             },
         }
     }
@@ -221,6 +291,8 @@ enum Mlp {
 struct Attention {
     /// Llama: separate q, k, v projections. GPT-2: one fused c_attn.
     qkv: Qkv,
+    /// Qwen3: RMSNorm over each head of q, and of k, before RoPE.
+    qk_norm: Option<(Norm, Norm)>,
     out: Linear,
 }
 
@@ -264,61 +336,63 @@ impl Transformer {
     fn new_llama(c: &TransformerConfig, s: &mut ParamStore) -> Result<Transformer> {
         let std = 0.02;
         let (d, hd) = (c.d_model, c.head_dim());
+        let v = &c.variant;
         let embed = s.normal("model.embed_tokens.weight", &[c.vocab_size, d], std);
-        let lin = |s: &mut ParamStore, name: String, out_f: i64, in_f: i64| {
+        let lin = |s: &mut ParamStore, name: String, out_f: i64, in_f: i64, bias: bool| {
             let weight = s.normal(&name, &[out_f, in_f], std);
-            Linear::new(name.trim_end_matches(".weight"), weight, None, false)
+            let path = name.trim_end_matches(".weight");
+            let bias = bias.then(|| s.zeros(&format!("{path}.bias"), &[out_f]));
+            Linear::new(path, weight, bias, false)
+        };
+        let rms = |s: &mut ParamStore, name: String, width: i64| Norm::Rms {
+            weight: s.ones(&name, &[width]),
+            eps: c.norm_eps,
         };
         let mut blocks = Vec::new();
         for i in 0..c.n_layers {
             let p = format!("model.layers.{i}");
-            let norm1 = Norm::Rms {
-                weight: s.ones(&format!("{p}.input_layernorm.weight"), &[d]),
-                eps: c.norm_eps,
-            };
-            let q = lin(s, format!("{p}.self_attn.q_proj.weight"), c.n_heads * hd, d);
-            let k = lin(
-                s,
-                format!("{p}.self_attn.k_proj.weight"),
-                c.n_kv_heads * hd,
-                d,
-            );
-            let v = lin(
-                s,
-                format!("{p}.self_attn.v_proj.weight"),
-                c.n_kv_heads * hd,
-                d,
-            );
-            let o = lin(s, format!("{p}.self_attn.o_proj.weight"), d, c.n_heads * hd);
+            let norm1 = rms(s, format!("{p}.input_layernorm.weight"), d);
+            let (kv_width, a) = (c.n_kv_heads * hd, format!("{p}.self_attn"));
+            let q = lin(s, format!("{a}.q_proj.weight"), c.n_heads * hd, d, v.qkv_bias());
+            let k = lin(s, format!("{a}.k_proj.weight"), kv_width, d, v.qkv_bias());
+            let vp = lin(s, format!("{a}.v_proj.weight"), kv_width, d, v.qkv_bias());
+            let o = lin(s, format!("{a}.o_proj.weight"), d, c.n_heads * hd, v.attention_bias);
+            let qk_norm = v.qk_norm().then(|| {
+                (
+                    rms(s, format!("{a}.q_norm.weight"), hd),
+                    rms(s, format!("{a}.k_norm.weight"), hd),
+                )
+            });
             let mlp = match &c.moe {
                 Some(m) => Mlp::Moe(Moe::new(m, d, c.d_ff, &format!("{p}.mlp"), s)?),
                 None => Mlp::SwiGlu {
-                    gate: lin(s, format!("{p}.mlp.gate_proj.weight"), c.d_ff, d),
-                    up: lin(s, format!("{p}.mlp.up_proj.weight"), c.d_ff, d),
-                    down: lin(s, format!("{p}.mlp.down_proj.weight"), d, c.d_ff),
+                    gate: lin(s, format!("{p}.mlp.gate_proj.weight"), c.d_ff, d, v.mlp_bias),
+                    up: lin(s, format!("{p}.mlp.up_proj.weight"), c.d_ff, d, v.mlp_bias),
+                    down: lin(s, format!("{p}.mlp.down_proj.weight"), d, c.d_ff, v.mlp_bias),
                 },
             };
-            let norm2 = Norm::Rms {
-                weight: s.ones(&format!("{p}.post_attention_layernorm.weight"), &[d]),
-                eps: c.norm_eps,
-            };
+            let norm2 = rms(s, format!("{p}.post_attention_layernorm.weight"), d);
             blocks.push(Block {
                 norm1,
                 attn: Attention {
-                    qkv: Qkv::Separate { q, k, v },
+                    qkv: Qkv::Separate { q, k, v: vp },
+                    qk_norm,
                     out: o,
                 },
                 norm2,
                 mlp,
             });
         }
-        let final_norm = Norm::Rms {
-            weight: s.ones("model.norm.weight", &[d]),
-            eps: c.norm_eps,
-        };
+        let final_norm = rms(s, "model.norm.weight".to_string(), d);
         let lm_head =
             (!c.tie_embeddings).then(|| s.normal("lm_head.weight", &[c.vocab_size, d], std));
-        let rope = Some(rope_tables(hd, c.max_seq_len, c.rope_theta, s.device()));
+        let rope = Some(rope_tables(
+            hd,
+            c.max_seq_len,
+            c.rope_theta,
+            v.rope_scaling.as_ref(),
+            s.device(),
+        ));
         Ok(Transformer {
             config: c.clone(),
             embed,
@@ -363,6 +437,7 @@ impl Transformer {
                 norm1,
                 attn: Attention {
                     qkv: Qkv::Fused(c_attn),
+                    qk_norm: None,
                     out: c_proj,
                 },
                 norm2,
@@ -370,13 +445,15 @@ impl Transformer {
             });
         }
         let final_norm = layer_norm(s, "transformer.ln_f");
+        let lm_head =
+            (!c.tie_embeddings).then(|| s.normal("lm_head.weight", &[c.vocab_size, d], std));
         Transformer {
             config: c.clone(),
             embed,
             positions: Some(positions),
             blocks,
             final_norm,
-            lm_head: None,
+            lm_head,
             rope: None,
         }
     }
@@ -426,7 +503,8 @@ impl Transformer {
         keep(0, &x);
         let mut moe_layers = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
-            let h = self.attention(&block.attn, &block.norm1.forward(&x), b, t, p_drop, train);
+            let xn = block.norm1.forward(&x);
+            let h = self.attention(&block.attn, i, &xn, (b, t), p_drop, train);
             x = x + h;
             let m = match &block.mlp {
                 Mlp::Moe(moe) => {
@@ -530,9 +608,9 @@ impl Transformer {
     fn attention(
         &self,
         attn: &Attention,
+        layer: usize,
         x: &Tensor,
-        b: i64,
-        t: i64,
+        (b, t): (i64, i64),
         p_drop: f64,
         train: bool,
     ) -> Tensor {
@@ -557,6 +635,10 @@ impl Transformer {
         let q = q.view([b, t, c.n_heads, hd]).transpose(1, 2);
         let k = k.view([b, t, c.n_kv_heads, hd]).transpose(1, 2);
         let v = v.view([b, t, c.n_kv_heads, hd]).transpose(1, 2);
+        let (q, k) = match &attn.qk_norm {
+            Some((q_norm, k_norm)) => (q_norm.forward(&q), k_norm.forward(&k)),
+            None => (q, k),
+        };
         let (q, k) = match &self.rope {
             Some((cos, sin)) => {
                 let cos = cos.narrow(0, 0, t).to_kind(q.kind()); // [t, hd]
@@ -566,14 +648,21 @@ impl Transformer {
             None => (q, k),
         };
         let gqa = c.n_kv_heads != c.n_heads;
+        // A window shorter than the sequence needs an explicit band mask; otherwise the
+        // causal flag lets SDPA pick its fused kernels.
+        let band = self.window_of(layer).filter(|&w| w < t).map(|w| {
+            let pos = Tensor::arange(t, (Kind::Int64, q.device()));
+            let (qi, ki) = (pos.unsqueeze(1), pos.unsqueeze(0)); // [t, 1], [1, t]
+            ki.le_tensor(&qi).logical_and(&ki.gt_tensor(&(qi - w)))
+        });
         let y = Tensor::scaled_dot_product_attention(
             &q,
             &k,
             &v,
-            None::<&Tensor>,
+            band.as_ref(),
             p_drop,
-            true,
-            None,
+            band.is_none(),
+            self.attention_scale(layer),
             gqa,
         ); // [b, h, t, hd]
         let y = y.transpose(1, 2).contiguous().view([b, t, c.n_heads * hd]);
@@ -583,6 +672,36 @@ impl Transformer {
         } else {
             y
         }
+    }
+
+    /// The sliding window of layer `layer`, if it has one.
+    fn window_of(&self, layer: usize) -> Option<i64> {
+        let v = &self.config.variant;
+        let sliding = v
+            .sliding_layers
+            .as_ref()
+            .is_none_or(|layers| layers.get(layer).copied().unwrap_or(false));
+        v.sliding_window.filter(|_| sliding)
+    }
+
+    /// The factor of attention scores when it is not SDPA's default 1/sqrt(head_dim) (GPT-2's
+    /// flags); None: the default.
+    fn attention_scale(&self, layer: usize) -> Option<f64> {
+        let v = &self.config.variant;
+        if !v.unscaled_attention && !v.scale_attn_by_inverse_layer_idx {
+            return None;
+        }
+        let base = if v.unscaled_attention {
+            1.0
+        } else {
+            1.0 / (self.config.head_dim() as f64).sqrt()
+        };
+        let by_layer = if v.scale_attn_by_inverse_layer_idx {
+            1.0 / (layer as f64 + 1.0)
+        } else {
+            1.0
+        };
+        Some(base * by_layer)
     }
 
     /// Mean next-token cross-entropy of `logits` against `targets` `[b, t]`, computed in fp32.
@@ -649,30 +768,3 @@ pub struct MoeLayerStats {
 // The name rules of parameters live with the name patterns in `params.rs` (pruning's defaults
 // use them too); re-exported here where callers have always found them.
 pub use super::params::{is_embedding, is_norm_or_bias};
-
-/// cos and sin tables `[max_seq_len, head_dim]` of rotary embeddings, with the frequencies
-/// repeated over both halves as transformers' `LlamaRotaryEmbedding` does.
-fn rope_tables(
-    head_dim: i64,
-    max_seq_len: i64,
-    theta: f64,
-    device: tch::Device,
-) -> (Tensor, Tensor) {
-    let exponents = Tensor::arange_start_step(0, head_dim, 2, (Kind::Int64, tch::Device::Cpu))
-        .to_kind(Kind::Float)
-        / head_dim as f64;
-    let inv_freq = Tensor::pow_scalar(theta, &exponents).reciprocal(); // [hd/2], fp32
-    let pos = Tensor::arange(max_seq_len, (Kind::Int64, tch::Device::Cpu)).to_kind(Kind::Float);
-    let freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0); // [t, hd/2]
-    let emb = Tensor::cat(&[&freqs, &freqs], -1); // [t, hd]
-    (emb.cos().to_device(device), emb.sin().to_device(device))
-}
-
-/// x * cos + rotate_half(x) * sin, for x `[b, h, t, hd]`.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    let half = x.size()[3] / 2;
-    let x1 = x.narrow(3, 0, half);
-    let x2 = x.narrow(3, half, half);
-    let rotated = Tensor::cat(&[&(-x2), &x1], 3);
-    x * cos + rotated * sin
-}

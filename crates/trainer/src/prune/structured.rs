@@ -322,6 +322,12 @@ mod tests {
             norm_eps: 1e-6,
             tie_embeddings: false,
             moe: None,
+            family: Default::default(),
+            attention_bias: false,
+            mlp_bias: false,
+            rope_scaling: None,
+            sliding_window: None,
+            layer_types: None,
         }))
     }
 
@@ -371,6 +377,12 @@ mod tests {
                 norm_eps: 1e-6,
                 tie_embeddings: false,
                 moe: None,
+                family: Default::default(),
+                attention_bias: false,
+                mlp_bias: false,
+                rope_scaling: None,
+                sliding_window: None,
+                layer_types: None,
             }),
             &cfg,
             2,

@@ -758,6 +758,7 @@ fn load_init_weights(
     if init.upcycle.is_some() {
         let dense = TransformerConfig {
             moe: None,
+            variant: Default::default(),
             ..cfg.clone()
         };
         source.load_upcycled(&dense, params, model)?;

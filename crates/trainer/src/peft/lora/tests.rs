@@ -18,6 +18,12 @@ fn llama() -> TransformerConfig {
         norm_eps: 1e-5,
         tie_embeddings: false,
         moe: None,
+        family: Default::default(),
+        attention_bias: false,
+        mlp_bias: false,
+        rope_scaling: None,
+        sliding_window: None,
+        layer_types: None,
     }))
 }
 
@@ -31,6 +37,9 @@ fn gpt2() -> TransformerConfig {
         max_seq_len: 16,
         norm_eps: 1e-5,
         dropout: 0.0,
+        scale_attn_weights: true,
+        scale_attn_by_inverse_layer_idx: false,
+        tie_embeddings: true,
     }))
 }
 

@@ -19,6 +19,12 @@ fn llama() -> TransformerConfig {
         norm_eps: 1e-5,
         tie_embeddings: false,
         moe: None,
+        family: Default::default(),
+        attention_bias: false,
+        mlp_bias: false,
+        rope_scaling: None,
+        sliding_window: None,
+        layer_types: None,
     }))
 }
 
