@@ -56,15 +56,11 @@ fn check_case(case: &str) {
     let dir = workdir();
     let cwd = dir.path();
     let hf = cwd.join("hf");
-    py(&["create", case, hf.to_str().expect("utf-8")]);
     let data = write_data(cwd);
-    let reference = loss_of(&py(&[
-        "eval",
-        hf.to_str().expect("utf-8"),
-        cwd.join(&data).to_str().expect("utf-8"),
-        "32",
-        "4",
-    ]));
+    let data_path = cwd.join(&data);
+    let data_path = data_path.to_str().expect("utf-8");
+    let hf_arg = hf.to_str().expect("utf-8");
+    let reference = loss_of(&py(&["create_eval", case, hf_arg, data_path, "32", "4"]));
 
     let init = format!("hf:{}", hf.display());
     let ours = trainer(
@@ -91,30 +87,28 @@ fn check_case(case: &str) {
         "{case}: trainer {ours} vs transformers {reference}"
     );
 
-    // Round trip: export what we loaded, and let transformers load it.
+    // Round trip: export what we loaded, and let transformers load it: the same loss, and the
+    // same logits as the original checkpoint.
     trainer(cwd, &["export", &init, "--to", "hf", "exported"]).assert_success();
-    let again = loss_of(&py(&[
-        "eval",
-        cwd.join("exported").to_str().expect("utf-8"),
-        cwd.join(&data).to_str().expect("utf-8"),
-        "32",
-        "4",
-    ]));
-    assert!(
-        (again - reference).abs() / reference < 1e-5,
-        "{case}: exported {again} vs original {reference}"
-    );
-    // ... and the same logits as the original checkpoint, in transformers.
-    let diff: Value = serde_json::from_str(
+    let exported = cwd.join("exported");
+    let compared: Value = serde_json::from_str(
         py(&[
-            "logits_diff",
-            hf.to_str().expect("utf-8"),
-            cwd.join("exported").to_str().expect("utf-8"),
+            "compare",
+            hf_arg,
+            exported.to_str().expect("utf-8"),
+            data_path,
+            "32",
+            "4",
         ])
         .trim(),
     )
     .expect("json");
-    let diff = diff["max_rel_diff"].as_f64().expect("number");
+    let again = compared["loss"].as_f64().expect("loss");
+    assert!(
+        (again - reference).abs() / reference < 1e-5,
+        "{case}: exported {again} vs original {reference}"
+    );
+    let diff = compared["max_rel_diff"].as_f64().expect("number");
     assert!(diff < 1e-6, "{case}: round-trip logits differ by {diff}");
 
     // Exporting into a non-empty directory is refused and leaves it alone.
@@ -132,19 +126,46 @@ fn check_case(case: &str) {
     );
 }
 
-#[test]
-fn llama_from_transformers_and_back() {
-    check_case("llama");
+/// One test per family and variant of tests/reference/hf_eval.py's CASES.
+macro_rules! hf_cases {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                check_case(stringify!($name));
+            }
+        )*
+
+        #[test]
+        fn every_reference_case_has_a_test() {
+            let listed: Vec<String> = py(&["cases"]).lines().map(str::to_string).collect();
+            let tested = [$(stringify!($name)),*];
+            assert_eq!(listed, tested, "hf_eval.py's CASES and this file's hf_cases! differ");
+        }
+    };
 }
 
-#[test]
-fn mixtral_from_transformers_and_back() {
-    check_case("mixtral");
-}
-
-#[test]
-fn gpt2_from_transformers_and_back() {
-    check_case("gpt2");
+mod from_transformers_and_back {
+    use super::check_case;
+    use super::py;
+    hf_cases!(
+        llama,
+        llama_bias,
+        llama3_rope,
+        llama_linear_rope,
+        llama_dynamic_rope,
+        llama_yarn_rope,
+        mistral,
+        qwen2,
+        qwen2_tied_window,
+        qwen3,
+        qwen3_bias,
+        mixtral,
+        gpt2,
+        gpt2_unscaled,
+        gpt2_layer_scaled,
+        gpt2_untied,
+    );
 }
 
 #[test]
@@ -383,5 +404,103 @@ fn tokenizer_json_drives_generate_and_eval_as_in_transformers() {
     assert!(
         (ours - reference).abs() / reference < 1e-5,
         "trainer {ours} vs transformers {reference}"
+    );
+}
+
+/// Every config.json field of every family, set one at a time to a value other than its
+/// default (tests/reference/hf_eval.py `field_sweep`): `trainer eval` gives transformers' loss,
+/// or refuses the checkpoint in one line that names the field. Nothing is silently dropped.
+#[test]
+fn every_config_field_is_honoured_or_refused_by_name() {
+    let dir = workdir();
+    let cwd = dir.path();
+    let text = std::fs::read_to_string(repo_root().join("crates/trainer/data/wonderland.txt"))
+        .expect("corpus");
+    std::fs::write(cwd.join("data.txt"), &text.as_bytes()[..1000]).expect("data");
+    let sweep = cwd.join("sweep");
+    let data = cwd.join("data.txt");
+    py(&[
+        "field_sweep",
+        sweep.to_str().expect("utf-8"),
+        data.to_str().expect("utf-8"),
+        "32",
+        "4",
+    ]);
+    let manifest: Vec<Value> = serde_json::from_str(
+        &std::fs::read_to_string(sweep.join("manifest.json")).expect("manifest"),
+    )
+    .expect("json");
+    assert!(manifest.len() > 100, "only {} configs", manifest.len());
+    let check = |entry: &Value| -> Result<bool, String> {
+        let field = entry["field"].as_str().expect("field");
+        let what = format!("{}.{field} = {}", entry["family"], entry["value"]);
+        let init = format!("hf:{}", entry["dir"].as_str().expect("dir"));
+        let out = trainer(
+            cwd,
+            &[
+                "eval",
+                "--init",
+                &init,
+                "--data",
+                "data.txt",
+                "--seq-len",
+                "32",
+                "--batch-size",
+                "4",
+                "--device",
+                "cpu",
+                "--json",
+            ],
+        );
+        match out.code {
+            Some(0) => {
+                let ours = loss_of(&out.stdout);
+                let reference = entry["loss"].as_f64().expect("loss");
+                if (ours - reference).abs() / reference < 1e-5 {
+                    Ok(true)
+                } else {
+                    Err(format!("{what}: loss {ours}, transformers {reference}"))
+                }
+            }
+            Some(1) => {
+                let errors: Vec<&str> = out
+                    .stderr
+                    .lines()
+                    .filter(|l| l.starts_with("error:"))
+                    .collect();
+                // The message after the file's path must name the field.
+                let named = errors.len() == 1
+                    && errors[0]
+                        .rsplit("config.json")
+                        .next()
+                        .is_some_and(|msg| msg.contains(field));
+                if named {
+                    Ok(false)
+                } else {
+                    Err(format!("{what}: refused without naming it: {}", out.stderr))
+                }
+            }
+            _ => Err(format!("{what}: {}", out.describe())),
+        }
+    };
+    // Two workers: each eval is a process of about half a second.
+    let (left, right) = manifest.split_at(manifest.len() / 2);
+    let results: Vec<Result<bool, String>> = std::thread::scope(|s| {
+        let a = s.spawn(|| left.iter().map(check).collect::<Vec<_>>());
+        let b = s.spawn(|| right.iter().map(check).collect::<Vec<_>>());
+        let mut all = a.join().expect("worker");
+        all.extend(b.join().expect("worker"));
+        all
+    });
+    let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failures.is_empty(), "{failures:#?}");
+    let honoured = results.iter().filter(|r| matches!(r, Ok(true))).count();
+    eprintln!(
+        "{honoured} honoured, {} refused by name",
+        results.len() - honoured
+    );
+    assert!(
+        honoured > results.len() / 2,
+        "most fields should be honoured"
     );
 }

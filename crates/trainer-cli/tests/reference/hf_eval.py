@@ -1,6 +1,13 @@
 """Reference side of tests/hf_interop.rs: Hugging Face transformers on the same data as `trainer eval`.
 
     python hf_eval.py create CASE OUT_DIR       # a random model saved with save_pretrained
+    python hf_eval.py create_eval CASE OUT_DIR DATA SEQ_LEN BATCH_SIZE  # create, then eval
+    python hf_eval.py compare DIR_A DIR_B DATA SEQ_LEN BATCH_SIZE
+        -> {"loss": eval of DIR_B, "max_rel_diff": logits_diff of DIR_A and DIR_B}
+    python hf_eval.py cases                     # the CASES names, one per line
+    python hf_eval.py field_sweep OUT_DIR DATA SEQ_LEN BATCH_SIZE
+        -> OUT_DIR/manifest.json: for each family, one model per config field set to a value
+           other than its default (see field_sweep), with transformers' loss on DATA
     python hf_eval.py create llama_tok OUT_DIR   # + a BPE tokenizer.json trained on DATA_FOR_BPE
     python hf_eval.py logits_diff DIR_A DIR_B    # -> {"max_rel_diff": ...} on the same random ids
     python hf_eval.py greedy MODEL_DIR PROMPT N  # -> {"prompt_ids": [...], "ids": [...]}: N greedy tokens
@@ -37,6 +44,51 @@ def train_tokenizer(text_path, out):
     return tok.get_vocab_size()
 
 
+# Tiny models of every family and variant the tool reads. Sizes are small, but each variant is
+# set so that it changes the loss at SEQ_LEN 32: RoPE scalings with an original context of 16,
+# sliding windows of 8, a Qwen3 head_dim other than hidden_size / heads.
+T = transformers
+SMALL = dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+CASES = {
+    "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(
+        vocab_size=256, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=20000.0)),
+    "llama_bias": lambda: T.LlamaForCausalLM(T.LlamaConfig(
+        **SMALL, attention_bias=True, mlp_bias=True)),
+    "llama3_rope": lambda: T.LlamaForCausalLM(T.LlamaConfig(**SMALL, rope_parameters=dict(
+        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+        high_freq_factor=4.0, original_max_position_embeddings=16))),
+    "llama_linear_rope": lambda: T.LlamaForCausalLM(T.LlamaConfig(**SMALL, rope_parameters=dict(
+        rope_type="linear", rope_theta=10000.0, factor=4.0))),
+    "llama_dynamic_rope": lambda: T.LlamaForCausalLM(T.LlamaConfig(**SMALL, rope_parameters=dict(
+        rope_type="dynamic", rope_theta=10000.0, factor=2.0))),
+    "llama_yarn_rope": lambda: T.LlamaForCausalLM(T.LlamaConfig(**SMALL, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16))),
+    "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**SMALL, sliding_window=8)),
+    "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**SMALL, tie_word_embeddings=False)),
+    "qwen2_tied_window": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(
+        **SMALL, tie_word_embeddings=True, use_sliding_window=True, sliding_window=8,
+        max_window_layers=1)),
+    "qwen3": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(**SMALL, head_dim=16)),
+    "qwen3_bias": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(
+        **SMALL, head_dim=8, attention_bias=True, tie_word_embeddings=True)),
+    "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(
+        vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
+        num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, rope_theta=1e6)),
+    "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(**GPT2)),
+    "gpt2_unscaled": lambda: T.GPT2LMHeadModel(T.GPT2Config(**GPT2, scale_attn_weights=False)),
+    "gpt2_layer_scaled": lambda: T.GPT2LMHeadModel(T.GPT2Config(
+        **GPT2, scale_attn_by_inverse_layer_idx=True)),
+    "gpt2_untied": lambda: T.GPT2LMHeadModel(T.GPT2Config(**GPT2, tie_word_embeddings=False)),
+}
+GPT2 = dict(vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
 def create(case, out):
     torch.manual_seed(0)
     if case == "llama_tok":
@@ -45,32 +97,85 @@ def create(case, out):
             vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
         model = transformers.LlamaForCausalLM(cfg)
-    elif case == "llama":
-        cfg = transformers.LlamaConfig(
-            vocab_size=256, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
-            num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64,
-            rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=20000.0)
-        model = transformers.LlamaForCausalLM(cfg)
-    elif case == "mixtral":
-        cfg = transformers.MixtralConfig(
-            vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
-            num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5,
-            tie_word_embeddings=False, rope_theta=1e6)
-        model = transformers.MixtralForCausalLM(cfg)
-    elif case == "gpt2":
-        cfg = transformers.GPT2Config(
-            vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        model = transformers.GPT2LMHeadModel(cfg)
+    elif case in CASES:
+        model = CASES[case]()
     else:
         raise SystemExit(f"unknown case {case}")
-    # Non-trivial norms and biases so that a mix-up shows.
+    # Non-trivial norms and biases, and larger weights, so that a mix-up shows.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
+            else:
+                p.mul_(15.0)
     model.save_pretrained(out, safe_serialization=True)
+
+
+# The base of each family in the field sweep, and the fields it does not vary: the ones with no
+# single "other value" (model_type, dicts and lists; the RoPE dicts and layer_types have their
+# own CASES above).
+SWEEP_FAMILIES = {
+    "llama": (T.LlamaConfig, T.LlamaForCausalLM, SMALL),
+    "mistral": (T.MistralConfig, T.MistralForCausalLM, SMALL),
+    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, SMALL),
+    "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, dict(SMALL, head_dim=8)),
+    "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, dict(SMALL, num_local_experts=4,
+                                                            num_experts_per_tok=2)),
+    "gpt2": (T.GPT2Config, T.GPT2LMHeadModel, GPT2),
+}
+SWEEP_SKIP = {"model_type", "transformers_version", "architectures", "dtype", "id2label",
+              "label2id", "rope_parameters", "layer_types", "problem_type"}
+# Values for fields whose default gives no obvious "other value".
+SWEEP_VALUES = {"hidden_act": "gelu", "activation_function": "relu", "n_inner": 48,
+                "head_dim": 16, "sliding_window": 8, "pad_token_id": 0, "summary_type": "mean",
+                "summary_activation": "tanh"}
+
+
+def other_value(name, value):
+    """A value of field `name` other than `value`, or None when there is none to try."""
+    if name in SWEEP_VALUES and SWEEP_VALUES[name] != value:
+        return SWEEP_VALUES[name]
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value * 2 if value else 1
+    if isinstance(value, float):
+        return value * 2 if value else 0.1
+    return None
+
+
+def field_sweep(out, data, seq_len, batch_size):
+    """Every config field of every family set, one at a time, to a value other than the base's.
+    The trainer must give transformers' loss on each, or refuse it naming the field."""
+    import dataclasses
+    manifest = []
+    for family, (config_cls, model_cls, base) in SWEEP_FAMILIES.items():
+        defaults = config_cls(**base).to_dict()
+        for field in dataclasses.fields(config_cls):
+            name = field.name
+            if name in SWEEP_SKIP or name.startswith("_") or name not in defaults:
+                continue
+            value = other_value(name, defaults[name])
+            if value is None:
+                continue
+            try:
+                torch.manual_seed(0)
+                model = model_cls(config_cls(**dict(base, **{name: value})))
+            except Exception:  # transformers itself refuses the value: nothing to compare
+                continue
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(15.0) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.1)
+            model_dir = os.path.abspath(os.path.join(out, f"{family}-{name}"))
+            model.save_pretrained(model_dir, safe_serialization=True)
+            try:
+                loss = evaluate(model_dir, data, seq_len, batch_size)["loss"]
+            except Exception:  # e.g. return_dict = False: no .logits to compare
+                continue
+            manifest.append({"family": family, "field": name, "value": value, "dir": model_dir,
+                             "loss": loss})
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
 
 
 def logits_diff(dir_a, dir_b):
@@ -81,7 +186,7 @@ def logits_diff(dir_a, dir_b):
     ids = torch.randint(0, a.config.vocab_size, (2, 24))
     with torch.no_grad():
         la, lb = a(ids).logits, b(ids).logits
-    print(json.dumps({"max_rel_diff": float((la - lb).abs().max() / la.abs().max())}))
+    return float((la - lb).abs().max() / la.abs().max())
 
 
 def greedy(model_dir, prompt, n):
@@ -117,16 +222,27 @@ def evaluate(model_dir, data, seq_len, batch_size, use_tokenizer=False):
             n = batch[:, 1:].numel()
             total += loss.item() * n
             count += n
-    print(json.dumps({"loss": total / count, "tokens": count}))
+    return {"loss": total / count, "tokens": count}
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "create":
         create(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "create_eval":
+        create(sys.argv[2], sys.argv[3])
+        print(json.dumps(evaluate(sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))))
+    elif sys.argv[1] == "compare":
+        out = evaluate(sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
+        out["max_rel_diff"] = logits_diff(sys.argv[2], sys.argv[3])
+        print(json.dumps(out))
+    elif sys.argv[1] == "field_sweep":
+        field_sweep(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    elif sys.argv[1] == "cases":
+        print("\n".join(CASES))
     elif sys.argv[1] == "eval":
-        evaluate(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), "--tokenizer" in sys.argv[6:])
+        print(json.dumps(evaluate(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), "--tokenizer" in sys.argv[6:])))
     elif sys.argv[1] == "logits_diff":
-        logits_diff(sys.argv[2], sys.argv[3])
+        print(json.dumps({"max_rel_diff": logits_diff(sys.argv[2], sys.argv[3])}))
     elif sys.argv[1] == "greedy":
         greedy(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:

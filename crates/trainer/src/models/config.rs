@@ -95,7 +95,9 @@ pub struct LlamaConfig {
 /// - `mistral`: nothing but its config.json (its sliding window is `sliding_window`).
 /// - `qwen2`: biases on q, k and v (not on the output projection). Qwen2 and Qwen2.5.
 /// - `qwen3`: RMSNorm over each head of q and of k before RoPE (`q_norm`, `k_norm`).
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum DecoderFamily {
     #[default]

@@ -22,5 +22,7 @@ pub mod resnet;
 pub mod rope;
 pub mod transformer;
 
-pub use config::{ClassifierConfig, DecoderFamily, Gpt2Config, LayerType, LlamaConfig, ModelConfig};
+pub use config::{
+    ClassifierConfig, DecoderFamily, Gpt2Config, LayerType, LlamaConfig, ModelConfig,
+};
 pub use moe::{MoeConfig, Routing};

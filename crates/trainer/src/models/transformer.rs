@@ -353,10 +353,22 @@ impl Transformer {
             let p = format!("model.layers.{i}");
             let norm1 = rms(s, format!("{p}.input_layernorm.weight"), d);
             let (kv_width, a) = (c.n_kv_heads * hd, format!("{p}.self_attn"));
-            let q = lin(s, format!("{a}.q_proj.weight"), c.n_heads * hd, d, v.qkv_bias());
+            let q = lin(
+                s,
+                format!("{a}.q_proj.weight"),
+                c.n_heads * hd,
+                d,
+                v.qkv_bias(),
+            );
             let k = lin(s, format!("{a}.k_proj.weight"), kv_width, d, v.qkv_bias());
             let vp = lin(s, format!("{a}.v_proj.weight"), kv_width, d, v.qkv_bias());
-            let o = lin(s, format!("{a}.o_proj.weight"), d, c.n_heads * hd, v.attention_bias);
+            let o = lin(
+                s,
+                format!("{a}.o_proj.weight"),
+                d,
+                c.n_heads * hd,
+                v.attention_bias,
+            );
             let qk_norm = v.qk_norm().then(|| {
                 (
                     rms(s, format!("{a}.q_norm.weight"), hd),
@@ -366,9 +378,21 @@ impl Transformer {
             let mlp = match &c.moe {
                 Some(m) => Mlp::Moe(Moe::new(m, d, c.d_ff, &format!("{p}.mlp"), s)?),
                 None => Mlp::SwiGlu {
-                    gate: lin(s, format!("{p}.mlp.gate_proj.weight"), c.d_ff, d, v.mlp_bias),
+                    gate: lin(
+                        s,
+                        format!("{p}.mlp.gate_proj.weight"),
+                        c.d_ff,
+                        d,
+                        v.mlp_bias,
+                    ),
                     up: lin(s, format!("{p}.mlp.up_proj.weight"), c.d_ff, d, v.mlp_bias),
-                    down: lin(s, format!("{p}.mlp.down_proj.weight"), d, c.d_ff, v.mlp_bias),
+                    down: lin(
+                        s,
+                        format!("{p}.mlp.down_proj.weight"),
+                        d,
+                        c.d_ff,
+                        v.mlp_bias,
+                    ),
                 },
             };
             let norm2 = rms(s, format!("{p}.post_attention_layernorm.weight"), d);

@@ -21,10 +21,10 @@ mod qwen3;
 
 use super::config::{DecoderFamily, ModelConfig};
 use super::moe::{fuse_checkpoint_experts, split_checkpoint_experts};
-use fields::Fields;
 use super::params::{copy_named, read_safetensors, ParamStore};
 use super::transformer::{Family, TransformerConfig};
 use crate::error::{io_err, Error, Result};
+use fields::Fields;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -343,7 +343,11 @@ mod tests {
         let cases = [
             ("hidden_act", json!("gelu"), "hidden_act"),
             ("attention_dropout", json!(0.1), "attention_dropout"),
-            ("quantization_config", json!({"bits": 4}), "quantization_config"),
+            (
+                "quantization_config",
+                json!({"bits": 4}),
+                "quantization_config",
+            ),
             (
                 "rope_parameters",
                 json!({"rope_type": "longrope", "rope_theta": 1.0}),
@@ -354,9 +358,17 @@ mod tests {
                 json!({"type": "linear", "factor": 2.0, "finetuned": true}),
                 "finetuned",
             ),
-            ("rope_scaling", json!({"type": "llama3", "factor": 8.0}), "low_freq_factor"),
+            (
+                "rope_scaling",
+                json!({"type": "llama3", "factor": 8.0}),
+                "low_freq_factor",
+            ),
             ("hidden_size", json!("wide"), "hidden_size"),
-            ("num_attention_heads", json!(0), "num_attention_heads: expected a positive"),
+            (
+                "num_attention_heads",
+                json!(0),
+                "num_attention_heads: expected a positive",
+            ),
             ("model_type", json!("mamba"), "mamba"),
         ];
         for (k, v, expect) in cases {

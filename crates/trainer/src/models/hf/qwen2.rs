@@ -32,7 +32,9 @@ pub fn sliding(f: &mut Fields, n_layers: i64) -> Res<(Option<i64>, Option<Vec<La
     let from_layer = f.opt_int("max_window_layers")?.unwrap_or(28);
     let types: Vec<LayerType> = match f.value("layer_types") {
         Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
-            format!("layer_types = {v}: expected a list of \"full_attention\" / \"sliding_attention\"")
+            format!(
+                "layer_types = {v}: expected a list of \"full_attention\" / \"sliding_attention\""
+            )
         })?,
         None => (0..n_layers)
             .map(|i| {
@@ -60,8 +62,7 @@ pub fn sliding_json(c: &TransformerConfig, m: &mut Map<String, Value>) {
     let types: Vec<LayerType> = (0..c.n_layers as usize)
         .map(|i| {
             let sliding = v.sliding_window.is_some()
-                && v
-                    .sliding_layers
+                && v.sliding_layers
                     .as_ref()
                     .is_none_or(|l| l.get(i).copied().unwrap_or(false));
             if sliding {
@@ -71,7 +72,10 @@ pub fn sliding_json(c: &TransformerConfig, m: &mut Map<String, Value>) {
             }
         })
         .collect();
-    m.insert("use_sliding_window".into(), json!(v.sliding_window.is_some()));
+    m.insert(
+        "use_sliding_window".into(),
+        json!(v.sliding_window.is_some()),
+    );
     m.insert("sliding_window".into(), json!(v.sliding_window));
     m.insert("max_window_layers".into(), json!(c.n_layers));
     m.insert("layer_types".into(), json!(types));
