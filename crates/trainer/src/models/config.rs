@@ -70,12 +70,15 @@ pub struct LlamaConfig {
     /// The Hugging Face architecture: its fixed differences from Llama and the config.json that
     /// `trainer export` writes ("llama", "mistral", "qwen2", "qwen3"; Mixtral is llama + moe).
     #[serde(default, skip_serializing_if = "is_default")]
+    #[schemars(!skip_serializing_if)]
     pub family: DecoderFamily,
     /// Biases on q, k, v and the output projection (transformers' `attention_bias`).
     #[serde(default, skip_serializing_if = "is_default")]
+    #[schemars(!skip_serializing_if)]
     pub attention_bias: bool,
     /// Biases on the MLP's gate, up and down projections (`mlp_bias`).
     #[serde(default, skip_serializing_if = "is_default")]
+    #[schemars(!skip_serializing_if)]
     pub mlp_bias: bool,
     /// Scaled rotary frequencies of long-context checkpoints (Llama 3.x, YaRN); absent: plain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,12 +169,15 @@ pub struct Gpt2Config {
     pub dropout: f64,
     /// Attention scores divided by sqrt(head width) (`scale_attn_weights`).
     #[serde(default = "yes", skip_serializing_if = "is_true")]
+    #[schemars(!skip_serializing_if)]
     pub scale_attn_weights: bool,
     /// Layer i's attention scores further divided by i + 1 (`scale_attn_by_inverse_layer_idx`).
     #[serde(default, skip_serializing_if = "is_default")]
+    #[schemars(!skip_serializing_if)]
     pub scale_attn_by_inverse_layer_idx: bool,
     /// The output projection is the token embedding table (`tie_word_embeddings`).
     #[serde(default = "yes", skip_serializing_if = "is_true")]
+    #[schemars(!skip_serializing_if)]
     pub tie_embeddings: bool,
 }
 
