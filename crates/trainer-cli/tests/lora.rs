@@ -348,3 +348,143 @@ fn lora_run_resumes_exactly() {
     assert_eq!(losses(&full).len(), 3);
     assert_eq!(losses(&full), losses(&resumed));
 }
+
+/// A tiny Llama and a LoRA adapter both written by transformers and peft
+/// (peft_reference.py `make_adapter`); returns peft's loss of the adapted model.
+fn make_peft_adapter(cwd: &Path, variant: &str, data: &str) -> f64 {
+    let path = |name: &str| cwd.join(name).display().to_string();
+    let r = reference(&[
+        "make_adapter",
+        variant,
+        &path("base"),
+        &path("adapter"),
+        &path(data),
+        "16",
+        "4",
+    ]);
+    let (peft, base) = (
+        r["peft"].as_f64().expect("peft"),
+        r["base"].as_f64().expect("base"),
+    );
+    assert!(
+        (peft - base).abs() > 1e-3,
+        "{variant}: the adapter changes the loss: {r}"
+    );
+    peft
+}
+
+/// A recipe on the base of `make_peft_adapter` starting from its adapter, with `peft` the
+/// settings of the [peft] section.
+fn recipe_from_adapter(cwd: &Path, peft: &str) -> String {
+    let recipe = tiny_recipe("runs/from-peft");
+    let start = recipe.find("[model]").expect("[model]");
+    let end = recipe.find("[data]").expect("[data]");
+    let hf = format!("hf:{}", cwd.join("base").display());
+    let adapter = cwd.join("adapter").display().to_string();
+    format!(
+        "{}[init]\nfrom = {}\n\n{}\n[peft]\nkind = \"lora\"\nfrom = {}\n{peft}\n",
+        &recipe[..start],
+        toml_str(&hf),
+        &recipe[end..],
+        toml_str(&adapter)
+    )
+}
+
+/// Adapters as peft writes them: plain, rsLoRA, and per-module `rank_pattern` / `alpha_pattern`
+/// load with peft's loss; a recipe that states another value than adapter_config.json, and a
+/// DoRA adapter, are one-line errors naming the field.
+#[test]
+fn peft_adapters_load_as_peft_wrote_them() {
+    for (variant, peft) in [
+        (
+            "plain",
+            "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"v_proj\"]",
+        ),
+        (
+            "rslora",
+            "rank = 4\nalpha = 8\nrslora = true\ntarget = [\"q_proj\", \"v_proj\"]",
+        ),
+        (
+            "patterns",
+            "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"v_proj\", \"down_proj\"]\n\
+             rank_pattern = { q_proj = 2 }\nalpha_pattern = { v_proj = 32.0 }",
+        ),
+    ] {
+        let dir = workdir();
+        let cwd = dir.path();
+        let data = write_data(cwd);
+        let reference = make_peft_adapter(cwd, variant, &data);
+        let name = write_recipe(cwd, "from_peft.toml", &recipe_from_adapter(cwd, peft));
+        trainer(
+            cwd,
+            &[
+                "run",
+                &name,
+                "--set",
+                "train.max_steps=1",
+                "--set",
+                "schedule.warmup_steps=0",
+                "--set",
+                "optim.lr=1e-12",
+                "--set",
+                "optim.weight_decay=0",
+                "--set",
+                "schedule.min_lr=1e-13",
+            ],
+        )
+        .assert_success();
+        let ours = eval_loss(cwd, "runs/from-peft", &data);
+        assert!(
+            (ours - reference).abs() / reference < 1e-4,
+            "{variant}: trainer {ours} vs peft {reference}"
+        );
+        if variant == "patterns" {
+            // The patterns travel back out: peft's own loader gives the same loss again.
+            trainer(cwd, &["export", "runs/from-peft", "--to", "peft", "again"]).assert_success();
+            let written: Value = serde_json::from_str(
+                &std::fs::read_to_string(cwd.join("again/adapter_config.json")).expect("config"),
+            )
+            .expect("json");
+            assert_eq!(written["rank_pattern"], serde_json::json!({"q_proj": 2}));
+            assert_eq!(
+                written["alpha_pattern"],
+                serde_json::json!({"v_proj": 32.0})
+            );
+        }
+        if variant == "rslora" {
+            // The same adapter under a recipe that forgets rslora, or states another alpha.
+            for (peft, needles) in [
+                (
+                    "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"v_proj\"]",
+                    vec!["use_rslora = true", "peft.rslora"],
+                ),
+                (
+                    "rank = 4\nalpha = 16\nrslora = true\ntarget = [\"q_proj\", \"v_proj\"]",
+                    vec!["lora_alpha = 8", "peft.alpha"],
+                ),
+                (
+                    "rank = 4\nrslora = true\ntarget = [\"q_proj\", \"v_proj\"]",
+                    vec!["lora_alpha = 8", "peft.alpha = 4"],
+                ),
+            ] {
+                let bad = write_recipe(cwd, "bad.toml", &recipe_from_adapter(cwd, peft));
+                let out = trainer(cwd, &["run", &bad, "--set", "run.out_dir=runs/bad"]);
+                out.assert_one_error(&needles);
+            }
+        }
+    }
+    // DoRA is refused by name, not loaded as plain LoRA.
+    let dir = workdir();
+    let cwd = dir.path();
+    let data = write_data(cwd);
+    make_peft_adapter(cwd, "dora", &data);
+    let name = write_recipe(
+        cwd,
+        "dora.toml",
+        &recipe_from_adapter(
+            cwd,
+            "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"v_proj\"]",
+        ),
+    );
+    trainer(cwd, &["run", &name]).assert_one_error(&["use_dora = true", "DoRA"]);
+}

@@ -10,6 +10,11 @@
              "base":   AutoModelForCausalLM.from_pretrained(BASE_DIR) alone
            and "lora_b_abs_sum": the sum of |B| over the loaded adapters (0 means nothing loaded).
 
+    python peft_reference.py make_adapter VARIANT BASE_DIR ADAPTER_DIR DATA SEQ_LEN BATCH_SIZE
+        -> a tiny Llama made by transformers in BASE_DIR, a LoRA adapter made by peft in
+           ADAPTER_DIR (VARIANT: one of ADAPTER_VARIANTS, B drawn at random so that it matters),
+           and prints {"peft": loss of the adapted model, "base": loss of the base}.
+
 Exit status 3 when torch, transformers or peft is missing (scripts/test installs them from
 scripts/requirements-test.txt).
 """
@@ -56,8 +61,40 @@ def evaluate(base_dir, adapter_dir, merged_dir, data, seq_len, batch_size):
     print(json.dumps(out))
 
 
+# peft's LoraConfig of each variant that tests/lora.rs loads (or expects refused).
+ADAPTER_VARIANTS = {
+    "plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "rslora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True),
+    "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                     rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 32}),
+    "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
+}
+
+
+def make_adapter(variant, base_dir, adapter_dir, data, seq_len, batch_size):
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64))
+    with torch.no_grad():
+        for p in base.parameters():
+            p.mul_(10.0) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.1)
+    base.save_pretrained(base_dir, safe_serialization=True)
+    out = {"base": mean_loss(base.eval(), data, seq_len, batch_size)}
+    model = peft.get_peft_model(base, peft.LoraConfig(**ADAPTER_VARIANTS[variant]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(adapter_dir)
+    out["peft"] = mean_loss(model.eval(), data, seq_len, batch_size)
+    print(json.dumps(out))
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 8 and sys.argv[1] == "eval":
         evaluate(*sys.argv[2:6], int(sys.argv[6]), int(sys.argv[7]))
+    elif len(sys.argv) == 8 and sys.argv[1] == "make_adapter":
+        make_adapter(*sys.argv[2:6], int(sys.argv[6]), int(sys.argv[7]))
     else:
         raise SystemExit(__doc__)

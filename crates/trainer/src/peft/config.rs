@@ -11,6 +11,7 @@
 
 use crate::validate::{check, positive, positive_finite, Invalid};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// `[peft]`: low-rank adapters on a frozen base model (see `peft/lora.rs` for the method and
@@ -33,6 +34,15 @@ pub struct PeftConfig {
     /// Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023; PEFT's `use_rslora`).
     #[serde(default)]
     pub rslora: bool,
+    /// Per-module ranks, as peft's `rank_pattern`: a key (a regular expression) applies to the
+    /// projections whose module path ends with it after a `.` (`q_proj`, `layers\.0\..*`);
+    /// the first matching key wins; others get `rank`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rank_pattern: BTreeMap<String, i64>,
+    /// Per-module alphas, as peft's `alpha_pattern` (keys as in `rank_pattern`); others get
+    /// `alpha`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub alpha_pattern: BTreeMap<String, f64>,
     /// A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to start the
     /// adapters from instead of their fresh initialisation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -86,15 +96,40 @@ impl PeftConfig {
 
     /// The factor of the low-rank update: alpha / r, or alpha / sqrt(r) with `rslora`.
     pub fn scale(&self) -> f64 {
-        if self.rslora {
-            self.alpha() / (self.rank as f64).sqrt()
-        } else {
-            self.alpha() / self.rank as f64
+        scale_of(self.alpha(), self.rank, self.rslora)
+    }
+
+    /// The rank of the adapter on module `path` (`rank_pattern`, else `rank`).
+    pub fn rank_for(&self, path: &str) -> i64 {
+        match pattern_key(self.rank_pattern.keys(), path) {
+            Some(k) => self.rank_pattern[k],
+            None => self.rank,
         }
+    }
+
+    /// The alpha of the adapter on module `path` (`alpha_pattern`, else `alpha`).
+    pub fn alpha_for(&self, path: &str) -> f64 {
+        match pattern_key(self.alpha_pattern.keys(), path) {
+            Some(k) => self.alpha_pattern[k],
+            None => self.alpha(),
+        }
+    }
+
+    /// The factor of the update on module `path`.
+    pub fn scale_for(&self, path: &str) -> f64 {
+        scale_of(self.alpha_for(path), self.rank_for(path), self.rslora)
     }
 
     pub fn validate(&self) -> Result<(), Invalid> {
         positive(self.rank, "peft.rank")?;
+        for (k, r) in &self.rank_pattern {
+            check_pattern(k, "peft.rank_pattern")?;
+            positive(*r, &format!("peft.rank_pattern.{k}"))?;
+        }
+        for (k, a) in &self.alpha_pattern {
+            check_pattern(k, "peft.alpha_pattern")?;
+            positive_finite(*a, &format!("peft.alpha_pattern.{k}"))?;
+        }
         if let Some(a) = self.alpha {
             positive_finite(a, "peft.alpha")?;
         }
@@ -185,4 +220,28 @@ impl PeftConfig {
             (OptimizerReset::Zero, None) => Ok(()),
         }
     }
+}
+
+fn scale_of(alpha: f64, rank: i64, rslora: bool) -> f64 {
+    if rslora {
+        alpha / (rank as f64).sqrt()
+    } else {
+        alpha / rank as f64
+    }
+}
+
+/// peft's `get_pattern_key`: the first key `k` (in key order) for which the whole of `path`
+/// matches `(.*\.)?(k)`.
+fn pattern_key<'a>(keys: impl Iterator<Item = &'a String>, path: &str) -> Option<&'a String> {
+    keys.into_iter().find(|k| {
+        regex::Regex::new(&format!("^(?:.*\\.)?(?:{k})$")).is_ok_and(|re| re.is_match(path))
+    })
+}
+
+fn check_pattern(key: &str, section: &str) -> Result<(), Invalid> {
+    check(
+        regex::Regex::new(key).is_ok(),
+        &format!("{section}.{key}"),
+        "expected a regular expression over module paths",
+    )
 }

@@ -144,11 +144,39 @@ fn peft_err(key: &str, msg: impl Into<String>) -> Error {
     Error::Recipe(format!("{key}: {}", msg.into()))
 }
 
+/// peft takes the first matching key of `rank_pattern` / `alpha_pattern` in file order, which a
+/// TOML table does not keep: two keys matching one module with different values are refused.
+fn unambiguous_patterns(cfg: &PeftConfig, path: &str) -> Result<()> {
+    fn check<V: PartialEq + std::fmt::Debug>(
+        section: &str,
+        map: &std::collections::BTreeMap<String, V>,
+        path: &str,
+    ) -> Result<()> {
+        let hits: Vec<(&String, &V)> = map
+            .iter()
+            .filter(|(k, _)| {
+                regex::Regex::new(&format!("^(?:.*\\.)?(?:{k})$")).is_ok_and(|re| re.is_match(path))
+            })
+            .collect();
+        match hits.as_slice() {
+            [(k1, v1), (k2, v2), ..] if v1 != v2 => Err(peft_err(
+                section,
+                format!(
+                    "keys {k1:?} ({v1:?}) and {k2:?} ({v2:?}) both match {path}; peft would take \
+                     the first in file order: keep one"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+    check("peft.rank_pattern", &cfg.rank_pattern, path)?;
+    check("peft.alpha_pattern", &cfg.alpha_pattern, path)
+}
+
 /// Attaches adapters to the projections that `cfg.target` selects and freezes every other
 /// parameter of `store` (and A too for LoRA-FA). Call after the base weights are loaded and
 /// before the optimizer is built. Draws A from torch's CPU generator (seed it first).
 pub fn apply(model: &mut Transformer, store: &mut ParamStore, cfg: &PeftConfig) -> Result<Lora> {
-    let r = cfg.rank;
     let mut selected = Vec::new();
     let projections = model.projections_mut();
     // Candidates by weight name, so that a pattern means here what it means for GaLore's target
@@ -179,6 +207,8 @@ pub fn apply(model: &mut Transformer, store: &mut ParamStore, cfg: &PeftConfig) 
     for lin in projections {
         if chosen.contains(format!("{}.weight", lin.path).as_str()) {
             let (fan_in, fan_out) = lin.in_out();
+            let r = cfg.rank_for(&lin.path);
+            unambiguous_patterns(cfg, &lin.path)?;
             if r > fan_in.min(fan_out) {
                 return Err(peft_err(
                     "peft.rank",
@@ -201,6 +231,7 @@ pub fn apply(model: &mut Transformer, store: &mut ParamStore, cfg: &PeftConfig) 
     let mut modules = Vec::new();
     for lin in selected {
         let (fan_in, fan_out) = lin.in_out();
+        let r = cfg.rank_for(&lin.path);
         let bound = 1.0 / (fan_in as f64).sqrt();
         let a_init = Tensor::rand([r, fan_in], (Kind::Float, Device::Cpu)) * (2.0 * bound) - bound;
         let a = store.add_extra(&a_name(&lin.path), a_init);
@@ -214,7 +245,7 @@ pub fn apply(model: &mut Transformer, store: &mut ParamStore, cfg: &PeftConfig) 
         lin.adapter = Some(Box::new(LoraAdapter {
             a,
             b,
-            scale: cfg.scale(),
+            scale: cfg.scale_for(&lin.path),
             dropout: cfg.dropout,
             merged: AtomicBool::new(false),
         }));
@@ -312,8 +343,8 @@ pub fn export_peft(model: &Transformer, lora: &Lora, base: Option<&str>, out: &P
         "modules_to_save": null,
         "layers_to_transform": null,
         "layers_pattern": null,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": cfg.rank_pattern,
+        "alpha_pattern": cfg.alpha_pattern,
         "base_model_name_or_path": base,
         "revision": null,
     });
@@ -377,30 +408,8 @@ pub fn load_peft(model: &Transformer, lora: &Lora, dir: &Path) -> Result<()> {
     })?;
     let v: Value =
         serde_json::from_str(&text).map_err(|e| err(&cfg_path, format!("malformed JSON: {e}")))?;
-    let peft_type = v.get("peft_type").and_then(Value::as_str).unwrap_or("");
-    if peft_type != "LORA" {
-        return Err(err(
-            &cfg_path,
-            format!("peft_type is {peft_type:?}; only LORA adapters load"),
-        ));
-    }
-    if let Some(r) = v.get("r").and_then(Value::as_i64) {
-        if r != lora.config.rank {
-            return Err(err(
-                &cfg_path,
-                format!("adapter rank r = {r} but peft.rank = {}", lora.config.rank),
-            ));
-        }
-    }
-    if let Some(a) = v.get("lora_alpha").and_then(Value::as_f64) {
-        if (a - lora.config.alpha()).abs() > 1e-9 {
-            tracing::warn!(
-                "{}: lora_alpha is {a} but peft.alpha is {}; using the recipe's",
-                cfg_path.display(),
-                lora.config.alpha()
-            );
-        }
-    }
+    check_adapter_config(&v, &lora.config, model.config.family == Family::Gpt2)
+        .map_err(|msg| err(&cfg_path, msg))?;
     let weights = dir.join(ADAPTER_WEIGHTS);
     let mut loaded: std::collections::BTreeMap<String, Tensor> = read_safetensors(&weights)?
         .into_iter()
@@ -438,6 +447,186 @@ pub fn load_peft(model: &Transformer, lora: &Lora, dir: &Path) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// peft's LoRA settings in `adapter_config.json` (peft 0.21) whose value, when it is this one,
+/// changes nothing this tool computes: bookkeeping, initialisation (the weights are loaded), and
+/// the switches of variants left off. Any other value of these is refused by name.
+const PEFT_DEFAULTS: &[(&str, &str)] = &[
+    ("exclude_modules", "null"),
+    ("layers_to_transform", "null"),
+    ("layers_pattern", "null"),
+    ("modules_to_save", "null"),
+    ("megatron_config", "null"),
+    ("megatron_core", "\"megatron.core\""),
+    ("trainable_token_indices", "null"),
+    ("loftq_config", "{}"),
+    ("eva_config", "null"),
+    ("corda_config", "null"),
+    ("lora_ga_config", "null"),
+    ("velora_config", "null"),
+    ("alora_invocation_tokens", "null"),
+    ("use_qalora", "false"),
+    ("qalora_group_size", "16"),
+    ("monteclora_config", "null"),
+    ("layer_replication", "null"),
+    ("lora_bias", "false"),
+    ("target_parameters", "null"),
+    ("use_bdlora", "null"),
+    ("arrow_config", "null"),
+    ("kasa_config", "null"),
+    ("ensure_weight_tying", "false"),
+];
+
+/// Fields that never change the adapted model: what peft records about where the adapter came
+/// from and how it was initialised (the weights are loaded over the initialisation).
+const PEFT_NO_EFFECT: &[&str] = &[
+    "peft_type",
+    "task_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "init_lora_weights",
+    "target_modules",
+];
+
+/// `adapter_config.json` is the truth about the adapter: the recipe's `[peft]` must state the
+/// same rank, alpha, rsLoRA switch, patterns and dropout (a difference is an error naming both),
+/// and every other field must hold a value with no effect here (`PEFT_DEFAULTS`); DoRA, LoRA
+/// biases and the other variants are refused by name. `target_modules` is checked against the
+/// adapted modules through the tensors.
+fn check_adapter_config(
+    v: &Value,
+    cfg: &PeftConfig,
+    gpt2: bool,
+) -> std::result::Result<(), String> {
+    let peft_type = v.get("peft_type").and_then(Value::as_str).unwrap_or("");
+    if peft_type != "LORA" {
+        return Err(format!(
+            "peft_type is {peft_type:?}; only LORA adapters load"
+        ));
+    }
+    let Some(map) = v.as_object() else {
+        return Err("expected a JSON object".to_string());
+    };
+    if map.get("use_dora") == Some(&Value::Bool(true)) {
+        return Err(
+            "use_dora = true: DoRA adapters (a magnitude vector and a weight-normalised \
+                    update) are not implemented"
+                .to_string(),
+        );
+    }
+    if let Some(b) = map.get("bias").filter(|b| b.as_str() != Some("none")) {
+        return Err(format!(
+            "bias = {b}: adapters that train the base model's biases are not implemented \
+             (only \"none\")"
+        ));
+    }
+    let r = map.get("r").and_then(Value::as_i64);
+    let alpha = map.get("lora_alpha").and_then(Value::as_f64);
+    let mismatch = |field: &str, theirs: String, key: &str, ours: String| {
+        Err(format!(
+            "{field} = {theirs} but the recipe's {key} = {ours}; the adapter's value is the \
+             truth: set {key} = {theirs}"
+        ))
+    };
+    if r != Some(cfg.rank) {
+        return mismatch("r", format!("{r:?}"), "peft.rank", cfg.rank.to_string());
+    }
+    if alpha != Some(cfg.alpha()) {
+        let theirs = alpha.map_or("absent".to_string(), |a| a.to_string());
+        return mismatch("lora_alpha", theirs, "peft.alpha", cfg.alpha().to_string());
+    }
+    let rslora = map
+        .get("use_rslora")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if rslora != cfg.rslora {
+        return mismatch(
+            "use_rslora",
+            rslora.to_string(),
+            "peft.rslora",
+            cfg.rslora.to_string(),
+        );
+    }
+    let dropout = map
+        .get("lora_dropout")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    if dropout != cfg.dropout {
+        return mismatch(
+            "lora_dropout",
+            dropout.to_string(),
+            "peft.dropout",
+            cfg.dropout.to_string(),
+        );
+    }
+    let fan_in_fan_out = map
+        .get("fan_in_fan_out")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if fan_in_fan_out != gpt2 {
+        return Err(format!(
+            "fan_in_fan_out = {fan_in_fan_out}, but this model's projections {} (peft sets it \
+             for GPT-2's Conv1D only)",
+            if gpt2 { "are Conv1D" } else { "are Linear" }
+        ));
+    }
+    let patterns_equal = |field: &str, ours: Value| -> std::result::Result<(), String> {
+        let theirs = map.get(field).cloned().unwrap_or(json!({}));
+        let theirs = if theirs.is_null() { json!({}) } else { theirs };
+        let same = match (theirs.as_object(), ours.as_object()) {
+            (Some(t), Some(o)) => {
+                t.len() == o.len()
+                    && t.iter().all(|(k, tv)| {
+                        o.get(k).and_then(Value::as_f64).is_some() && o[k].as_f64() == tv.as_f64()
+                    })
+            }
+            _ => false,
+        };
+        if same {
+            Ok(())
+        } else {
+            Err(format!(
+                "{field} = {theirs} but the recipe's peft.{field} = {ours}; the adapter's value \
+                 is the truth: set peft.{field} to it"
+            ))
+        }
+    };
+    patterns_equal("rank_pattern", json!(cfg.rank_pattern))?;
+    patterns_equal("alpha_pattern", json!(cfg.alpha_pattern))?;
+    let read = [
+        "use_dora",
+        "bias",
+        "r",
+        "lora_alpha",
+        "use_rslora",
+        "lora_dropout",
+        "fan_in_fan_out",
+        "rank_pattern",
+        "alpha_pattern",
+    ];
+    for (k, val) in map {
+        if read.contains(&k.as_str()) || PEFT_NO_EFFECT.contains(&k.as_str()) {
+            continue;
+        }
+        let allowed = PEFT_DEFAULTS
+            .iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, d)| *d);
+        let is_default = allowed
+            .and_then(|d| serde_json::from_str::<Value>(d).ok())
+            .is_some_and(|d| d == *val);
+        if !is_default {
+            return Err(format!(
+                "unsupported {k} = {val}: this tool does not implement it, and the adapter read \
+                 without it would compute something else"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

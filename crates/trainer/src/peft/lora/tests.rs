@@ -51,6 +51,8 @@ fn peft(kind: PeftKind, target: &[&str]) -> PeftConfig {
         dropout: 0.0,
         target: target.iter().map(|s| s.to_string()).collect(),
         rslora: false,
+        rank_pattern: Default::default(),
+        alpha_pattern: Default::default(),
         from: None,
         merge_every: None,
         optimizer_reset: None,

@@ -36,6 +36,8 @@ fn relora_cfg(reset: OptimizerReset, keep: Option<f64>) -> PeftConfig {
         dropout: 0.0,
         target: vec!["q_proj".into(), "mlp.*".into()],
         rslora: false,
+        rank_pattern: Default::default(),
+        alpha_pattern: Default::default(),
         from: None,
         merge_every: Some(4),
         optimizer_reset: Some(reset),
