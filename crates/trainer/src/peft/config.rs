@@ -38,10 +38,12 @@ pub struct PeftConfig {
     /// projections whose module path ends with it after a `.` (`q_proj`, `layers\.0\..*`);
     /// the first matching key wins; others get `rank`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(!skip_serializing_if)]
     pub rank_pattern: BTreeMap<String, i64>,
     /// Per-module alphas, as peft's `alpha_pattern` (keys as in `rank_pattern`); others get
     /// `alpha`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(!skip_serializing_if)]
     pub alpha_pattern: BTreeMap<String, f64>,
     /// A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to start the
     /// adapters from instead of their fresh initialisation.
