@@ -111,6 +111,8 @@ fn check_case(case: &str) {
     let diff = compared["max_rel_diff"].as_f64().expect("number");
     assert!(diff < 1e-6, "{case}: round-trip logits differ by {diff}");
 
+    fine_tune_and_export(case, cwd, &init, &data);
+
     // Exporting into a non-empty directory is refused and leaves it alone.
     let before = std::fs::read(cwd.join("exported/config.json")).expect("config");
     let refused = trainer(cwd, &["export", &init, "--to", "hf", "exported"]);
@@ -123,6 +125,61 @@ fn check_case(case: &str) {
     assert_eq!(
         std::fs::read(cwd.join("exported/config.json")).expect("config"),
         before
+    );
+}
+
+/// Two training steps from the checkpoint (`[init] from`, no `[model]`), exported: transformers
+/// loads the export and gives the loss `trainer eval` gives of the run.
+fn fine_tune_and_export(case: &str, cwd: &Path, init: &str, data: &str) {
+    let recipe = tiny_recipe("runs/ft");
+    let start = recipe.find("[model]").expect("model section");
+    let end = recipe.find("[data]").expect("data section");
+    let recipe = format!(
+        "{}[init]\nfrom = {}\n\n{}",
+        &recipe[..start],
+        toml_str(init),
+        &recipe[end..]
+    );
+    let name = write_recipe(cwd, "ft.toml", &recipe);
+    let out = trainer(
+        cwd,
+        &[
+            "run",
+            &name,
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "schedule.warmup_steps=0",
+        ],
+    );
+    out.assert_success();
+    let eval = |init: &str| {
+        let out = trainer(
+            cwd,
+            &[
+                "eval", "--init", init, "--data", data, "--seq-len", "32", "--batch-size", "4",
+                "--device", "cpu", "--json",
+            ],
+        );
+        out.assert_success();
+        loss_of(&out.stdout)
+    };
+    let (start_loss, tuned) = (eval(init), eval("runs/ft"));
+    assert!(
+        (start_loss - tuned).abs() > 1e-6,
+        "{case}: two steps changed nothing ({tuned})"
+    );
+    trainer(cwd, &["export", "runs/ft", "--to", "hf", "ft-export"]).assert_success();
+    let theirs = loss_of(&py(&[
+        "eval",
+        cwd.join("ft-export").to_str().expect("utf-8"),
+        cwd.join(data).to_str().expect("utf-8"),
+        "32",
+        "4",
+    ]));
+    assert!(
+        (theirs - tuned).abs() / tuned < 1e-5,
+        "{case}: fine-tuned export in transformers {theirs} vs trainer {tuned}"
     );
 }
 
