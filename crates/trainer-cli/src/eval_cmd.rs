@@ -126,15 +126,14 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The tokenizer for eval/generate: the one given, else a tokenizer.json beside an hf: model,
-/// else bytes.
+/// The tokenizer for eval/generate: the one given, else the model's tokenizer.json (beside an
+/// hf: model, or kept in the run directory of a run started from one), else bytes.
 pub fn pick_tokenizer(
     given: Option<&std::path::Path>,
     source: &ModelSource,
 ) -> anyhow::Result<Tokenizer> {
-    Ok(match (given, source) {
-        (Some(path), _) => Tokenizer::from_file(path)?,
-        (None, ModelSource::Hf(dir)) => Tokenizer::for_model_dir(Some(dir))?,
-        (None, _) => Tokenizer::Bytes,
+    Ok(match given {
+        Some(path) => Tokenizer::from_file(path)?,
+        None => Tokenizer::for_model_dir(Some(source.files_dir()))?,
     })
 }

@@ -39,6 +39,8 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<ExitCode> {
                 (None, false) => {}
             }
             trainer::models::hf::export(&loaded.config, &loaded.params, out)?;
+            // The model's tokenizer goes with it (AutoTokenizer.from_pretrained(out) works).
+            trainer::data::tokenizer::copy_tokenizer_files(source.files_dir(), out)?;
             eprintln!(
                 "exported {} to {} (Hugging Face format{})",
                 source.describe(),

@@ -157,8 +157,18 @@ fn fine_tune_and_export(case: &str, cwd: &Path, init: &str, data: &str) {
         let out = trainer(
             cwd,
             &[
-                "eval", "--init", init, "--data", data, "--seq-len", "32", "--batch-size", "4",
-                "--device", "cpu", "--json",
+                "eval",
+                "--init",
+                init,
+                "--data",
+                data,
+                "--seq-len",
+                "32",
+                "--batch-size",
+                "4",
+                "--device",
+                "cpu",
+                "--json",
             ],
         );
         out.assert_success();
@@ -559,5 +569,163 @@ fn every_config_field_is_honoured_or_refused_by_name() {
     assert!(
         honoured > results.len() / 2,
         "most fields should be honoured"
+    );
+}
+
+/// A run started from a Hugging Face model keeps its tokenizer files: `trainer generate --init
+/// RUN` tokenizes with them, and `trainer export` writes them beside the weights, where
+/// transformers' AutoTokenizer finds the same tokenizer.
+#[test]
+fn the_tokenizer_travels_with_the_model() {
+    let dir = workdir();
+    let cwd = dir.path();
+    let data = write_data(cwd);
+    let hf = cwd.join("hf");
+    let out = Command::new(python())
+        .arg(reference_script())
+        .args(["create", "llama_tok", hf.to_str().expect("utf-8")])
+        .env("DATA_FOR_BPE", cwd.join(&data))
+        .output()
+        .expect("python (run scripts/test)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let init = format!("hf:{}", hf.display());
+    let recipe = tiny_recipe("runs/tok");
+    let start = recipe.find("[model]").expect("model section");
+    let end = recipe.find("[data]").expect("data section");
+    let recipe = format!(
+        "{}[init]\nfrom = {}\n\n{}",
+        &recipe[..start],
+        toml_str(&init),
+        &recipe[end..]
+    );
+    let name = write_recipe(cwd, "tok.toml", &recipe);
+    trainer(
+        cwd,
+        &[
+            "run",
+            &name,
+            "--set",
+            "train.max_steps=1",
+            "--set",
+            "schedule.warmup_steps=0",
+        ],
+    )
+    .assert_success();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        assert_eq!(
+            std::fs::read(cwd.join("runs/tok").join(f)).expect("kept in the run"),
+            std::fs::read(hf.join(f)).expect("original"),
+            "{f}"
+        );
+    }
+    let gen = trainer(
+        cwd,
+        &[
+            "generate",
+            "--init",
+            "runs/tok",
+            "--prompt",
+            "Alice was",
+            "--max-new-tokens",
+            "3",
+            "--temperature",
+            "0",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    );
+    gen.assert_success();
+    let gen: Value = serde_json::from_str(gen.stdout.trim()).expect("json");
+    assert_eq!(gen["tokenizer"], "tokenizer.json", "{gen}");
+    let reference: Value =
+        serde_json::from_str(py(&["greedy", hf.to_str().expect("utf-8"), "Alice was", "1"]).trim())
+            .expect("json");
+    assert_eq!(gen["prompt_ids"], reference["prompt_ids"]);
+
+    trainer(cwd, &["export", "runs/tok", "--to", "hf", "exported"]).assert_success();
+    let same: Value = serde_json::from_str(
+        py(&[
+            "same_tokenizer",
+            hf.to_str().expect("utf-8"),
+            cwd.join("exported").to_str().expect("utf-8"),
+            "Alice was beginning to get very tired",
+        ])
+        .trim(),
+    )
+    .expect("json");
+    assert_eq!(same["same"], true, "{same}");
+}
+
+/// `hf:ORG/NAME` resolves in the local Hugging Face hub cache as transformers does offline
+/// (`$HF_HUB_CACHE/models--ORG--NAME/snapshots/<refs/main>`); a repository not there is one line
+/// saying where it looked.
+#[test]
+fn hub_cache_ids_resolve_offline() {
+    let dir = workdir();
+    let cwd = dir.path();
+    let data = write_data(cwd);
+    let cache = cwd.join("hub");
+    let repo = cache.join("models--tiny-org--tiny-llama");
+    let snapshot = repo.join("snapshots/0123abcd");
+    py(&["create", "llama", snapshot.to_str().expect("utf-8")]);
+    std::fs::create_dir_all(repo.join("refs")).expect("refs");
+    std::fs::write(repo.join("refs/main"), "0123abcd").expect("ref");
+    let eval = |id: &str| {
+        let out = Command::new(trainer_bin())
+            .current_dir(cwd)
+            .env("HF_HUB_CACHE", &cache)
+            .args([
+                "eval",
+                "--init",
+                id,
+                "--data",
+                &data,
+                "--seq-len",
+                "32",
+                "--device",
+                "cpu",
+                "--json",
+            ])
+            .output()
+            .expect("trainer");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, stdout, stderr) = eval("hf:tiny-org/tiny-llama");
+    assert_eq!(code, Some(0), "{stderr}");
+    let direct = trainer(
+        cwd,
+        &[
+            "eval",
+            "--init",
+            &format!("hf:{}", snapshot.display()),
+            "--data",
+            &data,
+            "--seq-len",
+            "32",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    );
+    direct.assert_success();
+    assert_eq!(loss_of(&stdout), loss_of(&direct.stdout));
+
+    let (code, _, stderr) = eval("hf:tiny-org/missing");
+    assert_eq!(code, Some(1), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("models--tiny-org--missing")
+            && errors[0].contains("nothing is downloaded"),
+        "{stderr}"
     );
 }

@@ -17,6 +17,58 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
+/// The directory of `hf:PATH`: PATH itself when it holds a config.json, else, for a repository
+/// id `ORG/NAME`, its snapshot in the local Hugging Face hub cache, found the way transformers
+/// finds it offline: `models--ORG--NAME/snapshots/<the revision in refs/main>` under
+/// `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`. Nothing is downloaded.
+fn resolve_hf(path: &str) -> Result<PathBuf> {
+    let dir = PathBuf::from(path);
+    if dir.join("config.json").is_file() {
+        return Ok(dir);
+    }
+    let parts: Vec<&str> = path.split('/').collect();
+    let repo_id = parts.len() == 2
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && !p.starts_with('.') && !p.contains('\\'));
+    let Some(cache) = hub_cache().filter(|_| repo_id) else {
+        return Err(Error::Checkpoint {
+            path: dir,
+            msg: "no config.json here (expected a Hugging Face model directory)".into(),
+        });
+    };
+    let repo = cache.join(format!("models--{}--{}", parts[0], parts[1]));
+    let snapshot = std::fs::read_to_string(repo.join("refs/main"))
+        .ok()
+        .map(|rev| repo.join("snapshots").join(rev.trim()));
+    match snapshot {
+        Some(snap) if snap.join("config.json").is_file() => Ok(snap),
+        _ => Err(Error::Checkpoint {
+            path: dir,
+            msg: format!(
+                "no config.json here, nor in the Hugging Face cache at {}/snapshots/<refs/main> \
+                 (offline: nothing is downloaded; set HF_HUB_CACHE or HF_HOME, or give the \
+                 model's directory)",
+                repo.display()
+            ),
+        }),
+    }
+}
+
+/// The hub cache directory as huggingface_hub resolves it.
+fn hub_cache() -> Option<PathBuf> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("HF_HUB_CACHE")
+        .or_else(|| var("HUGGINGFACE_HUB_CACHE"))
+        .or_else(|| var("HF_HOME").map(|h| h.join("hub")))
+        .or_else(|| var("XDG_CACHE_HOME").map(|c| c.join("huggingface/hub")))
+        .or_else(|| var("HOME").map(|h| h.join(".cache/huggingface/hub")))
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {
     Hf(PathBuf),
@@ -30,14 +82,7 @@ pub enum ModelSource {
 impl ModelSource {
     pub fn parse(text: &str) -> Result<ModelSource> {
         if let Some(path) = text.strip_prefix("hf:") {
-            let dir = PathBuf::from(path);
-            if !dir.join("config.json").is_file() {
-                return Err(Error::Checkpoint {
-                    path: dir,
-                    msg: "no config.json here (expected a Hugging Face model directory)".into(),
-                });
-            }
-            return Ok(ModelSource::Hf(dir));
+            return Ok(ModelSource::Hf(resolve_hf(path)?));
         }
         let path = PathBuf::from(text);
         if path.join(checkpoint::STATE_FILE).is_file() {
@@ -64,6 +109,15 @@ impl ModelSource {
                   or hf:PATH"
                 .into(),
         })
+    }
+
+    /// The directory whose tokenizer files (`data::tokenizer::TOKENIZER_FILES`) belong to this
+    /// model: the Hugging Face directory, or the run directory of a checkpoint.
+    pub fn files_dir(&self) -> &Path {
+        match self {
+            ModelSource::Hf(dir) => dir,
+            ModelSource::Checkpoint { run_dir, .. } => run_dir,
+        }
     }
 
     /// The architecture stored with the weights.

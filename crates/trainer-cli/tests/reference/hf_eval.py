@@ -11,6 +11,9 @@
     python hf_eval.py create llama_tok OUT_DIR   # + a BPE tokenizer.json trained on DATA_FOR_BPE
     python hf_eval.py logits_diff DIR_A DIR_B    # -> {"max_rel_diff": ...} on the same random ids
     python hf_eval.py greedy MODEL_DIR PROMPT N  # -> {"prompt_ids": [...], "ids": [...]}: N greedy tokens
+    python hf_eval.py same_tokenizer DIR_A DIR_B TEXT
+        -> {"same": true/false}: AutoTokenizer.from_pretrained(DIR_B) tokenizes TEXT as DIR_A's
+           tokenizer.json does
     python hf_eval.py eval MODEL_DIR DATA SEQ_LEN BATCH_SIZE [--tokenizer]
         -> prints {"loss": ..., "tokens": ...}: mean next-token loss over consecutive windows of
            SEQ_LEN + 1 bytes of DATA (window i starts at i * SEQ_LEN), the windows `trainer eval`
@@ -40,7 +43,8 @@ def train_tokenizer(text_path, out):
     trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train([text_path], trainer)
     os.makedirs(out, exist_ok=True)
-    tok.save(os.path.join(out, "tokenizer.json"))
+    # As transformers saves a tokenizer: tokenizer.json plus tokenizer_config.json.
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(out)
     return tok.get_vocab_size()
 
 
@@ -237,6 +241,14 @@ if __name__ == "__main__":
         print(json.dumps(out))
     elif sys.argv[1] == "field_sweep":
         field_sweep(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    elif sys.argv[1] == "same_tokenizer":
+        import tokenizers
+        a = tokenizers.Tokenizer.from_file(os.path.join(sys.argv[2], "tokenizer.json"))
+        b = transformers.AutoTokenizer.from_pretrained(sys.argv[3])
+        text = sys.argv[4]
+        ids_a = a.encode(text, add_special_tokens=False).ids
+        ids_b = b(text, add_special_tokens=False)["input_ids"]
+        print(json.dumps({"same": ids_a == ids_b, "a": ids_a, "b": ids_b}))
     elif sys.argv[1] == "cases":
         print("\n".join(CASES))
     elif sys.argv[1] == "eval":

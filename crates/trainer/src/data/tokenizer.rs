@@ -71,3 +71,34 @@ impl Tokenizer {
         }
     }
 }
+
+/// The files of a Hugging Face checkpoint that describe its tokenizer and generation defaults.
+/// They travel with the model: into a run directory started from it, and into `trainer export`
+/// output, so that `trainer generate --init RUN` and `AutoTokenizer.from_pretrained(EXPORT)` find
+/// the model's own tokenizer.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+    "chat_template.jinja",
+];
+
+/// Copies the `TOKENIZER_FILES` present in `from` into `to`, never over a file already there;
+/// returns the names copied.
+pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<Vec<&'static str>> {
+    let mut copied = Vec::new();
+    for name in TOKENIZER_FILES {
+        let (src, dst) = (from.join(name), to.join(name));
+        if src.is_file() && !dst.exists() {
+            std::fs::copy(&src, &dst).map_err(crate::error::io_err(format!(
+                "copying {} to {}",
+                src.display(),
+                dst.display()
+            )))?;
+            copied.push(*name);
+        }
+    }
+    Ok(copied)
+}

@@ -129,6 +129,9 @@ pub fn run_from(
     let sections = sections(recipe);
     lm.pruner = harness::start_pruner(&sections, &mut lm.params, total_steps, state.step)?;
     let mut run = Run::start(setup, &sections, &lm.params, &state, stop)?;
+    if run.world.is_main() {
+        keep_tokenizer_files(recipe, &run.run_dir)?;
+    }
     lm.log_start(recipe, &run, total_steps);
     run.reset_peak_memory();
 
@@ -744,6 +747,24 @@ fn init_weights(
         from: Some(source.describe()),
         full,
     })
+}
+
+/// A run started from a model keeps that model's tokenizer files (`TOKENIZER_FILES`) in its
+/// run directory, so that its checkpoints and exports carry the tokenizer they were trained with.
+fn keep_tokenizer_files(recipe: &Recipe, run_dir: &std::path::Path) -> Result<()> {
+    let Some(init) = &recipe.init else {
+        return Ok(());
+    };
+    let source = ModelSource::parse(&init.from)?;
+    let copied = crate::data::tokenizer::copy_tokenizer_files(source.files_dir(), run_dir)?;
+    if !copied.is_empty() {
+        tracing::info!(
+            "kept the model's {} in {}",
+            copied.join(", "),
+            run_dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// `[init] from` into `params`: the weights as they are, or a dense model upcycled into the
