@@ -227,6 +227,8 @@ mod from_transformers_and_back {
         qwen2_tied_window,
         qwen3,
         qwen3_bias,
+        gemma,
+        gemma_untied_bias,
         mixtral,
         gpt2,
         gpt2_unscaled,

@@ -78,6 +78,9 @@ CASES = {
     "qwen3": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(**SMALL, head_dim=16)),
     "qwen3_bias": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(
         **SMALL, head_dim=8, attention_bias=True, tie_word_embeddings=True)),
+    "gemma": lambda: T.GemmaForCausalLM(T.GemmaConfig(**SMALL, head_dim=8)),
+    "gemma_untied_bias": lambda: T.GemmaForCausalLM(T.GemmaConfig(
+        **SMALL, head_dim=16, tie_word_embeddings=False, attention_bias=True)),
     "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(
         vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
@@ -123,6 +126,7 @@ SWEEP_FAMILIES = {
     "mistral": (T.MistralConfig, T.MistralForCausalLM, SMALL),
     "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, SMALL),
     "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, dict(SMALL, head_dim=8)),
+    "gemma": (T.GemmaConfig, T.GemmaForCausalLM, dict(SMALL, head_dim=8)),
     "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, dict(SMALL, num_local_experts=4,
                                                             num_experts_per_tok=2)),
     "gpt2": (T.GPT2Config, T.GPT2LMHeadModel, GPT2),

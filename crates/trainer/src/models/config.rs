@@ -68,7 +68,8 @@ pub struct LlamaConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeConfig>,
     /// The Hugging Face architecture: its fixed differences from Llama and the config.json that
-    /// `trainer export` writes ("llama", "mistral", "qwen2", "qwen3"; Mixtral is llama + moe).
+    /// `trainer export` writes ("llama", "mistral", "qwen2", "qwen3", "gemma"; Mixtral is llama +
+    /// moe).
     #[serde(default, skip_serializing_if = "is_default")]
     #[schemars(!skip_serializing_if)]
     pub family: DecoderFamily,
@@ -98,6 +99,9 @@ pub struct LlamaConfig {
 /// - `mistral`: nothing but its config.json (its sliding window is `sliding_window`).
 /// - `qwen2`: biases on q, k and v (not on the output projection). Qwen2 and Qwen2.5.
 /// - `qwen3`: RMSNorm over each head of q and of k before RoPE (`q_norm`, `k_norm`).
+/// - `gemma`: GeGLU (tanh GELU on the gate) in place of SwiGLU, RMSNorm scaling by `1 + w`
+///   (in fp32, then cast), token embeddings multiplied by sqrt(d_model) (rounded to the
+///   activations' dtype, as transformers does).
 #[derive(
     Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema,
 )]
@@ -108,6 +112,7 @@ pub enum DecoderFamily {
     Mistral,
     Qwen2,
     Qwen3,
+    Gemma,
 }
 
 /// One layer's attention in `layer_types`.
@@ -129,6 +134,11 @@ impl DecoderFamily {
         self == DecoderFamily::Qwen3
     }
 
+    /// Gemma's differences: GeGLU, `(1 + w)` norms, embeddings scaled by sqrt(d_model).
+    pub fn gemma(self) -> bool {
+        self == DecoderFamily::Gemma
+    }
+
     /// transformers' `model_type`.
     pub fn model_type(self) -> &'static str {
         match self {
@@ -136,6 +146,7 @@ impl DecoderFamily {
             DecoderFamily::Mistral => "mistral",
             DecoderFamily::Qwen2 => "qwen2",
             DecoderFamily::Qwen3 => "qwen3",
+            DecoderFamily::Gemma => "gemma",
         }
     }
 }

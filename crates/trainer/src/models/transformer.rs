@@ -248,6 +248,8 @@ enum Norm {
     Rms {
         weight: Tensor,
         eps: f64,
+        /// Gemma: scale by `1 + w` in fp32, then cast (Llama casts, then scales by `w`).
+        plus_one: bool,
     },
     Layer {
         weight: Tensor,
@@ -260,12 +262,20 @@ impl Norm {
     fn forward(&self, x: &Tensor) -> Tensor {
         match self {
             // transformers' LlamaRMSNorm: normalise in fp32, scale in the input dtype.
-            Norm::Rms { weight, eps } => {
+            Norm::Rms {
+                weight,
+                eps,
+                plus_one,
+            } => {
                 let kind = x.kind();
                 let xf = x.to_kind(Kind::Float);
                 let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-                let normed = (xf * (var + *eps).rsqrt()).to_kind(kind);
-                weight * normed
+                let normed = xf * (var + *eps).rsqrt();
+                if *plus_one {
+                    (normed * (weight.to_kind(Kind::Float) + 1.0)).to_kind(kind)
+                } else {
+                    weight * normed.to_kind(kind)
+                }
             }
             Norm::Layer { weight, bias, eps } => {
                 let d = weight.size()[0];
@@ -276,7 +286,7 @@ impl Norm {
 }
 
 enum Mlp {
-    /// down(silu(gate(x)) * up(x))
+    /// down(silu(gate(x)) * up(x)); Gemma: the tanh GELU in place of silu (GeGLU).
     SwiGlu {
         gate: Linear,
         up: Linear,
@@ -344,9 +354,16 @@ impl Transformer {
             let bias = bias.then(|| s.zeros(&format!("{path}.bias"), &[out_f]));
             Linear::new(path, weight, bias, false)
         };
+        // Gemma's norms scale by 1 + w: w starts at zero.
+        let plus_one = v.family.gemma();
         let rms = |s: &mut ParamStore, name: String, width: i64| Norm::Rms {
-            weight: s.ones(&name, &[width]),
+            weight: if plus_one {
+                s.zeros(&name, &[width])
+            } else {
+                s.ones(&name, &[width])
+            },
             eps: c.norm_eps,
+            plus_one,
         };
         let mut blocks = Vec::new();
         for i in 0..c.n_layers {
@@ -518,6 +535,13 @@ impl Transformer {
         let (b, t) = idx.size2().expect("token ids are [batch, time]");
         let p_drop = if train { c.dropout } else { 0.0 };
         let mut x = Tensor::embedding(&self.embed, idx, -1, false, false); // [b, t, d]
+        if c.variant.family.gemma() {
+            // sqrt(d) rounded to the activations' dtype first, as transformers' Gemma does.
+            let scale = Tensor::from((c.d_model as f64).sqrt())
+                .to_kind(x.kind())
+                .to_device(x.device());
+            x = x * scale;
+        }
         if let Some(pos) = &self.positions {
             x = x + pos.narrow(0, 0, t); // learned positions [t, d]
         }
@@ -544,10 +568,14 @@ impl Transformer {
                 }
                 Mlp::SwiGlu { gate, up, down } => {
                     let xn = block.norm2.forward(&x);
-                    down.forward(
-                        &(gate.forward(&xn, train).silu() * up.forward(&xn, train)),
-                        train,
-                    )
+                    let g = gate.forward(&xn, train);
+                    // Gemma's GeGLU: the tanh GELU on the gate.
+                    let g = if c.variant.family.gemma() {
+                        g.gelu("tanh")
+                    } else {
+                        g.silu()
+                    };
+                    down.forward(&(g * up.forward(&xn, train)), train)
                 }
                 Mlp::Gelu { fc, proj } => proj.forward(
                     &fc.forward(&block.norm2.forward(&x), train).gelu("tanh"),

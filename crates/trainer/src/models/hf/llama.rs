@@ -37,6 +37,9 @@ pub struct Defaults {
     pub rope_theta: f64,
     /// None: hidden_size / num_attention_heads.
     pub head_dim: Option<i64>,
+    pub tie_word_embeddings: bool,
+    /// The `hidden_act` values that name the family's MLP activation (the first is the default).
+    pub hidden_act: &'static [&'static str],
 }
 
 impl Defaults {
@@ -44,6 +47,8 @@ impl Defaults {
         rms_norm_eps: 1e-6,
         rope_theta: 10000.0,
         head_dim: None,
+        tie_word_embeddings: false,
+        hidden_act: &["silu"],
     };
 }
 
@@ -51,10 +56,19 @@ impl Defaults {
 /// family's own switches are left at their defaults for its reader to set.
 pub fn decoder(f: &mut Fields, family: DecoderFamily, defaults: Defaults) -> Res<LlamaConfig> {
     f.decoder_only()?;
+    let acts: Vec<Value> = defaults.hidden_act.iter().map(|a| json!(a)).collect();
     f.must_be(
         "hidden_act",
-        &[json!("silu")],
-        "only \"silu\" (SwiGLU) in Llama-style MLPs",
+        &acts,
+        &format!(
+            "the {} MLP computes {}",
+            family.model_type(),
+            if family.gemma() {
+                "GeGLU (tanh GELU)"
+            } else {
+                "SwiGLU (\"silu\")"
+            }
+        ),
     )?;
     f.must_be(
         "attention_dropout",
@@ -76,7 +90,7 @@ pub fn decoder(f: &mut Fields, family: DecoderFamily, defaults: Defaults) -> Res
         max_seq_len: f.int("max_position_embeddings")?,
         rope_theta,
         norm_eps: f.float_or("rms_norm_eps", defaults.rms_norm_eps)?,
-        tie_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        tie_embeddings: f.bool_or("tie_word_embeddings", defaults.tie_word_embeddings)?,
         moe: None,
         family,
         attention_bias: false,
@@ -212,7 +226,7 @@ pub fn decoder_json(c: &TransformerConfig, architecture: &str) -> Map<String, Va
         "max_position_embeddings": c.max_seq_len,
         "rms_norm_eps": c.norm_eps,
         "tie_word_embeddings": c.tie_embeddings,
-        "hidden_act": "silu",
+        "hidden_act": if c.variant.family.gemma() { "gelu_pytorch_tanh" } else { "silu" },
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
         "dtype": "float32",

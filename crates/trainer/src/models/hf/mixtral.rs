@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 const MIXTRAL: Defaults = Defaults {
     rms_norm_eps: 1e-5,
     rope_theta: 1e6,
-    head_dim: None,
+    ..Defaults::LLAMA
 };
 
 pub fn read(f: &mut Fields) -> Res<ModelConfig> {

@@ -5,13 +5,14 @@
 //! and which it ignores (they do not change the computation); `fields.rs` refuses everything
 //! else by name, so no field is silently dropped. Families: `llama.rs` (Llama 1-3.x, with the
 //! RoPE scalings, and the fields every Llama-style family shares), `mistral.rs`, `qwen2.rs`
-//! (Qwen2, Qwen2.5), `qwen3.rs`, `mixtral.rs`, `gpt2.rs`. The computation each switch selects
+//! (Qwen2, Qwen2.5), `qwen3.rs`, `gemma.rs`, `mixtral.rs`, `gpt2.rs`. The computation each switch selects
 //! is in `transformer.rs` (`Variant`).
 //!
 //! Our parameter names are the Hugging Face state-dict keys (see `transformer.rs`), so loading is
 //! a copy by name.
 
 mod fields;
+mod gemma;
 mod gpt2;
 mod llama;
 mod mistral;
@@ -65,6 +66,7 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
         "mixtral" => mixtral::read(&mut f)?,
         "qwen2" => qwen2::read(&mut f)?,
         "qwen3" => qwen3::read(&mut f)?,
+        "gemma" => gemma::read(&mut f)?,
         "gpt2" => gpt2::read(&mut f)?,
         other => {
             return Err(format!(
@@ -108,7 +110,9 @@ fn json_name(model: &ModelConfig, key: &str) -> Option<&'static str> {
 }
 
 /// The `model_type`s this tool reads and writes.
-pub const SUPPORTED: &[&str] = &["llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt2"];
+pub const SUPPORTED: &[&str] = &[
+    "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gpt2",
+];
 
 /// Refuses a model whose switches `family`'s config.json cannot express (`names`: the switches
 /// by their `[model]` key), so that an export never drops one.
@@ -123,6 +127,7 @@ fn refuse_switches(
             "attention_bias" => v.attention_bias,
             "mlp_bias" => v.mlp_bias,
             "layer_types" => v.sliding_layers.is_some(),
+            "sliding_window" => v.sliding_window.is_some(),
             _ => false,
         };
         if set {
@@ -232,6 +237,7 @@ pub fn config_json(cfg: &TransformerConfig) -> Result<Value, String> {
             DecoderFamily::Mistral => mistral::write(cfg)?,
             DecoderFamily::Qwen2 => qwen2::write(cfg)?,
             DecoderFamily::Qwen3 => qwen3::write(cfg)?,
+            DecoderFamily::Gemma => gemma::write(cfg)?,
         },
     };
     Ok(Value::Object(map))
