@@ -229,6 +229,8 @@ mod from_transformers_and_back {
         qwen3_bias,
         gemma,
         gemma_untied_bias,
+        olmo2,
+        olmo2_bias_tied,
         mixtral,
         gpt2,
         gpt2_unscaled,

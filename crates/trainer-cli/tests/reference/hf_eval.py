@@ -81,6 +81,9 @@ CASES = {
     "gemma": lambda: T.GemmaForCausalLM(T.GemmaConfig(**SMALL, head_dim=8)),
     "gemma_untied_bias": lambda: T.GemmaForCausalLM(T.GemmaConfig(
         **SMALL, head_dim=16, tie_word_embeddings=False, attention_bias=True)),
+    "olmo2": lambda: T.Olmo2ForCausalLM(T.Olmo2Config(**SMALL)),
+    "olmo2_bias_tied": lambda: T.Olmo2ForCausalLM(T.Olmo2Config(
+        **SMALL, attention_bias=True, tie_word_embeddings=True)),
     "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(
         vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
@@ -127,6 +130,7 @@ SWEEP_FAMILIES = {
     "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, SMALL),
     "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, dict(SMALL, head_dim=8)),
     "gemma": (T.GemmaConfig, T.GemmaForCausalLM, dict(SMALL, head_dim=8)),
+    "olmo2": (T.Olmo2Config, T.Olmo2ForCausalLM, SMALL),
     "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, dict(SMALL, num_local_experts=4,
                                                             num_experts_per_tok=2)),
     "gpt2": (T.GPT2Config, T.GPT2LMHeadModel, GPT2),

@@ -68,7 +68,7 @@ pub struct LlamaConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeConfig>,
     /// The Hugging Face architecture: its fixed differences from Llama and the config.json that
-    /// `trainer export` writes ("llama", "mistral", "qwen2", "qwen3", "gemma"; Mixtral is llama +
+    /// `trainer export` writes ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo2"; Mixtral is llama +
     /// moe).
     #[serde(default, skip_serializing_if = "is_default")]
     #[schemars(!skip_serializing_if)]
@@ -102,6 +102,9 @@ pub struct LlamaConfig {
 /// - `gemma`: GeGLU (tanh GELU on the gate) in place of SwiGLU, RMSNorm scaling by `1 + w`
 ///   (in fp32, then cast), token embeddings multiplied by sqrt(d_model) (rounded to the
 ///   activations' dtype, as transformers does).
+/// - `olmo2`: norms after attention and after the MLP (`post_attention_layernorm`,
+///   `post_feedforward_layernorm`) instead of before, RMSNorm of the whole q and k projections
+///   before RoPE, norms scaling in fp32 before the cast.
 #[derive(
     Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema,
 )]
@@ -113,6 +116,7 @@ pub enum DecoderFamily {
     Qwen2,
     Qwen3,
     Gemma,
+    Olmo2,
 }
 
 /// One layer's attention in `layer_types`.
@@ -139,6 +143,11 @@ impl DecoderFamily {
         self == DecoderFamily::Gemma
     }
 
+    /// OLMo 2's norms after attention and MLP, and its q/k norms over whole projections.
+    pub fn post_norm(self) -> bool {
+        self == DecoderFamily::Olmo2
+    }
+
     /// transformers' `model_type`.
     pub fn model_type(self) -> &'static str {
         match self {
@@ -147,6 +156,7 @@ impl DecoderFamily {
             DecoderFamily::Qwen2 => "qwen2",
             DecoderFamily::Qwen3 => "qwen3",
             DecoderFamily::Gemma => "gemma",
+            DecoderFamily::Olmo2 => "olmo2",
         }
     }
 }

@@ -9,9 +9,10 @@
 //! The Llama-style families of Hugging Face differ from Llama by a few switches, gathered in
 //! `Variant`; which family sets which is in `hf/` (one file per family, with its config.json):
 //! q/k/v and output biases (Qwen2, `attention_bias`), MLP biases (`mlp_bias`), per-head RMSNorm of
-//! q and k (Qwen3), RoPE scaling (Llama 3.x, YaRN; `rope.rs`), sliding-window attention on some
-//! or all layers (Mistral, Qwen2 with `use_sliding_window`); and for GPT-2 its attention-scale
-//! flags and an untied head.
+//! q and k (Qwen3; OLMo 2 over the whole projections, with norms after attention and MLP instead
+//! of before), RoPE scaling (Llama 3.x, YaRN; `rope.rs`), sliding-window attention on some
+//! or all layers (Mistral, Qwen2 with `use_sliding_window`), GeGLU, `(1 + w)` norms and scaled
+//! embeddings (Gemma); and for GPT-2 its attention-scale flags and an untied head.
 //!
 //! Parameter names and shapes equal the Hugging Face checkpoint keys, so checkpoints map one to
 //! one: GPT-2's `Conv1D` weights are stored `[in, out]` as Hugging Face stores them.
@@ -248,8 +249,7 @@ enum Norm {
     Rms {
         weight: Tensor,
         eps: f64,
-        /// Gemma: scale by `1 + w` in fp32, then cast (Llama casts, then scales by `w`).
-        plus_one: bool,
+        style: RmsStyle,
     },
     Layer {
         weight: Tensor,
@@ -262,19 +262,17 @@ impl Norm {
     fn forward(&self, x: &Tensor) -> Tensor {
         match self {
             // transformers' LlamaRMSNorm: normalise in fp32, scale in the input dtype.
-            Norm::Rms {
-                weight,
-                eps,
-                plus_one,
-            } => {
+            Norm::Rms { weight, eps, style } => {
                 let kind = x.kind();
                 let xf = x.to_kind(Kind::Float);
                 let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
                 let normed = xf * (var + *eps).rsqrt();
-                if *plus_one {
-                    (normed * (weight.to_kind(Kind::Float) + 1.0)).to_kind(kind)
-                } else {
-                    weight * normed.to_kind(kind)
+                match style {
+                    RmsStyle::Llama => weight * normed.to_kind(kind),
+                    RmsStyle::ScaleInFp32 => (normed * weight.to_kind(Kind::Float)).to_kind(kind),
+                    RmsStyle::PlusOne => {
+                        (normed * (weight.to_kind(Kind::Float) + 1.0)).to_kind(kind)
+                    }
                 }
             }
             Norm::Layer { weight, bias, eps } => {
@@ -283,6 +281,17 @@ impl Norm {
             }
         }
     }
+}
+
+/// Where an RMSNorm's scale is applied: the same in fp32, different roundings in bf16.
+#[derive(Clone, Copy, PartialEq)]
+enum RmsStyle {
+    /// transformers' LlamaRMSNorm: normalise in fp32, cast, then scale by `w`.
+    Llama,
+    /// OLMo 2: scale by `w` in fp32, then cast.
+    ScaleInFp32,
+    /// Gemma: scale by `1 + w` in fp32, then cast (`w` starts at zero).
+    PlusOne,
 }
 
 enum Mlp {
@@ -301,9 +310,17 @@ enum Mlp {
 struct Attention {
     /// Llama: separate q, k, v projections. GPT-2: one fused c_attn.
     qkv: Qkv,
-    /// Qwen3: RMSNorm over each head of q, and of k, before RoPE.
-    qk_norm: Option<(Norm, Norm)>,
+    /// RMSNorm of q and of k before RoPE: Qwen3 per head, OLMo 2 over the whole projection.
+    qk_norm: Option<QkNorm>,
     out: Linear,
+}
+
+enum QkNorm {
+    /// Over each head's `head_dim` (Qwen3).
+    PerHead(Norm, Norm),
+    /// Over the whole q (`n_heads * head_dim`) and k (`n_kv_heads * head_dim`) projections
+    /// (OLMo 2).
+    Whole(Norm, Norm),
 }
 
 // One per layer: the size difference of the variants does not matter.
@@ -354,21 +371,31 @@ impl Transformer {
             let bias = bias.then(|| s.zeros(&format!("{path}.bias"), &[out_f]));
             Linear::new(path, weight, bias, false)
         };
-        // Gemma's norms scale by 1 + w: w starts at zero.
-        let plus_one = v.family.gemma();
+        let style = match v.family {
+            DecoderFamily::Gemma => RmsStyle::PlusOne,
+            DecoderFamily::Olmo2 => RmsStyle::ScaleInFp32,
+            _ => RmsStyle::Llama,
+        };
         let rms = |s: &mut ParamStore, name: String, width: i64| Norm::Rms {
-            weight: if plus_one {
+            // Gemma's norms scale by 1 + w: w starts at zero.
+            weight: if style == RmsStyle::PlusOne {
                 s.zeros(&name, &[width])
             } else {
                 s.ones(&name, &[width])
             },
             eps: c.norm_eps,
-            plus_one,
+            style,
+        };
+        // OLMo 2 normalises the outputs of attention and MLP, not their inputs.
+        let (norm1_name, norm2_name) = if v.family.post_norm() {
+            ("post_attention_layernorm", "post_feedforward_layernorm")
+        } else {
+            ("input_layernorm", "post_attention_layernorm")
         };
         let mut blocks = Vec::new();
         for i in 0..c.n_layers {
             let p = format!("model.layers.{i}");
-            let norm1 = rms(s, format!("{p}.input_layernorm.weight"), d);
+            let norm1 = rms(s, format!("{p}.{norm1_name}.weight"), d);
             let (kv_width, a) = (c.n_kv_heads * hd, format!("{p}.self_attn"));
             let q = lin(
                 s,
@@ -386,12 +413,19 @@ impl Transformer {
                 c.n_heads * hd,
                 v.attention_bias,
             );
-            let qk_norm = v.qk_norm().then(|| {
-                (
-                    rms(s, format!("{a}.q_norm.weight"), hd),
-                    rms(s, format!("{a}.k_norm.weight"), hd),
-                )
-            });
+            let qk_norm = if v.family.post_norm() {
+                Some(QkNorm::Whole(
+                    rms(s, format!("{a}.q_norm.weight"), c.n_heads * hd),
+                    rms(s, format!("{a}.k_norm.weight"), kv_width),
+                ))
+            } else {
+                v.qk_norm().then(|| {
+                    QkNorm::PerHead(
+                        rms(s, format!("{a}.q_norm.weight"), hd),
+                        rms(s, format!("{a}.k_norm.weight"), hd),
+                    )
+                })
+            };
             let mlp = match &c.moe {
                 Some(m) => Mlp::Moe(Moe::new(m, d, c.d_ff, &format!("{p}.mlp"), s)?),
                 None => Mlp::SwiGlu {
@@ -412,7 +446,7 @@ impl Transformer {
                     ),
                 },
             };
-            let norm2 = rms(s, format!("{p}.post_attention_layernorm.weight"), d);
+            let norm2 = rms(s, format!("{p}.{norm2_name}.weight"), d);
             blocks.push(Block {
                 norm1,
                 attn: Attention {
@@ -551,12 +585,15 @@ impl Transformer {
         keep(0, &x);
         let mut moe_layers = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
-            let xn = block.norm1.forward(&x);
+            // Pre-norm (Llama): x + f(norm(x)); post-norm (OLMo 2): x + norm(f(x)).
+            let post = c.variant.family.post_norm();
+            let xn = if post { x.shallow_clone() } else { block.norm1.forward(&x) };
             let h = self.attention(&block.attn, i, &xn, (b, t), p_drop, train);
-            x = x + h;
+            x = x + if post { block.norm1.forward(&h) } else { h };
+            let xn = if post { x.shallow_clone() } else { block.norm2.forward(&x) };
             let m = match &block.mlp {
                 Mlp::Moe(moe) => {
-                    let o = moe.forward(&block.norm2.forward(&x), train);
+                    let o = moe.forward(&xn, train);
                     moe_layers.push(MoeLayerStats {
                         loss: o.loss,
                         aux_loss: o.aux_loss,
@@ -567,7 +604,6 @@ impl Transformer {
                     o.out
                 }
                 Mlp::SwiGlu { gate, up, down } => {
-                    let xn = block.norm2.forward(&x);
                     let g = gate.forward(&xn, train);
                     // Gemma's GeGLU: the tanh GELU on the gate.
                     let g = if c.variant.family.gemma() {
@@ -577,11 +613,9 @@ impl Transformer {
                     };
                     down.forward(&(g * up.forward(&xn, train)), train)
                 }
-                Mlp::Gelu { fc, proj } => proj.forward(
-                    &fc.forward(&block.norm2.forward(&x), train).gelu("tanh"),
-                    train,
-                ),
+                Mlp::Gelu { fc, proj } => proj.forward(&fc.forward(&xn, train).gelu("tanh"), train),
             };
+            let m = if post { block.norm2.forward(&m) } else { m };
             x = x + if p_drop > 0.0 {
                 m.dropout(p_drop, train)
             } else {
@@ -668,7 +702,7 @@ impl Transformer {
     ) -> Tensor {
         let c = &self.config;
         let hd = c.head_dim();
-        let (q, k, v) = match &attn.qkv {
+        let (mut q, mut k, v) = match &attn.qkv {
             Qkv::Separate { q, k, v } => (
                 q.forward(x, train),
                 k.forward(x, train),
@@ -683,13 +717,16 @@ impl Transformer {
                 )
             }
         };
+        if let Some(QkNorm::Whole(q_norm, k_norm)) = &attn.qk_norm {
+            (q, k) = (q_norm.forward(&q), k_norm.forward(&k));
+        }
         // [b, t, h*hd] -> [b, h, t, hd]
         let q = q.view([b, t, c.n_heads, hd]).transpose(1, 2);
         let k = k.view([b, t, c.n_kv_heads, hd]).transpose(1, 2);
         let v = v.view([b, t, c.n_kv_heads, hd]).transpose(1, 2);
         let (q, k) = match &attn.qk_norm {
-            Some((q_norm, k_norm)) => (q_norm.forward(&q), k_norm.forward(&k)),
-            None => (q, k),
+            Some(QkNorm::PerHead(q_norm, k_norm)) => (q_norm.forward(&q), k_norm.forward(&k)),
+            _ => (q, k),
         };
         let (q, k) = match &self.rope {
             Some((cos, sin)) => {

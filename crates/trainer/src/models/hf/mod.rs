@@ -5,7 +5,8 @@
 //! and which it ignores (they do not change the computation); `fields.rs` refuses everything
 //! else by name, so no field is silently dropped. Families: `llama.rs` (Llama 1-3.x, with the
 //! RoPE scalings, and the fields every Llama-style family shares), `mistral.rs`, `qwen2.rs`
-//! (Qwen2, Qwen2.5), `qwen3.rs`, `gemma.rs`, `mixtral.rs`, `gpt2.rs`. The computation each switch selects
+//! (Qwen2, Qwen2.5), `qwen3.rs`, `gemma.rs`,
+//! `olmo2.rs`, `mixtral.rs`, `gpt2.rs`. The computation each switch selects
 //! is in `transformer.rs` (`Variant`).
 //!
 //! Our parameter names are the Hugging Face state-dict keys (see `transformer.rs`), so loading is
@@ -17,6 +18,7 @@ mod gpt2;
 mod llama;
 mod mistral;
 mod mixtral;
+mod olmo2;
 mod qwen2;
 mod qwen3;
 
@@ -67,6 +69,7 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
         "qwen2" => qwen2::read(&mut f)?,
         "qwen3" => qwen3::read(&mut f)?,
         "gemma" => gemma::read(&mut f)?,
+        "olmo2" => olmo2::read(&mut f)?,
         "gpt2" => gpt2::read(&mut f)?,
         other => {
             return Err(format!(
@@ -111,7 +114,7 @@ fn json_name(model: &ModelConfig, key: &str) -> Option<&'static str> {
 
 /// The `model_type`s this tool reads and writes.
 pub const SUPPORTED: &[&str] = &[
-    "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gpt2",
+    "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "olmo2", "gpt2",
 ];
 
 /// Refuses a model whose switches `family`'s config.json cannot express (`names`: the switches
@@ -238,6 +241,7 @@ pub fn config_json(cfg: &TransformerConfig) -> Result<Value, String> {
             DecoderFamily::Qwen2 => qwen2::write(cfg)?,
             DecoderFamily::Qwen3 => qwen3::write(cfg)?,
             DecoderFamily::Gemma => gemma::write(cfg)?,
+            DecoderFamily::Olmo2 => olmo2::write(cfg)?,
         },
     };
     Ok(Value::Object(map))
