@@ -587,10 +587,18 @@ impl Transformer {
         for (i, block) in self.blocks.iter().enumerate() {
             // Pre-norm (Llama): x + f(norm(x)); post-norm (OLMo 2): x + norm(f(x)).
             let post = c.variant.family.post_norm();
-            let xn = if post { x.shallow_clone() } else { block.norm1.forward(&x) };
+            let xn = if post {
+                x.shallow_clone()
+            } else {
+                block.norm1.forward(&x)
+            };
             let h = self.attention(&block.attn, i, &xn, (b, t), p_drop, train);
             x = x + if post { block.norm1.forward(&h) } else { h };
-            let xn = if post { x.shallow_clone() } else { block.norm2.forward(&x) };
+            let xn = if post {
+                x.shallow_clone()
+            } else {
+                block.norm2.forward(&x)
+            };
             let m = match &block.mlp {
                 Mlp::Moe(moe) => {
                     let o = moe.forward(&xn, train);
