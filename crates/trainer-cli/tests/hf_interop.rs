@@ -733,3 +733,84 @@ fn hub_cache_ids_resolve_offline() {
         "{stderr}"
     );
 }
+
+/// configs/from_hf/: continual pretraining from a Llama-3.2-shaped and a Qwen2.5-shaped
+/// checkpoint (made locally by its make_checkpoints.py) runs end to end, and the result exports
+/// to what transformers loads with the trainer's loss.
+#[test]
+fn continual_pretraining_from_llama32_and_qwen25_shapes() {
+    let dir = workdir();
+    let cwd = dir.path();
+    let data = write_data(cwd);
+    let made = Command::new(python())
+        .arg(repo_root().join("configs/from_hf/make_checkpoints.py"))
+        .arg(cwd.join("runs/hf"))
+        .output()
+        .expect("python (run scripts/test)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    for (shape, family) in [
+        ("llama3.2", "type = \"llama3\""),
+        ("qwen2.5", "family = \"qwen2\""),
+    ] {
+        let recipe = repo_root().join(format!("configs/from_hf/{shape}.toml"));
+        let recipe = recipe.to_str().expect("utf-8");
+        let validated = trainer(cwd, &["validate", recipe]);
+        validated.assert_success();
+        assert!(
+            validated.stdout.contains(family),
+            "{}",
+            validated.describe()
+        );
+        trainer(
+            cwd,
+            &[
+                "run",
+                recipe,
+                "--set",
+                "train.max_steps=3",
+                "--set",
+                "schedule.warmup_steps=1",
+                "--set",
+                "train.eval_every=3",
+                "--set",
+                "run.threads=1",
+            ],
+        )
+        .assert_success();
+        let run = format!("runs/from-{shape}");
+        let export = format!("runs/from-{shape}-hf");
+        trainer(cwd, &["export", &run, "--to", "hf", &export]).assert_success();
+        let ours = trainer(
+            cwd,
+            &[
+                "eval",
+                "--init",
+                &run,
+                "--data",
+                &data,
+                "--seq-len",
+                "32",
+                "--device",
+                "cpu",
+                "--json",
+            ],
+        );
+        ours.assert_success();
+        let ours = loss_of(&ours.stdout);
+        let theirs = loss_of(&py(&[
+            "eval",
+            cwd.join(&export).to_str().expect("utf-8"),
+            cwd.join(&data).to_str().expect("utf-8"),
+            "32",
+            "4",
+        ]));
+        assert!(
+            (ours - theirs).abs() / theirs < 1e-5,
+            "{shape}: trainer {ours} vs transformers {theirs}"
+        );
+    }
+}
