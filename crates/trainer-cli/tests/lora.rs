@@ -409,6 +409,10 @@ fn peft_adapters_load_as_peft_wrote_them() {
             "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"v_proj\", \"down_proj\"]\n\
              rank_pattern = { q_proj = 2 }\nalpha_pattern = { v_proj = 32.0 }",
         ),
+        // Other families, every projection under the names peft gives them there.
+        ("qwen2_all", "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
+        ("gemma_all", "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
+        ("olmo2_all", "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
     ] {
         let dir = workdir();
         let cwd = dir.path();

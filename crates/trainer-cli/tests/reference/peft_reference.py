@@ -61,6 +61,11 @@ def evaluate(base_dir, adapter_dir, merged_dir, data, seq_len, batch_size):
     print(json.dumps(out))
 
 
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The base model of a variant: its prefix names the family (Llama without one).
+BASES = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+         "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+         "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM)}
 # peft's LoraConfig of each variant that tests/lora.rs loads (or expects refused).
 ADAPTER_VARIANTS = {
     "plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -68,14 +73,21 @@ ADAPTER_VARIANTS = {
     "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                      rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 32}),
     "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
+    # Other families: every projection, under the names peft gives them there.
+    "qwen2_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
+    "gemma_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
+    "olmo2_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
 }
 
 
 def make_adapter(variant, base_dir, adapter_dir, data, seq_len, batch_size):
     torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    config_cls, model_cls = BASES.get(variant.split("_")[0],
+                                      (transformers.LlamaConfig, transformers.LlamaForCausalLM))
+    extra = dict(head_dim=8) if config_cls is transformers.GemmaConfig else {}
+    base = model_cls(config_cls(
         vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64))
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, **extra))
     with torch.no_grad():
         for p in base.parameters():
             p.mul_(10.0) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.1)
