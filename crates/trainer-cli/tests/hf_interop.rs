@@ -45,6 +45,29 @@ fn loss_of(json_text: &str) -> f64 {
     v["loss"].as_f64().expect("loss")
 }
 
+/// `trainer eval --init INIT` of `data` in windows of 32 (batches of 4, CPU): the mean loss.
+fn trainer_eval(cwd: &Path, init: &str, data: &str) -> f64 {
+    let out = trainer(
+        cwd,
+        &[
+            "eval",
+            "--init",
+            init,
+            "--data",
+            data,
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    );
+    out.assert_success();
+    loss_of(&out.stdout)
+}
+
 fn write_data(dir: &Path) -> String {
     let text = std::fs::read_to_string(repo_root().join("crates/trainer/data/wonderland.txt"))
         .expect("corpus");
@@ -63,25 +86,7 @@ fn check_case(case: &str) {
     let reference = loss_of(&py(&["create_eval", case, hf_arg, data_path, "32", "4"]));
 
     let init = format!("hf:{}", hf.display());
-    let ours = trainer(
-        cwd,
-        &[
-            "eval",
-            "--init",
-            &init,
-            "--data",
-            &data,
-            "--seq-len",
-            "32",
-            "--batch-size",
-            "4",
-            "--device",
-            "cpu",
-            "--json",
-        ],
-    );
-    ours.assert_success();
-    let ours = loss_of(&ours.stdout);
+    let ours = trainer_eval(cwd, &init, &data);
     assert!(
         (ours - reference).abs() / reference < 1e-5,
         "{case}: trainer {ours} vs transformers {reference}"
@@ -153,28 +158,10 @@ fn fine_tune_and_export(case: &str, cwd: &Path, init: &str, data: &str) {
         ],
     );
     out.assert_success();
-    let eval = |init: &str| {
-        let out = trainer(
-            cwd,
-            &[
-                "eval",
-                "--init",
-                init,
-                "--data",
-                data,
-                "--seq-len",
-                "32",
-                "--batch-size",
-                "4",
-                "--device",
-                "cpu",
-                "--json",
-            ],
-        );
-        out.assert_success();
-        loss_of(&out.stdout)
-    };
-    let (start_loss, tuned) = (eval(init), eval("runs/ft"));
+    let (start_loss, tuned) = (
+        trainer_eval(cwd, init, data),
+        trainer_eval(cwd, "runs/ft", data),
+    );
     assert!(
         (start_loss - tuned).abs() > 1e-6,
         "{case}: two steps changed nothing ({tuned})"
@@ -691,6 +678,8 @@ fn hub_cache_ids_resolve_offline() {
                 &data,
                 "--seq-len",
                 "32",
+                "--batch-size",
+                "4",
                 "--device",
                 "cpu",
                 "--json",
@@ -705,23 +694,8 @@ fn hub_cache_ids_resolve_offline() {
     };
     let (code, stdout, stderr) = eval("hf:tiny-org/tiny-llama");
     assert_eq!(code, Some(0), "{stderr}");
-    let direct = trainer(
-        cwd,
-        &[
-            "eval",
-            "--init",
-            &format!("hf:{}", snapshot.display()),
-            "--data",
-            &data,
-            "--seq-len",
-            "32",
-            "--device",
-            "cpu",
-            "--json",
-        ],
-    );
-    direct.assert_success();
-    assert_eq!(loss_of(&stdout), loss_of(&direct.stdout));
+    let direct = trainer_eval(cwd, &format!("hf:{}", snapshot.display()), &data);
+    assert_eq!(loss_of(&stdout), direct);
 
     let (code, _, stderr) = eval("hf:tiny-org/missing");
     assert_eq!(code, Some(1), "{stderr}");
@@ -784,23 +758,7 @@ fn continual_pretraining_from_llama32_and_qwen25_shapes() {
         let run = format!("runs/from-{shape}");
         let export = format!("runs/from-{shape}-hf");
         trainer(cwd, &["export", &run, "--to", "hf", &export]).assert_success();
-        let ours = trainer(
-            cwd,
-            &[
-                "eval",
-                "--init",
-                &run,
-                "--data",
-                &data,
-                "--seq-len",
-                "32",
-                "--device",
-                "cpu",
-                "--json",
-            ],
-        );
-        ours.assert_success();
-        let ours = loss_of(&ours.stdout);
+        let ours = trainer_eval(cwd, &run, &data);
         let theirs = loss_of(&py(&[
             "eval",
             cwd.join(&export).to_str().expect("utf-8"),
