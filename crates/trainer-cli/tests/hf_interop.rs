@@ -218,6 +218,7 @@ mod from_transformers_and_back {
         gemma_untied_bias,
         olmo2,
         olmo2_bias_tied,
+        granite,
         mixtral,
         gpt2,
         gpt2_unscaled,

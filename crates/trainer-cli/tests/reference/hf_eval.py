@@ -84,6 +84,9 @@ CASES = {
     "olmo2": lambda: T.Olmo2ForCausalLM(T.Olmo2Config(**SMALL)),
     "olmo2_bias_tied": lambda: T.Olmo2ForCausalLM(T.Olmo2Config(
         **SMALL, attention_bias=True, tie_word_embeddings=True)),
+    "granite": lambda: T.GraniteForCausalLM(T.GraniteConfig(
+        **SMALL, embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.125,
+        logits_scaling=2.0, attention_bias=True, tie_word_embeddings=True)),
     "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(
         vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
@@ -131,6 +134,7 @@ SWEEP_FAMILIES = {
     "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, dict(SMALL, head_dim=8)),
     "gemma": (T.GemmaConfig, T.GemmaForCausalLM, dict(SMALL, head_dim=8)),
     "olmo2": (T.Olmo2Config, T.Olmo2ForCausalLM, SMALL),
+    "granite": (T.GraniteConfig, T.GraniteForCausalLM, SMALL),
     "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, dict(SMALL, num_local_experts=4,
                                                             num_experts_per_tok=2)),
     "gpt2": (T.GPT2Config, T.GPT2LMHeadModel, GPT2),

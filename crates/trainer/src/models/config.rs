@@ -68,7 +68,8 @@ pub struct LlamaConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeConfig>,
     /// The Hugging Face architecture: its fixed differences from Llama and the config.json that
-    /// `trainer export` writes ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo2"; Mixtral is llama +
+    /// `trainer export` writes ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo2", "granite"; Mixtral is
+    /// llama +
     /// moe).
     #[serde(default, skip_serializing_if = "is_default")]
     #[schemars(!skip_serializing_if)]
@@ -91,6 +92,24 @@ pub struct LlamaConfig {
     /// Per layer, "full_attention" or "sliding_attention" (transformers' `layer_types`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer_types: Option<Vec<LayerType>>,
+    /// Granite's scalings (`family = "granite"` only, and required there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multipliers: Option<Multipliers>,
+}
+
+/// `[model.multipliers]`: Granite's four scalings, as its config.json names them.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Multipliers {
+    /// Token embeddings are multiplied by this (`embedding_multiplier`).
+    pub embedding: f64,
+    /// Each block's attention and MLP outputs are multiplied by this before the residual add
+    /// (`residual_multiplier`).
+    pub residual: f64,
+    /// The attention scores' factor, in place of 1/sqrt(head_dim) (`attention_multiplier`).
+    pub attention: f64,
+    /// Logits are divided by this (`logits_scaling`).
+    pub logits_scaling: f64,
 }
 
 /// The Llama-style architectures of Hugging Face. What each changes, fixed by the family (the
@@ -102,6 +121,8 @@ pub struct LlamaConfig {
 /// - `gemma`: GeGLU (tanh GELU on the gate) in place of SwiGLU, RMSNorm scaling by `1 + w`
 ///   (in fp32, then cast), token embeddings multiplied by sqrt(d_model) (rounded to the
 ///   activations' dtype, as transformers does).
+/// - `granite`: Llama with four scalings, `[model.multipliers]` (embeddings, residual branches,
+///   attention scores in place of 1/sqrt(head_dim), logits).
 /// - `olmo2`: norms after attention and after the MLP (`post_attention_layernorm`,
 ///   `post_feedforward_layernorm`) instead of before, RMSNorm of the whole q and k projections
 ///   before RoPE, norms scaling in fp32 before the cast.
@@ -117,6 +138,7 @@ pub enum DecoderFamily {
     Qwen3,
     Gemma,
     Olmo2,
+    Granite,
 }
 
 /// One layer's attention in `layer_types`.
@@ -157,6 +179,7 @@ impl DecoderFamily {
             DecoderFamily::Qwen3 => "qwen3",
             DecoderFamily::Gemma => "gemma",
             DecoderFamily::Olmo2 => "olmo2",
+            DecoderFamily::Granite => "granite",
         }
     }
 }
@@ -251,6 +274,21 @@ impl LlamaConfig {
         }
         if let Some(w) = c.sliding_window {
             positive(w, "model.sliding_window")?;
+        }
+        check(
+            c.multipliers.is_some() == (c.family == DecoderFamily::Granite),
+            "model.multipliers",
+            "[model.multipliers] goes with family = \"granite\", and granite needs it",
+        )?;
+        if let Some(m) = &c.multipliers {
+            for (k, v) in [
+                ("embedding", m.embedding),
+                ("residual", m.residual),
+                ("attention", m.attention),
+                ("logits_scaling", m.logits_scaling),
+            ] {
+                positive_finite(v, &format!("model.multipliers.{k}"))?;
+            }
         }
         if let Some(types) = &c.layer_types {
             check(

@@ -12,13 +12,14 @@
 //! q and k (Qwen3; OLMo 2 over the whole projections, with norms after attention and MLP instead
 //! of before), RoPE scaling (Llama 3.x, YaRN; `rope.rs`), sliding-window attention on some
 //! or all layers (Mistral, Qwen2 with `use_sliding_window`), GeGLU, `(1 + w)` norms and scaled
-//! embeddings (Gemma); and for GPT-2 its attention-scale flags and an untied head.
+//! embeddings (Gemma), scaled embeddings, residual branches, attention and logits (Granite); and
+//! for GPT-2 its attention-scale flags and an untied head.
 //!
 //! Parameter names and shapes equal the Hugging Face checkpoint keys, so checkpoints map one to
 //! one: GPT-2's `Conv1D` weights are stored `[in, out]` as Hugging Face stores them.
 //! Attention goes through libtorch's `scaled_dot_product_attention` (flash kernels on CUDA).
 
-use super::config::{DecoderFamily, LayerType, LlamaConfig, ModelConfig};
+use super::config::{DecoderFamily, LayerType, LlamaConfig, ModelConfig, Multipliers};
 use super::moe::{Moe, MoeConfig};
 use super::params::ParamStore;
 use super::rope::{apply_rope, rope_tables, RopeScaling};
@@ -71,6 +72,8 @@ pub struct Variant {
     pub sliding_window: Option<i64>,
     /// Which layers use the window (transformers' `layer_types`); None: all of them.
     pub sliding_layers: Option<Vec<bool>>,
+    /// Granite: embeddings, residual branches, attention scores and logits scaled.
+    pub multipliers: Option<Multipliers>,
     /// GPT-2 `scale_attn_weights = false`: attention scores not divided by sqrt(head_dim).
     pub unscaled_attention: bool,
     /// GPT-2 `scale_attn_by_inverse_layer_idx`: layer i's scores divided by i + 1 as well.
@@ -86,6 +89,7 @@ impl Variant {
             mlp_bias: c.mlp_bias,
             rope_scaling: c.rope_scaling.clone(),
             sliding_window: c.sliding_window,
+            multipliers: c.multipliers,
             sliding_layers: c.layer_types.as_ref().map(|types| {
                 types
                     .iter()
@@ -552,7 +556,11 @@ impl Transformer {
     /// (distillation's chunked losses).
     pub fn lm_head(&self, hidden: &Tensor) -> Tensor {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        hidden.linear(head, None::<&Tensor>)
+        let logits = hidden.linear(head, None::<&Tensor>);
+        match &self.config.variant.multipliers {
+            Some(m) => logits / m.logits_scaling,
+            None => logits,
+        }
     }
 
     /// Everything but the output projection: the final (normed) hidden states `[b, t, d]`, the
@@ -569,6 +577,9 @@ impl Transformer {
         let (b, t) = idx.size2().expect("token ids are [batch, time]");
         let p_drop = if train { c.dropout } else { 0.0 };
         let mut x = Tensor::embedding(&self.embed, idx, -1, false, false); // [b, t, d]
+        if let Some(m) = &c.variant.multipliers {
+            x = x * m.embedding;
+        }
         if c.variant.family.gemma() {
             // sqrt(d) rounded to the activations' dtype first, as transformers' Gemma does.
             let scale = Tensor::from((c.d_model as f64).sqrt())
@@ -593,7 +604,7 @@ impl Transformer {
                 block.norm1.forward(&x)
             };
             let h = self.attention(&block.attn, i, &xn, (b, t), p_drop, train);
-            x = x + if post { block.norm1.forward(&h) } else { h };
+            x = x + self.residual_branch(if post { block.norm1.forward(&h) } else { h });
             let xn = if post {
                 x.shallow_clone()
             } else {
@@ -623,7 +634,7 @@ impl Transformer {
                 }
                 Mlp::Gelu { fc, proj } => proj.forward(&fc.forward(&xn, train).gelu("tanh"), train),
             };
-            let m = if post { block.norm2.forward(&m) } else { m };
+            let m = self.residual_branch(if post { block.norm2.forward(&m) } else { m });
             x = x + if p_drop > 0.0 {
                 m.dropout(p_drop, train)
             } else {
@@ -771,6 +782,14 @@ impl Transformer {
         }
     }
 
+    /// A block's attention or MLP output before the residual add: Granite scales it.
+    fn residual_branch(&self, h: Tensor) -> Tensor {
+        match &self.config.variant.multipliers {
+            Some(m) => h * m.residual,
+            None => h,
+        }
+    }
+
     /// The sliding window of layer `layer`, if it has one.
     fn window_of(&self, layer: usize) -> Option<i64> {
         let v = &self.config.variant;
@@ -782,9 +801,12 @@ impl Transformer {
     }
 
     /// The factor of attention scores when it is not SDPA's default 1/sqrt(head_dim) (GPT-2's
-    /// flags); None: the default.
+    /// flags, Granite's attention multiplier); None: the default.
     fn attention_scale(&self, layer: usize) -> Option<f64> {
         let v = &self.config.variant;
+        if let Some(m) = &v.multipliers {
+            return Some(m.attention);
+        }
         if !v.unscaled_attention && !v.scale_attn_by_inverse_layer_idx {
             return None;
         }

@@ -328,6 +328,7 @@ mod tests {
             rope_scaling: None,
             sliding_window: None,
             layer_types: None,
+            multipliers: None,
         }))
     }
 
@@ -383,6 +384,7 @@ mod tests {
                 rope_scaling: None,
                 sliding_window: None,
                 layer_types: None,
+                multipliers: None,
             }),
             &cfg,
             2,

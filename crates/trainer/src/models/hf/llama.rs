@@ -98,6 +98,7 @@ pub fn decoder(f: &mut Fields, family: DecoderFamily, defaults: Defaults) -> Res
         rope_scaling,
         sliding_window: None,
         layer_types: None,
+        multipliers: None,
     })
 }
 

@@ -6,7 +6,7 @@
 //! else by name, so no field is silently dropped. Families: `llama.rs` (Llama 1-3.x, with the
 //! RoPE scalings, and the fields every Llama-style family shares), `mistral.rs`, `qwen2.rs`
 //! (Qwen2, Qwen2.5), `qwen3.rs`, `gemma.rs`,
-//! `olmo2.rs`, `mixtral.rs`, `gpt2.rs`. The computation each switch selects
+//! `olmo2.rs`, `granite.rs`, `mixtral.rs`, `gpt2.rs`. The computation each switch selects
 //! is in `transformer.rs` (`Variant`).
 //!
 //! Our parameter names are the Hugging Face state-dict keys (see `transformer.rs`), so loading is
@@ -15,6 +15,7 @@
 mod fields;
 mod gemma;
 mod gpt2;
+mod granite;
 mod llama;
 mod mistral;
 mod mixtral;
@@ -70,6 +71,7 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
         "qwen3" => qwen3::read(&mut f)?,
         "gemma" => gemma::read(&mut f)?,
         "olmo2" => olmo2::read(&mut f)?,
+        "granite" => granite::read(&mut f)?,
         "gpt2" => gpt2::read(&mut f)?,
         other => {
             return Err(format!(
@@ -114,7 +116,7 @@ fn json_name(model: &ModelConfig, key: &str) -> Option<&'static str> {
 
 /// The `model_type`s this tool reads and writes.
 pub const SUPPORTED: &[&str] = &[
-    "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "olmo2", "gpt2",
+    "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "olmo2", "granite", "gpt2",
 ];
 
 /// Refuses a model whose switches `family`'s config.json cannot express (`names`: the switches
@@ -242,6 +244,7 @@ pub fn config_json(cfg: &TransformerConfig) -> Result<Value, String> {
             DecoderFamily::Qwen3 => qwen3::write(cfg)?,
             DecoderFamily::Gemma => gemma::write(cfg)?,
             DecoderFamily::Olmo2 => olmo2::write(cfg)?,
+            DecoderFamily::Granite => granite::write(cfg)?,
         },
     };
     Ok(Value::Object(map))
@@ -339,6 +342,7 @@ mod tests {
                 rope_scaling: None,
                 sliding_window: None,
                 layer_types: None,
+                multipliers: None,
             })
         );
         // Our own export reads back to the same config.

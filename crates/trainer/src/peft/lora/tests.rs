@@ -24,6 +24,7 @@ fn llama() -> TransformerConfig {
         rope_scaling: None,
         sliding_window: None,
         layer_types: None,
+        multipliers: None,
     }))
 }
 
