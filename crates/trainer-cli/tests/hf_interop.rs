@@ -136,16 +136,7 @@ fn check_case(case: &str) {
 /// Two training steps from the checkpoint (`[init] from`, no `[model]`), exported: transformers
 /// loads the export and gives the loss `trainer eval` gives of the run.
 fn fine_tune_and_export(case: &str, cwd: &Path, init: &str, data: &str) {
-    let recipe = tiny_recipe("runs/ft");
-    let start = recipe.find("[model]").expect("model section");
-    let end = recipe.find("[data]").expect("data section");
-    let recipe = format!(
-        "{}[init]\nfrom = {}\n\n{}",
-        &recipe[..start],
-        toml_str(init),
-        &recipe[end..]
-    );
-    let name = write_recipe(cwd, "ft.toml", &recipe);
+    let name = write_recipe(cwd, "ft.toml", &tiny_recipe_from(init, "runs/ft"));
     let out = trainer(
         cwd,
         &[
@@ -233,16 +224,8 @@ fn recipe_initialised_from_hf_takes_its_architecture_and_weights() {
     let cwd = dir.path();
     let hf = cwd.join("hf");
     py(&["create", "llama", hf.to_str().expect("utf-8")]);
-    let recipe = tiny_recipe("runs/from-hf");
-    // Drop [model]: the architecture comes from config.json.
-    let start = recipe.find("[model]").expect("model section");
-    let end = recipe.find("[data]").expect("data section");
-    let recipe = format!(
-        "{}[init]\nfrom = {}\n\n{}",
-        &recipe[..start],
-        toml_str(&format!("hf:{}", hf.display())),
-        &recipe[end..]
-    );
+    // No [model]: the architecture comes from config.json.
+    let recipe = tiny_recipe_from(&format!("hf:{}", hf.display()), "runs/from-hf");
     let name = write_recipe(cwd, "from_hf.toml", &recipe);
     let validated = trainer(cwd, &["validate", &name]);
     validated.assert_success();
@@ -585,16 +568,7 @@ fn the_tokenizer_travels_with_the_model() {
         String::from_utf8_lossy(&out.stderr)
     );
     let init = format!("hf:{}", hf.display());
-    let recipe = tiny_recipe("runs/tok");
-    let start = recipe.find("[model]").expect("model section");
-    let end = recipe.find("[data]").expect("data section");
-    let recipe = format!(
-        "{}[init]\nfrom = {}\n\n{}",
-        &recipe[..start],
-        toml_str(&init),
-        &recipe[end..]
-    );
-    let name = write_recipe(cwd, "tok.toml", &recipe);
+    let name = write_recipe(cwd, "tok.toml", &tiny_recipe_from(&init, "runs/tok"));
     trainer(
         cwd,
         &[

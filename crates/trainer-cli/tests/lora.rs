@@ -376,16 +376,11 @@ fn make_peft_adapter(cwd: &Path, variant: &str, data: &str) -> f64 {
 /// A recipe on the base of `make_peft_adapter` starting from its adapter, with `peft` the
 /// settings of the [peft] section.
 fn recipe_from_adapter(cwd: &Path, peft: &str) -> String {
-    let recipe = tiny_recipe("runs/from-peft");
-    let start = recipe.find("[model]").expect("[model]");
-    let end = recipe.find("[data]").expect("[data]");
     let hf = format!("hf:{}", cwd.join("base").display());
     let adapter = cwd.join("adapter").display().to_string();
     format!(
-        "{}[init]\nfrom = {}\n\n{}\n[peft]\nkind = \"lora\"\nfrom = {}\n{peft}\n",
-        &recipe[..start],
-        toml_str(&hf),
-        &recipe[end..],
+        "{}\n[peft]\nkind = \"lora\"\nfrom = {}\n{peft}\n",
+        tiny_recipe_from(&hf, "runs/from-peft"),
         toml_str(&adapter)
     )
 }

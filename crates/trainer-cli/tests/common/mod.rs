@@ -225,6 +225,20 @@ pub fn toml_str(s: &str) -> String {
 /// step, evaluating every 10 steps, a checkpoint every 5 steps and the last 2 kept.
 /// Tests change it with `--set` or by replacing whole lines (each `key = value` is on its own
 /// line, unique within the file).
+/// `tiny_recipe(out_dir)` starting from `init` (`[init] from`), with no `[model]`: the
+/// architecture comes from the checkpoint.
+pub fn tiny_recipe_from(init: &str, out_dir: &str) -> String {
+    let recipe = tiny_recipe(out_dir);
+    let start = recipe.find("[model]").expect("model section");
+    let end = recipe.find("[data]").expect("data section");
+    format!(
+        "{}[init]\nfrom = {}\n\n{}",
+        &recipe[..start],
+        toml_str(init),
+        &recipe[end..]
+    )
+}
+
 pub fn tiny_recipe(out_dir: &str) -> String {
     format!(
         r#"# A tiny recipe for the end-to-end tests.

@@ -595,6 +595,12 @@ impl Transformer {
         }
         keep(0, &x);
         let mut moe_layers = Vec::new();
+        // The sliding window's band mask, built once per forward for the layers that use it.
+        let band = c.variant.sliding_window.filter(|&w| w < t).map(|w| {
+            let pos = Tensor::arange(t, (Kind::Int64, idx.device()));
+            let (qi, ki) = (pos.unsqueeze(1), pos.unsqueeze(0)); // [t, 1], [1, t]
+            ki.le_tensor(&qi).logical_and(&ki.gt_tensor(&(qi - w)))
+        });
         for (i, block) in self.blocks.iter().enumerate() {
             // Pre-norm (Llama): x + f(norm(x)); post-norm (OLMo 2): x + norm(f(x)).
             let post = c.variant.family.post_norm();
@@ -603,7 +609,7 @@ impl Transformer {
             } else {
                 block.norm1.forward(&x)
             };
-            let h = self.attention(&block.attn, i, &xn, (b, t), p_drop, train);
+            let h = self.attention(&block.attn, i, band.as_ref(), &xn, (b, t), p_drop, train);
             x = x + self.residual_branch(if post { block.norm1.forward(&h) } else { h });
             let xn = if post {
                 x.shallow_clone()
@@ -710,10 +716,12 @@ impl Transformer {
             .collect()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         attn: &Attention,
         layer: usize,
+        band: Option<&Tensor>,
         x: &Tensor,
         (b, t): (i64, i64),
         p_drop: f64,
@@ -758,16 +766,12 @@ impl Transformer {
         let gqa = c.n_kv_heads != c.n_heads;
         // A window shorter than the sequence needs an explicit band mask; otherwise the
         // causal flag lets SDPA pick its fused kernels.
-        let band = self.window_of(layer).filter(|&w| w < t).map(|w| {
-            let pos = Tensor::arange(t, (Kind::Int64, q.device()));
-            let (qi, ki) = (pos.unsqueeze(1), pos.unsqueeze(0)); // [t, 1], [1, t]
-            ki.le_tensor(&qi).logical_and(&ki.gt_tensor(&(qi - w)))
-        });
+        let band = band.filter(|_| self.is_sliding(layer));
         let y = Tensor::scaled_dot_product_attention(
             &q,
             &k,
             &v,
-            band.as_ref(),
+            band,
             p_drop,
             band.is_none(),
             self.attention_scale(layer),
@@ -790,14 +794,13 @@ impl Transformer {
         }
     }
 
-    /// The sliding window of layer `layer`, if it has one.
-    fn window_of(&self, layer: usize) -> Option<i64> {
-        let v = &self.config.variant;
-        let sliding = v
+    /// Whether layer `layer` attends through the sliding window (when one is set).
+    fn is_sliding(&self, layer: usize) -> bool {
+        self.config
+            .variant
             .sliding_layers
             .as_ref()
-            .is_none_or(|layers| layers.get(layer).copied().unwrap_or(false));
-        v.sliding_window.filter(|_| sliding)
+            .is_none_or(|layers| layers.get(layer).copied().unwrap_or(false))
     }
 
     /// The factor of attention scores when it is not SDPA's default 1/sqrt(head_dim) (GPT-2's

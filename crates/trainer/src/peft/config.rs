@@ -103,18 +103,42 @@ impl PeftConfig {
 
     /// The rank of the adapter on module `path` (`rank_pattern`, else `rank`).
     pub fn rank_for(&self, path: &str) -> i64 {
-        match pattern_key(self.rank_pattern.keys(), path) {
-            Some(k) => self.rank_pattern[k],
-            None => self.rank,
-        }
+        matching(&self.rank_pattern, path)
+            .first()
+            .map_or(self.rank, |(_, r)| **r)
     }
 
     /// The alpha of the adapter on module `path` (`alpha_pattern`, else `alpha`).
     pub fn alpha_for(&self, path: &str) -> f64 {
-        match pattern_key(self.alpha_pattern.keys(), path) {
-            Some(k) => self.alpha_pattern[k],
-            None => self.alpha(),
+        matching(&self.alpha_pattern, path)
+            .first()
+            .map_or(self.alpha(), |(_, a)| **a)
+    }
+
+    /// peft takes the first matching key of `rank_pattern` / `alpha_pattern` in file order,
+    /// which a TOML table does not keep: keys that match module `path` with different values
+    /// are refused.
+    pub fn patterns_unambiguous_at(&self, path: &str) -> Result<(), Invalid> {
+        fn one_value<V: PartialEq + std::fmt::Debug>(
+            section: &str,
+            map: &BTreeMap<String, V>,
+            path: &str,
+        ) -> Result<(), Invalid> {
+            let hits = matching(map, path);
+            match hits.iter().find(|(_, v)| *v != hits[0].1) {
+                Some((k2, v2)) => Err(Invalid {
+                    key: section.to_string(),
+                    msg: format!(
+                        "keys {:?} ({:?}) and {k2:?} ({v2:?}) both match {path}; peft would take \
+                         the first in file order: keep one",
+                        hits[0].0, hits[0].1
+                    ),
+                }),
+                None => Ok(()),
+            }
         }
+        one_value("peft.rank_pattern", &self.rank_pattern, path)?;
+        one_value("peft.alpha_pattern", &self.alpha_pattern, path)
     }
 
     /// The factor of the update on module `path`.
@@ -232,12 +256,14 @@ fn scale_of(alpha: f64, rank: i64, rslora: bool) -> f64 {
     }
 }
 
-/// peft's `get_pattern_key`: the first key `k` (in key order) for which the whole of `path`
-/// matches `(.*\.)?(k)`.
-fn pattern_key<'a>(keys: impl Iterator<Item = &'a String>, path: &str) -> Option<&'a String> {
-    keys.into_iter().find(|k| {
-        regex::Regex::new(&format!("^(?:.*\\.)?(?:{k})$")).is_ok_and(|re| re.is_match(path))
-    })
+/// The entries of a pattern table whose key matches module `path` by peft's `get_pattern_key`
+/// rule (the whole path matches `(.*\.)?(key)`, the key a regular expression), in key order.
+fn matching<'a, V>(map: &'a BTreeMap<String, V>, path: &str) -> Vec<(&'a String, &'a V)> {
+    map.iter()
+        .filter(|(k, _)| {
+            regex::Regex::new(&format!("^(?:.*\\.)?(?:{k})$")).is_ok_and(|re| re.is_match(path))
+        })
+        .collect()
 }
 
 fn check_pattern(key: &str, section: &str) -> Result<(), Invalid> {

@@ -144,35 +144,6 @@ fn peft_err(key: &str, msg: impl Into<String>) -> Error {
     Error::Recipe(format!("{key}: {}", msg.into()))
 }
 
-/// peft takes the first matching key of `rank_pattern` / `alpha_pattern` in file order, which a
-/// TOML table does not keep: two keys matching one module with different values are refused.
-fn unambiguous_patterns(cfg: &PeftConfig, path: &str) -> Result<()> {
-    fn check<V: PartialEq + std::fmt::Debug>(
-        section: &str,
-        map: &std::collections::BTreeMap<String, V>,
-        path: &str,
-    ) -> Result<()> {
-        let hits: Vec<(&String, &V)> = map
-            .iter()
-            .filter(|(k, _)| {
-                regex::Regex::new(&format!("^(?:.*\\.)?(?:{k})$")).is_ok_and(|re| re.is_match(path))
-            })
-            .collect();
-        match hits.as_slice() {
-            [(k1, v1), (k2, v2), ..] if v1 != v2 => Err(peft_err(
-                section,
-                format!(
-                    "keys {k1:?} ({v1:?}) and {k2:?} ({v2:?}) both match {path}; peft would take \
-                     the first in file order: keep one"
-                ),
-            )),
-            _ => Ok(()),
-        }
-    }
-    check("peft.rank_pattern", &cfg.rank_pattern, path)?;
-    check("peft.alpha_pattern", &cfg.alpha_pattern, path)
-}
-
 /// Attaches adapters to the projections that `cfg.target` selects and freezes every other
 /// parameter of `store` (and A too for LoRA-FA). Call after the base weights are loaded and
 /// before the optimizer is built. Draws A from torch's CPU generator (seed it first).
@@ -208,7 +179,8 @@ pub fn apply(model: &mut Transformer, store: &mut ParamStore, cfg: &PeftConfig) 
         if chosen.contains(format!("{}.weight", lin.path).as_str()) {
             let (fan_in, fan_out) = lin.in_out();
             let r = cfg.rank_for(&lin.path);
-            unambiguous_patterns(cfg, &lin.path)?;
+            cfg.patterns_unambiguous_at(&lin.path)
+                .map_err(|e| peft_err(&e.key, e.msg))?;
             if r > fan_in.min(fan_out) {
                 return Err(peft_err(
                     "peft.rank",
