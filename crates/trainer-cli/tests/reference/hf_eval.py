@@ -81,6 +81,27 @@ CASES = {
     "gemma": lambda: T.GemmaForCausalLM(T.GemmaConfig(**SMALL, head_dim=8)),
     "gemma_untied_bias": lambda: T.GemmaForCausalLM(T.GemmaConfig(
         **SMALL, head_dim=16, tie_word_embeddings=False, attention_bias=True)),
+    # Gemma 2: soft-caps small enough to bite, layers 0 sliding (window 8) and 1 full.
+    "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(
+        **SMALL, head_dim=8, query_pre_attn_scalar=12, attn_logit_softcapping=2.0,
+        final_logit_softcapping=5.0, sliding_window=8)),
+    "gemma2_untied_bias": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(
+        **SMALL, head_dim=16, tie_word_embeddings=False, attention_bias=True,
+        attn_logit_softcapping=None, final_logit_softcapping=None,
+        layer_types=["full_attention", "full_attention"])),
+    # Gemma 3: one RoPE per layer type (the full layers' scaled), a window on layer 0.
+    "gemma3": lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(
+        **SMALL, head_dim=8, sliding_window=8, query_pre_attn_scalar=16,
+        final_logit_softcapping=4.0, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e5},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}})),
+    # Phi-3: fused projections, RoPE on half of each head, a window of 8.
+    "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(
+        **SMALL, sliding_window=8, pad_token_id=0, eos_token_id=1, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    "phi3_tied": lambda: T.Phi3ForCausalLM(T.Phi3Config(
+        **SMALL, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)),
     "olmo2": lambda: T.Olmo2ForCausalLM(T.Olmo2Config(**SMALL)),
     "olmo2_bias_tied": lambda: T.Olmo2ForCausalLM(T.Olmo2Config(
         **SMALL, attention_bias=True, tie_word_embeddings=True)),
@@ -133,6 +154,9 @@ SWEEP_FAMILIES = {
     "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, SMALL),
     "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, dict(SMALL, head_dim=8)),
     "gemma": (T.GemmaConfig, T.GemmaForCausalLM, dict(SMALL, head_dim=8)),
+    "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, dict(SMALL, head_dim=8)),
+    "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, dict(SMALL, head_dim=8)),
+    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, dict(SMALL, pad_token_id=0, eos_token_id=1)),
     "olmo2": (T.Olmo2Config, T.Olmo2ForCausalLM, SMALL),
     "granite": (T.GraniteConfig, T.GraniteForCausalLM, SMALL),
     "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, dict(SMALL, num_local_experts=4,
@@ -196,8 +220,7 @@ def field_sweep(out, data, seq_len, batch_size):
 
 def logits_diff(dir_a, dir_b):
     """Max relative difference of two checkpoints' logits on the same random ids (transformers)."""
-    a = transformers.AutoModelForCausalLM.from_pretrained(dir_a, dtype=torch.float32).eval()
-    b = transformers.AutoModelForCausalLM.from_pretrained(dir_b, dtype=torch.float32).eval()
+    a, b = load(dir_a), load(dir_b)
     torch.manual_seed(1)
     ids = torch.randint(0, a.config.vocab_size, (2, 24))
     with torch.no_grad():
@@ -219,8 +242,17 @@ def greedy(model_dir, prompt, n):
     print(json.dumps({"prompt_ids": prompt_ids, "ids": ids[len(prompt_ids):]}))
 
 
+def load(model_dir):
+    """The model in fp32; soft-capped attention (Gemma 2/3) through transformers' eager attention,
+    the only one that applies the cap."""
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    softcap = getattr(config, "attn_logit_softcapping", None) is not None
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, **({"attn_implementation": "eager"} if softcap else {})).eval()
+
+
 def evaluate(model_dir, data, seq_len, batch_size, use_tokenizer=False):
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = load(model_dir)
     if use_tokenizer:
         import tokenizers
         tok = tokenizers.Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))

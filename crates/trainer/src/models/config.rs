@@ -95,6 +95,25 @@ pub struct LlamaConfig {
     /// Granite's scalings (`family = "granite"` only, and required there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multipliers: Option<Multipliers>,
+    /// Gemma 2/3: attention scores soft-capped as `cap * tanh(s / cap)` before the mask
+    /// (`attn_logit_softcapping`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_softcap: Option<f64>,
+    /// Gemma 2/3: logits soft-capped as `cap * tanh(z / cap)` (`final_logit_softcapping`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logits_softcap: Option<f64>,
+    /// Gemma 2/3: attention scores scaled by `1 / sqrt(this)` in place of
+    /// `1 / sqrt(head_dim)` (`query_pre_attn_scalar`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 3: the RoPE base of the sliding-window layers (plain RoPE, no scaling); the
+    /// full-attention layers use `rope_theta` and `rope_scaling`. Absent: every layer alike.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_rope_theta: Option<f64>,
+    /// The share of each head's dimensions that RoPE rotates (the first ones; Phi-3's and
+    /// transformers' `partial_rotary_factor`). Absent: 1, the whole head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
 }
 
 /// `[model.multipliers]`: Granite's four scalings, as its config.json names them.
@@ -126,6 +145,16 @@ pub struct Multipliers {
 /// - `olmo2`: norms after attention and after the MLP (`post_attention_layernorm`,
 ///   `post_feedforward_layernorm`) instead of before, RMSNorm of the whole q and k projections
 ///   before RoPE, norms scaling in fp32 before the cast.
+/// - `gemma2`: Gemma with norms both before and after attention and MLP
+///   (`input_layernorm`, `post_attention_layernorm`, `pre_feedforward_layernorm`,
+///   `post_feedforward_layernorm`); its soft-capping, attention scale and alternating
+///   local/global layers are the switches `attention_softcap`, `logits_softcap`,
+///   `query_pre_attn_scalar`, `sliding_window` with `layer_types`.
+/// - `gemma3`: Gemma 2 with a `(1 + w)` RMSNorm over each head of q and of k, and
+///   `local_rope_theta` for its sliding-window layers (transformers' `gemma3_text`).
+/// - `phi3`: Llama with q, k, v stored as one projection (`self_attn.qkv_proj`, rows q then k
+///   then v) and gate, up as one (`mlp.gate_up_proj`, gate rows first): the same computation,
+///   the checkpoint's and peft's module names.
 #[derive(
     Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema,
 )]
@@ -137,8 +166,11 @@ pub enum DecoderFamily {
     Qwen2,
     Qwen3,
     Gemma,
+    Gemma2,
+    Gemma3,
     Olmo2,
     Granite,
+    Phi3,
 }
 
 /// One layer's attention in `layer_types`.
@@ -157,12 +189,26 @@ impl DecoderFamily {
 
     /// RMSNorm over each head of q and of k.
     pub fn qk_norm(self) -> bool {
-        self == DecoderFamily::Qwen3
+        matches!(self, DecoderFamily::Qwen3 | DecoderFamily::Gemma3)
     }
 
-    /// Gemma's differences: GeGLU, `(1 + w)` norms, embeddings scaled by sqrt(d_model).
+    /// Gemma's differences (all three): GeGLU, `(1 + w)` norms, embeddings scaled by
+    /// sqrt(d_model).
     pub fn gemma(self) -> bool {
-        self == DecoderFamily::Gemma
+        matches!(
+            self,
+            DecoderFamily::Gemma | DecoderFamily::Gemma2 | DecoderFamily::Gemma3
+        )
+    }
+
+    /// Gemma 2 and 3: norms before and after both attention and MLP ("sandwich" norms).
+    pub fn sandwich_norms(self) -> bool {
+        matches!(self, DecoderFamily::Gemma2 | DecoderFamily::Gemma3)
+    }
+
+    /// Phi-3: q, k and v in one projection (`qkv_proj`), gate and up in one (`gate_up_proj`).
+    pub fn fused_projections(self) -> bool {
+        self == DecoderFamily::Phi3
     }
 
     /// OLMo 2's norms after attention and MLP, and its q/k norms over whole projections.
@@ -178,8 +224,11 @@ impl DecoderFamily {
             DecoderFamily::Qwen2 => "qwen2",
             DecoderFamily::Qwen3 => "qwen3",
             DecoderFamily::Gemma => "gemma",
+            DecoderFamily::Gemma2 => "gemma2",
+            DecoderFamily::Gemma3 => "gemma3_text",
             DecoderFamily::Olmo2 => "olmo2",
             DecoderFamily::Granite => "granite",
+            DecoderFamily::Phi3 => "phi3",
         }
     }
 }
@@ -290,6 +339,16 @@ impl LlamaConfig {
                 positive_finite(v, &format!("model.multipliers.{k}"))?;
             }
         }
+        for (key, v) in [
+            ("attention_softcap", c.attention_softcap),
+            ("logits_softcap", c.logits_softcap),
+            ("query_pre_attn_scalar", c.query_pre_attn_scalar),
+            ("local_rope_theta", c.local_rope_theta),
+        ] {
+            if let Some(v) = v {
+                positive_finite(v, &format!("model.{key}"))?;
+            }
+        }
         if let Some(types) = &c.layer_types {
             check(
                 types.len() as i64 == c.n_layers,
@@ -358,6 +417,18 @@ impl LlamaConfig {
                 c.d_model / c.n_heads
             ),
         )?;
+        if let Some(f) = c.partial_rotary_factor {
+            // transformers truncates: int(head_dim * factor) dimensions are rotated.
+            let rotated = (c.head_dim.unwrap_or(c.d_model / c.n_heads) as f64 * f) as i64;
+            check(
+                f > 0.0 && f <= 1.0 && rotated >= 2 && rotated % 2 == 0,
+                "model.partial_rotary_factor",
+                format!(
+                    "expected a share in (0, 1] that rotates a positive even number of each \
+                     head's dimensions, got {f} ({rotated} dimensions)"
+                ),
+            )?;
+        }
         check(
             c.rope_theta > 0.0,
             "model.rope_theta",

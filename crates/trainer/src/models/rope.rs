@@ -223,9 +223,16 @@ pub fn rope_tables(
     (cos.to_device(device), sin.to_device(device))
 }
 
-/// x * cos + rotate_half(x) * sin, for x `[b, h, t, hd]`.
+/// x * cos + rotate_half(x) * sin, for x `[b, h, t, hd]`. Tables narrower than the head
+/// (`[t, r]`, r < hd: partial rotary) rotate the first r dimensions and pass the rest through,
+/// as transformers' `apply_rotary_pos_emb` does.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    let half = x.size()[3] / 2;
+    let (hd, r) = (x.size()[3], cos.size()[1]);
+    if r < hd {
+        let rotated = apply_rope(&x.narrow(3, 0, r), cos, sin);
+        return Tensor::cat(&[rotated, x.narrow(3, r, hd - r)], 3);
+    }
+    let half = hd / 2;
     let x1 = x.narrow(3, 0, half);
     let x2 = x.narrow(3, half, half);
     let rotated = Tensor::cat(&[&(-x2), &x1], 3);

@@ -78,6 +78,17 @@ pub struct Variant {
     pub unscaled_attention: bool,
     /// GPT-2 `scale_attn_by_inverse_layer_idx`: layer i's scores divided by i + 1 as well.
     pub scale_attn_by_inverse_layer_idx: bool,
+    /// Gemma 2/3: attention scores soft-capped, `cap * tanh(s / cap)`, before the mask (an
+    /// explicit attention computation: SDPA has no soft-capping).
+    pub attention_softcap: Option<f64>,
+    /// Gemma 2/3: logits soft-capped, `cap * tanh(z / cap)`.
+    pub logits_softcap: Option<f64>,
+    /// Gemma 2/3: attention scores scaled by `1 / sqrt(this)`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 3: the RoPE base of the sliding-window layers.
+    pub local_rope_theta: Option<f64>,
+    /// The share of each head that RoPE rotates; None: all of it.
+    pub partial_rotary_factor: Option<f64>,
 }
 
 impl Variant {
@@ -90,6 +101,11 @@ impl Variant {
             rope_scaling: c.rope_scaling.clone(),
             sliding_window: c.sliding_window,
             multipliers: c.multipliers,
+            attention_softcap: c.attention_softcap,
+            logits_softcap: c.logits_softcap,
+            query_pre_attn_scalar: c.query_pre_attn_scalar,
+            local_rope_theta: c.local_rope_theta,
+            partial_rotary_factor: c.partial_rotary_factor,
             sliding_layers: c.layer_types.as_ref().map(|types| {
                 types
                     .iter()
@@ -157,6 +173,15 @@ impl TransformerConfig {
 
     pub fn head_dim(&self) -> i64 {
         self.head_dim.unwrap_or(self.d_model / self.n_heads)
+    }
+
+    /// How many of each head's dimensions RoPE rotates (transformers truncates
+    /// `head_dim * partial_rotary_factor`).
+    pub fn rotary_dim(&self) -> i64 {
+        match self.variant.partial_rotary_factor {
+            Some(f) => (self.head_dim() as f64 * f) as i64,
+            None => self.head_dim(),
+        }
     }
 
     /// Training FLOPs per token (6N plus attention), as in the PaLM paper's appendix B, used for
@@ -305,6 +330,8 @@ enum Mlp {
         up: Linear,
         down: Linear,
     },
+    /// The same with gate and up as one projection, gate rows first (Phi-3's `gate_up_proj`).
+    FusedGlu { gate_up: Linear, down: Linear },
     /// Routed SwiGLU experts (`moe.rs`).
     Moe(Moe),
     /// proj(gelu_tanh(fc(x)))
@@ -312,7 +339,7 @@ enum Mlp {
 }
 
 struct Attention {
-    /// Llama: separate q, k, v projections. GPT-2: one fused c_attn.
+    /// Llama: separate q, k, v projections. GPT-2 and Phi-3: one fused projection.
     qkv: Qkv,
     /// RMSNorm of q and of k before RoPE: Qwen3 per head, OLMo 2 over the whole projection.
     qk_norm: Option<QkNorm>,
@@ -330,15 +357,59 @@ enum QkNorm {
 // One per layer: the size difference of the variants does not matter.
 #[allow(clippy::large_enum_variant)]
 enum Qkv {
-    Separate { q: Linear, k: Linear, v: Linear },
+    Separate {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
+    /// Rows q, then k, then v (GPT-2's `c_attn`, Phi-3's `qkv_proj`).
     Fused(Linear),
 }
 
+/// One transformer block. Which norms exist, and where, is the family's: Llama and GPT-2 norm
+/// the inputs of attention and MLP; OLMo 2 their outputs; Gemma 2/3 both.
 struct Block {
-    norm1: Norm,
+    pre_attn: Option<Norm>,
     attn: Attention,
-    norm2: Norm,
+    post_attn: Option<Norm>,
+    pre_mlp: Option<Norm>,
     mlp: Mlp,
+    post_mlp: Option<Norm>,
+}
+
+/// The Hugging Face names of a Llama-style block's norms, by position: before attention,
+/// after attention, before the MLP, after the MLP (None: the family has no norm there).
+fn norm_names(family: DecoderFamily) -> [Option<&'static str>; 4] {
+    if family.sandwich_norms() {
+        [
+            Some("input_layernorm"),
+            Some("post_attention_layernorm"),
+            Some("pre_feedforward_layernorm"),
+            Some("post_feedforward_layernorm"),
+        ]
+    } else if family.post_norm() {
+        [
+            None,
+            Some("post_attention_layernorm"),
+            None,
+            Some("post_feedforward_layernorm"),
+        ]
+    } else {
+        [
+            Some("input_layernorm"),
+            None,
+            Some("post_attention_layernorm"),
+            None,
+        ]
+    }
+}
+
+/// `norm(x)`, or `x` where the block has no norm at that position.
+fn norm_or_pass(norm: &Option<Norm>, x: Tensor) -> Tensor {
+    match norm {
+        Some(n) => n.forward(&x),
+        None => x,
+    }
 }
 
 pub struct Transformer {
@@ -349,8 +420,10 @@ pub struct Transformer {
     final_norm: Norm,
     /// None when tied to `embed`.
     lm_head: Option<Tensor>,
-    /// RoPE tables `[max_seq_len, head_dim]`, built once (Llama only).
+    /// RoPE tables `[max_seq_len, rotary_dim]`, built once (Llama only).
     rope: Option<(Tensor, Tensor)>,
+    /// Gemma 3: the tables of the sliding-window layers (`local_rope_theta`).
+    rope_local: Option<(Tensor, Tensor)>,
 }
 
 impl Transformer {
@@ -376,7 +449,7 @@ impl Transformer {
             Linear::new(path, weight, bias, false)
         };
         let style = match v.family {
-            DecoderFamily::Gemma => RmsStyle::PlusOne,
+            f if f.gemma() => RmsStyle::PlusOne,
             DecoderFamily::Olmo2 => RmsStyle::ScaleInFp32,
             _ => RmsStyle::Llama,
         };
@@ -390,26 +463,26 @@ impl Transformer {
             eps: c.norm_eps,
             style,
         };
-        // OLMo 2 normalises the outputs of attention and MLP, not their inputs.
-        let (norm1_name, norm2_name) = if v.family.post_norm() {
-            ("post_attention_layernorm", "post_feedforward_layernorm")
-        } else {
-            ("input_layernorm", "post_attention_layernorm")
-        };
+        let [pre_attn, post_attn, pre_mlp, post_mlp] = norm_names(v.family);
         let mut blocks = Vec::new();
         for i in 0..c.n_layers {
             let p = format!("model.layers.{i}");
-            let norm1 = rms(s, format!("{p}.{norm1_name}.weight"), d);
+            let norm = |s: &mut ParamStore, name: Option<&str>| {
+                name.map(|n| rms(s, format!("{p}.{n}.weight"), d))
+            };
+            let (pre_attn, post_attn) = (norm(s, pre_attn), norm(s, post_attn));
             let (kv_width, a) = (c.n_kv_heads * hd, format!("{p}.self_attn"));
-            let q = lin(
-                s,
-                format!("{a}.q_proj.weight"),
-                c.n_heads * hd,
-                d,
-                v.qkv_bias(),
-            );
-            let k = lin(s, format!("{a}.k_proj.weight"), kv_width, d, v.qkv_bias());
-            let vp = lin(s, format!("{a}.v_proj.weight"), kv_width, d, v.qkv_bias());
+            let qkv = if v.family.fused_projections() {
+                let width = c.n_heads * hd + 2 * kv_width;
+                Qkv::Fused(lin(s, format!("{a}.qkv_proj.weight"), width, d, false))
+            } else {
+                let bias = v.qkv_bias();
+                Qkv::Separate {
+                    q: lin(s, format!("{a}.q_proj.weight"), c.n_heads * hd, d, bias),
+                    k: lin(s, format!("{a}.k_proj.weight"), kv_width, d, bias),
+                    v: lin(s, format!("{a}.v_proj.weight"), kv_width, d, bias),
+                }
+            };
             let o = lin(
                 s,
                 format!("{a}.o_proj.weight"),
@@ -430,48 +503,34 @@ impl Transformer {
                     )
                 })
             };
-            let mlp = match &c.moe {
-                Some(m) => Mlp::Moe(Moe::new(m, d, c.d_ff, &format!("{p}.mlp"), s)?),
-                None => Mlp::SwiGlu {
-                    gate: lin(
-                        s,
-                        format!("{p}.mlp.gate_proj.weight"),
-                        c.d_ff,
-                        d,
-                        v.mlp_bias,
-                    ),
-                    up: lin(s, format!("{p}.mlp.up_proj.weight"), c.d_ff, d, v.mlp_bias),
-                    down: lin(
-                        s,
-                        format!("{p}.mlp.down_proj.weight"),
-                        d,
-                        c.d_ff,
-                        v.mlp_bias,
-                    ),
-                },
-            };
-            let norm2 = rms(s, format!("{p}.{norm2_name}.weight"), d);
+            let mlp = Self::llama_mlp(c, s, &p, &lin)?;
+            let (pre_mlp, post_mlp) = (norm(s, pre_mlp), norm(s, post_mlp));
             blocks.push(Block {
-                norm1,
+                pre_attn,
                 attn: Attention {
-                    qkv: Qkv::Separate { q, k, v: vp },
+                    qkv,
                     qk_norm,
                     out: o,
                 },
-                norm2,
+                post_attn,
+                pre_mlp,
                 mlp,
+                post_mlp,
             });
         }
         let final_norm = rms(s, "model.norm.weight".to_string(), d);
         let lm_head =
             (!c.tie_embeddings).then(|| s.normal("lm_head.weight", &[c.vocab_size, d], std));
         let rope = Some(rope_tables(
-            hd,
+            c.rotary_dim(),
             c.max_seq_len,
             c.rope_theta,
             v.rope_scaling.as_ref(),
             s.device(),
         ));
+        let rope_local = v
+            .local_rope_theta
+            .map(|theta| rope_tables(c.rotary_dim(), c.max_seq_len, theta, None, s.device()));
         Ok(Transformer {
             config: c.clone(),
             embed,
@@ -480,6 +539,36 @@ impl Transformer {
             final_norm,
             lm_head,
             rope,
+            rope_local,
+        })
+    }
+
+    /// A Llama-style block's MLP: routed experts, the gated MLP, or (Phi-3) the gated MLP with
+    /// gate and up fused.
+    fn llama_mlp(
+        c: &TransformerConfig,
+        s: &mut ParamStore,
+        p: &str,
+        lin: &dyn Fn(&mut ParamStore, String, i64, i64, bool) -> Linear,
+    ) -> Result<Mlp> {
+        let (d, bias) = (c.d_model, c.variant.mlp_bias);
+        Ok(match &c.moe {
+            Some(m) => Mlp::Moe(Moe::new(m, d, c.d_ff, &format!("{p}.mlp"), s)?),
+            None if c.variant.family.fused_projections() => Mlp::FusedGlu {
+                gate_up: lin(
+                    s,
+                    format!("{p}.mlp.gate_up_proj.weight"),
+                    2 * c.d_ff,
+                    d,
+                    bias,
+                ),
+                down: lin(s, format!("{p}.mlp.down_proj.weight"), d, c.d_ff, bias),
+            },
+            None => Mlp::SwiGlu {
+                gate: lin(s, format!("{p}.mlp.gate_proj.weight"), c.d_ff, d, bias),
+                up: lin(s, format!("{p}.mlp.up_proj.weight"), c.d_ff, d, bias),
+                down: lin(s, format!("{p}.mlp.down_proj.weight"), d, c.d_ff, bias),
+            },
         })
     }
 
@@ -513,14 +602,16 @@ impl Transformer {
             let fc = conv1d(s, &format!("{p}.mlp.c_fc"), d, c.d_ff, std);
             let proj = conv1d(s, &format!("{p}.mlp.c_proj"), c.d_ff, d, proj_std);
             blocks.push(Block {
-                norm1,
+                pre_attn: Some(norm1),
                 attn: Attention {
                     qkv: Qkv::Fused(c_attn),
                     qk_norm: None,
                     out: c_proj,
                 },
-                norm2,
+                post_attn: None,
+                pre_mlp: Some(norm2),
                 mlp: Mlp::Gelu { fc, proj },
+                post_mlp: None,
             });
         }
         let final_norm = layer_norm(s, "transformer.ln_f");
@@ -534,6 +625,7 @@ impl Transformer {
             final_norm,
             lm_head,
             rope: None,
+            rope_local: None,
         }
     }
 
@@ -557,8 +649,12 @@ impl Transformer {
     pub fn lm_head(&self, hidden: &Tensor) -> Tensor {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let logits = hidden.linear(head, None::<&Tensor>);
-        match &self.config.variant.multipliers {
+        let logits = match &self.config.variant.multipliers {
             Some(m) => logits / m.logits_scaling,
+            None => logits,
+        };
+        match self.config.variant.logits_softcap {
+            Some(cap) => (logits / cap).tanh() * cap,
             None => logits,
         }
     }
@@ -602,20 +698,11 @@ impl Transformer {
             ki.le_tensor(&qi).logical_and(&ki.gt_tensor(&(qi - w)))
         });
         for (i, block) in self.blocks.iter().enumerate() {
-            // Pre-norm (Llama): x + f(norm(x)); post-norm (OLMo 2): x + norm(f(x)).
-            let post = c.variant.family.post_norm();
-            let xn = if post {
-                x.shallow_clone()
-            } else {
-                block.norm1.forward(&x)
-            };
+            // x + f(norm(x)) (Llama), x + norm(f(x)) (OLMo 2), x + norm(f(norm(x))) (Gemma 2/3).
+            let xn = norm_or_pass(&block.pre_attn, x.shallow_clone());
             let h = self.attention(&block.attn, i, band.as_ref(), &xn, (b, t), p_drop, train);
-            x = x + self.residual_branch(if post { block.norm1.forward(&h) } else { h });
-            let xn = if post {
-                x.shallow_clone()
-            } else {
-                block.norm2.forward(&x)
-            };
+            x = x + self.residual_branch(norm_or_pass(&block.post_attn, h));
+            let xn = norm_or_pass(&block.pre_mlp, x.shallow_clone());
             let m = match &block.mlp {
                 Mlp::Moe(moe) => {
                     let o = moe.forward(&xn, train);
@@ -629,18 +716,17 @@ impl Transformer {
                     o.out
                 }
                 Mlp::SwiGlu { gate, up, down } => {
-                    let g = gate.forward(&xn, train);
-                    // Gemma's GeGLU: the tanh GELU on the gate.
-                    let g = if c.variant.family.gemma() {
-                        g.gelu("tanh")
-                    } else {
-                        g.silu()
-                    };
+                    let g = self.gate_activation(gate.forward(&xn, train));
                     down.forward(&(g * up.forward(&xn, train)), train)
+                }
+                Mlp::FusedGlu { gate_up, down } => {
+                    let parts = gate_up.forward(&xn, train).chunk(2, -1);
+                    let g = self.gate_activation(parts[0].shallow_clone());
+                    down.forward(&(g * &parts[1]), train)
                 }
                 Mlp::Gelu { fc, proj } => proj.forward(&fc.forward(&xn, train).gelu("tanh"), train),
             };
-            let m = self.residual_branch(if post { block.norm2.forward(&m) } else { m });
+            let m = self.residual_branch(norm_or_pass(&block.post_mlp, m));
             x = x + if p_drop > 0.0 {
                 m.dropout(p_drop, train)
             } else {
@@ -679,6 +765,7 @@ impl Transformer {
                 out.push(&block.attn.out);
                 match &block.mlp {
                     Mlp::SwiGlu { gate, up, down } => out.extend([gate, up, down]),
+                    Mlp::FusedGlu { gate_up, down } => out.extend([gate_up, down]),
                     Mlp::Gelu { fc, proj } => out.extend([fc, proj]),
                     Mlp::Moe(_) => {}
                 }
@@ -698,6 +785,7 @@ impl Transformer {
             out.push(&mut block.attn.out);
             match &mut block.mlp {
                 Mlp::SwiGlu { gate, up, down } => out.extend([gate, up, down]),
+                Mlp::FusedGlu { gate_up, down } => out.extend([gate_up, down]),
                 Mlp::Gelu { fc, proj } => out.extend([fc, proj]),
                 Mlp::Moe(_) => {}
             }
@@ -736,7 +824,10 @@ impl Transformer {
                 v.forward(x, train),
             ),
             Qkv::Fused(qkv) => {
-                let parts = qkv.forward(x, train).split(c.d_model, -1);
+                let (q_width, kv_width) = (c.n_heads * hd, c.n_kv_heads * hd);
+                let parts = qkv
+                    .forward(x, train)
+                    .split_with_sizes([q_width, kv_width, kv_width], -1);
                 (
                     parts[0].shallow_clone(),
                     parts[1].shallow_clone(),
@@ -755,7 +846,12 @@ impl Transformer {
             Some(QkNorm::PerHead(q_norm, k_norm)) => (q_norm.forward(&q), k_norm.forward(&k)),
             _ => (q, k),
         };
-        let (q, k) = match &self.rope {
+        // Gemma 3's sliding-window layers have their own RoPE base.
+        let tables = match &self.rope_local {
+            Some(local) if self.is_windowed(layer) => Some(local),
+            _ => self.rope.as_ref(),
+        };
+        let (q, k) = match tables {
             Some((cos, sin)) => {
                 let cos = cos.narrow(0, 0, t).to_kind(q.kind()); // [t, hd]
                 let sin = sin.narrow(0, 0, t).to_kind(q.kind());
@@ -767,16 +863,19 @@ impl Transformer {
         // A window shorter than the sequence needs an explicit band mask; otherwise the
         // causal flag lets SDPA pick its fused kernels.
         let band = band.filter(|_| self.is_sliding(layer));
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            band,
-            p_drop,
-            band.is_none(),
-            self.attention_scale(layer),
-            gqa,
-        ); // [b, h, t, hd]
+        let y = match c.variant.attention_softcap {
+            Some(cap) => self.softcapped_attention(&q, &k, &v, band, cap, layer, p_drop, train),
+            None => Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                band,
+                p_drop,
+                band.is_none(),
+                self.attention_scale(layer),
+                gqa,
+            ),
+        }; // [b, h, t, hd]
         let y = y.transpose(1, 2).contiguous().view([b, t, c.n_heads * hd]);
         let y = attn.out.forward(&y, train);
         if p_drop > 0.0 {
@@ -786,12 +885,73 @@ impl Transformer {
         }
     }
 
+    /// The gated MLP's activation of the gate: silu (SwiGLU), or Gemma's tanh GELU (GeGLU).
+    fn gate_activation(&self, g: Tensor) -> Tensor {
+        if self.config.variant.family.gemma() {
+            g.gelu("tanh")
+        } else {
+            g.silu()
+        }
+    }
+
     /// A block's attention or MLP output before the residual add: Granite scales it.
     fn residual_branch(&self, h: Tensor) -> Tensor {
         match &self.config.variant.multipliers {
             Some(m) => h * m.residual,
             None => h,
         }
+    }
+
+    /// Attention written out for soft-capped scores (Gemma 2/3), as transformers' eager
+    /// attention computes it: scores in the activations' dtype, scaled, capped
+    /// `cap * tanh(s / cap)`, masked (causal, or the sliding window's `band`), softmax in fp32.
+    #[allow(clippy::too_many_arguments)]
+    fn softcapped_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        band: Option<&Tensor>,
+        cap: f64,
+        layer: usize,
+        p_drop: f64,
+        train: bool,
+    ) -> Tensor {
+        let c = &self.config;
+        // Grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads.
+        let group = c.n_heads / c.n_kv_heads;
+        let (k, v) = if group > 1 {
+            (
+                k.repeat_interleave_self_int(group, Some(1), None),
+                v.repeat_interleave_self_int(group, Some(1), None),
+            )
+        } else {
+            (k.shallow_clone(), v.shallow_clone())
+        };
+        let scale = self
+            .attention_scale(layer)
+            .unwrap_or(1.0 / (c.head_dim() as f64).sqrt());
+        let scores = q.matmul(&k.transpose(-2, -1)) * scale; // [b, h, t, t]
+        let scores = (scores / cap).tanh() * cap;
+        let t = q.size()[2];
+        let allowed = match band {
+            Some(band) => band.shallow_clone(),
+            None => Tensor::ones([t, t], (Kind::Bool, q.device())).tril(0),
+        };
+        let scores = scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
+        let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
+        let probs = if p_drop > 0.0 {
+            probs.dropout(p_drop, train)
+        } else {
+            probs
+        };
+        probs.matmul(&v)
+    }
+
+    /// Whether layer `layer` has a sliding window (`sliding_window` set, and the layer marked
+    /// by `layer_types` when there are layer types).
+    fn is_windowed(&self, layer: usize) -> bool {
+        self.config.variant.sliding_window.is_some() && self.is_sliding(layer)
     }
 
     /// Whether layer `layer` attends through the sliding window (when one is set).
@@ -804,11 +964,15 @@ impl Transformer {
     }
 
     /// The factor of attention scores when it is not SDPA's default 1/sqrt(head_dim) (GPT-2's
-    /// flags, Granite's attention multiplier); None: the default.
+    /// flags, Granite's attention multiplier, Gemma 2/3's `query_pre_attn_scalar`); None: the
+    /// default.
     fn attention_scale(&self, layer: usize) -> Option<f64> {
         let v = &self.config.variant;
         if let Some(m) = &v.multipliers {
             return Some(m.attention);
+        }
+        if let Some(scalar) = v.query_pre_attn_scalar {
+            return Some(1.0 / scalar.sqrt());
         }
         if !v.unscaled_attention && !v.scale_attn_by_inverse_layer_idx {
             return None;

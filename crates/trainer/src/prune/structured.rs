@@ -329,6 +329,11 @@ mod tests {
             sliding_window: None,
             layer_types: None,
             multipliers: None,
+            attention_softcap: None,
+            logits_softcap: None,
+            query_pre_attn_scalar: None,
+            local_rope_theta: None,
+            partial_rotary_factor: None,
         }))
     }
 
@@ -385,6 +390,11 @@ mod tests {
                 sliding_window: None,
                 layer_types: None,
                 multipliers: None,
+                attention_softcap: None,
+                logits_softcap: None,
+                query_pre_attn_scalar: None,
+                local_rope_theta: None,
+                partial_rotary_factor: None,
             }),
             &cfg,
             2,

@@ -144,6 +144,27 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// `k` where null means "off": absent gives `default` (the config class's default), null
+    /// gives None (e.g. Gemma 2's `attn_logit_softcapping`, 50 when absent).
+    pub fn float_unless_null(&mut self, k: &str, default: Option<f64>) -> Res<Option<f64>> {
+        if self.has(k) {
+            self.opt_float(k)
+        } else {
+            self.taken.insert(k.to_string());
+            Ok(default)
+        }
+    }
+
+    /// `float_unless_null` for integers (e.g. `sliding_window`).
+    pub fn int_unless_null(&mut self, k: &str, default: Option<i64>) -> Res<Option<i64>> {
+        if self.has(k) {
+            self.opt_int(k)
+        } else {
+            self.taken.insert(k.to_string());
+            Ok(default)
+        }
+    }
+
     pub fn float_or(&mut self, k: &str, default: f64) -> Res<f64> {
         match self.value(k) {
             None => Ok(default),

@@ -12,7 +12,7 @@ use crate::models::config::{DecoderFamily, ModelConfig};
 use crate::models::transformer::TransformerConfig;
 use serde_json::{json, Map, Value};
 
-const GEMMA: Defaults = Defaults {
+pub const GEMMA: Defaults = Defaults {
     head_dim: Some(256),
     tie_word_embeddings: true,
     hidden_act: &["gelu_pytorch_tanh", "gelu"],
@@ -36,7 +36,7 @@ pub fn read(f: &mut Fields) -> Res<ModelConfig> {
 }
 
 pub fn write(c: &TransformerConfig) -> Res<Map<String, Value>> {
-    super::refuse_switches(c, "gemma", &["mlp_bias", "sliding_window", "layer_types"])?;
+    super::refuse_switches(c, "gemma", &["attention_bias"])?;
     let mut m = decoder_json(c, "GemmaForCausalLM");
     m.insert("attention_bias".into(), json!(c.variant.attention_bias));
     Ok(m)

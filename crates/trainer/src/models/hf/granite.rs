@@ -27,7 +27,7 @@ pub fn read(f: &mut Fields) -> Res<ModelConfig> {
 }
 
 pub fn write(c: &TransformerConfig) -> Res<Map<String, Value>> {
-    super::refuse_switches(c, "granite", &["sliding_window", "layer_types"])?;
+    super::refuse_switches(c, "granite", &["attention_bias", "mlp_bias"])?;
     let Some(mult) = c.variant.multipliers else {
         return Err("a granite model needs [model.multipliers]".to_string());
     };

@@ -23,12 +23,13 @@ pub fn read(f: &mut Fields) -> Res<ModelConfig> {
     Ok(ModelConfig::Llama(c))
 }
 
-pub fn write(c: &TransformerConfig) -> Map<String, Value> {
+pub fn write(c: &TransformerConfig) -> Res<Map<String, Value>> {
+    super::refuse_switches(c, "llama", &["attention_bias", "mlp_bias"])?;
     let mut m = decoder_json(c, "LlamaForCausalLM");
     m.insert("attention_bias".into(), json!(c.variant.attention_bias));
     m.insert("mlp_bias".into(), json!(c.variant.mlp_bias));
     m.insert("pretraining_tp".into(), json!(1));
-    m
+    Ok(m)
 }
 
 /// The values transformers' config class takes for absent fields.
@@ -40,6 +41,8 @@ pub struct Defaults {
     pub tie_word_embeddings: bool,
     /// The `hidden_act` values that name the family's MLP activation (the first is the default).
     pub hidden_act: &'static [&'static str],
+    /// Whether the family's attention rotates part of each head (`partial_rotary_factor`).
+    pub partial_rotary: bool,
 }
 
 impl Defaults {
@@ -49,12 +52,24 @@ impl Defaults {
         head_dim: None,
         tie_word_embeddings: false,
         hidden_act: &["silu"],
+        partial_rotary: false,
     };
 }
 
 /// The sizes, norm, embeddings and rotary settings every Llama-style family shares; the
 /// family's own switches are left at their defaults for its reader to set.
 pub fn decoder(f: &mut Fields, family: DecoderFamily, defaults: Defaults) -> Res<LlamaConfig> {
+    let rope = rope(f, defaults.rope_theta, defaults.partial_rotary)?;
+    decoder_with_rope(f, family, defaults, rope)
+}
+
+/// `decoder` for a family that reads its rotary settings itself (Gemma 3).
+pub fn decoder_with_rope(
+    f: &mut Fields,
+    family: DecoderFamily,
+    defaults: Defaults,
+    rope: Rope,
+) -> Res<LlamaConfig> {
     f.decoder_only()?;
     let acts: Vec<Value> = defaults.hidden_act.iter().map(|a| json!(a)).collect();
     f.must_be(
@@ -77,7 +92,6 @@ pub fn decoder(f: &mut Fields, family: DecoderFamily, defaults: Defaults) -> Res
     )?;
     let (d, heads) = (f.int("hidden_size")?, f.int("num_attention_heads")?);
     let head_dim = f.opt_int("head_dim")?.or(defaults.head_dim);
-    let (rope_theta, rope_scaling) = rope(f, defaults.rope_theta)?;
     Ok(LlamaConfig {
         vocab_size: f.int("vocab_size")?,
         d_model: d,
@@ -88,32 +102,72 @@ pub fn decoder(f: &mut Fields, family: DecoderFamily, defaults: Defaults) -> Res
         head_dim: head_dim.filter(|hd| heads == 0 || hd * heads != d),
         d_ff: f.int("intermediate_size")?,
         max_seq_len: f.int("max_position_embeddings")?,
-        rope_theta,
+        rope_theta: rope.theta,
         norm_eps: f.float_or("rms_norm_eps", defaults.rms_norm_eps)?,
         tie_embeddings: f.bool_or("tie_word_embeddings", defaults.tie_word_embeddings)?,
         moe: None,
         family,
         attention_bias: false,
         mlp_bias: false,
-        rope_scaling,
+        rope_scaling: rope.scaling,
         sliding_window: None,
         layer_types: None,
         multipliers: None,
+        attention_softcap: None,
+        logits_softcap: None,
+        query_pre_attn_scalar: None,
+        local_rope_theta: None,
+        partial_rotary_factor: rope.partial_rotary_factor,
     })
 }
 
+/// One rotary setting: its base, its frequency scaling, and the share of each head rotated.
+pub struct Rope {
+    pub theta: f64,
+    pub scaling: Option<RopeScaling>,
+    /// None: the whole head.
+    pub partial_rotary_factor: Option<f64>,
+}
+
 /// The rotary base and scaling, from `rope_parameters` (transformers 5) or `rope_theta` and
-/// `rope_scaling` (4.x). Every key of the scaling is read or refused.
-fn rope(f: &mut Fields, default_theta: f64) -> Res<(f64, Option<RopeScaling>)> {
+/// `rope_scaling` (4.x). Every key of the scaling is read or refused; a partial rotary factor
+/// other than 1 only where `partial` (families whose attention rotates part of each head).
+fn rope(f: &mut Fields, default_theta: f64, partial: bool) -> Res<Rope> {
     let top_theta = f.float_or("rope_theta", default_theta)?;
+    // Phi-3 and GPT-NeoX take a top-level factor when the rope dict has none.
+    let top_partial = if partial {
+        f.float_or("partial_rotary_factor", 1.0)?
+    } else {
+        1.0
+    };
     let scaling = f.value("rope_scaling");
     let params = f.value("rope_parameters");
     // transformers 5 gives `rope_scaling` priority over `rope_parameters` when both are set.
     let (key, dict) = match (scaling, params) {
         (Some(s), _) => ("rope_scaling", s),
         (None, Some(p)) => ("rope_parameters", p),
-        (None, None) => return Ok((top_theta, None)),
+        (None, None) => {
+            return Ok(Rope {
+                theta: top_theta,
+                scaling: None,
+                partial_rotary_factor: Some(top_partial).filter(|&p| p != 1.0),
+            })
+        }
     };
+    let max_pos = f.int("max_position_embeddings")?;
+    let rope = rope_dict(key, dict, top_theta, top_partial, max_pos)?;
+    if !partial && rope.partial_rotary_factor.is_some() {
+        return Err(format!(
+            "unsupported {key}.partial_rotary_factor = {}: this family rotates whole heads",
+            rope.partial_rotary_factor.unwrap_or(1.0)
+        ));
+    }
+    Ok(rope)
+}
+
+/// One rope dict (`rope_parameters`, `rope_scaling`, or a per-layer-type entry of Gemma 3's),
+/// named `key` in errors; `theta` and `partial` are the values it falls back to.
+pub fn rope_dict(key: &str, dict: &Value, theta: f64, partial: f64, max_pos: i64) -> Res<Rope> {
     let map = dict
         .as_object()
         .ok_or_else(|| format!("{key} = {dict}: expected an object"))?;
@@ -126,19 +180,18 @@ fn rope(f: &mut Fields, default_theta: f64) -> Res<(f64, Option<RopeScaling>)> {
     };
     let mut r = Fields::new(map, format!("{key} (rope_type {kind:?})"));
     r.ignore(&["rope_type", "type"]);
-    let theta = r
-        .float_or("rope_theta", top_theta)
-        .map_err(|e| format!("{key}.{e}"))?;
-    let max_pos = f.int("max_position_embeddings")?;
+    let in_key = |e: String| format!("{key}.{e}");
+    let theta = r.float_or("rope_theta", theta).map_err(in_key)?;
+    let partial = r
+        .float_or("partial_rotary_factor", partial)
+        .map_err(in_key)?;
     let scaling = read_scaling(&mut r, &kind, max_pos).map_err(|e| format!("{key}: {e}"))?;
-    r.must_be(
-        "partial_rotary_factor",
-        &[json!(1), json!(1.0)],
-        "rotary embedding on the whole head only",
-    )
-    .map_err(|e| format!("{key}.{e}"))?;
     r.finish()?;
-    Ok((theta, scaling))
+    Ok(Rope {
+        theta,
+        scaling,
+        partial_rotary_factor: Some(partial).filter(|&p| p != 1.0),
+    })
 }
 
 fn read_scaling(r: &mut Fields, kind: &str, max_pos: i64) -> Res<Option<RopeScaling>> {
@@ -188,7 +241,7 @@ fn read_scaling(r: &mut Fields, kind: &str, max_pos: i64) -> Res<Option<RopeScal
 
 /// `rope_theta` and `rope_parameters` as transformers 5 writes them, plus `rope_scaling` for
 /// transformers 4.x readers when the frequencies are scaled.
-fn rope_json(c: &TransformerConfig, m: &mut Map<String, Value>) {
+pub fn rope_json(c: &TransformerConfig, m: &mut Map<String, Value>) {
     let mut params = match &c.variant.rope_scaling {
         None => Map::new(),
         Some(s) => match serde_json::to_value(s) {
@@ -204,6 +257,9 @@ fn rope_json(c: &TransformerConfig, m: &mut Map<String, Value>) {
     params
         .entry("rope_type")
         .or_insert_with(|| json!("default"));
+    if let Some(p) = c.variant.partial_rotary_factor {
+        params.insert("partial_rotary_factor".into(), json!(p));
+    }
     if c.variant.rope_scaling.is_some() {
         m.insert("rope_scaling".into(), Value::Object(params.clone()));
     }

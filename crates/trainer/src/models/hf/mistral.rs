@@ -12,16 +12,12 @@ use serde_json::{json, Map, Value};
 
 pub fn read(f: &mut Fields) -> Res<ModelConfig> {
     let mut c = decoder(f, DecoderFamily::Mistral, Defaults::LLAMA)?;
-    c.sliding_window = if f.has("sliding_window") {
-        f.opt_int("sliding_window")?
-    } else {
-        Some(4096)
-    };
+    c.sliding_window = f.int_unless_null("sliding_window", Some(4096))?;
     Ok(ModelConfig::Llama(c))
 }
 
 pub fn write(c: &TransformerConfig) -> Res<Map<String, Value>> {
-    super::refuse_switches(c, "mistral", &["attention_bias", "mlp_bias", "layer_types"])?;
+    super::refuse_switches(c, "mistral", &["sliding_window"])?;
     let mut m = decoder_json(c, "MistralForCausalLM");
     m.insert("sliding_window".into(), json!(c.variant.sliding_window));
     Ok(m)

@@ -56,7 +56,7 @@ pub fn write(c: &TransformerConfig, m: &MoeConfig) -> Res<Map<String, Value>> {
             c.variant.family.model_type()
         ));
     }
-    super::refuse_switches(c, "mixtral", &["attention_bias", "mlp_bias", "layer_types"])?;
+    super::refuse_switches(c, "mixtral", &["sliding_window"])?;
     let mut out = decoder_json(c, "MixtralForCausalLM");
     out.insert("model_type".into(), json!("mixtral"));
     for (k, v) in [

@@ -5,8 +5,8 @@
 //! and which it ignores (they do not change the computation); `fields.rs` refuses everything
 //! else by name, so no field is silently dropped. Families: `llama.rs` (Llama 1-3.x, with the
 //! RoPE scalings, and the fields every Llama-style family shares), `mistral.rs`, `qwen2.rs`
-//! (Qwen2, Qwen2.5), `qwen3.rs`, `gemma.rs`,
-//! `olmo2.rs`, `granite.rs`, `mixtral.rs`, `gpt2.rs`. The computation each switch selects
+//! (Qwen2, Qwen2.5), `qwen3.rs`, `gemma.rs`, `gemma2.rs`, `gemma3.rs` (Gemma 3's text model),
+//! `olmo2.rs`, `granite.rs`, `phi3.rs`, `mixtral.rs`, `gpt2.rs`. The computation each switch selects
 //! is in `transformer.rs` (`Variant`).
 //!
 //! Our parameter names are the Hugging Face state-dict keys (see `transformer.rs`), so loading is
@@ -14,12 +14,15 @@
 
 mod fields;
 mod gemma;
+mod gemma2;
+mod gemma3;
 mod gpt2;
 mod granite;
 mod llama;
 mod mistral;
 mod mixtral;
 mod olmo2;
+mod phi3;
 mod qwen2;
 mod qwen3;
 
@@ -70,6 +73,9 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
         "qwen2" => qwen2::read(&mut f)?,
         "qwen3" => qwen3::read(&mut f)?,
         "gemma" => gemma::read(&mut f)?,
+        "gemma2" => gemma2::read(&mut f)?,
+        "gemma3_text" => gemma3::read(&mut f)?,
+        "phi3" => phi3::read(&mut f)?,
         "olmo2" => olmo2::read(&mut f)?,
         "granite" => granite::read(&mut f)?,
         "gpt2" => gpt2::read(&mut f)?,
@@ -116,33 +122,50 @@ fn json_name(model: &ModelConfig, key: &str) -> Option<&'static str> {
 
 /// The `model_type`s this tool reads and writes.
 pub const SUPPORTED: &[&str] = &[
-    "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "olmo2", "granite", "gpt2",
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "olmo2",
+    "granite",
+    "phi3",
+    "gpt2",
 ];
 
-/// Refuses a model whose switches `family`'s config.json cannot express (`names`: the switches
-/// by their `[model]` key), so that an export never drops one.
+/// Refuses a model with a switch that `family`'s config.json cannot express (`expressed`: the
+/// switches, by their `[model]` key, that the family's writer does write), so that an export
+/// never drops one.
 fn refuse_switches(
     c: &TransformerConfig,
     family: &str,
-    names: &[&str],
+    expressed: &[&str],
 ) -> std::result::Result<(), String> {
     let v = &c.variant;
-    for name in names {
-        let set = match *name {
-            "attention_bias" => v.attention_bias,
-            "mlp_bias" => v.mlp_bias,
-            "layer_types" => v.sliding_layers.is_some(),
-            "sliding_window" => v.sliding_window.is_some(),
-            _ => false,
-        };
-        if set {
-            return Err(format!(
-                "model.{name} has no field in a {family} config.json; this model cannot be \
-                 exported as {family}"
-            ));
-        }
+    let switches = [
+        ("attention_bias", v.attention_bias),
+        ("mlp_bias", v.mlp_bias),
+        ("sliding_window", v.sliding_window.is_some()),
+        ("layer_types", v.sliding_layers.is_some()),
+        ("attention_softcap", v.attention_softcap.is_some()),
+        ("logits_softcap", v.logits_softcap.is_some()),
+        ("query_pre_attn_scalar", v.query_pre_attn_scalar.is_some()),
+        ("local_rope_theta", v.local_rope_theta.is_some()),
+        ("partial_rotary_factor", v.partial_rotary_factor.is_some()),
+    ];
+    match switches
+        .iter()
+        .find(|(name, set)| *set && !expressed.contains(name))
+    {
+        Some((name, _)) => Err(format!(
+            "model.{name} has no field in a {family} config.json; this model cannot be \
+             exported as {family}"
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The safetensors files of a Hugging Face directory: `model.safetensors`, or the shards named
@@ -238,11 +261,14 @@ pub fn config_json(cfg: &TransformerConfig) -> Result<Value, String> {
         (Some(m), _) => mixtral::write(cfg, m)?,
         (None, Family::Gpt2) => gpt2::write(cfg),
         (None, Family::Llama) => match cfg.variant.family {
-            DecoderFamily::Llama => llama::write(cfg),
+            DecoderFamily::Llama => llama::write(cfg)?,
             DecoderFamily::Mistral => mistral::write(cfg)?,
             DecoderFamily::Qwen2 => qwen2::write(cfg)?,
             DecoderFamily::Qwen3 => qwen3::write(cfg)?,
             DecoderFamily::Gemma => gemma::write(cfg)?,
+            DecoderFamily::Gemma2 => gemma2::write(cfg)?,
+            DecoderFamily::Gemma3 => gemma3::write(cfg)?,
+            DecoderFamily::Phi3 => phi3::write(cfg)?,
             DecoderFamily::Olmo2 => olmo2::write(cfg)?,
             DecoderFamily::Granite => granite::write(cfg)?,
         },
@@ -343,6 +369,11 @@ mod tests {
                 sliding_window: None,
                 layer_types: None,
                 multipliers: None,
+                attention_softcap: None,
+                logits_softcap: None,
+                query_pre_attn_scalar: None,
+                local_rope_theta: None,
+                partial_rotary_factor: None,
             })
         );
         // Our own export reads back to the same config.

@@ -25,7 +25,7 @@ pub fn read(f: &mut Fields) -> Res<ModelConfig> {
 }
 
 pub fn write(c: &TransformerConfig) -> Res<Map<String, Value>> {
-    super::refuse_switches(c, "olmo2", &["mlp_bias", "sliding_window", "layer_types"])?;
+    super::refuse_switches(c, "olmo2", &["attention_bias"])?;
     let mut m = decoder_json(c, "Olmo2ForCausalLM");
     m.insert("attention_bias".into(), json!(c.variant.attention_bias));
     Ok(m)

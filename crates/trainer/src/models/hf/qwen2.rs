@@ -18,7 +18,7 @@ pub fn read(f: &mut Fields) -> Res<ModelConfig> {
 }
 
 pub fn write(c: &TransformerConfig) -> Res<Map<String, Value>> {
-    super::refuse_switches(c, "qwen2", &["attention_bias", "mlp_bias"])?;
+    super::refuse_switches(c, "qwen2", &["sliding_window", "layer_types"])?;
     let mut m = decoder_json(c, "Qwen2ForCausalLM");
     sliding_json(c, &mut m);
     Ok(m)

@@ -25,7 +25,11 @@ pub fn read(f: &mut Fields) -> Res<ModelConfig> {
 }
 
 pub fn write(c: &TransformerConfig) -> Res<Map<String, Value>> {
-    super::refuse_switches(c, "qwen3", &["mlp_bias"])?;
+    super::refuse_switches(
+        c,
+        "qwen3",
+        &["attention_bias", "sliding_window", "layer_types"],
+    )?;
     let mut m = decoder_json(c, "Qwen3ForCausalLM");
     m.insert("attention_bias".into(), json!(c.variant.attention_bias));
     sliding_json(c, &mut m);

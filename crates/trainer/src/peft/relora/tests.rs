@@ -26,6 +26,11 @@ fn llama() -> TransformerConfig {
         sliding_window: None,
         layer_types: None,
         multipliers: None,
+        attention_softcap: None,
+        logits_softcap: None,
+        query_pre_attn_scalar: None,
+        local_rope_theta: None,
+        partial_rotary_factor: None,
     }))
 }
 
