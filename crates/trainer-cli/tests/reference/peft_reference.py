@@ -65,7 +65,15 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 # The base model of a variant: its prefix names the family (Llama without one).
 BASES = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
          "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
-         "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM)}
+         "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
+         "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+         "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}
+# Config fields a family's tiny base needs beyond the sizes (Gemma's head_dim defaults to 256,
+# Phi-3's pad token to 32000).
+BASE_EXTRA = {transformers.GemmaConfig: dict(head_dim=8), transformers.Gemma2Config: dict(head_dim=8),
+              transformers.Gemma3TextConfig: dict(head_dim=8),
+              transformers.Phi3Config: dict(pad_token_id=0, eos_token_id=1)}
 # peft's LoraConfig of each variant that tests/lora.rs loads (or expects refused).
 ADAPTER_VARIANTS = {
     "plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -77,6 +85,10 @@ ADAPTER_VARIANTS = {
     "qwen2_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
     "gemma_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
     "olmo2_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
+    "gemma2_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
+    "gemma3_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
+    # Phi-3's fused projections, as peft names them.
+    "phi3_all": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
 }
 
 
@@ -84,7 +96,7 @@ def make_adapter(variant, base_dir, adapter_dir, data, seq_len, batch_size):
     torch.manual_seed(0)
     config_cls, model_cls = BASES.get(variant.split("_")[0],
                                       (transformers.LlamaConfig, transformers.LlamaForCausalLM))
-    extra = dict(head_dim=8) if config_cls is transformers.GemmaConfig else {}
+    extra = BASE_EXTRA.get(config_cls, {})
     base = model_cls(config_cls(
         vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, **extra))

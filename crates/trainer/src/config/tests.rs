@@ -129,6 +129,29 @@ fn out_of_range_values_name_location_and_key() {
     assert!(e.contains("must not exceed model.max_seq_len (32)"), "{e}");
 }
 
+/// The decoder families' switches are checked by name: experts only where the family's MLP is
+/// the experts' SwiGLU, soft-caps and the rotary share in range.
+#[test]
+fn family_switches_are_checked() {
+    let gemma_moe = BASE.replace(
+        "max_seq_len = 32",
+        "max_seq_len = 32\nfamily = \"gemma2\"\nmoe = { n_experts = 4, top_k = 2 }",
+    );
+    let e = err(&gemma_moe, &[]);
+    assert!(
+        e.contains("model.moe") && e.contains("gemma2") && e.contains("SwiGLU"),
+        "{e}"
+    );
+    let e = err(&BASE, &["model.attention_softcap=0"]);
+    assert!(e.contains("model.attention_softcap"), "{e}");
+    // d_model 32 / 4 heads = 8 wide: a share of 0.1 rotates no whole pair.
+    let e = err(&BASE, &["model.partial_rotary_factor=0.1"]);
+    assert!(
+        e.contains("model.partial_rotary_factor") && e.contains("0 dimensions"),
+        "{e}"
+    );
+}
+
 #[test]
 fn overrides_are_typed_and_validated() {
     let ovs = [

@@ -440,7 +440,21 @@ impl LlamaConfig {
             "expected a positive number",
         )?;
         match &c.moe {
-            Some(m) => validate_moe(m, "model.moe"),
+            Some(m) => {
+                // The experts are SwiGLU MLPs without biases (`moe.rs`): a family whose MLP is
+                // something else would be silently replaced, e.g. by upcycling.
+                check(
+                    !c.family.gemma() && !c.family.fused_projections() && !c.mlp_bias,
+                    "model.moe",
+                    format!(
+                        "experts are SwiGLU MLPs without biases; family = \"{}\"{} has another \
+                         MLP",
+                        c.family.model_type(),
+                        if c.mlp_bias { " with mlp_bias" } else { "" }
+                    ),
+                )?;
+                validate_moe(m, "model.moe")
+            }
             None => Ok(()),
         }
     }

@@ -12,8 +12,11 @@
 //! q and k (Qwen3; OLMo 2 over the whole projections, with norms after attention and MLP instead
 //! of before), RoPE scaling (Llama 3.x, YaRN; `rope.rs`), sliding-window attention on some
 //! or all layers (Mistral, Qwen2 with `use_sliding_window`), GeGLU, `(1 + w)` norms and scaled
-//! embeddings (Gemma), scaled embeddings, residual branches, attention and logits (Granite); and
-//! for GPT-2 its attention-scale flags and an untied head.
+//! embeddings (Gemma), norms before and after attention and MLP, soft-capped attention scores
+//! and logits, and a RoPE base of their own for the sliding layers (Gemma 2/3), q/k/v and
+//! gate/up stored fused and RoPE on part of each head (Phi-3), scaled embeddings, residual
+//! branches, attention and logits (Granite); and for GPT-2 its attention-scale flags and an
+//! untied head.
 //!
 //! Parameter names and shapes equal the Hugging Face checkpoint keys, so checkpoints map one to
 //! one: GPT-2's `Conv1D` weights are stored `[in, out]` as Hugging Face stores them.

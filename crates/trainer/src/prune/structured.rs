@@ -162,6 +162,14 @@ pub fn selection(imp: &Importance, config: &TransformerConfig, shape: Shape) -> 
     }
     let group = config.n_heads / config.n_kv_heads; // query heads per key/value head
     let heads = shape.n_heads.unwrap_or(config.n_heads);
+    if config.variant.family.fused_projections() && (heads != config.n_heads || d_ff != config.d_ff)
+    {
+        return Err(Error::Recipe(format!(
+            "--heads / --d-ff: {} stores q/k/v and gate/up as fused projections, which \
+             structured pruning does not slice; prune --layers only",
+            config.variant.family.model_type()
+        )));
+    }
     if heads != config.n_heads && config.family == Family::Gpt2 {
         return Err(Error::Recipe(
             "--heads: head pruning is for Llama-family models".into(),
@@ -208,17 +216,22 @@ fn units_index(units: &Tensor, width: i64) -> Tensor {
 }
 
 /// The recipe's model section with the new depth, MLP width and heads (`old`: the source).
+/// `layers`: the source layers kept, in order (their `layer_types` entries go with them).
 pub fn smaller_model_config(
     cfg: &ModelConfig,
     old: &TransformerConfig,
-    n_layers: i64,
+    layers: &[i64],
     d_ff: i64,
     n_heads: i64,
 ) -> ModelConfig {
     let mut out = cfg.clone();
+    let n_layers = layers.len() as i64;
     match &mut out {
         ModelConfig::Llama(c) => {
             c.n_layers = n_layers;
+            if let Some(types) = &mut c.layer_types {
+                *types = layers.iter().map(|&l| types[l as usize]).collect();
+            }
             c.d_ff = d_ff;
             if n_heads != old.n_heads {
                 c.n_heads = n_heads;
@@ -248,6 +261,8 @@ pub fn shrink(
     };
     let hd = config.head_dim();
     let group = config.n_heads / config.n_kv_heads;
+    // Qwen3 and Gemma 3 norm each head over head_dim (kept whole); OLMo 2 over all heads.
+    let per_head_norm = config.variant.qk_norm();
     let mut tensors = Vec::new();
     for p in old.iter() {
         let name = &p.name;
@@ -269,14 +284,27 @@ pub fn shrink(
         let t = p.tensor.detach();
         // Which dimension of this tensor indexes kept units, and which indices it keeps.
         let (dim, keep) = match (config.family, field) {
-            (Family::Llama, "mlp.gate_proj.weight" | "mlp.up_proj.weight") => {
-                (0, channels.shallow_clone())
-            }
+            (
+                Family::Llama,
+                "mlp.gate_proj.weight"
+                | "mlp.up_proj.weight"
+                | "mlp.gate_proj.bias"
+                | "mlp.up_proj.bias",
+            ) => (0, channels.shallow_clone()),
             (Family::Llama, "mlp.down_proj.weight") => (1, channels.shallow_clone()),
-            (Family::Llama, "self_attn.q_proj.weight") => (0, units_index(&q_heads, hd)),
-            (Family::Llama, "self_attn.k_proj.weight" | "self_attn.v_proj.weight") => {
-                (0, units_index(groups, hd))
-            }
+            // q's rows (and bias, and OLMo 2's norm over the whole q) are per query head.
+            (
+                Family::Llama,
+                "self_attn.q_proj.weight" | "self_attn.q_proj.bias" | "self_attn.q_norm.weight",
+            ) if !per_head_norm || !field.contains("norm") => (0, units_index(&q_heads, hd)),
+            (
+                Family::Llama,
+                "self_attn.k_proj.weight"
+                | "self_attn.v_proj.weight"
+                | "self_attn.k_proj.bias"
+                | "self_attn.v_proj.bias"
+                | "self_attn.k_norm.weight",
+            ) if !per_head_norm || !field.contains("norm") => (0, units_index(groups, hd)),
             (Family::Llama, "self_attn.o_proj.weight") => (1, units_index(&q_heads, hd)),
             // GPT-2's Conv1D stores [in, out].
             (Family::Gpt2, "mlp.c_fc.weight") => (1, channels.shallow_clone()),
@@ -309,7 +337,11 @@ mod tests {
     use tch::Device;
 
     fn llama(n_layers: i64, d_ff: i64) -> TransformerConfig {
-        TransformerConfig::from_recipe(&ModelConfig::Llama(crate::models::LlamaConfig {
+        TransformerConfig::from_recipe(&ModelConfig::Llama(llama_recipe(n_layers, d_ff)))
+    }
+
+    fn llama_recipe(n_layers: i64, d_ff: i64) -> crate::models::LlamaConfig {
+        crate::models::LlamaConfig {
             vocab_size: 64,
             d_model: 16,
             n_layers,
@@ -334,15 +366,27 @@ mod tests {
             query_pre_attn_scalar: None,
             local_rope_theta: None,
             partial_rotary_factor: None,
-        }))
+        }
     }
 
     /// Zeroing the dropped channels and heads of the dense model gives the same function as the
-    /// smaller model: the copy puts every kept weight where it belongs.
+    /// smaller model: the copy puts every kept weight where it belongs. Plain Llama, and Qwen2
+    /// with MLP biases (q/k/v and gate/up biases sliced with their rows).
     #[test]
     fn the_smaller_model_computes_what_the_dense_one_does_without_the_dropped_units() {
+        let qwen2 = crate::models::LlamaConfig {
+            family: crate::models::config::DecoderFamily::Qwen2,
+            mlp_bias: true,
+            ..llama_recipe(2, 24)
+        };
+        for recipe in [llama_recipe(2, 24), qwen2] {
+            check_smaller_model(recipe);
+        }
+    }
+
+    fn check_smaller_model(recipe: crate::models::LlamaConfig) {
         tch::manual_seed(1);
-        let cfg = llama(2, 24);
+        let cfg = TransformerConfig::from_recipe(&ModelConfig::Llama(recipe.clone()));
         let mut store = ParamStore::new(Device::Cpu);
         let dense = Transformer::new(&cfg, &mut store).unwrap();
         let batch = Tensor::randint(64, [2, 8], (Kind::Int64, Device::Cpu));
@@ -369,38 +413,7 @@ mod tests {
             let kept_group = sel.groups[l].int64_value(&[0]);
             assert!(g.double_value(&[kept_group]) >= g.double_value(&[1 - kept_group]));
         }
-        let model_cfg = smaller_model_config(
-            &ModelConfig::Llama(crate::models::LlamaConfig {
-                vocab_size: 64,
-                d_model: 16,
-                n_layers: 2,
-                n_heads: 4,
-                n_kv_heads: Some(2),
-                head_dim: None,
-                d_ff: 24,
-                max_seq_len: 16,
-                rope_theta: 10000.0,
-                norm_eps: 1e-6,
-                tie_embeddings: false,
-                moe: None,
-                family: Default::default(),
-                attention_bias: false,
-                mlp_bias: false,
-                rope_scaling: None,
-                sliding_window: None,
-                layer_types: None,
-                multipliers: None,
-                attention_softcap: None,
-                logits_softcap: None,
-                query_pre_attn_scalar: None,
-                local_rope_theta: None,
-                partial_rotary_factor: None,
-            }),
-            &cfg,
-            2,
-            10,
-            2,
-        );
+        let model_cfg = smaller_model_config(&ModelConfig::Llama(recipe), &cfg, &sel.layers, 10, 2);
         let small_cfg = TransformerConfig::from_recipe(&model_cfg);
         assert_eq!(
             (
@@ -504,5 +517,20 @@ mod tests {
         .unwrap()
         .to_string();
         assert!(err.contains("--layers"), "{err}");
+        // Each kept layer keeps its attention type (a sliding layer stays sliding).
+        use crate::models::config::LayerType::{FullAttention, SlidingAttention};
+        let windowed = crate::models::LlamaConfig {
+            sliding_window: Some(4),
+            layer_types: Some(vec![FullAttention, SlidingAttention, SlidingAttention]),
+            ..llama_recipe(3, 24)
+        };
+        let smaller = smaller_model_config(&ModelConfig::Llama(windowed), &cfg, &[0, 2], 24, 4);
+        let ModelConfig::Llama(smaller) = smaller else {
+            panic!("llama")
+        };
+        assert_eq!(
+            smaller.layer_types,
+            Some(vec![FullAttention, SlidingAttention])
+        );
     }
 }

@@ -214,7 +214,7 @@ pub fn run_structured(
     let model_cfg = structured::smaller_model_config(
         &source.model_config()?,
         &loaded.config,
-        sel.layers.len() as i64,
+        &sel.layers,
         d_ff,
         n_heads,
     );

@@ -330,6 +330,7 @@ pub fn export(cfg: &TransformerConfig, params: &ParamStore, out: &Path) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::rope::RopeScaling;
     use crate::models::LlamaConfig;
     use serde_json::json;
 
@@ -381,6 +382,82 @@ mod tests {
         let back: Map<String, Value> =
             serde_json::from_value(config_json(&t).expect("exportable")).expect("object");
         assert_eq!(model_config_from_json(&back).expect("supported"), m);
+    }
+
+    /// Gemma 3's 4.x rotary fields map as transformers 5 converts them (checked with
+    /// `Gemma3TextConfig(rope_theta=1e5, rope_local_base_freq=500.0, rope_scaling={"rope_type":
+    /// "linear", "factor": 2.0}, sliding_window_pattern=2).rope_parameters`): the scaling goes
+    /// to the full-attention layers, the local base to the sliding ones.
+    #[test]
+    fn gemma3_legacy_rope_fields_read_as_the_per_layer_type_dicts() {
+        let sizes = json!({
+            "model_type": "gemma3_text", "vocab_size": 256, "hidden_size": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 8, "intermediate_size": 64, "max_position_embeddings": 64,
+            "sliding_window": 8
+        });
+        let with = |extra: Value| {
+            let mut m: Map<String, Value> = serde_json::from_value(sizes.clone()).expect("object");
+            m.extend(serde_json::from_value::<Map<String, Value>>(extra).expect("object"));
+            model_config_from_json(&m)
+        };
+        let legacy = with(json!({
+            "rope_theta": 1e5, "rope_local_base_freq": 500.0, "sliding_window_pattern": 2,
+            "rope_scaling": {"rope_type": "linear", "factor": 2.0}
+        }))
+        .expect("supported");
+        let nested = with(json!({
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e5},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}
+            }
+        }))
+        .expect("supported");
+        assert_eq!(legacy, nested);
+        let ModelConfig::Llama(c) = &legacy else {
+            panic!("a llama-style config")
+        };
+        assert_eq!(c.rope_theta, 1e5);
+        assert_eq!(c.local_rope_theta, Some(500.0));
+        assert!(matches!(c.rope_scaling, Some(RopeScaling::Linear { factor }) if factor == 2.0));
+        // A scaled RoPE on the sliding layers is refused by name.
+        let e = with(json!({"rope_parameters": {
+            "sliding_attention": {"rope_type": "linear", "factor": 2.0}}}))
+        .expect_err("refused");
+        assert!(e.contains("sliding_attention"), "{e}");
+        // So is the multimodal model_type.
+        let e = with(json!({"model_type": "gemma3"})).expect_err("refused");
+        assert!(e.contains("gemma3"), "{e}");
+    }
+
+    /// A switch a family's config.json has no field for makes the export fail by name instead
+    /// of writing a model that computes something else.
+    #[test]
+    fn export_refuses_switches_the_family_cannot_write() {
+        let ModelConfig::Llama(mut c) = model_config_from_json(&llama_json()).expect("supported")
+        else {
+            panic!("llama")
+        };
+        c.sliding_window = Some(8);
+        let t = TransformerConfig::from_recipe(&ModelConfig::Llama(c.clone()));
+        let e = config_json(&t).expect_err("refused");
+        assert!(
+            e.contains("model.sliding_window") && e.contains("llama"),
+            "{e}"
+        );
+        c.sliding_window = None;
+        c.family = DecoderFamily::Phi3;
+        c.attention_softcap = Some(50.0);
+        let t = TransformerConfig::from_recipe(&ModelConfig::Llama(c.clone()));
+        let e = config_json(&t).expect_err("refused");
+        assert!(
+            e.contains("model.attention_softcap") && e.contains("phi3"),
+            "{e}"
+        );
+        c.family = DecoderFamily::Gemma2;
+        let t = TransformerConfig::from_recipe(&ModelConfig::Llama(c));
+        config_json(&t).expect("gemma2 writes its soft-cap");
     }
 
     #[test]
