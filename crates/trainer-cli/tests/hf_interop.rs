@@ -216,6 +216,8 @@ mod from_transformers_and_back {
         olmo2_bias_tied,
         granite,
         mixtral,
+        gpt_neox,
+        gpt_neox_sequential_tied,
         gpt2,
         gpt2_unscaled,
         gpt2_layer_scaled,

@@ -113,6 +113,13 @@ CASES = {
         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
         num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5,
         tie_word_embeddings=False, rope_theta=1e6)),
+    # GPT-NeoX: parallel residual, RoPE on a quarter of each 8-wide head (2 dimensions).
+    "gpt_neox": lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**NEOX)),
+    # Sequential residual, the 4.x rotary names (half of each head, base 500), no attention
+    # biases, tied head.
+    "gpt_neox_sequential_tied": lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(
+        **NEOX, use_parallel_residual=False, rotary_pct=0.5, rotary_emb_base=500.0,
+        attention_bias=False, tie_word_embeddings=True)),
     "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(**GPT2)),
     "gpt2_unscaled": lambda: T.GPT2LMHeadModel(T.GPT2Config(**GPT2, scale_attn_weights=False)),
     "gpt2_layer_scaled": lambda: T.GPT2LMHeadModel(T.GPT2Config(
@@ -121,6 +128,8 @@ CASES = {
 }
 GPT2 = dict(vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=64,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+NEOX = dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=64)
 
 
 def create(case, out):
@@ -162,6 +171,7 @@ SWEEP_FAMILIES = {
     "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, dict(SMALL, num_local_experts=4,
                                                             num_experts_per_tok=2)),
     "gpt2": (T.GPT2Config, T.GPT2LMHeadModel, GPT2),
+    "gpt_neox": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM, NEOX),
 }
 SWEEP_SKIP = {"model_type", "transformers_version", "architectures", "dtype", "id2label",
               "label2id", "rope_parameters", "layer_types", "problem_type"}

@@ -30,6 +30,55 @@ pub enum ModelConfig {
     Llama(LlamaConfig),
     /// LayerNorm, learned positions, GELU, biases, tied embeddings.
     Gpt2(Gpt2Config),
+    /// GPT-NeoX and Pythia: LayerNorm, partial RoPE, parallel residual, GELU, biases.
+    GptNeox(GptNeoxConfig),
+}
+
+/// `kind = "gpt_neox"`: GPT-NeoX and Pythia (transformers' `GPTNeoXConfig`). Each block
+/// computes `x + attn(ln1(x)) + mlp(ln2(x))` (parallel residual; sequential when
+/// `parallel_residual = false`), RoPE on the first `partial_rotary_factor` of each head, q, k
+/// and v in one projection laid out head by head (`query_key_value`: per head its q, k, v
+/// rows), an exact-GELU MLP, LayerNorms with biases, an untied head by default.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GptNeoxConfig {
+    /// Number of token ids (embedding rows).
+    pub vocab_size: i64,
+    /// Width of the residual stream (`hidden_size`).
+    pub d_model: i64,
+    /// Number of transformer blocks.
+    pub n_layers: i64,
+    /// Number of attention heads.
+    pub n_heads: i64,
+    /// Hidden width of the MLP (`intermediate_size`).
+    pub d_ff: i64,
+    /// Longest sequence in tokens (RoPE tables are built for it).
+    pub max_seq_len: i64,
+    /// The base of the rotary embedding's frequencies.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// Scaled rotary frequencies (linear, dynamic, llama3, yarn); absent: plain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    /// The share of each head's dimensions that RoPE rotates (`rotary_pct`).
+    #[serde(default = "default_neox_rotary")]
+    pub partial_rotary_factor: f64,
+    /// LayerNorm's epsilon.
+    #[serde(default = "default_gpt2_eps")]
+    pub norm_eps: f64,
+    /// Attention and MLP both read the block's input (`use_parallel_residual`).
+    #[serde(default = "yes")]
+    pub parallel_residual: bool,
+    /// Biases on `query_key_value` and `attention.dense` (`attention_bias`).
+    #[serde(default = "yes")]
+    pub attention_bias: bool,
+    /// The output projection is the token embedding table (`tie_word_embeddings`).
+    #[serde(default)]
+    pub tie_embeddings: bool,
+}
+
+fn default_neox_rotary() -> f64 {
+    0.25
 }
 
 /// `kind = "llama"`: Llama (transformers' `LlamaConfig`), and Mixtral with `[model.moe]`.
@@ -296,6 +345,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(c) => c.vocab_size,
             ModelConfig::Gpt2(c) => c.vocab_size,
+            ModelConfig::GptNeox(c) => c.vocab_size,
         }
     }
 
@@ -303,6 +353,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(c) => c.max_seq_len,
             ModelConfig::Gpt2(c) => c.max_seq_len,
+            ModelConfig::GptNeox(c) => c.max_seq_len,
         }
     }
 
@@ -311,6 +362,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(c) => c.validate(),
             ModelConfig::Gpt2(c) => c.validate(),
+            ModelConfig::GptNeox(c) => c.validate(),
         }
     }
 }
@@ -486,6 +538,39 @@ impl Gpt2Config {
             (0.0..1.0).contains(&c.dropout),
             "model.dropout",
             format!("expected a probability in [0, 1), got {}", c.dropout),
+        )
+    }
+}
+
+impl GptNeoxConfig {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let c = self;
+        common_model_checks(
+            c.vocab_size,
+            c.d_model,
+            c.n_layers,
+            c.n_heads,
+            c.max_seq_len,
+        )?;
+        if let Some(r) = &c.rope_scaling {
+            r.validate()?;
+        }
+        check(
+            c.d_ff > 0,
+            "model.d_ff",
+            format!("expected a positive integer, got {}", c.d_ff),
+        )?;
+        positive_finite(c.rope_theta, "model.rope_theta")?;
+        positive_finite(c.norm_eps, "model.norm_eps")?;
+        let f = c.partial_rotary_factor;
+        let rotated = ((c.d_model / c.n_heads) as f64 * f) as i64;
+        check(
+            f > 0.0 && f <= 1.0 && rotated >= 2 && rotated % 2 == 0,
+            "model.partial_rotary_factor",
+            format!(
+                "expected a share in (0, 1] that rotates a positive even number of each head's \
+                 dimensions, got {f} ({rotated} dimensions)"
+            ),
         )
     }
 }

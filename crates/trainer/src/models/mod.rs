@@ -23,6 +23,6 @@ pub mod rope;
 pub mod transformer;
 
 pub use config::{
-    ClassifierConfig, DecoderFamily, Gpt2Config, LayerType, LlamaConfig, ModelConfig,
+    ClassifierConfig, DecoderFamily, Gpt2Config, GptNeoxConfig, LayerType, LlamaConfig, ModelConfig,
 };
 pub use moe::{MoeConfig, Routing};

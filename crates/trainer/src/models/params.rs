@@ -396,6 +396,7 @@ pub fn is_embedding(name: &str) -> bool {
     name.ends_with("embed_tokens.weight")
         || name.ends_with("wte.weight")
         || name.ends_with("wpe.weight")
+        || name.ends_with("embed_in.weight")
 }
 
 /// Norm weights and biases: never weight-decayed.

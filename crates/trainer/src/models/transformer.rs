@@ -33,6 +33,7 @@ use tch::{Kind, Tensor};
 pub enum Family {
     Llama,
     Gpt2,
+    GptNeox,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -92,6 +93,9 @@ pub struct Variant {
     pub local_rope_theta: Option<f64>,
     /// The share of each head that RoPE rotates; None: all of it.
     pub partial_rotary_factor: Option<f64>,
+    /// GPT-NeoX: attention and MLP both read the block's input, `x + attn(ln1(x)) +
+    /// mlp(ln2(x))`.
+    pub parallel_residual: bool,
 }
 
 impl Variant {
@@ -170,6 +174,33 @@ impl TransformerConfig {
                     scale_attn_by_inverse_layer_idx: c.scale_attn_by_inverse_layer_idx,
                     ..Variant::default()
                 },
+            },
+            ModelConfig::GptNeox(c) => Self::from_neox(c),
+        }
+    }
+
+    fn from_neox(c: &super::config::GptNeoxConfig) -> TransformerConfig {
+        TransformerConfig {
+            family: Family::GptNeox,
+            vocab_size: c.vocab_size,
+            d_model: c.d_model,
+            n_layers: c.n_layers,
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_heads,
+            head_dim: None,
+            d_ff: c.d_ff,
+            max_seq_len: c.max_seq_len,
+            rope_theta: c.rope_theta,
+            norm_eps: c.norm_eps,
+            tie_embeddings: c.tie_embeddings,
+            dropout: 0.0,
+            moe: None,
+            variant: Variant {
+                attention_bias: c.attention_bias,
+                rope_scaling: c.rope_scaling.clone(),
+                partial_rotary_factor: Some(c.partial_rotary_factor).filter(|&f| f != 1.0),
+                parallel_residual: c.parallel_residual,
+                ..Variant::default()
             },
         }
     }
@@ -337,8 +368,12 @@ enum Mlp {
     FusedGlu { gate_up: Linear, down: Linear },
     /// Routed SwiGLU experts (`moe.rs`).
     Moe(Moe),
-    /// proj(gelu_tanh(fc(x)))
-    Gelu { fc: Linear, proj: Linear },
+    /// proj(gelu(fc(x))): GPT-2's tanh approximation (`exact` false), GPT-NeoX's erf GELU.
+    Gelu {
+        fc: Linear,
+        proj: Linear,
+        exact: bool,
+    },
 }
 
 struct Attention {
@@ -367,6 +402,8 @@ enum Qkv {
     },
     /// Rows q, then k, then v (GPT-2's `c_attn`, Phi-3's `qkv_proj`).
     Fused(Linear),
+    /// Head by head, each head's q, k and v rows (GPT-NeoX's `query_key_value`).
+    FusedPerHead(Linear),
 }
 
 /// One transformer block. Which norms exist, and where, is the family's: Llama and GPT-2 norm
@@ -437,6 +474,7 @@ impl Transformer {
         match config.family {
             Family::Llama => Self::new_llama(config, store),
             Family::Gpt2 => Ok(Self::new_gpt2(config, store)),
+            Family::GptNeox => Ok(Self::new_neox(config, store)),
         }
     }
 
@@ -613,7 +651,11 @@ impl Transformer {
                 },
                 post_attn: None,
                 pre_mlp: Some(norm2),
-                mlp: Mlp::Gelu { fc, proj },
+                mlp: Mlp::Gelu {
+                    fc,
+                    proj,
+                    exact: false,
+                },
                 post_mlp: None,
             });
         }
@@ -628,6 +670,69 @@ impl Transformer {
             final_norm,
             lm_head,
             rope: None,
+            rope_local: None,
+        }
+    }
+
+    fn new_neox(c: &TransformerConfig, s: &mut ParamStore) -> Transformer {
+        let std = 0.02;
+        let d = c.d_model;
+        let embed = s.normal("gpt_neox.embed_in.weight", &[c.vocab_size, d], std);
+        let lin = |s: &mut ParamStore, name: &str, out_f: i64, in_f: i64, bias: bool| {
+            let weight = s.normal(&format!("{name}.weight"), &[out_f, in_f], std);
+            let bias = bias.then(|| s.zeros(&format!("{name}.bias"), &[out_f]));
+            Linear::new(name, weight, bias, false)
+        };
+        let layer_norm = |s: &mut ParamStore, name: &str| Norm::Layer {
+            weight: s.ones(&format!("{name}.weight"), &[d]),
+            bias: s.zeros(&format!("{name}.bias"), &[d]),
+            eps: c.norm_eps,
+        };
+        let bias = c.variant.attention_bias;
+        let mut blocks = Vec::new();
+        for i in 0..c.n_layers {
+            let p = format!("gpt_neox.layers.{i}");
+            let pre_attn = layer_norm(s, &format!("{p}.input_layernorm"));
+            let pre_mlp = layer_norm(s, &format!("{p}.post_attention_layernorm"));
+            let qkv = lin(s, &format!("{p}.attention.query_key_value"), 3 * d, d, bias);
+            let out = lin(s, &format!("{p}.attention.dense"), d, d, bias);
+            let fc = lin(s, &format!("{p}.mlp.dense_h_to_4h"), c.d_ff, d, true);
+            let proj = lin(s, &format!("{p}.mlp.dense_4h_to_h"), d, c.d_ff, true);
+            blocks.push(Block {
+                pre_attn: Some(pre_attn),
+                attn: Attention {
+                    qkv: Qkv::FusedPerHead(qkv),
+                    qk_norm: None,
+                    out,
+                },
+                post_attn: None,
+                pre_mlp: Some(pre_mlp),
+                mlp: Mlp::Gelu {
+                    fc,
+                    proj,
+                    exact: true,
+                },
+                post_mlp: None,
+            });
+        }
+        let final_norm = layer_norm(s, "gpt_neox.final_layer_norm");
+        let lm_head =
+            (!c.tie_embeddings).then(|| s.normal("lm_head.weight", &[c.vocab_size, d], std));
+        let rope = Some(rope_tables(
+            c.rotary_dim(),
+            c.max_seq_len,
+            c.rope_theta,
+            c.variant.rope_scaling.as_ref(),
+            s.device(),
+        ));
+        Transformer {
+            config: c.clone(),
+            embed,
+            positions: None,
+            blocks,
+            final_norm,
+            lm_head,
+            rope,
             rope_local: None,
         }
     }
@@ -704,37 +809,26 @@ impl Transformer {
             // x + f(norm(x)) (Llama), x + norm(f(x)) (OLMo 2), x + norm(f(norm(x))) (Gemma 2/3).
             let xn = norm_or_pass(&block.pre_attn, x.shallow_clone());
             let h = self.attention(&block.attn, i, band.as_ref(), &xn, (b, t), p_drop, train);
-            x = x + self.residual_branch(norm_or_pass(&block.post_attn, h));
-            let xn = norm_or_pass(&block.pre_mlp, x.shallow_clone());
-            let m = match &block.mlp {
-                Mlp::Moe(moe) => {
-                    let o = moe.forward(&xn, train);
-                    moe_layers.push(MoeLayerStats {
-                        loss: o.loss,
-                        aux_loss: o.aux_loss,
-                        z_loss: o.z_loss,
-                        expert_load: o.expert_load,
-                        dropped_fraction: o.dropped_fraction,
-                    });
-                    o.out
+            let h = self.residual_branch(norm_or_pass(&block.post_attn, h));
+            let drop = |m: Tensor| {
+                if p_drop > 0.0 {
+                    m.dropout(p_drop, train)
+                } else {
+                    m
                 }
-                Mlp::SwiGlu { gate, up, down } => {
-                    let g = self.gate_activation(gate.forward(&xn, train));
-                    down.forward(&(g * up.forward(&xn, train)), train)
-                }
-                Mlp::FusedGlu { gate_up, down } => {
-                    let parts = gate_up.forward(&xn, train).chunk(2, -1);
-                    let g = self.gate_activation(parts[0].shallow_clone());
-                    down.forward(&(g * &parts[1]), train)
-                }
-                Mlp::Gelu { fc, proj } => proj.forward(&fc.forward(&xn, train).gelu("tanh"), train),
             };
-            let m = self.residual_branch(norm_or_pass(&block.post_mlp, m));
-            x = x + if p_drop > 0.0 {
-                m.dropout(p_drop, train)
+            if c.variant.parallel_residual {
+                // GPT-NeoX: the MLP reads the block's input too; summed in transformers' order.
+                let xn = norm_or_pass(&block.pre_mlp, x.shallow_clone());
+                let m = self.mlp(&block.mlp, &xn, train, &mut moe_layers);
+                x = drop(m) + h + x;
             } else {
-                m
-            };
+                x = x + h;
+                let xn = norm_or_pass(&block.pre_mlp, x.shallow_clone());
+                let m = self.mlp(&block.mlp, &xn, train, &mut moe_layers);
+                let m = self.residual_branch(norm_or_pass(&block.post_mlp, m));
+                x = x + drop(m);
+            }
             keep(i as i64 + 1, &x);
         }
         let layers = keep_layers
@@ -763,13 +857,13 @@ impl Transformer {
                 let mut out = Vec::new();
                 match &block.attn.qkv {
                     Qkv::Separate { q, k, v } => out.extend([q, k, v]),
-                    Qkv::Fused(qkv) => out.push(qkv),
+                    Qkv::Fused(qkv) | Qkv::FusedPerHead(qkv) => out.push(qkv),
                 }
                 out.push(&block.attn.out);
                 match &block.mlp {
                     Mlp::SwiGlu { gate, up, down } => out.extend([gate, up, down]),
                     Mlp::FusedGlu { gate_up, down } => out.extend([gate_up, down]),
-                    Mlp::Gelu { fc, proj } => out.extend([fc, proj]),
+                    Mlp::Gelu { fc, proj, .. } => out.extend([fc, proj]),
                     Mlp::Moe(_) => {}
                 }
                 out
@@ -783,13 +877,13 @@ impl Transformer {
         for block in &mut self.blocks {
             match &mut block.attn.qkv {
                 Qkv::Separate { q, k, v } => out.extend([q, k, v]),
-                Qkv::Fused(qkv) => out.push(qkv),
+                Qkv::Fused(qkv) | Qkv::FusedPerHead(qkv) => out.push(qkv),
             }
             out.push(&mut block.attn.out);
             match &mut block.mlp {
                 Mlp::SwiGlu { gate, up, down } => out.extend([gate, up, down]),
                 Mlp::FusedGlu { gate_up, down } => out.extend([gate_up, down]),
-                Mlp::Gelu { fc, proj } => out.extend([fc, proj]),
+                Mlp::Gelu { fc, proj, .. } => out.extend([fc, proj]),
                 Mlp::Moe(_) => {}
             }
         }
@@ -836,6 +930,12 @@ impl Transformer {
                     parts[1].shallow_clone(),
                     parts[2].shallow_clone(),
                 )
+            }
+            Qkv::FusedPerHead(qkv) => {
+                // [b, t, h, (q, k, v), hd] -> three [b, t, h * hd]
+                let y = qkv.forward(x, train).view([b, t, c.n_heads, 3, hd]);
+                let part = |i: i64| y.select(3, i).reshape([b, t, c.n_heads * hd]);
+                (part(0), part(1), part(2))
             }
         };
         if let Some(QkNorm::Whole(q_norm, k_norm)) = &attn.qk_norm {
@@ -885,6 +985,42 @@ impl Transformer {
             y.dropout(p_drop, true)
         } else {
             y
+        }
+    }
+
+    /// A block's MLP on its (normed) input; an MoE layer adds its statistics to `moe_layers`.
+    fn mlp(
+        &self,
+        mlp: &Mlp,
+        xn: &Tensor,
+        train: bool,
+        moe_layers: &mut Vec<MoeLayerStats>,
+    ) -> Tensor {
+        match mlp {
+            Mlp::Moe(moe) => {
+                let o = moe.forward(xn, train);
+                moe_layers.push(MoeLayerStats {
+                    loss: o.loss,
+                    aux_loss: o.aux_loss,
+                    z_loss: o.z_loss,
+                    expert_load: o.expert_load,
+                    dropped_fraction: o.dropped_fraction,
+                });
+                o.out
+            }
+            Mlp::SwiGlu { gate, up, down } => {
+                let g = self.gate_activation(gate.forward(xn, train));
+                down.forward(&(g * up.forward(xn, train)), train)
+            }
+            Mlp::FusedGlu { gate_up, down } => {
+                let parts = gate_up.forward(xn, train).chunk(2, -1);
+                let g = self.gate_activation(parts[0].shallow_clone());
+                down.forward(&(g * &parts[1]), train)
+            }
+            Mlp::Gelu { fc, proj, exact } => {
+                let h = fc.forward(xn, train);
+                proj.forward(&h.gelu(if *exact { "none" } else { "tanh" }), train)
+            }
         }
     }
 

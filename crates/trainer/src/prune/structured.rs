@@ -49,11 +49,15 @@ fn torch_err(e: tch::TchError) -> Error {
 }
 
 fn is_mlp_out(path: &str) -> bool {
-    path.ends_with("mlp.down_proj") || path.ends_with("mlp.c_proj")
+    path.ends_with("mlp.down_proj")
+        || path.ends_with("mlp.c_proj")
+        || path.ends_with("mlp.dense_4h_to_h")
 }
 
 fn is_attn_out(path: &str) -> bool {
-    path.ends_with("self_attn.o_proj") || path.ends_with("attn.c_proj")
+    path.ends_with("self_attn.o_proj")
+        || path.ends_with("attn.c_proj")
+        || path.ends_with("attention.dense")
 }
 
 /// What the smaller model keeps of the source layers.
@@ -170,7 +174,7 @@ pub fn selection(imp: &Importance, config: &TransformerConfig, shape: Shape) -> 
             config.variant.family.model_type()
         )));
     }
-    if heads != config.n_heads && config.family == Family::Gpt2 {
+    if heads != config.n_heads && config.family != Family::Llama {
         return Err(Error::Recipe(
             "--heads: head pruning is for Llama-family models".into(),
         ));
@@ -244,6 +248,10 @@ pub fn smaller_model_config(
             c.n_layers = n_layers;
             c.d_ff = Some(d_ff);
         }
+        ModelConfig::GptNeox(c) => {
+            c.n_layers = n_layers;
+            c.d_ff = d_ff;
+        }
     }
     out
 }
@@ -258,6 +266,7 @@ pub fn shrink(
     let prefix = match config.family {
         Family::Llama => "model.layers.",
         Family::Gpt2 => "transformer.h.",
+        Family::GptNeox => "gpt_neox.layers.",
     };
     let hd = config.head_dim();
     let group = config.n_heads / config.n_kv_heads;
@@ -310,6 +319,10 @@ pub fn shrink(
             (Family::Gpt2, "mlp.c_fc.weight") => (1, channels.shallow_clone()),
             (Family::Gpt2, "mlp.c_fc.bias") => (0, channels.shallow_clone()),
             (Family::Gpt2, "mlp.c_proj.weight") => (0, channels.shallow_clone()),
+            (Family::GptNeox, "mlp.dense_h_to_4h.weight" | "mlp.dense_h_to_4h.bias") => {
+                (0, channels.shallow_clone())
+            }
+            (Family::GptNeox, "mlp.dense_4h_to_h.weight") => (1, channels.shallow_clone()),
             _ => {
                 tensors.push((format!("{prefix}{new_layer}.{field}"), t));
                 continue;

@@ -6,7 +6,8 @@
 //! else by name, so no field is silently dropped. Families: `llama.rs` (Llama 1-3.x, with the
 //! RoPE scalings, and the fields every Llama-style family shares), `mistral.rs`, `qwen2.rs`
 //! (Qwen2, Qwen2.5), `qwen3.rs`, `gemma.rs`, `gemma2.rs`, `gemma3.rs` (Gemma 3's text model),
-//! `olmo2.rs`, `granite.rs`, `phi3.rs`, `mixtral.rs`, `gpt2.rs`. The computation each switch selects
+//! `olmo2.rs`, `granite.rs`, `phi3.rs`, `mixtral.rs`, `gpt2.rs`, `gpt_neox.rs` (GPT-NeoX,
+//! Pythia). The computation each switch selects
 //! is in `transformer.rs` (`Variant`).
 //!
 //! Our parameter names are the Hugging Face state-dict keys (see `transformer.rs`), so loading is
@@ -17,6 +18,7 @@ mod gemma;
 mod gemma2;
 mod gemma3;
 mod gpt2;
+mod gpt_neox;
 mod granite;
 mod llama;
 mod mistral;
@@ -79,6 +81,7 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
         "olmo2" => olmo2::read(&mut f)?,
         "granite" => granite::read(&mut f)?,
         "gpt2" => gpt2::read(&mut f)?,
+        "gpt_neox" => gpt_neox::read(&mut f)?,
         other => {
             return Err(format!(
                 "unsupported model_type {other:?} (supported: {})",
@@ -99,6 +102,7 @@ fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<Model
 /// The config.json name of a `[model]` key.
 fn json_name(model: &ModelConfig, key: &str) -> Option<&'static str> {
     let gpt2 = matches!(model, ModelConfig::Gpt2(_));
+    let neox = matches!(model, ModelConfig::GptNeox(_));
     Some(match key {
         "vocab_size" => "vocab_size",
         "d_model" if gpt2 => "n_embd",
@@ -113,6 +117,8 @@ fn json_name(model: &ModelConfig, key: &str) -> Option<&'static str> {
         "max_seq_len" if gpt2 => "n_positions",
         "max_seq_len" => "max_position_embeddings",
         "norm_eps" if gpt2 => "layer_norm_epsilon",
+        "norm_eps" if neox => "layer_norm_eps",
+        "partial_rotary_factor" => "partial_rotary_factor",
         "norm_eps" => "rms_norm_eps",
         "head_dim" => "head_dim",
         "rope_theta" => "rope_theta",
@@ -134,6 +140,7 @@ pub const SUPPORTED: &[&str] = &[
     "granite",
     "phi3",
     "gpt2",
+    "gpt_neox",
 ];
 
 /// Refuses a model with a switch that `family`'s config.json cannot express (`expressed`: the
@@ -224,6 +231,9 @@ pub fn read_weights(dir: &Path, config: &TransformerConfig) -> Result<Vec<(Strin
         .map(|(k, t)| {
             if gpt2_base && !k.starts_with("lm_head.") {
                 (format!("transformer.{k}"), t)
+            } else if config.family == Family::GptNeox && k == "embed_out.weight" {
+                // The head's name before transformers 5.
+                ("lm_head.weight".to_string(), t)
             } else {
                 (k, t)
             }
@@ -231,6 +241,9 @@ pub fn read_weights(dir: &Path, config: &TransformerConfig) -> Result<Vec<(Strin
         .filter(|(k, _)| {
             !(k.ends_with(".attn.bias") && config.family == Family::Gpt2)
                 && !k.ends_with(".attn.masked_bias")
+                // GPT-NeoX checkpoints of transformers 4.x: causal-mask buffers.
+                && !(config.family == Family::GptNeox
+                    && (k.ends_with(".attention.bias") || k.ends_with(".attention.masked_bias")))
                 && !k.ends_with("rotary_emb.inv_freq")
                 && !(config.tie_embeddings && k == "lm_head.weight")
         })
@@ -260,6 +273,7 @@ pub fn config_json(cfg: &TransformerConfig) -> Result<Value, String> {
     let map = match (&cfg.moe, cfg.family) {
         (Some(m), _) => mixtral::write(cfg, m)?,
         (None, Family::Gpt2) => gpt2::write(cfg),
+        (None, Family::GptNeox) => gpt_neox::write(cfg),
         (None, Family::Llama) => match cfg.variant.family {
             DecoderFamily::Llama => llama::write(cfg)?,
             DecoderFamily::Mistral => mistral::write(cfg)?,
