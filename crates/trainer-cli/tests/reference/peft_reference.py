@@ -68,7 +68,8 @@ BASES = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
          "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
          "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
          "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
-         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}
+         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+         "neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM)}
 # Config fields a family's tiny base needs beyond the sizes (Gemma's head_dim defaults to 256,
 # Phi-3's pad token to 32000).
 BASE_EXTRA = {transformers.GemmaConfig: dict(head_dim=8), transformers.Gemma2Config: dict(head_dim=8),
@@ -89,6 +90,9 @@ ADAPTER_VARIANTS = {
     "gemma3_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
     # Phi-3's fused projections, as peft names them.
     "phi3_all": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    # GPT-NeoX's projections, as peft names them.
+    "neox_all": dict(r=4, lora_alpha=8,
+                     target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
 }
 
 
@@ -96,10 +100,11 @@ def make_adapter(variant, base_dir, adapter_dir, data, seq_len, batch_size):
     torch.manual_seed(0)
     config_cls, model_cls = BASES.get(variant.split("_")[0],
                                       (transformers.LlamaConfig, transformers.LlamaForCausalLM))
-    extra = BASE_EXTRA.get(config_cls, {})
-    base = model_cls(config_cls(
-        vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, **extra))
+    sizes = dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+    if config_cls is transformers.GPTNeoXConfig:  # no grouped-query attention
+        del sizes["num_key_value_heads"]
+    base = model_cls(config_cls(**sizes, **BASE_EXTRA.get(config_cls, {})))
     with torch.no_grad():
         for p in base.parameters():
             p.mul_(10.0) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.1)

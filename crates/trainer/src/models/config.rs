@@ -470,16 +470,7 @@ impl LlamaConfig {
             ),
         )?;
         if let Some(f) = c.partial_rotary_factor {
-            // transformers truncates: int(head_dim * factor) dimensions are rotated.
-            let rotated = (c.head_dim.unwrap_or(c.d_model / c.n_heads) as f64 * f) as i64;
-            check(
-                f > 0.0 && f <= 1.0 && rotated >= 2 && rotated % 2 == 0,
-                "model.partial_rotary_factor",
-                format!(
-                    "expected a share in (0, 1] that rotates a positive even number of each \
-                     head's dimensions, got {f} ({rotated} dimensions)"
-                ),
-            )?;
+            check_rotary_share(f, c.head_dim.unwrap_or(c.d_model / c.n_heads))?;
         }
         check(
             c.rope_theta > 0.0,
@@ -562,17 +553,23 @@ impl GptNeoxConfig {
         )?;
         positive_finite(c.rope_theta, "model.rope_theta")?;
         positive_finite(c.norm_eps, "model.norm_eps")?;
-        let f = c.partial_rotary_factor;
-        let rotated = ((c.d_model / c.n_heads) as f64 * f) as i64;
-        check(
-            f > 0.0 && f <= 1.0 && rotated >= 2 && rotated % 2 == 0,
-            "model.partial_rotary_factor",
-            format!(
-                "expected a share in (0, 1] that rotates a positive even number of each head's \
-                 dimensions, got {f} ({rotated} dimensions)"
-            ),
-        )
+        check_rotary_share(c.partial_rotary_factor, c.d_model / c.n_heads)
     }
+}
+
+/// transformers rotates `int(head_dim * factor)` dimensions rounded up to a whole pair (its
+/// frequencies are `arange(0, dim, 2) / dim`): at least one, and within the head.
+fn check_rotary_share(f: f64, head_dim: i64) -> Result<(), Invalid> {
+    let rotated = (head_dim as f64 * f) as i64;
+    let pairs = (rotated + 1) / 2;
+    check(
+        f > 0.0 && f <= 1.0 && rotated >= 1 && 2 * pairs <= head_dim,
+        "model.partial_rotary_factor",
+        format!(
+            "expected a share in (0, 1] that rotates at least one whole pair within the \
+             {head_dim}-wide head, got {f} ({rotated} dimensions)"
+        ),
+    )
 }
 
 fn common_model_checks(
