@@ -754,3 +754,156 @@ fn continual_pretraining_from_llama32_and_qwen25_shapes() {
         );
     }
 }
+
+/// A checkpoint directory that is not what it claims is one `error:` line naming the file and
+/// what is wrong, exit 1, nothing allocated for sizes the weights do not back: a config.json that
+/// is not JSON, an unknown model_type, an unsupported value, sizes that disagree with the
+/// weights (a little, or by 10^12), a tensor missing or not floating point, a shard index naming
+/// a missing file.
+#[test]
+fn bad_checkpoints_are_one_line_errors_naming_file_and_field() {
+    let dir = workdir();
+    let cwd = dir.path();
+    let data = write_data(cwd);
+    let good = cwd.join("good");
+    // Llama with tied embeddings: the file holds no lm_head.weight.
+    py(&["create", "llama", good.to_str().expect("utf-8")]);
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(good.join("config.json")).expect("config"))
+            .expect("json");
+    let with_config = |edit: &dyn Fn(&mut Value)| -> String {
+        let mut c = config.clone();
+        edit(&mut c);
+        serde_json::to_string(&c).expect("json")
+    };
+    type Edit<'a> = Box<dyn Fn(&Path) + 'a>;
+    let write_config = |text: String| -> Edit {
+        Box::new(move |d: &Path| std::fs::write(d.join("config.json"), &text).expect("write"))
+    };
+    let cases: Vec<(&str, Edit, &[&str])> = vec![
+        (
+            "not_json",
+            write_config("{ not json".into()),
+            &["config.json", "malformed JSON"],
+        ),
+        (
+            "unknown_type",
+            write_config(with_config(&|c| c["model_type"] = "mamba".into())),
+            &["config.json", "mamba"],
+        ),
+        (
+            "bad_value",
+            write_config(with_config(&|c| c["hidden_act"] = "relu".into())),
+            &["config.json", "hidden_act"],
+        ),
+        (
+            "narrower_mlp",
+            write_config(with_config(&|c| c["intermediate_size"] = 64.into())),
+            &["good-narrower_mlp", "mlp", "shape"],
+        ),
+        (
+            "wider_mlp",
+            write_config(with_config(&|c| c["intermediate_size"] = 128.into())),
+            &["config.json", "parameters", "intermediate_size"],
+        ),
+        (
+            "huge_vocab",
+            write_config(with_config(&|c| {
+                c["vocab_size"] = 1_000_000_000_000i64.into()
+            })),
+            &["config.json", "parameters", "vocab_size"],
+        ),
+        (
+            "huge_depth",
+            write_config(with_config(&|c| c["num_hidden_layers"] = 1_000_000.into())),
+            &["config.json", "parameters"],
+        ),
+        (
+            "huge_context",
+            write_config(with_config(&|c| {
+                c["max_position_embeddings"] = 1_000_000_000_000i64.into()
+            })),
+            &["config.json", "max_position_embeddings"],
+        ),
+        (
+            "untied_without_head",
+            write_config(with_config(&|c| c["tie_word_embeddings"] = false.into())),
+            &["config.json", "tie_word_embeddings"],
+        ),
+        (
+            "missing_shard",
+            Box::new(|d: &Path| {
+                std::fs::remove_file(d.join("model.safetensors")).expect("remove");
+                std::fs::write(
+                    d.join("model.safetensors.index.json"),
+                    r#"{"weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}"#,
+                )
+                .expect("index");
+            }),
+            &["model-00002-of-00002.safetensors"],
+        ),
+    ];
+    for (name, edit, expected) in cases {
+        let case_dir = cwd.join(format!("good-{name}"));
+        copy_dir(&good, &case_dir);
+        edit(&case_dir);
+        let init = format!("hf:{}", case_dir.display());
+        let out = trainer(
+            cwd,
+            &[
+                "eval",
+                "--init",
+                &init,
+                "--data",
+                &data,
+                "--seq-len",
+                "8",
+                "--device",
+                "cpu",
+            ],
+        );
+        assert_eq!(out.code, Some(1), "{name}: {}", out.describe());
+        let errors: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .collect();
+        assert_eq!(errors.len(), 1, "{name}: {}", out.describe());
+        for want in expected {
+            assert!(
+                errors[0].contains(want),
+                "{name}: {want:?} not in {}",
+                errors[0]
+            );
+        }
+    }
+    // Weights stored as integers are refused by name before they are read.
+    let ints = cwd.join("good-int-weights");
+    py(&["create", "llama_int_weights", ints.to_str().expect("utf-8")]);
+    let out = trainer(
+        cwd,
+        &[
+            "eval",
+            "--init",
+            &format!("hf:{}", ints.display()),
+            "--data",
+            &data,
+            "--seq-len",
+            "8",
+        ],
+    );
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    assert!(
+        out.stderr.contains("model.embed_tokens.weight") && out.stderr.contains("floating point"),
+        "{}",
+        out.describe()
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+    }
+}

@@ -113,6 +113,7 @@ fn assert_config_matches(case: &str, c: &TransformerConfig, dir: &Path) {
     let family = match c.family {
         Family::Llama => "llama",
         Family::Gpt2 => "gpt2",
+        Family::GptNeox => "gpt_neox",
     };
     let int = |k: &str| {
         hf[k]
@@ -164,6 +165,7 @@ fn assert_names_match_hf(case: &str, c: &TransformerConfig, store: &ParamStore, 
     let embed = match c.family {
         Family::Llama => "model.embed_tokens.weight",
         Family::Gpt2 => "transformer.wte.weight",
+        Family::GptNeox => "gpt_neox.embed_in.weight",
     };
     let mut hf = BTreeMap::new();
     let mut tied = Vec::new();

@@ -140,6 +140,14 @@ def create(case, out):
             vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
         model = transformers.LlamaForCausalLM(cfg)
+    elif case == "llama_int_weights":  # a bad checkpoint: the embedding stored as int64
+        from safetensors.torch import save_file
+        model = CASES["llama"]()
+        model.save_pretrained(out, safe_serialization=True)
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"].to(torch.int64)
+        save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+        return
     elif case in CASES:
         model = CASES[case]()
     else:

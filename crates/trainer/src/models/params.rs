@@ -350,6 +350,61 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     })
 }
 
+/// One tensor as a safetensors header lists it: name, dtype (`F32`, `BF16`, `I64`, ...), shape.
+pub struct StoredTensor {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<i64>,
+}
+
+/// The tensors a safetensors file holds, read from its header alone (the data is not touched):
+/// what a checkpoint holds can be checked before a model is built for it.
+pub fn safetensors_header(path: &Path) -> Result<Vec<StoredTensor>> {
+    use std::io::Read;
+    let err = |msg: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let mut file = std::fs::File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|_| err("not a safetensors file (shorter than its header)".into()))?;
+    let len = u64::from_le_bytes(len);
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    // The header is JSON at the start of the file; the format caps it at 100 MB.
+    if len > size.saturating_sub(8) || len > 100 << 20 {
+        return Err(err(format!(
+            "not a safetensors file (header of {len} bytes in a file of {size})"
+        )));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| err(format!("cannot read the header: {e}")))?;
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| err(format!("malformed safetensors header: {e}")))?;
+    let mut out = Vec::new();
+    for (name, entry) in map.into_iter().filter(|(k, _)| k != "__metadata__") {
+        let dtype = entry.get("dtype").and_then(|d| d.as_str());
+        let shape: Option<Vec<i64>> = entry
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|dims| dims.iter().map(|d| d.as_i64()).collect());
+        match (dtype, shape) {
+            (Some(dtype), Some(shape)) if shape.iter().all(|&d| d >= 0) => out.push(StoredTensor {
+                name,
+                dtype: dtype.to_string(),
+                shape,
+            }),
+            _ => {
+                return Err(err(format!(
+                    "malformed safetensors header: entry {name:?} lacks a dtype or a shape"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Copies `loaded` into `targets` by name, checking that the two sets of names and every shape
 /// agree.
 pub fn copy_named<'a>(
@@ -370,6 +425,12 @@ pub fn copy_named<'a>(
                 target.size()
             )));
         };
+        if !src.is_floating_point() {
+            return Err(err(format!(
+                "tensor {name} is stored as {:?}; weights must be floating point",
+                src.kind()
+            )));
+        }
         if src.size() != target.size() {
             return Err(err(format!(
                 "tensor {name} has shape {:?} in the checkpoint but {:?} in the model",

@@ -218,6 +218,69 @@ impl TransformerConfig {
         }
     }
 
+    /// The number of parameters `Transformer::new` registers for this config, computed without
+    /// allocating anything: an untrusted config.json is bounded by it before a model is built
+    /// (`hf::read_config`). Tested equal to the built model's count for every family.
+    pub fn param_count(&self) -> i128 {
+        let int = |x: i64| x as i128;
+        let (v, d, ff, l) = (
+            int(self.vocab_size),
+            int(self.d_model),
+            int(self.d_ff),
+            int(self.n_layers),
+        );
+        let head = if self.tie_embeddings { 0 } else { v * d };
+        let bias = |on: bool, n: i128| if on { n } else { 0 };
+        let var = &self.variant;
+        let block = match self.family {
+            // ln_1, ln_2 (weight and bias), c_attn, c_proj, c_fc, c_proj, all with biases.
+            Family::Gpt2 => 4 * d + 3 * d * d + 3 * d + d * d + d + 2 * d * ff + ff + d,
+            Family::GptNeox => {
+                4 * d
+                    + 3 * d * d
+                    + bias(var.attention_bias, 3 * d)
+                    + d * d
+                    + bias(var.attention_bias, d)
+                    + 2 * d * ff
+                    + ff
+                    + d
+            }
+            Family::Llama => {
+                let (q, kv) = (
+                    int(self.n_heads * self.head_dim()),
+                    int(self.n_kv_heads * self.head_dim()),
+                );
+                let norms = norm_names(var.family).iter().flatten().count() as i128 * d;
+                let attn = d * (q + 2 * kv)
+                    + bias(
+                        var.qkv_bias() && !var.family.fused_projections(),
+                        q + 2 * kv,
+                    )
+                    + q * d
+                    + bias(var.attention_bias, d);
+                let qk_norm = if var.family.post_norm() {
+                    q + kv
+                } else {
+                    bias(var.qk_norm(), 2 * int(self.head_dim()))
+                };
+                let mlp = match &self.moe {
+                    Some(m) => {
+                        let e = int(m.n_experts);
+                        e * d + 3 * e * d * ff + bias(m.shared_expert, 3 * d * ff)
+                    }
+                    None => 3 * d * ff + bias(var.mlp_bias, 2 * ff + d),
+                };
+                norms + attn + qk_norm + mlp
+            }
+        };
+        let positions = if self.family == Family::Gpt2 {
+            int(self.max_seq_len) * d
+        } else {
+            0
+        };
+        v * d + positions + l * block + bias(self.family != Family::Llama, d) + d + head
+    }
+
     /// Training FLOPs per token (6N plus attention), as in the PaLM paper's appendix B, used for
     /// model FLOPs utilisation. With MoE, N counts only the `top_k` experts a token passes
     /// through (the active parameters).
@@ -1193,3 +1256,108 @@ pub struct MoeLayerStats {
 // The name rules of parameters live with the name patterns in `params.rs` (pruning's defaults
 // use them too); re-exported here where callers have always found them.
 pub use super::params::{is_embedding, is_norm_or_bias};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::config::{Gpt2Config, GptNeoxConfig, LlamaConfig};
+    use crate::models::moe::{MoeConfig, Routing};
+
+    fn llama(edit: impl FnOnce(&mut LlamaConfig)) -> ModelConfig {
+        let mut c = LlamaConfig {
+            vocab_size: 64,
+            d_model: 16,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: Some(2),
+            head_dim: None,
+            d_ff: 24,
+            max_seq_len: 16,
+            rope_theta: 10000.0,
+            norm_eps: 1e-6,
+            tie_embeddings: false,
+            moe: None,
+            family: DecoderFamily::Llama,
+            attention_bias: false,
+            mlp_bias: false,
+            rope_scaling: None,
+            sliding_window: None,
+            layer_types: None,
+            multipliers: None,
+            attention_softcap: None,
+            logits_softcap: None,
+            query_pre_attn_scalar: None,
+            local_rope_theta: None,
+            partial_rotary_factor: None,
+        };
+        edit(&mut c);
+        ModelConfig::Llama(c)
+    }
+
+    /// `param_count`, which bounds untrusted configs before anything is allocated, counts what
+    /// the built model registers, family by family.
+    #[test]
+    fn param_count_is_what_the_model_registers() {
+        let moe = MoeConfig {
+            n_experts: 4,
+            top_k: 2,
+            routing: Routing::SoftmaxThenTopK,
+            capacity_factor: None,
+            aux_loss_coef: 0.01,
+            router_z_loss_coef: 0.0,
+            shared_expert: true,
+        };
+        let cases = vec![
+            llama(|_| {}),
+            llama(|c| {
+                c.tie_embeddings = true;
+                c.attention_bias = true;
+                c.mlp_bias = true;
+            }),
+            llama(|c| c.family = DecoderFamily::Qwen2),
+            llama(|c| {
+                c.family = DecoderFamily::Qwen3;
+                c.head_dim = Some(8);
+            }),
+            llama(|c| c.family = DecoderFamily::Gemma3),
+            llama(|c| c.family = DecoderFamily::Olmo2),
+            llama(|c| c.family = DecoderFamily::Phi3),
+            llama(|c| c.moe = Some(moe.clone())),
+            ModelConfig::Gpt2(Gpt2Config {
+                vocab_size: 64,
+                d_model: 16,
+                n_layers: 2,
+                n_heads: 4,
+                d_ff: Some(24),
+                max_seq_len: 16,
+                norm_eps: 1e-5,
+                dropout: 0.0,
+                scale_attn_weights: true,
+                scale_attn_by_inverse_layer_idx: false,
+                tie_embeddings: false,
+            }),
+            ModelConfig::GptNeox(GptNeoxConfig {
+                vocab_size: 64,
+                d_model: 16,
+                n_layers: 2,
+                n_heads: 4,
+                d_ff: 24,
+                max_seq_len: 16,
+                rope_theta: 10000.0,
+                rope_scaling: None,
+                partial_rotary_factor: 0.5,
+                norm_eps: 1e-5,
+                parallel_residual: true,
+                attention_bias: false,
+                tie_embeddings: true,
+            }),
+        ];
+        for model in cases {
+            let config = TransformerConfig::from_recipe(&model);
+            let mut store = ParamStore::new(tch::Device::Cpu);
+            Transformer::new(&config, &mut store).expect("builds");
+            let built: i128 = store.iter().map(|p| p.tensor.numel() as i128).sum();
+            assert_eq!(config.param_count(), built, "{model:?}");
+        }
+    }
+}

@@ -30,7 +30,7 @@ mod qwen3;
 
 use super::config::{DecoderFamily, ModelConfig};
 use super::moe::{fuse_checkpoint_experts, split_checkpoint_experts};
-use super::params::{copy_named, read_safetensors, ParamStore};
+use super::params::{copy_named, read_safetensors, safetensors_header, ParamStore};
 use super::transformer::{Family, TransformerConfig};
 use crate::error::{io_err, Error, Result};
 use fields::Fields;
@@ -57,7 +57,60 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     })?;
     let cfg: Map<String, Value> =
         serde_json::from_str(&text).map_err(|e| hf_err(&path, format!("malformed JSON: {e}")))?;
-    model_config_from_json(&cfg).map_err(|msg| hf_err(&path, msg))
+    let model = model_config_from_json(&cfg).map_err(|msg| hf_err(&path, msg))?;
+    check_against_weights(dir, &model)?;
+    Ok(model)
+}
+
+/// Bounds an untrusted config.json by the weights beside it before anything is allocated: the
+/// model it describes may not need more parameters than the safetensors hold, nor RoPE tables
+/// larger than the weights (a `vocab_size` of 10^12 or a `max_position_embeddings` of 10^12 is
+/// one line, not an allocation until the machine gives out), and the weights must be floating
+/// point.
+fn check_against_weights(dir: &Path, model: &ModelConfig) -> Result<()> {
+    let config = TransformerConfig::from_recipe(model);
+    let mut stored: i128 = 0;
+    for file in weight_files(dir)? {
+        for t in safetensors_header(&file)? {
+            if skipped_key(&t.name, &config) {
+                continue;
+            }
+            if !matches!(t.dtype.as_str(), "F64" | "F32" | "F16" | "BF16") {
+                return Err(hf_err(
+                    &file,
+                    format!(
+                        "tensor {} is stored as {}; weights must be floating point",
+                        t.name, t.dtype
+                    ),
+                ));
+            }
+            stored += t.shape.iter().map(|&d| d as i128).product::<i128>();
+        }
+    }
+    let config_path = dir.join("config.json");
+    let wanted = config.param_count();
+    if wanted > stored {
+        return Err(hf_err(
+            &config_path,
+            format!(
+                "describes a model of {wanted} parameters but the safetensors hold {stored} \
+                 values: its sizes (vocab_size, hidden_size, num_hidden_layers, \
+                 intermediate_size, ...) or tie_word_embeddings do not match the weights"
+            ),
+        ));
+    }
+    let rope = config.max_seq_len as i128 * config.rotary_dim() as i128;
+    if config.family != Family::Gpt2 && rope > stored.max(1 << 20) {
+        return Err(hf_err(
+            &config_path,
+            format!(
+                "max_position_embeddings = {}: its RoPE tables ({rope} values) would be larger \
+                 than the model's weights ({stored})",
+                config.max_seq_len
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn model_config_from_json(cfg: &Map<String, Value>) -> std::result::Result<ModelConfig, String> {
@@ -238,15 +291,7 @@ pub fn read_weights(dir: &Path, config: &TransformerConfig) -> Result<Vec<(Strin
                 (k, t)
             }
         })
-        .filter(|(k, _)| {
-            !(k.ends_with(".attn.bias") && config.family == Family::Gpt2)
-                && !k.ends_with(".attn.masked_bias")
-                // GPT-NeoX checkpoints of transformers 4.x: causal-mask buffers.
-                && !(config.family == Family::GptNeox
-                    && (k.ends_with(".attention.bias") || k.ends_with(".attention.masked_bias")))
-                && !k.ends_with("rotary_emb.inv_freq")
-                && !(config.tie_embeddings && k == "lm_head.weight")
-        })
+        .filter(|(k, _)| !skipped_key(k, config))
         .collect();
     let Some(moe) = &config.moe else {
         return Ok(tensors);
@@ -266,6 +311,17 @@ pub fn read_weights(dir: &Path, config: &TransformerConfig) -> Result<Vec<(Strin
         }
     }
     Ok(map.into_iter().collect())
+}
+
+/// Checkpoint keys that carry no state we keep: a tied `lm_head.weight`, the causal-mask buffers
+/// of GPT-2 and of GPT-NeoX before transformers 5, rotary `inv_freq`.
+fn skipped_key(k: &str, config: &TransformerConfig) -> bool {
+    (k.ends_with(".attn.bias") && config.family == Family::Gpt2)
+        || k.ends_with(".attn.masked_bias")
+        || (config.family == Family::GptNeox
+            && (k.ends_with(".attention.bias") || k.ends_with(".attention.masked_bias")))
+        || k.ends_with("rotary_emb.inv_freq")
+        || (config.tie_embeddings && (k == "lm_head.weight" || k == "embed_out.weight"))
 }
 
 /// The `config.json` that transformers' AutoConfig reads for this model.
