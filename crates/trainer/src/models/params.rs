@@ -425,7 +425,9 @@ pub fn copy_named<'a>(
                 target.size()
             )));
         };
-        if !src.is_floating_point() {
+        // Integer storage of a floating-point parameter would load as a silently different
+        // model (integer buffers such as BatchNorm's `num_batches_tracked` stay integers).
+        if target.is_floating_point() && !src.is_floating_point() {
             return Err(err(format!(
                 "tensor {name} is stored as {:?}; weights must be floating point",
                 src.kind()
