@@ -19,6 +19,7 @@ mod soup_cmd;
 mod sweep_cmd;
 mod sweep_slurm_cmd;
 mod validate_cmd;
+mod verify_cmd;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -98,6 +99,12 @@ enum Command {
     },
     /// Every recipe key with its type, default and meaning (docs/recipe-keys.md).
     Keys(keys_cmd::KeysArgs),
+    /// Check a run's checkpoints (or one checkpoint) against their SHA-256 checksums, without
+    /// training; exit 1 if any is corrupt.
+    Verify {
+        /// A run directory (every complete checkpoint) or a checkpoint directory.
+        target: std::path::PathBuf,
+    },
     /// Print what this binary sees: libtorch version, CUDA devices, threads.
     Info,
 }
@@ -182,6 +189,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys(args) => keys_cmd::run(&args),
+        Command::Verify { target } => verify_cmd::run(&target),
         Command::Info => {
             info();
             Ok(ExitCode::SUCCESS)

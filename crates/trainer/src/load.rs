@@ -160,6 +160,7 @@ impl ModelSource {
                 params.load_masks_if_present(&dir.join(checkpoint::MASKS_FILE))
             }
             ModelSource::Checkpoint { dir, .. } => {
+                checkpoint::verify(dir, Some(&[checkpoint::MODEL_FILE, checkpoint::MASKS_FILE]))?;
                 load_model_file(params, &dir.join(checkpoint::MODEL_FILE))?;
                 // A pruned model stays pruned through further training.
                 params.load_masks_if_present(&dir.join(checkpoint::MASKS_FILE))
@@ -172,6 +173,7 @@ impl ModelSource {
         match self {
             ModelSource::Hf(dir) => hf::read_weights(dir, config),
             ModelSource::Checkpoint { dir, .. } => {
+                checkpoint::verify(dir, Some(&[checkpoint::MODEL_FILE]))?;
                 read_safetensors(&dir.join(checkpoint::MODEL_FILE))
             }
         }

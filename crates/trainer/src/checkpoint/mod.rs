@@ -3,8 +3,11 @@
 //!
 //! A checkpoint is written into a temporary directory (`.tmp-step-NNNNNNNN-PID`) and renamed into
 //! place once every file is complete and synced, so a reader never sees half of one; `state.json`
-//! is written last and is what marks a directory complete. Only the last `keep` complete
-//! checkpoints are kept, and an older one is deleted only after a newer one is complete.
+//! marks a directory complete, and `checksums.json` (written last) holds the SHA-256 of every
+//! other file, `state.json` included, so that flipped bytes or an edited step are found on
+//! resume (`verify`). Only the last `keep` complete checkpoints are kept; an older one is
+//! deleted only after a newer one is complete, by renaming it out of the `step-*` names first,
+//! so that a crash during the deletion leaves no half checkpoint that looks like one.
 //!
 //! Imports: `models/` (the parameter store) and `optim/` (an optimizer saves its own state);
 //! above them, `load.rs`, `distill/` and `train/` read and write checkpoints.
@@ -20,6 +23,8 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "state.json";
 /// Pruning masks of a pruned model (absent when nothing is pruned); see `ParamStore::set_mask`.
 pub const MASKS_FILE: &str = "masks.safetensors";
+/// SHA-256 of each file of the checkpoint (file name -> "sha256:HEX"), written last.
+pub const CHECKSUMS_FILE: &str = "checksums.json";
 /// Parameters that distillation adds to the student's store (its hidden-state projections,
 /// `distill/`): saved and resumed with a checkpoint, left out when one is loaded as a model.
 pub const DISTILL_PARAM_PREFIX: &str = "distill.";
@@ -94,6 +99,7 @@ pub fn save(
     for f in [MODEL_FILE, OPTIMIZER_FILE] {
         sync_file(&tmp.join(f))?;
     }
+    write_checksums(&tmp)?;
     if final_dir.exists() {
         // A checkpoint of the same step exists (a run resumed from an older checkpoint and
         // reached this step again): it is replaced only now that the new one is complete.
@@ -122,7 +128,14 @@ fn remove_leftovers(parent: &Path) {
     };
     for e in entries.filter_map(|e| e.ok()) {
         let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with(".tmp-step-") || name.starts_with(".old-step-") {
+        // A `step-*` without state.json is what a crash in the middle of a deletion by an
+        // earlier version left (deletions now rename first).
+        let half_deleted = name.starts_with("step-") && !e.path().join(STATE_FILE).exists();
+        if name.starts_with(".tmp-step-")
+            || name.starts_with(".old-step-")
+            || name.starts_with(".del-step-")
+            || half_deleted
+        {
             tracing::info!(
                 "removing {}, left by an interrupted checkpoint write",
                 e.path().display()
@@ -135,12 +148,114 @@ fn remove_leftovers(parent: &Path) {
 fn prune(run_dir: &Path, keep: usize) -> Result<()> {
     let all = list_complete(run_dir);
     if all.len() > keep {
-        for (_, path) in &all[..all.len() - keep] {
-            std::fs::remove_dir_all(path)
-                .map_err(io_err(format!("removing {}", path.display())))?;
+        for (step, path) in &all[..all.len() - keep] {
+            // Out of the `step-*` names first: a crash during the deletion leaves a `.del-*`
+            // that the next start removes, never a half `step-*`.
+            let doomed = checkpoints_dir(run_dir)
+                .join(format!(".del-step-{step:08}-{}", std::process::id()));
+            std::fs::rename(path, &doomed)
+                .map_err(io_err(format!("moving {} away", path.display())))?;
+            std::fs::remove_dir_all(&doomed)
+                .map_err(io_err(format!("removing {}", doomed.display())))?;
         }
     }
     Ok(())
+}
+
+/// SHA-256 of a file's bytes, as `sha256:HEX`.
+fn file_digest(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(io_err(format!("reading {}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let hex: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(format!("sha256:{hex}"))
+}
+
+/// Writes `dir/checksums.json`: the SHA-256 of every other file of the checkpoint directory.
+/// Every writer of a checkpoint directory calls it last (`save`, and the pruned and souped
+/// checkpoints of `train/`).
+pub fn write_checksums(dir: &Path) -> Result<()> {
+    let mut sums = std::collections::BTreeMap::new();
+    let entries = std::fs::read_dir(dir).map_err(io_err(format!("listing {}", dir.display())))?;
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name != CHECKSUMS_FILE && e.path().is_file() {
+            sums.insert(name, file_digest(&e.path())?);
+        }
+    }
+    let json = serde_json::to_string_pretty(&sums).unwrap_or_default();
+    write_synced(&dir.join(CHECKSUMS_FILE), json.as_bytes())
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verified {
+    /// Every file listed in checksums.json has its recorded SHA-256.
+    Intact { files: usize },
+    /// No checksums.json: a checkpoint written before checksums existed, loaded as it is.
+    Unverified,
+}
+
+/// Checks the files of checkpoint `dir` against its checksums.json (`only`: just these files,
+/// e.g. the model file for an evaluation; None: every listed file). A mismatch, a listed file
+/// that is missing, or a malformed checksums.json is an error naming the file.
+pub fn verify(dir: &Path, only: Option<&[&str]>) -> Result<Verified> {
+    let path = dir.join(CHECKSUMS_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Verified::Unverified),
+        Err(e) => {
+            return Err(Error::Checkpoint {
+                path,
+                msg: format!("cannot read: {e}"),
+            })
+        }
+    };
+    let sums: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+            path: path.clone(),
+            msg: format!("malformed {CHECKSUMS_FILE}: {e}"),
+        })?;
+    let mut files = 0;
+    for (name, want) in &sums {
+        if only.is_some_and(|only| !only.contains(&name.as_str())) {
+            continue;
+        }
+        let file = dir.join(name);
+        if !file.is_file() {
+            return Err(Error::Checkpoint {
+                path: file,
+                msg: format!("missing, but listed in {CHECKSUMS_FILE}"),
+            });
+        }
+        let got = file_digest(&file)?;
+        if &got != want {
+            return Err(Error::Checkpoint {
+                path: file,
+                msg: format!(
+                    "checksum mismatch ({got}, {CHECKSUMS_FILE} says {want}): the file was \
+                     corrupted or edited after it was written"
+                ),
+            });
+        }
+        files += 1;
+    }
+    Ok(Verified::Intact { files })
 }
 
 /// Reads `state.json` of a checkpoint directory.

@@ -8,7 +8,7 @@
 //! and calls these plain functions around its own step. Nothing here knows the task's model,
 //! data or loss.
 
-use super::run_dir::{peak_memory, prepare_run_dir, resume_checkpoint, save_checkpoint};
+use super::run_dir::{peak_memory, prepare_run_dir, resume_checkpoint, save_checkpoint, RunLock};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{OptimConfig, Precision, PruneConfig, RunConfig};
 use crate::device;
@@ -70,6 +70,8 @@ pub fn print_report(lines: &[(&str, String)]) {
 /// Where and how this process trains, decided before any data or model is touched.
 pub struct Setup {
     pub run_dir: PathBuf,
+    /// Rank 0's lock on `run_dir`, held as long as the run (`run_dir::RunLock`).
+    _lock: Option<RunLock>,
     /// The checkpoint this start resumes from; `None` for a fresh run.
     pub resume_dir: Option<PathBuf>,
     pub world: World,
@@ -86,16 +88,24 @@ impl Setup {
     /// before anyone waits on anyone.
     pub fn new(run: &RunConfig, batch_size: i64, resume: &Resume) -> Result<Setup> {
         let run_dir = run.out_dir.clone();
+        let world = World::from_env()?;
+        // Rank 0 writes the run directory: it holds the lock, taken before the directory is
+        // judged, so two starts cannot both find it free.
+        let lock = if world.rank == 0 {
+            Some(RunLock::acquire(&run_dir)?)
+        } else {
+            None
+        };
         let resume_dir = resume_checkpoint(&run_dir, resume)?;
         if run.threads > 0 {
             tch::set_num_threads(run.threads as i32);
         }
         device::set_deterministic(run.deterministic)?;
-        let world = World::from_env()?;
         let device = world.device(device::resolve(&run.device)?)?;
         let (shard_start, shard_rows) = world.shard(batch_size as usize, "train.batch_size")?;
         Ok(Setup {
             run_dir,
+            _lock: lock,
             resume_dir,
             world,
             device,
@@ -174,6 +184,8 @@ pub struct Sections<'r> {
 
 /// The state every training loop shares, from the start of training to the summary.
 pub struct Run<'a> {
+    /// Rank 0's lock on the run directory, released when the run ends.
+    _lock: Option<RunLock>,
     pub world: World,
     pub device: Device,
     pub run_dir: PathBuf,
@@ -211,6 +223,7 @@ impl<'a> Run<'a> {
     ) -> Result<Run<'a>> {
         let Setup {
             run_dir,
+            _lock: lock,
             resume_dir,
             world,
             device,
@@ -233,6 +246,7 @@ impl<'a> Run<'a> {
             None
         };
         Ok(Run {
+            _lock: lock,
             world,
             device,
             run_dir,

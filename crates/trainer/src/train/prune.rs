@@ -304,6 +304,7 @@ fn write_checkpoint(
         "writing {}",
         dir.join(checkpoint::STATE_FILE).display()
     )))?;
+    checkpoint::write_checksums(&dir)?;
     Ok(dir)
 }
 

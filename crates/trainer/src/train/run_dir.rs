@@ -1,5 +1,5 @@
-//! The run directory's life cycle, shared by every training recipe: whether a directory already
-//! holds a run, which checkpoint a start resumes from, writing the resolved recipe without
+//! The run directory's life cycle, shared by every training recipe: its lock, whether a
+//! directory already holds a run, which checkpoint a start resumes from, writing the resolved recipe without
 //! losing an earlier one, and the peak memory a run reports.
 
 use super::harness::Resume;
@@ -7,6 +7,78 @@ use crate::checkpoint;
 use crate::error::{io_err, Error, Result};
 use std::path::{Path, PathBuf};
 use tch::Device;
+
+/// The run directory's lock file: an advisory `flock` held by rank 0 for the life of a run.
+pub const LOCK_FILE: &str = ".lock";
+
+/// An exclusive lock on a run directory, held until dropped. It is the kernel's `flock` on
+/// `out_dir/.lock`: released when the process exits however it exits, so a stale lock of a
+/// dead process never blocks a resume. Works on local filesystems and on NFSv4 and Lustre
+/// mounted with locking; where the filesystem has no locks (NFSv3 without lockd, some FUSE
+/// mounts) taking it fails with the filesystem's error instead of pretending.
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    /// Takes the lock of `run_dir` (created if missing), or fails in one line naming the host
+    /// and PID of the process that holds it.
+    pub fn acquire(run_dir: &Path) -> Result<RunLock> {
+        use std::io::{Read, Seek, Write};
+        std::fs::create_dir_all(run_dir)
+            .map_err(io_err(format!("creating {}", run_dir.display())))?;
+        let path = run_dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err(format!("opening {}", path.display())))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Err(Error::RunDir {
+                    path: run_dir.to_path_buf(),
+                    msg: format!(
+                        "is in use by another run ({}); wait for it to end, or choose another \
+                         run.out_dir",
+                        if holder.is_empty() {
+                            "holder unknown"
+                        } else {
+                            holder
+                        }
+                    ),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::RunDir {
+                    path: run_dir.to_path_buf(),
+                    msg: format!("cannot lock {LOCK_FILE}: {e} (a filesystem without locks?)"),
+                })
+            }
+        }
+        let me = format!("host {}, pid {}", hostname(), std::process::id());
+        // Who holds the lock, for the error of the next process that tries.
+        let _ = file.set_len(0);
+        let _ = file.seek(std::io::SeekFrom::Start(0));
+        let _ = file.write_all(me.as_bytes());
+        let _ = file.sync_all();
+        Ok(RunLock { _file: file })
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
+}
 
 /// True when `dir` already holds (part of) a run.
 pub fn holds_run(dir: &Path) -> bool {
@@ -31,20 +103,57 @@ pub fn resume_checkpoint(run_dir: &Path, resume: &Resume) -> Result<Option<PathB
         }),
         Resume::No => Ok(None),
         Resume::Auto => {
-            let newest = checkpoint::list_complete(run_dir).pop().map(|(_, p)| p);
-            if newest.is_none() && holds_run(run_dir) {
+            let complete = checkpoint::list_complete(run_dir);
+            if complete.is_empty() && holds_run(run_dir) {
                 tracing::warn!(
                     "{} holds a run without a complete checkpoint; starting it from step 0",
                     run_dir.display()
                 );
             }
-            Ok(newest)
+            newest_intact(&complete).map(|c| c.map(|(_, p)| p))
         }
         Resume::From(dir) => {
             checkpoint::read_state(dir)?;
+            verified(dir)?;
             Ok(Some(dir.clone()))
         }
     }
+}
+
+/// The newest of `complete` (oldest first) whose files match their checksums; a corrupt one is
+/// skipped with a warning naming what failed. All of them corrupt is an error: starting over
+/// would throw the run away.
+fn newest_intact(complete: &[(i64, PathBuf)]) -> Result<Option<(i64, PathBuf)>> {
+    let mut newest_error = None;
+    for (step, dir) in complete.iter().rev() {
+        match verified(dir) {
+            Ok(()) => return Ok(Some((*step, dir.clone()))),
+            Err(e) => {
+                tracing::warn!("not resuming from {}: {e}", dir.display());
+                newest_error.get_or_insert(e);
+            }
+        }
+    }
+    match newest_error {
+        Some(e) => Err(Error::RunDir {
+            path: complete.last().map(|(_, p)| p.clone()).unwrap_or_default(),
+            msg: format!("no intact checkpoint to resume from (the newest: {e})"),
+        }),
+        None => Ok(None),
+    }
+}
+
+/// Checks a checkpoint's files against its checksums; one written before checksums existed
+/// is accepted with a warning.
+fn verified(dir: &Path) -> Result<()> {
+    if checkpoint::verify(dir, None)? == checkpoint::Verified::Unverified {
+        tracing::warn!(
+            "{} has no {}: written before checksums, not verified",
+            dir.display(),
+            checkpoint::CHECKSUMS_FILE
+        );
+    }
+    Ok(())
 }
 
 /// Creates the run directory and writes the resolved recipe. On resume, a `config.toml` that

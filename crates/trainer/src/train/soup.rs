@@ -377,6 +377,7 @@ fn write_soup(
         ckpt.join(checkpoint::STATE_FILE),
         serde_json::to_string_pretty(&state).unwrap_or_default(),
     )?;
+    checkpoint::write_checksums(&ckpt)?;
     let mut r = recipe.clone();
     r.run.out_dir = out.to_path_buf();
     r.run.name = name;

@@ -1,0 +1,206 @@
+//! Nothing lost, nothing trusted blindly, end to end with the real binary: the run directory's
+//! lock (a second start, and a `--resume auto` during a live run, are refused in one line naming
+//! the holder; a dead holder never blocks), checkpoint checksums (flipped bytes and an edited
+//! step are found by `trainer verify`, `--resume auto` falls back to the newest intact
+//! checkpoint, an explicitly named corrupt one is an error), and leftovers of an interrupted
+//! deletion removed at the next start.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeSet;
+use std::path::Path;
+
+const RECIPE: &str = "tiny.toml";
+
+fn error_lines(out: &Out) -> Vec<String> {
+    out.stderr
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_live_run_directory_is_locked_and_a_dead_holder_never_blocks() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, RECIPE, &tiny_recipe("live"));
+    // Long enough to be alive while the others try.
+    let mut holder = spawn(
+        w,
+        &[
+            "run",
+            RECIPE,
+            "--set",
+            "train.max_steps=100000",
+            "--set",
+            "train.checkpoint_every=50",
+        ],
+    );
+    wait_for_step(&mut holder, &w.join("live/metrics.jsonl"), 3);
+    for resume in [None, Some("auto")] {
+        let mut args = vec!["run", RECIPE];
+        if let Some(r) = resume {
+            args.extend(["--resume", r]);
+        }
+        let out = trainer(w, &args);
+        assert_eq!(out.code, Some(1), "{}", out.describe());
+        let errors = error_lines(&out);
+        assert_eq!(errors.len(), 1, "{}", out.describe());
+        assert!(
+            errors[0].contains("in use by another run")
+                && errors[0].contains(&format!("pid {}", holder.pid())),
+            "{}",
+            errors[0]
+        );
+    }
+    send_signal(holder.pid(), "TERM");
+    let out = holder.wait(TIMEOUT);
+    assert_eq!(out.code, Some(EXIT_INTERRUPTED), "{}", out.describe());
+    // The holder's metrics are its own: one row per step, no step twice, none missing.
+    let steps: Vec<i64> = train_rows(&read_metrics(&w.join("live/metrics.jsonl")))
+        .iter()
+        .map(step_of)
+        .collect();
+    let last = *steps.last().expect("rows");
+    assert_eq!(steps, (1..=last).collect::<Vec<_>>());
+    // The lock file stays behind, but its holder is gone: a resume goes ahead.
+    assert!(w.join("live/.lock").is_file());
+    let more = format!("train.max_steps={}", last + 2);
+    let out = trainer(w, &["run", RECIPE, "--resume", "auto", "--set", &more]);
+    out.assert_success();
+}
+
+/// Flips a byte near the end of `file` (tensor data, the header intact).
+fn flip_a_byte(file: &Path) {
+    let mut bytes = std::fs::read(file).expect("read");
+    let i = bytes.len() - 7;
+    bytes[i] ^= 0x5a;
+    std::fs::write(file, bytes).expect("write");
+}
+
+#[test]
+fn corrupt_checkpoints_are_found_and_resume_falls_back_to_an_intact_one() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, RECIPE, &tiny_recipe("run"));
+    trainer(w, &["run", RECIPE, "--set", "train.max_steps=20"]).assert_success();
+    let ckpts = w.join("run/checkpoints");
+    let (older, newest) = (ckpts.join("step-00000015"), ckpts.join("step-00000020"));
+    assert!(older.join("checksums.json").is_file() && newest.join("checksums.json").is_file());
+    let verify = trainer(w, &["verify", "run"]);
+    verify.assert_success();
+    assert_eq!(
+        verify.stdout.matches(": ok (").count(),
+        2,
+        "{}",
+        verify.describe()
+    );
+
+    flip_a_byte(&newest.join("model.safetensors"));
+    let verify = trainer(w, &["verify", "run"]);
+    assert_eq!(verify.code, Some(1), "{}", verify.describe());
+    assert!(
+        verify.stdout.contains("step-00000020: CORRUPT")
+            && verify.stdout.contains("model.safetensors")
+            && verify.stdout.contains("step-00000015: ok"),
+        "{}",
+        verify.describe()
+    );
+    // Named explicitly, the corrupt checkpoint is refused in one line.
+    let named = trainer(
+        w,
+        &[
+            "run",
+            RECIPE,
+            "--set",
+            "train.max_steps=25",
+            "--resume",
+            "run/checkpoints/step-00000020",
+        ],
+    );
+    assert_eq!(named.code, Some(1), "{}", named.describe());
+    let errors = error_lines(&named);
+    assert_eq!(errors.len(), 1, "{}", named.describe());
+    assert!(errors[0].contains("checksum mismatch"), "{}", errors[0]);
+    // `--resume auto` warns and continues from the newest intact checkpoint.
+    let auto = trainer(
+        w,
+        &[
+            "run",
+            RECIPE,
+            "--set",
+            "train.max_steps=25",
+            "--resume",
+            "auto",
+        ],
+    );
+    auto.assert_success();
+    assert!(
+        auto.stderr.contains("not resuming from") && auto.stderr.contains("step-00000020"),
+        "{}",
+        auto.describe()
+    );
+    let summary = read_summary(&w.join("run"));
+    assert!(
+        summary["resumed_from"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("step-00000015")),
+        "{summary}"
+    );
+
+    // An edited step in state.json is found too.
+    let state = ckpts.join("step-00000025/state.json");
+    let text = std::fs::read_to_string(&state).expect("state");
+    std::fs::write(&state, text.replace("\"step\": 25", "\"step\": 99")).expect("edit");
+    let verify = trainer(w, &["verify", "run/checkpoints/step-00000025"]);
+    assert_eq!(verify.code, Some(1), "{}", verify.describe());
+    assert!(
+        verify.stdout.contains("state.json"),
+        "{}",
+        verify.describe()
+    );
+}
+
+#[test]
+fn leftovers_of_an_interrupted_deletion_are_removed_at_the_next_start() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, RECIPE, &tiny_recipe("run"));
+    trainer(w, &["run", RECIPE, "--set", "train.max_steps=10"]).assert_success();
+    let ckpts = w.join("run/checkpoints");
+    // What a kill -9 during a deletion leaves: a renamed-away directory (this version) and a
+    // step directory without its state.json (an earlier version's in-place deletion).
+    std::fs::create_dir_all(ckpts.join(".del-step-00000005-4242")).expect("mkdir");
+    std::fs::write(
+        ckpts.join(".del-step-00000005-4242/model.safetensors"),
+        b"x",
+    )
+    .expect("w");
+    std::fs::create_dir_all(ckpts.join("step-00000003")).expect("mkdir");
+    std::fs::write(ckpts.join("step-00000003/optimizer.safetensors"), b"x").expect("w");
+    trainer(
+        w,
+        &[
+            "run",
+            RECIPE,
+            "--set",
+            "train.max_steps=15",
+            "--resume",
+            "auto",
+        ],
+    )
+    .assert_success();
+    let left: BTreeSet<String> = std::fs::read_dir(&ckpts)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(
+        left,
+        ["step-00000010", "step-00000015"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<BTreeSet<_>>()
+    );
+}
