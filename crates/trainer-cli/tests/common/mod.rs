@@ -381,7 +381,9 @@ pub fn checkpoint_entries(run_dir: &Path) -> Vec<String> {
     names
 }
 
-/// Every file under `dir` with its bytes (an empty map when `dir` does not exist).
+/// Every file under `dir` with its bytes (an empty map when `dir` does not exist), but the run
+/// directory's `.lock`: the lock's bookkeeping (who last held it), not the run's data, which
+/// every start that gets as far as taking the lock rewrites.
 pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
         let Ok(rd) = std::fs::read_dir(dir) else {
@@ -402,6 +404,7 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     }
     let mut out = BTreeMap::new();
     walk(dir, dir, &mut out);
+    out.remove(Path::new(".lock"));
     out
 }
 

@@ -17,57 +17,116 @@ pub const LOCK_FILE: &str = ".lock";
 /// mounted with locking; where the filesystem has no locks (NFSv3 without lockd, some FUSE
 /// mounts) taking it fails with the filesystem's error instead of pretending.
 pub struct RunLock {
-    _file: std::fs::File,
+    file: std::fs::File,
+    dir: PathBuf,
+    /// The directory did not exist before this lock: a start that fails before writing
+    /// anything else removes it again (nothing written).
+    created: bool,
 }
 
 impl RunLock {
     /// Takes the lock of `run_dir` (created if missing), or fails in one line naming the host
     /// and PID of the process that holds it.
     pub fn acquire(run_dir: &Path) -> Result<RunLock> {
-        use std::io::{Read, Seek, Write};
+        let created = !run_dir.exists();
         std::fs::create_dir_all(run_dir)
             .map_err(io_err(format!("creating {}", run_dir.display())))?;
         let path = run_dir.join(LOCK_FILE);
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io_err(format!("opening {}", path.display())))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim();
-                return Err(Error::RunDir {
-                    path: run_dir.to_path_buf(),
-                    msg: format!(
-                        "is in use by another run ({}); wait for it to end, or choose another \
-                         run.out_dir",
-                        if holder.is_empty() {
-                            "holder unknown"
-                        } else {
-                            holder
-                        }
-                    ),
-                });
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(Error::RunDir {
-                    path: run_dir.to_path_buf(),
-                    msg: format!("cannot lock {LOCK_FILE}: {e} (a filesystem without locks?)"),
-                })
+        // A holder that gives up on a fresh directory removes its lock file (see Drop): whoever
+        // locked the removed file retries on the new one, so two never hold "the" lock.
+        for _ in 0..100 {
+            let file = lock_file(run_dir, &path)?;
+            if same_file(&path, &file) {
+                let lock = RunLock {
+                    file,
+                    dir: run_dir.to_path_buf(),
+                    created,
+                };
+                lock.write_holder();
+                return Ok(lock);
             }
         }
+        Err(Error::RunDir {
+            path: run_dir.to_path_buf(),
+            msg: format!("{LOCK_FILE} keeps being removed while this run takes it"),
+        })
+    }
+
+    /// Records who holds the lock, for the error of the next process that tries.
+    fn write_holder(&self) {
+        use std::io::{Seek, Write};
         let me = format!("host {}, pid {}", hostname(), std::process::id());
-        // Who holds the lock, for the error of the next process that tries.
-        let _ = file.set_len(0);
-        let _ = file.seek(std::io::SeekFrom::Start(0));
-        let _ = file.write_all(me.as_bytes());
-        let _ = file.sync_all();
-        Ok(RunLock { _file: file })
+        let mut f = &self.file;
+        let _ = f.set_len(0);
+        let _ = f.seek(std::io::SeekFrom::Start(0));
+        let _ = f.write_all(me.as_bytes());
+        let _ = f.sync_all();
+    }
+}
+
+impl Drop for RunLock {
+    /// A start that failed before writing anything leaves nothing behind: the lock file goes,
+    /// and the directory too when this start created it. The lock is released after (when the
+    /// file closes), so no other process can have started writing in between.
+    fn drop(&mut self) {
+        let only_the_lock = std::fs::read_dir(&self.dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .all(|e| e.file_name() == LOCK_FILE)
+            })
+            .unwrap_or(false);
+        if only_the_lock {
+            let _ = std::fs::remove_file(self.dir.join(LOCK_FILE));
+            if self.created {
+                let _ = std::fs::remove_dir(&self.dir);
+            }
+        }
+    }
+}
+
+/// Opens `path` and takes its exclusive lock without waiting.
+fn lock_file(run_dir: &Path, path: &Path) -> Result<std::fs::File> {
+    use std::io::Read;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_err(format!("opening {}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            Err(Error::RunDir {
+                path: run_dir.to_path_buf(),
+                msg: format!(
+                    "is in use by another run ({}); wait for it to end, or choose another \
+                     run.out_dir",
+                    if holder.is_empty() {
+                        "holder unknown"
+                    } else {
+                        holder
+                    }
+                ),
+            })
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::RunDir {
+            path: run_dir.to_path_buf(),
+            msg: format!("cannot lock {LOCK_FILE}: {e} (a filesystem without locks?)"),
+        }),
+    }
+}
+
+/// Whether `path` still names the file `file` has open (not removed or replaced meanwhile).
+fn same_file(path: &Path, file: &std::fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(path), file.metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 
@@ -216,4 +275,35 @@ fn peak_rss() -> Option<i64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lock_is_exclusive_and_a_failed_fresh_start_leaves_nothing() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("run");
+        let first = RunLock::acquire(&dir).expect("free");
+        let holder = std::fs::read_to_string(dir.join(LOCK_FILE)).expect("holder");
+        assert!(
+            holder.contains(&format!("pid {}", std::process::id())),
+            "{holder}"
+        );
+        let e = RunLock::acquire(&dir).err().expect("held").to_string();
+        assert!(
+            e.contains("in use by another run") && e.contains(&holder),
+            "{e}"
+        );
+        // Nothing but the lock was written: the directory it created goes with it.
+        drop(first);
+        assert!(!dir.exists());
+        // A directory with a run in it keeps everything, the lock file included.
+        let lock = RunLock::acquire(&dir).expect("free again");
+        std::fs::write(dir.join("config.toml"), "x").expect("write");
+        drop(lock);
+        assert!(dir.join("config.toml").is_file() && dir.join(LOCK_FILE).is_file());
+        RunLock::acquire(&dir).expect("a released lock is free");
+    }
 }
