@@ -110,7 +110,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     // The ranks other than 0 of a multi-process run keep to warnings and errors.
     let other_rank = ["RANK", "SLURM_PROCID"]
         .iter()
@@ -141,6 +144,36 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Argument errors follow the convention of every other error: one line, `error: ...`, exit
+/// code 1 (clap's multi-line usage text and exit code 2 would be a second convention). Help and
+/// version requests print as clap prints them.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return if e.use_stderr() {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    // clap's message up to its usage text, on one line.
+    let text = e.to_string();
+    let msg: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(|l| l.trim().trim_start_matches("error: "))
+        .filter(|l| !l.is_empty())
+        .collect();
+    eprintln!("error: {} (see --help)", msg.join(" "));
+    ExitCode::from(1)
 }
 
 fn init_logging(level: &str) {

@@ -750,3 +750,26 @@ fn a_run_directory_that_cannot_be_created_is_refused() {
         "the cause is repeated: {line}"
     );
 }
+
+/// Command-line argument errors follow the one convention: one `error:` line naming the
+/// argument, exit code 1 (not clap's usage text and exit code 2); help still prints, exit 0.
+#[test]
+fn argument_errors_are_one_line_with_exit_code_1() {
+    let work = workdir();
+    let w = work.path();
+    for (args, needle) in [
+        (vec!["launch", "--nproc", "-1", "x.toml"], "-1"),
+        (vec!["export", "run", "--to", "onnx", "out"], "onnx"),
+        (vec!["frobnicate"], "frobnicate"),
+        (vec!["run"], "<RECIPE>"),
+        (
+            vec!["eval", "--init", "x", "--data", "d", "--seq-len", "many"],
+            "many",
+        ),
+    ] {
+        trainer(w, &args).assert_one_error(&[needle, "--help"]);
+    }
+    let help = trainer(w, &["--help"]);
+    assert_eq!(help.code, Some(0), "{}", help.describe());
+    assert!(help.stdout.contains("Usage"), "{}", help.describe());
+}

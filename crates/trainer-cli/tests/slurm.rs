@@ -835,10 +835,11 @@ fn sweep_array_bad_input() {
         &["sweep", "missing.toml", "--slurm", "--gpus-per-node", "0"],
     )
     .assert_one_error(&["missing.toml"]);
-    // --slurm with --index or --parallel is a usage error (clap: exit code 2).
+    // --slurm with --index or --parallel is a usage error: one line, exit code 1.
     for extra in [["--index", "1"], ["--parallel", "2"]] {
         let out = trainer(w, &with(&base, &extra));
-        assert_eq!(out.code, Some(2), "{}", out.describe());
+        assert_eq!(out.code, Some(1), "{}", out.describe());
+        out.assert_one_error(&[extra[0]]);
     }
     let names = file_names(w, |n| n.ends_with(".sbatch"));
     assert!(names.is_empty(), "bad input wrote a script: {names:?}");

@@ -182,7 +182,7 @@ pub fn resume_checkpoint(run_dir: &Path, resume: &Resume) -> Result<Option<PathB
 /// The newest of `complete` (oldest first) whose files match their checksums; a corrupt one is
 /// skipped with a warning naming what failed. All of them corrupt is an error: starting over
 /// would throw the run away.
-fn newest_intact(complete: &[(i64, PathBuf)]) -> Result<Option<(i64, PathBuf)>> {
+pub fn newest_intact(complete: &[(i64, PathBuf)]) -> Result<Option<(i64, PathBuf)>> {
     let mut newest_error = None;
     for (step, dir) in complete.iter().rev() {
         match verified(dir) {

@@ -26,8 +26,8 @@ pub fn run(stages: &[Stage], resume: Resume, stop: &StopFlag) -> Result<Outcome>
     let run_dir = &stages[0].recipe.run.out_dir;
     let at_step = match &resume {
         Resume::No => 0,
-        Resume::Auto => checkpoint::list_complete(run_dir)
-            .pop()
+        // The checkpoint `--resume auto` will take: the newest intact one.
+        Resume::Auto => super::run_dir::newest_intact(&checkpoint::list_complete(run_dir))?
             .map_or(0, |(step, _)| step),
         Resume::From(dir) => checkpoint::read_state(dir)?.step,
     };
