@@ -59,6 +59,14 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<ExitCode> {
         "--seq-len: expected a positive integer, got {seq_len}"
     );
     anyhow::ensure!(
+        args.batches != Some(0),
+        "--batches: expected a positive integer (or leave it out for the whole file), got 0"
+    );
+    anyhow::ensure!(
+        args.batch_size > 0,
+        "--batch-size: expected a positive integer, got 0"
+    );
+    anyhow::ensure!(
         args.batch_size > 0,
         "--batch-size: expected a positive integer"
     );

@@ -907,3 +907,136 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
     }
 }
+
+/// Fuzz-style: every size field of a config.json set to zero, negative, 10^12, a fraction, a
+/// string, null and a boolean, and the safetensors header broken in dtype, shape, offsets and
+/// length. Each load either works (a value transformers would also take) or is one `error:`
+/// line with exit code 1: never a panic, never an allocation the weights do not back.
+#[test]
+fn broken_configs_and_safetensors_headers_are_one_line_never_a_panic() {
+    use serde_json::json;
+    let dir = workdir();
+    let cwd = dir.path();
+    let data = write_data(cwd);
+    let good = cwd.join("good");
+    py(&["create", "llama", good.to_str().expect("utf-8")]);
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(good.join("config.json")).expect("config"))
+            .expect("json");
+    let weights = std::fs::read(good.join("model.safetensors")).expect("weights");
+    let header_len = u64::from_le_bytes(weights[..8].try_into().expect("8 bytes")) as usize;
+    let header: Value = serde_json::from_slice(&weights[8..8 + header_len]).expect("header");
+    let body = &weights[8 + header_len..];
+
+    let mut cases: Vec<(String, Value, Vec<u8>)> = Vec::new();
+    let fields = [
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "head_dim",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+    ];
+    let values = [
+        json!(0),
+        json!(-1),
+        json!(1_000_000_000_000i64),
+        json!(3),
+        json!(2.5),
+        json!("x"),
+        Value::Null,
+        json!(true),
+    ];
+    for f in fields {
+        for v in &values {
+            let mut c = config.clone();
+            c[f] = v.clone();
+            cases.push((format!("{f} = {v}"), c, weights.clone()));
+        }
+    }
+    // Safetensors files with a broken header over the same data.
+    let with_header = |h: &Value| -> Vec<u8> {
+        let mut text = serde_json::to_vec(h).expect("json");
+        while text.len() % 8 != 0 {
+            text.push(b' ');
+        }
+        let mut out = (text.len() as u64).to_le_bytes().to_vec();
+        out.extend(text);
+        out.extend_from_slice(body);
+        out
+    };
+    let embed = "model.embed_tokens.weight";
+    let mut edit = |what: &str, f: &dyn Fn(&mut Value)| {
+        let mut h = header.clone();
+        f(&mut h);
+        cases.push((what.to_string(), config.clone(), with_header(&h)));
+    };
+    edit("dtype I8", &|h| h[embed]["dtype"] = json!("I8"));
+    edit("dtype unknown", &|h| h[embed]["dtype"] = json!("Q4"));
+    edit("shape doubled", &|h| {
+        let rows = h[embed]["shape"][0].as_i64().expect("rows");
+        h[embed]["shape"][0] = json!(rows * 2)
+    });
+    edit("shape negative", &|h| h[embed]["shape"][0] = json!(-4));
+    edit("offsets past the end", &|h| {
+        h[embed]["data_offsets"][1] = json!(1u64 << 40)
+    });
+    edit("offsets reversed", &|h| {
+        let o = h[embed]["data_offsets"].clone();
+        h[embed]["data_offsets"] = json!([o[1], o[0]])
+    });
+    let mut huge_len = weights.clone();
+    huge_len[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    cases.push(("header length 2^40".into(), config.clone(), huge_len));
+    let mut not_json = weights.clone();
+    not_json[8] = b'#';
+    cases.push(("header not JSON".into(), config.clone(), not_json));
+    cases.push(("empty file".into(), config.clone(), Vec::new()));
+
+    let check = |(i, (what, c, w)): (usize, &(String, Value, Vec<u8>))| -> Option<String> {
+        let d = cwd.join(format!("case-{i}"));
+        std::fs::create_dir_all(&d).expect("mkdir");
+        std::fs::write(d.join("config.json"), serde_json::to_vec(c).expect("json")).expect("w");
+        std::fs::write(d.join("model.safetensors"), w).expect("w");
+        let init = format!("hf:{}", d.display());
+        let out = trainer(
+            cwd,
+            &[
+                "eval",
+                "--init",
+                &init,
+                "--data",
+                &data,
+                "--seq-len",
+                "8",
+                "--batches",
+                "1",
+            ],
+        );
+        let errors = out
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .count();
+        let fine = match out.code {
+            Some(0) => true,
+            Some(1) => errors == 1,
+            _ => false,
+        };
+        (!fine || out.stderr.contains("panicked")).then(|| format!("{what}: {}", out.describe()))
+    };
+    let indexed: Vec<(usize, &(String, Value, Vec<u8>))> = cases.iter().enumerate().collect();
+    let (left, right) = indexed.split_at(indexed.len() / 2);
+    let failures: Vec<String> = std::thread::scope(|s| {
+        let a = s.spawn(|| left.iter().copied().filter_map(check).collect::<Vec<_>>());
+        let b = s.spawn(|| right.iter().copied().filter_map(check).collect::<Vec<_>>());
+        let mut all = a.join().expect("worker");
+        all.extend(b.join().expect("worker"));
+        all
+    });
+    assert!(failures.is_empty(), "{failures:#?}");
+}

@@ -417,24 +417,17 @@ impl LlamaConfig {
                 "\"sliding_attention\" layers need model.sliding_window",
             )?;
         }
-        let common = common_model_checks(
+        common_model_checks(
             c.vocab_size,
             c.d_model,
             c.n_layers,
             c.n_heads,
             c.max_seq_len,
-        );
+        )?;
         match c.head_dim {
-            None => common?,
+            None => heads_divide(c.d_model, c.n_heads)?,
+            // The width needs no divisibility when the head width is given.
             Some(hd) => {
-                // The width check needs no divisibility when the head width is given.
-                common.or_else(|e| {
-                    if e.key == "model.d_model" {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    }
-                })?;
                 check(
                     hd > 0 && hd % 2 == 0,
                     "model.head_dim",
@@ -513,6 +506,7 @@ impl Gpt2Config {
             c.n_heads,
             c.max_seq_len,
         )?;
+        heads_divide(c.d_model, c.n_heads)?;
         if let Some(d_ff) = c.d_ff {
             check(
                 d_ff > 0,
@@ -543,6 +537,7 @@ impl GptNeoxConfig {
             c.n_heads,
             c.max_seq_len,
         )?;
+        heads_divide(c.d_model, c.n_heads)?;
         if let Some(r) = &c.rope_scaling {
             r.validate()?;
         }
@@ -583,7 +578,11 @@ fn common_model_checks(
     positive(d_model, "model.d_model")?;
     positive(n_layers, "model.n_layers")?;
     positive(n_heads, "model.n_heads")?;
-    positive(max_seq_len, "model.max_seq_len")?;
+    positive(max_seq_len, "model.max_seq_len")
+}
+
+/// Heads of width d_model / n_heads (no explicit head_dim) need whole heads.
+fn heads_divide(d_model: i64, n_heads: i64) -> Result<(), Invalid> {
     check(
         d_model % n_heads == 0,
         "model.d_model",
