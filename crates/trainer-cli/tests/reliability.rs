@@ -204,3 +204,40 @@ fn leftovers_of_an_interrupted_deletion_are_removed_at_the_next_start() {
             .collect::<BTreeSet<_>>()
     );
 }
+
+/// A run's config.toml is bounded by its checkpoint's weights as an hf: config.json is: an edited
+/// size is one line before anything is allocated.
+#[test]
+fn an_edited_run_config_is_bounded_by_its_weights() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, RECIPE, &tiny_recipe("run"));
+    trainer(w, &["run", RECIPE, "--set", "train.max_steps=5"]).assert_success();
+    std::fs::write(
+        w.join("data.txt"),
+        "some text to evaluate on, long enough ".repeat(20),
+    )
+    .expect("data");
+    let config = w.join("run/config.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    for (from, to) in [
+        ("vocab_size = 256", "vocab_size = 1000000000000"),
+        ("n_layers = 2", "n_layers = 1000000"),
+    ] {
+        assert!(text.contains(from), "{text}");
+        std::fs::write(&config, text.replace(from, to)).expect("edit");
+        let out = trainer(
+            w,
+            &[
+                "eval",
+                "--init",
+                "run",
+                "--data",
+                "data.txt",
+                "--seq-len",
+                "8",
+            ],
+        );
+        out.assert_one_error(&["config.toml", "parameters"]);
+    }
+}

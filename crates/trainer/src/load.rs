@@ -140,7 +140,14 @@ impl ModelSource {
                     });
                 }
                 match StoredModel::read(run_dir)? {
-                    StoredModel::Lm { model, peft } => Ok((model, peft)),
+                    StoredModel::Lm { model, peft } => {
+                        // config.toml is bounded by the weights as an hf: config.json is.
+                        let ModelSource::Checkpoint { dir, .. } = self else {
+                            unreachable!("matched above")
+                        };
+                        hf::check_sizes(&[dir.join(checkpoint::MODEL_FILE)], &path, &model)?;
+                        Ok((model, peft))
+                    }
                     StoredModel::Classifier(_) => Err(Error::Checkpoint {
                         path,
                         msg: "is an image classifier's run (task = \"classify\"), not a language model"

@@ -401,6 +401,12 @@ pub fn load_peft(model: &Transformer, lora: &Lora, dir: &Path) -> Result<()> {
             let src = loaded
                 .remove(&name)
                 .ok_or_else(|| err(&weights, format!("missing tensor {PEFT_PREFIX}{name} (an adapter for another model or other target modules?)")))?;
+            if !src.is_floating_point() {
+                return Err(err(
+                    &weights,
+                    format!("tensor {PEFT_PREFIX}{name} is stored as {:?}; adapter weights must be floating point", src.kind()),
+                ));
+            }
             if src.size() != target.size() {
                 return Err(err(
                     &weights,

@@ -68,9 +68,15 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
 /// one line, not an allocation until the machine gives out), and the weights must be floating
 /// point.
 fn check_against_weights(dir: &Path, model: &ModelConfig) -> Result<()> {
+    check_sizes(&weight_files(dir)?, &dir.join("config.json"), model)
+}
+
+/// `check_against_weights` for any weight files and the config file that described `model`
+/// (a trainer run's config.toml too).
+pub fn check_sizes(files: &[PathBuf], config_path: &Path, model: &ModelConfig) -> Result<()> {
     let config = TransformerConfig::from_recipe(model);
     let mut stored: i128 = 0;
-    for file in weight_files(dir)? {
+    for file in files.iter().cloned() {
         for t in safetensors_header(&file)? {
             if skipped_key(&t.name, &config) {
                 continue;
@@ -87,7 +93,7 @@ fn check_against_weights(dir: &Path, model: &ModelConfig) -> Result<()> {
             stored += t.shape.iter().map(|&d| d as i128).product::<i128>();
         }
     }
-    let config_path = dir.join("config.json");
+    let config_path = config_path.to_path_buf();
     let wanted = config.param_count();
     if wanted > stored {
         return Err(hf_err(
