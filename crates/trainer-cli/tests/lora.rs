@@ -411,6 +411,10 @@ fn peft_adapters_load_as_peft_wrote_them() {
         ("gemma2_all", "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
         ("gemma3_all", "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
         ("phi3_all", "rank = 4\nalpha = 8\ntarget = [\"qkv_proj\", \"o_proj\", \"gate_up_proj\", \"down_proj\"]"),
+        ("mistral_all", "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
+        ("qwen3_all", "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
+        ("granite_all", "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
+        ("mixtral_attention", "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"]"),
         ("neox_all", "rank = 4\nalpha = 8\ntarget = [\"query_key_value\", \"dense\", \"mlp.*\"]"),
     ] {
         let dir = workdir();

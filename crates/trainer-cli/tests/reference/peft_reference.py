@@ -69,10 +69,18 @@ BASES = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
          "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
          "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
          "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
-         "neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM)}
+         "neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM),
+         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+         "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM),
+         "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM)}
 # Config fields a family's tiny base needs beyond the sizes (Gemma's head_dim defaults to 256,
 # Phi-3's pad token to 32000).
 BASE_EXTRA = {transformers.GemmaConfig: dict(head_dim=8), transformers.Gemma2Config: dict(head_dim=8),
+              transformers.Qwen3Config: dict(head_dim=8),
+              transformers.GraniteConfig: dict(embedding_multiplier=2.0, residual_multiplier=0.5,
+                                               attention_multiplier=0.2, logits_scaling=2.0),
+              transformers.MixtralConfig: dict(num_local_experts=4, num_experts_per_tok=2),
               transformers.Gemma3TextConfig: dict(head_dim=8),
               transformers.Phi3Config: dict(pad_token_id=0, eos_token_id=1)}
 # peft's LoraConfig of each variant that tests/lora.rs loads (or expects refused).
@@ -90,6 +98,11 @@ ADAPTER_VARIANTS = {
     "gemma3_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
     # Phi-3's fused projections, as peft names them.
     "phi3_all": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    "mistral_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
+    "qwen3_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
+    "granite_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
+    # Mixtral: the attention projections (the experts are not Linear modules).
+    "mixtral_attention": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
     # GPT-NeoX's projections, as peft names them.
     "neox_all": dict(r=4, lora_alpha=8,
                      target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),

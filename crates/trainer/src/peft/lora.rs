@@ -450,6 +450,8 @@ const PEFT_DEFAULTS: &[(&str, &str)] = &[
     ("layer_replication", "null"),
     ("lora_bias", "false"),
     ("target_parameters", "null"),
+    // peft writes an empty list for models with expert parameters (Mixtral): nothing targeted.
+    ("target_parameters", "[]"),
     ("use_bdlora", "null"),
     ("arrow_config", "null"),
     ("kasa_config", "null"),
@@ -590,13 +592,12 @@ fn check_adapter_config(
         if read.contains(&k.as_str()) || PEFT_NO_EFFECT.contains(&k.as_str()) {
             continue;
         }
-        let allowed = PEFT_DEFAULTS
+        // A field may have several values that mean "off" (`target_parameters`: null or []).
+        let is_default = PEFT_DEFAULTS
             .iter()
-            .find(|(name, _)| name == k)
-            .map(|(_, d)| *d);
-        let is_default = allowed
-            .and_then(|d| serde_json::from_str::<Value>(d).ok())
-            .is_some_and(|d| d == *val);
+            .filter(|(name, _)| name == k)
+            .filter_map(|(_, d)| serde_json::from_str::<Value>(d).ok())
+            .any(|d| d == *val);
         if !is_default {
             return Err(format!(
                 "unsupported {k} = {val}: this tool does not implement it, and the adapter read \
