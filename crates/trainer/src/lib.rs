@@ -12,10 +12,13 @@
 //!   `[train]`) and the `[[stages]]` format.
 //! - `load.rs`: a model from `hf:DIR`, a run or a checkpoint, with its LoRA adapters and masks.
 //! - methods, each with its `config.rs`: `distill/` (teacher, losses), `checkpoint/` (the
-//!   on-disk layout, atomic writes; it saves optimizer state), `peft/` (LoRA, ReLoRA), `prune/`,
-//!   `optim/` (optimizers that own their state), `dist.rs` (c10d data parallelism).
-//! - `models/`: one file per family with `config.rs` for `[model]`, `hf.rs`, `params.rs` (the
-//!   parameter store and the one name-pattern rule).
+//!   on-disk layout, atomic writes, checksums; it saves optimizer state), `peft/` (LoRA,
+//!   ReLoRA), `prune/`, `optim/` (optimizers that own their state), `dist.rs` (c10d data
+//!   parallelism).
+//! - `models/`: `transformer.rs` (the decoders: Llama and its Hugging Face variants, GPT-2,
+//!   GPT-NeoX), `moe.rs`, `rope.rs`, `resnet.rs`, `config.rs` for `[model]`, `hf/` (one
+//!   config.json reader and writer per family), `params.rs` (the parameter store and the one
+//!   name-pattern rule).
 //! - leaves with their own config types: `data/`, `schedule/`, `metrics/`.
 //! - the ground floor: `validate.rs` (range checks that name their key), `error.rs`,
 //!   `device.rs` (devices and `run.precision`), `signals.rs`.
