@@ -405,17 +405,17 @@ fn peft_adapters_load_as_peft_wrote_them() {
              rank_pattern = { q_proj = 2 }\nalpha_pattern = { v_proj = 32.0 }",
         ),
         // Other families, every projection under the names peft gives them there.
-        ("qwen2_all", "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
-        ("gemma_all", "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
-        ("olmo2_all", "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
-        ("gemma2_all", "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
-        ("gemma3_all", "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
-        ("phi3_all", "rank = 4\nalpha = 8\ntarget = [\"qkv_proj\", \"o_proj\", \"gate_up_proj\", \"down_proj\"]"),
-        ("mistral_all", "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
-        ("qwen3_all", "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
-        ("granite_all", "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
-        ("mixtral_attention", "rank = 4\nalpha = 8\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"]"),
-        ("neox_all", "rank = 4\nalpha = 8\ntarget = [\"query_key_value\", \"dense\", \"mlp.*\"]"),
+        ("qwen2_all", "rank = 4\nalpha = 8\nrslora = true\nalpha_pattern = { down_proj = 16.0 }\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
+        ("gemma_all", "rank = 4\nalpha = 8\nrslora = true\nalpha_pattern = { down_proj = 16.0 }\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
+        ("olmo2_all", "rank = 4\nalpha = 8\nrslora = true\nalpha_pattern = { down_proj = 16.0 }\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
+        ("gemma2_all", "rank = 4\nalpha = 8\nrslora = true\nalpha_pattern = { down_proj = 16.0 }\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
+        ("gemma3_all", "rank = 4\nalpha = 8\nrslora = true\nalpha_pattern = { down_proj = 16.0 }\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
+        ("phi3_all", "rank = 4\nalpha = 8\nrslora = true\nalpha_pattern = { down_proj = 16.0 }\ntarget = [\"qkv_proj\", \"o_proj\", \"gate_up_proj\", \"down_proj\"]"),
+        ("mistral_all", "rank = 4\nalpha = 8\nrslora = true\nalpha_pattern = { down_proj = 16.0 }\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
+        ("qwen3_all", "rank = 4\nalpha = 8\nrslora = true\nalpha_pattern = { down_proj = 16.0 }\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
+        ("granite_all", "rank = 4\nalpha = 8\nrslora = true\nalpha_pattern = { down_proj = 16.0 }\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"mlp.*\"]"),
+        ("mixtral_attention", "rank = 4\nalpha = 8\nrslora = true\nalpha_pattern = { o_proj = 16.0 }\ntarget = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"]"),
+        ("neox_all", "rank = 4\nalpha = 8\nrslora = true\nalpha_pattern = { dense_4h_to_h = 16.0 }\ntarget = [\"query_key_value\", \"dense\", \"mlp.*\"]"),
     ] {
         let dir = workdir();
         let cwd = dir.path();

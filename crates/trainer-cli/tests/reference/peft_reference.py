@@ -91,20 +91,20 @@ ADAPTER_VARIANTS = {
                      rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 32}),
     "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
     # Other families: every projection, under the names peft gives them there.
-    "qwen2_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
-    "gemma_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
-    "olmo2_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
-    "gemma2_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
-    "gemma3_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
+    "qwen2_all": dict(r=4, lora_alpha=8, use_rslora=True, alpha_pattern={"down_proj": 16}, target_modules=ALL_PROJECTIONS),
+    "gemma_all": dict(r=4, lora_alpha=8, use_rslora=True, alpha_pattern={"down_proj": 16}, target_modules=ALL_PROJECTIONS),
+    "olmo2_all": dict(r=4, lora_alpha=8, use_rslora=True, alpha_pattern={"down_proj": 16}, target_modules=ALL_PROJECTIONS),
+    "gemma2_all": dict(r=4, lora_alpha=8, use_rslora=True, alpha_pattern={"down_proj": 16}, target_modules=ALL_PROJECTIONS),
+    "gemma3_all": dict(r=4, lora_alpha=8, use_rslora=True, alpha_pattern={"down_proj": 16}, target_modules=ALL_PROJECTIONS),
     # Phi-3's fused projections, as peft names them.
-    "phi3_all": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
-    "mistral_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
-    "qwen3_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
-    "granite_all": dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS),
+    "phi3_all": dict(r=4, lora_alpha=8, use_rslora=True, alpha_pattern={"down_proj": 16}, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    "mistral_all": dict(r=4, lora_alpha=8, use_rslora=True, alpha_pattern={"down_proj": 16}, target_modules=ALL_PROJECTIONS),
+    "qwen3_all": dict(r=4, lora_alpha=8, use_rslora=True, alpha_pattern={"down_proj": 16}, target_modules=ALL_PROJECTIONS),
+    "granite_all": dict(r=4, lora_alpha=8, use_rslora=True, alpha_pattern={"down_proj": 16}, target_modules=ALL_PROJECTIONS),
     # Mixtral: the attention projections (the experts are not Linear modules).
-    "mixtral_attention": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "mixtral_attention": dict(r=4, lora_alpha=8, use_rslora=True, alpha_pattern={"o_proj": 16}, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
     # GPT-NeoX's projections, as peft names them.
-    "neox_all": dict(r=4, lora_alpha=8,
+    "neox_all": dict(r=4, lora_alpha=8, use_rslora=True, alpha_pattern={"dense_4h_to_h": 16},
                      target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
 }
 
