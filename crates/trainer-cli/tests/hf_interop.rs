@@ -575,19 +575,35 @@ fn the_tokenizer_travels_with_the_model() {
         String::from_utf8_lossy(&out.stderr)
     );
     let init = format!("hf:{}", hf.display());
-    let name = write_recipe(cwd, "tok.toml", &tiny_recipe_from(&init, "runs/tok"));
-    trainer(
-        cwd,
-        &[
-            "run",
-            &name,
-            "--set",
-            "train.max_steps=1",
-            "--set",
-            "schedule.warmup_steps=0",
-        ],
-    )
-    .assert_success();
+    let bytes = tiny_recipe_from(&init, "runs/tok");
+    let steps = [
+        "--set",
+        "train.max_steps=1",
+        "--set",
+        "schedule.warmup_steps=0",
+    ];
+    // Byte-level data for a model with a tokenizer of its own is refused, naming both.
+    let name = write_recipe(cwd, "bytes.toml", &bytes);
+    let refused = trainer(cwd, &[&["run", name.as_str()][..], &steps[..]].concat());
+    refused.assert_one_error(&["data.train", "byte-level", "tokenizer.json"]);
+    assert!(
+        !cwd.join("runs/tok").exists(),
+        "a refused recipe writes nothing"
+    );
+    // The corpus as the tokenizer's ids trains.
+    py(&[
+        "encode",
+        hf.to_str().expect("utf-8"),
+        cwd.join(&data).to_str().expect("utf-8"),
+        cwd.join("tokens.bin").to_str().expect("utf-8"),
+    ]);
+    let tokens = replace_line(
+        &bytes,
+        "train = { kind = \"builtin\" }",
+        "train = { kind = \"tokens\", path = \"tokens.bin\" }",
+    );
+    let name = write_recipe(cwd, "tok.toml", &tokens);
+    trainer(cwd, &[&["run", name.as_str()][..], &steps[..]].concat()).assert_success();
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         assert_eq!(
             std::fs::read(cwd.join("runs/tok").join(f)).expect("kept in the run"),

@@ -11,6 +11,7 @@
     python hf_eval.py create llama_tok OUT_DIR   # + a BPE tokenizer.json trained on DATA_FOR_BPE
     python hf_eval.py logits_diff DIR_A DIR_B    # -> {"max_rel_diff": ...} on the same random ids
     python hf_eval.py greedy MODEL_DIR PROMPT N  # -> {"prompt_ids": [...], "ids": [...]}: N greedy tokens
+    python hf_eval.py encode MODEL_DIR TEXT OUT  # TEXT through MODEL_DIR/tokenizer.json -> uint16 ids
     python hf_eval.py same_tokenizer DIR_A DIR_B TEXT
         -> {"same": true/false}: AutoTokenizer.from_pretrained(DIR_B) tokenizes TEXT as DIR_A's
            tokenizer.json does
@@ -301,6 +302,11 @@ if __name__ == "__main__":
         out = evaluate(sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
         out["max_rel_diff"] = logits_diff(sys.argv[2], sys.argv[3])
         print(json.dumps(out))
+    elif sys.argv[1] == "encode":  # encode MODEL_DIR TEXT OUT: TEXT's ids as a uint16 token file
+        import numpy, tokenizers
+        tok = tokenizers.Tokenizer.from_file(os.path.join(sys.argv[2], "tokenizer.json"))
+        ids = tok.encode(open(sys.argv[3], encoding="utf-8").read(), add_special_tokens=False).ids
+        numpy.array(ids, dtype=numpy.uint16).tofile(sys.argv[4])
     elif sys.argv[1] == "field_sweep":
         field_sweep(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     elif sys.argv[1] == "same_tokenizer":

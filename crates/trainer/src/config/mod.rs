@@ -230,6 +230,7 @@ impl<'a> Source<'a> {
         let file_recipe: RecipeFile = self.deserialize()?;
         let recipe = resolve_model(file_recipe, &|k: &str| self.locate_key(k))?;
         recipe.validate().map_err(|inv| self.invalid(inv))?;
+        bytes_only_for_byte_models(&recipe).map_err(|inv| self.invalid(inv))?;
         Ok(recipe)
     }
 
@@ -237,6 +238,47 @@ impl<'a> Source<'a> {
         let recipe: ClassifyRecipe = self.deserialize()?;
         recipe.validate().map_err(|inv| self.invalid(inv))?;
         Ok(recipe)
+    }
+}
+
+/// Byte-level data (`builtin`, `text`) trains a model whose token ids are bytes. A model from
+/// `[init] from` that has a tokenizer of its own (a `tokenizer.json` beside it, or a Hugging
+/// Face vocabulary other than 256) would be trained on ids that mean something else to it,
+/// without a word: refused, naming the source.
+fn bytes_only_for_byte_models(recipe: &Recipe) -> std::result::Result<(), Invalid> {
+    let Some(init) = &recipe.init else {
+        return Ok(());
+    };
+    let Ok(source) = crate::load::ModelSource::parse(&init.from) else {
+        return Ok(()); // resolve_model has already reported it
+    };
+    let tokenizer = ["tokenizer.json", "tokenizer.model"]
+        .iter()
+        .map(|f| source.files_dir().join(f))
+        .find(|p| p.is_file());
+    let vocab = recipe.model.vocab_size();
+    let why = if let Some(tokenizer) = tokenizer {
+        format!("has its own tokenizer ({})", tokenizer.display())
+    } else if matches!(source, crate::load::ModelSource::Hf(_)) && vocab != 256 {
+        format!("has a vocabulary of {vocab} ids, not bytes")
+    } else {
+        return Ok(());
+    };
+    match recipe
+        .data
+        .sources()
+        .into_iter()
+        .find(|(_, src)| matches!(src, SourceConfig::Builtin {} | SourceConfig::Text { .. }))
+    {
+        Some((key, _)) => Err(Invalid {
+            key,
+            msg: format!(
+                "byte-level data (one token per byte), but the model in init.from {why}: \
+                 training it on bytes would be meaningless; give the data as that tokenizer's \
+                 ids ({{ kind = \"tokens\", path = ... }})"
+            ),
+        }),
+        None => Ok(()),
     }
 }
 
