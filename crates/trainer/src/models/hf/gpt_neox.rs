@@ -11,7 +11,7 @@
 //! `classifier_dropout` (the sequence-classification head's) and `fields::NO_EFFECT`.
 
 use super::fields::{Fields, Res};
-use super::llama::rope_dict;
+use super::llama::{rope_dict, scaling_json};
 use crate::models::config::{GptNeoxConfig, ModelConfig};
 use crate::models::transformer::TransformerConfig;
 use serde_json::{json, Map, Value};
@@ -60,20 +60,9 @@ pub fn read(f: &mut Fields) -> Res<ModelConfig> {
 
 pub fn write(c: &TransformerConfig) -> Map<String, Value> {
     let v = &c.variant;
-    let mut rope = match &v.rope_scaling {
-        None => Map::new(),
-        Some(s) => match serde_json::to_value(s) {
-            Ok(Value::Object(mut o)) => {
-                if let Some(t) = o.remove("type") {
-                    o.insert("rope_type".into(), t);
-                }
-                o
-            }
-            _ => Map::new(),
-        },
-    };
-    rope.entry("rope_type").or_insert_with(|| json!("default"));
+    let mut rope = scaling_json(c);
     rope.insert("rope_theta".into(), json!(c.rope_theta));
+    // GPT-NeoX's default share is 0.25: written even when it is 1.
     rope.insert(
         "partial_rotary_factor".into(),
         json!(v.partial_rotary_factor.unwrap_or(1.0)),

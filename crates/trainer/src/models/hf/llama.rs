@@ -241,7 +241,19 @@ fn read_scaling(r: &mut Fields, kind: &str, max_pos: i64) -> Res<Option<RopeScal
 
 /// `rope_theta` and `rope_parameters` as transformers 5 writes them, plus `rope_scaling` for
 /// transformers 4.x readers when the frequencies are scaled.
-pub fn rope_json(c: &TransformerConfig, m: &mut Map<String, Value>) {
+fn rope_json(c: &TransformerConfig, m: &mut Map<String, Value>) {
+    let mut params = scaling_json(c);
+    if c.variant.rope_scaling.is_some() {
+        m.insert("rope_scaling".into(), Value::Object(params.clone()));
+    }
+    params.insert("rope_theta".into(), json!(c.rope_theta));
+    m.insert("rope_theta".into(), json!(c.rope_theta));
+    m.insert("rope_parameters".into(), Value::Object(params));
+}
+
+/// The rope dict without its base: `rope_type` (and the scaling's fields as transformers names
+/// them), and `partial_rotary_factor` when part of each head rotates.
+pub fn scaling_json(c: &TransformerConfig) -> Map<String, Value> {
     let mut params = match &c.variant.rope_scaling {
         None => Map::new(),
         Some(s) => match serde_json::to_value(s) {
@@ -260,12 +272,7 @@ pub fn rope_json(c: &TransformerConfig, m: &mut Map<String, Value>) {
     if let Some(p) = c.variant.partial_rotary_factor {
         params.insert("partial_rotary_factor".into(), json!(p));
     }
-    if c.variant.rope_scaling.is_some() {
-        m.insert("rope_scaling".into(), Value::Object(params.clone()));
-    }
-    params.insert("rope_theta".into(), json!(c.rope_theta));
-    m.insert("rope_theta".into(), json!(c.rope_theta));
-    m.insert("rope_parameters".into(), Value::Object(params));
+    params
 }
 
 /// The config.json fields every Llama-style family shares.
