@@ -117,9 +117,8 @@ pub struct LlamaConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeConfig>,
     /// The Hugging Face architecture: its fixed differences from Llama and the config.json that
-    /// `trainer export` writes ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo2", "granite"; Mixtral is
-    /// llama +
-    /// moe).
+    /// `trainer export` writes ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
+    /// "olmo2", "granite", "phi3"; Mixtral is llama + moe).
     #[serde(default, skip_serializing_if = "is_default")]
     #[schemars(!skip_serializing_if)]
     pub family: DecoderFamily,
