@@ -241,3 +241,32 @@ fn an_edited_run_config_is_bounded_by_its_weights() {
         out.assert_one_error(&["config.toml", "parameters"]);
     }
 }
+
+/// A model whose weights cannot fit in the memory this machine has free is refused in one line
+/// before anything is allocated (here with the free memory stated through
+/// TRAINER_ASSUME_MEMORY_AVAILABLE), for evaluation and for training; TRAINER_NO_MEMORY_CHECK=1
+/// goes ahead anyway.
+#[test]
+fn a_model_larger_than_free_memory_is_refused_before_allocating() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, RECIPE, &tiny_recipe("run"));
+    trainer(w, &["run", RECIPE, "--set", "train.max_steps=2"]).assert_success();
+    std::fs::write(w.join("data.txt"), "some text to evaluate on, long enough ".repeat(20))
+        .expect("data");
+    let tiny_memory = [("TRAINER_ASSUME_MEMORY_AVAILABLE", "1000".to_string())];
+    let eval = ["eval", "--init", "run", "--data", "data.txt", "--seq-len", "8"];
+    spawn_env(w, &eval, &tiny_memory)
+        .wait(TIMEOUT)
+        .assert_one_error(&["parameters need", "GiB", "TRAINER_NO_MEMORY_CHECK=1"]);
+    let fresh = ["run", RECIPE, "--set", "run.out_dir=other"];
+    spawn_env(w, &fresh, &tiny_memory)
+        .wait(TIMEOUT)
+        .assert_one_error(&["parameters need"]);
+    assert!(!w.join("other").exists(), "a refused start writes nothing");
+    let brave = [
+        tiny_memory[0].clone(),
+        ("TRAINER_NO_MEMORY_CHECK", "1".to_string()),
+    ];
+    spawn_env(w, &eval, &brave).wait(TIMEOUT).assert_success();
+}

@@ -282,6 +282,7 @@ impl Lm {
     fn build(recipe: &Recipe, setup: &Setup) -> Result<(Lm, Init)> {
         tch::manual_seed(recipe.run.seed as i64);
         let cfg = TransformerConfig::from_recipe(&recipe.model);
+        crate::load::check_memory(&cfg, setup.device)?;
         let mut params = ParamStore::new(setup.device);
         let mut model = Transformer::new(&cfg, &mut params)?;
         let init = init_weights(recipe, &cfg, setup, &mut params, &model)?;
