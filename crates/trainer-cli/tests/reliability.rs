@@ -251,11 +251,22 @@ fn a_model_larger_than_free_memory_is_refused_before_allocating() {
     let work = workdir();
     let w = work.path();
     write_recipe(w, RECIPE, &tiny_recipe("run"));
-    trainer(w, &["run", RECIPE, "--set", "train.max_steps=2"]).assert_success();
-    std::fs::write(w.join("data.txt"), "some text to evaluate on, long enough ".repeat(20))
-        .expect("data");
+    trainer(w, &["run", RECIPE, "--set", "train.max_steps=5"]).assert_success();
+    std::fs::write(
+        w.join("data.txt"),
+        "some text to evaluate on, long enough ".repeat(20),
+    )
+    .expect("data");
     let tiny_memory = [("TRAINER_ASSUME_MEMORY_AVAILABLE", "1000".to_string())];
-    let eval = ["eval", "--init", "run", "--data", "data.txt", "--seq-len", "8"];
+    let eval = [
+        "eval",
+        "--init",
+        "run",
+        "--data",
+        "data.txt",
+        "--seq-len",
+        "8",
+    ];
     spawn_env(w, &eval, &tiny_memory)
         .wait(TIMEOUT)
         .assert_one_error(&["parameters need", "GiB", "TRAINER_NO_MEMORY_CHECK=1"]);
