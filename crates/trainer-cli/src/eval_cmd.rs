@@ -19,9 +19,10 @@ pub struct EvalArgs {
     /// How to read --data; default: tokens for .bin files, text otherwise.
     #[arg(long, value_enum)]
     data_kind: Option<DataKind>,
-    /// Width of the ids in a token file.
-    #[arg(long, value_enum, default_value = "uint16")]
-    dtype: DtypeArg,
+    /// Width of the ids in a token file (default: the one in the NAME.json summary that
+    /// `trainer tokenize` writes beside NAME.bin, else uint16).
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
     /// Tokenize a text file with this tokenizer.json (default: the one in the hf:
     /// directory, else bytes).
     #[arg(long)]
@@ -81,13 +82,17 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<ExitCode> {
         DataKind::Text
     });
     let cfg = match kind {
-        DataKind::Text => SourceConfig::Text { path: data.clone() },
+        DataKind::Text => SourceConfig::Text {
+            path: data.clone(),
+            tokenizer: None,
+        },
         DataKind::Tokens => SourceConfig::Tokens {
             path: data.clone(),
-            dtype: match args.dtype {
+            dtype: args.dtype.map(|d| match d {
                 DtypeArg::Uint16 => TokenDtype::Uint16,
                 DtypeArg::Uint32 => TokenDtype::Uint32,
-            },
+            }),
+            index: None,
         },
     };
     anyhow::ensure!(
@@ -98,7 +103,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<ExitCode> {
     let tokenizer = pick_tokenizer(args.tokenizer.as_deref(), &source)?;
     let vocab = loaded.config.vocab_size;
     let tokens = match (&cfg, &tokenizer) {
-        (SourceConfig::Text { path }, Tokenizer::Hf(_)) => {
+        (SourceConfig::Text { path, .. }, Tokenizer::Hf(_)) => {
             trainer::data::source::open_tokenized(path, &tokenizer, "--data", vocab)?
         }
         _ => trainer::data::source::open(&cfg, "--data", vocab)?,

@@ -18,6 +18,7 @@ mod slurm_cmd;
 mod soup_cmd;
 mod sweep_cmd;
 mod sweep_slurm_cmd;
+mod tokenize_cmd;
 mod validate_cmd;
 mod verify_cmd;
 
@@ -105,6 +106,9 @@ enum Command {
         /// A run directory (every complete checkpoint) or a checkpoint directory.
         target: std::path::PathBuf,
     },
+    /// Tokenize text or JSONL files (or directories of them) into a token file, its document
+    /// index and a summary, for `{ kind = "tokens", path }` sources.
+    Tokenize(tokenize_cmd::TokenizeArgs),
     /// Print what this binary sees: libtorch version, CUDA devices, threads.
     Info,
 }
@@ -223,6 +227,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Keys(args) => keys_cmd::run(&args),
         Command::Verify { target } => verify_cmd::run(&target),
+        Command::Tokenize(args) => tokenize_cmd::run(args).map(|()| ExitCode::SUCCESS),
         Command::Info => {
             info();
             Ok(ExitCode::SUCCESS)

@@ -4,7 +4,7 @@
 //! depth pruning, `trainer::prune::structured`).
 
 use std::path::PathBuf;
-use trainer::config::{SourceConfig, TokenDtype};
+use trainer::config::SourceConfig;
 use trainer::prune::wanda::Sparsity;
 use trainer::prune::PruneScope;
 use trainer::train::prune::{self as oneshot, Method, OneShot};
@@ -92,10 +92,14 @@ pub fn run(args: &PruneArgs) -> anyhow::Result<()> {
         if path.extension().is_some_and(|e| e == "bin") {
             SourceConfig::Tokens {
                 path: path.clone(),
-                dtype: TokenDtype::Uint16,
+                dtype: None,
+                index: None,
             }
         } else {
-            SourceConfig::Text { path: path.clone() }
+            SourceConfig::Text {
+                path: path.clone(),
+                tokenizer: None,
+            }
         }
     });
     let opts = OneShot {

@@ -268,14 +268,15 @@ fn bytes_only_for_byte_models(recipe: &Recipe) -> std::result::Result<(), Invali
         .data
         .sources()
         .into_iter()
-        .find(|(_, src)| matches!(src, SourceConfig::Builtin {} | SourceConfig::Text { .. }))
+        .find(|(_, src)| src.is_bytes())
     {
         Some((key, _)) => Err(Invalid {
             key,
             msg: format!(
                 "byte-level data (one token per byte), but the model in init.from {why}: \
-                 training it on bytes would be meaningless; give the data as that tokenizer's \
-                 ids ({{ kind = \"tokens\", path = ... }})"
+                 training it on bytes would be meaningless; name the tokenizer (tokenizer = ...) \
+                 or give the data as its ids ({{ kind = \"tokens\", path = ... }}, made by \
+                 trainer tokenize)"
             ),
         }),
         None => Ok(()),

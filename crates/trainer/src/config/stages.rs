@@ -23,7 +23,7 @@
 //! back to back: stage k runs from the end of stage k-1 (its first step, `start`) for `steps`
 //! steps; `train.max_steps`, when given, must equal their sum.
 
-use super::{InitLoad, Override, Recipe, SourceConfig};
+use super::{InitLoad, Override, Recipe};
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -349,9 +349,9 @@ fn check_stage(
 /// The first file-backed data source of `recipe` whose file is missing: (key, path).
 fn check_files(recipe: &Recipe) -> std::result::Result<(), (String, std::path::PathBuf)> {
     for (key, src) in recipe.data.sources() {
-        if let SourceConfig::Text { path } | SourceConfig::Tokens { path, .. } = src {
+        if let Some(path) = src.path() {
             if !path.is_file() {
-                return Err((key, path.clone()));
+                return Err((key, path.to_path_buf()));
             }
         }
     }

@@ -58,10 +58,12 @@ pub struct MixtureSource {
 }
 
 impl SourceConfig {
-    fn path(&self) -> Option<&std::path::Path> {
+    pub fn path(&self) -> Option<&std::path::Path> {
         match self {
             SourceConfig::Builtin {} => None,
-            SourceConfig::Text { path } | SourceConfig::Tokens { path, .. } => Some(path),
+            SourceConfig::Text { path, .. }
+            | SourceConfig::Tokens { path, .. }
+            | SourceConfig::Jsonl { path, .. } => Some(path),
         }
     }
 }
@@ -100,19 +102,59 @@ fn default_valid_fraction() -> f64 {
 pub enum SourceConfig {
     /// The corpus that ships inside the binary (Alice's Adventures in Wonderland), byte-level.
     Builtin {},
-    /// A UTF-8 text file, tokenised to bytes (vocab 256).
+    /// A UTF-8 text file: one token per byte (vocab 256), or its ids under `tokenizer`.
     Text {
         /// The text file.
         path: PathBuf,
+        /// A tokenizer.json (or a directory holding one) that turns the text into ids (the
+        /// whole file one document, no special tokens); absent: bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tokenizer: Option<PathBuf>,
     },
-    /// A flat little-endian array of token ids (nanoGPT's `.bin`), memory-mapped.
+    /// A flat little-endian array of token ids (nanoGPT's `.bin`, or `trainer tokenize`'s
+    /// output), memory-mapped.
     Tokens {
         /// The token file.
         path: PathBuf,
-        /// Width of each token id in the file.
-        #[serde(default)]
-        dtype: TokenDtype,
+        /// Width of each token id in the file. Absent: the dtype in the `NAME.json` summary that
+        /// `trainer tokenize` writes beside `NAME.bin`, else uint16.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dtype: Option<TokenDtype>,
+        /// The document index (`trainer tokenize`'s `NAME.idx`: little-endian u64 document
+        /// starts, then the total). Absent: the one its summary names, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        index: Option<PathBuf>,
     },
+    /// A JSONL file tokenized when the run starts (small sets; `trainer tokenize` for large
+    /// ones): one document per record, the EOS of the tokenizer's tokenizer_config.json after
+    /// each.
+    Jsonl {
+        /// The JSONL file.
+        path: PathBuf,
+        /// The field that holds each record's text.
+        #[serde(default = "default_text_field")]
+        field: String,
+        /// A tokenizer.json (or a directory holding one); absent: bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tokenizer: Option<PathBuf>,
+    },
+}
+
+fn default_text_field() -> String {
+    "text".into()
+}
+
+impl SourceConfig {
+    /// Ids one per byte: the built-in corpus, and text or JSONL without a tokenizer.
+    pub fn is_bytes(&self) -> bool {
+        match self {
+            SourceConfig::Builtin {} => true,
+            SourceConfig::Text { tokenizer, .. } | SourceConfig::Jsonl { tokenizer, .. } => {
+                tokenizer.is_none()
+            }
+            SourceConfig::Tokens { .. } => false,
+        }
+    }
 }
 
 #[derive(
@@ -158,7 +200,7 @@ impl DataConfig {
         )?;
         let sources = self.named_sources()?;
         for (key, src) in sources {
-            if let SourceConfig::Builtin {} | SourceConfig::Text { .. } = src {
+            if src.is_bytes() {
                 check(
                     vocab_size >= 256,
                     "model.vocab_size",

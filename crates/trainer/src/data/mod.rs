@@ -1,16 +1,21 @@
-//! Data: token sources (token files, text, the built-in corpus) and their batches; image
+//! Data: token sources (token files, text, the built-in corpus) and their batches; corpora
+//! tokenized into token files (`corpus`, `tokenize`, `token_file`); image
 //! datasets (CIFAR, folders, the built-in generated set) and their augmented batches; how much
 //! each sequence of a batch counts in the loss (`reweight`).
 //!
 //! `config` holds `[data]` of both tasks (`DataConfig`, `ImageDataConfig`) and its checks.
 //! Imports: `models/` (the per-token loss that `reweight` weighs), `validate`, `error`.
 
+pub mod chat;
 pub mod config;
+pub mod corpus;
 pub mod images;
 pub mod loader;
 pub mod mixture;
 pub mod reweight;
 pub mod source;
+pub mod token_file;
+pub mod tokenize;
 pub mod tokenizer;
 
 pub use config::{

@@ -28,6 +28,9 @@ pub struct TokenData {
     storage: Storage,
     /// Where it came from, for messages.
     pub name: String,
+    /// Where each document starts, then the total, when the source knows its documents (a
+    /// token file with an index, a JSONL source).
+    pub documents: Option<Vec<u64>>,
 }
 
 impl TokenData {
@@ -48,6 +51,7 @@ impl TokenData {
         Arc::new(TokenData {
             storage: Storage::Bytes(bytes),
             name: name.to_string(),
+            documents: None,
         })
     }
 
@@ -126,6 +130,14 @@ pub fn open_tokenized(
     key: &str,
     vocab_size: i64,
 ) -> Result<Arc<TokenData>> {
+    checked(tokenized_text(path, tokenizer, key)?, key, vocab_size)
+}
+
+fn tokenized_text(
+    path: &Path,
+    tokenizer: &super::tokenizer::Tokenizer,
+    key: &str,
+) -> Result<TokenData> {
     let bytes = read_file(path, key)?;
     let text = String::from_utf8(bytes).map_err(|e| Error::Data {
         path: format!("{key} = {}", path.display()),
@@ -136,10 +148,51 @@ pub fn open_tokenized(
         .into_iter()
         .map(|i| i as u32)
         .collect();
-    let data = TokenData {
+    Ok(TokenData {
         storage: Storage::Ids(ids),
         name: path.display().to_string(),
+        documents: None,
+    })
+}
+
+/// Opens a source and checks it against the model: not missing, not empty, a whole number of
+/// tokens, every id below `vocab_size`. `key` names the recipe key in messages (`data.train`).
+pub fn open(cfg: &SourceConfig, key: &str, vocab_size: i64) -> Result<Arc<TokenData>> {
+    let data = match cfg {
+        SourceConfig::Builtin {} => TokenData {
+            storage: Storage::Bytes(BUILTIN_CORPUS.to_vec()),
+            name: "builtin:wonderland".to_string(),
+            documents: None,
+        },
+        SourceConfig::Text {
+            path,
+            tokenizer: None,
+        } => TokenData {
+            storage: Storage::Bytes(read_file(path, key)?),
+            name: path.display().to_string(),
+            documents: None,
+        },
+        SourceConfig::Text {
+            path,
+            tokenizer: Some(t),
+        } => {
+            let tokenizer = super::tokenizer::Tokenizer::from_arg(&t.display().to_string())?;
+            tokenized_text(path, &tokenizer, key)?
+        }
+        SourceConfig::Tokens { path, dtype, index } => {
+            open_tokens(path, *dtype, index.as_deref(), key)?
+        }
+        SourceConfig::Jsonl {
+            path,
+            field,
+            tokenizer,
+        } => open_jsonl(path, field, tokenizer.as_deref(), key)?,
     };
+    checked(data, key, vocab_size)
+}
+
+/// Not empty, every id below `vocab_size`.
+fn checked(data: TokenData, key: &str, vocab_size: i64) -> Result<Arc<TokenData>> {
     let err = |msg: String| Error::Data {
         path: format!("{key} = {}", data.name),
         msg,
@@ -150,43 +203,31 @@ pub fn open_tokenized(
     let max = data.max_id();
     if max >= vocab_size {
         return Err(err(format!(
-            "tokenizes to id {max} but model.vocab_size is {vocab_size}"
+            "holds token id {max} but model.vocab_size is {vocab_size} (ids must be < vocab_size)"
         )));
     }
     Ok(Arc::new(data))
 }
 
-/// Opens a source and checks it against the model: not missing, not empty, a whole number of
-/// tokens, every id below `vocab_size`. `key` names the recipe key in messages (`data.train`).
-pub fn open(cfg: &SourceConfig, key: &str, vocab_size: i64) -> Result<Arc<TokenData>> {
-    let data = match cfg {
-        SourceConfig::Builtin {} => TokenData {
-            storage: Storage::Bytes(BUILTIN_CORPUS.to_vec()),
-            name: "builtin:wonderland".to_string(),
-        },
-        SourceConfig::Text { path } => {
-            let bytes = read_file(path, key)?;
-            TokenData {
-                storage: Storage::Bytes(bytes),
-                name: path.display().to_string(),
-            }
-        }
-        SourceConfig::Tokens { path, dtype } => open_tokens(path, *dtype, key)?,
+fn open_jsonl(path: &Path, field: &str, tokenizer: Option<&Path>, key: &str) -> Result<TokenData> {
+    let spec = super::corpus::CorpusSpec {
+        inputs: vec![path.to_path_buf()],
+        format: Some(super::corpus::FileFormat::Jsonl),
+        field: field.to_string(),
+        text_docs: super::corpus::TextDocs::File,
+        skip_bad_records: false,
     };
-    let err = |msg: String| Error::Data {
-        path: format!("{key} = {}", data.name),
-        msg,
-    };
-    if data.is_empty() {
-        return Err(err("is empty".to_string()));
-    }
-    let max = data.max_id();
-    if max >= vocab_size {
-        return Err(err(format!(
-            "holds token id {max} but model.vocab_size is {vocab_size} (ids must be < vocab_size)"
-        )));
-    }
-    Ok(Arc::new(data))
+    let tokenizer = tokenizer.map_or("bytes".to_string(), |t| t.display().to_string());
+    let (ids, starts) =
+        super::tokenize::tokenize_in_memory(spec, &tokenizer).map_err(|e| Error::Data {
+            path: key.to_string(),
+            msg: e.to_string(),
+        })?;
+    Ok(TokenData {
+        storage: Storage::Ids(ids),
+        name: path.display().to_string(),
+        documents: Some(starts),
+    })
 }
 
 fn read_file(path: &Path, key: &str) -> Result<Vec<u8>> {
@@ -196,11 +237,29 @@ fn read_file(path: &Path, key: &str) -> Result<Vec<u8>> {
     })
 }
 
-fn open_tokens(path: &Path, dtype: TokenDtype, key: &str) -> Result<TokenData> {
+fn open_tokens(
+    path: &Path,
+    dtype: Option<TokenDtype>,
+    index: Option<&Path>,
+    key: &str,
+) -> Result<TokenData> {
     let name = path.display().to_string();
     let err = |msg: String| Error::Data {
         path: format!("{key} = {name}"),
         msg,
+    };
+    let info = super::token_file::TokenFileInfo::read_beside(path)?;
+    let dtype = match (dtype, &info) {
+        (Some(given), Some(info)) if given != info.dtype => {
+            return Err(err(format!(
+                "{key}.dtype is {} but the file's summary says {}; drop dtype or fix it",
+                given.as_str(),
+                info.dtype.as_str()
+            )))
+        }
+        (Some(given), _) => given,
+        (None, Some(info)) => info.dtype,
+        (None, None) => TokenDtype::Uint16,
     };
     let file = std::fs::File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
     let meta = file
@@ -221,6 +280,28 @@ fn open_tokens(path: &Path, dtype: TokenDtype, key: &str) -> Result<TokenData> {
     if meta.len() == 0 {
         return Err(err("is empty".to_string()));
     }
+    let tokens = meta.len() / width;
+    if let Some(info) = &info {
+        if info.tokens != tokens {
+            return Err(err(format!(
+                "holds {tokens} tokens but its summary says {}: replaced or truncated since \
+                 trainer tokenize wrote it",
+                info.tokens
+            )));
+        }
+    }
+    let index_path = match (index, &info) {
+        (Some(p), _) => Some(p.to_path_buf()),
+        (None, Some(info)) => Some(path.with_file_name(&info.index)),
+        (None, None) => None,
+    };
+    let documents = index_path
+        .map(|p| super::token_file::read_index(&p, tokens))
+        .transpose()
+        .map_err(|e| Error::Data {
+            path: format!("{key}.index"),
+            msg: e.to_string(),
+        })?;
     // SAFETY: the file is opened read-only; the trainer never writes to its data files. A file
     // truncated by another process while mapped would fault, as with any mmap reader (nanoGPT's
     // np.memmap included).
@@ -228,6 +309,7 @@ fn open_tokens(path: &Path, dtype: TokenDtype, key: &str) -> Result<TokenData> {
     Ok(TokenData {
         storage: Storage::Mapped { map, dtype },
         name,
+        documents,
     })
 }
 

@@ -33,6 +33,54 @@ impl Tokenizer {
         }
     }
 
+    /// `bytes` (one token per byte), a `tokenizer.json` file, or a directory holding one (a
+    /// Hugging Face checkpoint).
+    pub fn from_arg(arg: &str) -> Result<Tokenizer> {
+        let path = Path::new(arg);
+        if arg == "bytes" {
+            return Ok(Tokenizer::Bytes);
+        }
+        if path.is_dir() {
+            let file = path.join("tokenizer.json");
+            if !file.is_file() {
+                return Err(Error::Data {
+                    path: arg.to_string(),
+                    msg: "is a directory without a tokenizer.json".into(),
+                });
+            }
+            return Tokenizer::from_file(&file);
+        }
+        Tokenizer::from_file(path)
+    }
+
+    /// The number of token ids, added tokens included (256 for bytes).
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Tokenizer::Bytes => 256,
+            Tokenizer::Hf(t) => t.get_vocab_size(true),
+        }
+    }
+
+    /// The id of a token spelled exactly `token` (an added or regular token), if there is one.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::Hf(t) => t.token_to_id(token),
+        }
+    }
+
+    /// Token ids of `text` without special tokens, as `u32` (the corpus path: no offsets are
+    /// tracked, which is what makes `encode_fast` fast; the ids are those of `encode`).
+    pub fn encode_corpus(&self, text: &str) -> std::result::Result<Vec<u32>, String> {
+        match self {
+            Tokenizer::Bytes => Ok(text.bytes().map(u32::from).collect()),
+            Tokenizer::Hf(t) => t
+                .encode_fast(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| crate::error::first_line(&e.to_string())),
+        }
+    }
+
     pub fn describe(&self) -> &'static str {
         match self {
             Tokenizer::Bytes => "bytes",
