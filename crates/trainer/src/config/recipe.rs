@@ -372,7 +372,21 @@ impl Recipe {
     }
 
     fn validate_data(&self) -> Result<(), Invalid> {
-        self.data.validate(self.model.vocab_size())
+        self.data.validate(self.model.vocab_size())?;
+        if self.data.is_samples() && self.data.packing() {
+            // These paths run the model without the packed samples' attention masks.
+            check(
+                self.distill.is_none(),
+                "data.packing",
+                "packed chat/instruction samples cannot be distilled yet; set data.packing = false",
+            )?;
+            check(
+                self.train.reweight.is_none(),
+                "data.packing",
+                "train.reweight weighs rows, and a packed row holds several samples; set data.packing = false",
+            )?;
+        }
+        Ok(())
     }
 
     fn validate_optim(&self) -> Result<(), Invalid> {

@@ -26,7 +26,8 @@ pub type Message = serde_json::Value;
 
 pub struct ChatTemplate {
     env: Environment<'static>,
-    /// The special tokens of tokenizer_config.json, passed as template variables.
+    /// Template variables: the special tokens of tokenizer_config.json, and any given with
+    /// `with_variables` (as extra keyword arguments of `apply_chat_template`).
     special: serde_json::Map<String, serde_json::Value>,
     /// Where the template came from, for messages.
     pub origin: String,
@@ -120,6 +121,13 @@ impl ChatTemplate {
         })
     }
 
+    /// Adds template variables (transformers passes extra keyword arguments of
+    /// `apply_chat_template` the same way, e.g. Llama 3's `date_string`).
+    pub fn with_variables(mut self, vars: serde_json::Map<String, serde_json::Value>) -> Self {
+        self.special.extend(vars);
+        self
+    }
+
     /// The conversation as text, as `apply_chat_template(messages, tokenize=False,
     /// add_generation_prompt=...)` renders it.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
@@ -178,14 +186,18 @@ impl ChatTemplate {
     }
 }
 
-/// A parse or render error on one line, with the template line when minijinja knows it.
+/// A parse or render error on one line: what went wrong (a `raise_exception` message as it was
+/// raised), and the template line when minijinja knows it.
 fn one_line_error(e: &minijinja::Error) -> String {
-    let mut msg = e.to_string();
-    if let Some(line) = e.line() {
-        if !msg.contains("line") {
-            msg = format!("{msg} (template line {line})");
-        }
-    }
+    let msg = match e.detail() {
+        Some(detail) if e.kind() == ErrorKind::InvalidOperation => detail.to_string(),
+        Some(detail) => format!("{}: {detail}", e.kind()),
+        None => e.kind().to_string(),
+    };
+    let msg = match e.line() {
+        Some(line) => format!("{msg} (template line {line})"),
+        None => msg,
+    };
     crate::error::one_line(&msg)
 }
 

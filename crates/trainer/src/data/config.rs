@@ -36,6 +36,11 @@ pub struct DataConfig {
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     #[schemars(!skip_serializing_if)]
     pub valid_sets: std::collections::BTreeMap<String, SourceConfig>,
+    /// Chat and instruction sources: several samples per row, each attending only to itself
+    /// with positions restarting at 0 (true), or one sample per row padded to seq_len (false).
+    /// Default: true. Refused for other sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packing: Option<bool>,
 }
 
 /// `[data.mixture]`: `[[data.mixture.sources]]` tables, each `name`, `weight`, `source`.
@@ -63,7 +68,9 @@ impl SourceConfig {
             SourceConfig::Builtin {} => None,
             SourceConfig::Text { path, .. }
             | SourceConfig::Tokens { path, .. }
-            | SourceConfig::Jsonl { path, .. } => Some(path),
+            | SourceConfig::Jsonl { path, .. }
+            | SourceConfig::Chat { path, .. }
+            | SourceConfig::Instruction { path, .. } => Some(path),
         }
     }
 }
@@ -138,6 +145,55 @@ pub enum SourceConfig {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tokenizer: Option<PathBuf>,
     },
+    /// Chat fine-tuning data: JSONL records with a list of `{role, content}` messages (roles
+    /// system, user, assistant, tool), rendered through the chat template; the loss trains on
+    /// the assistant turns. Rows hold whole samples (`data.packing`).
+    Chat {
+        /// The JSONL file.
+        path: PathBuf,
+        /// A tokenizer.json or a directory holding one (a Hugging Face checkpoint); its
+        /// tokenizer_config.json (or chat_template.jinja) gives the template and special tokens.
+        tokenizer: PathBuf,
+        /// A Jinja chat template file instead of the tokenizer's own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        template: Option<PathBuf>,
+        /// The field that holds each record's messages.
+        #[serde(default = "default_messages_field")]
+        messages_field: String,
+        /// Train on every token (system and user turns too), not only the assistant turns.
+        #[serde(default)]
+        train_on_prompt: bool,
+    },
+    /// Instruction data: JSONL records with a prompt and a response, rendered through the chat
+    /// template as a user turn and an assistant turn; the loss trains on the response.
+    Instruction {
+        /// The JSONL file.
+        path: PathBuf,
+        /// A tokenizer.json or a directory holding one (see `chat`).
+        tokenizer: PathBuf,
+        /// A Jinja chat template file instead of the tokenizer's own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        template: Option<PathBuf>,
+        /// The field that holds the prompt.
+        #[serde(default = "default_prompt_field")]
+        prompt_field: String,
+        /// The field that holds the response.
+        #[serde(default = "default_response_field")]
+        response_field: String,
+        /// Train on the prompt's tokens too.
+        #[serde(default)]
+        train_on_prompt: bool,
+    },
+}
+
+fn default_messages_field() -> String {
+    "messages".into()
+}
+fn default_prompt_field() -> String {
+    "prompt".into()
+}
+fn default_response_field() -> String {
+    "response".into()
 }
 
 fn default_text_field() -> String {
@@ -152,8 +208,18 @@ impl SourceConfig {
             SourceConfig::Text { tokenizer, .. } | SourceConfig::Jsonl { tokenizer, .. } => {
                 tokenizer.is_none()
             }
-            SourceConfig::Tokens { .. } => false,
+            SourceConfig::Tokens { .. }
+            | SourceConfig::Chat { .. }
+            | SourceConfig::Instruction { .. } => false,
         }
+    }
+
+    /// Whole samples (chat, instruction) rather than a stream of tokens.
+    pub fn is_samples(&self) -> bool {
+        matches!(
+            self,
+            SourceConfig::Chat { .. } | SourceConfig::Instruction { .. }
+        )
     }
 }
 
@@ -199,6 +265,7 @@ impl DataConfig {
             format!("expected a fraction in (0, 1), got {}", d.valid_fraction),
         )?;
         let sources = self.named_sources()?;
+        self.check_samples(&sources)?;
         for (key, src) in sources {
             if src.is_bytes() {
                 check(
@@ -211,6 +278,51 @@ impl DataConfig {
             }
         }
         Ok(())
+    }
+
+    /// Chat and instruction sources train alone (no mixture); their validation sets are samples
+    /// too; `packing` only with them.
+    fn check_samples(&self, sources: &[(String, &SourceConfig)]) -> Result<(), Invalid> {
+        let train_samples = self.train.as_ref().is_some_and(|t| t.is_samples());
+        if let Some(m) = &self.mixture {
+            if let Some(i) = m.sources.iter().position(|s| s.source.is_samples()) {
+                return Err(Invalid {
+                    key: format!("data.mixture.sources[{i}].source"),
+                    msg: "chat and instruction sources cannot be mixed (give it as data.train)"
+                        .into(),
+                });
+            }
+        }
+        for (key, src) in sources {
+            if key != "data.train" && src.is_samples() != train_samples {
+                return Err(Invalid {
+                    key: key.clone(),
+                    msg: if train_samples {
+                        "data.train is chat or instruction samples; validation sets must be too"
+                            .into()
+                    } else {
+                        "a chat or instruction validation set needs chat or instruction \
+                         training data"
+                            .into()
+                    },
+                });
+            }
+        }
+        check(
+            self.packing.is_none() || train_samples,
+            "data.packing",
+            "applies to chat and instruction sources only",
+        )
+    }
+
+    /// Chat and instruction sources: several samples per row (the default) or one.
+    pub fn packing(&self) -> bool {
+        self.packing.unwrap_or(true)
+    }
+
+    /// Whether the training data is chat or instruction samples.
+    pub fn is_samples(&self) -> bool {
+        self.train.as_ref().is_some_and(|t| t.is_samples())
     }
 
     /// Every source with its key path, checked: one of train or mixture, names valid and unique,

@@ -4,7 +4,6 @@
 //! Data order is a pure function of (seed, step, micro-batch, rank): a resumed run at step k draws
 //! exactly the windows the uninterrupted run drew at step k, without saving any RNG state.
 
-use super::mixture::Mixture;
 use super::source::Span;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -12,12 +11,16 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::thread::JoinHandle;
 use tch::{Kind, Tensor};
 
-/// Inputs and next-token targets, both `[b, t]` int64 on the CPU.
+/// Inputs and next-token targets (-100: not a target), both `[b, t]` int64 on the CPU.
 pub struct Batch {
     pub step: i64,
     pub micro: i64,
     pub inputs: Tensor,
     pub targets: Tensor,
+    /// Packed samples (`sft.rs`): each position's sample in its row and its position in the
+    /// sample, `[b, t]`; `None` for plain windows (one causal sequence per row).
+    pub segments: Option<Tensor>,
+    pub positions: Option<Tensor>,
 }
 
 /// Mixes (seed, step, micro, rank) into one 64-bit RNG seed (SplitMix64 finaliser on each part),
@@ -96,37 +99,33 @@ fn to_batch(tokens: Vec<i64>, batch_size: usize, window: usize, step: i64, micro
         micro,
         inputs: all.narrow(1, 0, t).contiguous(),
         targets: all.narrow(1, 1, t).to_kind(Kind::Int64).contiguous(),
+        segments: None,
+        positions: None,
     }
 }
 
-/// Prepares training batches for steps `first_step..` on a background thread, `depth` batches
-/// ahead. Dropping it stops the thread.
+/// Prepares training batches for steps `first_step..=last_step` on a background thread, `depth`
+/// batches ahead; `batch_of(step, micro)` makes each. Dropping it stops the thread.
 pub struct Prefetcher {
     rx: Option<Receiver<Batch>>,
     handle: Option<JoinHandle<()>>,
 }
 
 impl Prefetcher {
-    /// `data`: a span, or a mixture of several.
     pub fn start(
-        data: impl Into<Mixture>,
-        seq_len: usize,
-        batch_size: usize,
+        batch_of: impl Fn(i64, i64) -> Batch + Send + 'static,
         grad_accum: i64,
-        seed: u64,
         first_step: i64,
         last_step: i64,
         depth: usize,
     ) -> Prefetcher {
-        let data: Mixture = data.into();
         let (tx, rx) = sync_channel(depth.max(1));
         let handle = std::thread::Builder::new()
             .name("data-prefetch".into())
             .spawn(move || {
                 for step in first_step..=last_step {
                     for micro in 0..grad_accum {
-                        let batch = data.batch(seq_len, batch_size, seed, step, micro);
-                        if tx.send(batch).is_err() {
+                        if tx.send(batch_of(step, micro)).is_err() {
                             return; // the trainer stopped
                         }
                     }
@@ -215,7 +214,14 @@ mod tests {
     #[test]
     fn prefetcher_yields_the_same_batches_as_direct_sampling() {
         let span = builtin();
-        let p = Prefetcher::start(span.clone(), 8, 2, 2, 5, 3, 4, 2);
+        let rows = span.clone();
+        let p = Prefetcher::start(
+            move |step, micro| train_batch(&rows, 8, 2, 5, step, micro),
+            2,
+            3,
+            4,
+            2,
+        );
         for step in 3..=4 {
             for micro in 0..2 {
                 let got = p.next().expect("batch");

@@ -13,6 +13,8 @@ pub mod images;
 pub mod loader;
 pub mod mixture;
 pub mod reweight;
+pub mod rows;
+pub mod sft;
 pub mod source;
 pub mod token_file;
 pub mod tokenize;

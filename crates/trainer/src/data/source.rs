@@ -187,6 +187,14 @@ pub fn open(cfg: &SourceConfig, key: &str, vocab_size: i64) -> Result<Arc<TokenD
             field,
             tokenizer,
         } => open_jsonl(path, field, tokenizer.as_deref(), key)?,
+        SourceConfig::Chat { .. } | SourceConfig::Instruction { .. } => {
+            return Err(Error::Data {
+                path: key.to_string(),
+                msg: "chat and instruction samples are read as whole samples (data.train), not \
+                      as a stream of tokens"
+                    .into(),
+            })
+        }
     };
     checked(data, key, vocab_size)
 }

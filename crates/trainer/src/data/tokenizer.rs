@@ -81,6 +81,24 @@ impl Tokenizer {
         }
     }
 
+    /// Token ids of `text` without special tokens added (those spelled in the text, as a chat
+    /// template writes them, are recognised), with each token's byte range in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        match self {
+            Tokenizer::Bytes => Ok((
+                text.bytes().map(u32::from).collect(),
+                (0..text.len()).map(|i| (i, i + 1)).collect(),
+            )),
+            Tokenizer::Hf(t) => t
+                .encode(text, false)
+                .map(|e| (e.get_ids().to_vec(), e.get_offsets().to_vec()))
+                .map_err(|e| Error::Data {
+                    path: "tokenizer.json".into(),
+                    msg: crate::error::first_line(&e.to_string()),
+                }),
+        }
+    }
+
     pub fn describe(&self) -> &'static str {
         match self {
             Tokenizer::Bytes => "bytes",

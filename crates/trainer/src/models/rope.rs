@@ -227,7 +227,7 @@ pub fn rope_tables(
 /// (`[t, r]`, r < hd: partial rotary) rotate the first r dimensions and pass the rest through,
 /// as transformers' `apply_rotary_pos_emb` does.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    let (hd, r) = (x.size()[3], cos.size()[1]);
+    let (hd, r) = (x.size()[3], *cos.size().last().expect("a table of angles"));
     if r < hd {
         let rotated = apply_rope(&x.narrow(3, 0, r), cos, sin);
         return Tensor::cat(&[rotated, x.narrow(3, r, hd - r)], 3);

@@ -807,7 +807,17 @@ impl Transformer {
 
     /// Logits and, for MoE models, the routers' losses and statistics of every layer.
     pub fn forward_full(&self, idx: &Tensor, train: bool) -> ModelOutput {
-        let out = self.forward_hidden(idx, train, &[]);
+        self.forward_full_packed(idx, train, None)
+    }
+
+    /// `forward_full` with several samples packed in each row (see `Packing`).
+    pub fn forward_full_packed(
+        &self,
+        idx: &Tensor,
+        train: bool,
+        packing: Option<&Packing>,
+    ) -> ModelOutput {
+        let out = self.forward_hidden_packed(idx, train, &[], packing);
         ModelOutput {
             logits: self.lm_head(&out.hidden),
             moe_layers: out.moe_layers,
@@ -834,6 +844,18 @@ impl Transformer {
     /// residual stream after each block listed in `keep_layers` (`i`: after `i` blocks, 0: the
     /// embeddings; the order of `keep_layers`), and the MoE layers' statistics.
     pub fn forward_hidden(&self, idx: &Tensor, train: bool, keep_layers: &[i64]) -> HiddenOutput {
+        self.forward_hidden_packed(idx, train, keep_layers, None)
+    }
+
+    /// `forward_hidden`; with `packing`, each position attends only to earlier positions of its
+    /// own sample, and positions (RoPE, learned) restart at each sample.
+    pub fn forward_hidden_packed(
+        &self,
+        idx: &Tensor,
+        train: bool,
+        keep_layers: &[i64],
+        packing: Option<&Packing>,
+    ) -> HiddenOutput {
         let c = &self.config;
         let mut kept: Vec<(i64, Tensor)> = Vec::new();
         let mut keep = |i: i64, x: &Tensor| {
@@ -855,7 +877,15 @@ impl Transformer {
             x = x * scale;
         }
         if let Some(pos) = &self.positions {
-            x = x + pos.narrow(0, 0, t); // learned positions [t, d]
+            x = match packing {
+                // [b * t] -> [b, t, d]
+                Some(p) => {
+                    x + pos
+                        .index_select(0, &p.positions.reshape([-1]))
+                        .view([b, t, -1])
+                }
+                None => x + pos.narrow(0, 0, t), // learned positions [t, d]
+            };
         }
         if p_drop > 0.0 {
             x = x.dropout(p_drop, train);
@@ -868,10 +898,11 @@ impl Transformer {
             let (qi, ki) = (pos.unsqueeze(1), pos.unsqueeze(0)); // [t, 1], [1, t]
             ki.le_tensor(&qi).logical_and(&ki.gt_tensor(&(qi - w)))
         });
+        let masks = AttnMasks::new(band, packing, t, idx.device());
         for (i, block) in self.blocks.iter().enumerate() {
             // x + f(norm(x)) (Llama), x + norm(f(x)) (OLMo 2), x + norm(f(norm(x))) (Gemma 2/3).
             let xn = norm_or_pass(&block.pre_attn, x.shallow_clone());
-            let h = self.attention(&block.attn, i, band.as_ref(), &xn, (b, t), p_drop, train);
+            let h = self.attention(&block.attn, i, &masks, &xn, (b, t), p_drop, train);
             let h = self.residual_branch(norm_or_pass(&block.post_attn, h));
             let drop = |m: Tensor| {
                 if p_drop > 0.0 {
@@ -969,7 +1000,7 @@ impl Transformer {
         &self,
         attn: &Attention,
         layer: usize,
-        band: Option<&Tensor>,
+        masks: &AttnMasks,
         x: &Tensor,
         (b, t): (i64, i64),
         p_drop: f64,
@@ -1019,16 +1050,23 @@ impl Transformer {
         };
         let (q, k) = match tables {
             Some((cos, sin)) => {
-                let cos = cos.narrow(0, 0, t).to_kind(q.kind()); // [t, hd]
-                let sin = sin.narrow(0, 0, t).to_kind(q.kind());
+                let (cos, sin) = match &masks.positions {
+                    // Each position's own angle: [b * t, r] -> [b, 1, t, r]
+                    Some(pos) => (
+                        cos.index_select(0, pos).view([b, 1, t, -1]),
+                        sin.index_select(0, pos).view([b, 1, t, -1]),
+                    ),
+                    None => (cos.narrow(0, 0, t), sin.narrow(0, 0, t)), // [t, r]
+                };
+                let (cos, sin) = (cos.to_kind(q.kind()), sin.to_kind(q.kind()));
                 (apply_rope(&q, &cos, &sin), apply_rope(&k, &cos, &sin))
             }
             None => (q, k),
         };
         let gqa = c.n_kv_heads != c.n_heads;
-        // A window shorter than the sequence needs an explicit band mask; otherwise the
-        // causal flag lets SDPA pick its fused kernels.
-        let band = band.filter(|_| self.is_sliding(layer));
+        // A window shorter than the sequence, or packed samples, need an explicit mask;
+        // otherwise the causal flag lets SDPA pick its fused kernels.
+        let band = masks.for_layer(self.is_sliding(layer));
         let y = match c.variant.attention_softcap {
             Some(cap) => self.softcapped_attention(&q, &k, &v, band, cap, layer, p_drop, train),
             None => Tensor::scaled_dot_product_attention(
@@ -1226,6 +1264,58 @@ pub struct HiddenOutput {
     pub moe_layers: Vec<MoeLayerStats>,
 }
 
+/// Several samples packed in each row of a batch (`data/sft.rs`): the sample each position
+/// belongs to and its position within the sample, both `[b, t]` int64 on the model's device.
+pub struct Packing {
+    pub segments: Tensor,
+    pub positions: Tensor,
+}
+
+/// The attention masks of one forward pass (`true`: may attend), built once for all layers.
+struct AttnMasks {
+    /// The sliding window's causal band `[t, t]`, when the window is shorter than the sequence.
+    band: Option<Tensor>,
+    /// With packing: causal and same-sample `[b, 1, t, t]`, and that within the band.
+    packed: Option<(Tensor, Option<Tensor>)>,
+    /// With packing: each position's position within its sample, `[b * t]`.
+    positions: Option<Tensor>,
+}
+
+impl AttnMasks {
+    fn new(
+        band: Option<Tensor>,
+        packing: Option<&Packing>,
+        t: i64,
+        device: tch::Device,
+    ) -> AttnMasks {
+        let Some(p) = packing else {
+            return AttnMasks {
+                band,
+                packed: None,
+                positions: None,
+            };
+        };
+        let causal = Tensor::ones([t, t], (Kind::Bool, device)).tril(0);
+        let same = p.segments.unsqueeze(2).eq_tensor(&p.segments.unsqueeze(1)); // [b, t, t]
+        let full = same.logical_and(&causal).unsqueeze(1); // [b, 1, t, t]
+        let banded = band.as_ref().map(|w| full.logical_and(w));
+        AttnMasks {
+            band,
+            packed: Some((full, banded)),
+            positions: Some(p.positions.reshape([-1])),
+        }
+    }
+
+    /// The mask of a layer (`sliding`: one that uses the window); `None`: plain causal.
+    fn for_layer(&self, sliding: bool) -> Option<&Tensor> {
+        match &self.packed {
+            Some((full, banded)) if sliding => Some(banded.as_ref().unwrap_or(full)),
+            Some((full, _)) => Some(full),
+            None => self.band.as_ref().filter(|_| sliding),
+        }
+    }
+}
+
 /// What one forward pass returns.
 pub struct ModelOutput {
     pub logits: Tensor,
@@ -1358,6 +1448,94 @@ mod tests {
             Transformer::new(&config, &mut store).expect("builds");
             let built: i128 = store.iter().map(|p| p.tensor.numel() as i128).sum();
             assert_eq!(config.param_count(), built, "{model:?}");
+        }
+    }
+
+    /// Packed samples (`Packing`): each sample's logits are those of the sample run alone, for
+    /// every kind of position encoding and mask (RoPE, partial RoPE, learned positions, sliding
+    /// windows, soft-capped attention): nothing leaks across samples.
+    #[test]
+    fn packed_samples_give_the_logits_of_each_sample_alone() {
+        let gpt2 = ModelConfig::Gpt2(Gpt2Config {
+            vocab_size: 64,
+            d_model: 16,
+            n_layers: 2,
+            n_heads: 4,
+            d_ff: Some(24),
+            max_seq_len: 16,
+            norm_eps: 1e-5,
+            dropout: 0.0,
+            scale_attn_weights: true,
+            scale_attn_by_inverse_layer_idx: false,
+            tie_embeddings: false,
+        });
+        let neox = ModelConfig::GptNeox(GptNeoxConfig {
+            vocab_size: 64,
+            d_model: 16,
+            n_layers: 2,
+            n_heads: 4,
+            d_ff: 24,
+            max_seq_len: 16,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            partial_rotary_factor: 0.5,
+            norm_eps: 1e-5,
+            parallel_residual: true,
+            attention_bias: false,
+            tie_embeddings: true,
+        });
+        let cases = vec![
+            llama(|_| {}),
+            llama(|c| {
+                c.sliding_window = Some(3);
+                c.layer_types = Some(vec![LayerType::SlidingAttention, LayerType::FullAttention]);
+            }),
+            llama(|c| {
+                c.family = DecoderFamily::Gemma2;
+                c.attention_softcap = Some(50.0);
+                c.sliding_window = Some(4);
+            }),
+            gpt2,
+            neox,
+        ];
+        let lens = [5i64, 3, 6];
+        for model in cases {
+            tch::manual_seed(3);
+            let config = TransformerConfig::from_recipe(&model);
+            let mut store = ParamStore::new(tch::Device::Cpu);
+            let m = Transformer::new(&config, &mut store).expect("builds");
+            let t = 16i64;
+            let ids = Tensor::randint(64, [1, t], (Kind::Int64, tch::Device::Cpu));
+            let (mut segments, mut positions) = (vec![3i64; t as usize], vec![0i64; t as usize]);
+            let mut at = 0usize;
+            for (k, &len) in lens.iter().enumerate() {
+                for j in 0..len as usize {
+                    segments[at + j] = k as i64;
+                    positions[at + j] = j as i64;
+                }
+                at += len as usize;
+            }
+            for (j, p) in (at..t as usize).enumerate() {
+                positions[p] = j as i64;
+            }
+            let packing = Packing {
+                segments: Tensor::from_slice(&segments).view([1, t]),
+                positions: Tensor::from_slice(&positions).view([1, t]),
+            };
+            let packed = m.forward_full_packed(&ids, false, Some(&packing)).logits;
+            let mut start = 0i64;
+            for &len in &lens {
+                let alone = m.forward(&ids.narrow(1, start, len), false);
+                let diff = (packed.narrow(1, start, len) - &alone)
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                assert!(
+                    diff < 1e-5,
+                    "{model:?}: sample at {start} differs by {diff}"
+                );
+                start += len;
+            }
         }
     }
 }

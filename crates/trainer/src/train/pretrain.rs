@@ -11,10 +11,13 @@
 use super::harness::{self, Run, RunSummary, Sections, Setup};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{self, InitLoad, Precision, Recipe, WeightDecaySchedule};
-use crate::data::loader::{stream_seed, valid_batch, Prefetcher};
+use crate::data::loader::{stream_seed, Batch, Prefetcher};
 use crate::data::mixture::{Mixture, MixtureReport};
 use crate::data::reweight::{self, ReweightSums};
+use crate::data::rows::{TrainInput, TrainRows, ValidData};
+use crate::data::sft::{SampleRows, SampleSet};
 use crate::data::source::{self, Span};
+use crate::data::SourceConfig;
 use crate::device;
 use crate::dist::OverlappedGrads;
 use crate::distill::{LmDistiller, StepSums};
@@ -23,7 +26,9 @@ use crate::load::ModelSource;
 use crate::metrics::progress::format_duration;
 use crate::metrics::row;
 use crate::models::params::ParamStore;
-use crate::models::transformer::{ModelOutput, MoeLayerStats, Transformer, TransformerConfig};
+use crate::models::transformer::{
+    ModelOutput, MoeLayerStats, Packing, Transformer, TransformerConfig,
+};
 use crate::optim::{clip_grad_norm, Optimizer};
 use crate::peft::lora::Lora;
 use crate::peft::relora::Relora;
@@ -34,6 +39,7 @@ use serde::Serialize;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -501,6 +507,7 @@ impl Lm {
             let rows = |t: &Tensor| t.narrow(0, run.shard_start as i64, run.shard_rows as i64);
             let inputs = rows(&batch.inputs).to_device(device);
             let targets = rows(&batch.targets).to_device(device);
+            let packing = packing_of(&batch, &rows, device);
             if let Some(d) = &self.distiller {
                 // Forward and backward of both models, the logits chunk by chunk.
                 let scale = 1.0 / accum as f64;
@@ -517,8 +524,14 @@ impl Lm {
                 sums.moe_stats = l.moe_layers;
                 continue;
             }
-            let (loss, out) =
-                self.forward(recipe, &inputs, &targets, device, &mut sums.reweight)?;
+            let (loss, out) = self.forward(
+                recipe,
+                &inputs,
+                packing.as_ref(),
+                &targets,
+                device,
+                &mut sums.reweight,
+            )?;
             // MoE models also minimise their routers' load-balancing and z losses.
             let total = match out.router_loss() {
                 Some(router) => &loss + router,
@@ -553,17 +566,27 @@ impl Lm {
         &self,
         recipe: &Recipe,
         inputs: &Tensor,
+        packing: Option<&Packing>,
         targets: &Tensor,
         device: Device,
         reweight_sums: &mut ReweightSums,
     ) -> Result<(Tensor, ModelOutput)> {
         let precision = recipe.run.precision;
         let Some(rw) = &recipe.train.reweight else {
-            return forward_loss(&self.model, inputs, targets, true, device, precision);
+            return forward_loss(
+                &self.model,
+                inputs,
+                packing,
+                targets,
+                true,
+                device,
+                precision,
+            );
         };
-        let (seq, out) = forward_with(&self.model, inputs, true, device, precision, |l| {
-            reweight::sequence_losses(l, targets)
-        })?;
+        let (seq, out) =
+            forward_with(&self.model, inputs, packing, true, device, precision, |l| {
+                reweight::sequence_losses(l, targets)
+            })?;
         let weights = rw.weights(&seq);
         reweight_sums.add(&seq, &weights);
         Ok(((&seq * &weights).mean(Kind::Float), out))
@@ -855,7 +878,8 @@ fn layerwise_hooks(
 
 /// The training batches, prefetched, and with `[data.mixture]` the rows drawn per source so far.
 struct TrainData {
-    mixture: Mixture,
+    /// Windows of one source or a mixture (`None`: chat/instruction samples).
+    mixture: Option<Mixture>,
     prefetch: Prefetcher,
     /// With a mixture: rows drawn per source so far, a pure function of the steps (recomputed on
     /// resume from the run's, or the stage's, first step).
@@ -866,7 +890,7 @@ struct TrainData {
 impl TrainData {
     fn start(
         recipe: &Recipe,
-        mixture: Mixture,
+        input: TrainInput,
         first_step: i64,
         step: i64,
         total_steps: i64,
@@ -876,17 +900,36 @@ impl TrainData {
             recipe.train.grad_accum,
             recipe.run.seed,
         );
-        let counts = recipe
-            .data
-            .mixture
-            .is_some()
-            .then(|| mixture.counts(bs, accum, seed, first_step, step));
+        let seq_len = recipe.data.seq_len as usize;
+        let (rows, mixture) = match input {
+            TrainInput::Windows(mixture) => (
+                TrainRows::Windows {
+                    mixture: mixture.clone(),
+                    seq_len,
+                    batch_size: bs,
+                    seed,
+                },
+                Some(mixture),
+            ),
+            TrainInput::Samples(set) => (
+                TrainRows::Samples(SampleRows::new(
+                    set,
+                    recipe.data.packing(),
+                    seq_len,
+                    bs,
+                    accum,
+                    seed,
+                )),
+                None,
+            ),
+        };
+        let counts = mixture
+            .as_ref()
+            .filter(|_| recipe.data.mixture.is_some())
+            .map(|m| m.counts(bs, accum, seed, first_step, step));
         let prefetch = Prefetcher::start(
-            mixture.clone(),
-            recipe.data.seq_len as usize,
-            bs,
+            move |step, micro| rows.batch(step, micro),
             accum,
-            seed,
             step,
             total_steps - 1,
             2 * accum as usize,
@@ -895,7 +938,7 @@ impl TrainData {
             mixture,
             prefetch,
             counts,
-            seq_len: recipe.data.seq_len as usize,
+            seq_len,
         }
     }
 
@@ -905,9 +948,10 @@ impl TrainData {
             return;
         };
         let (bs, accum) = (recipe.train.batch_size as usize, recipe.train.grad_accum);
-        let drawn = self
-            .mixture
-            .counts(bs, accum, recipe.run.seed, step, step + 1);
+        let Some(mixture) = &self.mixture else {
+            return;
+        };
+        let drawn = mixture.counts(bs, accum, recipe.run.seed, step, step + 1);
         for (c, n) in counts.iter_mut().zip(drawn) {
             *c += n;
         }
@@ -918,6 +962,7 @@ impl TrainData {
         let counts = self.counts.as_ref()?;
         Some(
             self.mixture
+                .as_ref()?
                 .report(counts, self.seq_len)
                 .into_iter()
                 .collect(),
@@ -967,8 +1012,8 @@ fn log_step(
         out.reweight_sums
             .metrics(out.global_unweighted_sum.map(|s| s / accum)),
     );
-    if let Some(counts) = &data.counts {
-        for (name, m) in data.mixture.report(counts, data.seq_len) {
+    if let Some(report) = data.report() {
+        for (name, m) in report {
             r.insert(format!("mix_{name}_fraction"), json!(m.fraction));
             r.insert(format!("mix_{name}_epochs"), json!(m.epochs));
         }
@@ -987,12 +1032,12 @@ fn log_step(
 
 /// The validation sets and the last loss of each.
 struct Evals {
-    sets: Vec<(String, Span)>,
+    sets: Vec<(String, ValidData)>,
     last: BTreeMap<String, f64>,
 }
 
 impl Evals {
-    fn new(sets: Vec<(String, Span)>) -> Evals {
+    fn new(sets: Vec<(String, ValidData)>) -> Evals {
         Evals {
             sets,
             last: BTreeMap::new(),
@@ -1086,60 +1131,80 @@ impl RunSummary for Summary {
     }
 }
 
-/// The training data (one source, or a mixture) and the named validation sets, each checked to
-/// hold at least one `window`. Without `[data.valid_sets]`, the validation set is `data.valid` or
-/// the held-out tail of the training source (`valid`); with a mixture, each source's held-out
-/// tail under the source's name.
+/// The training data (one source, or a mixture, or chat/instruction samples) and the named
+/// validation sets, each checked to hold at least one `window`. Without `[data.valid_sets]`, the
+/// validation set is `data.valid` or the held-out tail of the training source (`valid`); with a
+/// mixture, each source's held-out tail under the source's name.
 pub(crate) fn open_data(
     recipe: &Recipe,
     vocab: i64,
     window: usize,
-) -> Result<(Mixture, Vec<(String, Span)>)> {
+) -> Result<(TrainInput, Vec<(String, ValidData)>)> {
     let d = &recipe.data;
     let held_out = d.valid.is_none() && d.valid_sets.is_empty();
+    let open_valid = |src: &SourceConfig, key: &str| -> Result<ValidData> {
+        let v = if src.is_samples() {
+            ValidData::Samples {
+                set: Arc::new(SampleSet::open_source(src, key, window - 1, vocab)?),
+                packing: d.packing(),
+            }
+        } else {
+            ValidData::Windows(Span::whole(source::open(src, key, vocab)?))
+        };
+        v.check_fits(window, key)?;
+        Ok(v)
+    };
     let mut valid = Vec::new();
     for (name, src) in &d.valid_sets {
-        let key = format!("data.valid_sets.{name}");
-        let span = Span::whole(source::open(src, &key, vocab)?);
-        span.check_fits(window, &key)?;
-        valid.push((name.clone(), span));
+        valid.push((
+            name.clone(),
+            open_valid(src, &format!("data.valid_sets.{name}"))?,
+        ));
     }
     let train = match (&d.mixture, &d.train) {
-        (Some(m), _) => {
-            let (mut names, mut spans, mut weights) = (Vec::new(), Vec::new(), Vec::new());
-            for (i, s) in m.sources.iter().enumerate() {
-                let key = format!("data.mixture.sources[{i}] ({})", s.name);
-                let data = source::open(&s.source, &key, vocab)?;
-                let train = if held_out {
-                    let (train, v) = Span::split(data, d.valid_fraction);
-                    v.check_fits(
-                        window,
-                        &format!("{key} held-out part (data.valid_fraction)"),
-                    )?;
-                    valid.push((s.name.clone(), v));
-                    train
-                } else {
-                    Span::whole(data)
+        (Some(m), _) => TrainInput::Windows(open_mixture(
+            m,
+            held_out,
+            d.valid_fraction,
+            vocab,
+            window,
+            &mut valid,
+        )?),
+        (None, Some(t)) if t.is_samples() => {
+            let set = SampleSet::open_source(t, "data.train", window - 1, vocab)?;
+            log_samples(&set);
+            let train = if held_out {
+                let (train, v) = set.split(d.valid_fraction);
+                let v = ValidData::Samples {
+                    set: Arc::new(v),
+                    packing: d.packing(),
                 };
-                train.check_fits(window, &key)?;
-                names.push(s.name.clone());
-                spans.push(train);
-                weights.push(s.weight);
+                v.check_fits(window, "data.valid_fraction (held-out part of data.train)")?;
+                valid.push(("valid".to_string(), v));
+                train
+            } else {
+                set
+            };
+            if train.is_empty() {
+                return Err(Error::Data {
+                    path: "data.train".into(),
+                    msg: "holds no training sample after the held-out part".into(),
+                });
             }
-            Mixture::new(names, spans, &weights)
+            TrainInput::Samples(Arc::new(train))
         }
         (None, Some(t)) => {
             let data = source::open(t, "data.train", vocab)?;
             let train = if held_out {
                 let (train, v) = Span::split(data, d.valid_fraction);
                 v.check_fits(window, "data.valid_fraction (held-out part of data.train)")?;
-                valid.push(("valid".to_string(), v));
+                valid.push(("valid".to_string(), ValidData::Windows(v)));
                 train
             } else {
                 Span::whole(data)
             };
             train.check_fits(window, "data.train")?;
-            Mixture::from(train)
+            TrainInput::Windows(Mixture::from(train))
         }
         (None, None) => {
             return Err(Error::Recipe(
@@ -1148,11 +1213,65 @@ pub(crate) fn open_data(
         }
     };
     if let Some(v) = &d.valid {
-        let span = Span::whole(source::open(v, "data.valid", vocab)?);
-        span.check_fits(window, "data.valid")?;
-        valid.push(("valid".to_string(), span));
+        valid.push(("valid".to_string(), open_valid(v, "data.valid")?));
     }
     Ok((train, valid))
+}
+
+/// The sources of `[data.mixture]`, each with its held-out tail pushed to `valid` when
+/// `held_out`.
+fn open_mixture(
+    m: &crate::data::MixtureConfig,
+    held_out: bool,
+    valid_fraction: f64,
+    vocab: i64,
+    window: usize,
+    valid: &mut Vec<(String, ValidData)>,
+) -> Result<Mixture> {
+    let (mut names, mut spans, mut weights) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, s) in m.sources.iter().enumerate() {
+        let key = format!("data.mixture.sources[{i}] ({})", s.name);
+        let data = source::open(&s.source, &key, vocab)?;
+        let train = if held_out {
+            let (train, v) = Span::split(data, valid_fraction);
+            v.check_fits(
+                window,
+                &format!("{key} held-out part (data.valid_fraction)"),
+            )?;
+            valid.push((s.name.clone(), ValidData::Windows(v)));
+            train
+        } else {
+            Span::whole(data)
+        };
+        train.check_fits(window, &key)?;
+        names.push(s.name.clone());
+        spans.push(train);
+        weights.push(s.weight);
+    }
+    Ok(Mixture::new(names, spans, &weights))
+}
+
+/// What reading the chat/instruction samples did: records, truncations, drops.
+fn log_samples(set: &SampleSet) {
+    let s = &set.summary;
+    tracing::info!(
+        "data.train: {} records -> {} samples, {} tokens ({} targets); {} truncated to seq_len + 1, {} dropped without a target token",
+        s.records,
+        s.samples,
+        s.tokens,
+        s.target_tokens,
+        s.truncated,
+        s.dropped
+    );
+}
+
+/// The packed samples' segments and positions of a batch (`data/sft.rs`), this rank's rows
+/// (`rows`), on `device`.
+fn packing_of(batch: &Batch, rows: &dyn Fn(&Tensor) -> Tensor, device: Device) -> Option<Packing> {
+    Some(Packing {
+        segments: rows(batch.segments.as_ref()?).to_device(device),
+        positions: rows(batch.positions.as_ref()?).to_device(device),
+    })
 }
 
 /// The language-model loss of one batch, and the MoE layers' router losses and statistics.
@@ -1162,28 +1281,31 @@ pub(crate) fn open_data(
 fn forward_loss(
     model: &Transformer,
     inputs: &Tensor,
+    packing: Option<&Packing>,
     targets: &Tensor,
     train: bool,
     device: Device,
     precision: Precision,
 ) -> Result<(Tensor, ModelOutput)> {
-    forward_with(model, inputs, train, device, precision, |logits| {
+    forward_with(model, inputs, packing, train, device, precision, |logits| {
         Transformer::loss(logits, targets)
     })
 }
 
 /// The forward pass of `forward_loss` with another loss of the logits `[b, t, vocab]` (with
 /// `[train.reweight]`: the per-sequence losses).
+#[allow(clippy::too_many_arguments)]
 fn forward_with<L>(
     model: &Transformer,
     inputs: &Tensor,
+    packing: Option<&Packing>,
     train: bool,
     device: Device,
     precision: Precision,
     loss: impl FnOnce(&Tensor) -> L,
 ) -> Result<(L, ModelOutput)> {
     let run = || {
-        let mut out = model.forward_full(inputs, train);
+        let mut out = model.forward_full_packed(inputs, train, packing);
         let loss = loss(&out.logits);
         out.logits = Tensor::new();
         (loss, out)
@@ -1235,7 +1357,7 @@ fn moe_metrics(layers: &[MoeLayerStats]) -> Vec<(String, serde_json::Value)> {
 /// Mean validation loss over `train.eval_batches` fixed batches.
 pub(crate) fn evaluate(
     model: &Transformer,
-    span: &Span,
+    span: &ValidData,
     recipe: &Recipe,
     device: Device,
     precision: Precision,
@@ -1250,7 +1372,7 @@ pub(crate) fn evaluate(
 /// processes evaluates 1/N of the batches.
 fn evaluate_part(
     model: &Transformer,
-    span: &Span,
+    span: &ValidData,
     recipe: &Recipe,
     device: Device,
     precision: Precision,
@@ -1262,10 +1384,12 @@ fn evaluate_part(
     tch::no_grad(|| {
         let mut total = 0.0;
         for i in (rank..n).step_by(world) {
-            let b = valid_batch(span, recipe.data.seq_len as usize, bs, n, i);
+            let b = span.batch(recipe.data.seq_len as usize, bs, n, i);
+            let packing = packing_of(&b, &|t: &Tensor| t.shallow_clone(), device);
             let (loss, _) = forward_loss(
                 model,
                 &b.inputs.to_device(device),
+                packing.as_ref(),
                 &b.targets.to_device(device),
                 false,
                 device,

@@ -1,0 +1,200 @@
+//! Chat fine-tuning end to end through the real binary (configs/sft_chat.toml on the example
+//! that configs/sft/make_sft_example.py makes: a tiny Qwen2-shaped checkpoint with its own BPE
+//! tokenizer and ChatML template, and generated conversations):
+//! - LoRA on packed conversations: the validation loss falls; the log reports the samples;
+//! - the same with `data.packing = false` (one padded conversation per row);
+//! - `trainer export --to peft`: peft loads the adapter on transformers' model, and the adapted
+//!   model's loss on the validation conversations (rendered by transformers' own
+//!   `apply_chat_template`) is below the base's (tests/reference/sft_reference.py);
+//! - bad chat data is one line naming the file and line.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+
+fn python_script(script: &str, args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg(repo_root().join(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} ({e}); set TRAINER_PYTHON", python()));
+    assert!(
+        out.status.success(),
+        "{script} failed (exit {:?}); it needs torch, transformers, tokenizers and peft from scripts/requirements-test.txt:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn make_example(dir: &Path) {
+    let out_dir = dir.join("runs/sft-example");
+    python_script(
+        "configs/sft/make_sft_example.py",
+        &[out_dir.to_str().expect("utf-8")],
+    );
+}
+
+fn recipe() -> String {
+    repo_root()
+        .join("configs/sft_chat.toml")
+        .to_str()
+        .expect("utf-8")
+        .to_string()
+}
+
+fn valid_losses(run_dir: &Path) -> Vec<f64> {
+    eval_rows(&read_metrics(&run_dir.join("metrics.jsonl")), "valid")
+        .iter()
+        .map(|r| num(r, "loss"))
+        .collect()
+}
+
+#[test]
+fn lora_sft_on_chat_data_learns_and_exports_an_adapter_peft_loads() {
+    let work = workdir();
+    let w = work.path();
+    make_example(w);
+    let r = recipe();
+    let short = [
+        "--set",
+        "train.max_steps=60",
+        "--set",
+        "train.eval_every=20",
+        "--set",
+        "train.checkpoint_every=60",
+        "--set",
+        "run.threads=1",
+    ];
+    let mut args = vec!["run", r.as_str()];
+    args.extend(short);
+    let out = trainer(w, &args);
+    out.assert_success();
+    assert!(
+        out.stderr
+            .contains("data.train: 600 records -> 600 samples"),
+        "{}",
+        out.describe()
+    );
+    let packed = valid_losses(&w.join("runs/sft-chat"));
+    assert_eq!(packed.len(), 3, "{packed:?}");
+    assert!(
+        packed[2] < packed[0] - 0.05,
+        "valid loss did not fall: {packed:?}"
+    );
+
+    // One padded conversation per row: learns too.
+    let mut args = vec!["run", r.as_str()];
+    args.extend(short);
+    args.extend([
+        "--set",
+        "data.packing=false",
+        "--set",
+        "run.out_dir=runs/sft-padded",
+    ]);
+    trainer(w, &args).assert_success();
+    let padded = valid_losses(&w.join("runs/sft-padded"));
+    assert!(
+        padded[2] < padded[0] - 0.05,
+        "valid loss did not fall: {padded:?}"
+    );
+
+    trainer(
+        w,
+        &[
+            "export",
+            "runs/sft-chat",
+            "--to",
+            "peft",
+            "runs/sft-adapter",
+        ],
+    )
+    .assert_success();
+    let text = python_script(
+        "crates/trainer-cli/tests/reference/sft_reference.py",
+        &[
+            "peft_chat_loss",
+            w.join("runs/sft-example/model").to_str().expect("utf-8"),
+            w.join("runs/sft-adapter").to_str().expect("utf-8"),
+            w.join("runs/sft-example/valid.jsonl")
+                .to_str()
+                .expect("utf-8"),
+        ],
+    );
+    let got: Value = serde_json::from_str(text.lines().last().expect("a line")).expect("JSON");
+    assert!(num(&got, "lora_b_abs_sum") > 0.0, "{got}");
+    assert!(
+        num(&got, "peft") < num(&got, "base") - 0.05,
+        "the adapter does not help under transformers: {got}"
+    );
+}
+
+#[test]
+fn bad_chat_data_is_one_line_naming_file_and_line() {
+    let work = workdir();
+    let w = work.path();
+    make_example(w);
+    let r = recipe();
+    let cases = [
+        (
+            "{\"messages\": [{\"role\": \"wizard\", \"content\": \"hi\"}]}",
+            "bad.jsonl:2: messages[0] has role \"wizard\"",
+        ),
+        ("{\"messages\": [", "bad.jsonl:2: not JSON"),
+        ("{\"prompt\": \"x\"}", "bad.jsonl:2: no field \"messages\""),
+    ];
+    for (line, needle) in cases {
+        let good =
+            std::fs::read_to_string(w.join("runs/sft-example/train.jsonl")).expect("train.jsonl");
+        let first = good.lines().next().expect("a record");
+        std::fs::write(w.join("bad.jsonl"), format!("{first}\n{line}\n")).expect("write");
+        let out = trainer(
+            w,
+            &[
+                "run",
+                &r,
+                "--set",
+                "data.train={kind=\"chat\", path=\"bad.jsonl\", tokenizer=\"runs/sft-example/model\"}",
+            ],
+        );
+        out.assert_one_error(&[needle]);
+        assert!(
+            !w.join("runs/sft-chat").exists(),
+            "a refused run left its directory"
+        );
+    }
+    // A template that fails names the template and the record.
+    std::fs::write(
+        w.join("raise.jinja"),
+        "{{ raise_exception('system role not supported') }}",
+    )
+    .expect("write");
+    let out = trainer(
+        w,
+        &[
+            "run",
+            &r,
+            "--set",
+            "data.train={kind=\"chat\", path=\"runs/sft-example/train.jsonl\", tokenizer=\"runs/sft-example/model\", template=\"raise.jinja\"}",
+        ],
+    );
+    out.assert_one_error(&["train.jsonl:1: the chat template failed: system role not supported"]);
+    // Packing applies to samples only; chat data is not mixed with token streams.
+    let q = repo_root().join("configs/quickstart.toml");
+    let out = trainer(
+        w,
+        &[
+            "validate",
+            q.to_str().expect("utf-8"),
+            "--set",
+            "data.packing=false",
+        ],
+    );
+    out.assert_one_error(&[
+        "data.packing",
+        "applies to chat and instruction sources only",
+    ]);
+}
