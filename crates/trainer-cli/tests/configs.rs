@@ -58,6 +58,18 @@ fn every_config_validates_and_its_resolved_form_is_a_fixpoint() {
         "abcdefghijklmnopqrstuvwxyz ".repeat(4000),
     )
     .expect("data/new.txt");
+    // configs/sft_chat.toml reads the example its comment makes (a tiny model, its tokenizer and
+    // chat template, generated conversations).
+    let made = std::process::Command::new(python())
+        .arg(repo_root().join("configs/sft/make_sft_example.py"))
+        .arg(w.join("runs/sft-example"))
+        .output()
+        .expect("python runs");
+    assert!(
+        made.status.success(),
+        "make_sft_example.py: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
     for (i, path) in config_files().iter().enumerate() {
         let p = path.to_str().expect("utf-8 path");
         let out = trainer(w, &["validate", p]);
