@@ -499,12 +499,17 @@ impl Lm {
         let device = run.device;
         let accum = recipe.train.grad_accum;
         let mut sums = MicroSums::new(device);
-        for micro in 0..accum {
-            let batch = batches
-                .next()
-                .ok_or_else(|| Error::Torch("data prefetch thread stopped".into()))?;
-            // This rank's rows of the global batch.
-            let rows = |t: &Tensor| t.narrow(0, run.shard_start as i64, run.shard_rows as i64);
+        let step_batches = (0..accum)
+            .map(|_| batches.next())
+            .collect::<Option<Vec<Batch>>>()
+            .ok_or_else(|| Error::Torch("data prefetch thread stopped".into()))?;
+        // This rank's rows of the global batch.
+        let rows = |t: &Tensor| t.narrow(0, run.shard_start as i64, run.shard_rows as i64);
+        let per_target = match recipe.data.is_samples() {
+            true => Some(per_target_scale(run, &step_batches, &rows)?),
+            false => None,
+        };
+        for (micro, batch) in (0..accum).zip(step_batches) {
             let inputs = rows(&batch.inputs).to_device(device);
             let targets = rows(&batch.targets).to_device(device);
             let packing = packing_of(&batch, &rows, device);
@@ -537,7 +542,20 @@ impl Lm {
                 Some(router) => &loss + router,
                 None => loss.shallow_clone(),
             };
-            let scaled = &total / accum as f64;
+            // Chat/instruction samples: the step's loss is the mean over all its target tokens
+            // (every micro-batch and rank), not a mean of per-micro-batch means.
+            let (scaled, logged) = match per_target {
+                Some(k) => {
+                    let n = rows(&batch.targets)
+                        .ne(-100)
+                        .sum(Kind::Int64)
+                        .int64_value(&[]);
+                    let sum = &loss * n as f64 * k;
+                    let router = &total - &loss;
+                    (&sum + router / accum as f64, sum.detach() * accum as f64)
+                }
+                None => (&total / accum as f64, loss.detach()),
+            };
             let last = micro + 1 == accum;
             match (&self.layerwise, overlap) {
                 // The step's last backward pass updates each parameter as its gradient
@@ -553,7 +571,7 @@ impl Lm {
                 (None, Some(o)) if last => o.backward(&run.dp, || scaled.f_backward())?,
                 _ => scaled.f_backward()?,
             }
-            sums.loss += loss.detach().to_kind(Kind::Float);
+            sums.loss += logged.to_kind(Kind::Float);
             sums.moe_stats = out.moe_layers;
         }
         Ok(sums)
@@ -1263,6 +1281,19 @@ fn log_samples(set: &SampleSet) {
         s.truncated,
         s.dropped
     );
+}
+
+/// `world / T`, T the target tokens of the step's micro-batches over all ranks: a micro-batch's
+/// summed token losses times it, accumulated and averaged over the ranks as the gradients are,
+/// give the mean over the step's target tokens.
+fn per_target_scale(run: &Run, batches: &[Batch], rows: &dyn Fn(&Tensor) -> Tensor) -> Result<f64> {
+    let local: i64 = batches
+        .iter()
+        .map(|b| rows(&b.targets).ne(-100).sum(Kind::Int64).int64_value(&[]))
+        .sum();
+    let mut total = [local as f64];
+    run.dp.sum(&mut total)?;
+    Ok(run.world.size as f64 / total[0].max(1.0))
 }
 
 /// The packed samples' segments and positions of a batch (`data/sft.rs`), this rank's rows
