@@ -106,7 +106,7 @@ enum Command {
         /// A run directory (every complete checkpoint) or a checkpoint directory.
         target: std::path::PathBuf,
     },
-    /// Tokenize text or JSONL files (or directories of them) into a token file, its document
+    /// Tokenize text, JSONL or Parquet files (or directories of them) into a token file, its document
     /// index and a summary, for `{ kind = "tokens", path }` sources.
     Tokenize(tokenize_cmd::TokenizeArgs),
     /// Print what this binary sees: libtorch version, CUDA devices, threads.

@@ -9,7 +9,7 @@ use trainer::data::tokenize::{tokenize, EosChoice, TokenizeOptions};
 
 #[derive(Args)]
 pub struct TokenizeArgs {
-    /// Text or JSONL files, or directories of them (read in sorted path order).
+    /// Text, JSONL or Parquet files, or directories of them (read in sorted path order).
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
     /// The token file to write (NAME.bin; NAME.idx and NAME.json are written beside it).
@@ -18,11 +18,11 @@ pub struct TokenizeArgs {
     /// A tokenizer.json, a directory holding one (a Hugging Face checkpoint), or `bytes`.
     #[arg(long)]
     tokenizer: String,
-    /// How the files are read: by extension (`.jsonl`/`.ndjson` are JSONL, others text), or
-    /// all as one format.
+    /// How the files are read: by extension (`.jsonl`/`.ndjson` are JSONL, `.parquet` Parquet,
+    /// others text), or all as one format.
     #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
     format: FormatArg,
-    /// The JSONL field that holds each document's text.
+    /// The JSONL field (or Parquet column) that holds each document's text.
     #[arg(long, default_value = "text")]
     field: String,
     /// What a document of a text file is: the whole file, or each non-empty line.
@@ -49,6 +49,7 @@ enum FormatArg {
     Auto,
     Text,
     Jsonl,
+    Parquet,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -65,6 +66,7 @@ pub fn run(args: TokenizeArgs) -> anyhow::Result<()> {
                 FormatArg::Auto => None,
                 FormatArg::Text => Some(FileFormat::Text),
                 FormatArg::Jsonl => Some(FileFormat::Jsonl),
+                FormatArg::Parquet => Some(FileFormat::Parquet),
             },
             field: args.field,
             text_docs: match args.docs {

@@ -86,6 +86,39 @@ fn lora_sft_on_chat_data_learns_and_exports_an_adapter_peft_loads() {
         "valid loss did not fall: {packed:?}"
     );
 
+    // The same conversations from Parquet (as pyarrow writes them): the same samples.
+    python_script(
+        "crates/trainer-cli/tests/reference/tokenize_reference.py",
+        &[
+            "to_parquet",
+            w.join("runs/sft-example/train.jsonl")
+                .to_str()
+                .expect("utf-8"),
+            w.join("train.parquet").to_str().expect("utf-8"),
+        ],
+    );
+    let mut args = vec!["run", r.as_str()];
+    args.extend(short);
+    args.extend([
+        "--set",
+        "data.train={kind=\"chat\", path=\"train.parquet\", tokenizer=\"runs/sft-example/model\"}",
+        "--set",
+        "run.out_dir=runs/sft-parquet",
+    ]);
+    let out = trainer(w, &args);
+    out.assert_success();
+    assert!(
+        out.stderr
+            .contains("data.train: 600 records -> 600 samples, 21936 tokens (6620 targets)"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(
+        valid_losses(&w.join("runs/sft-parquet")),
+        packed,
+        "Parquet vs JSONL"
+    );
+
     // One padded conversation per row: learns too.
     let mut args = vec!["run", r.as_str()];
     args.extend(short);

@@ -1,8 +1,8 @@
 //! `trainer tokenize` through the real binary, against the Python `tokenizers` library
 //! (tests/reference/tokenize_reference.py) on generated text:
 //! - the ids equal Python's `encode_batch` for a byte-level BPE trained locally, for documents
-//!   per line, per file and per JSONL record, with the EOS after each; the index holds the
-//!   document starts;
+//!   per line, per file, per JSONL record and per Parquet row (pyarrow's files, snappy and
+//!   zstd), with the EOS after each; the index holds the document starts;
 //! - the output is the same bytes on 1 and 2 threads;
 //! - a recipe trains on the result (dtype and index from its summary); a wrong dtype or a
 //!   token file changed since is refused;
@@ -123,6 +123,16 @@ fn ids_equal_python_tokenizers_and_do_not_depend_on_threads() {
         ),
         ("jsonl:body", &["--field", "body"], &["records.jsonl"]),
     ];
+    reference(w, &["to_parquet", "records.jsonl", "records.parquet"]);
+    reference(
+        w,
+        &[
+            "to_parquet",
+            "records.jsonl",
+            "records-zstd.parquet",
+            "zstd",
+        ],
+    );
     for (mode, flags, inputs) in cases {
         let want = reference(
             w,
@@ -158,6 +168,27 @@ fn ids_equal_python_tokenizers_and_do_not_depend_on_threads() {
             ]);
             args.extend(flags);
             tokenize(w, &args).assert_success();
+        }
+        if mode == "jsonl:body" {
+            // The same records as Parquet (several row groups; snappy and zstd): the same ids.
+            for file in ["records.parquet", "records-zstd.parquet"] {
+                let args = [
+                    file,
+                    "--field",
+                    "body",
+                    "--tokenizer",
+                    "tok",
+                    "--out",
+                    "pq.bin",
+                ];
+                tokenize(w, &[&args[..], &["--force"]].concat()).assert_success();
+                let pq = std::fs::read(w.join("pq.bin")).expect("tokens");
+                assert_eq!(
+                    pq,
+                    std::fs::read(w.join("want.bin")).expect("reference"),
+                    "{file}"
+                );
+            }
         }
         let got = std::fs::read(w.join("got-1.bin")).expect("tokens");
         assert_eq!(
@@ -373,6 +404,8 @@ fn bad_input_is_one_line_and_leaves_no_output() {
     assert!(!w.join(".o.bin.tmp-4000000").exists());
     // Each of these is one line.
     std::fs::write(w.join("broken.json"), "{ not json").expect("write");
+    std::fs::write(w.join("fake.parquet"), "PAR1 but not really").expect("write");
+    reference(w, &["to_parquet", "records.jsonl", "records.parquet"]);
     for (args, needle) in [
         (
             vec!["corpus", "--tokenizer", "broken.json", "--out", "p.bin"],

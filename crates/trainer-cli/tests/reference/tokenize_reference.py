@@ -10,6 +10,9 @@
            "none": nothing), as little-endian uint16 (uint32 when the vocabulary exceeds 65536).
            MODE: "line" (each non-empty line of a text file, without its "\\n"), "file" (a whole
            file) or "jsonl:FIELD" (each non-blank line's FIELD). Prints {"documents", "tokens"}.
+    python tokenize_reference.py to_parquet IN.jsonl OUT.parquet [CODEC]
+        -> the records of IN.jsonl as a Parquet table written by pyarrow (CODEC: snappy, the
+           default of pyarrow and Hugging Face datasets, or zstd, gzip, lz4, none).
 """
 import json
 import sys
@@ -58,9 +61,19 @@ def encode(tokenizer_json, eos, mode, out, inputs):
     print(json.dumps({"documents": len(docs), "tokens": len(ids)}))
 
 
+def to_parquet(jsonl, out, codec="snappy"):
+    import pyarrow
+    import pyarrow.parquet
+    records = [json.loads(line) for line in open(jsonl, encoding="utf-8") if line.strip()]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(records), out, compression=codec,
+                                row_group_size=max(1, len(records) // 3))
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 5 and sys.argv[1] == "train_bpe":
         train_bpe(sys.argv[2], sys.argv[3], sys.argv[4:])
+    elif len(sys.argv) in (4, 5) and sys.argv[1] == "to_parquet":
+        to_parquet(*sys.argv[2:])
     elif len(sys.argv) >= 7 and sys.argv[1] == "encode":
         encode(*sys.argv[2:6], sys.argv[6:])
     else:

@@ -69,6 +69,7 @@ impl SourceConfig {
             SourceConfig::Text { path, .. }
             | SourceConfig::Tokens { path, .. }
             | SourceConfig::Jsonl { path, .. }
+            | SourceConfig::Parquet { path, .. }
             | SourceConfig::Chat { path, .. }
             | SourceConfig::Instruction { path, .. } => Some(path),
         }
@@ -145,7 +146,18 @@ pub enum SourceConfig {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tokenizer: Option<PathBuf>,
     },
-    /// Chat fine-tuning data: JSONL records with a list of `{role, content}` messages (roles
+    /// A Parquet file tokenized when the run starts (as `jsonl`): one document per row.
+    Parquet {
+        /// The Parquet file.
+        path: PathBuf,
+        /// The string column that holds each row's text.
+        #[serde(default = "default_text_field")]
+        column: String,
+        /// A tokenizer.json (or a directory holding one); absent: bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tokenizer: Option<PathBuf>,
+    },
+    /// Chat fine-tuning data: JSONL (or Parquet, by the .parquet extension) records with a list of `{role, content}` messages (roles
     /// system, user, assistant, tool), rendered through the chat template; the loss trains on
     /// the assistant turns. Rows hold whole samples (`data.packing`).
     Chat {
@@ -164,7 +176,7 @@ pub enum SourceConfig {
         #[serde(default)]
         train_on_prompt: bool,
     },
-    /// Instruction data: JSONL records with a prompt and a response, rendered through the chat
+    /// Instruction data: JSONL (or Parquet) records with a prompt and a response, rendered through the chat
     /// template as a user turn and an assistant turn; the loss trains on the response.
     Instruction {
         /// The JSONL file.
@@ -205,9 +217,9 @@ impl SourceConfig {
     pub fn is_bytes(&self) -> bool {
         match self {
             SourceConfig::Builtin {} => true,
-            SourceConfig::Text { tokenizer, .. } | SourceConfig::Jsonl { tokenizer, .. } => {
-                tokenizer.is_none()
-            }
+            SourceConfig::Text { tokenizer, .. }
+            | SourceConfig::Jsonl { tokenizer, .. }
+            | SourceConfig::Parquet { tokenizer, .. } => tokenizer.is_none(),
             SourceConfig::Tokens { .. }
             | SourceConfig::Chat { .. }
             | SourceConfig::Instruction { .. } => false,

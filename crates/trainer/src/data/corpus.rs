@@ -1,10 +1,13 @@
 //! Documents read from corpus files, one at a time (never the corpus in memory): text files (a
-//! whole file, or each non-empty line, is a document) and JSONL files (one record per line, the
-//! document is the string in a named field). Directories are walked in sorted path order, so
-//! the same inputs give the same documents in the same order on any machine.
+//! whole file, or each non-empty line, is a document), JSONL files (one record per line, the
+//! document is the string in a named field) and Parquet files (one record per row, the string
+//! in a named column; read row group by row group). Directories are walked in sorted path order,
+//! so the same inputs give the same documents in the same order on any machine.
 //!
-//! Every error names the file and, for JSONL, the line: `corpus.jsonl:17: not JSON (...)`. With
-//! `skip_bad_records`, a bad record is counted and skipped instead.
+//! Every error names the file and the line or row: `corpus.jsonl:17: not JSON (...)`,
+//! `corpus.parquet:row 9: column "text" is null, not a string`. With `skip_bad_records`, a bad
+//! record is counted and skipped instead. `RecordReader` gives whole records (JSONL lines,
+//! Parquet rows) as JSON values, for chat and instruction sets.
 
 use crate::error::{Error, Result};
 use std::io::BufRead;
@@ -17,13 +20,16 @@ pub enum FileFormat {
     Text,
     /// One JSON object per line.
     Jsonl,
+    /// Apache Parquet.
+    Parquet,
 }
 
 impl FileFormat {
-    /// By extension: `.jsonl`/`.ndjson` are JSONL, anything else is text.
+    /// By extension: `.jsonl`/`.ndjson` are JSONL, `.parquet` Parquet, anything else is text.
     pub fn of_path(path: &Path) -> FileFormat {
         match path.extension().and_then(|e| e.to_str()) {
             Some("jsonl" | "ndjson") => FileFormat::Jsonl,
+            Some("parquet") => FileFormat::Parquet,
             _ => FileFormat::Text,
         }
     }
@@ -134,10 +140,16 @@ pub struct DocumentReader {
 struct OpenFile {
     path: PathBuf,
     format: FileFormat,
-    reader: std::io::BufReader<std::fs::File>,
+    reader: Reader,
+    /// Lines or rows read so far.
     line: u64,
     /// A text file read whole has given its one document.
     done: bool,
+}
+
+enum Reader {
+    Bytes(std::io::BufReader<std::fs::File>),
+    Parquet(parquet::record::reader::RowIter<'static>),
 }
 
 impl DocumentReader {
@@ -169,21 +181,11 @@ impl DocumentReader {
     }
 
     fn open(&self, path: PathBuf) -> Result<OpenFile> {
-        let file = std::fs::File::open(&path).map_err(|e| Error::Data {
-            path: path.display().to_string(),
-            msg: format!("cannot open: {e}"),
-        })?;
         let format = self
             .spec
             .format
             .unwrap_or_else(|| FileFormat::of_path(&path));
-        Ok(OpenFile {
-            path,
-            format,
-            reader: std::io::BufReader::with_capacity(1 << 20, file),
-            line: 0,
-            done: false,
-        })
+        OpenFile::open(path, format)
     }
 
     /// The next document of the open file (possibly empty), or `None` at its end.
@@ -193,22 +195,27 @@ impl DocumentReader {
         match (file.format, spec.text_docs) {
             (FileFormat::Text, TextDocs::File) => file.whole_text(),
             (FileFormat::Text, TextDocs::Line) => file.next_text_line(),
-            (FileFormat::Jsonl, _) => loop {
-                let Some((raw, bytes)) = file.next_raw_line()? else {
+            (FileFormat::Jsonl | FileFormat::Parquet, _) => loop {
+                let found = match file.format {
+                    FileFormat::Parquet => file
+                        .next_row()?
+                        .map(|(row, bytes)| (parquet_column(&row, &spec.field), bytes)),
+                    _ => file
+                        .next_json_line()?
+                        .map(|(raw, bytes)| (json_field(&raw, &spec.field), bytes)),
+                };
+                let Some((text, bytes)) = found else {
                     return Ok(None);
                 };
-                if raw.iter().all(|b| b.is_ascii_whitespace()) {
-                    continue; // blank lines separate nothing in JSONL
-                }
-                match json_field(&raw, &spec.field) {
+                match text {
                     Ok(text) => return Ok(Some(Document { text, bytes })),
                     Err(msg) if spec.skip_bad_records => {
-                        tracing::debug!("{}:{}: skipped: {msg}", file.path.display(), file.line);
+                        tracing::debug!("{}: skipped: {msg}", file.location());
                         skipped.bad_records += 1;
                     }
                     Err(msg) => {
                         return Err(Error::Data {
-                            path: format!("{}:{}", file.path.display(), file.line),
+                            path: file.location(),
                             msg: format!("{msg} (--skip-bad-records skips such records)"),
                         })
                     }
@@ -218,7 +225,113 @@ impl DocumentReader {
     }
 }
 
+/// Whole records of a JSONL or Parquet file as JSON values (a Parquet row's columns become an
+/// object's fields, lists and structs included), each with its `file:line` or `file:row N`.
+pub struct RecordReader {
+    file: OpenFile,
+}
+
+impl RecordReader {
+    pub fn open(path: &Path) -> Result<RecordReader> {
+        let format = match FileFormat::of_path(path) {
+            FileFormat::Parquet => FileFormat::Parquet,
+            _ => FileFormat::Jsonl,
+        };
+        Ok(RecordReader {
+            file: OpenFile::open(path.to_path_buf(), format)?,
+        })
+    }
+
+    /// The next record (or what is wrong with it) and where it is; `None` at the end.
+    pub fn next_record(
+        &mut self,
+    ) -> Result<Option<(String, std::result::Result<serde_json::Value, String>)>> {
+        let f = &mut self.file;
+        let value = match f.format {
+            FileFormat::Parquet => f.next_row()?.map(|(row, _)| Ok(row.to_json_value())),
+            _ => f.next_json_line()?.map(|(raw, _)| {
+                serde_json::from_slice(&raw)
+                    .map_err(|e| format!("not JSON ({})", crate::error::first_line(&e.to_string())))
+            }),
+        };
+        Ok(value.map(|v| (f.location(), v)))
+    }
+}
+
 impl OpenFile {
+    fn open(path: PathBuf, format: FileFormat) -> Result<OpenFile> {
+        let err = |msg: String| Error::Data {
+            path: path.display().to_string(),
+            msg,
+        };
+        let file = std::fs::File::open(&path).map_err(|e| err(format!("cannot open: {e}")))?;
+        let reader = match format {
+            FileFormat::Parquet => {
+                let reader =
+                    parquet::file::reader::SerializedFileReader::new(file).map_err(|e| {
+                        err(format!(
+                            "is not a Parquet file ({})",
+                            crate::error::first_line(&e.to_string())
+                        ))
+                    })?;
+                Reader::Parquet(reader.into_iter())
+            }
+            _ => Reader::Bytes(std::io::BufReader::with_capacity(1 << 20, file)),
+        };
+        Ok(OpenFile {
+            path,
+            format,
+            reader,
+            line: 0,
+            done: false,
+        })
+    }
+
+    /// `file:line` (or `file:row N` for Parquet) of the record read last.
+    fn location(&self) -> String {
+        match self.format {
+            FileFormat::Parquet => format!("{}:row {}", self.path.display(), self.line),
+            _ => format!("{}:{}", self.path.display(), self.line),
+        }
+    }
+
+    fn bytes(&mut self) -> &mut std::io::BufReader<std::fs::File> {
+        match &mut self.reader {
+            Reader::Bytes(r) => r,
+            Reader::Parquet(_) => unreachable!("a Parquet file is read by rows"),
+        }
+    }
+
+    /// The next row of a Parquet file and an estimate of its bytes (for progress).
+    fn next_row(&mut self) -> Result<Option<(parquet::record::Row, u64)>> {
+        let Reader::Parquet(rows) = &mut self.reader else {
+            unreachable!("opened as Parquet")
+        };
+        match rows.next() {
+            None => Ok(None),
+            Some(Ok(row)) => {
+                self.line += 1;
+                Ok(Some((row, 0)))
+            }
+            Some(Err(e)) => Err(Error::Data {
+                path: format!("{}:row {}", self.path.display(), self.line + 1),
+                msg: format!("cannot read ({})", crate::error::first_line(&e.to_string())),
+            }),
+        }
+    }
+
+    /// The next non-blank line of a JSONL file.
+    fn next_json_line(&mut self) -> Result<Option<(Vec<u8>, u64)>> {
+        loop {
+            let Some((raw, bytes)) = self.next_raw_line()? else {
+                return Ok(None);
+            };
+            if !raw.iter().all(|b| b.is_ascii_whitespace()) {
+                return Ok(Some((raw, bytes)));
+            }
+        }
+    }
+
     fn read_err(&self, e: std::io::Error) -> Error {
         Error::Data {
             path: self.path.display().to_string(),
@@ -244,7 +357,8 @@ impl OpenFile {
         }
         self.done = true;
         let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut self.reader, &mut bytes).map_err(|e| self.read_err(e))?;
+        let read = std::io::Read::read_to_end(self.bytes(), &mut bytes);
+        read.map_err(|e| self.read_err(e))?;
         let n = bytes.len() as u64;
         let text = String::from_utf8(bytes).map_err(|_| self.not_utf8(false))?;
         Ok(Some(Document { text, bytes: n }))
@@ -253,10 +367,8 @@ impl OpenFile {
     /// The next line's bytes without `\n`, and the bytes it took in the file.
     fn next_raw_line(&mut self) -> Result<Option<(Vec<u8>, u64)>> {
         let mut raw = Vec::new();
-        let n = self
-            .reader
-            .read_until(b'\n', &mut raw)
-            .map_err(|e| self.read_err(e))?;
+        let read = self.bytes().read_until(b'\n', &mut raw);
+        let n = read.map_err(|e| self.read_err(e))?;
         if n == 0 {
             return Ok(None);
         }
@@ -290,6 +402,24 @@ fn json_field(raw: &[u8], field: &str) -> std::result::Result<String, String> {
             json_kind(&other)
         )),
         None => Err(format!("no field {field:?}")),
+    }
+}
+
+/// The string in column `name` of a Parquet row, or what is wrong with it.
+fn parquet_column(row: &parquet::record::Row, name: &str) -> std::result::Result<String, String> {
+    use parquet::record::Field;
+    let field = row
+        .get_column_iter()
+        .find(|(n, _)| n.as_str() == name)
+        .map(|(_, f)| f)
+        .ok_or_else(|| format!("no column {name:?}"))?;
+    match field {
+        Field::Str(s) => Ok(s.clone()),
+        Field::Null => Err(format!("column {name:?} is null, not a string")),
+        other => Err(format!(
+            "column {name:?} is {}, not a string",
+            json_kind(&other.to_json_value())
+        )),
     }
 }
 

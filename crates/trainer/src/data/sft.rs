@@ -18,14 +18,13 @@
 //! way on every run, so a resumed run reads exactly what the uninterrupted one read.
 
 use super::chat::{tokenizer_dir, ChatTemplate, Message};
-use super::corpus::json_kind;
+use super::corpus::{json_kind, RecordReader};
 use super::loader::{stream_seed, Batch};
 use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use std::io::BufRead;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tch::Tensor;
@@ -159,7 +158,8 @@ impl SampleSet {
         (train, valid)
     }
 
-    /// Reads, renders and tokenizes every record of a JSONL file. Errors name the file and line.
+    /// Reads, renders and tokenizes every record of a JSONL or Parquet file. Errors name the
+    /// file and line (or row).
     pub fn open(path: &Path, opts: &SampleOptions, key: &str) -> Result<SampleSet> {
         let tokenizer = Tokenizer::from_arg(&opts.tokenizer.display().to_string())?;
         let dir = tokenizer_dir(opts.tokenizer);
@@ -167,9 +167,9 @@ impl SampleSet {
             Some(t) => ChatTemplate::from_file(t, Some(&dir.join("tokenizer_config.json")))?,
             None => ChatTemplate::from_tokenizer_dir(&dir)?,
         };
-        let file = std::fs::File::open(path).map_err(|e| Error::Data {
-            path: format!("{key} = {}", path.display()),
-            msg: format!("cannot open: {e}"),
+        let mut records = RecordReader::open(path).map_err(|e| Error::Data {
+            path: key.to_string(),
+            msg: e.to_string(),
         })?;
         let mut set = SampleSet {
             ids: Vec::new(),
@@ -178,17 +178,14 @@ impl SampleSet {
             name: path.display().to_string(),
             summary: SftSummary::default(),
         };
-        for (i, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
-            let at = format!("{}:{}", path.display(), i + 1);
+        while let Some((at, record)) = records.next_record()? {
             let err = |msg: String| Error::Data {
                 path: at.clone(),
                 msg,
             };
-            let line = line.map_err(|e| err(format!("cannot read: {e}")))?;
-            if line.iter().all(|b| b.is_ascii_whitespace()) {
-                continue;
-            }
-            let messages = conversation(&line, &opts.format).map_err(err)?;
+            let messages = record
+                .and_then(|r| conversation(r, &opts.format))
+                .map_err(err)?;
             set.summary.records += 1;
             set.add(&messages, &template, &tokenizer, opts)
                 .map_err(|e| err(strip_origin(&e, &template.origin)))?;
@@ -274,10 +271,11 @@ fn strip_origin(e: &Error, origin: &str) -> String {
         .to_string()
 }
 
-/// The conversation of one JSONL record, or what is wrong with it.
-fn conversation(line: &[u8], format: &RecordFormat) -> std::result::Result<Vec<Message>, String> {
-    let value: serde_json::Value = serde_json::from_slice(line)
-        .map_err(|e| format!("not JSON ({})", crate::error::first_line(&e.to_string())))?;
+/// The conversation of one record, or what is wrong with it.
+fn conversation(
+    value: serde_json::Value,
+    format: &RecordFormat,
+) -> std::result::Result<Vec<Message>, String> {
     let field = |name: &str| value.get(name).ok_or_else(|| format!("no field {name:?}"));
     let string = |name: &str| -> std::result::Result<String, String> {
         match field(name)? {

@@ -6,6 +6,7 @@
 //!   compiled into the binary so that the quickstart needs no download.
 
 use super::config::{SourceConfig, TokenDtype};
+use super::corpus::FileFormat;
 use crate::error::{Error, Result};
 use std::path::Path;
 use std::sync::Arc;
@@ -186,7 +187,12 @@ pub fn open(cfg: &SourceConfig, key: &str, vocab_size: i64) -> Result<Arc<TokenD
             path,
             field,
             tokenizer,
-        } => open_jsonl(path, field, tokenizer.as_deref(), key)?,
+        } => open_records(path, FileFormat::Jsonl, field, tokenizer.as_deref(), key)?,
+        SourceConfig::Parquet {
+            path,
+            column,
+            tokenizer,
+        } => open_records(path, FileFormat::Parquet, column, tokenizer.as_deref(), key)?,
         SourceConfig::Chat { .. } | SourceConfig::Instruction { .. } => {
             return Err(Error::Data {
                 path: key.to_string(),
@@ -217,10 +223,17 @@ fn checked(data: TokenData, key: &str, vocab_size: i64) -> Result<Arc<TokenData>
     Ok(Arc::new(data))
 }
 
-fn open_jsonl(path: &Path, field: &str, tokenizer: Option<&Path>, key: &str) -> Result<TokenData> {
+/// A JSONL or Parquet source: each record's `field` a document, tokenized now.
+fn open_records(
+    path: &Path,
+    format: FileFormat,
+    field: &str,
+    tokenizer: Option<&Path>,
+    key: &str,
+) -> Result<TokenData> {
     let spec = super::corpus::CorpusSpec {
         inputs: vec![path.to_path_buf()],
-        format: Some(super::corpus::FileFormat::Jsonl),
+        format: Some(format),
         field: field.to_string(),
         text_docs: super::corpus::TextDocs::File,
         skip_bad_records: false,
