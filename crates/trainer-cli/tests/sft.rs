@@ -291,3 +291,59 @@ fn chat_runs_resume_exactly_and_normalise_over_target_tokens() {
         assert!((a - b).abs() < 1e-4 * b.abs(), "{accum:?} vs {straight:?}");
     }
 }
+
+/// Data parallel on packed chat rows: each rank takes its rows of the global batch (with their
+/// segments and positions), and the loss is normalised over the target tokens of all ranks; two
+/// processes log the losses of one.
+#[test]
+fn two_processes_match_one_on_packed_chat_data() {
+    let work = workdir();
+    let w = work.path();
+    make_example(w);
+    let r = recipe();
+    let set = [
+        "--set",
+        "train.max_steps=6",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.eval_every=6",
+        "--set",
+        "train.grad_accum=2",
+        "--set",
+        "schedule.warmup_steps=2",
+        "--set",
+        "run.threads=1",
+    ];
+    let mut args = vec!["run", r.as_str()];
+    args.extend(set);
+    trainer(w, &args).assert_success();
+    let mut args = vec![
+        "launch",
+        "--nproc",
+        "2",
+        r.as_str(),
+        "--set",
+        "run.out_dir=runs/two",
+    ];
+    args.extend(set);
+    trainer(w, &args).assert_success();
+    let rows = |dir: &str| read_metrics(&w.join(dir).join("metrics.jsonl"));
+    let (one, two) = (rows("runs/sft-chat"), rows("runs/two"));
+    let pairs = train_rows(&one).into_iter().zip(train_rows(&two)).chain(
+        eval_rows(&one, "valid")
+            .into_iter()
+            .zip(eval_rows(&two, "valid")),
+    );
+    let mut n = 0;
+    for (a, b) in pairs {
+        let (x, y) = (num(&a, "loss"), num(&b, "loss"));
+        assert!(
+            (x - y).abs() < 1e-5 * x.abs(),
+            "step {}: {x} vs {y}",
+            step_of(&a)
+        );
+        n += 1;
+    }
+    assert_eq!(n, 7, "six steps and one evaluation");
+}
