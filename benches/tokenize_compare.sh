@@ -38,6 +38,7 @@
 #
 # Environment: VOCAB=8000 REPEATS=3 THREADS="1 $(nproc)" DATA=../shared/data PYTHON=.venv/bin/python
 # WORK=(a new temporary directory, removed at the end unless KEEP=1) LABEL=(host name)
+# PY_API=encode_batch (or encode_batch_fast: no offsets, what the trainer calls per document)
 # WAIT_IDLE=1 (before each run wait up to IDLE_TIMEOUT=120 s for the CPUs to be idle, MAX_BUSY=0.15).
 # LD_LIBRARY_PATH defaults to the venv's torch/lib (the trainer links libtorch).
 set -euo pipefail
@@ -81,6 +82,7 @@ WAIT_IDLE="${WAIT_IDLE:-1}"
 MAX_BUSY="${MAX_BUSY:-0.15}"
 IDLE_TIMEOUT="${IDLE_TIMEOUT:-120}"
 EOS="<|endoftext|>"
+PY_API="${PY_API:-encode_batch}"
 REF=(benches/tokenize_reference.py)
 if [[ -z "${LD_LIBRARY_PATH:-}" ]]; then
     export LD_LIBRARY_PATH="$ROOT/.venv/lib/python3.11/site-packages/torch/lib"
@@ -165,7 +167,7 @@ run_python() {  # CORPUS_PATH MODE THREADS
     wait_idle
     if ! "$PY" benches/bench_util.py monitor "$WORK/python.monitor.json" -- \
         "$PY" "${REF[@]}" encode "$1" --tokenizer "$TOK" --docs "$2" --eos "$EOS" \
-        --threads "$3" --out "$WORK/python.bin" --idx "$WORK/python.idx" > "$log" 2> "$log.err"; then
+        --threads "$3" --api "$PY_API" --out "$WORK/python.bin" --idx "$WORK/python.idx" > "$log" 2> "$log.err"; then
         echo "error: tokenize_reference.py encode failed:" >&2
         cat "$log" "$log.err" >&2
         exit 1
@@ -213,7 +215,7 @@ for c in "${CASES[@]}"; do
 import json, sys
 t, p = [json.loads(l) for l in open(sys.argv[1]).read().splitlines()[-2:]]
 print(f"   rep {t['rep']}: trainer {t['tokens'] / t['seconds']:,.0f} tokens/s ({t['seconds']:.3f} s);"
-      f" python encode_batch {p['encode_tokens_per_s']:,.0f}, end-to-end {p['tokens_per_s']:,.0f}"
+      f" python {p['api']} {p['encode_tokens_per_s']:,.0f}, end-to-end {p['tokens_per_s']:,.0f}"
       f" tokens/s ({p['seconds']:.3f} s, encode on {p['encode_cores']} cores);"
       f" ids {'equal' if t['ids_equal'] else 'DIFFER'}, index {'ok' if t['idx_ok'] else 'WRONG'};"
       f" other processes: {t['monitor']['other_cores']} / {p['monitor']['other_cores']} cores")
@@ -250,7 +252,7 @@ if (( RECORD )); then
         echo "# $HEADER"
         echo
         echo "Command: \`benches/tokenize_compare.sh --record${TRAINER_ARG:+ $TRAINER_ARG}\`" \
-             "(THREADS=\"$THREADS\" REPEATS=$REPEATS VOCAB=$VOCAB)"
+             "(THREADS=\"$THREADS\" REPEATS=$REPEATS VOCAB=$VOCAB PY_API=$PY_API)"
         echo
         echo "$TABLE"
         echo

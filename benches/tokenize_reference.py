@@ -352,7 +352,9 @@ def cmd_table(a):
     def fmt(v):
         return "-" if v != v else f"{v:,.0f}"
 
-    print("| corpus | docs | threads | tokens | trainer tokens/s | python encode_batch tokens/s "
+    apis = sorted({r.get("api", "encode_batch") for r in rows if r["side"] == "python"})
+    api = "/".join(apis) or "encode_batch"
+    print(f"| corpus | docs | threads | tokens | trainer tokens/s | python {api} tokens/s "
           "| python end-to-end tokens/s | trainer / python e2e | trainer / python encode "
           "| ids equal |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -373,7 +375,7 @@ def cmd_table(a):
     print()
     print(f"Medians of {n} runs per side. trainer: tokens / the `seconds` of its OUT.json "
           "(load + read + encode + write, in the process). python end-to-end: the same span "
-          "(tokenizer load + read + encode_batch + ids out + write); python encode_batch: that "
+          f"(tokenizer load + read + {api} + ids out + write); python {api}: that "
           "call alone. Process start-up (and Python's imports) are in neither; the whole "
           "processes' wall times are in the JSON lines (`monitor.wall_s`).")
 

@@ -4,8 +4,9 @@
 //!   per line, per file, per JSONL record and per Parquet row (pyarrow's files, snappy and
 //!   zstd), with the EOS after each; the index holds the document starts;
 //! - the output is the same bytes on 1 and 2 threads;
-//! - a recipe trains on the result (dtype and index from its summary); a wrong dtype or a
-//!   token file changed since is refused;
+//! - a recipe trains on the result (dtype and index from its summary), also with attention kept
+//!   within documents (`data.document_mask`); a wrong dtype or a token file changed since is
+//!   refused;
 //! - bad input is one line and leaves no output behind; outputs are never overwritten without
 //!   --force, an input never.
 
@@ -268,6 +269,39 @@ fn a_recipe_trains_on_the_tokens_and_refuses_a_mismatch() {
     let path = write_recipe(w, "t.toml", &recipe);
     let rows = run_tiny(w, &path, "runs/t", &[]);
     assert!(!train_rows(&rows).is_empty());
+    // Attention within documents (the index from the summary): trains, and sees less than
+    // the plain windows do, so its first loss differs.
+    let masked = run_tiny(w, &path, "runs/m", &["--set", "data.document_mask=true"]);
+    let first = |rows: &[serde_json::Value]| num(&train_rows(rows)[0], "loss");
+    assert!((first(&masked) - first(&rows)).abs() > 1e-6);
+    let out = trainer(
+        w,
+        &[
+            "validate",
+            &path,
+            "--set",
+            "data.train={kind=\"builtin\"}",
+            "--set",
+            "data.document_mask=true",
+        ],
+    );
+    out.assert_one_error(&["data.document_mask", "data.train has no document index"]);
+    // A token file without an index (nanoGPT's): known when the run opens it.
+    std::fs::copy(w.join("c.bin"), w.join("plain.bin")).expect("copy");
+    let out = trainer(
+        w,
+        &[
+            "run",
+            &path,
+            "--set",
+            "data.train={kind=\"tokens\", path=\"plain.bin\"}",
+            "--set",
+            "data.document_mask=true",
+            "--set",
+            "run.out_dir=runs/n",
+        ],
+    );
+    out.assert_one_error(&["data.train = plain.bin: has no document index"]);
     // A dtype that contradicts the summary.
     let out = trainer(
         w,

@@ -373,17 +373,22 @@ impl Recipe {
 
     fn validate_data(&self) -> Result<(), Invalid> {
         self.data.validate(self.model.vocab_size())?;
-        if self.data.is_samples() && self.data.packing() {
-            // These paths run the model without the packed samples' attention masks.
+        if self.data.masks_rows() {
+            // These paths run the model without per-row attention masks.
+            let key = if self.data.document_mask {
+                "data.document_mask"
+            } else {
+                "data.packing"
+            };
             check(
                 self.distill.is_none(),
-                "data.packing",
-                "packed chat/instruction samples cannot be distilled yet; set data.packing = false",
+                key,
+                "rows masked by sample or document cannot be distilled yet; turn it off",
             )?;
             check(
                 self.train.reweight.is_none(),
-                "data.packing",
-                "train.reweight weighs rows, and a packed row holds several samples; set data.packing = false",
+                key,
+                "train.reweight weighs rows, and a masked row holds several samples or documents; turn it off",
             )?;
         }
         Ok(())

@@ -41,6 +41,12 @@ pub struct DataConfig {
     /// Default: true. Refused for other sources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packing: Option<bool>,
+    /// Token sources with a document index (`trainer tokenize` output, jsonl and parquet
+    /// sources): each token attends only to earlier tokens of its own document, and positions
+    /// restart at each document (Llama 3's pretraining mask). Every token source must have an
+    /// index.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub document_mask: bool,
 }
 
 /// `[data.mixture]`: `[[data.mixture.sources]]` tables, each `name`, `weight`, `source`.
@@ -321,10 +327,35 @@ impl DataConfig {
             }
         }
         check(
+            !(self.document_mask && train_samples),
+            "data.document_mask",
+            "chat and instruction samples are kept apart by data.packing already",
+        )?;
+        if self.document_mask {
+            if let Some((key, _)) = sources
+                .iter()
+                .find(|(_, s)| matches!(s, SourceConfig::Builtin {} | SourceConfig::Text { .. }))
+            {
+                return Err(Invalid {
+                    key: "data.document_mask".into(),
+                    msg: format!(
+                        "{key} has no document index (tokenize it with trainer tokenize, or give \
+                         it as jsonl or parquet)"
+                    ),
+                });
+            }
+        }
+        check(
             self.packing.is_none() || train_samples,
             "data.packing",
             "applies to chat and instruction sources only",
         )
+    }
+
+    /// Whether the model runs with per-row masks and positions: packed samples, or windows
+    /// kept within their documents.
+    pub fn masks_rows(&self) -> bool {
+        (self.is_samples() && self.packing()) || self.document_mask
     }
 
     /// Chat and instruction sources: several samples per row (the default) or one.

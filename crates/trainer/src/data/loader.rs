@@ -57,13 +57,39 @@ pub fn window_batch(rows: &[&Span], seq_len: usize, seed: u64, step: i64, micro:
     let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(seed, step, micro, 0));
     let window = seq_len + 1;
     let mut tokens = Vec::with_capacity(rows.len() * window);
+    let mut starts = Vec::with_capacity(rows.len());
     for span in rows {
         let last_start = span.len - window; // inclusive; check_fits guarantees len >= window
         let start = span.start + rng.gen_range(0..=last_start);
         span.data.extend_window(start, window, &mut tokens);
+        starts.push(start);
     }
-    to_batch(tokens, rows.len(), window, step, micro)
+    let documents = documents_of_rows(rows, &starts, seq_len);
+    to_batch(tokens, documents, rows.len(), window, step, micro)
 }
+
+/// With `data.document_mask` on any row: every row's documents and positions in them (a row of
+/// a span without the mask is one document).
+fn documents_of_rows(rows: &[&Span], starts: &[usize], seq_len: usize) -> Option<Documents> {
+    if !rows.iter().any(|s| s.document_mask) {
+        return None;
+    }
+    let (mut segments, mut positions) = (Vec::new(), Vec::new());
+    for (span, &start) in rows.iter().zip(starts) {
+        if span.document_mask {
+            let (s, p) = span.documents_of_window(start, seq_len);
+            segments.extend(s);
+            positions.extend(p);
+        } else {
+            segments.extend(std::iter::repeat_n(0, seq_len));
+            positions.extend(0..seq_len as i64);
+        }
+    }
+    Some((segments, positions))
+}
+
+/// Each position's document and its position within the document, row after row.
+type Documents = (Vec<i64>, Vec<i64>);
 
 /// The `index`-th of `n_batches` validation batches: windows spread evenly over the span, the
 /// same at every evaluation so that curves compare like with like.
@@ -78,6 +104,7 @@ pub fn valid_batch(
     let last_start = span.len - window;
     let total = (n_batches * batch_size).max(1);
     let mut tokens = Vec::with_capacity(batch_size * window);
+    let mut starts = Vec::with_capacity(batch_size);
     for j in 0..batch_size {
         let k = index * batch_size + j;
         let start = if total == 1 {
@@ -87,20 +114,37 @@ pub fn valid_batch(
         };
         span.data
             .extend_window(span.start + start, window, &mut tokens);
+        starts.push(span.start + start);
     }
-    to_batch(tokens, batch_size, window, -1, index as i64)
+    let documents = documents_of_rows(&vec![span; batch_size], &starts, seq_len);
+    to_batch(tokens, documents, batch_size, window, -1, index as i64)
 }
 
-fn to_batch(tokens: Vec<i64>, batch_size: usize, window: usize, step: i64, micro: i64) -> Batch {
+fn to_batch(
+    tokens: Vec<i64>,
+    documents: Option<Documents>,
+    batch_size: usize,
+    window: usize,
+    step: i64,
+    micro: i64,
+) -> Batch {
     let all = Tensor::from_slice(&tokens).view([batch_size as i64, window as i64]);
     let t = window as i64 - 1;
+    let shape = [batch_size as i64, t];
+    let (segments, positions) = match documents {
+        Some((s, p)) => (
+            Some(Tensor::from_slice(&s).view(shape)),
+            Some(Tensor::from_slice(&p).view(shape)),
+        ),
+        None => (None, None),
+    };
     Batch {
         step,
         micro,
         inputs: all.narrow(1, 0, t).contiguous(),
         targets: all.narrow(1, 1, t).to_kind(Kind::Int64).contiguous(),
-        segments: None,
-        positions: None,
+        segments,
+        positions,
     }
 }
 
@@ -156,8 +200,9 @@ impl Drop for Prefetcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::source::{open, Span};
+    use crate::data::source::{open, Span, TokenData};
     use crate::data::SourceConfig;
+    use std::sync::Arc;
 
     fn builtin() -> Span {
         Span::whole(open(&SourceConfig::Builtin {}, "data.train", 256).expect("builtin corpus"))
@@ -209,6 +254,30 @@ mod tests {
             ids(&valid_batch(&valid, 16, 2, 3, 1).inputs),
             ids(&valid_batch(&valid, 16, 2, 3, 1).inputs)
         );
+    }
+
+    #[test]
+    fn document_masks_number_the_documents_of_each_window() {
+        let ids: Vec<u8> = (0..20).collect();
+        let mut data = super::super::source::TokenData::from_bytes(ids, "t");
+        // Documents start at 0, 4, 9 (empty: 9 again) and 15; 20 tokens.
+        Arc::get_mut(&mut data).expect("owned").documents = Some(vec![0, 4, 9, 9, 15, 20]);
+        let span = Span::whole(data)
+            .with_document_mask(true, "data.train")
+            .expect("has an index");
+        let (seg, pos) = span.documents_of_window(2, 10); // tokens 2..12
+        assert_eq!(seg[..2], [0, 0]);
+        assert_eq!(pos, vec![0, 1, 0, 1, 2, 3, 4, 0, 1, 2]);
+        let boundaries: Vec<usize> = (1..10).filter(|&i| seg[i] != seg[i - 1]).collect();
+        assert_eq!(boundaries, vec![2, 7], "documents begin at tokens 4 and 9");
+        let b = valid_batch(&span, 8, 2, 1, 0);
+        assert_eq!(b.segments.expect("masked").size(), vec![2, 8]);
+        let plain = Span::whole(TokenData::from_bytes(vec![1; 20], "p"));
+        let err = plain
+            .with_document_mask(true, "data.valid")
+            .err()
+            .expect("no index");
+        assert!(err.to_string().contains("has no document index"), "{err}");
     }
 
     #[test]

@@ -508,7 +508,7 @@ mod tests {
     use crate::models::config::{DecoderFamily, LlamaConfig, ModelConfig};
     use crate::models::params::ParamStore;
     use crate::models::transformer::{Packing, Transformer, TransformerConfig};
-    use tch::{Kind, Reduction};
+    use tch::Reduction;
 
     /// Three samples of lengths 5, 3 and 6; the first token of each is not a target, and the
     /// second sample's middle token is not either.

@@ -340,6 +340,9 @@ pub struct Span {
     pub data: Arc<TokenData>,
     pub start: usize,
     pub len: usize,
+    /// `data.document_mask`: windows carry each token's document and its position in it, so
+    /// that attention stays within documents (needs the source's document index).
+    pub document_mask: bool,
 }
 
 impl Span {
@@ -349,6 +352,7 @@ impl Span {
             data,
             start: 0,
             len,
+            document_mask: false,
         }
     }
 
@@ -362,13 +366,53 @@ impl Span {
                 data: data.clone(),
                 start: 0,
                 len: n_train,
+                document_mask: false,
             },
             Span {
                 data,
                 start: n_train,
                 len: n_valid,
+                document_mask: false,
             },
         )
+    }
+
+    /// With `data.document_mask`: attention within documents, which needs the document index.
+    pub fn with_document_mask(mut self, on: bool, key: &str) -> Result<Span> {
+        if on && self.data.documents.is_none() {
+            return Err(Error::Data {
+                path: format!("{key} = {}", self.data.name),
+                msg: "has no document index, which data.document_mask needs (a token file \
+                      written by trainer tokenize, or a jsonl/parquet source)"
+                    .into(),
+            });
+        }
+        self.document_mask = on;
+        Ok(self)
+    }
+
+    /// For the window of `n` tokens at absolute position `start`: each token's document
+    /// (numbered from 0 within the window) and its position in the document (counted from the
+    /// window's start for a document that began before it).
+    pub fn documents_of_window(&self, start: usize, n: usize) -> (Vec<i64>, Vec<i64>) {
+        let starts = self.data.documents.as_deref().unwrap_or(&[]);
+        // The document holding `start`: the last document start at or before it.
+        let mut doc = starts.partition_point(|&s| s as usize <= start).max(1) - 1;
+        let mut doc_start = start;
+        let (mut segments, mut positions) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut segment = 0i64;
+        for i in start..start + n {
+            while doc + 1 < starts.len() && starts[doc + 1] as usize <= i {
+                doc += 1;
+                if starts[doc] as usize == i {
+                    segment += 1;
+                    doc_start = i;
+                }
+            }
+            segments.push(segment);
+            positions.push((i - doc_start) as i64);
+        }
+        (segments, positions)
     }
 
     /// Checks that at least one window of `window` tokens fits.

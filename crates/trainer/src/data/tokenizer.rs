@@ -5,6 +5,9 @@
 use crate::error::{Error, Result};
 use std::path::Path;
 
+/// A token's bytes in the text it came from: (start, end).
+pub type ByteRange = (usize, usize);
+
 pub enum Tokenizer {
     /// One token per byte.
     Bytes,
@@ -83,7 +86,7 @@ impl Tokenizer {
 
     /// Token ids of `text` without special tokens added (those spelled in the text, as a chat
     /// template writes them, are recognised), with each token's byte range in `text`.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<ByteRange>)> {
         match self {
             Tokenizer::Bytes => Ok((
                 text.bytes().map(u32::from).collect(),

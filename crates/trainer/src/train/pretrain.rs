@@ -1167,7 +1167,8 @@ pub(crate) fn open_data(
                 packing: d.packing(),
             }
         } else {
-            ValidData::Windows(Span::whole(source::open(src, key, vocab)?))
+            let span = Span::whole(source::open(src, key, vocab)?);
+            ValidData::Windows(span.with_document_mask(d.document_mask, key)?)
         };
         v.check_fits(window, key)?;
         Ok(v)
@@ -1184,6 +1185,7 @@ pub(crate) fn open_data(
             m,
             held_out,
             d.valid_fraction,
+            d.document_mask,
             vocab,
             window,
             &mut valid,
@@ -1216,11 +1218,13 @@ pub(crate) fn open_data(
             let train = if held_out {
                 let (train, v) = Span::split(data, d.valid_fraction);
                 v.check_fits(window, "data.valid_fraction (held-out part of data.train)")?;
+                let v = v.with_document_mask(d.document_mask, "data.train")?;
                 valid.push(("valid".to_string(), ValidData::Windows(v)));
                 train
             } else {
                 Span::whole(data)
             };
+            let train = train.with_document_mask(d.document_mask, "data.train")?;
             train.check_fits(window, "data.train")?;
             TrainInput::Windows(Mixture::from(train))
         }
@@ -1238,10 +1242,12 @@ pub(crate) fn open_data(
 
 /// The sources of `[data.mixture]`, each with its held-out tail pushed to `valid` when
 /// `held_out`.
+#[allow(clippy::too_many_arguments)]
 fn open_mixture(
     m: &crate::data::MixtureConfig,
     held_out: bool,
     valid_fraction: f64,
+    document_mask: bool,
     vocab: i64,
     window: usize,
     valid: &mut Vec<(String, ValidData)>,
@@ -1256,11 +1262,13 @@ fn open_mixture(
                 window,
                 &format!("{key} held-out part (data.valid_fraction)"),
             )?;
+            let v = v.with_document_mask(document_mask, &key)?;
             valid.push((s.name.clone(), ValidData::Windows(v)));
             train
         } else {
             Span::whole(data)
         };
+        let train = train.with_document_mask(document_mask, &key)?;
         train.check_fits(window, &key)?;
         names.push(s.name.clone());
         spans.push(train);
