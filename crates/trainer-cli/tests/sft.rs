@@ -79,6 +79,9 @@ fn lora_sft_on_chat_data_learns_and_exports_an_adapter_peft_loads() {
         "{}",
         out.describe()
     );
+    let summary = read_summary(&w.join("runs/sft-chat"));
+    assert_eq!(summary["samples"]["train"]["samples"], 600, "{summary}");
+    assert_eq!(summary["samples"]["train"]["truncated"], 0, "{summary}");
     let packed = valid_losses(&w.join("runs/sft-chat"));
     assert_eq!(packed.len(), 3, "{packed:?}");
     assert!(
@@ -346,4 +349,117 @@ fn two_processes_match_one_on_packed_chat_data() {
         n += 1;
     }
     assert_eq!(n, 7, "six steps and one evaluation");
+}
+
+/// Chat samples mixed with replayed token data (`[data.mixture]`): rows of both kinds in one
+/// batch, the realised shares reported, and a resumed run reads exactly the rows the
+/// uninterrupted one read (each sample source's cursor is recomputed from the steps).
+#[test]
+fn chat_mixed_with_replayed_tokens_trains_and_resumes_exactly() {
+    let work = workdir();
+    let w = work.path();
+    make_example(w);
+    let text = "The river runs past the old stone bridge. ".repeat(300);
+    std::fs::write(w.join("replay.txt"), text).expect("write");
+    trainer(
+        w,
+        &[
+            "tokenize",
+            "replay.txt",
+            "--tokenizer",
+            "runs/sft-example/model",
+            "--out",
+            "replay.bin",
+        ],
+    )
+    .assert_success();
+    let base = std::fs::read_to_string(recipe()).expect("recipe");
+    let train_line = base
+        .lines()
+        .find(|l| l.starts_with("train = "))
+        .expect("a train line");
+    let mut text = replace_line(&base, train_line, "");
+    text.push_str(
+        "\n[[data.mixture.sources]]\nname = \"chat\"\nweight = 0.7\n\
+         source = { kind = \"chat\", path = \"runs/sft-example/train.jsonl\", tokenizer = \"runs/sft-example/model\" }\n\
+         \n[[data.mixture.sources]]\nname = \"replay\"\nweight = 0.3\n\
+         source = { kind = \"tokens\", path = \"replay.bin\" }\n",
+    );
+    let r = write_recipe(w, "mixed.toml", &text);
+    let set = [
+        "--set",
+        "train.max_steps=12",
+        "--set",
+        "train.checkpoint_every=6",
+        "--set",
+        "train.eval_every=6",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "run.threads=1",
+    ];
+    let mut args = vec!["run", r.as_str()];
+    args.extend(set);
+    trainer(w, &args).assert_success();
+    let rows = read_metrics(&w.join("runs/sft-chat/metrics.jsonl"));
+    let last = train_rows(&rows).last().cloned().expect("rows");
+    let (chat, replay) = (
+        num(&last, "mix_chat_fraction"),
+        num(&last, "mix_replay_fraction"),
+    );
+    assert!(
+        (chat + replay - 1.0).abs() < 1e-9 && chat > 0.5 && replay > 0.1,
+        "{last}"
+    );
+    let model = || {
+        std::fs::read(w.join("runs/sft-chat/checkpoints/step-00000012/model.safetensors"))
+            .expect("model")
+    };
+    let first = model();
+    let summary = read_summary(&w.join("runs/sft-chat"));
+    assert_eq!(summary["samples"]["chat"]["records"], 600, "{summary}");
+    assert!(summary["samples"].get("replay").is_none(), "{summary}");
+    args.extend(["--resume", "runs/sft-chat/checkpoints/step-00000006"]);
+    trainer(w, &args).assert_success();
+    assert!(
+        first == model(),
+        "the resumed mixed run ends on other weights"
+    );
+}
+
+/// Distillation on chat data: with one conversation per row (`data.packing = false`) the
+/// teacher's and student's distributions are compared on the assistant tokens (the targets);
+/// packed rows with a teacher are refused in one line.
+#[test]
+fn distillation_reads_chat_rows_one_per_row_and_refuses_packed_ones() {
+    let work = workdir();
+    let w = work.path();
+    make_example(w);
+    let mut text = std::fs::read_to_string(recipe()).expect("recipe");
+    text.push_str(
+        "\n[distill]\nteacher = \"hf:runs/sft-example/model\"\nloss = \"forward_kl\"\n\
+         temperature = 2.0\nalpha = 0.5\n",
+    );
+    let r = write_recipe(w, "distill.toml", &text);
+    let set = [
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.eval_every=4",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "schedule.warmup_steps=1",
+        "--set",
+        "run.threads=1",
+    ];
+    let mut args = vec!["run", r.as_str(), "--set", "data.packing=false"];
+    args.extend(set);
+    trainer(w, &args).assert_success();
+    let rows = read_metrics(&w.join("runs/sft-chat/metrics.jsonl"));
+    let first = &train_rows(&rows)[0];
+    assert!(num(first, "loss").is_finite(), "{first}");
+    let mut args = vec!["run", r.as_str(), "--set", "run.out_dir=runs/packed"];
+    args.extend(set);
+    trainer(w, &args).assert_one_error(&["data.packing", "cannot be distilled yet"]);
 }

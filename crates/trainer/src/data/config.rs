@@ -46,6 +46,7 @@ pub struct DataConfig {
     /// restart at each document (Llama 3's pretraining mask). Every token source must have an
     /// index.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[schemars(!skip_serializing_if)]
     pub document_mask: bool,
 }
 
@@ -298,34 +299,10 @@ impl DataConfig {
         Ok(())
     }
 
-    /// Chat and instruction sources train alone (no mixture); their validation sets are samples
-    /// too; `packing` only with them.
+    /// `packing` only with chat or instruction sources somewhere; `document_mask` needs token
+    /// sources with an index (and is not for samples alone, which `packing` keeps apart).
     fn check_samples(&self, sources: &[(String, &SourceConfig)]) -> Result<(), Invalid> {
         let train_samples = self.train.as_ref().is_some_and(|t| t.is_samples());
-        if let Some(m) = &self.mixture {
-            if let Some(i) = m.sources.iter().position(|s| s.source.is_samples()) {
-                return Err(Invalid {
-                    key: format!("data.mixture.sources[{i}].source"),
-                    msg: "chat and instruction sources cannot be mixed (give it as data.train)"
-                        .into(),
-                });
-            }
-        }
-        for (key, src) in sources {
-            if key != "data.train" && src.is_samples() != train_samples {
-                return Err(Invalid {
-                    key: key.clone(),
-                    msg: if train_samples {
-                        "data.train is chat or instruction samples; validation sets must be too"
-                            .into()
-                    } else {
-                        "a chat or instruction validation set needs chat or instruction \
-                         training data"
-                            .into()
-                    },
-                });
-            }
-        }
         check(
             !(self.document_mask && train_samples),
             "data.document_mask",
@@ -346,7 +323,7 @@ impl DataConfig {
             }
         }
         check(
-            self.packing.is_none() || train_samples,
+            self.packing.is_none() || sources.iter().any(|(_, s)| s.is_samples()),
             "data.packing",
             "applies to chat and instruction sources only",
         )
@@ -355,7 +332,17 @@ impl DataConfig {
     /// Whether the model runs with per-row masks and positions: packed samples, or windows
     /// kept within their documents.
     pub fn masks_rows(&self) -> bool {
-        (self.is_samples() && self.packing()) || self.document_mask
+        (self.has_samples() && self.packing()) || self.document_mask
+    }
+
+    /// Whether any training source (data.train, or a mixture's) is chat or instruction samples:
+    /// the loss is then the mean over the step's target tokens.
+    pub fn has_samples(&self) -> bool {
+        self.is_samples()
+            || self
+                .mixture
+                .as_ref()
+                .is_some_and(|m| m.sources.iter().any(|s| s.source.is_samples()))
     }
 
     /// Chat and instruction sources: several samples per row (the default) or one.

@@ -88,8 +88,9 @@ fn documents_of_rows(rows: &[&Span], starts: &[usize], seq_len: usize) -> Option
     Some((segments, positions))
 }
 
-/// Each position's document and its position within the document, row after row.
-type Documents = (Vec<i64>, Vec<i64>);
+/// Each position's document and its position within the document (row after row, or of one
+/// row).
+pub type Documents = (Vec<i64>, Vec<i64>);
 
 /// The `index`-th of `n_batches` validation batches: windows spread evenly over the span, the
 /// same at every evaluation so that curves compare like with like.
@@ -145,6 +146,76 @@ fn to_batch(
         targets: all.narrow(1, 1, t).to_kind(Kind::Int64).contiguous(),
         segments,
         positions,
+    }
+}
+
+/// A batch assembled row by row (rows of samples, or windows among them): inputs, targets
+/// (-100 where nothing is learned), each position's segment and position in it.
+pub struct RowBuffers {
+    seq_len: usize,
+    rows: usize,
+    inputs: Vec<i64>,
+    targets: Vec<i64>,
+    segments: Vec<i64>,
+    positions: Vec<i64>,
+}
+
+impl RowBuffers {
+    /// All padding: input 0, no target, segment 0, position 0.
+    pub fn new(rows: usize, seq_len: usize) -> RowBuffers {
+        let n = rows * seq_len;
+        RowBuffers {
+            seq_len,
+            rows,
+            inputs: vec![0; n],
+            targets: vec![-100; n],
+            segments: vec![0; n],
+            positions: vec![0; n],
+        }
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
+    /// Position `at` of row `row`.
+    pub fn put(
+        &mut self,
+        row: usize,
+        at: usize,
+        input: i64,
+        target: i64,
+        segment: i64,
+        position: i64,
+    ) {
+        let p = row * self.seq_len + at;
+        self.inputs[p] = input;
+        self.targets[p] = target;
+        self.segments[p] = segment;
+        self.positions[p] = position;
+    }
+
+    /// Row `row` as a window of `seq_len + 1` tokens: inputs and next-token targets, with the
+    /// window's documents (`Span::documents_of_window`).
+    pub fn window_row(&mut self, row: usize, tokens: &[i64], documents: &Documents) {
+        for at in 0..self.seq_len {
+            let (segment, position) = (documents.0[at], documents.1[at]);
+            self.put(row, at, tokens[at], tokens[at + 1], segment, position);
+        }
+    }
+
+    /// The batch; `masks`: with the segments and positions (packed samples, documents).
+    pub fn into_batch(self, step: i64, micro: i64, masks: bool) -> Batch {
+        let shape = [self.rows as i64, self.seq_len as i64];
+        let tensor = |v: &[i64]| Tensor::from_slice(v).view(shape);
+        Batch {
+            step,
+            micro,
+            inputs: tensor(&self.inputs),
+            targets: tensor(&self.targets),
+            segments: masks.then(|| tensor(&self.segments)),
+            positions: masks.then(|| tensor(&self.positions)),
+        }
     }
 }
 

@@ -9,18 +9,28 @@
 //! (tokens drawn over its size) are reported.
 
 use super::loader::{stream_seed, window_batch, Batch};
+use super::sft::SampleSet;
 use super::source::Span;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::sync::Arc;
 
 /// Salt of the source-choice stream, so that it is independent of the window stream.
 const CHOICE_SALT: u64 = 0x6D69_7874_7572_6521; // "mixture!"
+
+/// Where a source's rows come from: windows of a token stream, or whole chat/instruction
+/// samples (read through `rows::MixedRows`, which keeps each sample source's cursor).
+#[derive(Clone)]
+pub enum MixSource {
+    Windows(Span),
+    Samples(Arc<SampleSet>),
+}
 
 /// The training sources and their normalised cumulative weights.
 #[derive(Clone)]
 pub struct Mixture {
     pub names: Vec<String>,
-    pub spans: Vec<Span>,
+    pub sources: Vec<MixSource>,
     /// Normalised weights, and their cumulative sums (the last is 1).
     weights: Vec<f64>,
     cumulative: Vec<f64>,
@@ -30,7 +40,7 @@ impl From<Span> for Mixture {
     fn from(span: Span) -> Mixture {
         Mixture {
             names: vec!["train".into()],
-            spans: vec![span],
+            sources: vec![MixSource::Windows(span)],
             weights: vec![1.0],
             cumulative: vec![1.0],
         }
@@ -40,6 +50,12 @@ impl From<Span> for Mixture {
 impl Mixture {
     /// `weights` must be non-negative with a positive sum (checked by recipe validation).
     pub fn new(names: Vec<String>, spans: Vec<Span>, weights: &[f64]) -> Mixture {
+        let sources = spans.into_iter().map(MixSource::Windows).collect();
+        Mixture::with_sources(names, sources, weights)
+    }
+
+    /// Sources of either kind.
+    pub fn with_sources(names: Vec<String>, sources: Vec<MixSource>, weights: &[f64]) -> Mixture {
         let total: f64 = weights.iter().sum();
         let mut acc = 0.0;
         let mut cumulative: Vec<f64> = weights
@@ -55,18 +71,18 @@ impl Mixture {
         let weights = weights.iter().map(|w| w / total).collect();
         Mixture {
             names,
-            spans,
+            sources,
             weights,
             cumulative,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.spans.len()
+        self.sources.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.spans.is_empty()
+        self.sources.is_empty()
     }
 
     /// The normalised weight of source `i`.
@@ -76,7 +92,7 @@ impl Mixture {
 
     /// The source index of each of the `batch_size` rows of (step, micro).
     pub fn choices(&self, batch_size: usize, seed: u64, step: i64, micro: i64) -> Vec<usize> {
-        if self.spans.len() == 1 {
+        if self.sources.len() == 1 {
             return vec![0; batch_size];
         }
         let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(seed ^ CHOICE_SALT, step, micro, 0));
@@ -87,7 +103,7 @@ impl Mixture {
                 self.cumulative
                     .iter()
                     .position(|&c| u < c)
-                    .unwrap_or(self.spans.len() - 1)
+                    .unwrap_or(self.sources.len() - 1)
             })
             .collect()
     }
@@ -101,7 +117,7 @@ impl Mixture {
         first: i64,
         last: i64,
     ) -> Vec<u64> {
-        let mut counts = vec![0u64; self.spans.len()];
+        let mut counts = vec![0u64; self.sources.len()];
         for step in first..last {
             for micro in 0..grad_accum {
                 for c in self.choices(batch_size, seed, step, micro) {
@@ -123,7 +139,15 @@ impl Mixture {
         micro: i64,
     ) -> Batch {
         let choices = self.choices(batch_size, seed, step, micro);
-        let rows: Vec<&Span> = choices.iter().map(|&c| &self.spans[c]).collect();
+        let rows: Vec<&Span> = choices
+            .iter()
+            .map(|&c| match &self.sources[c] {
+                MixSource::Windows(span) => span,
+                MixSource::Samples(_) => {
+                    unreachable!("a mixture with sample sources is read through rows::MixedRows")
+                }
+            })
+            .collect();
         window_batch(&rows, seq_len, seed, step, micro)
     }
 }
@@ -140,6 +164,21 @@ pub struct MixtureReport {
 }
 
 impl Mixture {
+    /// Whether any source holds chat/instruction samples.
+    pub fn has_samples(&self) -> bool {
+        self.sources
+            .iter()
+            .any(|s| matches!(s, MixSource::Samples(_)))
+    }
+
+    /// Tokens of source `i` (its training part).
+    fn source_tokens(&self, i: usize) -> usize {
+        match &self.sources[i] {
+            MixSource::Windows(span) => span.len,
+            MixSource::Samples(set) => set.tokens(),
+        }
+    }
+
     pub fn report(&self, counts: &[u64], seq_len: usize) -> Vec<(String, MixtureReport)> {
         let total: u64 = counts.iter().sum();
         self.names
@@ -156,7 +195,7 @@ impl Mixture {
                         } else {
                             n as f64 / total as f64
                         },
-                        epochs: (n as f64 * seq_len as f64) / self.spans[i].len.max(1) as f64,
+                        epochs: (n as f64 * seq_len as f64) / self.source_tokens(i).max(1) as f64,
                         sequences: n,
                     },
                 )
@@ -200,13 +239,13 @@ mod tests {
         assert!((report[0].1.fraction - 0.95).abs() < 0.01, "{report:?}");
         assert!((report[1].1.fraction - 0.05).abs() < 0.01, "{report:?}");
         // Unnormalised weights mean the same mixture.
-        let scaled = Mixture::new(m.names.clone(), m.spans.clone(), &[19.0, 1.0]);
+        let scaled = Mixture::with_sources(m.names.clone(), m.sources.clone(), &[19.0, 1.0]);
         assert_eq!(
             scaled.counts(8, 2, 1234, 0, 50),
             m.counts(8, 2, 1234, 0, 50)
         );
         // A zero weight is never drawn.
-        let zero = Mixture::new(m.names.clone(), m.spans.clone(), &[1.0, 0.0]);
+        let zero = Mixture::with_sources(m.names.clone(), m.sources.clone(), &[1.0, 0.0]);
         assert_eq!(zero.counts(8, 1, 5, 0, 200)[1], 0);
     }
 

@@ -19,7 +19,7 @@
 
 use super::chat::{tokenizer_dir, ChatTemplate, Message};
 use super::corpus::{json_kind, RecordReader};
-use super::loader::{stream_seed, Batch};
+use super::loader::{stream_seed, Batch, RowBuffers};
 use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use rand::seq::SliceRandom;
@@ -27,7 +27,6 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use tch::Tensor;
 
 /// Salt of the epoch permutations, independent of the other streams.
 const EPOCH_SALT: u64 = 0x7366_745f_726f_7773; // "sft_rows"
@@ -47,8 +46,8 @@ pub enum RecordFormat {
     },
 }
 
-/// What reading a set did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What reading a set did (in the start-up log and summary.json's `samples`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SftSummary {
     pub records: u64,
     pub samples: u64,
@@ -251,6 +250,11 @@ impl SampleSet {
         self.samples.len()
     }
 
+    /// Tokens in the samples (for a mixture's epochs: tokens drawn over tokens held).
+    pub fn tokens(&self) -> usize {
+        self.samples.iter().map(|s| s.len()).sum()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.samples.is_empty()
     }
@@ -375,7 +379,7 @@ impl SampleRows {
     }
 
     /// The samples of global row `g` (rows numbered across epochs).
-    fn row(&self, mut g: u64) -> Vec<usize> {
+    pub fn row(&self, mut g: u64) -> Vec<usize> {
         let mut cache = self
             .epochs
             .lock()
@@ -464,41 +468,34 @@ fn rows_batch(
     step: i64,
     micro: i64,
 ) -> Batch {
-    let n = rows.len() * seq_len;
-    let (mut inputs, mut targets) = (vec![0i64; n], vec![-100i64; n]);
-    let (mut segments, mut positions) = (vec![0i64; n], vec![0i64; n]);
+    let mut buf = RowBuffers::new(rows.len(), seq_len);
     for (r, row) in rows.iter().enumerate() {
-        let base = r * seq_len;
-        let mut at = 0usize;
-        for (k, &i) in row.iter().enumerate() {
-            let range = set.samples[i].clone();
-            let len = range.len();
-            for j in 0..len - 1 {
-                let p = base + at + j;
-                inputs[p] = i64::from(set.ids[range.start + j]);
-                if set.target[range.start + j + 1] {
-                    targets[p] = i64::from(set.ids[range.start + j + 1]);
-                }
-                segments[p] = k as i64;
-                positions[p] = j as i64;
-            }
-            at += len - 1;
-        }
-        // Padding: a segment of its own, so that no real token attends to it.
-        for (j, p) in (base + at..base + seq_len).enumerate() {
-            segments[p] = row.len() as i64;
-            positions[p] = j as i64;
-        }
+        fill_row(set, row, &mut buf, r);
     }
-    let shape = [rows.len() as i64, seq_len as i64];
-    let tensor = |v: &[i64]| Tensor::from_slice(v).view(shape);
-    Batch {
-        step,
-        micro,
-        inputs: tensor(&inputs),
-        targets: tensor(&targets),
-        segments: packing.then(|| tensor(&segments)),
-        positions: packing.then(|| tensor(&positions)),
+    buf.into_batch(step, micro, packing)
+}
+
+/// Writes the samples `row` into row `r` of `buf`: each sample's tokens as inputs, the next
+/// token as target where it is one, the sample's number in the row as its segment and positions
+/// from 0; the rest is padding with a segment of its own (no real token attends to it).
+pub fn fill_row(set: &SampleSet, row: &[usize], buf: &mut RowBuffers, r: usize) {
+    let mut at = 0usize;
+    for (k, &i) in row.iter().enumerate() {
+        let range = set.samples[i].clone();
+        for j in 0..range.len() - 1 {
+            let next = range.start + j + 1;
+            let target = if set.target[next] {
+                i64::from(set.ids[next])
+            } else {
+                -100
+            };
+            let input = i64::from(set.ids[range.start + j]);
+            buf.put(r, at + j, input, target, k as i64, j as i64);
+        }
+        at += range.len() - 1;
+    }
+    for (j, p) in (at..buf.seq_len()).enumerate() {
+        buf.put(r, p, 0, -100, row.len() as i64, j as i64);
     }
 }
 

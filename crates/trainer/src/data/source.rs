@@ -212,7 +212,7 @@ fn checked(data: TokenData, key: &str, vocab_size: i64) -> Result<Arc<TokenData>
         msg,
     };
     if data.is_empty() {
-        return Err(err("holds no tokens".to_string()));
+        return Err(err("is empty: it holds no tokens".to_string()));
     }
     let max = data.max_id();
     if max >= vocab_size {

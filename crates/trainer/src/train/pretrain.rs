@@ -12,10 +12,11 @@ use super::harness::{self, Run, RunSummary, Sections, Setup};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{self, InitLoad, Precision, Recipe, WeightDecaySchedule};
 use crate::data::loader::{stream_seed, Batch, Prefetcher};
+use crate::data::mixture::MixSource;
 use crate::data::mixture::{Mixture, MixtureReport};
 use crate::data::reweight::{self, ReweightSums};
-use crate::data::rows::{TrainInput, TrainRows, ValidData};
-use crate::data::sft::{SampleRows, SampleSet};
+use crate::data::rows::{MixedRows, MixedRowsSettings, TrainInput, TrainRows, ValidData};
+use crate::data::sft::{SampleRows, SampleSet, SftSummary};
 use crate::data::source::{self, Span};
 use crate::data::SourceConfig;
 use crate::device;
@@ -81,6 +82,10 @@ pub struct Summary {
     /// With `[[stages]]`: every stage's name and the steps of its metrics rows.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stages: Option<Vec<StageSteps>>,
+    /// Chat/instruction sources (`train`, or the mixture's names): records read, samples kept,
+    /// truncated and dropped, tokens and target tokens.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub samples: BTreeMap<String, SftSummary>,
 }
 
 /// One stage of a `[[stages]]` run in summary.json: its metrics rows are those whose `step` lies
@@ -188,10 +193,13 @@ pub fn run_from(
     }
     run.progress.finish();
     let mixture = data.report();
+    let samples = std::mem::take(&mut data.samples);
     drop(data);
 
     // ---- summary ------------------------------------------------------------------------
-    let summary = lm.summary(recipe, &run, &state, init, evals.last, mixture, stage);
+    let summary = lm.summary(
+        recipe, &run, &state, init, evals.last, mixture, samples, stage,
+    );
     run.write_summary(&summary)?;
     Ok(Outcome::Finished(summary))
 }
@@ -505,7 +513,7 @@ impl Lm {
             .ok_or_else(|| Error::Torch("data prefetch thread stopped".into()))?;
         // This rank's rows of the global batch.
         let rows = |t: &Tensor| t.narrow(0, run.shard_start as i64, run.shard_rows as i64);
-        let per_target = match recipe.data.is_samples() {
+        let per_target = match recipe.data.has_samples() {
             true => Some(per_target_scale(run, &step_batches, &rows)?),
             false => None,
         };
@@ -640,6 +648,7 @@ impl Lm {
         init: Init,
         final_valid_losses: BTreeMap<String, f64>,
         mixture: Option<BTreeMap<String, MixtureReport>>,
+        samples: BTreeMap<String, SftSummary>,
         stage: Option<&InStage>,
     ) -> Summary {
         let time = run.clock.throughput(state.tokens);
@@ -684,6 +693,7 @@ impl Lm {
             final_valid_losses,
             mixture,
             stages: stage.map(|s| s.all.to_vec()),
+            samples,
         }
     }
 }
@@ -903,6 +913,8 @@ struct TrainData {
     /// resume from the run's, or the stage's, first step).
     counts: Option<Vec<u64>>,
     seq_len: usize,
+    /// What reading each chat/instruction source did, by name.
+    samples: BTreeMap<String, SftSummary>,
 }
 
 impl TrainData {
@@ -919,7 +931,23 @@ impl TrainData {
             recipe.run.seed,
         );
         let seq_len = recipe.data.seq_len as usize;
+        let samples = samples_read(&input);
         let (rows, mixture) = match input {
+            TrainInput::Windows(mixture) if mixture.has_samples() => (
+                TrainRows::Mixed(MixedRows::new(
+                    mixture.clone(),
+                    MixedRowsSettings {
+                        packing: recipe.data.packing(),
+                        document_mask: recipe.data.document_mask,
+                        seq_len,
+                        batch_size: bs,
+                        grad_accum: accum,
+                        seed,
+                        base_step: first_step,
+                    },
+                )),
+                Some(mixture),
+            ),
             TrainInput::Windows(mixture) => (
                 TrainRows::Windows {
                     mixture: mixture.clone(),
@@ -957,6 +985,7 @@ impl TrainData {
             prefetch,
             counts,
             seq_len,
+            samples,
         }
     }
 
@@ -985,6 +1014,22 @@ impl TrainData {
                 .into_iter()
                 .collect(),
         )
+    }
+}
+
+/// What reading the chat/instruction sources of the training data did, by source name.
+fn samples_read(input: &TrainInput) -> BTreeMap<String, SftSummary> {
+    match input {
+        TrainInput::Samples(set) => BTreeMap::from([("train".to_string(), set.summary)]),
+        TrainInput::Windows(m) => m
+            .names
+            .iter()
+            .zip(&m.sources)
+            .filter_map(|(name, s)| match s {
+                MixSource::Samples(set) => Some((name.clone(), set.summary)),
+                MixSource::Windows(_) => None,
+            })
+            .collect(),
     }
 }
 
@@ -1185,14 +1230,14 @@ pub(crate) fn open_data(
             m,
             held_out,
             d.valid_fraction,
-            d.document_mask,
+            d,
             vocab,
             window,
             &mut valid,
         )?),
         (None, Some(t)) if t.is_samples() => {
             let set = SampleSet::open_source(t, "data.train", window - 1, vocab)?;
-            log_samples(&set);
+            log_samples("data.train", &set);
             let train = if held_out {
                 let (train, v) = set.split(d.valid_fraction);
                 let v = ValidData::Samples {
@@ -1240,48 +1285,99 @@ pub(crate) fn open_data(
     Ok((train, valid))
 }
 
-/// The sources of `[data.mixture]`, each with its held-out tail pushed to `valid` when
-/// `held_out`.
+/// The sources of `[data.mixture]` (token sources and chat/instruction samples), each with its
+/// held-out tail pushed to `valid` when `held_out`.
 #[allow(clippy::too_many_arguments)]
 fn open_mixture(
     m: &crate::data::MixtureConfig,
     held_out: bool,
     valid_fraction: f64,
-    document_mask: bool,
+    d: &crate::data::DataConfig,
     vocab: i64,
     window: usize,
     valid: &mut Vec<(String, ValidData)>,
 ) -> Result<Mixture> {
-    let (mut names, mut spans, mut weights) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut names, mut sources, mut weights) = (Vec::new(), Vec::new(), Vec::new());
     for (i, s) in m.sources.iter().enumerate() {
         let key = format!("data.mixture.sources[{i}] ({})", s.name);
-        let data = source::open(&s.source, &key, vocab)?;
-        let train = if held_out {
-            let (train, v) = Span::split(data, valid_fraction);
-            v.check_fits(
-                window,
-                &format!("{key} held-out part (data.valid_fraction)"),
-            )?;
-            let v = v.with_document_mask(document_mask, &key)?;
-            valid.push((s.name.clone(), ValidData::Windows(v)));
-            train
+        let source = if s.source.is_samples() {
+            let set = SampleSet::open_source(&s.source, &key, window - 1, vocab)?;
+            log_samples(&key, &set);
+            let set = if held_out {
+                let (train, v) = set.split(valid_fraction);
+                let v = ValidData::Samples {
+                    set: Arc::new(v),
+                    packing: d.packing(),
+                };
+                v.check_fits(
+                    window,
+                    &format!("{key} held-out part (data.valid_fraction)"),
+                )?;
+                valid.push((s.name.clone(), v));
+                train
+            } else {
+                set
+            };
+            if set.is_empty() {
+                return Err(Error::Data {
+                    path: key,
+                    msg: "holds no training sample after the held-out part".into(),
+                });
+            }
+            MixSource::Samples(Arc::new(set))
         } else {
-            Span::whole(data)
+            MixSource::Windows(open_mixture_span(
+                s,
+                &key,
+                held_out,
+                valid_fraction,
+                d,
+                vocab,
+                window,
+                valid,
+            )?)
         };
-        let train = train.with_document_mask(document_mask, &key)?;
-        train.check_fits(window, &key)?;
         names.push(s.name.clone());
-        spans.push(train);
+        sources.push(source);
         weights.push(s.weight);
     }
-    Ok(Mixture::new(names, spans, &weights))
+    Ok(Mixture::with_sources(names, sources, &weights))
+}
+
+/// A token source of a mixture: its training span, and its held-out tail pushed to `valid`.
+#[allow(clippy::too_many_arguments)]
+fn open_mixture_span(
+    s: &crate::data::MixtureSource,
+    key: &str,
+    held_out: bool,
+    valid_fraction: f64,
+    d: &crate::data::DataConfig,
+    vocab: i64,
+    window: usize,
+    valid: &mut Vec<(String, ValidData)>,
+) -> Result<Span> {
+    let data = source::open(&s.source, key, vocab)?;
+    let train = if held_out {
+        let (train, v) = Span::split(data, valid_fraction);
+        v.check_fits(
+            window,
+            &format!("{key} held-out part (data.valid_fraction)"),
+        )?;
+        let v = v.with_document_mask(d.document_mask, key)?;
+        valid.push((s.name.clone(), ValidData::Windows(v)));
+        train
+    } else {
+        Span::whole(data)
+    };
+    train.check_fits(window, key)?;
+    train.with_document_mask(d.document_mask, key)
 }
 
 /// What reading the chat/instruction samples did: records, truncations, drops.
-fn log_samples(set: &SampleSet) {
+fn log_samples(key: &str, set: &SampleSet) {
     let s = &set.summary;
     tracing::info!(
-        "data.train: {} records -> {} samples, {} tokens ({} targets); {} truncated to seq_len + 1, {} dropped without a target token",
+        "{key}: {} records -> {} samples, {} tokens ({} targets); {} truncated to seq_len + 1, {} dropped without a target token",
         s.records,
         s.samples,
         s.tokens,
