@@ -1,7 +1,9 @@
-//! Data: token sources (token files, text, the built-in corpus) and their batches; corpora
-//! tokenized into token files (`corpus`, `tokenize`, `token_file`); image
-//! datasets (CIFAR, folders, the built-in generated set) and their augmented batches; how much
-//! each sequence of a batch counts in the loss (`reweight`).
+//! Data: token sources (token files, text, JSONL, Parquet, the built-in corpus) and their
+//! windows (`source`, `loader`, `mixture`); corpora tokenized into token files (`corpus`,
+//! `tokenize`, `token_file`); chat and instruction samples rendered through chat templates
+//! (`chat`, `sft`), packed or padded into rows; what a run reads, windows or samples, behind one
+//! interface (`rows`); image datasets (CIFAR, folders, the built-in generated set) and their
+//! augmented batches; how much each sequence of a batch counts in the loss (`reweight`).
 //!
 //! `config` holds `[data]` of both tasks (`DataConfig`, `ImageDataConfig`) and its checks.
 //! Imports: `models/` (the per-token loss that `reweight` weighs), `validate`, `error`.
