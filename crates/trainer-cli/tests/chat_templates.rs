@@ -119,3 +119,20 @@ fn assistant_spans_hold_each_reply_and_nothing_of_the_other_turns() {
         }
     }
 }
+
+/// Llama 3's template writes today's date unless `date_string` is given: the trainer knows
+/// (and warns, since the same data would render differently on another day).
+#[test]
+fn templates_that_read_the_date_are_known() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plain = |name: &str| {
+        ChatTemplate::from_file(&reference_dir().join(name), None).expect("the template parses")
+    };
+    assert!(plain("llama3.jinja").reads_the_date());
+    assert!(
+        !template("llama3.jinja", dir.path()).reads_the_date(),
+        "date_string pins it"
+    );
+    assert!(!plain("chatml_qwen2.5.jinja").reads_the_date());
+    assert!(!plain("gemma.jinja").reads_the_date());
+}

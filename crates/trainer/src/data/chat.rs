@@ -31,6 +31,8 @@ pub struct ChatTemplate {
     special: serde_json::Map<String, serde_json::Value>,
     /// Where the template came from, for messages.
     pub origin: String,
+    /// The template calls `strftime_now` (today's date).
+    calls_strftime: bool,
 }
 
 /// The variable names of special tokens in tokenizer_config.json that templates read.
@@ -106,6 +108,7 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        let calls_strftime = source.contains("strftime_now");
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
@@ -118,7 +121,14 @@ impl ChatTemplate {
             env,
             special,
             origin,
+            calls_strftime,
         })
+    }
+
+    /// Whether the rendered text may hold today's date: the template calls `strftime_now` and
+    /// no `date_string` variable is given (Llama 3.x's templates prefer it when defined).
+    pub fn reads_the_date(&self) -> bool {
+        self.calls_strftime && !self.special.contains_key("date_string")
     }
 
     /// Adds template variables (transformers passes extra keyword arguments of

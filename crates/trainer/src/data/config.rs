@@ -176,6 +176,12 @@ pub enum SourceConfig {
         /// A Jinja chat template file instead of the tokenizer's own.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         template: Option<PathBuf>,
+        /// Extra template variables, as extra keyword arguments of transformers'
+        /// `apply_chat_template`: e.g. Llama 3's `date_string = "26 Jul 2024"` (which also keeps
+        /// the rendered text the same on every day), Qwen3's `enable_thinking = false`.
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        #[schemars(!skip_serializing_if)]
+        template_vars: std::collections::BTreeMap<String, TemplateValue>,
         /// The field that holds each record's messages.
         #[serde(default = "default_messages_field")]
         messages_field: String,
@@ -193,6 +199,12 @@ pub enum SourceConfig {
         /// A Jinja chat template file instead of the tokenizer's own.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         template: Option<PathBuf>,
+        /// Extra template variables, as extra keyword arguments of transformers'
+        /// `apply_chat_template`: e.g. Llama 3's `date_string = "26 Jul 2024"` (which also keeps
+        /// the rendered text the same on every day), Qwen3's `enable_thinking = false`.
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        #[schemars(!skip_serializing_if)]
+        template_vars: std::collections::BTreeMap<String, TemplateValue>,
         /// The field that holds the prompt.
         #[serde(default = "default_prompt_field")]
         prompt_field: String,
@@ -203,6 +215,27 @@ pub enum SourceConfig {
         #[serde(default)]
         train_on_prompt: bool,
     },
+}
+
+/// A chat template variable: a boolean, a number or a string.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum TemplateValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl TemplateValue {
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            TemplateValue::Bool(b) => (*b).into(),
+            TemplateValue::Int(i) => (*i).into(),
+            TemplateValue::Float(f) => (*f).into(),
+            TemplateValue::Text(t) => t.clone().into(),
+        }
+    }
 }
 
 fn default_messages_field() -> String {

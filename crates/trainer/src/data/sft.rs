@@ -76,6 +76,8 @@ pub struct SampleOptions<'a> {
     pub tokenizer: &'a Path,
     /// A .jinja file instead of the tokenizer's own template.
     pub template: Option<&'a Path>,
+    /// Extra template variables (`apply_chat_template`'s keyword arguments).
+    pub template_vars: serde_json::Map<String, serde_json::Value>,
     pub train_on_prompt: bool,
     pub seq_len: usize,
     pub vocab_size: i64,
@@ -90,17 +92,19 @@ impl SampleSet {
         vocab_size: i64,
     ) -> Result<SampleSet> {
         use super::config::SourceConfig;
-        let (path, tokenizer, template, train_on_prompt, format) = match cfg {
+        let (path, tokenizer, template, vars, train_on_prompt, format) = match cfg {
             SourceConfig::Chat {
                 path,
                 tokenizer,
                 template,
+                template_vars,
                 messages_field,
                 train_on_prompt,
             } => (
                 path,
                 tokenizer,
                 template,
+                template_vars,
                 *train_on_prompt,
                 RecordFormat::Chat {
                     messages_field: messages_field.clone(),
@@ -110,6 +114,7 @@ impl SampleSet {
                 path,
                 tokenizer,
                 template,
+                template_vars,
                 prompt_field,
                 response_field,
                 train_on_prompt,
@@ -117,6 +122,7 @@ impl SampleSet {
                 path,
                 tokenizer,
                 template,
+                template_vars,
                 *train_on_prompt,
                 RecordFormat::Instruction {
                     prompt_field: prompt_field.clone(),
@@ -134,6 +140,7 @@ impl SampleSet {
             format,
             tokenizer,
             template: template.as_deref(),
+            template_vars: vars.iter().map(|(k, v)| (k.clone(), v.to_json())).collect(),
             train_on_prompt,
             seq_len,
             vocab_size,
@@ -165,7 +172,16 @@ impl SampleSet {
         let template = match opts.template {
             Some(t) => ChatTemplate::from_file(t, Some(&dir.join("tokenizer_config.json")))?,
             None => ChatTemplate::from_tokenizer_dir(&dir)?,
-        };
+        }
+        .with_variables(opts.template_vars.clone());
+        if template.reads_the_date() {
+            tracing::warn!(
+                "{key}: the chat template ({}) writes today's date into every conversation \
+                 (strftime_now): the same data renders differently on another day; pin it with \
+                 template_vars = {{ date_string = \"...\" }}",
+                template.origin
+            );
+        }
         let mut records = RecordReader::open(path).map_err(|e| Error::Data {
             path: key.to_string(),
             msg: e.to_string(),
@@ -646,6 +662,7 @@ mod tests {
             },
             tokenizer: Path::new("bytes"),
             template: Some(&template),
+            template_vars: Default::default(),
             train_on_prompt: false,
             seq_len: 64,
             vocab_size: 256,
@@ -683,6 +700,30 @@ mod tests {
                 "{err}"
             );
         }
+        // Template variables reach the template (apply_chat_template's keyword arguments).
+        let tagged = write(
+            dir.path(),
+            "v.jinja",
+            "{{ tag }}{% for m in messages %}{{ m.content }}{% endfor %}",
+        );
+        let with_vars = SampleOptions {
+            template: Some(&tagged),
+            template_vars: serde_json::json!({"tag": "T:"})
+                .as_object()
+                .expect("object")
+                .clone(),
+            train_on_prompt: true,
+            ..opts
+        };
+        let set = SampleSet::open(&data, &with_vars, "data.train").expect("reads");
+        let text: String = set.ids.iter().map(|&b| b as u8 as char).collect();
+        assert_eq!(text, "T:hiyo");
+        let opts = SampleOptions {
+            template: Some(&template),
+            template_vars: Default::default(),
+            train_on_prompt: false,
+            ..with_vars
+        };
         let failing = write(
             dir.path(),
             "f.jinja",
