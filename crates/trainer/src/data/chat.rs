@@ -249,6 +249,16 @@ fn special_tokens(
     out
 }
 
+/// The special tokens (`bos_token`, `eos_token`, ...) of the tokenizer_config.json in `dir`, if
+/// there is one (empty otherwise).
+pub fn special_tokens_in(dir: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let config = dir.join("tokenizer_config.json");
+    if !config.is_file() {
+        return Ok(serde_json::Map::new());
+    }
+    Ok(special_tokens(&read_json_object(&config)?))
+}
+
 /// The tokenizer_config.json beside a tokenizer argument (a tokenizer.json or its directory).
 pub fn tokenizer_dir(tokenizer: &Path) -> PathBuf {
     if tokenizer.is_dir() {

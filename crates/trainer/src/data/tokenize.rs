@@ -279,29 +279,12 @@ fn resolve_eos(tokenizer: &Tokenizer, arg: &str, eos: &EosChoice) -> Result<Opti
 /// `eos_token` of the `tokenizer_config.json` beside the tokenizer (a string, or an
 /// `AddedToken` object with `content`).
 fn default_eos_token(arg: &str) -> Result<Option<String>> {
-    let path = Path::new(arg);
-    let dir = if path.is_dir() {
-        path.to_path_buf()
-    } else {
-        path.parent().map(Path::to_path_buf).unwrap_or_default()
-    };
-    let config = dir.join("tokenizer_config.json");
-    if !config.is_file() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&config).map_err(io_err(config.display().to_string()))?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Data {
-        path: config.display().to_string(),
-        msg: format!("not JSON ({})", crate::error::first_line(&e.to_string())),
-    })?;
-    Ok(match value.get("eos_token") {
-        Some(serde_json::Value::String(s)) => Some(s.clone()),
-        Some(obj) => obj
-            .get("content")
-            .and_then(|c| c.as_str())
-            .map(String::from),
-        None => None,
-    })
+    let dir = super::chat::tokenizer_dir(Path::new(arg));
+    let special = super::chat::special_tokens_in(&dir)?;
+    Ok(special
+        .get("eos_token")
+        .and_then(|t| t.as_str())
+        .map(String::from))
 }
 
 fn tokenizer_sha256(arg: &str) -> Result<Option<String>> {

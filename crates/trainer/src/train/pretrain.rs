@@ -1226,37 +1226,20 @@ pub(crate) fn open_data(
         ));
     }
     let train = match (&d.mixture, &d.train) {
-        (Some(m), _) => TrainInput::Windows(open_mixture(
-            m,
-            held_out,
-            d.valid_fraction,
-            d,
-            vocab,
-            window,
-            &mut valid,
-        )?),
+        (Some(m), _) => {
+            TrainInput::Windows(open_mixture(m, held_out, d, vocab, window, &mut valid)?)
+        }
         (None, Some(t)) if t.is_samples() => {
-            let set = SampleSet::open_source(t, "data.train", window - 1, vocab)?;
-            log_samples("data.train", &set);
-            let train = if held_out {
-                let (train, v) = set.split(d.valid_fraction);
-                let v = ValidData::Samples {
-                    set: Arc::new(v),
-                    packing: d.packing(),
-                };
-                v.check_fits(window, "data.valid_fraction (held-out part of data.train)")?;
-                valid.push(("valid".to_string(), v));
-                train
-            } else {
-                set
-            };
-            if train.is_empty() {
-                return Err(Error::Data {
-                    path: "data.train".into(),
-                    msg: "holds no training sample after the held-out part".into(),
-                });
-            }
-            TrainInput::Samples(Arc::new(train))
+            let held = held_out.then_some("valid");
+            TrainInput::Samples(open_samples(
+                t,
+                "data.train",
+                held,
+                d,
+                vocab,
+                window,
+                &mut valid,
+            )?)
         }
         (None, Some(t)) => {
             let data = source::open(t, "data.train", vocab)?;
@@ -1287,11 +1270,9 @@ pub(crate) fn open_data(
 
 /// The sources of `[data.mixture]` (token sources and chat/instruction samples), each with its
 /// held-out tail pushed to `valid` when `held_out`.
-#[allow(clippy::too_many_arguments)]
 fn open_mixture(
     m: &crate::data::MixtureConfig,
     held_out: bool,
-    valid_fraction: f64,
     d: &crate::data::DataConfig,
     vocab: i64,
     window: usize,
@@ -1301,40 +1282,13 @@ fn open_mixture(
     for (i, s) in m.sources.iter().enumerate() {
         let key = format!("data.mixture.sources[{i}] ({})", s.name);
         let source = if s.source.is_samples() {
-            let set = SampleSet::open_source(&s.source, &key, window - 1, vocab)?;
-            log_samples(&key, &set);
-            let set = if held_out {
-                let (train, v) = set.split(valid_fraction);
-                let v = ValidData::Samples {
-                    set: Arc::new(v),
-                    packing: d.packing(),
-                };
-                v.check_fits(
-                    window,
-                    &format!("{key} held-out part (data.valid_fraction)"),
-                )?;
-                valid.push((s.name.clone(), v));
-                train
-            } else {
-                set
-            };
-            if set.is_empty() {
-                return Err(Error::Data {
-                    path: key,
-                    msg: "holds no training sample after the held-out part".into(),
-                });
-            }
-            MixSource::Samples(Arc::new(set))
+            let held = held_out.then_some(s.name.as_str());
+            MixSource::Samples(open_samples(
+                &s.source, &key, held, d, vocab, window, valid,
+            )?)
         } else {
             MixSource::Windows(open_mixture_span(
-                s,
-                &key,
-                held_out,
-                valid_fraction,
-                d,
-                vocab,
-                window,
-                valid,
+                s, &key, held_out, d, vocab, window, valid,
             )?)
         };
         names.push(s.name.clone());
@@ -1344,13 +1298,49 @@ fn open_mixture(
     Ok(Mixture::with_sources(names, sources, &weights))
 }
 
+/// A chat/instruction source's training samples; with `held_out` (the validation set's name),
+/// its last `data.valid_fraction` pushed to `valid`.
+fn open_samples(
+    src: &SourceConfig,
+    key: &str,
+    held_out: Option<&str>,
+    d: &crate::data::DataConfig,
+    vocab: i64,
+    window: usize,
+    valid: &mut Vec<(String, ValidData)>,
+) -> Result<Arc<SampleSet>> {
+    let set = SampleSet::open_source(src, key, window - 1, vocab)?;
+    log_samples(key, &set);
+    let train = match held_out {
+        Some(name) => {
+            let (train, v) = set.split(d.valid_fraction);
+            let v = ValidData::Samples {
+                set: Arc::new(v),
+                packing: d.packing(),
+            };
+            v.check_fits(
+                window,
+                &format!("{key} held-out part (data.valid_fraction)"),
+            )?;
+            valid.push((name.to_string(), v));
+            train
+        }
+        None => set,
+    };
+    if train.is_empty() {
+        return Err(Error::Data {
+            path: key.to_string(),
+            msg: "holds no training sample after the held-out part".into(),
+        });
+    }
+    Ok(Arc::new(train))
+}
+
 /// A token source of a mixture: its training span, and its held-out tail pushed to `valid`.
-#[allow(clippy::too_many_arguments)]
 fn open_mixture_span(
     s: &crate::data::MixtureSource,
     key: &str,
     held_out: bool,
-    valid_fraction: f64,
     d: &crate::data::DataConfig,
     vocab: i64,
     window: usize,
@@ -1358,7 +1348,7 @@ fn open_mixture_span(
 ) -> Result<Span> {
     let data = source::open(&s.source, key, vocab)?;
     let train = if held_out {
-        let (train, v) = Span::split(data, valid_fraction);
+        let (train, v) = Span::split(data, d.valid_fraction);
         v.check_fits(
             window,
             &format!("{key} held-out part (data.valid_fraction)"),
