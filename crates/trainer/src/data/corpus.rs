@@ -489,8 +489,7 @@ mod tests {
         ];
         std::fs::write(&path, lines.join("\n")).expect("write");
         let err = read_all(spec(&path, None, TextDocs::File, false))
-            .err()
-            .expect("a bad record stops the read")
+            .expect_err("a bad record stops the read")
             .to_string();
         assert!(
             err.contains("c.jsonl:3: field \"text\" is a number"),
@@ -503,7 +502,7 @@ mod tests {
             field: "other".into(),
             ..spec(&path, None, TextDocs::File, false)
         };
-        let err = read_all(field).err().expect("missing field").to_string();
+        let err = read_all(field).expect_err("missing field").to_string();
         assert!(err.contains("c.jsonl:1: no field \"other\""), "{err}");
     }
 
@@ -513,13 +512,11 @@ mod tests {
         let path = dir.path().join("bin.txt");
         std::fs::write(&path, b"ok\n\xff\xfe\n").expect("write");
         let err = read_all(spec(&path, None, TextDocs::Line, false))
-            .err()
-            .expect("not UTF-8")
+            .expect_err("not UTF-8")
             .to_string();
         assert!(err.contains("bin.txt:2: is not UTF-8 text"), "{err}");
         let missing = read_all(spec(&dir.path().join("nope"), None, TextDocs::File, false))
-            .err()
-            .expect("missing input")
+            .expect_err("missing input")
             .to_string();
         assert!(missing.contains("nope: cannot read"), "{missing}");
     }
