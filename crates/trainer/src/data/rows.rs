@@ -7,7 +7,7 @@
 
 use super::loader::{stream_seed, valid_batch, Batch, RowBuffers};
 use super::mixture::{MixSource, Mixture};
-use super::sft::{fill_row, valid_rows_batch, SampleRows, SampleSet};
+use super::sft::{fill_row, valid_rows, valid_rows_batch, SampleRows, SampleSet};
 use super::source::Span;
 use crate::error::{Error, Result};
 use rand::{Rng, SeedableRng};
@@ -190,10 +190,21 @@ impl MixedRows {
 #[derive(Clone)]
 pub enum ValidData {
     Windows(Span),
-    Samples { set: Arc<SampleSet>, packing: bool },
+    Samples {
+        set: Arc<SampleSet>,
+        packing: bool,
+        /// The rows every evaluation reads, in order.
+        plan: Arc<Vec<Vec<usize>>>,
+    },
 }
 
 impl ValidData {
+    /// A set of samples, its rows planned once (`sft::valid_rows`).
+    pub fn samples(set: Arc<SampleSet>, seq_len: usize, packing: bool) -> ValidData {
+        let plan = Arc::new(valid_rows(&set, seq_len, packing));
+        ValidData::Samples { set, packing, plan }
+    }
+
     /// Batch `index` of `n_batches` fixed batches (the same at every evaluation).
     pub fn batch(
         &self,
@@ -204,8 +215,8 @@ impl ValidData {
     ) -> Batch {
         match self {
             ValidData::Windows(span) => valid_batch(span, seq_len, batch_size, n_batches, index),
-            ValidData::Samples { set, packing } => {
-                valid_rows_batch(set, seq_len, *packing, batch_size, index)
+            ValidData::Samples { set, packing, plan } => {
+                valid_rows_batch(set, plan, seq_len, *packing, batch_size, index)
             }
         }
     }

@@ -62,8 +62,9 @@ pub struct SftSummary {
 
 /// Tokenized samples: ids, which ids are targets, and each sample's range.
 pub struct SampleSet {
-    ids: Vec<u32>,
-    target: Vec<bool>,
+    /// Shared with a held-out part split off it (`split`), never copied.
+    ids: Arc<Vec<u32>>,
+    target: Arc<Vec<bool>>,
     samples: Vec<std::ops::Range<usize>>,
     pub name: String,
     pub summary: SftSummary,
@@ -155,8 +156,8 @@ impl SampleSet {
         let mut train = self;
         let tail = train.samples.split_off(n - n_valid);
         let valid = SampleSet {
-            ids: train.ids.clone(),
-            target: train.target.clone(),
+            ids: Arc::clone(&train.ids),
+            target: Arc::clone(&train.target),
             samples: tail,
             name: format!("{} (held out)", train.name),
             summary: train.summary,
@@ -187,8 +188,8 @@ impl SampleSet {
             msg: e.to_string(),
         })?;
         let mut set = SampleSet {
-            ids: Vec::new(),
-            target: Vec::new(),
+            ids: Arc::new(Vec::new()),
+            target: Arc::new(Vec::new()),
             samples: Vec::new(),
             name: path.display().to_string(),
             summary: SftSummary::default(),
@@ -256,8 +257,8 @@ impl SampleSet {
         self.summary.samples += 1;
         self.summary.tokens += ids.len() as u64;
         self.summary.target_tokens += target[1..].iter().filter(|&&t| t).count() as u64;
-        self.ids.extend(ids);
-        self.target.extend(target);
+        Arc::make_mut(&mut self.ids).extend(ids);
+        Arc::make_mut(&mut self.target).extend(target);
         self.samples.push(start..self.ids.len());
         Ok(())
     }
@@ -457,21 +458,27 @@ fn pack(set: &SampleSet, order: &[usize], seq_len: usize, packing: bool) -> Vec<
     rows
 }
 
-/// Validation batch `index` of `n_batches`: the set's samples in file order, packed the same
-/// way at every evaluation (wrapping around when the set has fewer rows).
+/// Validation batch `index`: rows of `plan` (`valid_rows`), wrapping around when the set has
+/// fewer rows than the evaluation reads.
 pub fn valid_rows_batch(
     set: &SampleSet,
+    plan: &[Vec<usize>],
     seq_len: usize,
     packing: bool,
     batch_size: usize,
     index: usize,
 ) -> Batch {
-    let order: Vec<usize> = (0..set.len()).collect();
-    let all = pack(set, &order, seq_len, packing);
     let rows: Vec<Vec<usize>> = (0..batch_size)
-        .map(|r| all[(index * batch_size + r) % all.len()].clone())
+        .map(|r| plan[(index * batch_size + r) % plan.len()].clone())
         .collect();
     rows_batch(set, &rows, seq_len, packing, -1, index as i64)
+}
+
+/// The validation rows of a set: its samples in file order, packed (or one per row); computed
+/// once per set, the same at every evaluation.
+pub fn valid_rows(set: &SampleSet, seq_len: usize, packing: bool) -> Vec<Vec<usize>> {
+    let order: Vec<usize> = (0..set.len()).collect();
+    pack(set, &order, seq_len, packing)
 }
 
 /// Inputs, targets (-100 where nothing is learned), and with packing each position's sample
@@ -533,8 +540,8 @@ mod tests {
         target[6] = false;
         target[8] = false;
         SampleSet {
-            ids,
-            target,
+            ids: Arc::new(ids),
+            target: Arc::new(target),
             samples: vec![0..5, 5..8, 8..14],
             name: "test".into(),
             summary: SftSummary::default(),
@@ -672,7 +679,7 @@ mod tests {
         assert_eq!(text, "<user>hi|<assistant>yo|");
         let learned: String = text
             .chars()
-            .zip(&set.target)
+            .zip(set.target.iter())
             .filter(|(_, &t)| t)
             .map(|(c, _)| c)
             .collect();

@@ -514,7 +514,7 @@ impl Lm {
         // This rank's rows of the global batch.
         let rows = |t: &Tensor| t.narrow(0, run.shard_start as i64, run.shard_rows as i64);
         let per_target = match recipe.data.has_samples() {
-            true => Some(per_target_scale(run, &step_batches, &rows)?),
+            true => Some(per_target_weights(run, &step_batches, &rows)?),
             false => None,
         };
         for (micro, batch) in (0..accum).zip(step_batches) {
@@ -552,13 +552,9 @@ impl Lm {
             };
             // Chat/instruction samples: the step's loss is the mean over all its target tokens
             // (every micro-batch and rank), not a mean of per-micro-batch means.
-            let (scaled, logged) = match per_target {
-                Some(k) => {
-                    let n = rows(&batch.targets)
-                        .ne(-100)
-                        .sum(Kind::Int64)
-                        .int64_value(&[]);
-                    let sum = &loss * n as f64 * k;
+            let (scaled, logged) = match &per_target {
+                Some(weights) => {
+                    let sum = &loss * weights[micro as usize];
                     let router = &total - &loss;
                     (&sum + router / accum as f64, sum.detach() * accum as f64)
                 }
@@ -1207,10 +1203,8 @@ pub(crate) fn open_data(
     let held_out = d.valid.is_none() && d.valid_sets.is_empty();
     let open_valid = |src: &SourceConfig, key: &str| -> Result<ValidData> {
         let v = if src.is_samples() {
-            ValidData::Samples {
-                set: Arc::new(SampleSet::open_source(src, key, window - 1, vocab)?),
-                packing: d.packing(),
-            }
+            let set = SampleSet::open_source(src, key, window - 1, vocab)?;
+            ValidData::samples(Arc::new(set), window - 1, d.packing())
         } else {
             let span = Span::whole(source::open(src, key, vocab)?);
             ValidData::Windows(span.with_document_mask(d.document_mask, key)?)
@@ -1314,10 +1308,7 @@ fn open_samples(
     let train = match held_out {
         Some(name) => {
             let (train, v) = set.split(d.valid_fraction);
-            let v = ValidData::Samples {
-                set: Arc::new(v),
-                packing: d.packing(),
-            };
+            let v = ValidData::samples(Arc::new(v), window - 1, d.packing());
             v.check_fits(
                 window,
                 &format!("{key} held-out part (data.valid_fraction)"),
@@ -1377,17 +1368,23 @@ fn log_samples(key: &str, set: &SampleSet) {
     );
 }
 
-/// `world / T`, T the target tokens of the step's micro-batches over all ranks: a micro-batch's
-/// summed token losses times it, accumulated and averaged over the ranks as the gradients are,
-/// give the mean over the step's target tokens.
-fn per_target_scale(run: &Run, batches: &[Batch], rows: &dyn Fn(&Tensor) -> Tensor) -> Result<f64> {
-    let local: i64 = batches
+/// Per micro-batch, `n * world / T`: n its target tokens on this rank, T the step's over all
+/// micro-batches and ranks. A micro-batch's mean token loss times it, accumulated and averaged
+/// over the ranks as the gradients are, gives the mean over the step's target tokens. The
+/// targets are counted once, on the CPU where the batches are.
+fn per_target_weights(
+    run: &Run,
+    batches: &[Batch],
+    rows: &dyn Fn(&Tensor) -> Tensor,
+) -> Result<Vec<f64>> {
+    let counts: Vec<f64> = batches
         .iter()
-        .map(|b| rows(&b.targets).ne(-100).sum(Kind::Int64).int64_value(&[]))
-        .sum();
-    let mut total = [local as f64];
+        .map(|b| rows(&b.targets).ne(-100).sum(Kind::Int64).int64_value(&[]) as f64)
+        .collect();
+    let mut total = [counts.iter().sum::<f64>()];
     run.dp.sum(&mut total)?;
-    Ok(run.world.size as f64 / total[0].max(1.0))
+    let k = run.world.size as f64 / total[0].max(1.0);
+    Ok(counts.into_iter().map(|n| n * k).collect())
 }
 
 /// The packed samples' segments and positions of a batch (`data/sft.rs`), this rank's rows
