@@ -53,6 +53,11 @@ enum Command {
         /// or a checkpoint directory to continue from.
         #[arg(long)]
         resume: Option<String>,
+        /// While another run holds the run directory's lock, wait up to SECONDS for it to end
+        /// (a Slurm requeue that starts while the old job is still writing its checkpoint)
+        /// instead of failing at once.
+        #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+        wait_for_lock: u64,
     },
     /// Train with N local processes (data parallel, torchrun's conventions): `trainer launch
     /// --nproc 2 RECIPE [run args]`.
@@ -204,7 +209,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             recipe,
             set,
             resume,
-        } => run_cmd::run(&recipe, &set, resume.as_deref()),
+            wait_for_lock,
+        } => run_cmd::run(&recipe, &set, resume.as_deref(), wait_for_lock),
         Command::Validate { recipe, set } => validate_cmd::run(&recipe, &set),
         Command::Eval(args) => eval_cmd::run(&args),
         Command::Generate(args) => generate_cmd::run(&args),

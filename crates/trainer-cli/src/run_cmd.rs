@@ -1,33 +1,40 @@
-//! `trainer run RECIPE [--set K=V]... [--resume auto|DIR]`: trains a language-model recipe, a
+//! `trainer run RECIPE [--set K=V]... [--resume auto|DIR] [--wait-for-lock SECONDS]`: trains a language-model recipe, a
 //! `[[stages]]` recipe or a `task = "classify"` recipe. One reading of `--resume` and one ending
 //! (exit code, summary) for all three.
 
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 use trainer::config::{self, AnyRecipe};
 use trainer::signals::{StopFlag, EXIT_INTERRUPTED};
 use trainer::train::harness::{self, Outcome, Resume, RunSummary};
 use trainer::train::{classify, pretrain, stages};
 
-pub fn run(path: &Path, set: &[String], resume: Option<&str>) -> anyhow::Result<ExitCode> {
+pub fn run(
+    path: &Path,
+    set: &[String],
+    resume: Option<&str>,
+    wait_for_lock_s: u64,
+) -> anyhow::Result<ExitCode> {
     let overrides = crate::parse_overrides(set)?;
     let resume = resume_mode(resume);
+    let wait = Duration::from_secs(wait_for_lock_s);
     if let Some(stages) = trainer::config::stages::load(path, &overrides)? {
         let stop = install_stop()?;
-        let outcome = stages::run(&stages, resume, &stop)?;
+        let outcome = stages::run(&stages, resume, wait, &stop)?;
         return Ok(finish(outcome, &stages[0].recipe.run.out_dir, ""));
     }
     match config::load_any(path, &overrides)? {
         AnyRecipe::Pretrain(recipe) => {
             let stop = install_stop()?;
-            let outcome = pretrain::run(&recipe, resume, &stop)?;
+            let outcome = pretrain::run(&recipe, resume, wait, &stop)?;
             let length = format!(" of {}", recipe.max_steps());
             Ok(finish(outcome, &recipe.run.out_dir, &length))
         }
         AnyRecipe::Classify(recipe) => {
             let stop = install_stop()?;
-            let outcome = classify::run(&recipe, resume, &stop)?;
+            let outcome = classify::run(&recipe, resume, wait, &stop)?;
             let length = format!(" ({})", recipe.describe_length());
             Ok(finish(outcome, &recipe.run.out_dir, &length))
         }

@@ -34,6 +34,10 @@ pub struct SweepArgs {
     /// Run only the run with this 0-based index (e.g. $SLURM_ARRAY_TASK_ID), in the foreground.
     #[arg(long, value_name = "I", conflicts_with = "collect")]
     index: Option<usize>,
+    /// With --index: passed on to `trainer run` (wait up to SECONDS for another run holding
+    /// the run directory, as a requeued array task may start while the old one still writes).
+    #[arg(long, value_name = "SECONDS", requires = "index")]
+    wait_for_lock: Option<u64>,
     /// Write results.csv, results.md and runs.csv from the finished runs; start nothing.
     #[arg(long)]
     collect: bool,
@@ -105,7 +109,7 @@ pub fn run(args: &SweepArgs) -> anyhow::Result<ExitCode> {
                 runs.len().saturating_sub(1)
             );
         };
-        return run_one(&sweep.base, r);
+        return run_one(&sweep.base, r, args.wait_for_lock);
     }
     if args.collect {
         write_results(&sweep, &runs)?;
@@ -233,7 +237,7 @@ fn write_results(sweep: &Sweep, runs: &[SweepRun]) -> anyhow::Result<()> {
 
 /// `--index`: a finished run is left alone; any other becomes this process (exec), so that a
 /// scheduler's signals and exit code are the trainer's own.
-fn run_one(base: &Path, r: &SweepRun) -> anyhow::Result<ExitCode> {
+fn run_one(base: &Path, r: &SweepRun, wait_for_lock: Option<u64>) -> anyhow::Result<ExitCode> {
     if r.status() == RunStatus::Finished {
         eprintln!(
             "{}: finished (summary.json present); nothing to do",
@@ -242,13 +246,13 @@ fn run_one(base: &Path, r: &SweepRun) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let exe = std::env::current_exe().context("finding the trainer binary")?;
-    eprintln!(
-        "{}: trainer {}",
-        r.run_dir.display(),
-        r.trainer_args(base).join(" ")
-    );
+    let mut run_args = r.trainer_args(base);
+    if let Some(s) = wait_for_lock {
+        run_args.extend(["--wait-for-lock".to_string(), s.to_string()]);
+    }
+    eprintln!("{}: trainer {}", r.run_dir.display(), run_args.join(" "));
     use std::os::unix::process::CommandExt;
-    let err = Command::new(exe).args(r.trainer_args(base)).exec();
+    let err = Command::new(exe).args(run_args).exec();
     Err(anyhow::anyhow!(
         "starting the run {}: {err}",
         r.run_dir.display()

@@ -1,6 +1,7 @@
 //! Nothing lost, nothing trusted blindly, end to end with the real binary: the run directory's
 //! lock (a second start, and a `--resume auto` during a live run, are refused in one line naming
-//! the holder; a dead holder never blocks), checkpoint checksums (flipped bytes and an edited
+//! the holder; `--wait-for-lock` waits for the holder and resumes after it; a dead holder never
+//! blocks), checkpoint checksums (flipped bytes and an edited
 //! step are found by `trainer verify`, `--resume auto` falls back to the newest intact
 //! checkpoint, an explicitly named corrupt one is an error), and leftovers of an interrupted
 //! deletion removed at the next start.
@@ -55,16 +56,72 @@ fn a_live_run_directory_is_locked_and_a_dead_holder_never_blocks() {
             errors[0]
         );
     }
+    // A requeued start with --wait-for-lock waits for the holder instead of failing, then
+    // resumes from the checkpoint the holder wrote when it stopped.
+    let mut waiter = spawn(
+        w,
+        &[
+            "run",
+            RECIPE,
+            "--resume",
+            "auto",
+            "--wait-for-lock",
+            "600",
+            "--set",
+            "train.max_steps=100000",
+            "--set",
+            "train.checkpoint_every=50",
+        ],
+    );
+    let start = std::time::Instant::now();
+    while !waiter.stderr_so_far().contains("waiting up to 600 s") {
+        assert!(waiter.try_wait().is_none(), "{}", waiter.stderr_so_far());
+        assert!(start.elapsed() < TIMEOUT, "{}", waiter.stderr_so_far());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     send_signal(holder.pid(), "TERM");
     let out = holder.wait(TIMEOUT);
     assert_eq!(out.code, Some(EXIT_INTERRUPTED), "{}", out.describe());
-    // The holder's metrics are its own: one row per step, no step twice, none missing.
+    let held_until = last_logged_step(&w.join("live/metrics.jsonl")).expect("rows");
+    wait_for_step(&mut waiter, &w.join("live/metrics.jsonl"), held_until + 2);
+    send_signal(waiter.pid(), "TERM");
+    let out = waiter.wait(TIMEOUT);
+    assert_eq!(out.code, Some(EXIT_INTERRUPTED), "{}", out.describe());
+    assert!(
+        out.stderr.contains(&format!("step-{held_until:08}")),
+        "the waiter resumed from the holder's last checkpoint (step {held_until}): {}",
+        out.describe()
+    );
+    // The two runs' metrics follow each other: one row per step, no step twice, none missing.
     let steps: Vec<i64> = train_rows(&read_metrics(&w.join("live/metrics.jsonl")))
         .iter()
         .map(step_of)
         .collect();
     let last = *steps.last().expect("rows");
+    assert!(last >= held_until + 2);
     assert_eq!(steps, (1..=last).collect::<Vec<_>>());
+    // Without --wait-for-lock's patience: a short wait on a live run ends in one line.
+    let mut holder = spawn(
+        w,
+        &[
+            "run",
+            RECIPE,
+            "--resume",
+            "auto",
+            "--set",
+            "train.max_steps=100000",
+        ],
+    );
+    wait_for_step(&mut holder, &w.join("live/metrics.jsonl"), last + 1);
+    let out = trainer(
+        w,
+        &["run", RECIPE, "--resume", "auto", "--wait-for-lock", "1"],
+    );
+    out.assert_one_error(&["in use by another run", "still held after waiting 1 s"]);
+    send_signal(holder.pid(), "TERM");
+    let out = holder.wait(TIMEOUT);
+    assert_eq!(out.code, Some(EXIT_INTERRUPTED), "{}", out.describe());
+    let last = last_logged_step(&w.join("live/metrics.jsonl")).expect("rows");
     // The lock file stays behind, but its holder is gone: a resume goes ahead.
     assert!(w.join("live/.lock").is_file());
     let more = format!("train.max_steps={}", last + 2);

@@ -105,7 +105,8 @@ fn writes_the_sbatch_script() {
         // The run directory, resolved against the submit directory.
         format!("run_dir={dir}/runs/tiny"),
         format!("recipe={dir}/tiny.toml"),
-        "srun \"$trainer\" run \"$recipe\" --resume auto --set train.max_steps=30 --log-level debug"
+        "srun \"$trainer\" run \"$recipe\" --resume auto --wait-for-lock 300 --set train.max_steps=30 \
+         --log-level debug"
             .to_string(),
         "    if scontrol requeue \"$SLURM_JOB_ID\"; then".to_string(),
     ] {
@@ -308,7 +309,7 @@ fn the_script_requeues_only_after_the_preemption_signal() {
         let code = child.wait().expect("wait").code();
         let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap_or_default();
         assert!(
-            read("srun.args").contains("/tiny.toml --resume auto"),
+            read("srun.args").contains("/tiny.toml --resume auto --wait-for-lock 300"),
             "{}",
             read("srun.args")
         );
@@ -727,7 +728,7 @@ fn writes_the_sweep_array_script() {
         format!("sweep={dir}/lr.toml"),
         format!("out_dir={dir}/runs/lr"),
         "index=\"${SLURM_ARRAY_TASK_ID:?".to_string(),
-        "srun \"$trainer\" sweep \"$sweep\" --index \"$index\"".to_string(),
+        "srun \"$trainer\" sweep \"$sweep\" --index \"$index\" --wait-for-lock 300".to_string(),
         "    if scontrol requeue \"$SLURM_JOB_ID\"; then".to_string(),
     ] {
         assert!(
@@ -991,8 +992,10 @@ fn the_array_script_runs_its_index_and_requeues_the_task() {
     let (code, srun, calls, out) = case(75, Some("3"));
     assert_eq!((code, calls.as_str()), (Some(0), "requeue 57\n"), "{out}");
     assert!(
-        srun.trim_end()
-            .ends_with(&format!(" sweep {}/lr.toml --index 3", w.display())),
+        srun.trim_end().ends_with(&format!(
+            " sweep {}/lr.toml --index 3 --wait-for-lock 300",
+            w.display()
+        )),
         "{srun}"
     );
     assert!(out.contains("array 50 task 3 (job 57) start 1"), "{out}");

@@ -128,6 +128,11 @@ impl Running {
         self.child.try_wait().expect("try_wait").map(|s| s.code())
     }
 
+    /// What it has written to stderr so far.
+    pub fn stderr_so_far(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
     /// Waits for the process (killing it after `timeout`) and collects its output.
     pub fn wait(mut self, timeout: Duration) -> Out {
         let start = Instant::now();

@@ -36,7 +36,7 @@ use crate::signals::StopFlag;
 use serde::Serialize;
 use serde_json::json;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Reduction, Tensor};
 
 pub type Outcome = harness::Outcome<Summary>;
@@ -108,8 +108,15 @@ fn load_init(init: &crate::config::ClassifierInit, params: &ParamStore) -> Resul
     Ok(())
 }
 
-pub fn run(recipe: &ClassifyRecipe, resume: harness::Resume, stop: &StopFlag) -> Result<Outcome> {
+/// Trains `recipe`, waiting up to `wait_for_lock` for another run holding its run directory.
+pub fn run(
+    recipe: &ClassifyRecipe,
+    resume: harness::Resume,
+    wait_for_lock: Duration,
+    stop: &StopFlag,
+) -> Result<Outcome> {
     // ---- set-up -------------------------------------------------------------------------
+    let _lock = harness::lock_run_dir(&recipe.run.out_dir, wait_for_lock)?;
     let setup = Setup::new(&recipe.run, recipe.train.batch_size, &resume)?;
     let (train, valid) = open_data(recipe)?;
     let total_steps = recipe.max_steps(train.len());

@@ -23,7 +23,7 @@ use crate::signals::StopFlag;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tch::{Device, Tensor};
 
 /// Where a run starts from.
@@ -70,8 +70,6 @@ pub fn print_report(lines: &[(&str, String)]) {
 /// Where and how this process trains, decided before any data or model is touched.
 pub struct Setup {
     pub run_dir: PathBuf,
-    /// Rank 0's lock on `run_dir`, held as long as the run (`run_dir::RunLock`).
-    _lock: Option<RunLock>,
     /// The checkpoint this start resumes from; `None` for a fresh run.
     pub resume_dir: Option<PathBuf>,
     pub world: World,
@@ -86,16 +84,10 @@ impl Setup {
     /// and determinism, and reads the world (`trainer launch`, torchrun, Slurm): this process's
     /// rank, its device (LOCAL_RANK's GPU) and its rows of every global batch, all checked
     /// before anyone waits on anyone.
+    /// The caller holds the run directory's lock (`lock_run_dir`).
     pub fn new(run: &RunConfig, batch_size: i64, resume: &Resume) -> Result<Setup> {
         let run_dir = run.out_dir.clone();
         let world = World::from_env()?;
-        // Rank 0 writes the run directory: it holds the lock, taken before the directory is
-        // judged, so two starts cannot both find it free.
-        let lock = if world.rank == 0 {
-            Some(RunLock::acquire(&run_dir)?)
-        } else {
-            None
-        };
         let resume_dir = resume_checkpoint(&run_dir, resume)?;
         if run.threads > 0 {
             tch::set_num_threads(run.threads as i32);
@@ -105,13 +97,24 @@ impl Setup {
         let (shard_start, shard_rows) = world.shard(batch_size as usize, "train.batch_size")?;
         Ok(Setup {
             run_dir,
-            _lock: lock,
             resume_dir,
             world,
             device,
             shard_start,
             shard_rows,
         })
+    }
+}
+
+/// Rank 0's lock on the run directory (`run_dir::RunLock`; other ranks hold none), taken before
+/// the directory is judged so that two starts cannot both find it free, and held by the caller
+/// for the whole run (all stages of a `[[stages]]` run). `wait`: how long to wait for another
+/// run holding it (`--wait-for-lock`).
+pub fn lock_run_dir(run_dir: &Path, wait: Duration) -> Result<Option<RunLock>> {
+    if World::from_env()?.rank == 0 {
+        Ok(Some(RunLock::acquire(run_dir, wait)?))
+    } else {
+        Ok(None)
     }
 }
 
@@ -184,8 +187,6 @@ pub struct Sections<'r> {
 
 /// The state every training loop shares, from the start of training to the summary.
 pub struct Run<'a> {
-    /// Rank 0's lock on the run directory, released when the run ends.
-    _lock: Option<RunLock>,
     pub world: World,
     pub device: Device,
     pub run_dir: PathBuf,
@@ -223,7 +224,6 @@ impl<'a> Run<'a> {
     ) -> Result<Run<'a>> {
         let Setup {
             run_dir,
-            _lock: lock,
             resume_dir,
             world,
             device,
@@ -246,7 +246,6 @@ impl<'a> Run<'a> {
             None
         };
         Ok(Run {
-            _lock: lock,
             world,
             device,
             run_dir,

@@ -41,7 +41,7 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 pub type Outcome = harness::Outcome<Summary>;
@@ -107,13 +107,20 @@ pub struct InStage<'a> {
     pub all: &'a [StageSteps],
 }
 
-pub fn run(recipe: &Recipe, resume: harness::Resume, stop: &StopFlag) -> Result<Outcome> {
+/// Trains `recipe`, waiting up to `wait_for_lock` for another run holding its run directory.
+pub fn run(
+    recipe: &Recipe,
+    resume: harness::Resume,
+    wait_for_lock: Duration,
+    stop: &StopFlag,
+) -> Result<Outcome> {
+    let _lock = harness::lock_run_dir(&recipe.run.out_dir, wait_for_lock)?;
     run_from(recipe, resume, stop, None)
 }
 
 /// `run`, for one stage of a `[[stages]]` recipe (`train/stages.rs`), or an ordinary run
 /// (`None`, which writes no `stage` fields). The stage's schedule and its mixture's realised
-/// fractions are counted from its first step.
+/// fractions are counted from its first step. The caller holds the run directory's lock.
 pub fn run_from(
     recipe: &Recipe,
     resume: harness::Resume,

@@ -6,6 +6,7 @@ use super::harness::Resume;
 use crate::checkpoint;
 use crate::error::{io_err, Error, Result};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 use tch::Device;
 
 /// The run directory's lock file: an advisory `flock` held by rank 0 for the life of a run.
@@ -25,17 +26,39 @@ pub struct RunLock {
 }
 
 impl RunLock {
-    /// Takes the lock of `run_dir` (created if missing), or fails in one line naming the host
-    /// and PID of the process that holds it.
-    pub fn acquire(run_dir: &Path) -> Result<RunLock> {
+    /// Takes the lock of `run_dir` (created if missing). While another process holds it, waits
+    /// up to `wait` (polling once a second; a Slurm requeue may start while the old job's tasks
+    /// are still writing their last checkpoint), then fails in one line naming the host and PID
+    /// of the holder.
+    pub fn acquire(run_dir: &Path, wait: Duration) -> Result<RunLock> {
         let created = !run_dir.exists();
         std::fs::create_dir_all(run_dir)
             .map_err(io_err(format!("creating {}", run_dir.display())))?;
         let path = run_dir.join(LOCK_FILE);
+        let deadline = Instant::now() + wait;
+        let mut said_waiting = false;
         // A holder that gives up on a fresh directory removes its lock file (see Drop): whoever
         // locked the removed file retries on the new one, so two never hold "the" lock.
-        for _ in 0..100 {
-            let file = lock_file(run_dir, &path)?;
+        let mut retries = 0;
+        while retries < 100 {
+            let file = match lock_file(run_dir, &path) {
+                Ok(file) => file,
+                Err(Held(holder)) if Instant::now() < deadline => {
+                    if !said_waiting {
+                        tracing::warn!(
+                            "{}: in use by another run ({holder}); waiting up to {} s for it to end",
+                            run_dir.display(),
+                            wait.as_secs()
+                        );
+                        said_waiting = true;
+                    }
+                    std::thread::sleep(POLL.min(deadline - Instant::now()));
+                    continue;
+                }
+                Err(Held(holder)) => return Err(held_error(run_dir, &holder, wait)),
+                Err(Failed(e)) => return Err(e),
+            };
+            retries += 1;
             if same_file(&path, &file) {
                 let lock = RunLock {
                     file,
@@ -85,8 +108,19 @@ impl Drop for RunLock {
     }
 }
 
+/// Why `lock_file` did not lock.
+enum NotLocked {
+    /// Another process holds the lock: who (as it wrote it), possibly empty.
+    Held(String),
+    Failed(Error),
+}
+use NotLocked::{Failed, Held};
+
+/// How often a waiting start tries the lock again.
+const POLL: Duration = Duration::from_secs(1);
+
 /// Opens `path` and takes its exclusive lock without waiting.
-fn lock_file(run_dir: &Path, path: &Path) -> Result<std::fs::File> {
+fn lock_file(run_dir: &Path, path: &Path) -> std::result::Result<std::fs::File, NotLocked> {
     use std::io::Read;
     let mut file = std::fs::OpenOptions::new()
         .read(true)
@@ -94,30 +128,40 @@ fn lock_file(run_dir: &Path, path: &Path) -> Result<std::fs::File> {
         .create(true)
         .truncate(false)
         .open(path)
-        .map_err(io_err(format!("opening {}", path.display())))?;
+        .map_err(|e| Failed(io_err(format!("opening {}", path.display()))(e)))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            Err(Error::RunDir {
-                path: run_dir.to_path_buf(),
-                msg: format!(
-                    "is in use by another run ({}); wait for it to end, or choose another \
-                     run.out_dir",
-                    if holder.is_empty() {
-                        "holder unknown"
-                    } else {
-                        holder
-                    }
-                ),
-            })
+            Err(Held(holder.trim().to_string()))
         }
-        Err(std::fs::TryLockError::Error(e)) => Err(Error::RunDir {
+        Err(std::fs::TryLockError::Error(e)) => Err(Failed(Error::RunDir {
             path: run_dir.to_path_buf(),
             msg: format!("cannot lock {LOCK_FILE}: {e} (a filesystem without locks?)"),
-        }),
+        })),
+    }
+}
+
+/// The one line of a start that found the run directory in use (after waiting `waited`).
+fn held_error(run_dir: &Path, holder: &str, waited: Duration) -> Error {
+    let holder = if holder.is_empty() {
+        "holder unknown"
+    } else {
+        holder
+    };
+    let advice = if waited.is_zero() {
+        "wait for it to end (--wait-for-lock SECONDS waits here), or choose another run.out_dir"
+            .to_string()
+    } else {
+        format!(
+            "still held after waiting {} s; choose another run.out_dir",
+            waited.as_secs()
+        )
+    };
+    Error::RunDir {
+        path: run_dir.to_path_buf(),
+        msg: format!("is in use by another run ({holder}); {advice}"),
     }
 }
 
@@ -285,13 +329,16 @@ mod tests {
     fn the_lock_is_exclusive_and_a_failed_fresh_start_leaves_nothing() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("run");
-        let first = RunLock::acquire(&dir).expect("free");
+        let first = RunLock::acquire(&dir, Duration::ZERO).expect("free");
         let holder = std::fs::read_to_string(dir.join(LOCK_FILE)).expect("holder");
         assert!(
             holder.contains(&format!("pid {}", std::process::id())),
             "{holder}"
         );
-        let e = RunLock::acquire(&dir).err().expect("held").to_string();
+        let e = RunLock::acquire(&dir, Duration::ZERO)
+            .err()
+            .expect("held")
+            .to_string();
         assert!(
             e.contains("in use by another run") && e.contains(&holder),
             "{e}"
@@ -300,10 +347,31 @@ mod tests {
         drop(first);
         assert!(!dir.exists());
         // A directory with a run in it keeps everything, the lock file included.
-        let lock = RunLock::acquire(&dir).expect("free again");
+        let lock = RunLock::acquire(&dir, Duration::ZERO).expect("free again");
         std::fs::write(dir.join("config.toml"), "x").expect("write");
         drop(lock);
         assert!(dir.join("config.toml").is_file() && dir.join(LOCK_FILE).is_file());
-        RunLock::acquire(&dir).expect("a released lock is free");
+        RunLock::acquire(&dir, Duration::ZERO).expect("a released lock is free");
+    }
+
+    #[test]
+    fn a_waiting_start_takes_the_lock_when_its_holder_lets_go_or_gives_up_in_one_line() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("run");
+        let holder = RunLock::acquire(&dir, Duration::ZERO).expect("free");
+        std::fs::write(dir.join("config.toml"), "x").expect("write");
+        let e = RunLock::acquire(&dir, Duration::from_millis(300))
+            .err()
+            .expect("still held")
+            .to_string();
+        assert!(e.contains("still held after waiting 0 s"), "{e}");
+        let released = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            drop(holder);
+        });
+        let start = Instant::now();
+        RunLock::acquire(&dir, Duration::from_secs(60)).expect("taken once released");
+        assert!(start.elapsed() >= Duration::from_millis(400));
+        released.join().expect("thread");
     }
 }

@@ -19,11 +19,20 @@ use crate::checkpoint;
 use crate::config::Stage;
 use crate::error::Result;
 use crate::signals::StopFlag;
+use std::time::Duration;
 
 /// Runs the stages in order from where the run stands: a fresh run from stage 0; a resumed one
-/// from the stage that holds the checkpoint's step.
-pub fn run(stages: &[Stage], resume: Resume, stop: &StopFlag) -> Result<Outcome> {
+/// from the stage that holds the checkpoint's step. The run directory's lock is taken first
+/// (waiting up to `wait_for_lock`) and held across all stages, so that the stage is judged from
+/// checkpoints no other run is writing, and no other start slips in between two stages.
+pub fn run(
+    stages: &[Stage],
+    resume: Resume,
+    wait_for_lock: Duration,
+    stop: &StopFlag,
+) -> Result<Outcome> {
     let run_dir = &stages[0].recipe.run.out_dir;
+    let _lock = super::harness::lock_run_dir(run_dir, wait_for_lock)?;
     let at_step = match &resume {
         Resume::No => 0,
         // The checkpoint `--resume auto` will take: the newest intact one.
