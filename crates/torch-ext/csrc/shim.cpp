@@ -61,6 +61,30 @@ int te_accelerator_memory(int device_index, int64_t *out) {
   }
 }
 
+// Free and total bytes of accelerator `device_index` as its driver reports them (cudaMemGetInfo
+// on CUDA): out[0] = free, out[1] = total. Returns -1 when there is no accelerator.
+// The allocator's virtual call must stay virtual: GCC's speculative devirtualisation would
+// inline CUDA's own getMemoryInfo (its header is seen through the NCCL headers), and this library
+// would then need libcudart at link time (libtorch_cuda, loaded at run time, brings it).
+__attribute__((optimize("no-devirtualize-speculatively", "no-devirtualize")))
+int te_accelerator_memory_info(int device_index, int64_t *out) {
+  try {
+    auto acc = at::getAccelerator(false);
+    if (!acc.has_value()) {
+      last_error = "no accelerator";
+      return -1;
+    }
+    c10::DeviceAllocator *allocator = at::getDeviceAllocator(acc.value());
+    auto info = allocator->getMemoryInfo(static_cast<c10::DeviceIndex>(device_index));
+    out[0] = static_cast<int64_t>(info.first);
+    out[1] = static_cast<int64_t>(info.second);
+    return 0;
+  } catch (const std::exception &e) {
+    set_error(e);
+    return -1;
+  }
+}
+
 int te_accelerator_reset_peak(int device_index) {
   try {
     at::accelerator::resetPeakStats(device_index);

@@ -20,6 +20,7 @@ extern "C" {
     fn te_autocast_bf16(cuda: c_int, enabled: c_int) -> c_int;
     fn te_accelerator_memory(device_index: c_int, out: *mut i64) -> c_int;
     fn te_accelerator_reset_peak(device_index: c_int) -> c_int;
+    fn te_accelerator_memory_info(device_index: c_int, out: *mut i64) -> c_int;
     fn te_fused_adamw(
         params: *const *mut c_void,
         grads: *const *mut c_void,
@@ -175,6 +176,19 @@ pub fn accelerator_memory(device_index: usize) -> Result<MemoryStats, String> {
         reserved: out[2],
         peak_reserved: out[3],
     })
+}
+
+/// Free and total bytes of accelerator `device_index`, as its driver reports them
+/// (`cudaMemGetInfo`: memory held by this process's caching allocator counts as used).
+/// An error without an accelerator.
+pub fn accelerator_memory_info(device_index: usize) -> Result<(u64, u64), String> {
+    let mut out = [0i64; 2];
+    // SAFETY: `out` has room for the two values the shim writes.
+    let rc = unsafe { te_accelerator_memory_info(device_index as c_int, out.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(last_error());
+    }
+    Ok((out[0].max(0) as u64, out[1].max(0) as u64))
 }
 
 /// Resets the peak statistics of accelerator `device_index`.

@@ -301,8 +301,9 @@ fn an_edited_run_config_is_bounded_by_its_weights() {
 
 /// A model whose weights cannot fit in the memory this machine has free is refused in one line
 /// before anything is allocated (here with the free memory stated through
-/// TRAINER_ASSUME_MEMORY_AVAILABLE), for evaluation and for training; TRAINER_NO_MEMORY_CHECK=1
-/// goes ahead anyway.
+/// TRAINER_ASSUME_MEMORY_AVAILABLE), for evaluation and for training; training also counts the
+/// gradients, the optimizer state and a micro-batch's logits; TRAINER_NO_MEMORY_CHECK=1 goes
+/// ahead anyway.
 #[test]
 fn a_model_larger_than_free_memory_is_refused_before_allocating() {
     let work = workdir();
@@ -324,14 +325,60 @@ fn a_model_larger_than_free_memory_is_refused_before_allocating() {
         "--seq-len",
         "8",
     ];
-    spawn_env(w, &eval, &tiny_memory)
+    let line = spawn_env(w, &eval, &tiny_memory)
         .wait(TIMEOUT)
-        .assert_one_error(&["parameters need", "GiB", "TRAINER_NO_MEMORY_CHECK=1"]);
+        .assert_one_error(&["parameters): at least", "GiB", "TRAINER_NO_MEMORY_CHECK=1"]);
+    let params: u64 = line
+        .split("model (")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no parameter count in {line}"));
     let fresh = ["run", RECIPE, "--set", "run.out_dir=other"];
     spawn_env(w, &fresh, &tiny_memory)
         .wait(TIMEOUT)
-        .assert_one_error(&["parameters need"]);
+        .assert_one_error(&["training: at least", "weights"]);
     assert!(!w.join("other").exists(), "a refused start writes nothing");
+    // Room for the fp32 weights, not for training them: evaluation goes ahead, training is
+    // refused naming its gradients, AdamW's moments and the logits of a micro-batch.
+    let weights_only = [(
+        "TRAINER_ASSUME_MEMORY_AVAILABLE",
+        (params * 4 + 1000).to_string(),
+    )];
+    spawn_env(w, &eval, &weights_only)
+        .wait(TIMEOUT)
+        .assert_success();
+    spawn_env(w, &fresh, &weights_only)
+        .wait(TIMEOUT)
+        .assert_one_error(&[
+            "training: at least",
+            "gradients",
+            "optimizer state",
+            "one micro-batch's logits",
+        ]);
+    assert!(!w.join("other").exists(), "a refused start writes nothing");
+    // Weights, gradients, AdamW's two moments (16 bytes per parameter) and the logits
+    // (4 rows x 16 positions x 256 tokens x 4 bytes) fit exactly.
+    let enough = [(
+        "TRAINER_ASSUME_MEMORY_AVAILABLE",
+        (params * 16 + 4 * 16 * 256 * 4).to_string(),
+    )];
+    let short = [
+        "run",
+        RECIPE,
+        "--set",
+        "run.out_dir=other",
+        "--set",
+        "train.max_steps=6",
+    ];
+    let one_byte_short = [(
+        "TRAINER_ASSUME_MEMORY_AVAILABLE",
+        (params * 16 + 4 * 16 * 256 * 4 - 1).to_string(),
+    )];
+    spawn_env(w, &short, &one_byte_short)
+        .wait(TIMEOUT)
+        .assert_one_error(&["training: at least"]);
+    spawn_env(w, &short, &enough).wait(TIMEOUT).assert_success();
     let brave = [
         tiny_memory[0].clone(),
         ("TRAINER_NO_MEMORY_CHECK", "1".to_string()),

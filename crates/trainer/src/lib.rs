@@ -21,7 +21,7 @@
 //!   name-pattern rule).
 //! - leaves with their own config types: `data/`, `schedule/`, `metrics/`.
 //! - the ground floor: `validate.rs` (range checks that name their key), `error.rs`,
-//!   `device.rs` (devices and `run.precision`), `signals.rs`.
+//!   `device.rs` (devices and `run.precision`), `memory.rs` (will it fit), `signals.rs`.
 
 pub mod checkpoint;
 pub mod config;
@@ -31,6 +31,7 @@ pub mod dist;
 pub mod distill;
 pub mod error;
 pub mod load;
+pub mod memory;
 pub mod metrics;
 pub mod models;
 pub mod optim;

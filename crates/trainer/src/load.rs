@@ -286,58 +286,11 @@ pub fn load(source: &ModelSource, device: Device) -> Result<Loaded> {
 }
 
 /// Refuses, before any tensor is made, a model whose fp32 weights alone need more memory than
-/// this machine has free: `MemAvailable` of /proc/meminfo, or what the cgroup (a container, a
-/// Slurm job) leaves below its `memory.max` when that is less. For the brave,
-/// `TRAINER_NO_MEMORY_CHECK=1` skips the check; `TRAINER_ASSUME_MEMORY_AVAILABLE=BYTES` replaces
-/// what was read (tests, or a machine that reports its memory wrongly). On a CUDA device the
-/// weights go to the GPU and libtorch's own out-of-memory error stands.
+/// `device` has free (`memory.rs`).
 pub fn check_memory(config: &TransformerConfig, device: Device) -> Result<()> {
-    if device != Device::Cpu || std::env::var("TRAINER_NO_MEMORY_CHECK").is_ok_and(|v| v == "1") {
-        return Ok(());
-    }
-    let Some(available) = std::env::var("TRAINER_ASSUME_MEMORY_AVAILABLE")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .or_else(available_memory)
-    else {
-        return Ok(()); // nothing to compare with (not Linux): libtorch reports its own failure
-    };
-    let params = config.param_count();
-    let needed = params.saturating_mul(4);
-    if needed > available as i128 {
-        let gib = |b: f64| b / (1u64 << 30) as f64;
-        return Err(Error::Recipe(format!(
-            "model: its {params} parameters need {:.2} GiB for their fp32 weights alone, but \
-             this machine has {:.2} GiB available; set TRAINER_NO_MEMORY_CHECK=1 to try anyway",
-            gib(needed as f64),
-            gib(available as f64)
-        )));
-    }
-    Ok(())
-}
-
-/// Free memory in bytes: /proc/meminfo's MemAvailable, capped by the cgroup v2 limit.
-fn available_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    let host = kb * 1024;
-    let read = |f: &str| -> Option<u64> {
-        std::fs::read_to_string(format!("/sys/fs/cgroup/{f}"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    };
-    let cgroup =
-        read("memory.max").map(|max| max.saturating_sub(read("memory.current").unwrap_or(0)));
-    Some(cgroup.map_or(host, |c| c.min(host)))
+    let params = config.param_count().max(0) as u128;
+    let need = crate::memory::MemoryNeed::weights(params, 4);
+    crate::memory::check(&need, device, &format!("model ({params} parameters)"))
 }
 
 /// The model a trainer run trained, as its `config.toml` (the resolved recipe, written when the

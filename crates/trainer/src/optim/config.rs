@@ -187,6 +187,26 @@ impl OptimConfig {
         }
     }
 
+    /// The least optimizer state one trainable parameter of `weight_bytes` holds, in bytes (for
+    /// the memory check before a run, `memory.rs`): AdamW's two moments in the weights' dtype,
+    /// or one byte each with 8-bit states; SGD's and GSM's momentum buffer. GaLore's moments
+    /// are rank-sized for the projected matrices, which are known only once the model is
+    /// built: counted as none (a lower bound).
+    pub fn state_bytes_per_param(&self, weight_bytes: u128) -> u128 {
+        match self {
+            OptimConfig::Adamw { state_bits: 8, .. } => 2,
+            OptimConfig::Adamw { .. } => 2 * weight_bytes,
+            OptimConfig::Sgd { momentum, .. } | OptimConfig::Gsm { momentum, .. } => {
+                if *momentum > 0.0 {
+                    weight_bytes
+                } else {
+                    0
+                }
+            }
+            OptimConfig::GaloreAdamw { .. } => 0,
+        }
+    }
+
     /// `layerwise = true` (AdamW and GaLore-AdamW).
     pub fn layerwise(&self) -> bool {
         match self {

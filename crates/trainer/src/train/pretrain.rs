@@ -24,6 +24,7 @@ use crate::dist::OverlappedGrads;
 use crate::distill::{LmDistiller, StepSums};
 use crate::error::{Error, Result};
 use crate::load::ModelSource;
+use crate::memory::MemoryNeed;
 use crate::metrics::progress::format_duration;
 use crate::metrics::row;
 use crate::models::params::ParamStore;
@@ -296,6 +297,49 @@ struct StepOut {
     stop_all: bool,
 }
 
+/// The least memory this rank holds to train `recipe` (`memory.rs`), from the recipe alone:
+/// the weights; with every base weight trained (no `[peft]`), their gradients (none with
+/// layer-wise updates, which free each as it is used) and optimizer state; and one micro-batch's
+/// logits. Activations, adapters and a teacher come on top.
+fn training_need(recipe: &Recipe, cfg: &TransformerConfig, setup: &Setup) -> MemoryNeed {
+    let params = cfg.param_count().max(0) as u128;
+    let weight_bytes = if recipe.run.precision == Precision::Bf16 {
+        2
+    } else {
+        4
+    };
+    let trained = if recipe.peft.is_some() { 0 } else { params };
+    let gradients = if recipe.optim.layerwise() {
+        0
+    } else {
+        trained * weight_bytes
+    };
+    let compute_bytes = if recipe.run.precision == Precision::Fp32 {
+        4
+    } else {
+        2
+    };
+    let logits = setup.shard_rows as u128
+        * recipe.data.seq_len.max(0) as u128
+        * cfg.vocab_size.max(0) as u128
+        * compute_bytes;
+    // Processes of one machine share its memory; each GPU has its own.
+    let processes = match setup.device {
+        Device::Cpu => std::env::var("LOCAL_WORLD_SIZE")
+            .ok()
+            .and_then(|v| v.parse::<u128>().ok())
+            .unwrap_or(1),
+        _ => 1,
+    };
+    MemoryNeed {
+        weights: params * weight_bytes,
+        gradients,
+        optimizer_state: trained * recipe.optim.state_bytes_per_param(weight_bytes),
+        logits,
+        processes,
+    }
+}
+
 impl Lm {
     /// The model on the run's device, its weights from `[init]` (unless resuming), LoRA / ReLoRA
     /// adapters, the distillation teacher, the precision and the optimizer, in the order that
@@ -303,7 +347,11 @@ impl Lm {
     fn build(recipe: &Recipe, setup: &Setup) -> Result<(Lm, Init)> {
         tch::manual_seed(recipe.run.seed as i64);
         let cfg = TransformerConfig::from_recipe(&recipe.model);
-        crate::load::check_memory(&cfg, setup.device)?;
+        crate::memory::check(
+            &training_need(recipe, &cfg, setup),
+            setup.device,
+            "training",
+        )?;
         let mut params = ParamStore::new(setup.device);
         let mut model = Transformer::new(&cfg, &mut params)?;
         let init = init_weights(recipe, &cfg, setup, &mut params, &model)?;
