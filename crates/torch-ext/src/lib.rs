@@ -7,6 +7,8 @@
 
 pub mod grad_hooks;
 pub use grad_hooks::GradReadyHooks;
+pub mod linear_cross_entropy;
+pub use linear_cross_entropy::linear_cross_entropy;
 
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
@@ -21,6 +23,7 @@ extern "C" {
     fn te_accelerator_memory(device_index: c_int, out: *mut i64) -> c_int;
     fn te_accelerator_reset_peak(device_index: c_int) -> c_int;
     fn te_accelerator_memory_info(device_index: c_int, out: *mut i64) -> c_int;
+
     fn te_fused_adamw(
         params: *const *mut c_void,
         grads: *const *mut c_void,
