@@ -354,7 +354,7 @@ fn a_model_larger_than_free_memory_is_refused_before_allocating() {
             "training: at least",
             "gradients",
             "optimizer state",
-            "one micro-batch's logits",
+            "logits",
         ]);
     assert!(!w.join("other").exists(), "a refused start writes nothing");
     // Weights, gradients, AdamW's two moments (16 bytes per parameter) and the logits

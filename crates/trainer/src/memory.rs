@@ -1,5 +1,5 @@
 //! Refusing, before any tensor is made, a model or a training run that cannot fit: what it needs
-//! at least (weights, gradients, optimizer state, one micro-batch's logits; a lower bound, since
+//! at least (weights, gradients, optimizer state, the logits that exist at once; a lower bound, since
 //! activations and the allocator's slack come on top) against what the device has free.
 //!
 //! A lower bound on purpose: the check may let through a run that later runs out of memory
@@ -23,7 +23,7 @@ pub struct MemoryNeed {
     pub weights: u128,
     pub gradients: u128,
     pub optimizer_state: u128,
-    /// One micro-batch's logits, `[rows, seq_len, vocab]`, in the compute dtype.
+    /// The logits that exist at once: one micro-batch's, or one chunk's with a chunked loss.
     pub logits: u128,
     /// Processes of this machine sharing its memory (CPU): each needs the above.
     pub processes: u128,
@@ -53,7 +53,7 @@ impl MemoryNeed {
         for (name, bytes) in [
             ("gradients", self.gradients),
             ("optimizer state", self.optimizer_state),
-            ("one micro-batch's logits", self.logits),
+            ("logits", self.logits),
         ] {
             if bytes > 0 {
                 parts.push(format!("{name} {}", gib(bytes)));
@@ -154,8 +154,8 @@ mod tests {
         assert_eq!(need.total(), 34 << 30);
         assert_eq!(
             need.parts(),
-            "weights 4.00 GiB, gradients 4.00 GiB, optimizer state 8.00 GiB, one \
-             micro-batch's logits 1.00 GiB, times 2 processes on this machine"
+            "weights 4.00 GiB, gradients 4.00 GiB, optimizer state 8.00 GiB, logits \
+             1.00 GiB, times 2 processes on this machine"
         );
         assert_eq!(MemoryNeed::weights(10, 4).total(), 40);
         assert_eq!(MemoryNeed::weights(u128::MAX, 4).total(), u128::MAX);

@@ -249,6 +249,18 @@ pub struct TrainConfig {
     /// How many checkpoints to keep; older ones are deleted once a newer one is complete.
     #[serde(default = "default_keep")]
     pub keep_checkpoints: i64,
+    /// Positions whose logits exist at once in the language-model loss: the output projection
+    /// and the cross-entropy run this many positions at a time, as one autograd function that
+    /// forms their gradients as it goes, so a micro-batch's whole `[positions, vocab]` logits
+    /// are never held (training and evaluation). 0: the whole micro-batch at once (the
+    /// composite ops). The losses are the same either way (fp32: within 1e-6). Models with
+    /// logit soft-capping and `[train.reweight]` always take the composite path.
+    #[serde(
+        default = "default_loss_chunk_tokens",
+        skip_serializing_if = "is_default_loss_chunk_tokens"
+    )]
+    #[schemars(!skip_serializing_if)]
+    pub loss_chunk_tokens: i64,
     /// `[train.reweight]`: loss-based sample reweighting (`data/reweight.rs`); absent: every
     /// sequence counts the same.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -278,6 +290,12 @@ fn default_log_every() -> i64 {
 }
 fn default_keep() -> i64 {
     3
+}
+fn default_loss_chunk_tokens() -> i64 {
+    4096
+}
+fn is_default_loss_chunk_tokens(n: &i64) -> bool {
+    *n == default_loss_chunk_tokens()
 }
 impl RunConfig {
     /// What the data-parallel collectives take from `[run]`.
@@ -492,6 +510,11 @@ impl Recipe {
             positive(c, "train.checkpoint_every")?;
         }
         positive(t.keep_checkpoints, "train.keep_checkpoints")?;
+        check(
+            t.loss_chunk_tokens >= 0,
+            "train.loss_chunk_tokens",
+            "expected 0 (the whole micro-batch at once) or a positive number of positions",
+        )?;
         if let Some(r) = &t.reweight {
             r.validate(t.batch_size, "a micro-batch (train.batch_size)")?;
             check(

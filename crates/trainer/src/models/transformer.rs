@@ -1230,6 +1230,34 @@ impl Transformer {
         Some(base * by_layer)
     }
 
+    /// Mean next-token cross-entropy in fp32 of the final hidden states `[b, t, d]`
+    /// (`forward_hidden`'s `hidden`) against `targets` `[b, t]` (-100: left out), the output
+    /// projection and the loss computed `chunk` positions at a time by one autograd function
+    /// (`torch_ext::linear_cross_entropy`), so the `[b, t, vocab]` logits are never whole. Equal
+    /// to `loss(lm_head(hidden))`; a model with logit soft-capping takes that composite path.
+    pub fn chunked_loss(&self, hidden: &Tensor, targets: &Tensor, chunk: i64) -> Result<Tensor> {
+        if self.config.variant.logits_softcap.is_some() {
+            return Ok(Transformer::loss(&self.lm_head(hidden), targets));
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let scale = self
+            .config
+            .variant
+            .multipliers
+            .as_ref()
+            .map_or(1.0, |m| m.logits_scaling);
+        let d = hidden.size()[hidden.dim() - 1];
+        torch_ext::linear_cross_entropy(
+            &hidden.reshape([-1, d]),
+            head,
+            &targets.reshape([-1]),
+            scale,
+            chunk,
+            -100,
+        )
+        .map_err(|e| crate::error::Error::Torch(format!("chunked loss: {e}")))
+    }
+
     /// Mean next-token cross-entropy of `logits` against `targets` `[b, t]`, computed in fp32.
     pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
         Transformer::token_losses(logits, targets, tch::Reduction::Mean)
@@ -1350,7 +1378,7 @@ pub use super::params::{is_embedding, is_norm_or_bias};
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::config::{Gpt2Config, GptNeoxConfig, LlamaConfig};
+    use crate::models::config::{Gpt2Config, GptNeoxConfig, LlamaConfig, Multipliers};
     use crate::models::moe::{MoeConfig, Routing};
 
     fn llama(edit: impl FnOnce(&mut LlamaConfig)) -> ModelConfig {
@@ -1448,6 +1476,40 @@ mod tests {
             Transformer::new(&config, &mut store).expect("builds");
             let built: i128 = store.iter().map(|p| p.tensor.numel() as i128).sum();
             assert_eq!(config.param_count(), built, "{model:?}");
+        }
+    }
+
+    /// `chunked_loss` equals the composite loss of `lm_head`'s logits with an untied and a tied
+    /// head, Granite's logits scaling, and (the composite path) Gemma 2's soft-capping.
+    #[test]
+    fn the_chunked_loss_is_the_loss_of_the_output_projection() {
+        let multipliers = Multipliers {
+            embedding: 1.0,
+            residual: 1.0,
+            attention: 0.25,
+            logits_scaling: 3.0,
+        };
+        let cases = vec![
+            llama(|_| {}),
+            llama(|c| c.tie_embeddings = true),
+            llama(|c| c.multipliers = Some(multipliers)),
+            llama(|c| c.logits_softcap = Some(5.0)),
+        ];
+        for model in cases {
+            tch::manual_seed(5);
+            let config = TransformerConfig::from_recipe(&model);
+            let mut store = ParamStore::new(tch::Device::Cpu);
+            let m = Transformer::new(&config, &mut store).expect("builds");
+            let idx = Tensor::randint(64, [3, 16], (Kind::Int64, tch::Device::Cpu));
+            let targets = idx.roll([-1], [1]);
+            let hidden = m.forward_hidden(&idx, false, &[]).hidden;
+            let whole = Transformer::loss(&m.lm_head(&hidden), &targets).double_value(&[]);
+            let chunked = m.chunked_loss(&hidden, &targets, 7).expect("loss");
+            let chunked = chunked.double_value(&[]);
+            assert!(
+                ((chunked - whole) / whole).abs() < 1e-6,
+                "{model:?}: {chunked} vs {whole}"
+            );
         }
     }
 

@@ -299,8 +299,9 @@ struct StepOut {
 
 /// The least memory this rank holds to train `recipe` (`memory.rs`), from the recipe alone:
 /// the weights; with every base weight trained (no `[peft]`), their gradients (none with
-/// layer-wise updates, which free each as it is used) and optimizer state; and one micro-batch's
-/// logits. Activations, adapters and a teacher come on top.
+/// layer-wise updates, which free each as it is used) and optimizer state; and the logits of
+/// one micro-batch, or of one chunk of it (`train.loss_chunk_tokens`). Activations, adapters
+/// and a teacher come on top.
 fn training_need(recipe: &Recipe, cfg: &TransformerConfig, setup: &Setup) -> MemoryNeed {
     let params = cfg.param_count().max(0) as u128;
     let weight_bytes = if recipe.run.precision == Precision::Bf16 {
@@ -319,10 +320,12 @@ fn training_need(recipe: &Recipe, cfg: &TransformerConfig, setup: &Setup) -> Mem
     } else {
         2
     };
-    let logits = setup.shard_rows as u128
-        * recipe.data.seq_len.max(0) as u128
-        * cfg.vocab_size.max(0) as u128
-        * compute_bytes;
+    let positions = setup.shard_rows as u128 * recipe.data.seq_len.max(0) as u128;
+    let positions = match recipe.train.loss_chunk_tokens {
+        0 => positions,
+        chunk => positions.min(chunk as u128),
+    };
+    let logits = positions * cfg.vocab_size.max(0) as u128 * compute_bytes;
     // Processes of one machine share its memory; each GPU has its own.
     let processes = match setup.device {
         Device::Cpu => std::env::var("LOCAL_WORLD_SIZE")
@@ -658,6 +661,7 @@ impl Lm {
                 true,
                 device,
                 precision,
+                recipe.train.loss_chunk_tokens,
             );
         };
         let (seq, out) =
@@ -1452,9 +1456,12 @@ fn packing_of(batch: &Batch, rows: &dyn Fn(&Tensor) -> Tensor, device: Device) -
 }
 
 /// The language-model loss of one batch, and the MoE layers' router losses and statistics.
-/// The logits are dropped here, before the backward pass: autograd keeps what it needs, and
+/// With `chunk > 0` (`train.loss_chunk_tokens`) the output projection and the loss run `chunk`
+/// positions at a time (`Transformer::chunked_loss`) and the whole logits never exist;
+/// otherwise they are dropped here, before the backward pass: autograd keeps what it needs, and
 /// holding the `[b, t, vocab]` tensor through backward would cost its whole size in peak memory
 /// (1.6 GiB at GPT-2-small shapes in bf16).
+#[allow(clippy::too_many_arguments)]
 fn forward_loss(
     model: &Transformer,
     inputs: &Tensor,
@@ -1463,10 +1470,28 @@ fn forward_loss(
     train: bool,
     device: Device,
     precision: Precision,
+    chunk: i64,
 ) -> Result<(Tensor, ModelOutput)> {
-    forward_with(model, inputs, packing, train, device, precision, |logits| {
-        Transformer::loss(logits, targets)
-    })
+    if chunk == 0 {
+        return forward_with(model, inputs, packing, train, device, precision, |logits| {
+            Transformer::loss(logits, targets)
+        });
+    }
+    let run = || -> Result<(Tensor, ModelOutput)> {
+        let out = model.forward_hidden_packed(inputs, train, &[], packing);
+        let loss = model.chunked_loss(&out.hidden, targets, chunk)?;
+        let out = ModelOutput {
+            logits: Tensor::new(),
+            moe_layers: out.moe_layers,
+        };
+        Ok((loss, out))
+    };
+    match precision {
+        Precision::Bf16Mixed => {
+            torch_ext::with_autocast_bf16(device.is_cuda(), run).map_err(Error::Torch)?
+        }
+        Precision::Fp32 | Precision::Bf16 => run(),
+    }
 }
 
 /// The forward pass of `forward_loss` with another loss of the logits `[b, t, vocab]` (with
@@ -1571,6 +1596,7 @@ fn evaluate_part(
                 false,
                 device,
                 precision,
+                recipe.train.loss_chunk_tokens,
             )?;
             total += loss.double_value(&[]);
         }
