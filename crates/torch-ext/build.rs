@@ -82,6 +82,7 @@ fn nccl_includes(torch_root: &std::path::Path) -> Option<Vec<PathBuf>> {
 fn main() {
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
     println!("cargo:rerun-if-changed=csrc/linear_cross_entropy.cpp");
+    println!("cargo:rerun-if-changed=csrc/recompute.cpp");
     for var in ["GLOO_INCLUDE_DIR", "CUDA_INCLUDE_DIRS", "CUDA_HOME"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -95,6 +96,7 @@ fn main() {
         .cpp(true)
         .file("csrc/shim.cpp")
         .file("csrc/linear_cross_entropy.cpp")
+        .file("csrc/recompute.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

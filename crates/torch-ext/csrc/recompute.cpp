@@ -1,0 +1,124 @@
+// Activation recomputation (torch.utils.checkpoint's reentrant variant): a function of one
+// tensor run without an autograd graph in the forward pass, keeping only its input, and run
+// again with a graph in the backward pass, whose own backward then gives the input's gradient
+// and adds the parameters' gradients.
+//
+// The function is a Rust closure behind (call, ctx); `drop_ctx` frees it once the backward pass
+// has used it. The autocast state of the forward pass (CPU and CUDA, enabled and dtype) is
+// restored around the recomputation: the backward pass runs after the caller's autocast region
+// has ended, and on CUDA on another thread.
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <string>
+
+// Returns f(input) as a heap at::Tensor (whose ownership passes to the caller), or null.
+typedef at::Tensor *(*te_recompute_call)(void *ctx, const at::Tensor *input);
+typedef void (*te_recompute_drop)(void *ctx);
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct AutocastState {
+  bool cpu, cuda;
+  at::ScalarType cpu_dtype, cuda_dtype;
+
+  static AutocastState now() {
+    return {at::autocast::is_autocast_enabled(at::kCPU), at::autocast::is_autocast_enabled(at::kCUDA),
+            at::autocast::get_autocast_dtype(at::kCPU), at::autocast::get_autocast_dtype(at::kCUDA)};
+  }
+  void apply() const {
+    at::autocast::set_autocast_enabled(at::kCPU, cpu);
+    at::autocast::set_autocast_enabled(at::kCUDA, cuda);
+    at::autocast::set_autocast_dtype(at::kCPU, cpu_dtype);
+    at::autocast::set_autocast_dtype(at::kCUDA, cuda_dtype);
+  }
+};
+
+// Sets an autocast state for a scope and puts the previous one back after it.
+struct AutocastScope {
+  AutocastState before;
+  explicit AutocastScope(const AutocastState &s) : before(AutocastState::now()) {
+    s.apply();
+    at::autocast::increment_nesting();
+  }
+  ~AutocastScope() {
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    before.apply();
+  }
+};
+
+at::Tensor call_rust(int64_t call, int64_t ctx, const at::Tensor &x) {
+  auto f = reinterpret_cast<te_recompute_call>(call);
+  at::Tensor *y = f(reinterpret_cast<void *>(ctx), &x);
+  if (y == nullptr) {
+    throw std::runtime_error("activation recomputation: the recomputed function panicked");
+  }
+  at::Tensor out = std::move(*y);
+  delete y;
+  return out;
+}
+
+struct Recompute : public torch::autograd::Function<Recompute> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, int64_t call, int64_t fn_ctx,
+                            int64_t drop) {
+    const auto s = AutocastState::now();
+    ctx->saved_data["call"] = call;
+    ctx->saved_data["ctx"] = fn_ctx;
+    ctx->saved_data["drop"] = drop;
+    ctx->saved_data["cpu"] = s.cpu;
+    ctx->saved_data["cuda"] = s.cuda;
+    ctx->saved_data["cpu_dtype"] = s.cpu_dtype;
+    ctx->saved_data["cuda_dtype"] = s.cuda_dtype;
+    ctx->save_for_backward({x});
+    return call_rust(call, fn_ctx, x);  // forward runs without a graph
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grad_out) {
+    const auto x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
+    const AutocastState s{ctx->saved_data["cpu"].toBool(), ctx->saved_data["cuda"].toBool(),
+                          ctx->saved_data["cpu_dtype"].toScalarType(),
+                          ctx->saved_data["cuda_dtype"].toScalarType()};
+    const auto call = ctx->saved_data["call"].toInt();
+    const auto fn_ctx = ctx->saved_data["ctx"].toInt();
+    const auto drop = reinterpret_cast<te_recompute_drop>(ctx->saved_data["drop"].toInt());
+    at::Tensor y;
+    {
+      at::AutoGradMode grad(true);
+      AutocastScope autocast(s);
+      y = call_rust(call, fn_ctx, x);
+    }
+    drop(reinterpret_cast<void *>(fn_ctx));
+    torch::autograd::backward({y}, {grad_out[0]});
+    return {x.grad(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+thread_local std::string recompute_error;
+
+}  // namespace
+
+extern "C" {
+
+const char *te_recompute_error() { return recompute_error.c_str(); }
+
+int te_grad_mode_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }
+
+// y = f(x) with f recomputed in the backward pass (see above). Returns a heap at::Tensor owned by
+// the caller, or null with the message in te_recompute_error(); on null, ctx was not kept and
+// the caller frees it.
+void *te_recompute(const at::Tensor *x, te_recompute_call call, void *ctx, te_recompute_drop drop) {
+  try {
+    auto y = Recompute::apply(*x, reinterpret_cast<int64_t>(call), reinterpret_cast<int64_t>(ctx),
+                              reinterpret_cast<int64_t>(drop));
+    return new at::Tensor(std::move(y));
+  } catch (const std::exception &e) {
+    recompute_error = e.what();
+    return nullptr;
+  }
+}
+
+}  // extern "C"

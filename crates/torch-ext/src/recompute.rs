@@ -1,0 +1,150 @@
+//! Activation recomputation as one autograd function of the shim (`csrc/recompute.cpp`,
+//! torch.utils.checkpoint's reentrant variant): `recompute(x, f)` is `f(x)` whose inner
+//! activations are not kept; the backward pass runs `f` again, with a graph, under the autocast
+//! state of the forward pass, and backpropagates through it.
+
+use std::ffi::CStr;
+use std::os::raw::{c_char, c_int, c_void};
+use tch::Tensor;
+
+type Call = unsafe extern "C" fn(*mut c_void, *const c_void) -> *mut c_void;
+type Drop = unsafe extern "C" fn(*mut c_void);
+
+extern "C" {
+    fn te_recompute(x: *const c_void, call: Call, ctx: *mut c_void, drop: Drop) -> *mut c_void;
+    fn te_recompute_error() -> *const c_char;
+    fn te_grad_mode_enabled() -> c_int;
+}
+
+type BoxedFn = Box<dyn Fn(&Tensor) -> Tensor>;
+
+/// Calls the closure behind `ctx` on the at::Tensor `input` and returns its result as a heap
+/// at::Tensor for the shim to take. A panic is caught here (it must not unwind into C++): null.
+unsafe extern "C" fn call(ctx: *mut c_void, input: *const c_void) -> *mut c_void {
+    // SAFETY: `ctx` is the live Box<BoxedFn> of `recompute` (freed only by `drop_ctx`), and
+    // `input` a live at::Tensor of the shim; we take a handle of our own on it.
+    let (f, x) = unsafe {
+        (
+            &*(ctx as *const BoxedFn),
+            Tensor::from_ptr(torch_sys::at_shallow_clone(
+                input as *mut torch_sys::C_tensor,
+            )),
+        )
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&x))) {
+        Ok(mut y) => {
+            let ptr = y.as_mut_ptr();
+            std::mem::forget(y); // the shim owns (and deletes) the heap at::Tensor now
+            ptr as *mut c_void
+        }
+        Err(_) => std::ptr::null_mut(),
+    }
+}
+
+unsafe extern "C" fn drop_ctx(ctx: *mut c_void) {
+    // SAFETY: `ctx` came from Box::into_raw in `recompute` and is freed once.
+    drop(unsafe { Box::from_raw(ctx as *mut BoxedFn) });
+}
+
+/// `f(x)`, recomputed in the backward pass instead of keeping its activations. Without grad
+/// mode, or when `x` does not require a gradient, `f(x)` plainly. `f` must give the same
+/// result when run again: no dropout or other random draws, no side effects. It is kept until
+/// the backward pass has run (the tensors it captured with it).
+pub fn recompute(x: &Tensor, f: impl Fn(&Tensor) -> Tensor + 'static) -> Result<Tensor, String> {
+    // SAFETY: a plain query of libtorch's thread-local grad mode.
+    if !x.requires_grad() || unsafe { te_grad_mode_enabled() } == 0 {
+        return Ok(f(x));
+    }
+    let boxed: Box<BoxedFn> = Box::new(Box::new(f));
+    let ctx = Box::into_raw(boxed) as *mut c_void;
+    // SAFETY: `ctx` is a leaked Box<BoxedFn> that `drop_ctx` frees once; `call` reads it.
+    let ptr = unsafe { te_recompute(x.as_ptr() as *const c_void, call, ctx, drop_ctx) };
+    if ptr.is_null() {
+        // SAFETY: on failure the shim did not keep `ctx`.
+        unsafe { drop_ctx(ctx) };
+        let msg = unsafe { CStr::from_ptr(te_recompute_error()) };
+        return Err(msg.to_string_lossy().into_owned());
+    }
+    // SAFETY: a heap at::Tensor whose ownership passes to the returned Tensor.
+    Ok(unsafe { Tensor::from_ptr(ptr as *mut torch_sys::C_tensor) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// A two-layer MLP block whose parameters are leaves: gradients through `recompute` equal
+    /// those of the plain graph bitwise, for the input and for the parameters.
+    #[test]
+    fn gradients_equal_the_plain_graph_bitwise() {
+        tch::manual_seed(1);
+        let opts = (Kind::Float, Device::Cpu);
+        let w1 = Tensor::randn([8, 6], opts).set_requires_grad(true);
+        let w2 = Tensor::randn([6, 8], opts).set_requires_grad(true);
+        let x0 = Tensor::randn([5, 6], opts).set_requires_grad(true);
+        let block = || {
+            let (w1, w2) = (w1.shallow_clone(), w2.shallow_clone());
+            move |x: &Tensor| {
+                x + x
+                    .linear(&w1, None::<&Tensor>)
+                    .gelu("none")
+                    .linear(&w2, None::<&Tensor>)
+            }
+        };
+        let plain = block()(&block()(&(&x0 * 2.0))).square().sum(Kind::Float);
+        plain.backward();
+        let grads = [x0.grad().copy(), w1.grad().copy(), w2.grad().copy()];
+        for t in [&x0, &w1, &w2] {
+            let _ = t.grad().zero_();
+        }
+        let h = recompute(&(&x0 * 2.0), block()).expect("first");
+        let y = recompute(&h, block()).expect("second");
+        let again = y.square().sum(Kind::Float);
+        assert_eq!(again.double_value(&[]), plain.double_value(&[]));
+        again.backward();
+        for (t, g) in [&x0, &w1, &w2].into_iter().zip(&grads) {
+            assert!(t.grad().equal(g), "{t:?}");
+        }
+    }
+
+    #[test]
+    fn without_grad_mode_it_is_the_function_itself() {
+        let x = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let y = tch::no_grad(|| recompute(&x, |x| x * 3.0)).expect("plain");
+        assert!(!y.requires_grad());
+        assert_eq!(y.double_value(&[0]), 3.0);
+    }
+
+    #[test]
+    fn a_panicking_function_is_an_error_not_an_abort() {
+        let x = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let e = recompute(&x, |_| panic!("boom")).err().expect("error");
+        assert!(e.contains("panicked"), "{e}");
+    }
+
+    /// The recomputation runs under the forward pass's autocast state although the backward
+    /// pass runs outside it: the gradient is that of the bf16 computation.
+    #[test]
+    fn the_forward_autocast_state_is_restored_for_the_recomputation() {
+        tch::manual_seed(2);
+        let opts = (Kind::Float, Device::Cpu);
+        let w = Tensor::randn([16, 16], opts).set_requires_grad(true);
+        let x = Tensor::randn([4, 16], opts).set_requires_grad(true);
+        let f = || {
+            let w = w.shallow_clone();
+            move |x: &Tensor| x.linear(&w, None::<&Tensor>).to_kind(Kind::Float)
+        };
+        let plain =
+            crate::with_autocast_bf16(false, || f()(&x).sum(Kind::Float)).expect("autocast");
+        plain.backward();
+        let gw = w.grad().copy();
+        let _ = w.grad().zero_();
+        let again = crate::with_autocast_bf16(false, || {
+            recompute(&x, f()).expect("recompute").sum(Kind::Float)
+        })
+        .expect("autocast");
+        again.backward(); // outside the autocast region
+        assert!(w.grad().equal(&gw));
+    }
+}
