@@ -527,6 +527,9 @@ pub struct Transformer {
     rope: Option<(Tensor, Tensor)>,
     /// Gemma 3: the tables of the sliding-window layers (`local_rope_theta`).
     rope_local: Option<(Tensor, Tensor)>,
+    /// `train.recompute = "block"`: in training, each block keeps only its input and is run
+    /// again in the backward pass (`set_recompute`).
+    recompute_blocks: bool,
 }
 
 impl Transformer {
@@ -644,6 +647,7 @@ impl Transformer {
             lm_head,
             rope,
             rope_local,
+            recompute_blocks: false,
         })
     }
 
@@ -734,6 +738,7 @@ impl Transformer {
             lm_head,
             rope: None,
             rope_local: None,
+            recompute_blocks: false,
         }
     }
 
@@ -797,6 +802,7 @@ impl Transformer {
             lm_head,
             rope,
             rope_local: None,
+            recompute_blocks: false,
         }
     }
 
@@ -899,30 +905,12 @@ impl Transformer {
             ki.le_tensor(&qi).logical_and(&ki.gt_tensor(&(qi - w)))
         });
         let masks = AttnMasks::new(band, packing, t, idx.device());
-        for (i, block) in self.blocks.iter().enumerate() {
-            // x + f(norm(x)) (Llama), x + norm(f(x)) (OLMo 2), x + norm(f(norm(x))) (Gemma 2/3).
-            let xn = norm_or_pass(&block.pre_attn, x.shallow_clone());
-            let h = self.attention(&block.attn, i, &masks, &xn, (b, t), p_drop, train);
-            let h = self.residual_branch(norm_or_pass(&block.post_attn, h));
-            let drop = |m: Tensor| {
-                if p_drop > 0.0 {
-                    m.dropout(p_drop, train)
-                } else {
-                    m
-                }
-            };
-            if c.variant.parallel_residual {
-                // GPT-NeoX: the MLP reads the block's input too; summed in transformers' order.
-                let xn = norm_or_pass(&block.pre_mlp, x.shallow_clone());
-                let m = self.mlp(&block.mlp, &xn, train, &mut moe_layers);
-                x = drop(m) + h + x;
+        for i in 0..self.blocks.len() {
+            x = if self.recompute_blocks && train {
+                self.recomputed_block(i, &x, &masks, (b, t))
             } else {
-                x = x + h;
-                let xn = norm_or_pass(&block.pre_mlp, x.shallow_clone());
-                let m = self.mlp(&block.mlp, &xn, train, &mut moe_layers);
-                let m = self.residual_branch(norm_or_pass(&block.post_mlp, m));
-                x = x + drop(m);
-            }
+                self.block_forward(i, x, &masks, (b, t), p_drop, train, &mut moe_layers)
+            };
             keep(i as i64 + 1, &x);
         }
         let layers = keep_layers
@@ -935,6 +923,66 @@ impl Transformer {
             layers,
             moe_layers,
         }
+    }
+
+    /// Block `i` on the residual stream `x` `[b, t, d]`: x + f(norm(x)) (Llama), x + norm(f(x))
+    /// (OLMo 2), x + norm(f(norm(x))) (Gemma 2/3), or GPT-NeoX's parallel residual.
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        i: usize,
+        x: Tensor,
+        masks: &AttnMasks,
+        (b, t): (i64, i64),
+        p_drop: f64,
+        train: bool,
+        moe_layers: &mut Vec<MoeLayerStats>,
+    ) -> Tensor {
+        let block = &self.blocks[i];
+        let xn = norm_or_pass(&block.pre_attn, x.shallow_clone());
+        let h = self.attention(&block.attn, i, masks, &xn, (b, t), p_drop, train);
+        let h = self.residual_branch(norm_or_pass(&block.post_attn, h));
+        let drop = |m: Tensor| {
+            if p_drop > 0.0 {
+                m.dropout(p_drop, train)
+            } else {
+                m
+            }
+        };
+        if self.config.variant.parallel_residual {
+            // GPT-NeoX: the MLP reads the block's input too; summed in transformers' order.
+            let xn = norm_or_pass(&block.pre_mlp, x.shallow_clone());
+            let m = self.mlp(&block.mlp, &xn, train, moe_layers);
+            drop(m) + h + x
+        } else {
+            let x = x + h;
+            let xn = norm_or_pass(&block.pre_mlp, x.shallow_clone());
+            let m = self.mlp(&block.mlp, &xn, train, moe_layers);
+            let m = self.residual_branch(norm_or_pass(&block.post_mlp, m));
+            x + drop(m)
+        }
+    }
+
+    /// `block_forward` in training whose activations are not kept: only its input is, and the
+    /// backward pass runs the block again (`torch_ext::recompute`). The recipe check refuses
+    /// what a second run would not repeat (dropout's draws, MoE routers' statistics).
+    fn recomputed_block(&self, i: usize, x: &Tensor, masks: &AttnMasks, bt: (i64, i64)) -> Tensor {
+        let model: *const Transformer = self;
+        let masks = masks.shallow_clone();
+        let block = move |x: &Tensor| {
+            // SAFETY: the model outlives the step: the closure runs during this forward and
+            // again during the backward pass of its loss, both while the caller holds the model
+            // (`Lm` owns it for the whole run), and it is not moved in between.
+            let model = unsafe { &*model };
+            model.block_forward(i, x.shallow_clone(), &masks, bt, 0.0, true, &mut Vec::new())
+        };
+        torch_ext::recompute(x, block)
+            .unwrap_or_else(|e| panic!("block {i}, recomputed in the backward pass: {e}"))
+    }
+
+    /// `train.recompute = "block"` on or off (`recomputed_block`).
+    pub fn set_recompute(&mut self, blocks: bool) {
+        self.recompute_blocks = blocks;
     }
 
     /// Every dense projection, in registration order: what LoRA's `target` patterns select
@@ -1331,6 +1379,20 @@ impl AttnMasks {
             band,
             packed: Some((full, banded)),
             positions: Some(p.positions.reshape([-1])),
+        }
+    }
+
+    /// The same masks, sharing their tensors (kept by a recomputed block until backward).
+    fn shallow_clone(&self) -> AttnMasks {
+        AttnMasks {
+            band: self.band.as_ref().map(Tensor::shallow_clone),
+            packed: self.packed.as_ref().map(|(full, banded)| {
+                (
+                    full.shallow_clone(),
+                    banded.as_ref().map(Tensor::shallow_clone),
+                )
+            }),
+            positions: self.positions.as_ref().map(Tensor::shallow_clone),
         }
     }
 

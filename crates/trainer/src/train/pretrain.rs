@@ -10,7 +10,7 @@
 
 use super::harness::{self, Run, RunSummary, Sections, Setup};
 use crate::checkpoint::{self, TrainState};
-use crate::config::{self, InitLoad, Precision, Recipe, WeightDecaySchedule};
+use crate::config::{self, InitLoad, Precision, Recipe, Recompute, WeightDecaySchedule};
 use crate::data::loader::{stream_seed, Batch, Prefetcher};
 use crate::data::mixture::MixSource;
 use crate::data::mixture::{Mixture, MixtureReport};
@@ -297,6 +297,35 @@ struct StepOut {
     stop_all: bool,
 }
 
+/// `train.recompute = "block"`, refused for models whose blocks would not repeat themselves
+/// when run again in the backward pass.
+fn recompute_blocks(recipe: &Recipe, cfg: &TransformerConfig) -> Result<bool> {
+    if recipe.train.recompute == Recompute::None {
+        return Ok(false);
+    }
+    let why = if cfg.dropout > 0.0 {
+        Some(format!(
+            "dropout ({}) would draw other masks when a block runs again in the backward pass; \
+             set the model's dropout to 0",
+            cfg.dropout
+        ))
+    } else if cfg.moe.is_some() {
+        Some(
+            "MoE layers' routing statistics and router losses come from the first run of a \
+             block only"
+                .to_string(),
+        )
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(Error::Recipe(format!(
+            "train.recompute = \"block\" cannot be used here: {why}"
+        ))),
+        None => Ok(true),
+    }
+}
+
 /// The least memory this rank holds to train `recipe` (`memory.rs`), from the recipe alone:
 /// the weights; with every base weight trained (no `[peft]`), their gradients (none with
 /// layer-wise updates, which free each as it is used) and optimizer state; and the logits of
@@ -357,6 +386,7 @@ impl Lm {
         )?;
         let mut params = ParamStore::new(setup.device);
         let mut model = Transformer::new(&cfg, &mut params)?;
+        model.set_recompute(recompute_blocks(recipe, &cfg)?);
         let init = init_weights(recipe, &cfg, setup, &mut params, &model)?;
         let base_params: Vec<String> = params.trainable().map(|p| p.name.clone()).collect();
         let relora = apply_peft(recipe, setup, &base_params, &mut model, &mut params)?;

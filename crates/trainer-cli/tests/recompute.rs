@@ -1,0 +1,123 @@
+//! `train.recompute = "block"`: each transformer block keeps only its input and runs again in
+//! the backward pass (`torch_ext::recompute`). The training curve is bitwise that of
+//! `"none"` on the CPU, in fp32 and bf16-mixed, with gradient accumulation and clipping, and
+//! with two processes (the gradient-ready hooks that overlap the all-reduce fire inside the
+//! recomputation's backward pass). What a second run of a block would not repeat is refused.
+
+mod common;
+
+use common::*;
+
+const RECIPE: &str = "tiny.toml";
+
+/// (split, step, loss, grad_norm) of every metrics row with a loss.
+fn curve(rows: &[serde_json::Value]) -> Vec<(String, i64, f64, Option<f64>)> {
+    rows.iter()
+        .filter(|r| r.get("loss").is_some())
+        .map(|r| {
+            (
+                r.get("split")
+                    .and_then(|s| s.as_str())
+                    .unwrap_or("train")
+                    .to_string(),
+                step_of(r),
+                num(r, "loss"),
+                r.get("grad_norm").and_then(|g| g.as_f64()),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn recomputed_blocks_train_bitwise_the_same_curve() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, RECIPE, &tiny_recipe("unused"));
+    for precision in ["fp32", "bf16-mixed"] {
+        let set_precision = format!("run.precision=\"{precision}\"");
+        let run = |mode: &str| {
+            let set_mode = format!("train.recompute=\"{mode}\"");
+            curve(&run_tiny(
+                w,
+                RECIPE,
+                &format!("{precision}-{mode}"),
+                &[
+                    "--set",
+                    &set_precision,
+                    "--set",
+                    &set_mode,
+                    "--set",
+                    "train.max_steps=12",
+                    "--set",
+                    "train.grad_accum=2",
+                    "--set",
+                    "train.clip_grad_norm=0.5",
+                ],
+            ))
+        };
+        let (kept, recomputed) = (run("none"), run("block"));
+        assert_eq!(kept.len(), 14, "12 training rows and 2 evaluations");
+        assert_eq!(kept, recomputed, "{precision}");
+    }
+}
+
+#[test]
+fn recomputed_blocks_under_data_parallel_match_kept_ones() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, RECIPE, &tiny_recipe("unused"));
+    let run = |mode: &str| {
+        let out = format!("run.out_dir=ddp-{mode}");
+        let set_mode = format!("train.recompute=\"{mode}\"");
+        trainer(
+            w,
+            &[
+                "launch",
+                "--nproc",
+                "2",
+                RECIPE,
+                "--set",
+                &out,
+                "--set",
+                &set_mode,
+                "--set",
+                "train.max_steps=6",
+                "--set",
+                "run.bucket_mb=0.01",
+            ],
+        )
+        .assert_success();
+        curve(&read_metrics(&w.join(format!("ddp-{mode}/metrics.jsonl"))))
+    };
+    assert_eq!(run("none"), run("block"));
+}
+
+#[test]
+fn what_a_second_run_would_not_repeat_is_refused() {
+    let work = workdir();
+    let w = work.path();
+    let moe = replace_line(
+        &tiny_recipe("moe"),
+        "max_seq_len = 16",
+        "max_seq_len = 16\nmoe = { n_experts = 4, top_k = 1, routing = \"switch\" }",
+    );
+    write_recipe(w, "moe.toml", &moe);
+    trainer(
+        w,
+        &["run", "moe.toml", "--set", "train.recompute=\"block\""],
+    )
+    .assert_one_error(&["train.recompute", "MoE"]);
+    assert!(!w.join("moe").exists(), "a refused start writes nothing");
+    let gpt2 = "[run]\nname = \"g\"\nout_dir = \"gpt2\"\ndevice = \"cpu\"\nthreads = 1\n\n\
+        [model]\nkind = \"gpt2\"\nvocab_size = 256\nd_model = 32\nn_layers = 2\nn_heads = 4\n\
+        max_seq_len = 16\ndropout = 0.1\n\n[data]\nseq_len = 16\ntrain = { kind = \"builtin\" }\n\n\
+        [optim]\nkind = \"adamw\"\nlr = 1e-3\n\n[train]\nbatch_size = 4\nmax_steps = 2\n\
+        recompute = \"block\"\n";
+    write_recipe(w, "gpt2.toml", gpt2);
+    trainer(w, &["run", "gpt2.toml"]).assert_one_error(&["train.recompute", "dropout"]);
+    trainer(
+        w,
+        &["validate", "moe.toml", "--set", "train.recompute=\"all\""],
+    )
+    .assert_one_error(&["train.recompute"]);
+}
