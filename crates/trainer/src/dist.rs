@@ -373,6 +373,16 @@ impl DataParallel {
         })
     }
 
+    /// Overwrites `tensors` with rank `root`'s values on every rank, in one coalesced call.
+    pub fn broadcast_from(&self, tensors: &[&Tensor], root: usize, what: &str) -> Result<()> {
+        self.collective(what, |g| tch::no_grad(|| g.broadcast(tensors, root)))
+    }
+
+    /// The training device (where NCCL's tensors must be).
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
     /// After the backward pass of a step: sums `scalars` over the ranks (the step's loss and stop
     /// flag) and replaces the gradient of every parameter in `params` by its mean over the
     /// ranks. The gradients are copied into flat buckets of about `run.bucket_mb` (one dtype

@@ -38,6 +38,7 @@ pub mod optim;
 pub mod peft;
 pub mod prune;
 pub mod schedule;
+pub mod shard;
 pub mod signals;
 pub mod sweep;
 pub mod train;

@@ -17,6 +17,7 @@ use crate::models::params::ParamStore;
 use crate::optim::Optimizer;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use tch::Tensor;
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -75,7 +76,7 @@ pub fn save(
     run_dir: &Path,
     state: &TrainState,
     params: &ParamStore,
-    optimizer: &Optimizer,
+    optimizer_state: Vec<(String, Tensor)>,
     keep: usize,
 ) -> Result<PathBuf> {
     let final_dir = step_dir(run_dir, state.step);
@@ -89,7 +90,7 @@ pub fn save(
     ));
     std::fs::create_dir(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
     params.save(&tmp.join(MODEL_FILE))?;
-    optimizer.save(&tmp.join(OPTIMIZER_FILE))?;
+    crate::optim::write_state(optimizer_state, &tmp.join(OPTIMIZER_FILE))?;
     params.save_masks(&tmp.join(MASKS_FILE))?;
     if params.has_masks() {
         sync_file(&tmp.join(MASKS_FILE))?;
@@ -272,7 +273,12 @@ pub fn read_state(dir: &Path) -> Result<TrainState> {
 }
 
 /// Loads model and optimizer state from a checkpoint directory; returns its train state.
-pub fn load(dir: &Path, params: &mut ParamStore, optimizer: &mut Optimizer) -> Result<TrainState> {
+pub fn load(
+    dir: &Path,
+    params: &mut ParamStore,
+    optimizer: &mut Optimizer,
+    optimizer_part: bool,
+) -> Result<TrainState> {
     if !dir.is_dir() {
         return Err(Error::Checkpoint {
             path: dir.to_path_buf(),
@@ -282,7 +288,7 @@ pub fn load(dir: &Path, params: &mut ParamStore, optimizer: &mut Optimizer) -> R
     let state = read_state(dir)?;
     params.load(&dir.join(MODEL_FILE))?;
     params.load_masks_if_present(&dir.join(MASKS_FILE))?;
-    optimizer.load(&dir.join(OPTIMIZER_FILE))?;
+    optimizer.load(&dir.join(OPTIMIZER_FILE), optimizer_part)?;
     Ok(state)
 }
 

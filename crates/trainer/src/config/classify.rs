@@ -8,7 +8,7 @@
 //! with the file location and key path. Validation never opens the data: how many images a
 //! folder holds is checked when the run opens it.
 
-use super::recipe::{validate_optim_schedule, validate_pruning, RunConfig, Task};
+use super::recipe::{validate_optim_schedule, validate_pruning, RunConfig, Shard, Task};
 use crate::data::ImageDataConfig;
 use crate::device::Precision;
 use crate::distill::DistillConfig;
@@ -110,6 +110,11 @@ impl ClassifyRecipe {
             "expected \"classify\" for an image-classification recipe",
         )?;
         r.validate()?;
+        check(
+            r.shard == Shard::None,
+            "run.shard",
+            "sharding is for language-model recipes only",
+        )?;
         check(
             !self.optim.layerwise(),
             "optim.layerwise",

@@ -179,6 +179,32 @@ pub struct RunConfig {
     )]
     #[schemars(!skip_serializing_if)]
     pub bucket_mb: f64,
+    /// Multi-process runs: what each rank keeps of the whole. `"none"`: every rank holds the
+    /// whole optimizer state. `"optimizer"` (ZeRO stage 1, on whole tensors): each parameter's
+    /// optimizer state lives on one rank (parameters dealt out in order, balanced by size),
+    /// which updates it and broadcasts the new values; the gradients are still averaged whole.
+    /// AdamW (32- or 8-bit states) and SGD; checkpoints are written whole, so they resume at any
+    /// world size and shard mode. One process: no effect.
+    #[serde(default, skip_serializing_if = "Shard::is_none")]
+    #[schemars(!skip_serializing_if)]
+    pub shard: Shard,
+}
+
+/// `run.shard`: what of the training state is divided among the ranks.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Shard {
+    /// Every rank holds everything.
+    #[default]
+    None,
+    /// Each parameter's optimizer state lives on one rank (ZeRO stage 1, whole tensors).
+    Optimizer,
+}
+
+impl Shard {
+    fn is_none(&self) -> bool {
+        *self == Shard::None
+    }
 }
 
 fn default_collective_timeout_s() -> f64 {
@@ -392,6 +418,7 @@ impl Recipe {
         self.validate_optim()?;
         self.validate_train()?;
         self.validate_layerwise()?;
+        self.validate_shard()?;
         if let Some(p) = &self.peft {
             p.validate()?;
         }
@@ -439,6 +466,35 @@ impl Recipe {
 
     fn validate_optim(&self) -> Result<(), Invalid> {
         validate_optim_schedule(&self.optim, &self.schedule)
+    }
+
+    /// `run.shard = "optimizer"`: an optimizer whose update of a parameter needs only that
+    /// parameter and its own state, and nothing that touches every parameter's state.
+    fn validate_shard(&self) -> Result<(), Invalid> {
+        if self.run.shard == Shard::None {
+            return Ok(());
+        }
+        let why = match &self.optim {
+            OptimConfig::GaloreAdamw { .. } => {
+                Some("GaLore-AdamW (its projections are not sharded yet)")
+            }
+            OptimConfig::Gsm { .. } => Some("GSM (it ranks every parameter's saliency at once)"),
+            _ if self.optim.layerwise() => {
+                Some("optim.layerwise (updates inside the backward pass)")
+            }
+            _ => None,
+        };
+        if let Some(why) = why {
+            return Err(Invalid {
+                key: "run.shard".to_string(),
+                msg: format!("\"optimizer\" works with AdamW and SGD, not with {why}"),
+            });
+        }
+        check(
+            !self.peft.as_ref().is_some_and(|p| p.kind == PeftKind::Relora),
+            "run.shard",
+            "\"optimizer\" cannot be combined with ReLoRA (its merges reset every parameter's state)",
+        )
     }
 
     /// `optim.layerwise`: each parameter is updated inside the backward pass, so nothing may

@@ -47,9 +47,20 @@ impl Optimizer {
     /// never decayed; embeddings only when `decay_embeddings`. Fails on settings that do not fit
     /// the model (GaLore's rank or target patterns).
     pub fn build(cfg: &OptimConfig, store: &ParamStore) -> Result<Optimizer> {
+        Optimizer::build_owned(cfg, store, &|_| true)
+    }
+
+    /// `build` over the trainable parameters that `owns` (a rank's share with
+    /// `run.shard = "optimizer"`): the others get no state and are not updated here.
+    pub fn build_owned(
+        cfg: &OptimConfig,
+        store: &ParamStore,
+        owns: &dyn Fn(&str) -> bool,
+    ) -> Result<Optimizer> {
         let groups = |decay_embeddings: bool| -> Vec<(String, Tensor, bool)> {
             store
                 .trainable()
+                .filter(|p| owns(&p.name))
                 .map(|p| {
                     let decay =
                         !is_norm_or_bias(&p.name) && (decay_embeddings || !is_embedding(&p.name));
@@ -260,22 +271,20 @@ impl Optimizer {
         }
     }
 
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let named: Vec<(String, Tensor)> = self
-            .state()
-            .state_tensors()
-            .into_iter()
-            .map(|(n, t)| (n, t.detach().to_device(tch::Device::Cpu)))
-            .collect();
-        Tensor::write_safetensors(&named, path).map_err(|e| Error::Checkpoint {
-            path: path.to_path_buf(),
-            msg: crate::error::first_line(&e.to_string()),
-        })
-    }
-
-    /// Loads state saved by `save`; names and shapes must match exactly.
-    pub fn load(&mut self, path: &Path) -> Result<()> {
-        let loaded = read_safetensors(path)?;
+    /// Loads state saved by `save`; names and shapes must match exactly. With `part` (a rank's
+    /// share, `run.shard = "optimizer"`), the file may hold other ranks' state too: only this
+    /// optimizer's is taken, and all of it must be there.
+    pub fn load(&mut self, path: &Path, part: bool) -> Result<()> {
+        let mut loaded = read_safetensors(path)?;
+        if part {
+            let wanted: std::collections::BTreeSet<String> = self
+                .state()
+                .state_tensors()
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect();
+            loaded.retain(|(n, _)| wanted.contains(n));
+        }
         let step = loaded
             .iter()
             .find(|(n, _)| n == "step")
@@ -298,6 +307,19 @@ impl Optimizer {
         self.state_mut().set_step(step);
         Ok(())
     }
+}
+
+/// Writes named optimizer state (`Optimizer::state_tensors`, or every rank's gathered) as
+/// safetensors: the checkpoint's optimizer file, which `Optimizer::load` reads.
+pub fn write_state(named: Vec<(String, Tensor)>, path: &Path) -> Result<()> {
+    let named: Vec<(String, Tensor)> = named
+        .into_iter()
+        .map(|(n, t)| (n, t.detach().to_device(tch::Device::Cpu)))
+        .collect();
+    Tensor::write_safetensors(&named, path).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg: crate::error::first_line(&e.to_string()),
+    })
 }
 
 /// Zeroes all but the `keep_fraction` largest entries of `t` by magnitude, in place: the

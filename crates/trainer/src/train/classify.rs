@@ -130,7 +130,7 @@ pub fn run(
     let schedule = Schedule::new(&recipe.schedule, recipe.optim.lr(), total_steps);
     let (seed, params, optimizer) = (recipe.run.seed, &mut net.params, &mut net.optimizer);
     let mut state = match &setup.resume_dir {
-        Some(dir) => harness::load_resume(dir, seed, params, optimizer)?,
+        Some(dir) => harness::load_resume(dir, seed, params, optimizer, false)?,
         None => harness::fresh_state(seed),
     };
     if let Some(done) = harness::already_done(&setup, &state, total_steps) {

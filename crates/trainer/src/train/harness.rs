@@ -137,8 +137,9 @@ pub fn load_resume(
     seed: u64,
     params: &mut ParamStore,
     optimizer: &mut Optimizer,
+    optimizer_part: bool,
 ) -> Result<TrainState> {
-    let mut state = checkpoint::load(dir, params, optimizer)?;
+    let mut state = checkpoint::load(dir, params, optimizer, optimizer_part)?;
     if state.seed != seed {
         tracing::warn!(
             "run.seed is {seed} but the checkpoint was trained with seed {}; data order changes",
@@ -205,6 +206,8 @@ pub struct Run<'a> {
     stop: &'a StopFlag,
     checkpoint_every: Option<i64>,
     keep_checkpoints: i64,
+    /// `run.shard = "optimizer"` over several ranks: each holds a share of the optimizer state.
+    shard_optimizer: bool,
     last_checkpoint: Option<PathBuf>,
     total_steps: i64,
     /// Tokens (or images) per optimizer step.
@@ -245,6 +248,8 @@ impl<'a> Run<'a> {
         } else {
             None
         };
+        let shard_optimizer =
+            run.shard == crate::config::Shard::Optimizer && world.is_distributed();
         Ok(Run {
             world,
             device,
@@ -260,6 +265,7 @@ impl<'a> Run<'a> {
             stop,
             checkpoint_every: sections.checkpoint_every,
             keep_checkpoints: sections.keep_checkpoints,
+            shard_optimizer,
             last_checkpoint: None,
             total_steps: 0,
             per_step: 0,
@@ -374,6 +380,7 @@ impl<'a> Run<'a> {
                 state,
                 params,
                 optimizer,
+                self.shard_optimizer,
                 self.keep_checkpoints,
                 done || stopping,
             )?;

@@ -10,7 +10,7 @@
 
 use super::harness::{self, Run, RunSummary, Sections, Setup};
 use crate::checkpoint::{self, TrainState};
-use crate::config::{self, InitLoad, Precision, Recipe, Recompute, WeightDecaySchedule};
+use crate::config::{self, InitLoad, Precision, Recipe, Recompute, Shard, WeightDecaySchedule};
 use crate::data::loader::{stream_seed, Batch, Prefetcher};
 use crate::data::mixture::MixSource;
 use crate::data::mixture::{Mixture, MixtureReport};
@@ -36,6 +36,7 @@ use crate::peft::lora::Lora;
 use crate::peft::relora::Relora;
 use crate::prune::Pruner;
 use crate::schedule::Schedule;
+use crate::shard::Owners;
 use crate::signals::StopFlag;
 use serde::Serialize;
 use serde_json::json;
@@ -265,6 +266,9 @@ struct Lm {
     layerwise: Option<(torch_ext::GradReadyHooks, Vec<Tensor>)>,
     /// Magnitude pruning or GSM's cut (set once the start state is known).
     pruner: Option<Pruner>,
+    /// `run.shard = "optimizer"` over several ranks: the parameters whose optimizer state this
+    /// rank holds and updates (`shard.rs`).
+    owners: Option<Owners>,
 }
 
 /// One step's hyperparameters, set before the backward pass (layer-wise updates use them inside
@@ -295,6 +299,19 @@ struct StepLog {
 struct StepOut {
     log: StepLog,
     stop_all: bool,
+}
+
+/// `run.shard = "optimizer"` over several ranks: which rank owns which parameter's optimizer
+/// state. One process: nothing to divide (a warning).
+fn shard_owners(recipe: &Recipe, setup: &Setup, params: &ParamStore) -> Result<Option<Owners>> {
+    if recipe.run.shard == Shard::None {
+        return Ok(None);
+    }
+    if !setup.world.is_distributed() {
+        tracing::warn!("run.shard = \"optimizer\" has no effect in a single process");
+        return Ok(None);
+    }
+    Owners::deal(params, setup.world.rank, setup.world.size).map(Some)
 }
 
 /// `train.recompute = "block"`, refused for models whose blocks would not repeat themselves
@@ -366,7 +383,12 @@ fn training_need(recipe: &Recipe, cfg: &TransformerConfig, setup: &Setup) -> Mem
     MemoryNeed {
         weights: params * weight_bytes,
         gradients,
-        optimizer_state: trained * recipe.optim.state_bytes_per_param(weight_bytes),
+        // run.shard = "optimizer": this rank holds about 1/world of it.
+        optimizer_state: trained * recipe.optim.state_bytes_per_param(weight_bytes)
+            / match recipe.run.shard {
+                Shard::Optimizer => setup.world.size.max(1) as u128,
+                Shard::None => 1,
+            },
         logits,
         processes,
     }
@@ -404,7 +426,11 @@ impl Lm {
         if recipe.run.precision == Precision::Bf16 {
             params.set_kind(Kind::BFloat16);
         }
-        let optimizer = Optimizer::build(&recipe.optim, &params)?;
+        let owners = shard_owners(recipe, setup, &params)?;
+        let optimizer = match &owners {
+            Some(o) => Optimizer::build_owned(&recipe.optim, &params, &|n| o.owns(n))?,
+            None => Optimizer::build(&recipe.optim, &params)?,
+        };
         let layerwise = layerwise_hooks(recipe, setup, &optimizer)?;
         let lm = Lm {
             cfg,
@@ -416,6 +442,7 @@ impl Lm {
             distiller,
             layerwise,
             pruner: None,
+            owners,
         };
         Ok((lm, init))
     }
@@ -431,7 +458,9 @@ impl Lm {
     ) -> Result<TrainState> {
         let seed = recipe.run.seed;
         if let Some(dir) = &setup.resume_dir {
-            let state = harness::load_resume(dir, seed, &mut self.params, &mut self.optimizer)?;
+            let part = self.owners.is_some();
+            let state =
+                harness::load_resume(dir, seed, &mut self.params, &mut self.optimizer, part)?;
             if let Some((r, _)) = &self.relora {
                 if r.full_rank_warmup_steps > 0 && !r.full_rank(state.step) {
                     self.freeze_base();
@@ -442,7 +471,8 @@ impl Lm {
         let Some((dir, step)) = &init.full else {
             return Ok(harness::fresh_state(seed));
         };
-        let mut state = checkpoint::load(dir, &mut self.params, &mut self.optimizer)?;
+        let part = self.owners.is_some();
+        let mut state = checkpoint::load(dir, &mut self.params, &mut self.optimizer, part)?;
         state.seed = seed;
         state.train_seconds = 0.0;
         if *step >= total_steps {
@@ -565,6 +595,9 @@ impl Lm {
         )?;
         if self.layerwise.is_none() {
             self.optimizer.step(hyper.lr)?;
+        }
+        if let Some(owners) = &self.owners {
+            owners.broadcast_updates(&run.dp, &self.params)?;
         }
         self.params.apply_masks();
         self.params.zero_grad();

@@ -279,9 +279,10 @@ pub fn prepare_run_dir(run_dir: &Path, resolved_recipe: &str, step: i64) -> Resu
     std::fs::write(&path, text).map_err(io_err(format!("writing {}", path.display())))
 }
 
-/// Writes the checkpoint of `state` from rank 0 (every rank holds the same weights and optimizer
-/// state) and returns its directory. With `last` (the run ends or stops here), the other ranks
-/// leave only once it is on disk, or learn that rank 0 failed.
+/// Writes the checkpoint of `state` from rank 0 (every rank holds the same weights, and the same
+/// optimizer state unless `sharded`: then every rank's share is gathered on rank 0 first,
+/// `shard.rs`) and returns its directory. With `last` (the run ends or stops here), the other
+/// ranks leave only once it is on disk, or learn that rank 0 failed.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn save_checkpoint(
     dp: &crate::dist::DataParallel,
@@ -289,13 +290,20 @@ pub(crate) fn save_checkpoint(
     state: &checkpoint::TrainState,
     params: &crate::models::params::ParamStore,
     optimizer: &crate::optim::Optimizer,
+    sharded: bool,
     keep: i64,
     last: bool,
 ) -> Result<PathBuf> {
-    let dir = if dp.world.is_main() {
-        checkpoint::save(run_dir, state, params, optimizer, keep as usize)?
+    let optimizer_state = if sharded {
+        crate::shard::gather_to_main(dp, optimizer.state_tensors())?
     } else {
-        checkpoint::step_dir(run_dir, state.step)
+        dp.world.is_main().then(|| optimizer.state_tensors())
+    };
+    let dir = match optimizer_state {
+        Some(optimizer_state) => {
+            checkpoint::save(run_dir, state, params, optimizer_state, keep as usize)?
+        }
+        None => checkpoint::step_dir(run_dir, state.step),
     };
     if last {
         dp.barrier()?; // nothing for a single process

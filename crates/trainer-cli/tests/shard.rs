@@ -1,0 +1,213 @@
+//! `run.shard = "optimizer"` (ZeRO stage 1 on whole tensors, `shard.rs`), end to end with Gloo
+//! on the CPU: the curve of 2 and 4 sharded processes is bitwise that of the unsharded run with
+//! the same processes (fp32 and bf16-mixed, with gradient accumulation and clipping), each rank
+//! holds a share of the optimizer state, a SIGTERM-stopped sharded run resumes bitwise, and a
+//! checkpoint written by N sharded ranks continues under M ranks in either shard mode.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+const RECIPE: &str = "tiny.toml";
+
+/// (split, step, loss, grad_norm) of every metrics row with a loss.
+fn curve(rows: &[Value]) -> Vec<(String, i64, f64, Option<f64>)> {
+    rows.iter()
+        .filter(|r| r.get("loss").is_some())
+        .map(|r| {
+            (
+                r.get("split")
+                    .and_then(|s| s.as_str())
+                    .unwrap_or("train")
+                    .to_string(),
+                step_of(r),
+                num(r, "loss"),
+                r.get("grad_norm").and_then(|g| g.as_f64()),
+            )
+        })
+        .collect()
+}
+
+/// `trainer launch --nproc N RECIPE --set run.out_dir=OUT [--set K=V]...`, to the end.
+fn launch(w: &std::path::Path, nproc: usize, out: &str, set: &[&str]) -> Vec<Value> {
+    let n = nproc.to_string();
+    let out_dir = format!("run.out_dir={out}");
+    let mut args = vec!["launch", "--nproc", &n, RECIPE, "--set", &out_dir];
+    for s in set {
+        args.extend(["--set", s]);
+    }
+    trainer(w, &args).assert_success();
+    read_metrics(&w.join(out).join("metrics.jsonl"))
+}
+
+fn state_bytes(w: &std::path::Path, out: &str) -> f64 {
+    num(&read_summary(&w.join(out)), "optimizer_state_bytes")
+}
+
+#[test]
+fn sharded_optimizer_state_trains_bitwise_the_unsharded_curve() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, RECIPE, &tiny_recipe("unused"));
+    let common = [
+        "train.max_steps=10",
+        "train.grad_accum=2",
+        "train.clip_grad_norm=0.5",
+        "run.bucket_mb=0.01",
+    ];
+    for (nproc, precision) in [(2, "fp32"), (4, "fp32"), (2, "bf16-mixed")] {
+        let p = format!("run.precision=\"{precision}\"");
+        let mut set = common.to_vec();
+        set.push(&p);
+        let plain = launch(w, nproc, &format!("none-{nproc}-{precision}"), &set);
+        set.push("run.shard=\"optimizer\"");
+        let sharded = launch(w, nproc, &format!("opt-{nproc}-{precision}"), &set);
+        assert_eq!(
+            curve(&plain).len(),
+            11,
+            "10 training rows and one evaluation"
+        );
+        assert_eq!(
+            curve(&plain),
+            curve(&sharded),
+            "{nproc} processes, {precision}"
+        );
+        // Rank 0's share of the optimizer state: about 1/N of the whole.
+        let whole = state_bytes(w, &format!("none-{nproc}-{precision}"));
+        let share = state_bytes(w, &format!("opt-{nproc}-{precision}"));
+        let ratio = share * nproc as f64 / whole;
+        assert!(
+            (0.7..1.3).contains(&ratio),
+            "share {share} of {whole} at {nproc}"
+        );
+    }
+}
+
+#[test]
+fn a_stopped_sharded_run_resumes_bitwise_and_its_checkpoints_reshard() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, RECIPE, &tiny_recipe("unused"));
+    let shard = "run.shard=\"optimizer\"";
+    let whole = launch(
+        w,
+        2,
+        "whole",
+        &[shard, "train.max_steps=60", "train.checkpoint_every=30"],
+    );
+    let whole = curve(&whole);
+
+    // SIGTERM to the launcher (forwarded to both ranks): a gathered checkpoint, exit 75, and
+    // `--resume auto` continues with bitwise the uninterrupted losses.
+    let mut running = spawn(
+        w,
+        &[
+            "launch",
+            "--nproc",
+            "2",
+            RECIPE,
+            "--set",
+            "run.out_dir=stopped",
+            "--set",
+            shard,
+            "--set",
+            "train.max_steps=60",
+        ],
+    );
+    wait_for_step(&mut running, &w.join("stopped/metrics.jsonl"), 3);
+    send_signal(running.pid(), "TERM");
+    let out = running.wait(TIMEOUT);
+    assert_eq!(out.code, Some(EXIT_INTERRUPTED), "{}", out.describe());
+    let resumed = {
+        let args = [
+            "launch",
+            "--nproc",
+            "2",
+            RECIPE,
+            "--set",
+            "run.out_dir=stopped",
+            "--set",
+            shard,
+            "--set",
+            "train.max_steps=60",
+            "--resume",
+            "auto",
+        ];
+        trainer(w, &args).assert_success();
+        curve(&read_metrics(&w.join("stopped/metrics.jsonl")))
+    };
+    assert_eq!(resumed, whole, "stopped and resumed vs uninterrupted");
+
+    // The checkpoint of step 30, written whole by 2 sharded ranks, continues under 4 sharded
+    // ranks, 2 unsharded ones and one process: the same curve (bitwise where the reduction of
+    // the gradients is the same, else within 1e-5).
+    let ckpt = w.join("whole/checkpoints/step-00000030");
+    let ckpt = ckpt.to_str().expect("utf-8");
+    let after_30: Vec<_> = whole.iter().filter(|r| r.1 > 30).cloned().collect();
+    let cont = |nproc: usize, out: &str, extra: &[&str]| {
+        let n = nproc.to_string();
+        let out_dir = format!("run.out_dir={out}");
+        let mut args = vec!["launch", "--nproc", &n, RECIPE, "--set", &out_dir];
+        args.extend(["--set", "train.max_steps=60", "--resume", ckpt]);
+        for s in extra {
+            args.extend(["--set", s]);
+        }
+        trainer(w, &args).assert_success();
+        curve(&read_metrics(&w.join(out).join("metrics.jsonl")))
+    };
+    assert_eq!(cont(2, "two-unsharded", &[]), after_30);
+    for (nproc, out) in [(4, "four-sharded"), (1, "one")] {
+        let got = cont(nproc, out, &[shard]);
+        assert_eq!(got.len(), after_30.len(), "{out}");
+        for (a, b) in got.iter().zip(&after_30) {
+            assert_eq!((&a.0, a.1), (&b.0, b.1));
+            assert!(((a.2 - b.2) / b.2).abs() < 1e-5, "{out}: {a:?} vs {b:?}");
+        }
+    }
+}
+
+#[test]
+fn what_sharding_cannot_serve_is_refused_and_one_process_is_told() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, RECIPE, &tiny_recipe("run"));
+    for (optim, needle) in [
+        ("optim={kind=\"galore_adamw\", lr=1e-3, rank=4}", "GaLore"),
+        ("optim={kind=\"gsm\", lr=1e-3, density=0.5}", "GSM"),
+        (
+            "optim={kind=\"adamw\", lr=1e-3, layerwise=true}",
+            "optim.layerwise",
+        ),
+    ] {
+        trainer(
+            w,
+            &[
+                "validate",
+                RECIPE,
+                "--set",
+                "run.shard=\"optimizer\"",
+                "--set",
+                optim,
+            ],
+        )
+        .assert_one_error(&["run.shard", needle]);
+    }
+    let out = trainer(
+        w,
+        &[
+            "run",
+            RECIPE,
+            "--set",
+            "run.shard=\"optimizer\"",
+            "--set",
+            "train.max_steps=6",
+        ],
+    );
+    out.assert_success();
+    assert!(
+        out.stderr.contains("no effect in a single process"),
+        "{}",
+        out.describe()
+    );
+}
