@@ -187,7 +187,7 @@ mod tests {
     fn owners_are_contiguous_balanced_and_cover_every_rank() {
         let mut store = ParamStore::new(Device::Cpu);
         for (i, n) in [100, 10, 10, 80, 50, 50].iter().enumerate() {
-            store.zeros(&format!("p{i}"), &[*n]);
+            let _ = store.zeros(&format!("p{i}"), &[*n]);
         }
         let o = Owners::deal(&store, 0, 2).expect("two ranks");
         let owner: Vec<usize> = o.owners.iter().map(|(_, r)| *r).collect();

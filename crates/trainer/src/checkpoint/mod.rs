@@ -288,7 +288,10 @@ pub fn load(
     let state = read_state(dir)?;
     params.load(&dir.join(MODEL_FILE))?;
     params.load_masks_if_present(&dir.join(MASKS_FILE))?;
-    optimizer.load(&dir.join(OPTIMIZER_FILE), optimizer_part)?;
+    match optimizer_part {
+        true => optimizer.load_share(&dir.join(OPTIMIZER_FILE))?,
+        false => optimizer.load(&dir.join(OPTIMIZER_FILE))?,
+    }
     Ok(state)
 }
 

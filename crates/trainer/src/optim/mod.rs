@@ -271,10 +271,23 @@ impl Optimizer {
         }
     }
 
-    /// Loads state saved by `save`; names and shapes must match exactly. With `part` (a rank's
-    /// share, `run.shard = "optimizer"`), the file may hold other ranks' state too: only this
-    /// optimizer's is taken, and all of it must be there.
-    pub fn load(&mut self, path: &Path, part: bool) -> Result<()> {
+    /// Writes the state (`write_state`): the checkpoint's optimizer file.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        write_state(self.state_tensors(), path)
+    }
+
+    /// Loads state saved by `save`; names and shapes must match exactly.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        self.load_from(path, false)
+    }
+
+    /// `load` for a rank's share (`run.shard = "optimizer"`): the file may hold other ranks'
+    /// state too; only this optimizer's is taken, and all of it must be there.
+    pub fn load_share(&mut self, path: &Path) -> Result<()> {
+        self.load_from(path, true)
+    }
+
+    fn load_from(&mut self, path: &Path, part: bool) -> Result<()> {
         let mut loaded = read_safetensors(path)?;
         if part {
             let wanted: std::collections::BTreeSet<String> = self
