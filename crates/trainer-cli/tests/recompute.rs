@@ -10,24 +10,6 @@ use common::*;
 
 const RECIPE: &str = "tiny.toml";
 
-/// (split, step, loss, grad_norm) of every metrics row with a loss.
-fn curve(rows: &[serde_json::Value]) -> Vec<(String, i64, f64, Option<f64>)> {
-    rows.iter()
-        .filter(|r| r.get("loss").is_some())
-        .map(|r| {
-            (
-                r.get("split")
-                    .and_then(|s| s.as_str())
-                    .unwrap_or("train")
-                    .to_string(),
-                step_of(r),
-                num(r, "loss"),
-                r.get("grad_norm").and_then(|g| g.as_f64()),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn recomputed_blocks_train_bitwise_the_same_curve() {
     let work = workdir();

@@ -11,24 +11,6 @@ use serde_json::Value;
 
 const RECIPE: &str = "tiny.toml";
 
-/// (split, step, loss, grad_norm) of every metrics row with a loss.
-fn curve(rows: &[Value]) -> Vec<(String, i64, f64, Option<f64>)> {
-    rows.iter()
-        .filter(|r| r.get("loss").is_some())
-        .map(|r| {
-            (
-                r.get("split")
-                    .and_then(|s| s.as_str())
-                    .unwrap_or("train")
-                    .to_string(),
-                step_of(r),
-                num(r, "loss"),
-                r.get("grad_norm").and_then(|g| g.as_f64()),
-            )
-        })
-        .collect()
-}
-
 /// `trainer launch --nproc N RECIPE --set run.out_dir=OUT [--set K=V]...`, to the end.
 fn launch(w: &std::path::Path, nproc: usize, out: &str, set: &[&str]) -> Vec<Value> {
     let n = nproc.to_string();

@@ -511,3 +511,22 @@ pub fn csv_cells(line: &str) -> Vec<String> {
     cells.push(cell);
     cells
 }
+
+/// (split, step, loss, grad_norm) of every metrics row with a loss (training rows: split
+/// "train"): what two runs compare when their curves must be the same.
+pub fn curve(rows: &[Value]) -> Vec<(String, i64, f64, Option<f64>)> {
+    rows.iter()
+        .filter(|r| r.get("loss").is_some())
+        .map(|r| {
+            (
+                r.get("split")
+                    .and_then(|s| s.as_str())
+                    .unwrap_or("train")
+                    .to_string(),
+                step_of(r),
+                num(r, "loss"),
+                r.get("grad_norm").and_then(|g| g.as_f64()),
+            )
+        })
+        .collect()
+}
