@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# GPU checks of the memory-saving modes (issue 15), for a CUDA box with PyTorch 2.11 but no Rust:
+# a prebuilt trainer binary in device-bin/trainer (carry device-bin).
+#
+#   benches/gpu_memory_check.sh            # OUT=dir keeps the results
+#
+# What runs (about 3 minutes on an H200):
+#   1. trainer info (fails unless CUDA is seen);
+#   2. the GPT-2-small-sized Llama of benches/gpu_llama.toml, bf16-mixed, 30 steps each:
+#      train.loss_chunk_tokens 0 (whole logits) / 4096 (default) / 1024, and train.recompute
+#      "block" with the default chunk: tokens/s, the allocator's peak memory and the final loss;
+#   3. `trainer launch --nproc 1` through NCCL with run.shard = "optimizer" against the plain
+#      single process (deterministic = true on both): the same metrics expected (a group of one
+#      owns everything; this checks the NCCL broadcast and gather paths run on CUDA).
+set -uo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$HERE")"
+BIN="${BIN:-$ROOT/device-bin/trainer}"
+PY="${PYTHON:-python3}"
+WORK="${WORK:-${TMPDIR:-/tmp}/trainer-gpu-memory}"
+OUT="${OUT:-$WORK/out}"
+STEPS="${STEPS:-30}"
+mkdir -p "$WORK" "$OUT"
+TORCH_LIB="$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+cd "$WORK"
+rm -rf runs && mkdir -p runs
+
+echo "== 1. trainer info"
+"$BIN" info | tee "$OUT/info.txt" || exit 1
+
+VOCAB=$(sed -n 's/^vocab_size *= *\([0-9]*\).*/\1/p' "$HERE/gpu_llama.toml" | head -1)
+[[ -f tokens.bin ]] || "$PY" "$HERE/bench_util.py" tokens tokens.bin 4000000 "$VOCAB"
+common=(--set 'data.train={kind="tokens", path="tokens.bin", dtype="uint16"}' --set "train.max_steps=$STEPS"
+        --set train.log_every=5 --set train.eval_every=1000 --set train.checkpoint_every=1000)
+summary() { # name dir
+    cp "$2/summary.json" "$OUT/$1-summary.json" 2>/dev/null
+    "$PY" -c "import json; s=json.load(open('$2/summary.json')); print('| $1 | {:,.0f} | {:.2f} GiB | {:.6f} |'.format(s['tokens_per_s'], s['peak_memory_bytes'] / 2**30, s['final_train_loss']))" \
+        2>&1 | tee -a "$OUT/table.md"
+}
+echo "| case | tokens/s | peak (allocator) | final train loss |" | tee "$OUT/table.md"
+echo "|---|---:|---:|---:|" | tee -a "$OUT/table.md"
+
+echo "== 2. chunked loss and block recomputation"
+for case in "chunk0|train.loss_chunk_tokens=0" "chunk4096|train.loss_chunk_tokens=4096" \
+            "chunk1024|train.loss_chunk_tokens=1024" "recompute-block|train.recompute=\"block\""; do
+    IFS='|' read -r name set <<< "$case"
+    "$BIN" run "$HERE/gpu_llama.toml" "${common[@]}" --set "run.out_dir=runs/$name" --set "$set" \
+        > "$OUT/$name.log" 2>&1 || { echo "$name failed"; tail -5 "$OUT/$name.log"; }
+    summary "$name" "runs/$name"
+done
+
+echo "== 3. run.shard = \"optimizer\" through NCCL (one rank) against one plain process"
+small=(--set train.max_steps=20 --set run.deterministic=true --set train.eval_every=10)
+"$BIN" run "$HERE/gpu_llama.toml" "${common[@]}" "${small[@]}" --set run.out_dir=runs/plain \
+    > "$OUT/plain.log" 2>&1 || { echo "plain failed"; tail -5 "$OUT/plain.log"; }
+"$BIN" launch --nproc 1 "$HERE/gpu_llama.toml" "${common[@]}" "${small[@]}" --set run.out_dir=runs/shard1 \
+    --set 'run.shard="optimizer"' > "$OUT/shard1.log" 2>&1 || { echo "shard1 failed"; tail -5 "$OUT/shard1.log"; }
+"$PY" - runs/plain/metrics.jsonl runs/shard1/metrics.jsonl <<'PY' 2>&1 | tee "$OUT/shard-nccl.txt"
+import json, sys
+def curve(p):
+    return [(r.get("split"), r["step"], r["loss"]) for r in map(json.loads, open(p)) if "loss" in r]
+a, b = curve(sys.argv[1]), curve(sys.argv[2])
+worst = max((abs(x[2] - y[2]) / abs(x[2]) for x, y in zip(a, b)), default=float("nan"))
+print(f"rows {len(a)} vs {len(b)}; bitwise equal: {a == b}; max relative difference {worst:.3e}")
+PY
