@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Per-rank memory of the memory-saving modes, measured (issue 15's table): the same model
 # (benches/configs/cpu_llama.toml unless RECIPE says otherwise) trained a few steps with
-# run.shard none/optimizer at 1, 2 and 4 processes, and train.recompute none/block with the
+# run.shard none/optimizer at 1, 2 and 4 processes, and train.recompute none/selective/block with the
 # chunked or whole loss in one process. Prints rank 0's parameter, gradient and optimizer-state
 # bytes (summary.json, counted from the tensors) and its peak memory (CPU: peak resident set;
 # CUDA: the allocator's peak), with tokens/s, as a Markdown table; rows in $WORK/rows.jsonl.
@@ -38,6 +38,7 @@ for n in $NPROCS; do
 done
 CASES+=("recompute none, loss chunk 0|1|train.recompute=\"none\" train.loss_chunk_tokens=0"
         "recompute none, loss chunk 4096|1|train.recompute=\"none\""
+        "recompute selective, loss chunk 4096|1|train.recompute=\"selective\""
         "recompute block, loss chunk 4096|1|train.recompute=\"block\""
         "recompute block, loss chunk 1024|1|train.recompute=\"block\" train.loss_chunk_tokens=1024")
 i=0

@@ -1,6 +1,6 @@
-// Activation recomputation (torch.utils.checkpoint's reentrant variant): a function of one
-// tensor run without an autograd graph in the forward pass, keeping only its input, and run
-// again with a graph in the backward pass, whose own backward then gives the input's gradient
+// Activation recomputation (torch.utils.checkpoint's reentrant variant): a function of some
+// tensors run without an autograd graph in the forward pass, keeping only its inputs, and run
+// again with a graph in the backward pass, whose own backward then gives the inputs' gradients
 // and adds the parameters' gradients.
 //
 // The function is a Rust closure behind (call, ctx); `drop_ctx` frees it once the backward pass
@@ -12,9 +12,10 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <string>
+#include <vector>
 
-// Returns f(input) as a heap at::Tensor (whose ownership passes to the caller), or null.
-typedef at::Tensor *(*te_recompute_call)(void *ctx, const at::Tensor *input);
+// Returns f(inputs[0..n]) as a heap at::Tensor (whose ownership passes to the caller), or null.
+typedef at::Tensor *(*te_recompute_call)(void *ctx, const at::Tensor *const *inputs, int n);
 typedef void (*te_recompute_drop)(void *ctx);
 
 namespace {
@@ -51,9 +52,11 @@ struct AutocastScope {
   }
 };
 
-at::Tensor call_rust(int64_t call, int64_t ctx, const at::Tensor &x) {
+at::Tensor call_rust(int64_t call, int64_t ctx, const variable_list &xs) {
   auto f = reinterpret_cast<te_recompute_call>(call);
-  at::Tensor *y = f(reinterpret_cast<void *>(ctx), &x);
+  std::vector<const at::Tensor *> ptrs;
+  for (const auto &x : xs) ptrs.push_back(&x);
+  at::Tensor *y = f(reinterpret_cast<void *>(ctx), ptrs.data(), static_cast<int>(ptrs.size()));
   if (y == nullptr) {
     throw std::runtime_error("activation recomputation: the recomputed function panicked");
   }
@@ -63,8 +66,11 @@ at::Tensor call_rust(int64_t call, int64_t ctx, const at::Tensor &x) {
 }
 
 struct Recompute : public torch::autograd::Function<Recompute> {
-  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, int64_t call, int64_t fn_ctx,
-                            int64_t drop) {
+  // `xs` is an at::TensorList: autograd counts each of its tensors as an input (a
+  // std::vector would count as a non-tensor argument and cut the inputs off the graph).
+  static at::Tensor forward(AutogradContext *ctx, at::TensorList list, int64_t call,
+                            int64_t fn_ctx, int64_t drop) {
+    const variable_list xs = list.vec();
     const auto s = AutocastState::now();
     ctx->saved_data["call"] = call;
     ctx->saved_data["ctx"] = fn_ctx;
@@ -73,12 +79,15 @@ struct Recompute : public torch::autograd::Function<Recompute> {
     ctx->saved_data["cuda"] = s.cuda;
     ctx->saved_data["cpu_dtype"] = s.cpu_dtype;
     ctx->saved_data["cuda_dtype"] = s.cuda_dtype;
-    ctx->save_for_backward({x});
-    return call_rust(call, fn_ctx, x);  // forward runs without a graph
+    ctx->save_for_backward(xs);
+    return call_rust(call, fn_ctx, xs);  // forward runs without a graph
   }
 
   static variable_list backward(AutogradContext *ctx, variable_list grad_out) {
-    const auto x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
+    variable_list xs;
+    for (const auto &saved : ctx->get_saved_variables()) {
+      xs.push_back(saved.detach().requires_grad_(saved.requires_grad()));
+    }
     const AutocastState s{ctx->saved_data["cpu"].toBool(), ctx->saved_data["cuda"].toBool(),
                           ctx->saved_data["cpu_dtype"].toScalarType(),
                           ctx->saved_data["cuda_dtype"].toScalarType()};
@@ -89,11 +98,15 @@ struct Recompute : public torch::autograd::Function<Recompute> {
     {
       at::AutoGradMode grad(true);
       AutocastScope autocast(s);
-      y = call_rust(call, fn_ctx, x);
+      y = call_rust(call, fn_ctx, xs);
     }
     drop(reinterpret_cast<void *>(fn_ctx));
     torch::autograd::backward({y}, {grad_out[0]});
-    return {x.grad(), at::Tensor(), at::Tensor(), at::Tensor()};
+    // One gradient per input tensor, then none for call, ctx and drop.
+    variable_list grads;
+    for (const auto &x : xs) grads.push_back(x.requires_grad() ? x.grad() : at::Tensor());
+    grads.insert(grads.end(), {at::Tensor(), at::Tensor(), at::Tensor()});
+    return grads;
   }
 };
 
@@ -107,13 +120,16 @@ const char *te_recompute_error() { return recompute_error.c_str(); }
 
 int te_grad_mode_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }
 
-// y = f(x) with f recomputed in the backward pass (see above). Returns a heap at::Tensor owned by
-// the caller, or null with the message in te_recompute_error(); on null, ctx was not kept and
-// the caller frees it.
-void *te_recompute(const at::Tensor *x, te_recompute_call call, void *ctx, te_recompute_drop drop) {
+// y = f(xs[0..n]) with f recomputed in the backward pass (see above). Returns a heap at::Tensor
+// owned by the caller, or null with the message in te_recompute_error(); on null, ctx was not
+// kept and the caller frees it.
+void *te_recompute(const at::Tensor *const *xs, int n, te_recompute_call call, void *ctx,
+                   te_recompute_drop drop) {
   try {
-    auto y = Recompute::apply(*x, reinterpret_cast<int64_t>(call), reinterpret_cast<int64_t>(ctx),
-                              reinterpret_cast<int64_t>(drop));
+    variable_list inputs;
+    for (int i = 0; i < n; i++) inputs.push_back(*xs[i]);
+    auto y = Recompute::apply(at::TensorList(inputs), reinterpret_cast<int64_t>(call),
+                              reinterpret_cast<int64_t>(ctx), reinterpret_cast<int64_t>(drop));
     return new at::Tensor(std::move(y));
   } catch (const std::exception &e) {
     recompute_error = e.what();

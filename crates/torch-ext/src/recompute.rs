@@ -1,37 +1,47 @@
 //! Activation recomputation as one autograd function of the shim (`csrc/recompute.cpp`,
 //! torch.utils.checkpoint's reentrant variant): `recompute(x, f)` is `f(x)` whose inner
 //! activations are not kept; the backward pass runs `f` again, with a graph, under the autocast
-//! state of the forward pass, and backpropagates through it.
+//! state of the forward pass, and backpropagates through it. `recompute_many` takes several
+//! inputs.
 
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
 use tch::Tensor;
 
-type Call = unsafe extern "C" fn(*mut c_void, *const c_void) -> *mut c_void;
+type Call = unsafe extern "C" fn(*mut c_void, *const *const c_void, c_int) -> *mut c_void;
 type Drop = unsafe extern "C" fn(*mut c_void);
 
 extern "C" {
-    fn te_recompute(x: *const c_void, call: Call, ctx: *mut c_void, drop: Drop) -> *mut c_void;
+    fn te_recompute(
+        xs: *const *const c_void,
+        n: c_int,
+        call: Call,
+        ctx: *mut c_void,
+        drop: Drop,
+    ) -> *mut c_void;
     fn te_recompute_error() -> *const c_char;
     fn te_grad_mode_enabled() -> c_int;
 }
 
-type BoxedFn = Box<dyn Fn(&Tensor) -> Tensor>;
+type BoxedFn = Box<dyn Fn(&[Tensor]) -> Tensor>;
 
-/// Calls the closure behind `ctx` on the at::Tensor `input` and returns its result as a heap
-/// at::Tensor for the shim to take. A panic is caught here (it must not unwind into C++): null.
-unsafe extern "C" fn call(ctx: *mut c_void, input: *const c_void) -> *mut c_void {
-    // SAFETY: `ctx` is the live Box<BoxedFn> of `recompute` (freed only by `drop_ctx`), and
-    // `input` a live at::Tensor of the shim; we take a handle of our own on it.
-    let (f, x) = unsafe {
-        (
-            &*(ctx as *const BoxedFn),
-            Tensor::from_ptr(torch_sys::at_shallow_clone(
-                input as *mut torch_sys::C_tensor,
-            )),
-        )
+/// Calls the closure behind `ctx` on the `n` at::Tensors of `inputs` and returns its result as a
+/// heap at::Tensor for the shim to take. A panic is caught here (it must not unwind into C++):
+/// null.
+unsafe extern "C" fn call(ctx: *mut c_void, inputs: *const *const c_void, n: c_int) -> *mut c_void {
+    // SAFETY: `ctx` is the live Box<BoxedFn> of `recompute_many` (freed only by `drop_ctx`),
+    // and `inputs` n live at::Tensors of the shim; we take handles of our own on them.
+    let (f, xs) = unsafe {
+        let xs: Vec<Tensor> = (0..n as usize)
+            .map(|i| {
+                Tensor::from_ptr(torch_sys::at_shallow_clone(
+                    *inputs.add(i) as *mut torch_sys::C_tensor
+                ))
+            })
+            .collect();
+        (&*(ctx as *const BoxedFn), xs)
     };
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&x))) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&xs))) {
         Ok(mut y) => {
             let ptr = y.as_mut_ptr();
             std::mem::forget(y); // the shim owns (and deletes) the heap at::Tensor now
@@ -51,14 +61,34 @@ unsafe extern "C" fn drop_ctx(ctx: *mut c_void) {
 /// result when run again: no dropout or other random draws, no side effects. It is kept until
 /// the backward pass has run (the tensors it captured with it).
 pub fn recompute(x: &Tensor, f: impl Fn(&Tensor) -> Tensor + 'static) -> Result<Tensor, String> {
+    recompute_many(&[x], move |xs: &[Tensor]| f(&xs[0]))
+}
+
+/// `recompute` of a function of several tensors; the gradients of those that require one.
+pub fn recompute_many(
+    xs: &[&Tensor],
+    f: impl Fn(&[Tensor]) -> Tensor + 'static,
+) -> Result<Tensor, String> {
     // SAFETY: a plain query of libtorch's thread-local grad mode.
-    if !x.requires_grad() || unsafe { te_grad_mode_enabled() } == 0 {
-        return Ok(f(x));
+    let grad_mode = unsafe { te_grad_mode_enabled() } != 0;
+    if !grad_mode || !xs.iter().any(|x| x.requires_grad()) {
+        let owned: Vec<Tensor> = xs.iter().map(|x| x.shallow_clone()).collect();
+        return Ok(f(&owned));
     }
     let boxed: Box<BoxedFn> = Box::new(Box::new(f));
     let ctx = Box::into_raw(boxed) as *mut c_void;
-    // SAFETY: `ctx` is a leaked Box<BoxedFn> that `drop_ctx` frees once; `call` reads it.
-    let ptr = unsafe { te_recompute(x.as_ptr() as *const c_void, call, ctx, drop_ctx) };
+    let handles: Vec<*const c_void> = xs.iter().map(|x| x.as_ptr() as *const c_void).collect();
+    // SAFETY: `ctx` is a leaked Box<BoxedFn> that `drop_ctx` frees once; `call` reads it; the
+    // handles are live tensors for the duration of the call.
+    let ptr = unsafe {
+        te_recompute(
+            handles.as_ptr(),
+            handles.len() as c_int,
+            call,
+            ctx,
+            drop_ctx,
+        )
+    };
     if ptr.is_null() {
         // SAFETY: on failure the shim did not keep `ctx`.
         unsafe { drop_ctx(ctx) };
@@ -106,6 +136,31 @@ mod tests {
         for (t, g) in [&x0, &w1, &w2].into_iter().zip(&grads) {
             assert!(t.grad().equal(g), "{t:?}");
         }
+    }
+
+    /// Several inputs, one of them without a gradient: the others' gradients are those of the
+    /// plain graph, bitwise.
+    #[test]
+    fn several_inputs_get_their_gradients() {
+        tch::manual_seed(4);
+        let opts = (Kind::Float, Device::Cpu);
+        let (a, b) = (
+            Tensor::randn([4, 5], opts).set_requires_grad(true),
+            Tensor::randn([4, 5], opts).set_requires_grad(true),
+        );
+        let c = Tensor::randn([4, 5], opts); // no gradient
+        let f = |xs: &[Tensor]| xs[0].silu() * &xs[1] + &xs[2];
+        let plain = f(&[a.shallow_clone(), b.shallow_clone(), c.shallow_clone()])
+            .square()
+            .sum(Kind::Float);
+        plain.backward();
+        let (ga, gb) = (a.grad().copy(), b.grad().copy());
+        let _ = a.grad().zero_();
+        let _ = b.grad().zero_();
+        let y = recompute_many(&[&a, &b, &c], f).expect("recompute");
+        y.square().sum(Kind::Float).backward();
+        assert!(a.grad().equal(&ga) && b.grad().equal(&gb));
+        assert!(!c.grad().defined());
     }
 
     #[test]

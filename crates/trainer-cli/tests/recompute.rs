@@ -1,8 +1,10 @@
-//! `train.recompute = "block"`: each transformer block keeps only its input and runs again in
-//! the backward pass (`torch_ext::recompute`). The training curve is bitwise that of
-//! `"none"` on the CPU, in fp32 and bf16-mixed, with gradient accumulation and clipping, and
-//! with two processes (the gradient-ready hooks that overlap the all-reduce fire inside the
-//! recomputation's backward pass). What a second run of a block would not repeat is refused.
+//! `train.recompute`: `"block"` (each transformer block keeps only its input and runs again in
+//! the backward pass) and `"selective"` (the attention core and the gated activation run again),
+//! through `torch_ext::recompute`. The training curve is bitwise that of `"none"` on the CPU, in
+//! fp32 and bf16-mixed, with a sliding-window mask, with gradient accumulation and clipping,
+//! with MoE layers (selective) and with two processes (the gradient-ready hooks that overlap the
+//! all-reduce fire inside the recomputation's backward pass). What a second run would not
+//! repeat is refused.
 
 mod common;
 
@@ -15,19 +17,28 @@ fn recomputed_blocks_train_bitwise_the_same_curve() {
     let work = workdir();
     let w = work.path();
     write_recipe(w, RECIPE, &tiny_recipe("unused"));
-    for precision in ["fp32", "bf16-mixed"] {
+    // (name, precision, another override): a sliding window shorter than the sequence takes
+    // the explicit-mask path of attention.
+    let cases = [
+        ("fp32", "fp32", "train.log_every=1"),
+        ("bf16-mixed", "bf16-mixed", "train.log_every=1"),
+        ("window", "fp32", "model.sliding_window=6"),
+    ];
+    for (name, precision, extra) in cases {
         let set_precision = format!("run.precision=\"{precision}\"");
         let run = |mode: &str| {
             let set_mode = format!("train.recompute=\"{mode}\"");
             curve(&run_tiny(
                 w,
                 RECIPE,
-                &format!("{precision}-{mode}"),
+                &format!("{name}-{mode}"),
                 &[
                     "--set",
                     &set_precision,
                     "--set",
                     &set_mode,
+                    "--set",
+                    extra,
                     "--set",
                     "train.max_steps=12",
                     "--set",
@@ -37,10 +48,34 @@ fn recomputed_blocks_train_bitwise_the_same_curve() {
                 ],
             ))
         };
-        let (kept, recomputed) = (run("none"), run("block"));
+        let kept = run("none");
         assert_eq!(kept.len(), 14, "12 training rows and 2 evaluations");
-        assert_eq!(kept, recomputed, "{precision}");
+        for mode in ["block", "selective"] {
+            assert_eq!(kept, run(mode), "{name}, {mode}");
+        }
     }
+}
+
+#[test]
+fn selective_recomputation_works_with_moe_layers() {
+    let work = workdir();
+    let w = work.path();
+    let moe = replace_line(
+        &tiny_recipe("unused"),
+        "max_seq_len = 16",
+        "max_seq_len = 16\nmoe = { n_experts = 4, top_k = 2, routing = \"softmax_top_k\" }",
+    );
+    write_recipe(w, RECIPE, &moe);
+    let run = |mode: &str| {
+        let set_mode = format!("train.recompute=\"{mode}\"");
+        curve(&run_tiny(
+            w,
+            RECIPE,
+            &format!("moe-{mode}"),
+            &["--set", &set_mode, "--set", "train.max_steps=8"],
+        ))
+    };
+    assert_eq!(run("none"), run("selective"));
 }
 
 #[test]
@@ -71,7 +106,9 @@ fn recomputed_blocks_under_data_parallel_match_kept_ones() {
         .assert_success();
         curve(&read_metrics(&w.join(format!("ddp-{mode}/metrics.jsonl"))))
     };
-    assert_eq!(run("none"), run("block"));
+    let kept = run("none");
+    assert_eq!(kept, run("block"));
+    assert_eq!(kept, run("selective"));
 }
 
 #[test]

@@ -10,6 +10,7 @@ use crate::data::DataConfig;
 use crate::device::Precision;
 use crate::distill::DistillConfig;
 use crate::models::config::validate_moe;
+pub use crate::models::transformer::Recompute;
 use crate::models::{ModelConfig, MoeConfig};
 use crate::optim::OptimConfig;
 use crate::peft::{PeftConfig, PeftKind};
@@ -290,8 +291,9 @@ pub struct TrainConfig {
     /// Activation recomputation: `"none"` keeps every activation for the backward pass;
     /// `"block"` keeps only each transformer block's input and runs the block again in the
     /// backward pass (about one more forward pass of compute for a fraction of the activation
-    /// memory). The losses and gradients are those of `"none"`. Not with dropout or MoE layers
-    /// (a second run would draw other masks or routes).
+    /// memory); `"selective"` recomputes only the attention core (scores, softmax, weighted
+    /// sum) and the gated MLP's activation, keeping the projections' outputs. The losses and
+    /// gradients are those of `"none"`. Not with dropout; `"block"` not with MoE layers.
     #[serde(default, skip_serializing_if = "Recompute::is_none")]
     #[schemars(!skip_serializing_if)]
     pub recompute: Recompute,
@@ -311,23 +313,6 @@ pub struct TrainConfig {
     /// The momentum at the LR's peak with `momentum_schedule = "inverse_lr"` (required there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub momentum_min: Option<f64>,
-}
-
-/// `train.recompute`: which activations the backward pass recomputes.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Recompute {
-    /// Every activation is kept.
-    #[default]
-    None,
-    /// Each transformer block keeps only its input and runs again in the backward pass.
-    Block,
-}
-
-impl Recompute {
-    fn is_none(&self) -> bool {
-        *self == Recompute::None
-    }
 }
 
 fn one() -> i64 {

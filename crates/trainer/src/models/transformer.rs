@@ -527,9 +527,8 @@ pub struct Transformer {
     rope: Option<(Tensor, Tensor)>,
     /// Gemma 3: the tables of the sliding-window layers (`local_rope_theta`).
     rope_local: Option<(Tensor, Tensor)>,
-    /// `train.recompute = "block"`: in training, each block keeps only its input and is run
-    /// again in the backward pass (`set_recompute`).
-    recompute_blocks: bool,
+    /// `train.recompute`: what training recomputes in the backward pass (`set_recompute`).
+    recompute: Recompute,
 }
 
 impl Transformer {
@@ -647,7 +646,7 @@ impl Transformer {
             lm_head,
             rope,
             rope_local,
-            recompute_blocks: false,
+            recompute: Recompute::None,
         })
     }
 
@@ -738,7 +737,7 @@ impl Transformer {
             lm_head,
             rope: None,
             rope_local: None,
-            recompute_blocks: false,
+            recompute: Recompute::None,
         }
     }
 
@@ -802,7 +801,7 @@ impl Transformer {
             lm_head,
             rope,
             rope_local: None,
-            recompute_blocks: false,
+            recompute: Recompute::None,
         }
     }
 
@@ -906,7 +905,7 @@ impl Transformer {
         });
         let masks = AttnMasks::new(band, packing, t, idx.device());
         for i in 0..self.blocks.len() {
-            x = if self.recompute_blocks && train {
+            x = if self.recompute == Recompute::Block && train {
                 self.recomputed_block(i, &x, &masks, (b, t))
             } else {
                 self.block_forward(i, x, &masks, (b, t), p_drop, train, &mut moe_layers)
@@ -980,9 +979,15 @@ impl Transformer {
             .unwrap_or_else(|e| panic!("block {i}, recomputed in the backward pass: {e}"))
     }
 
-    /// `train.recompute = "block"` on or off (`recomputed_block`).
-    pub fn set_recompute(&mut self, blocks: bool) {
-        self.recompute_blocks = blocks;
+    /// `train.recompute`: `Block` (`recomputed_block`), `Selective` (`attention_core` and
+    /// `gated`), or `None`.
+    pub fn set_recompute(&mut self, mode: Recompute) {
+        self.recompute = mode;
+    }
+
+    /// Whether training recomputes the attention core and the gated activation.
+    fn selective(&self, train: bool) -> bool {
+        train && self.recompute == Recompute::Selective
     }
 
     /// Every dense projection, in registration order: what LoRA's `target` patterns select
@@ -1111,22 +1116,21 @@ impl Transformer {
             }
             None => (q, k),
         };
-        let gqa = c.n_kv_heads != c.n_heads;
         // A window shorter than the sequence, or packed samples, need an explicit mask;
         // otherwise the causal flag lets SDPA pick its fused kernels.
         let band = masks.for_layer(self.is_sliding(layer));
-        let y = match c.variant.attention_softcap {
-            Some(cap) => self.softcapped_attention(&q, &k, &v, band, cap, layer, p_drop, train),
-            None => Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                band,
-                p_drop,
-                band.is_none(),
-                self.attention_scale(layer),
-                gqa,
-            ),
+        let y = if self.selective(train) {
+            let model: *const Transformer = self;
+            let band = band.map(Tensor::shallow_clone);
+            let core = move |xs: &[Tensor]| {
+                // SAFETY: as in `recomputed_block`: the model outlives the step's backward pass.
+                let model = unsafe { &*model };
+                model.attention_core(&xs[0], &xs[1], &xs[2], band.as_ref(), layer, 0.0, true)
+            };
+            torch_ext::recompute_many(&[&q, &k, &v], core)
+                .unwrap_or_else(|e| panic!("attention of layer {layer}, recomputed: {e}"))
+        } else {
+            self.attention_core(&q, &k, &v, band, layer, p_drop, train)
         }; // [b, h, t, hd]
         let y = y.transpose(1, 2).contiguous().view([b, t, c.n_heads * hd]);
         let y = attn.out.forward(&y, train);
@@ -1135,6 +1139,51 @@ impl Transformer {
         } else {
             y
         }
+    }
+
+    /// Attention of q `[b, h, t, hd]` on k, v `[b, kv_h, t, hd]`: softmax(q k^T * scale + mask)
+    /// v, through SDPA (its fused kernels when `band` is none) or the soft-capped path.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_core(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        band: Option<&Tensor>,
+        layer: usize,
+        p_drop: f64,
+        train: bool,
+    ) -> Tensor {
+        let c = &self.config;
+        match c.variant.attention_softcap {
+            Some(cap) => self.softcapped_attention(q, k, v, band, cap, layer, p_drop, train),
+            None => Tensor::scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                band,
+                p_drop,
+                band.is_none(),
+                self.attention_scale(layer),
+                c.n_kv_heads != c.n_heads,
+            ),
+        }
+    }
+
+    /// The gated MLP's product act(gate) * up; with selective recomputation, act(gate) is not
+    /// kept but computed again in the backward pass.
+    fn gated(&self, gate: Tensor, up: Tensor, train: bool) -> Tensor {
+        if !self.selective(train) {
+            return self.gate_activation(gate) * up;
+        }
+        let model: *const Transformer = self;
+        let product = move |xs: &[Tensor]| {
+            // SAFETY: as in `recomputed_block`: the model outlives the step's backward pass.
+            let model = unsafe { &*model };
+            model.gate_activation(xs[0].shallow_clone()) * &xs[1]
+        };
+        torch_ext::recompute_many(&[&gate, &up], product)
+            .unwrap_or_else(|e| panic!("gated activation, recomputed: {e}"))
     }
 
     /// A block's MLP on its (normed) input; an MoE layer adds its statistics to `moe_layers`.
@@ -1158,13 +1207,13 @@ impl Transformer {
                 o.out
             }
             Mlp::SwiGlu { gate, up, down } => {
-                let g = self.gate_activation(gate.forward(xn, train));
-                down.forward(&(g * up.forward(xn, train)), train)
+                let h = self.gated(gate.forward(xn, train), up.forward(xn, train), train);
+                down.forward(&h, train)
             }
             Mlp::FusedGlu { gate_up, down } => {
                 let parts = gate_up.forward(xn, train).chunk(2, -1);
-                let g = self.gate_activation(parts[0].shallow_clone());
-                down.forward(&(g * &parts[1]), train)
+                let h = self.gated(parts[0].shallow_clone(), parts[1].shallow_clone(), train);
+                down.forward(&h, train)
             }
             Mlp::Gelu { fc, proj, exact } => {
                 let h = fc.forward(xn, train);
@@ -1403,6 +1452,34 @@ impl AttnMasks {
             Some((full, _)) => Some(full),
             None => self.band.as_ref().filter(|_| sliding),
         }
+    }
+}
+
+/// `train.recompute`: which activations the backward pass recomputes instead of keeping them.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    PartialEq,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Recompute {
+    /// Every activation is kept.
+    #[default]
+    None,
+    /// Each transformer block keeps only its input and runs again in the backward pass.
+    Block,
+    /// Only the attention core and the gated MLP's activation run again in the backward pass.
+    Selective,
+}
+
+impl Recompute {
+    pub fn is_none(&self) -> bool {
+        *self == Recompute::None
     }
 }
 

@@ -314,22 +314,25 @@ fn shard_owners(recipe: &Recipe, setup: &Setup, params: &ParamStore) -> Result<O
     Owners::deal(params, setup.world.rank, setup.world.size).map(Some)
 }
 
-/// `train.recompute = "block"`, refused for models whose blocks would not repeat themselves
+/// `train.recompute`, refused for models whose recomputed parts would not repeat themselves
 /// when run again in the backward pass.
-fn recompute_blocks(recipe: &Recipe, cfg: &TransformerConfig) -> Result<bool> {
-    if recipe.train.recompute == Recompute::None {
-        return Ok(false);
-    }
+fn recompute_mode(recipe: &Recipe, cfg: &TransformerConfig) -> Result<Recompute> {
+    let mode = recipe.train.recompute;
+    let name = match mode {
+        Recompute::None => return Ok(mode),
+        Recompute::Block => "block",
+        Recompute::Selective => "selective",
+    };
     let why = if cfg.dropout > 0.0 {
         Some(format!(
-            "dropout ({}) would draw other masks when a block runs again in the backward pass; \
-             set the model's dropout to 0",
+            "dropout ({}) would draw other masks when it runs again in the backward pass; set \
+             the model's dropout to 0",
             cfg.dropout
         ))
-    } else if cfg.moe.is_some() {
+    } else if cfg.moe.is_some() && mode == Recompute::Block {
         Some(
             "MoE layers' routing statistics and router losses come from the first run of a \
-             block only"
+             block only (\"selective\" works with MoE layers)"
                 .to_string(),
         )
     } else {
@@ -337,9 +340,9 @@ fn recompute_blocks(recipe: &Recipe, cfg: &TransformerConfig) -> Result<bool> {
     };
     match why {
         Some(why) => Err(Error::Recipe(format!(
-            "train.recompute = \"block\" cannot be used here: {why}"
+            "train.recompute = \"{name}\" cannot be used here: {why}"
         ))),
-        None => Ok(true),
+        None => Ok(mode),
     }
 }
 
@@ -408,7 +411,7 @@ impl Lm {
         )?;
         let mut params = ParamStore::new(setup.device);
         let mut model = Transformer::new(&cfg, &mut params)?;
-        model.set_recompute(recompute_blocks(recipe, &cfg)?);
+        model.set_recompute(recompute_mode(recipe, &cfg)?);
         let init = init_weights(recipe, &cfg, setup, &mut params, &model)?;
         let base_params: Vec<String> = params.trainable().map(|p| p.name.clone()).collect();
         let relora = apply_peft(recipe, setup, &base_params, &mut model, &mut params)?;
