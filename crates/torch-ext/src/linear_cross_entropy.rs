@@ -177,9 +177,7 @@ mod tests {
         assert!(linear_cross_entropy(&h, &w, &t, 1.0, 0, -100).is_err());
         // A shape mismatch is libtorch's message, not a crash.
         let wrong = Tensor::zeros([50, 15], (Kind::Float, Device::Cpu));
-        let e = linear_cross_entropy(&h, &wrong, &t, 1.0, 8, -100)
-            .err()
-            .expect("error");
+        let e = linear_cross_entropy(&h, &wrong, &t, 1.0, 8, -100).expect_err("error");
         assert!(!e.is_empty());
     }
 }

@@ -174,7 +174,7 @@ mod tests {
     #[test]
     fn a_panicking_function_is_an_error_not_an_abort() {
         let x = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        let e = recompute(&x, |_| panic!("boom")).err().expect("error");
+        let e = recompute(&x, |_| panic!("boom")).expect_err("error");
         assert!(e.contains("panicked"), "{e}");
     }
 
