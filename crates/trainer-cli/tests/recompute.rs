@@ -56,6 +56,34 @@ fn recomputed_blocks_train_bitwise_the_same_curve() {
     }
 }
 
+/// Layer-wise updates step each parameter from a hook as its gradient completes: inside the
+/// recomputation's own backward pass here. The curve is still that of `"none"`.
+#[test]
+fn recomputation_works_with_layer_wise_updates() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, RECIPE, &tiny_recipe("unused"));
+    let run = |mode: &str| {
+        let set_mode = format!("train.recompute=\"{mode}\"");
+        curve(&run_tiny(
+            w,
+            RECIPE,
+            &format!("layerwise-{mode}"),
+            &[
+                "--set",
+                &set_mode,
+                "--set",
+                "optim={kind=\"adamw\", lr=3e-3, layerwise=true}",
+                "--set",
+                "train.max_steps=8",
+            ],
+        ))
+    };
+    let kept = run("none");
+    assert_eq!(kept, run("block"));
+    assert_eq!(kept, run("selective"));
+}
+
 #[test]
 fn selective_recomputation_works_with_moe_layers() {
     let work = workdir();
