@@ -33,6 +33,8 @@ struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy>
     at::Tensor grad_hidden, grad_weight;
     if (grad_hidden_wanted) grad_hidden = at::empty_like(hidden);
     if (grad_weight_wanted) grad_weight = at::zeros(weight.sizes(), weight.options().dtype(at::kFloat));
+    // The weight in the matmul's dtype, cast once (not per chunk) when the gradients need it.
+    at::Tensor w;
     for (int64_t start = 0; start < n; start += chunk_rows) {
       const int64_t len = std::min(chunk_rows, n - start);
       const auto h = hidden.narrow(0, start, len);
@@ -52,7 +54,7 @@ struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy>
       g.mul_((ok.to(at::kFloat) / count).unsqueeze(1));
       if (logit_scale != 1.0) g.div_(logit_scale);
       const auto gc = g.to(logits.scalar_type());
-      const auto w = weight.to(logits.scalar_type());
+      if (!w.defined()) w = weight.to(logits.scalar_type());
       if (grad_hidden_wanted) grad_hidden.narrow(0, start, len).copy_(gc.mm(w));
       if (grad_weight_wanted) grad_weight.add_(gc.t().mm(h.to(logits.scalar_type())));
     }

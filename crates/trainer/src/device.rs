@@ -104,3 +104,14 @@ impl Precision {
         }
     }
 }
+
+/// Runs `f` under bf16 autocast for `bf16-mixed` (on CUDA, or the CPU), as every training loop
+/// runs its forward pass; plainly for `fp32` and `bf16`.
+pub fn autocast<T>(precision: Precision, device: Device, f: impl FnOnce() -> T) -> Result<T> {
+    match precision {
+        Precision::Bf16Mixed => {
+            torch_ext::with_autocast_bf16(device.is_cuda(), f).map_err(Error::Torch)
+        }
+        Precision::Fp32 | Precision::Bf16 => Ok(f()),
+    }
+}

@@ -378,6 +378,20 @@ impl DataParallel {
         self.collective(what, |g| tch::no_grad(|| g.broadcast(tensors, root)))
     }
 
+    /// Overwrites `tensors` (of one dtype and device) with rank `root`'s values in one
+    /// collective: packed into a flat buffer, broadcast, unpacked.
+    pub fn broadcast_flat(&self, tensors: &[Tensor], root: usize, what: &str) -> Result<()> {
+        if !self.world.is_distributed() || tensors.is_empty() {
+            return Ok(());
+        }
+        let n: i64 = tensors.iter().map(|t| t.numel() as i64).sum();
+        let buf = Tensor::empty([n], (tensors[0].kind(), tensors[0].device()));
+        pack(&buf, tensors);
+        self.broadcast_from(&[&buf], root, what)?;
+        unpack(&buf, tensors);
+        Ok(())
+    }
+
     /// The training device (where NCCL's tensors must be).
     pub fn device(&self) -> Device {
         self.device
@@ -663,11 +677,18 @@ fn pack(buf: &Tensor, grads: &[impl std::borrow::Borrow<Tensor>]) {
 fn unpack_mean(buf: &Tensor, grads: &[impl std::borrow::Borrow<Tensor>], world_size: usize) {
     tch::no_grad(|| {
         let _ = buf.shallow_clone().g_mul_scalar_(1.0 / world_size as f64);
+    });
+    unpack(buf, grads);
+}
+
+/// Copies the flat buffer `buf` back into `tensors`, the inverse of `pack`.
+fn unpack(buf: &Tensor, tensors: &[impl std::borrow::Borrow<Tensor>]) {
+    tch::no_grad(|| {
         let mut offset = 0;
-        for g in grads {
-            let mut g = g.borrow().shallow_clone();
-            let n = g.numel() as i64;
-            g.copy_(&buf.narrow(0, offset, n).view_as(&g));
+        for t in tensors {
+            let mut t = t.borrow().shallow_clone();
+            let n = t.numel() as i64;
+            t.copy_(&buf.narrow(0, offset, n).view_as(&t));
             offset += n;
         }
     });

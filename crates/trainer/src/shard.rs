@@ -15,84 +15,79 @@ use crate::error::{Error, Result};
 use crate::models::params::ParamStore;
 use tch::{Device, Kind, Tensor};
 
-/// Which rank owns each trainable parameter, by name, in the store's order.
+/// Which rank owns each trainable parameter.
 pub struct Owners {
-    pub rank: usize,
-    /// (name, owner) of every trainable parameter, in registration order.
-    owners: Vec<(String, usize)>,
+    /// The names of the parameters this rank owns.
+    mine: std::collections::HashSet<String>,
+    /// Every owner's parameters of one dtype, in registration order: what it broadcasts after
+    /// each step (one flat buffer each).
+    groups: Vec<(usize, Vec<Tensor>)>,
 }
 
 impl Owners {
     /// Deals the trainable parameters of `store` out to `world` ranks. A rank left without any
     /// parameter is refused in one line (fewer parameter tensors than ranks).
     pub fn deal(store: &ParamStore, rank: usize, world: usize) -> Result<Owners> {
-        let sizes: Vec<(String, i64)> = store
+        let total: i64 = store
             .trainable()
-            .map(|p| (p.name.clone(), p.tensor.numel() as i64))
-            .collect();
-        let total: i64 = sizes.iter().map(|(_, n)| n).sum::<i64>().max(1);
+            .map(|p| p.tensor.numel() as i64)
+            .sum::<i64>()
+            .max(1);
         let mut start = 0i64;
-        let owners: Vec<(String, usize)> = sizes
-            .into_iter()
-            .map(|(name, n)| {
+        let owned: Vec<(usize, &str, &Tensor)> = store
+            .trainable()
+            .map(|p| {
+                let n = p.tensor.numel() as i64;
                 let mid = (start + n / 2) as i128;
                 start += n;
                 let owner = ((mid * world as i128) / total as i128).min(world as i128 - 1);
-                (name, owner as usize)
+                (owner as usize, p.name.as_str(), &p.tensor)
             })
             .collect();
+        let mut groups: Vec<(usize, Vec<Tensor>)> = Vec::new();
         for r in 0..world {
-            if !owners.iter().any(|(_, o)| *o == r) {
+            let theirs: Vec<&Tensor> = owned
+                .iter()
+                .filter(|(o, _, _)| *o == r)
+                .map(|(_, _, t)| *t)
+                .collect();
+            if theirs.is_empty() {
                 return Err(Error::Recipe(format!(
                     "run.shard: {} trainable tensors cannot give each of {world} ranks a share \
                      (rank {r} would own none); use fewer processes or run.shard = \"none\"",
-                    owners.len()
+                    owned.len()
                 )));
             }
+            for kind in kinds(&theirs) {
+                let part = theirs.iter().filter(|t| t.kind() == kind);
+                groups.push((r, part.map(|t| t.shallow_clone()).collect()));
+            }
         }
-        Ok(Owners { rank, owners })
+        let mine = owned
+            .iter()
+            .filter(|(o, _, _)| *o == rank)
+            .map(|(_, n, _)| n.to_string())
+            .collect();
+        Ok(Owners { mine, groups })
     }
 
     /// Whether this rank owns the parameter `name`.
     pub fn owns(&self, name: &str) -> bool {
-        self.owners
-            .iter()
-            .any(|(n, o)| n == name && *o == self.rank)
+        self.mine.contains(name)
     }
 
     /// After this rank updated its own parameters: each owner's updated parameters broadcast
     /// to all ranks, one flat buffer per owner and dtype.
-    pub fn broadcast_updates(&self, dp: &DataParallel, store: &ParamStore) -> Result<()> {
-        let world = self.owners.iter().map(|(_, o)| o + 1).max().unwrap_or(1);
-        for root in 0..world {
-            let mine: Vec<Tensor> = self
-                .owners
-                .iter()
-                .filter(|(_, o)| *o == root)
-                .filter_map(|(n, _)| store.get(n).map(Tensor::shallow_clone))
-                .collect();
-            for kind in kinds(&mine) {
-                let part: Vec<&Tensor> = mine.iter().filter(|t| t.kind() == kind).collect();
-                tch::no_grad(|| -> Result<()> {
-                    let flat =
-                        Tensor::cat(&part.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(), 0);
-                    dp.broadcast_from(&[&flat], root, "broadcasting the updated parameters")?;
-                    let mut at = 0;
-                    for t in &part {
-                        let n = t.numel() as i64;
-                        t.shallow_clone().copy_(&flat.narrow(0, at, n).view_as(t));
-                        at += n;
-                    }
-                    Ok(())
-                })?;
-            }
+    pub fn broadcast_updates(&self, dp: &DataParallel) -> Result<()> {
+        for (root, tensors) in &self.groups {
+            dp.broadcast_flat(tensors, *root, "broadcasting the updated parameters")?;
         }
         Ok(())
     }
 }
 
 /// The distinct dtypes of `tensors`, in order of first appearance.
-fn kinds(tensors: &[Tensor]) -> Vec<Kind> {
+fn kinds(tensors: &[&Tensor]) -> Vec<Kind> {
     let mut out = Vec::new();
     for t in tensors {
         if !out.contains(&t.kind()) {
@@ -189,13 +184,21 @@ mod tests {
         for (i, n) in [100, 10, 10, 80, 50, 50].iter().enumerate() {
             let _ = store.zeros(&format!("p{i}"), &[*n]);
         }
+        let owner_of = |o: &Owners| -> Vec<usize> {
+            let mut out = Vec::new();
+            for (r, tensors) in &o.groups {
+                out.extend(std::iter::repeat_n(*r, tensors.len()));
+            }
+            out
+        };
         let o = Owners::deal(&store, 0, 2).expect("two ranks");
-        let owner: Vec<usize> = o.owners.iter().map(|(_, r)| *r).collect();
-        assert_eq!(owner, vec![0, 0, 0, 1, 1, 1]);
+        assert_eq!(owner_of(&o), vec![0, 0, 0, 1, 1, 1]);
         assert!(o.owns("p2") && !o.owns("p3"));
         let o = Owners::deal(&store, 3, 4).expect("four ranks");
-        let owner: Vec<usize> = o.owners.iter().map(|(_, r)| *r).collect();
+        let owner = owner_of(&o);
+        assert_eq!(owner.len(), 6);
         assert!(owner.windows(2).all(|w| w[0] <= w[1]), "{owner:?}");
+        assert!(o.owns("p5") && !o.owns("p0"));
         let e = Owners::deal(&store, 0, 7)
             .err()
             .expect("too many ranks")

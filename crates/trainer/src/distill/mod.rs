@@ -39,15 +39,7 @@ pub use teacher::{ClassifierTeacher, LmTeacher};
 /// checkpoint layout, which leaves them out when a checkpoint is loaded as a model).
 pub use crate::checkpoint::DISTILL_PARAM_PREFIX as PARAM_PREFIX;
 
-/// Runs `f` under bf16 autocast for `bf16-mixed`, as the training loops run their forward pass.
-fn autocast<T>(precision: Precision, device: Device, f: impl FnOnce() -> T) -> Result<T> {
-    match precision {
-        Precision::Bf16Mixed => {
-            torch_ext::with_autocast_bf16(device.is_cuda(), f).map_err(Error::Torch)
-        }
-        Precision::Fp32 | Precision::Bf16 => Ok(f()),
-    }
-}
+use crate::device::autocast;
 
 /// One hidden-state pair and its projection (None when the widths agree).
 struct HiddenMatch {

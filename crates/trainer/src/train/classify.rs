@@ -583,13 +583,9 @@ fn forward(
     device: Device,
     precision: Precision,
 ) -> Result<Tensor> {
-    let run = || model.forward(x, train).to_kind(Kind::Float);
-    match precision {
-        Precision::Bf16Mixed => {
-            torch_ext::with_autocast_bf16(device.is_cuda(), run).map_err(Error::Torch)
-        }
-        Precision::Fp32 | Precision::Bf16 => Ok(run()),
-    }
+    crate::device::autocast(precision, device, || {
+        model.forward(x, train).to_kind(Kind::Float)
+    })
 }
 
 /// Mean cross-entropy of `logits` `[b, classes]` against `labels` `[b]`, with the target

@@ -600,7 +600,7 @@ impl Lm {
             self.optimizer.step(hyper.lr)?;
         }
         if let Some(owners) = &self.owners {
-            owners.broadcast_updates(&run.dp, &self.params)?;
+            owners.broadcast_updates(&run.dp)?;
         }
         self.params.apply_masks();
         self.params.zero_grad();
@@ -1552,12 +1552,7 @@ fn forward_loss(
         };
         Ok((loss, out))
     };
-    match precision {
-        Precision::Bf16Mixed => {
-            torch_ext::with_autocast_bf16(device.is_cuda(), run).map_err(Error::Torch)?
-        }
-        Precision::Fp32 | Precision::Bf16 => run(),
-    }
+    device::autocast(precision, device, run)?
 }
 
 /// The forward pass of `forward_loss` with another loss of the logits `[b, t, vocab]` (with
@@ -1578,12 +1573,7 @@ fn forward_with<L>(
         out.logits = Tensor::new();
         (loss, out)
     };
-    match precision {
-        Precision::Bf16Mixed => {
-            torch_ext::with_autocast_bf16(device.is_cuda(), run).map_err(Error::Torch)
-        }
-        Precision::Fp32 | Precision::Bf16 => Ok(run()),
-    }
+    device::autocast(precision, device, run)
 }
 
 /// Metrics of the MoE layers of the last micro-batch: the mean aux and z losses over layers, the
