@@ -139,6 +139,45 @@ int te_clip_grad_norm(at::Tensor **grads, int n, double max_norm, double *out_no
   }
 }
 
+// The L2 norm of each of n gradients as float32 into out[n] (the per-tensor norms of
+// te_clip_grad_norm): with run.shard = "gradients" each rank computes those of the gradients it
+// owns and the ranks exchange them, so that te_clip_with_norms forms the global norm from the
+// same numbers in the same order as an unsharded run.
+int te_grad_norms(at::Tensor **grads, int n, float *out) {
+  try {
+    if (n == 0) return 0;
+    std::vector<at::Tensor> g;
+    for (int i = 0; i < n; i++) g.push_back(*grads[i]);
+    auto norms = at::stack(at::_foreach_norm(g, 2)).to(at::kFloat).cpu().contiguous();
+    std::memcpy(out, norms.data_ptr<float>(), sizeof(float) * n);
+    return 0;
+  } catch (const std::exception &e) {
+    set_error(e);
+    return -1;
+  }
+}
+
+// te_clip_grad_norm from given per-tensor norms (m of them, every rank's, in order): the global
+// norm, written to *out_norm, and the n gradients of this rank scaled in place when max_norm > 0.
+int te_clip_with_norms(at::Tensor **grads, int n, const float *norms, int m, double max_norm,
+                       double *out_norm) {
+  try {
+    auto all = at::from_blob(const_cast<float *>(norms), {m}, at::kFloat).clone();
+    auto total = at::linalg_vector_norm(all, 2);
+    if (max_norm > 0 && n > 0) {
+      std::vector<at::Tensor> g;
+      for (int i = 0; i < n; i++) g.push_back(*grads[i]);
+      auto coef = at::clamp_max(max_norm / (total + 1e-6), 1.0).to(g[0].device());
+      at::_foreach_mul_(g, coef);
+    }
+    *out_norm = total.item<double>();
+    return 0;
+  } catch (const std::exception &e) {
+    set_error(e);
+    return -1;
+  }
+}
+
 // Drops the gradients of n tensors (torch's zero_grad(set_to_none=True)): the next backward
 // hands its fresh gradient over instead of adding into a zeroed buffer, and the memory is free
 // in between.
@@ -272,6 +311,18 @@ template <class F> void *guarded_ptr(F f) {
   return nullptr;
 }
 
+// Starts a sum reduce of one tensor onto rank root (the others' copies are left undefined),
+// bounded by the group's timeout.
+c10::intrusive_ptr<c10d::Work> start_reduce_sum(TeGroup *g, const at::Tensor &t, int root) {
+  std::vector<at::Tensor> one{t};
+  c10d::ReduceOptions opts;
+  opts.reduceOp = c10d::ReduceOp::SUM;
+  opts.rootRank = root;
+  opts.rootTensor = 0;
+  opts.timeout = g->timeout;
+  return g->backend->reduce(one, opts);
+}
+
 // Starts a sum all-reduce of one tensor, bounded by the group's timeout.
 c10::intrusive_ptr<c10d::Work> start_allreduce_sum(TeGroup *g, const at::Tensor &t) {
   std::vector<at::Tensor> one{t};
@@ -387,6 +438,15 @@ void *te_pg_allreduce_sum_start(void *group, at::Tensor *tensor) {
   return guarded_ptr([&]() -> void * {
     auto *g = static_cast<TeGroup *>(group);
     return new c10::intrusive_ptr<c10d::Work>(start_allreduce_sum(g, *tensor));
+  });
+}
+
+// Starts a sum reduce of one tensor onto rank root and returns its work handle without waiting
+// (run.shard = "gradients": each bucket goes to the rank that owns its parameters).
+void *te_pg_reduce_sum_start(void *group, at::Tensor *tensor, int root) {
+  return guarded_ptr([&]() -> void * {
+    auto *g = static_cast<TeGroup *>(group);
+    return new c10::intrusive_ptr<c10d::Work>(start_reduce_sum(g, *tensor, root));
   });
 }
 

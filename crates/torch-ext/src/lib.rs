@@ -47,6 +47,15 @@ extern "C" {
         max_norm: f64,
         out: *mut f64,
     ) -> c_int;
+    fn te_grad_norms(grads: *const *mut c_void, n: c_int, out: *mut f32) -> c_int;
+    fn te_clip_with_norms(
+        grads: *const *mut c_void,
+        n: c_int,
+        norms: *const f32,
+        m: c_int,
+        max_norm: f64,
+        out: *mut f64,
+    ) -> c_int;
 }
 
 fn handles(ts: &[&Tensor]) -> Vec<*mut c_void> {
@@ -138,6 +147,48 @@ pub fn clip_grad_norm(grads: &[&Tensor], max_norm: Option<f64>) -> Result<f64, S
         te_clip_grad_norm(
             g.as_ptr(),
             g.len() as c_int,
+            max_norm.unwrap_or(0.0),
+            &mut out,
+        )
+    };
+    if rc != 0 {
+        return Err(last_error());
+    }
+    Ok(out)
+}
+
+/// The L2 norm of each of `grads` (float32), the per-tensor norms `clip_grad_norm` forms its
+/// global norm from.
+pub fn grad_norms(grads: &[&Tensor]) -> Result<Vec<f32>, String> {
+    let g = handles(grads);
+    let mut out = vec![0f32; g.len()];
+    // SAFETY: live tensor handles; `out` holds one f32 per gradient.
+    if unsafe { te_grad_norms(g.as_ptr(), g.len() as c_int, out.as_mut_ptr()) } != 0 {
+        return Err(last_error());
+    }
+    Ok(out)
+}
+
+/// `clip_grad_norm` when the per-tensor norms are known (every rank's, gathered in order): the
+/// global norm of `norms`, with `max_norm` this rank's `grads` scaled as `clip_grad_norm`
+/// scales them; bitwise the unsharded result when `norms` are those it would compute.
+pub fn clip_with_norms(
+    grads: &[&Tensor],
+    norms: &[f32],
+    max_norm: Option<f64>,
+) -> Result<f64, String> {
+    if norms.is_empty() {
+        return Ok(0.0);
+    }
+    let g = handles(grads);
+    let mut out = 0.0f64;
+    // SAFETY: live tensor handles; `norms` is read for its length; `out` is a valid f64.
+    let rc = unsafe {
+        te_clip_with_norms(
+            g.as_ptr(),
+            g.len() as c_int,
+            norms.as_ptr(),
+            norms.len() as c_int,
             max_norm.unwrap_or(0.0),
             &mut out,
         )
@@ -243,6 +294,7 @@ extern "C" {
     ) -> c_int;
     fn te_pg_allreduce_sum(group: *mut c_void, tensors: *const *mut c_void, n: c_int) -> c_int;
     fn te_pg_allreduce_sum_start(group: *mut c_void, tensor: *mut c_void) -> *mut c_void;
+    fn te_pg_reduce_sum_start(group: *mut c_void, tensor: *mut c_void, root: c_int) -> *mut c_void;
     fn te_work_wait(group: *mut c_void, work: *mut c_void) -> c_int;
     fn te_work_free(work: *mut c_void);
     fn te_pg_barrier(group: *mut c_void) -> c_int;
@@ -367,6 +419,20 @@ impl ProcessGroup {
         Ok(Work(work))
     }
 
+    /// Starts a sum reduce of `tensor` onto rank `root` and returns without waiting; only
+    /// `root`'s copy holds the sum afterwards. The tensor must stay alive and untouched until
+    /// `Work::wait` returns.
+    pub fn reduce_sum_start(&self, tensor: &Tensor, root: usize) -> Result<Work, String> {
+        // SAFETY: live group and tensor handles for the duration of the call.
+        let work = unsafe {
+            te_pg_reduce_sum_start(self.handle, tensor.as_ptr() as *mut c_void, root as c_int)
+        };
+        if work.is_null() {
+            return Err(last_error());
+        }
+        Ok(Work(work))
+    }
+
     /// Waits for a collective started on this group (bounded by the group's timeout).
     pub fn wait(&self, work: Work) -> Result<(), String> {
         // SAFETY: live group handle and a work handle from this group.
@@ -386,7 +452,7 @@ impl ProcessGroup {
     }
 }
 
-/// A collective started with `ProcessGroup::all_reduce_sum_start`.
+/// A collective started with `ProcessGroup::all_reduce_sum_start` or `reduce_sum_start`.
 pub struct Work(*mut c_void);
 
 // SAFETY: a c10d work handle may be waited for from any thread (DDP waits for work started in
@@ -395,7 +461,7 @@ unsafe impl Send for Work {}
 
 impl Drop for Work {
     fn drop(&mut self) {
-        // SAFETY: the handle came from te_pg_allreduce_sum_start and is freed once.
+        // SAFETY: the handle came from a te_pg_*_start call and is freed once.
         unsafe { te_work_free(self.0) }
     }
 }
@@ -430,4 +496,36 @@ pub fn set_deterministic(on: bool) -> Result<(), String> {
 pub fn deterministic_enabled() -> bool {
     // SAFETY: plain call.
     unsafe { te_deterministic_enabled() != 0 }
+}
+
+#[cfg(test)]
+mod clip_tests {
+    use super::*;
+
+    /// The norms of two halves of the gradients, put together, clip bitwise as the whole list
+    /// does (what `run.shard = "gradients"` relies on).
+    #[test]
+    fn clipping_from_gathered_norms_is_bitwise_clipping_the_whole_list() {
+        tch::manual_seed(5);
+        let grads: Vec<Tensor> = [[7, 3], [11, 1], [2, 5], [13, 4]]
+            .iter()
+            .map(|s| Tensor::randn(s, (tch::Kind::Float, tch::Device::Cpu)))
+            .collect();
+        let whole: Vec<Tensor> = grads.iter().map(|g| g.copy()).collect();
+        let refs: Vec<&Tensor> = whole.iter().collect();
+        let want = clip_grad_norm(&refs, Some(0.5)).expect("clip");
+        let (a, b) = grads.split_at(2);
+        let (a, b): (Vec<&Tensor>, Vec<&Tensor>) = (a.iter().collect(), b.iter().collect());
+        let mut norms = grad_norms(&a).expect("norms");
+        norms.extend(grad_norms(&b).expect("norms"));
+        let got_a = clip_with_norms(&a, &norms, Some(0.5)).expect("clip a");
+        let got_b = clip_with_norms(&b, &norms, Some(0.5)).expect("clip b");
+        assert_eq!(got_a.to_bits(), want.to_bits());
+        assert_eq!(got_b.to_bits(), want.to_bits());
+        assert!(want > 0.5, "the test must clip: {want}");
+        for (g, w) in grads.iter().zip(&whole) {
+            assert!(g.equal(w), "clipped differently");
+        }
+        assert_eq!(clip_with_norms(&[], &[], Some(1.0)), Ok(0.0));
+    }
 }

@@ -1,5 +1,5 @@
-//! c10d through the shim: a Gloo group of two ranks (two threads of this process) sums and
-//! broadcasts tensors.
+//! c10d through the shim: a Gloo group of two ranks (two threads of this process) sums,
+//! reduces onto one rank and broadcasts tensors.
 
 use std::time::Duration;
 use tch::Tensor;
@@ -25,20 +25,32 @@ fn gloo_all_reduce_and_broadcast_across_two_ranks() {
             g.all_reduce_sum(&[&x, &y])?;
             let b = Tensor::from_slice(&[r as f32 * 100.0 + 7.0]);
             g.broadcast(&[&b], 0)?;
+            // Reduced onto rank 1 only (run.shard = "gradients").
+            let z = Tensor::from_slice(&[2.0f32 * (r as f32 + 1.0)]);
+            let work = g.reduce_sum_start(&z, 1)?;
+            g.wait(work)?;
             g.barrier()?;
             let values = |t: Tensor| Vec::<f32>::try_from(t).map_err(|e| e.to_string());
             let sum = values(x)?;
             let mut rest = values(y)?;
             rest.extend(values(b)?);
+            if r == 1 {
+                rest.extend(values(z)?);
+            }
             Ok((sum, rest))
         })
     };
     let (a, b) = (rank(0), rank(1));
-    for h in [a, b] {
+    for (r, h) in [a, b].into_iter().enumerate() {
         let (sum, rest) = h.join().expect("rank thread").expect("collectives");
         assert_eq!(sum, vec![3.0, 30.0]);
-        // 5 + 6 summed; rank 0's 7 broadcast.
-        assert_eq!(rest, vec![11.0, 7.0]);
+        // 5 + 6 summed; rank 0's 7 broadcast; 2 + 4 reduced onto rank 1.
+        let want: &[f32] = if r == 1 {
+            &[11.0, 7.0, 6.0]
+        } else {
+            &[11.0, 7.0]
+        };
+        assert_eq!(rest, want);
     }
 }
 

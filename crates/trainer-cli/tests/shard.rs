@@ -1,8 +1,10 @@
-//! `run.shard = "optimizer"` (ZeRO stage 1 on whole tensors, `shard.rs`), end to end with Gloo
-//! on the CPU: the curve of 2 and 4 sharded processes is bitwise that of the unsharded run with
-//! the same processes (fp32 and bf16-mixed, with gradient accumulation and clipping), each rank
-//! holds a share of the optimizer state, a SIGTERM-stopped sharded run resumes bitwise, and a
-//! checkpoint written by N sharded ranks continues under M ranks in either shard mode.
+//! `run.shard = "optimizer"` and `"gradients"` (ZeRO stages 1 and 2 on whole tensors,
+//! `shard.rs`), end to end with Gloo on the CPU: the curve of 2 and 4 sharded processes is that
+//! of the unsharded run with the same processes (fp32 and bf16-mixed, with gradient accumulation
+//! and clipping: bitwise with "optimizer", within 1e-5 with "gradients", whose reduce onto one
+//! rank may add in another order than the all-reduce), each rank holds a share of the optimizer
+//! state (and with "gradients" of the gradients), a SIGTERM-stopped sharded run resumes bitwise,
+//! and a checkpoint written by N sharded ranks continues under M ranks in any shard mode.
 
 mod common;
 
@@ -27,8 +29,29 @@ fn state_bytes(w: &std::path::Path, out: &str) -> f64 {
     num(&read_summary(&w.join(out)), "optimizer_state_bytes")
 }
 
+fn held_grad_bytes(w: &std::path::Path, out: &str) -> f64 {
+    num(&read_summary(&w.join(out)), "held_grad_bytes")
+}
+
+type Curve = Vec<(String, i64, f64, Option<f64>)>;
+
+/// `got` follows `want` step for step, each loss and gradient norm within `rel` of it.
+fn assert_close(got: &Curve, want: &Curve, rel: f64, what: &str) {
+    let close = |a: f64, b: f64| ((a - b) / b).abs() < rel;
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (a, b) in got.iter().zip(want) {
+        assert_eq!(
+            (&a.0, a.1, a.3.is_some()),
+            (&b.0, b.1, b.3.is_some()),
+            "{what}"
+        );
+        let norms = a.3.zip(b.3).is_none_or(|(x, y)| close(x, y));
+        assert!(close(a.2, b.2) && norms, "{what}: {a:?} vs {b:?}");
+    }
+}
+
 #[test]
-fn sharded_optimizer_state_trains_bitwise_the_unsharded_curve() {
+fn sharded_runs_train_the_unsharded_curve() {
     let work = workdir();
     let w = work.path();
     write_recipe(w, RECIPE, &tiny_recipe("unused"));
@@ -43,6 +66,9 @@ fn sharded_optimizer_state_trains_bitwise_the_unsharded_curve() {
         let mut set = common.to_vec();
         set.push(&p);
         let plain = launch(w, nproc, &format!("none-{nproc}-{precision}"), &set);
+        let mut with = set.clone();
+        with.push("run.shard=\"gradients\"");
+        let grads = launch(w, nproc, &format!("grad-{nproc}-{precision}"), &with);
         set.push("run.shard=\"optimizer\"");
         let sharded = launch(w, nproc, &format!("opt-{nproc}-{precision}"), &set);
         assert_eq!(
@@ -55,13 +81,40 @@ fn sharded_optimizer_state_trains_bitwise_the_unsharded_curve() {
             curve(&sharded),
             "{nproc} processes, {precision}"
         );
-        // Rank 0's share of the optimizer state: about 1/N of the whole.
+        let what = format!("gradients, {nproc} processes, {precision}");
+        assert_close(&curve(&grads), &curve(&plain), 1e-5, &what);
+        // Rank 0's share of the optimizer state (both modes) and of the gradients it held at
+        // the update ("gradients"): about 1/N of the whole.
         let whole = state_bytes(w, &format!("none-{nproc}-{precision}"));
-        let share = state_bytes(w, &format!("opt-{nproc}-{precision}"));
-        let ratio = share * nproc as f64 / whole;
-        assert!(
-            (0.7..1.3).contains(&ratio),
-            "share {share} of {whole} at {nproc}"
+        let whole_grads = held_grad_bytes(w, &format!("none-{nproc}-{precision}"));
+        assert!(whole_grads > 0.0);
+        for (share, of, what) in [
+            (
+                state_bytes(w, &format!("opt-{nproc}-{precision}")),
+                whole,
+                "state",
+            ),
+            (
+                state_bytes(w, &format!("grad-{nproc}-{precision}")),
+                whole,
+                "state",
+            ),
+            (
+                held_grad_bytes(w, &format!("grad-{nproc}-{precision}")),
+                whole_grads,
+                "grads",
+            ),
+        ] {
+            let ratio = share * nproc as f64 / of;
+            assert!(
+                (0.7..1.3).contains(&ratio),
+                "{what}: share {share} of {of} at {nproc}"
+            );
+        }
+        // "optimizer" keeps whole gradients.
+        assert_eq!(
+            held_grad_bytes(w, &format!("opt-{nproc}-{precision}")),
+            whole_grads
         );
     }
 }
@@ -139,13 +192,13 @@ fn a_stopped_sharded_run_resumes_bitwise_and_its_checkpoints_reshard() {
         curve(&read_metrics(&w.join(out).join("metrics.jsonl")))
     };
     assert_eq!(cont(2, "two-unsharded", &[]), after_30);
-    for (nproc, out) in [(4, "four-sharded"), (1, "one")] {
-        let got = cont(nproc, out, &[shard]);
-        assert_eq!(got.len(), after_30.len(), "{out}");
-        for (a, b) in got.iter().zip(&after_30) {
-            assert_eq!((&a.0, a.1), (&b.0, b.1));
-            assert!(((a.2 - b.2) / b.2).abs() < 1e-5, "{out}: {a:?} vs {b:?}");
-        }
+    let grads = "run.shard=\"gradients\"";
+    for (nproc, out, mode) in [
+        (4, "four-sharded", shard),
+        (1, "one", shard),
+        (4, "four-gradients", grads),
+    ] {
+        assert_close(&cont(nproc, out, &[mode]), &after_30, 1e-5, out);
     }
 }
 
@@ -154,26 +207,29 @@ fn what_sharding_cannot_serve_is_refused_and_one_process_is_told() {
     let work = workdir();
     let w = work.path();
     write_recipe(w, RECIPE, &tiny_recipe("run"));
-    for (optim, needle) in [
-        ("optim={kind=\"galore_adamw\", lr=1e-3, rank=4}", "GaLore"),
-        ("optim={kind=\"gsm\", lr=1e-3, density=0.5}", "GSM"),
+    for (optim, needle, mode) in [
+        (
+            "optim={kind=\"galore_adamw\", lr=1e-3, rank=4}",
+            "GaLore",
+            "optimizer",
+        ),
+        (
+            "optim={kind=\"gsm\", lr=1e-3, density=0.5}",
+            "GSM",
+            "gradients",
+        ),
         (
             "optim={kind=\"adamw\", lr=1e-3, layerwise=true}",
             "optim.layerwise",
+            "gradients",
         ),
     ] {
-        trainer(
-            w,
-            &[
-                "validate",
-                RECIPE,
-                "--set",
-                "run.shard=\"optimizer\"",
-                "--set",
-                optim,
-            ],
-        )
-        .assert_one_error(&["run.shard", needle]);
+        let shard = format!("run.shard=\"{mode}\"");
+        trainer(w, &["validate", RECIPE, "--set", &shard, "--set", optim]).assert_one_error(&[
+            "run.shard",
+            needle,
+            mode,
+        ]);
     }
     let out = trainer(
         w,
@@ -181,14 +237,15 @@ fn what_sharding_cannot_serve_is_refused_and_one_process_is_told() {
             "run",
             RECIPE,
             "--set",
-            "run.shard=\"optimizer\"",
+            "run.shard=\"gradients\"",
             "--set",
             "train.max_steps=6",
         ],
     );
     out.assert_success();
     assert!(
-        out.stderr.contains("no effect in a single process"),
+        out.stderr
+            .contains("\"gradients\" has no effect in a single process"),
         "{}",
         out.describe()
     );

@@ -428,7 +428,7 @@ impl DataParallel {
         if grads.is_empty() {
             return Ok(());
         }
-        let groups = bucket_groups(&grads, self.bucket_bytes);
+        let groups = bucket_groups(&grads, self.bucket_bytes, None);
         let sizes: Vec<i64> = groups
             .iter()
             .map(|idx| idx.iter().map(|&i| grads[i].numel() as i64).sum())
@@ -463,7 +463,14 @@ impl DataParallel {
         self.with_group("averaging the gradients", |g| g.all_reduce_sum_start(t))
     }
 
-    /// Waits for a collective from `start_sum`.
+    /// Starts the sum reduce of `t` onto rank `root` without waiting (`run.shard = "gradients"`).
+    fn start_reduce(&self, t: &Tensor, root: usize) -> Result<torch_ext::Work> {
+        self.with_group("reducing the gradients onto their owners", |g| {
+            g.reduce_sum_start(t, root)
+        })
+    }
+
+    /// Waits for a collective from `start_sum` or `start_reduce`.
     fn wait(&self, work: torch_ext::Work) -> Result<()> {
         self.collective("averaging the gradients", |g| g.wait(work))
     }
@@ -534,6 +541,12 @@ fn rendezvous_error(world: &World, timeout: Duration, e: &str) -> Error {
 /// that were not started (a parameter without a gradient this step, e.g. frozen by ReLoRA) go
 /// through `reduce_step` with the step's scalars, as without overlap.
 ///
+/// With owners (`run.shard = "gradients"`), buckets do not straddle two owners' parameters and
+/// each is reduced onto its owner only: the other ranks drop their copies of its gradients as
+/// soon as they are packed, and at most `IN_FLIGHT` started buckets (and their flat buffers,
+/// made for the step) are kept before the oldest is waited for, so that a rank never holds
+/// much more than its own gradients.
+///
 /// Only for models in which every rank uses the same parameters at every step (not MoE, whose
 /// routing decides per rank which experts get gradients): otherwise ranks would start different
 /// buckets during backward.
@@ -541,11 +554,17 @@ pub struct OverlappedGrads {
     hooks: torch_ext::GradReadyHooks,
     params: Vec<Tensor>,
     buckets: Vec<Vec<usize>>,
+    /// `run.shard = "gradients"`: the owning rank of each parameter (in `params`' order).
+    owners: Option<Vec<usize>>,
+    /// Without owners: one flat buffer per bucket, kept from step to step.
     buffers: Vec<Tensor>,
     step: Mutex<OverlapStep>,
     /// The first step's overlap has been logged (debug).
     logged: std::sync::atomic::AtomicBool,
 }
+
+/// With owners: how many started buckets may be in flight when another starts.
+const IN_FLIGHT: usize = 2;
 
 /// What one step's backward pass has done so far.
 #[derive(Default)]
@@ -553,30 +572,39 @@ struct OverlapStep {
     ready: Vec<bool>,
     /// The next bucket to start.
     next: usize,
-    started: Vec<torch_ext::Work>,
+    /// The started buckets not yet waited for (from bucket `waited` on), with their buffers.
+    started: std::collections::VecDeque<(torch_ext::Work, Tensor)>,
+    /// How many buckets have been waited for and unpacked.
+    waited: usize,
     error: Option<Error>,
 }
 
 impl OverlappedGrads {
-    /// Hooks on the trainable parameters of `store`, in `dp`'s bucket size.
+    /// Hooks on the trainable parameters of `store`, in `dp`'s bucket size. `owners`: with
+    /// `run.shard = "gradients"`, the rank owning each trainable parameter, in registration
+    /// order.
     pub fn new(
         dp: &DataParallel,
         store: &crate::models::params::ParamStore,
+        owners: Option<Vec<usize>>,
     ) -> Result<OverlappedGrads> {
         let mut params: Vec<Tensor> = store
             .trainable()
             .map(|p| p.tensor.shallow_clone())
             .collect();
         params.reverse();
-        let buckets = bucket_groups(&params, dp.bucket_bytes);
-        let buffers = buckets
-            .iter()
-            .map(|idx| {
-                let n: i64 = idx.iter().map(|&i| params[i].numel() as i64).sum();
-                let first = &params[idx[0]];
-                Tensor::empty([n], (first.kind(), first.device()))
-            })
-            .collect();
+        let owners = owners.map(|mut o| {
+            o.reverse();
+            o
+        });
+        let buckets = bucket_groups(&params, dp.bucket_bytes, owners.as_deref());
+        let buffers = match owners {
+            Some(_) => Vec::new(),
+            None => buckets
+                .iter()
+                .map(|idx| flat_buffer(&params, idx))
+                .collect(),
+        };
         let hooks =
             torch_ext::GradReadyHooks::install(params.iter().map(Tensor::shallow_clone).collect())
                 .map_err(Error::Torch)?;
@@ -584,6 +612,7 @@ impl OverlappedGrads {
             hooks,
             params,
             buckets,
+            owners,
             buffers,
             step: Mutex::new(OverlapStep::default()),
             logged: Default::default(),
@@ -605,8 +634,9 @@ impl OverlappedGrads {
                     && self.buckets[st.next].iter().all(|&j| st.ready[j])
                 {
                     let b = st.next;
-                    match self.start(dp, b) {
-                        Ok(work) => st.started.push(work),
+                    let started = self.make_room(dp, &mut st).and_then(|()| self.start(dp, b));
+                    match started {
+                        Ok(work) => st.started.push_back(work),
                         Err(e) => st.error = Some(e),
                     }
                     st.next += 1;
@@ -614,6 +644,34 @@ impl OverlappedGrads {
             },
             backward,
         )
+    }
+
+    /// With owners: waits for the oldest started buckets until fewer than `IN_FLIGHT` are.
+    fn make_room(&self, dp: &DataParallel, st: &mut OverlapStep) -> Result<()> {
+        while self.owners.is_some() && st.started.len() >= IN_FLIGHT {
+            self.wait_oldest(dp, st)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the oldest started bucket and gives this rank its mean gradients (all of them
+    /// without owners, only its own with owners).
+    fn wait_oldest(&self, dp: &DataParallel, st: &mut OverlapStep) -> Result<()> {
+        let Some((work, buf)) = st.started.pop_front() else {
+            return Ok(());
+        };
+        let b = st.waited;
+        st.waited += 1;
+        dp.wait(work)?;
+        if self.owner(b).is_none_or(|o| o == dp.world.rank) {
+            unpack_mean(&buf, &self.grads(b), dp.world.size);
+        }
+        Ok(())
+    }
+
+    /// The rank that owns bucket `b` (with owners).
+    fn owner(&self, b: usize) -> Option<usize> {
+        self.owners.as_ref().map(|o| o[self.buckets[b][0]])
     }
 
     /// The gradients of bucket `b`'s parameters.
@@ -624,31 +682,40 @@ impl OverlappedGrads {
             .collect()
     }
 
-    /// Copies bucket `b`'s gradients into its buffer and starts its all-reduce.
-    fn start(&self, dp: &DataParallel, b: usize) -> Result<torch_ext::Work> {
-        pack(&self.buffers[b], &self.grads(b));
-        dp.start_sum(&self.buffers[b])
+    /// Copies bucket `b`'s gradients into its buffer and starts its all-reduce, or with owners
+    /// its reduce onto the owner (a rank that does not own it drops its gradients at once).
+    fn start(&self, dp: &DataParallel, b: usize) -> Result<(torch_ext::Work, Tensor)> {
+        let Some(owner) = self.owner(b) else {
+            pack(&self.buffers[b], &self.grads(b));
+            let work = dp.start_sum(&self.buffers[b])?;
+            return Ok((work, self.buffers[b].shallow_clone()));
+        };
+        let buf = flat_buffer(&self.params, &self.buckets[b]);
+        pack(&buf, &self.grads(b));
+        if owner != dp.world.rank {
+            let theirs: Vec<&Tensor> = self.buckets[b].iter().map(|&i| &self.params[i]).collect();
+            torch_ext::grads_to_none(&theirs).map_err(Error::Torch)?;
+        }
+        Ok((dp.start_reduce(&buf, owner)?, buf))
     }
 
-    /// After the step's backward passes: waits for the started all-reduces and replaces those
-    /// gradients by their means; averages the rest with `reduce_step`, which also sums `scalars`.
+    /// After the step's backward passes: waits for the started collectives and replaces those
+    /// gradients by their means; averages the rest with `reduce_step`, which also sums `scalars`
+    /// (with owners, the caller then drops the gradients this rank does not own).
     pub fn finish(&self, dp: &DataParallel, scalars: &mut [f64]) -> Result<()> {
-        let st = std::mem::take(&mut *self.step.lock().unwrap_or_else(PoisonError::into_inner));
-        let started = st.started.len();
+        let mut st = std::mem::take(&mut *self.step.lock().unwrap_or_else(PoisonError::into_inner));
+        let started = st.next;
         if !self.logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
             tracing::debug!(
                 "gradient buckets: {started} of {} started during the backward pass",
                 self.buckets.len()
             );
         }
-        for work in st.started {
-            dp.wait(work)?;
+        while !st.started.is_empty() {
+            self.wait_oldest(dp, &mut st)?;
         }
         if let Some(e) = st.error {
             return Err(e);
-        }
-        for b in 0..started {
-            unpack_mean(&self.buffers[b], &self.grads(b), dp.world.size);
         }
         let rest: Vec<&Tensor> = self.buckets[started..]
             .iter()
@@ -657,6 +724,13 @@ impl OverlappedGrads {
             .collect();
         dp.reduce_step(&rest, scalars)
     }
+}
+
+/// A flat buffer for the parameters `idx` of `params` (one dtype and device).
+fn flat_buffer(params: &[Tensor], idx: &[usize]) -> Tensor {
+    let n: i64 = idx.iter().map(|&i| params[i].numel() as i64).sum();
+    let first = &params[idx[0]];
+    Tensor::empty([n], (first.kind(), first.device()))
 }
 
 /// Copies `grads` one after the other into the flat buffer `buf`.
@@ -694,16 +768,20 @@ fn unpack(buf: &Tensor, tensors: &[impl std::borrow::Borrow<Tensor>]) {
     });
 }
 
-/// Splits the gradients (in order) into groups of one dtype and device of at most `cap` bytes
-/// each (a single larger tensor is a group of its own).
-fn bucket_groups(grads: &[Tensor], cap: i64) -> Vec<Vec<usize>> {
+/// Splits the gradients (in order) into groups of one dtype and device (and one owner, with
+/// `owners`) of at most `cap` bytes each (a single larger tensor is a group of its own).
+fn bucket_groups(grads: &[Tensor], cap: i64, owners: Option<&[usize]>) -> Vec<Vec<usize>> {
+    let owner = |i: usize| owners.map_or(0, |o| o[i]);
     let mut groups: Vec<Vec<usize>> = Vec::new();
     let mut bytes = 0i64;
     for (i, g) in grads.iter().enumerate() {
         let size = g.numel() as i64 * g.kind().elt_size_in_bytes() as i64;
         let fits = groups.last().is_some_and(|last| {
             let first = &grads[last[0]];
-            first.kind() == g.kind() && first.device() == g.device() && bytes + size <= cap
+            first.kind() == g.kind()
+                && first.device() == g.device()
+                && owner(last[0]) == owner(i)
+                && bytes + size <= cap
         });
         match groups.last_mut() {
             Some(last) if fits => {
@@ -837,8 +915,17 @@ mod tests {
         ];
         // 80 bytes fit two 10-element floats, not a third tensor of 30.
         assert_eq!(
-            bucket_groups(&grads, 80),
+            bucket_groups(&grads, 80, None),
             vec![vec![0, 1], vec![2], vec![3, 4]]
+        );
+        // With owners, no bucket holds two owners' gradients.
+        assert_eq!(
+            bucket_groups(&grads, 80, Some(&[0, 1, 1, 1, 1])),
+            vec![vec![0], vec![1], vec![2], vec![3, 4]]
+        );
+        assert_eq!(
+            bucket_groups(&grads, 1000, Some(&[0, 0, 0, 1, 1])),
+            vec![vec![0, 1, 2], vec![3, 4]]
         );
     }
 }

@@ -6,6 +6,12 @@
 //! rank would). A checkpoint gathers every rank's state on rank 0 and is written whole, as an
 //! unsharded run writes it, so that it resumes at any world size and in any shard mode.
 //!
+//! `run.shard = "gradients"` (ZeRO stage 2 on whole tensors) goes one step further: each
+//! gradient is reduced onto its owner only (`dist.rs`, `OverlappedGrads` with owners) and the
+//! other ranks drop theirs, so a rank holds about 1/world of the gradients after the backward
+//! pass; the norm for clipping is formed from the owners' per-tensor norms
+//! (`Owners::clip_grad_norm`).
+//!
 //! Owners are contiguous runs of parameters in registration order, balanced by element count:
 //! parameter `i` (starting at element `s`, of `n` elements, of `N` in all) belongs to rank
 //! `floor((s + n/2) * world / N)`.
@@ -17,6 +23,9 @@ use tch::{Device, Kind, Tensor};
 
 /// Which rank owns each trainable parameter.
 pub struct Owners {
+    rank: usize,
+    /// The owning rank of each trainable parameter, in registration order.
+    owner: Vec<usize>,
     /// The names of the parameters this rank owns.
     mine: std::collections::HashSet<String>,
     /// Every owner's parameters of one dtype, in registration order: what it broadcasts after
@@ -68,7 +77,19 @@ impl Owners {
             .filter(|(o, _, _)| *o == rank)
             .map(|(_, n, _)| n.to_string())
             .collect();
-        Ok(Owners { mine, groups })
+        let owner = owned.iter().map(|(o, _, _)| *o).collect();
+        Ok(Owners {
+            rank,
+            owner,
+            mine,
+            groups,
+        })
+    }
+
+    /// The owning rank of each trainable parameter, in registration order (for
+    /// `OverlappedGrads`, which reduces each gradient onto its owner).
+    pub fn owner_of_each(&self) -> Vec<usize> {
+        self.owner.clone()
     }
 
     /// Whether this rank owns the parameter `name`.
@@ -83,6 +104,54 @@ impl Owners {
             dp.broadcast_flat(tensors, *root, "broadcasting the updated parameters")?;
         }
         Ok(())
+    }
+}
+
+/// `run.shard = "gradients"`, the gradients after their reduction onto the owners.
+impl Owners {
+    /// Drops the gradients of the parameters this rank does not own (those the overlapped
+    /// reduction did not already drop: MoE, distillation and parameters left out of it).
+    pub fn drop_others_grads(&self, store: &ParamStore) -> Result<()> {
+        let theirs: Vec<&Tensor> = store
+            .trainable()
+            .zip(&self.owner)
+            .filter(|(_, &o)| o != self.rank)
+            .map(|(p, _)| &p.tensor)
+            .collect();
+        torch_ext::grads_to_none(&theirs).map_err(Error::Torch)
+    }
+
+    /// The global gradient norm (and with `max_norm`, this rank's gradients clipped by it) when
+    /// each rank holds only its own parameters' gradients: the owners' per-tensor norms are
+    /// summed into one list in registration order (each entry from one rank, the others adding
+    /// zero: exact), from which every rank forms the norm as an unsharded run does, bitwise.
+    pub fn clip_grad_norm(
+        &self,
+        dp: &DataParallel,
+        store: &ParamStore,
+        max_norm: Option<f64>,
+    ) -> Result<f64> {
+        let trainable: Vec<&Tensor> = store.trainable().map(|p| &p.tensor).collect();
+        let mine: Vec<usize> = (0..trainable.len())
+            .filter(|&i| self.owner[i] == self.rank && trainable[i].grad().defined())
+            .collect();
+        let grads: Vec<Tensor> = mine.iter().map(|&i| trainable[i].grad()).collect();
+        let refs: Vec<&Tensor> = grads.iter().collect();
+        let norms = torch_ext::grad_norms(&refs).map_err(Error::Torch)?;
+        // Per parameter: whether it has a gradient, and its norm.
+        let mut table = vec![0.0f64; 2 * trainable.len()];
+        for (&i, &n) in mine.iter().zip(&norms) {
+            table[2 * i] = 1.0;
+            table[2 * i + 1] = f64::from(n);
+        }
+        dp.sum(&mut table)?;
+        let all: Vec<f32> = table
+            .chunks(2)
+            .filter(|c| c[0] > 0.0)
+            .map(|c| c[1] as f32)
+            .collect();
+        tch::no_grad(|| torch_ext::clip_with_norms(&refs, &all, max_norm))
+            .map_err(|e| Error::Torch(format!("clip_grad_norm: {e}")))
     }
 }
 

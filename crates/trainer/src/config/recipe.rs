@@ -184,6 +184,9 @@ pub struct RunConfig {
     /// whole optimizer state. `"optimizer"` (ZeRO stage 1, on whole tensors): each parameter's
     /// optimizer state lives on one rank (parameters dealt out in order, balanced by size),
     /// which updates it and broadcasts the new values; the gradients are still averaged whole.
+    /// `"gradients"` (ZeRO stage 2, on whole tensors): as `"optimizer"`, and each parameter's
+    /// gradient is reduced onto its owner only (while the backward pass goes on) and dropped by
+    /// the other ranks; the gradient norm for clipping is gathered from the owners.
     /// AdamW (32- or 8-bit states) and SGD; checkpoints are written whole, so they resume at any
     /// world size and shard mode. One process: no effect.
     #[serde(default, skip_serializing_if = "Shard::is_none")]
@@ -200,11 +203,22 @@ pub enum Shard {
     None,
     /// Each parameter's optimizer state lives on one rank (ZeRO stage 1, whole tensors).
     Optimizer,
+    /// Its gradient too, reduced onto that rank only (ZeRO stage 2, whole tensors).
+    Gradients,
 }
 
 impl Shard {
     fn is_none(&self) -> bool {
         *self == Shard::None
+    }
+
+    /// The name a recipe writes.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Shard::None => "none",
+            Shard::Optimizer => "optimizer",
+            Shard::Gradients => "gradients",
+        }
     }
 }
 
@@ -453,12 +467,14 @@ impl Recipe {
         validate_optim_schedule(&self.optim, &self.schedule)
     }
 
-    /// `run.shard = "optimizer"`: an optimizer whose update of a parameter needs only that
-    /// parameter and its own state, and nothing that touches every parameter's state.
+    /// `run.shard = "optimizer"` or `"gradients"`: an optimizer whose update of a parameter
+    /// needs only that parameter and its own state, and nothing that touches every parameter's
+    /// state.
     fn validate_shard(&self) -> Result<(), Invalid> {
         if self.run.shard == Shard::None {
             return Ok(());
         }
+        let mode = self.run.shard.as_str();
         let why = match &self.optim {
             OptimConfig::GaloreAdamw { .. } => {
                 Some("GaLore-AdamW (its projections are not sharded yet)")
@@ -472,13 +488,15 @@ impl Recipe {
         if let Some(why) = why {
             return Err(Invalid {
                 key: "run.shard".to_string(),
-                msg: format!("\"optimizer\" works with AdamW and SGD, not with {why}"),
+                msg: format!("\"{mode}\" works with AdamW and SGD, not with {why}"),
             });
         }
         check(
             !self.peft.as_ref().is_some_and(|p| p.kind == PeftKind::Relora),
             "run.shard",
-            "\"optimizer\" cannot be combined with ReLoRA (its merges reset every parameter's state)",
+            format!(
+                "\"{mode}\" cannot be combined with ReLoRA (its merges reset every parameter's state)"
+            ),
         )
     }
 

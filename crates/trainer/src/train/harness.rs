@@ -206,7 +206,8 @@ pub struct Run<'a> {
     stop: &'a StopFlag,
     checkpoint_every: Option<i64>,
     keep_checkpoints: i64,
-    /// `run.shard = "optimizer"` over several ranks: each holds a share of the optimizer state.
+    /// `run.shard = "optimizer"` or `"gradients"` over several ranks: each holds a share of the
+    /// optimizer state.
     shard_optimizer: bool,
     last_checkpoint: Option<PathBuf>,
     total_steps: i64,
@@ -248,8 +249,7 @@ impl<'a> Run<'a> {
         } else {
             None
         };
-        let shard_optimizer =
-            run.shard == crate::config::Shard::Optimizer && world.is_distributed();
+        let shard_optimizer = run.shard != crate::config::Shard::None && world.is_distributed();
         Ok(Run {
             world,
             device,

@@ -67,6 +67,10 @@ pub struct Summary {
     #[serde(flatten)]
     pub sizes: harness::Sizes,
     pub grad_bytes: i64,
+    /// The bytes of gradients this rank held when it took its last optimizer step, measured
+    /// (with `run.shard = "gradients"`, about 1/world of `grad_bytes`; with layer-wise updates,
+    /// none); 0 when this start took no step.
+    pub held_grad_bytes: i64,
     #[serde(flatten)]
     pub footprint: harness::Footprint,
     pub model_tflops_per_s: f64,
@@ -163,7 +167,11 @@ pub fn run_from(
     let overlap =
         if run.world.is_distributed() && lm.distiller.is_none() && lm.model.moe_layers().is_empty()
         {
-            Some(OverlappedGrads::new(&run.dp, &lm.params)?)
+            Some(OverlappedGrads::new(
+                &run.dp,
+                &lm.params,
+                lm.gradient_owners(recipe),
+            )?)
         } else {
             None
         };
@@ -266,9 +274,11 @@ struct Lm {
     layerwise: Option<(torch_ext::GradReadyHooks, Vec<Tensor>)>,
     /// Magnitude pruning or GSM's cut (set once the start state is known).
     pruner: Option<Pruner>,
-    /// `run.shard = "optimizer"` over several ranks: the parameters whose optimizer state this
-    /// rank holds and updates (`shard.rs`).
+    /// `run.shard = "optimizer"` or `"gradients"` over several ranks: the parameters whose
+    /// optimizer state (and gradient) this rank holds and updates (`shard.rs`).
     owners: Option<Owners>,
+    /// The bytes of gradients held at the last optimizer step (the summary's `held_grad_bytes`).
+    held_grad_bytes: i64,
 }
 
 /// One step's hyperparameters, set before the backward pass (layer-wise updates use them inside
@@ -301,14 +311,17 @@ struct StepOut {
     stop_all: bool,
 }
 
-/// `run.shard = "optimizer"` over several ranks: which rank owns which parameter's optimizer
-/// state. One process: nothing to divide (a warning).
+/// `run.shard = "optimizer"` or `"gradients"` over several ranks: which rank owns which
+/// parameter's optimizer state (and gradient). One process: nothing to divide (a warning).
 fn shard_owners(recipe: &Recipe, setup: &Setup, params: &ParamStore) -> Result<Option<Owners>> {
     if recipe.run.shard == Shard::None {
         return Ok(None);
     }
     if !setup.world.is_distributed() {
-        tracing::warn!("run.shard = \"optimizer\" has no effect in a single process");
+        tracing::warn!(
+            "run.shard = \"{}\" has no effect in a single process",
+            recipe.run.shard.as_str()
+        );
         return Ok(None);
     }
     Owners::deal(params, setup.world.rank, setup.world.size).map(Some)
@@ -359,10 +372,18 @@ fn training_need(recipe: &Recipe, cfg: &TransformerConfig, setup: &Setup) -> Mem
         4
     };
     let trained = if recipe.peft.is_some() { 0 } else { params };
+    // run.shard: a rank holds about 1/world of the optimizer state ("optimizer", "gradients")
+    // and of the gradients ("gradients") after the backward pass.
+    let world = setup.world.size.max(1) as u128;
+    let (grad_share, state_share) = match recipe.run.shard {
+        Shard::None => (1, 1),
+        Shard::Optimizer => (1, world),
+        Shard::Gradients => (world, world),
+    };
     let gradients = if recipe.optim.layerwise() {
         0
     } else {
-        trained * weight_bytes
+        trained * weight_bytes / grad_share
     };
     let compute_bytes = if recipe.run.precision == Precision::Fp32 {
         4
@@ -386,12 +407,7 @@ fn training_need(recipe: &Recipe, cfg: &TransformerConfig, setup: &Setup) -> Mem
     MemoryNeed {
         weights: params * weight_bytes,
         gradients,
-        // run.shard = "optimizer": this rank holds about 1/world of it.
-        optimizer_state: trained * recipe.optim.state_bytes_per_param(weight_bytes)
-            / match recipe.run.shard {
-                Shard::Optimizer => setup.world.size.max(1) as u128,
-                Shard::None => 1,
-            },
+        optimizer_state: trained * recipe.optim.state_bytes_per_param(weight_bytes) / state_share,
         logits,
         processes,
     }
@@ -446,6 +462,7 @@ impl Lm {
             layerwise,
             pruner: None,
             owners,
+            held_grad_bytes: 0,
         };
         Ok((lm, init))
     }
@@ -489,6 +506,19 @@ impl Lm {
             dir.display()
         );
         Ok(state)
+    }
+
+    /// `run.shard = "gradients"` over several ranks: who owns which gradient.
+    fn sharded_gradients(&self, recipe: &Recipe) -> Option<&Owners> {
+        self.owners
+            .as_ref()
+            .filter(|_| recipe.run.shard == Shard::Gradients)
+    }
+
+    /// The owning rank of each trainable parameter when gradients are reduced onto their
+    /// owners only (`OverlappedGrads`).
+    fn gradient_owners(&self, recipe: &Recipe) -> Option<Vec<usize>> {
+        self.sharded_gradients(recipe).map(Owners::owner_of_each)
     }
 
     fn freeze_base(&mut self) {
@@ -579,6 +609,9 @@ impl Lm {
                 sums.reweight.unweighted.double_value(&[]),
             ];
             run.reduce_step(overlap, &self.params, &mut scalars)?;
+            if let Some(owners) = self.sharded_gradients(recipe) {
+                owners.drop_others_grads(&self.params)?;
+            }
             global_loss_sum = Some(scalars[0] / run.world.size as f64);
             stop_all = scalars[1] > 0.0;
             global_unweighted_sum = Some(scalars[2] / run.world.size as f64);
@@ -589,13 +622,17 @@ impl Lm {
                 self.optimizer.finish_step();
                 sums.layerwise_norm_sq.double_value(&[]).sqrt()
             }
-            None => clip_grad_norm(&self.params, recipe.train.clip_grad_norm)?,
+            None => match self.sharded_gradients(recipe) {
+                Some(o) => o.clip_grad_norm(&run.dp, &self.params, recipe.train.clip_grad_norm)?,
+                None => clip_grad_norm(&self.params, recipe.train.clip_grad_norm)?,
+            },
         };
         harness::check_grad_norm(
             grad_norm,
             step + 1,
             "lower optim.lr or set train.clip_grad_norm",
         )?;
+        self.held_grad_bytes = held_grad_bytes(&self.params);
         if self.layerwise.is_none() {
             self.optimizer.step(hyper.lr)?;
         }
@@ -805,6 +842,7 @@ impl Lm {
             tokens_per_s_wall: time.per_s_wall,
             sizes: harness::Sizes::of(&self.params),
             grad_bytes: grad_bytes(&self.params),
+            held_grad_bytes: self.held_grad_bytes,
             footprint,
             model_tflops_per_s: tflops,
             mfu: recipe.run.peak_tflops.map(|p| tflops / p),
@@ -824,6 +862,16 @@ fn grad_bytes(params: &ParamStore) -> i64 {
     params
         .trainable()
         .map(|p| crate::models::params::bytes_of(&p.tensor))
+        .sum()
+}
+
+/// The bytes of the gradients the trainable parameters hold now.
+fn held_grad_bytes(params: &ParamStore) -> i64 {
+    params
+        .trainable()
+        .map(|p| p.tensor.grad())
+        .filter(Tensor::defined)
+        .map(|g| crate::models::params::bytes_of(&g))
         .sum()
 }
 
