@@ -4,7 +4,8 @@
 //! and clipping: bitwise with "optimizer", within 1e-5 with "gradients", whose reduce onto one
 //! rank may add in another order than the all-reduce), each rank holds a share of the optimizer
 //! state (and with "gradients" of the gradients), a SIGTERM-stopped sharded run resumes bitwise,
-//! and a checkpoint written by N sharded ranks continues under M ranks in any shard mode.
+//! and a checkpoint written by N sharded ranks (one optimizer file per rank and an index)
+//! continues under M ranks in any shard mode, or in one process; a missing rank file is one line.
 
 mod common;
 
@@ -192,6 +193,27 @@ fn a_stopped_sharded_run_resumes_bitwise_and_its_checkpoints_reshard() {
         curve(&read_metrics(&w.join(out).join("metrics.jsonl")))
     };
     assert_eq!(cont(2, "two-unsharded", &[]), after_30);
+    // Written as one optimizer file per rank and their index, no whole file.
+    let files = |dir: &std::path::Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("checkpoint")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    let written = files(std::path::Path::new(ckpt));
+    for f in [
+        "optimizer-rank00000-of-00002.safetensors",
+        "optimizer-rank00001-of-00002.safetensors",
+        "optimizer.index.json",
+    ] {
+        assert!(written.contains(&f.to_string()), "{written:?}");
+    }
+    assert!(!written.contains(&"optimizer.safetensors".to_string()));
+    // The model is whole in it: it exports as any checkpoint does.
+    trainer(w, &["export", ckpt, "--to", "hf", "exported"]).assert_success();
+    assert!(w.join("exported/model.safetensors").is_file());
     let grads = "run.shard=\"gradients\"";
     for (nproc, out, mode) in [
         (4, "four-sharded", shard),
@@ -200,6 +222,31 @@ fn a_stopped_sharded_run_resumes_bitwise_and_its_checkpoints_reshard() {
     ] {
         assert_close(&cont(nproc, out, &[mode]), &after_30, 1e-5, out);
     }
+
+    // A rank's file missing (from a copy without checksums.json, which would name it first):
+    // one line, and the checkpoint is left as it was.
+    let bad = w.join("bad-ckpt");
+    std::fs::create_dir(&bad).expect("mkdir");
+    for f in &written {
+        let keep = f != "checksums.json" && f != "optimizer-rank00001-of-00002.safetensors";
+        if keep {
+            std::fs::copy(std::path::Path::new(ckpt).join(f), bad.join(f)).expect("copy");
+        }
+    }
+    let before = files(&bad);
+    let bad_arg = bad.to_str().expect("utf-8");
+    let args = [
+        "run",
+        RECIPE,
+        "--set",
+        "run.out_dir=bad-run",
+        "--set",
+        "train.max_steps=60",
+        "--resume",
+        bad_arg,
+    ];
+    trainer(w, &args).assert_one_error(&["optimizer-rank00001-of-00002", "shard missing"]);
+    assert_eq!(files(&bad), before);
 }
 
 #[test]

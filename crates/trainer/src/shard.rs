@@ -3,8 +3,9 @@
 //! averaged whole as without sharding (`dist.rs`); each rank updates only the parameters it owns
 //! and then every owner broadcasts its updated parameters, so that all ranks hold the same
 //! weights again, bitwise those of an unsharded run (the owner computes the same update every
-//! rank would). A checkpoint gathers every rank's state on rank 0 and is written whole, as an
-//! unsharded run writes it, so that it resumes at any world size and in any shard mode.
+//! rank would). A checkpoint holds one optimizer file per rank and an index
+//! (`checkpoint/optimizer_shards.rs`), from which it resumes at any world size and in any shard
+//! mode.
 //!
 //! `run.shard = "gradients"` (ZeRO stage 2 on whole tensors) goes one step further: each
 //! gradient is reduced onto its owner only (`dist.rs`, `OverlappedGrads` with owners) and the
@@ -19,7 +20,7 @@
 use crate::dist::DataParallel;
 use crate::error::{Error, Result};
 use crate::models::params::ParamStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Which rank owns each trainable parameter.
 pub struct Owners {
@@ -166,86 +167,10 @@ fn kinds(tensors: &[&Tensor]) -> Vec<Kind> {
     out
 }
 
-/// Every rank's named optimizer state on rank 0 (in rank order; a name several ranks hold, the
-/// step counter, taken once), for a checkpoint written whole; `None` on the other ranks. Each
-/// rank in turn broadcasts the names, dtypes and shapes of its tensors, then the tensors.
-pub fn gather_to_main(
-    dp: &DataParallel,
-    own: Vec<(String, Tensor)>,
-) -> Result<Option<Vec<(String, Tensor)>>> {
-    let device = dp.device();
-    let mut all: Vec<(String, Tensor)> = Vec::new();
-    for root in 0..dp.world.size {
-        let meta = if root == dp.world.rank {
-            let list: Vec<(String, String, Vec<i64>)> = own
-                .iter()
-                .map(|(n, t)| (n.clone(), format!("{:?}", t.kind()), t.size()))
-                .collect();
-            serde_json::to_vec(&list).unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        let len = Tensor::from_slice(&[meta.len() as i64]).to_device(device);
-        dp.broadcast_from(&[&len], root, "gathering the optimizer state")?;
-        let len = len.int64_value(&[0]);
-        let bytes = if root == dp.world.rank {
-            Tensor::from_slice(&meta).to_device(device)
-        } else {
-            Tensor::zeros([len], (Kind::Uint8, device))
-        };
-        dp.broadcast_from(&[&bytes], root, "gathering the optimizer state")?;
-        let bytes = Vec::<u8>::try_from(bytes.to_device(Device::Cpu))
-            .map_err(|e| Error::Torch(e.to_string()))?;
-        let list: Vec<(String, String, Vec<i64>)> = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Torch(format!("gathering the optimizer state: {e}")))?;
-        let tensors: Vec<Tensor> = if root == dp.world.rank {
-            own.iter().map(|(_, t)| t.shallow_clone()).collect()
-        } else {
-            list.iter()
-                .map(|(_, kind, shape)| {
-                    Ok(Tensor::zeros(shape.as_slice(), (kind_of(kind)?, device)))
-                })
-                .collect::<Result<_>>()?
-        };
-        let refs: Vec<&Tensor> = tensors.iter().collect();
-        if !refs.is_empty() {
-            dp.broadcast_from(&refs, root, "gathering the optimizer state")?;
-        }
-        if dp.world.is_main() {
-            for ((name, _, _), t) in list.into_iter().zip(tensors) {
-                if !all.iter().any(|(n, _)| *n == name) {
-                    all.push((name, t.to_device(Device::Cpu)));
-                }
-            }
-        }
-    }
-    Ok(dp.world.is_main().then_some(all))
-}
-
-/// A dtype from its `{:?}` name (those optimizer state is kept in).
-fn kind_of(name: &str) -> Result<Kind> {
-    Ok(match name {
-        "Float" => Kind::Float,
-        "Double" => Kind::Double,
-        "Half" => Kind::Half,
-        "BFloat16" => Kind::BFloat16,
-        "Int64" => Kind::Int64,
-        "Int" => Kind::Int,
-        "Int16" => Kind::Int16,
-        "Int8" => Kind::Int8,
-        "Uint8" => Kind::Uint8,
-        "Bool" => Kind::Bool,
-        other => {
-            return Err(Error::Torch(format!(
-                "gathering the optimizer state: unexpected dtype {other}"
-            )))
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
 
     #[test]
     fn owners_are_contiguous_balanced_and_cover_every_rank() {

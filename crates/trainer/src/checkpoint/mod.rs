@@ -1,5 +1,6 @@
 //! Checkpoints: `checkpoints/step-NNNNNNNN/{model.safetensors, optimizer.safetensors, state.json}`
-//! (and `masks.safetensors` for a pruned model).
+//! (and `masks.safetensors` for a pruned model; a sharded run writes its optimizer state as one
+//! file per rank with an index instead, `optimizer_shards.rs`).
 //!
 //! A checkpoint is written into a temporary directory (`.tmp-step-NNNNNNNN-PID`) and renamed into
 //! place once every file is complete and synced, so a reader never sees half of one; `state.json`
@@ -18,6 +19,8 @@ use crate::optim::Optimizer;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
+
+pub mod optimizer_shards;
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -79,28 +82,51 @@ pub fn save(
     optimizer_state: Vec<(String, Tensor)>,
     keep: usize,
 ) -> Result<PathBuf> {
-    let final_dir = step_dir(run_dir, state.step);
+    let tmp = begin(run_dir, state.step, std::process::id())?;
+    crate::optim::write_state(optimizer_state, &tmp.join(OPTIMIZER_FILE))?;
+    sync_file(&tmp.join(OPTIMIZER_FILE))?;
+    finish(run_dir, &tmp, state, params, keep)
+}
+
+/// The temporary directory a checkpoint of `step` is written into by the process (rank 0's)
+/// `pid` before it is renamed into place.
+pub fn tmp_dir(run_dir: &Path, step: i64, pid: u32) -> PathBuf {
+    checkpoints_dir(run_dir).join(format!(".tmp-step-{step:08}-{pid}"))
+}
+
+/// Creates the temporary directory of a checkpoint (`tmp_dir`), after removing what an
+/// interrupted write left: the first part of `save` (the writer of the run directory only).
+pub fn begin(run_dir: &Path, step: i64, pid: u32) -> Result<PathBuf> {
     let parent = checkpoints_dir(run_dir);
     std::fs::create_dir_all(&parent).map_err(io_err(format!("creating {}", parent.display())))?;
     remove_leftovers(&parent);
-    let tmp = parent.join(format!(
-        ".tmp-step-{:08}-{}",
-        state.step,
-        std::process::id()
-    ));
+    let tmp = tmp_dir(run_dir, step, pid);
     std::fs::create_dir(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+    Ok(tmp)
+}
+
+/// The rest of `save` once the optimizer state is in `tmp` (one file, or every rank's with
+/// their index written here): the model, masks and state, the checksums, then the rename into
+/// place and the pruning of old checkpoints.
+pub fn finish(
+    run_dir: &Path,
+    tmp: &Path,
+    state: &TrainState,
+    params: &ParamStore,
+    keep: usize,
+) -> Result<PathBuf> {
+    let final_dir = step_dir(run_dir, state.step);
+    let parent = checkpoints_dir(run_dir);
     params.save(&tmp.join(MODEL_FILE))?;
-    crate::optim::write_state(optimizer_state, &tmp.join(OPTIMIZER_FILE))?;
     params.save_masks(&tmp.join(MASKS_FILE))?;
     if params.has_masks() {
         sync_file(&tmp.join(MASKS_FILE))?;
     }
+    optimizer_shards::write_index(tmp)?;
     let json = serde_json::to_string_pretty(state).unwrap_or_default();
     write_synced(&tmp.join(STATE_FILE), json.as_bytes())?;
-    for f in [MODEL_FILE, OPTIMIZER_FILE] {
-        sync_file(&tmp.join(f))?;
-    }
-    write_checksums(&tmp)?;
+    sync_file(&tmp.join(MODEL_FILE))?;
+    write_checksums(tmp)?;
     if final_dir.exists() {
         // A checkpoint of the same step exists (a run resumed from an older checkpoint and
         // reached this step again): it is replaced only now that the new one is complete.
@@ -111,10 +137,10 @@ pub fn save(
         ));
         std::fs::rename(&final_dir, &old)
             .map_err(io_err(format!("moving {}", final_dir.display())))?;
-        std::fs::rename(&tmp, &final_dir).map_err(io_err(format!("renaming {}", tmp.display())))?;
+        std::fs::rename(tmp, &final_dir).map_err(io_err(format!("renaming {}", tmp.display())))?;
         let _ = std::fs::remove_dir_all(&old);
     } else {
-        std::fs::rename(&tmp, &final_dir).map_err(io_err(format!("renaming {}", tmp.display())))?;
+        std::fs::rename(tmp, &final_dir).map_err(io_err(format!("renaming {}", tmp.display())))?;
     }
     sync_dir(&parent);
     prune(run_dir, keep)?;
@@ -288,10 +314,9 @@ pub fn load(
     let state = read_state(dir)?;
     params.load(&dir.join(MODEL_FILE))?;
     params.load_masks_if_present(&dir.join(MASKS_FILE))?;
-    match optimizer_part {
-        true => optimizer.load_share(&dir.join(OPTIMIZER_FILE))?,
-        false => optimizer.load(&dir.join(OPTIMIZER_FILE))?,
-    }
+    let wanted = optimizer_part.then(|| optimizer.state_names());
+    let (tensors, path) = optimizer_shards::read(dir, wanted.as_ref())?;
+    optimizer.load_named(tensors, &path)?;
     Ok(state)
 }
 

@@ -187,8 +187,9 @@ pub struct RunConfig {
     /// `"gradients"` (ZeRO stage 2, on whole tensors): as `"optimizer"`, and each parameter's
     /// gradient is reduced onto its owner only (while the backward pass goes on) and dropped by
     /// the other ranks; the gradient norm for clipping is gathered from the owners.
-    /// AdamW (32- or 8-bit states) and SGD; checkpoints are written whole, so they resume at any
-    /// world size and shard mode. One process: no effect.
+    /// AdamW (32- or 8-bit states) and SGD; each rank writes its share of the optimizer state
+    /// to a checkpoint file of its own (with an index), which resumes at any world size and in
+    /// any shard mode. One process: no effect.
     #[serde(default, skip_serializing_if = "Shard::is_none")]
     #[schemars(!skip_serializing_if)]
     pub shard: Shard,

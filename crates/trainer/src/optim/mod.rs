@@ -278,26 +278,22 @@ impl Optimizer {
 
     /// Loads state saved by `save`; names and shapes must match exactly.
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        self.load_from(path, false)
+        self.load_named(read_safetensors(path)?, path)
     }
 
-    /// `load` for a rank's share (`run.shard = "optimizer"`): the file may hold other ranks'
-    /// state too; only this optimizer's is taken, and all of it must be there.
-    pub fn load_share(&mut self, path: &Path) -> Result<()> {
-        self.load_from(path, true)
+    /// The names of this optimizer's state tensors (the step counter's too): what a rank of a
+    /// sharded run takes from a checkpoint (`run.shard`).
+    pub fn state_names(&self) -> std::collections::BTreeSet<String> {
+        self.state()
+            .state_tensors()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
     }
 
-    fn load_from(&mut self, path: &Path, part: bool) -> Result<()> {
-        let mut loaded = read_safetensors(path)?;
-        if part {
-            let wanted: std::collections::BTreeSet<String> = self
-                .state()
-                .state_tensors()
-                .into_iter()
-                .map(|(n, _)| n)
-                .collect();
-            loaded.retain(|(n, _)| wanted.contains(n));
-        }
+    /// Loads named state read from `path` (for errors): every tensor of this optimizer must be
+    /// there, with its shape, and nothing else.
+    pub fn load_named(&mut self, loaded: Vec<(String, Tensor)>, path: &Path) -> Result<()> {
         let step = loaded
             .iter()
             .find(|(n, _)| n == "step")

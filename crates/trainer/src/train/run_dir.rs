@@ -294,21 +294,55 @@ pub(crate) fn save_checkpoint(
     keep: i64,
     last: bool,
 ) -> Result<PathBuf> {
-    let optimizer_state = if sharded {
-        crate::shard::gather_to_main(dp, optimizer.state_tensors())?
+    let dir = if sharded {
+        save_sharded(dp, run_dir, state, params, optimizer, keep)?
+    } else if dp.world.is_main() {
+        checkpoint::save(
+            run_dir,
+            state,
+            params,
+            optimizer.state_tensors(),
+            keep as usize,
+        )?
     } else {
-        dp.world.is_main().then(|| optimizer.state_tensors())
-    };
-    let dir = match optimizer_state {
-        Some(optimizer_state) => {
-            checkpoint::save(run_dir, state, params, optimizer_state, keep as usize)?
-        }
-        None => checkpoint::step_dir(run_dir, state.step),
+        checkpoint::step_dir(run_dir, state.step)
     };
     if last {
         dp.barrier()?; // nothing for a single process
     }
     Ok(dir)
+}
+
+/// A sharded run's checkpoint: rank 0 prepares the temporary directory, every rank writes its
+/// own share of the optimizer state into it (no rank gathers the whole), then rank 0 adds the
+/// model, the index and the rest and renames it into place (`checkpoint::begin`/`finish`).
+fn save_sharded(
+    dp: &crate::dist::DataParallel,
+    run_dir: &Path,
+    state: &checkpoint::TrainState,
+    params: &crate::models::params::ParamStore,
+    optimizer: &crate::optim::Optimizer,
+    keep: i64,
+) -> Result<PathBuf> {
+    let (rank, world) = (dp.world.rank, dp.world.size);
+    // Rank 0's process id names the temporary directory on every rank.
+    let mut pid = [if dp.world.is_main() {
+        f64::from(std::process::id())
+    } else {
+        0.0
+    }];
+    dp.sum(&mut pid)?;
+    let tmp = checkpoint::tmp_dir(run_dir, state.step, pid[0] as u32);
+    if dp.world.is_main() {
+        checkpoint::begin(run_dir, state.step, pid[0] as u32)?;
+    }
+    dp.barrier()?;
+    checkpoint::optimizer_shards::write_share(&tmp, rank, world, optimizer.state_tensors())?;
+    dp.barrier()?;
+    match dp.world.is_main() {
+        true => checkpoint::finish(run_dir, &tmp, state, params, keep as usize),
+        false => Ok(checkpoint::step_dir(run_dir, state.step)),
+    }
 }
 
 pub fn peak_memory(device: Device) -> (Option<i64>, String) {
