@@ -133,6 +133,32 @@ fn a_stopped_sharded_run_resumes_bitwise_and_its_checkpoints_reshard() {
         &[shard, "train.max_steps=60", "train.checkpoint_every=30"],
     );
     let whole = curve(&whole);
+    // Written in the background (train.async_checkpoints): each rank's thread writes its share,
+    // rank 0's adds the rest once the others' are there; the same files byte for byte.
+    let in_background = launch(
+        w,
+        2,
+        "background",
+        &[
+            shard,
+            "train.max_steps=60",
+            "train.checkpoint_every=30",
+            "train.async_checkpoints=true",
+        ],
+    );
+    assert_eq!(curve(&in_background), whole);
+    for f in [
+        "model.safetensors",
+        "optimizer-rank00000-of-00002.safetensors",
+        "optimizer-rank00001-of-00002.safetensors",
+        "optimizer.index.json",
+    ] {
+        let read = |run: &str| std::fs::read(w.join(run).join("checkpoints/step-00000030").join(f));
+        assert!(
+            read("whole").expect("sync") == read("background").expect("async"),
+            "{f}"
+        );
+    }
 
     // SIGTERM to the launcher (forwarded to both ranks): a gathered checkpoint, exit 75, and
     // `--resume auto` continues with bitwise the uninterrupted losses.

@@ -85,7 +85,35 @@ pub fn save(
     let tmp = begin(run_dir, state.step, std::process::id())?;
     crate::optim::write_state(optimizer_state, &tmp.join(OPTIMIZER_FILE))?;
     sync_file(&tmp.join(OPTIMIZER_FILE))?;
-    finish(run_dir, &tmp, state, params, keep)
+    write_masks(&tmp, params)?;
+    finish(run_dir, &tmp, state, model_tensors(params, false), keep)
+}
+
+/// The model's tensors as a checkpoint writes them, on the host: views of those already there,
+/// or with `copy` copies that training can no longer change (an asynchronous save).
+pub fn model_tensors(params: &ParamStore, copy: bool) -> Vec<(String, Tensor)> {
+    params
+        .iter()
+        .map(|p| (p.name.clone(), host_tensor(&p.tensor, copy)))
+        .collect()
+}
+
+/// `t` on the host, detached: a view where it already is there unless `copy`.
+pub fn host_tensor(t: &Tensor, copy: bool) -> Tensor {
+    let t = t.detach();
+    match t.device() {
+        tch::Device::Cpu if copy => t.copy(),
+        _ => t.to_device(tch::Device::Cpu),
+    }
+}
+
+/// The pruning masks of `params` (if any) into the checkpoint being written at `tmp`, synced.
+pub fn write_masks(tmp: &Path, params: &ParamStore) -> Result<()> {
+    params.save_masks(&tmp.join(MASKS_FILE))?;
+    if params.has_masks() {
+        sync_file(&tmp.join(MASKS_FILE))?;
+    }
+    Ok(())
 }
 
 /// The temporary directory a checkpoint of `step` is written into by the process (rank 0's)
@@ -105,23 +133,24 @@ pub fn begin(run_dir: &Path, step: i64, pid: u32) -> Result<PathBuf> {
     Ok(tmp)
 }
 
-/// The rest of `save` once the optimizer state is in `tmp` (one file, or every rank's with
-/// their index written here): the model, masks and state, the checksums, then the rename into
-/// place and the pruning of old checkpoints.
+/// The rest of `save` once the optimizer state (one file, or every rank's, whose index is
+/// written here) and the masks are in `tmp`: the model (`model_tensors`) and the state, the
+/// checksums, then the rename into place and the pruning of old checkpoints.
 pub fn finish(
     run_dir: &Path,
     tmp: &Path,
     state: &TrainState,
-    params: &ParamStore,
+    model: Vec<(String, Tensor)>,
     keep: usize,
 ) -> Result<PathBuf> {
     let final_dir = step_dir(run_dir, state.step);
     let parent = checkpoints_dir(run_dir);
-    params.save(&tmp.join(MODEL_FILE))?;
-    params.save_masks(&tmp.join(MASKS_FILE))?;
-    if params.has_masks() {
-        sync_file(&tmp.join(MASKS_FILE))?;
-    }
+    let model_file = tmp.join(MODEL_FILE);
+    Tensor::write_safetensors(&model, &model_file).map_err(|e| Error::Checkpoint {
+        path: model_file.clone(),
+        msg: crate::error::first_line(&e.to_string()),
+    })?;
+    drop(model);
     optimizer_shards::write_index(tmp)?;
     let json = serde_json::to_string_pretty(state).unwrap_or_default();
     write_synced(&tmp.join(STATE_FILE), json.as_bytes())?;
@@ -320,7 +349,7 @@ pub fn load(
     Ok(state)
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut f =
         std::fs::File::create(path).map_err(io_err(format!("creating {}", path.display())))?;
@@ -330,7 +359,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
         .map_err(io_err(format!("syncing {}", path.display())))
 }
 
-fn sync_file(path: &Path) -> Result<()> {
+pub(crate) fn sync_file(path: &Path) -> Result<()> {
     let f = std::fs::File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
     f.sync_all()
         .map_err(io_err(format!("syncing {}", path.display())))

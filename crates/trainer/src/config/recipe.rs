@@ -291,6 +291,14 @@ pub struct TrainConfig {
     /// How many checkpoints to keep; older ones are deleted once a newer one is complete.
     #[serde(default = "default_keep")]
     pub keep_checkpoints: i64,
+    /// Write the periodic checkpoints (`checkpoint_every`) on a background thread from host
+    /// copies of the weights and optimizer state, while training goes on (costs host memory
+    /// for one checkpoint). At most one is in flight: the next checkpoint, a stop and the end
+    /// wait for it; the last checkpoint and one written on a signal are written at once. The
+    /// files are the same as without it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[schemars(!skip_serializing_if)]
+    pub async_checkpoints: bool,
     /// Positions whose logits exist at once in the language-model loss: the output projection
     /// and the cross-entropy run this many positions at a time, as one autograd function that
     /// forms their gradients as it goes, so a micro-batch's whole `[positions, vocab]` logits

@@ -141,6 +141,7 @@ pub fn run(
         optim: &recipe.optim,
         prune: recipe.prune.as_ref(),
         checkpoint_every: recipe.train.checkpoint_every,
+        async_checkpoints: false,
         keep_checkpoints: recipe.train.keep_checkpoints,
         resolved: config::to_toml(recipe),
     };

@@ -8,7 +8,8 @@
 //! and calls these plain functions around its own step. Nothing here knows the task's model,
 //! data or loss.
 
-use super::run_dir::{peak_memory, prepare_run_dir, resume_checkpoint, save_checkpoint, RunLock};
+use super::checkpoint_writer::CheckpointWriter;
+use super::run_dir::{peak_memory, prepare_run_dir, resume_checkpoint, RunLock};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{OptimConfig, Precision, PruneConfig, RunConfig};
 use crate::device;
@@ -182,6 +183,8 @@ pub struct Sections<'r> {
     /// `train.keep_checkpoints`.
     pub checkpoint_every: Option<i64>,
     pub keep_checkpoints: i64,
+    /// `train.async_checkpoints`: periodic checkpoints written on a background thread.
+    pub async_checkpoints: bool,
     /// The resolved recipe, written to the run directory as config.toml.
     pub resolved: String,
 }
@@ -205,10 +208,9 @@ pub struct Run<'a> {
     pub last_train_loss: Option<f64>,
     stop: &'a StopFlag,
     checkpoint_every: Option<i64>,
-    keep_checkpoints: i64,
-    /// `run.shard = "optimizer"` or `"gradients"` over several ranks: each holds a share of the
-    /// optimizer state.
-    shard_optimizer: bool,
+    /// Writes the checkpoints (each rank its share of the optimizer state with `run.shard`;
+    /// periodic ones in the background with `train.async_checkpoints`).
+    writer: CheckpointWriter,
     last_checkpoint: Option<PathBuf>,
     total_steps: i64,
     /// Tokens (or images) per optimizer step.
@@ -249,7 +251,13 @@ impl<'a> Run<'a> {
         } else {
             None
         };
-        let shard_optimizer = run.shard != crate::config::Shard::None && world.is_distributed();
+        let sharded = run.shard != crate::config::Shard::None && world.is_distributed();
+        let writer = CheckpointWriter::new(
+            sections.async_checkpoints,
+            sharded,
+            sections.keep_checkpoints.max(1) as usize,
+            Duration::from_secs_f64(run.collective_timeout_s),
+        );
         Ok(Run {
             world,
             device,
@@ -264,8 +272,7 @@ impl<'a> Run<'a> {
             last_train_loss: None,
             stop,
             checkpoint_every: sections.checkpoint_every,
-            keep_checkpoints: sections.keep_checkpoints,
-            shard_optimizer,
+            writer,
             last_checkpoint: None,
             total_steps: 0,
             per_step: 0,
@@ -374,14 +381,12 @@ impl<'a> Run<'a> {
         };
         if self.checkpoint_every.is_some_and(|c| state.step % c == 0) || done || stopping {
             state.train_seconds = self.clock.train_seconds();
-            let dir = save_checkpoint(
+            let dir = self.writer.save(
                 &self.dp,
                 &self.run_dir,
                 state,
                 params,
                 optimizer,
-                self.shard_optimizer,
-                self.keep_checkpoints,
                 done || stopping,
             )?;
             let line = format!("step {}: checkpoint {}", state.step, dir.display());

@@ -9,6 +9,7 @@
 //! The top of the library: it imports `config/` and everything below it; nothing imports it but
 //! `sweep/` and the CLI.
 
+pub mod checkpoint_writer;
 pub mod classify;
 pub mod evaluate;
 pub mod harness;

@@ -228,6 +228,7 @@ fn sections(recipe: &Recipe) -> Sections<'_> {
         optim: &recipe.optim,
         prune: recipe.prune.as_ref(),
         checkpoint_every: recipe.train.checkpoint_every,
+        async_checkpoints: recipe.train.async_checkpoints,
         keep_checkpoints: recipe.train.keep_checkpoints,
         resolved: config::to_toml(recipe),
     }
