@@ -9,13 +9,14 @@
 use crate::checkpoint;
 use crate::error::{one_line, Error, Result};
 use crate::models::hf;
-use crate::models::params::{copy_named, read_safetensors, ParamStore};
+use crate::models::mapped::{self, Stored};
+use crate::models::params::{copy_named, ParamStore};
 use crate::models::transformer::{Transformer, TransformerConfig};
 use crate::models::{ClassifierConfig, ModelConfig};
 use crate::peft::PeftConfig;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tch::{Device, Tensor};
+use tch::Device;
 
 /// The directory of `hf:PATH`: PATH itself when it holds a config.json, else, for a repository
 /// id `ORG/NAME`, its snapshot in the local Hugging Face hub cache, found the way transformers
@@ -175,13 +176,14 @@ impl ModelSource {
         }
     }
 
-    /// The raw tensors of the source, under our names.
-    pub fn read_tensors(&self, config: &TransformerConfig) -> Result<Vec<(String, Tensor)>> {
+    /// The raw tensors of the source, under our names, mapped (`models::mapped`): their data is
+    /// read when they are copied.
+    pub fn mapped_tensors(&self, config: &TransformerConfig) -> Result<Vec<(String, Stored)>> {
         match self {
-            ModelSource::Hf(dir) => hf::read_weights(dir, config),
+            ModelSource::Hf(dir) => hf::mapped_weights(dir, config),
             ModelSource::Checkpoint { dir, .. } => {
                 checkpoint::verify(dir, Some(&[checkpoint::MODEL_FILE]))?;
-                read_safetensors(&dir.join(checkpoint::MODEL_FILE))
+                mapped::open(&dir.join(checkpoint::MODEL_FILE))
             }
         }
     }
@@ -197,9 +199,9 @@ impl ModelSource {
         model: &Transformer,
     ) -> Result<()> {
         let path = PathBuf::from(self.describe());
-        let mut mlp: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut mlp: BTreeMap<String, Stored> = BTreeMap::new();
         let mut rest = Vec::new();
-        for (name, t) in self.read_tensors(dense_config)? {
+        for (name, t) in self.mapped_tensors(dense_config)? {
             if name.contains(".mlp.") {
                 mlp.insert(name, t);
             } else {
@@ -222,7 +224,9 @@ impl ModelSource {
                     msg: format!("missing tensor {key} (upcycling needs a dense Llama MLP)"),
                 })
             };
+            // One layer's dense MLP in memory at a time.
             let (gate, up, down) = (take("gate_proj")?, take("up_proj")?, take("down_proj")?);
+            let (gate, up, down) = (gate.to_tensor()?, up.to_tensor()?, down.to_tensor()?);
             layer.upcycle_from_dense(&gate, &up, &down, &path)?;
         }
         if let Some(extra) = mlp.keys().next() {
@@ -242,11 +246,11 @@ impl ModelSource {
     }
 }
 
-/// Loads a trainer checkpoint's `model.safetensors` into `params`, leaving out what
-/// distillation adds to a student's checkpoint (its hidden-state projections, `distill.*`),
-/// which is not part of the model.
+/// Loads a trainer checkpoint's `model.safetensors` into `params`, mapped and copied one tensor
+/// at a time, leaving out what distillation adds to a student's checkpoint (its hidden-state
+/// projections, `distill.*`), which is not part of the model.
 fn load_model_file(params: &mut ParamStore, path: &Path) -> Result<()> {
-    let tensors = read_safetensors(path)?
+    let tensors = mapped::open(path)?
         .into_iter()
         .filter(|(name, _)| !name.starts_with(checkpoint::DISTILL_PARAM_PREFIX))
         .collect();

@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod hf;
+pub mod mapped;
 pub mod moe;
 pub mod params;
 pub mod resnet;

@@ -45,7 +45,7 @@
 //! in token order); a dropped assignment contributes zero, the kept weights are not
 //! renormalised, and the residual connection around the layer carries the token on.
 
-use super::params::ParamStore;
+use super::params::{Join, ParamStore};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -450,8 +450,10 @@ pub fn load_balancing_loss(router_logits: &[&Tensor], n_experts: i64, top_k: i64
 /// `{fused}.gate.weight`, `{fused}.experts.gate_up_proj`, `{fused}.experts.down_proj`. For
 /// Mixtral, `legacy = model.layers.{i}.block_sparse_moe`, `fused = model.layers.{i}.mlp`.
 /// A missing key or inconsistent shape is an error naming it; `path` is the file, for messages.
-pub fn fuse_checkpoint_experts(
-    tensors: &mut BTreeMap<String, Tensor>,
+/// Tensors are joined at once; mapped ones (`mapped::Stored`) become a plan of copies, so that
+/// loading fills the fused parameters straight from the files.
+pub fn fuse_checkpoint_experts<T: Join>(
+    tensors: &mut BTreeMap<String, T>,
     legacy: &str,
     fused: &str,
     n_experts: i64,
@@ -487,11 +489,11 @@ pub fn fuse_checkpoint_experts(
                  [d_ff, d_model] and w2 = [d_model, d_ff], the same for every expert"
             )));
         }
-        gate_up.push(Tensor::f_cat(&[w1, w3], 0)?); // [2f, d]
+        gate_up.push(T::cat(vec![w1, w3])?); // [2f, d]
         down.push(w2); // [d, f]
     }
-    let fused_gate_up = Tensor::f_stack(&gate_up, 0)?; // [E, 2f, d]
-    let fused_down = Tensor::f_stack(&down, 0)?; // [E, d, f]
+    let fused_gate_up = T::stack(gate_up)?; // [E, 2f, d]
+    let fused_down = T::stack(down)?; // [E, d, f]
     tensors.insert(format!("{fused}.gate.weight"), router);
     tensors.insert(format!("{fused}.experts.gate_up_proj"), fused_gate_up);
     tensors.insert(format!("{fused}.experts.down_proj"), fused_down);

@@ -241,10 +241,11 @@ impl ParamStore {
         })
     }
 
-    /// Loads every parameter from a safetensors file. Every key must be present with the same
-    /// shape, and no extra keys may be present: a mismatch names the key and both shapes.
+    /// Loads every parameter from a safetensors file, mapped and copied one tensor at a time
+    /// (`mapped`). Every key must be present with the same shape, and no extra keys may be
+    /// present: a mismatch names the key and both shapes.
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let loaded = read_safetensors(path)?;
+        let loaded = super::mapped::open(path)?;
         copy_named(
             &mut self.params.iter().map(|p| (p.name.as_str(), &p.tensor)),
             loaded,
@@ -333,7 +334,9 @@ pub fn bytes_of(t: &Tensor) -> i64 {
     t.numel() as i64 * t.kind().elt_size_in_bytes() as i64
 }
 
-/// Reads a safetensors file; a missing, truncated or corrupt file is one clear error.
+/// Reads a whole safetensors file into memory; a missing, truncated or corrupt file is one clear
+/// error. For small files (optimizer state, masks, adapters); model weights go through
+/// `mapped::open`, which copies one tensor at a time.
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     if !path.is_file() {
         return Err(Error::Checkpoint {
@@ -405,14 +408,72 @@ pub fn safetensors_header(path: &Path) -> Result<Vec<StoredTensor>> {
     Ok(out)
 }
 
+/// A tensor to load into a parameter: one in memory, or one still in a mapped safetensors file
+/// (`mapped::Stored`), read only when it is copied.
+pub trait Source {
+    fn size(&self) -> Vec<i64>;
+    fn kind(&self) -> Kind;
+    /// Copies into `target`, of the same shape, converting the dtype (under `no_grad`).
+    fn copy_to(&self, target: &mut Tensor) -> Result<()>;
+}
+
+impl Source for Tensor {
+    fn size(&self) -> Vec<i64> {
+        Tensor::size(self)
+    }
+
+    fn kind(&self) -> Kind {
+        Tensor::kind(self)
+    }
+
+    fn copy_to(&self, target: &mut Tensor) -> Result<()> {
+        target.f_copy_(self)?;
+        Ok(())
+    }
+}
+
+/// Sources joined along dim 0 as `Tensor::cat` and `Tensor::stack` join tensors (fusing a
+/// checkpoint's per-expert weights, `moe::fuse_checkpoint_experts`): at once for tensors, as a
+/// plan of copies into slices of the target for mapped ones.
+pub trait Join: Source + Sized {
+    fn cat(parts: Vec<Self>) -> Result<Self>;
+    fn stack(parts: Vec<Self>) -> Result<Self>;
+}
+
+impl Join for Tensor {
+    fn cat(parts: Vec<Tensor>) -> Result<Tensor> {
+        Ok(Tensor::f_cat(&parts, 0)?)
+    }
+
+    fn stack(parts: Vec<Tensor>) -> Result<Tensor> {
+        Ok(Tensor::f_stack(&parts, 0)?)
+    }
+}
+
+/// Whether `kind` is a floating-point kind (`Tensor::is_floating_point` by kind alone).
+fn is_floating(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Half
+            | Kind::Float
+            | Kind::Double
+            | Kind::BFloat16
+            | Kind::Float8e5m2
+            | Kind::Float8e4m3fn
+            | Kind::Float8e5m2fnuz
+            | Kind::Float8e4m3fnuz
+    )
+}
+
 /// Copies `loaded` into `targets` by name, checking that the two sets of names and every shape
-/// agree.
-pub fn copy_named<'a>(
+/// agree before anything is copied; then copies one tensor at a time (for mapped sources, the
+/// only memory this takes is one tensor's dtype conversion at most).
+pub fn copy_named<'a, S: Source>(
     targets: &mut dyn Iterator<Item = (&'a str, &'a Tensor)>,
-    loaded: Vec<(String, Tensor)>,
+    loaded: Vec<(String, S)>,
     path: &Path,
 ) -> Result<()> {
-    let mut loaded: std::collections::BTreeMap<String, Tensor> = loaded.into_iter().collect();
+    let mut loaded: std::collections::BTreeMap<String, S> = loaded.into_iter().collect();
     let err = |msg: String| Error::Checkpoint {
         path: path.to_path_buf(),
         msg,
@@ -427,7 +488,7 @@ pub fn copy_named<'a>(
         };
         // Integer storage of a floating-point parameter would load as a silently different
         // model (integer buffers such as BatchNorm's `num_batches_tracked` stay integers).
-        if target.is_floating_point() && !src.is_floating_point() {
+        if target.is_floating_point() && !is_floating(src.kind()) {
             return Err(err(format!(
                 "tensor {name} is stored as {:?}; weights must be floating point",
                 src.kind()
@@ -448,7 +509,7 @@ pub fn copy_named<'a>(
     tch::no_grad(|| -> Result<()> {
         for (target, src) in pairs {
             let mut t = target.shallow_clone();
-            t.f_copy_(&src)?;
+            src.copy_to(&mut t)?;
         }
         Ok(())
     })

@@ -29,8 +29,9 @@ mod qwen2;
 mod qwen3;
 
 use super::config::{DecoderFamily, ModelConfig};
+use super::mapped::{self, Stored};
 use super::moe::{fuse_checkpoint_experts, split_checkpoint_experts};
-use super::params::{copy_named, read_safetensors, safetensors_header, ParamStore};
+use super::params::{copy_named, safetensors_header, ParamStore};
 use super::transformer::{Family, TransformerConfig};
 use crate::error::{io_err, Error, Result};
 use fields::Fields;
@@ -265,12 +266,13 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
 }
 
-/// Loads the weights of a Hugging Face directory into `params` (built from the same config).
+/// Loads the weights of a Hugging Face directory into `params` (built from the same config),
+/// copying each tensor straight from the mapped shards into its parameter (`mapped`).
 /// Keys that carry no state we keep are skipped: a tied `lm_head.weight`, GPT-2's causal-mask
 /// buffers (`attn.bias`, `attn.masked_bias`), rotary `inv_freq`. GPT-2 checkpoints saved from the
 /// base model (`wte.weight`, `h.0....`) get the `transformer.` prefix.
 pub fn load_weights(dir: &Path, config: &TransformerConfig, params: &ParamStore) -> Result<()> {
-    let tensors = read_weights(dir, config)?;
+    let tensors = mapped_weights(dir, config)?;
     copy_named(
         &mut params.iter().map(|p| (p.name.as_str(), &p.tensor)),
         tensors,
@@ -278,14 +280,15 @@ pub fn load_weights(dir: &Path, config: &TransformerConfig, params: &ParamStore)
     )
 }
 
-/// The tensors of a Hugging Face directory under our names (see `load_weights`).
-pub fn read_weights(dir: &Path, config: &TransformerConfig) -> Result<Vec<(String, Tensor)>> {
-    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+/// The tensors of a Hugging Face directory under our names (see `load_weights`), mapped: their
+/// data is read when they are copied.
+pub fn mapped_weights(dir: &Path, config: &TransformerConfig) -> Result<Vec<(String, Stored)>> {
+    let mut tensors: Vec<(String, Stored)> = Vec::new();
     for file in weight_files(dir)? {
-        tensors.extend(read_safetensors(&file)?);
+        tensors.extend(mapped::open(&file)?);
     }
     let gpt2_base = config.family == Family::Gpt2 && tensors.iter().any(|(k, _)| k == "wte.weight");
-    let tensors: Vec<(String, Tensor)> = tensors
+    let tensors: Vec<(String, Stored)> = tensors
         .into_iter()
         .map(|(k, t)| {
             if gpt2_base && !k.starts_with("lm_head.") {
@@ -303,7 +306,7 @@ pub fn read_weights(dir: &Path, config: &TransformerConfig) -> Result<Vec<(Strin
         return Ok(tensors);
     };
     // Mixtral on disk: per-expert `block_sparse_moe.experts.{e}.w{1,2,3}`; ours: fused experts.
-    let mut map: BTreeMap<String, Tensor> = tensors.into_iter().collect();
+    let mut map: BTreeMap<String, Stored> = tensors.into_iter().collect();
     for i in 0..config.n_layers {
         let legacy = format!("model.layers.{i}.block_sparse_moe");
         if map.contains_key(&format!("{legacy}.gate.weight")) {
