@@ -178,6 +178,45 @@ int te_clip_with_norms(at::Tensor **grads, int n, const float *norms, int m, dou
   }
 }
 
+// run.shard = "full": frees the memory of a parameter's storage while the tensor (its shape,
+// dtype, autograd identity and every handle on it) stays, as FSDP frees a gathered parameter.
+int te_storage_release(at::Tensor *t) {
+  try {
+    auto storage = t->storage();
+    storage.set_data_ptr_noswap(at::DataPtr(nullptr, t->device()));
+    storage.set_nbytes(0);
+    return 0;
+  } catch (const std::exception &e) {
+    set_error(e);
+    return -1;
+  }
+}
+
+// Gives a released storage memory again (uninitialised: the caller fills it); nothing when it
+// has its memory. Writes the bytes it now holds to *out_bytes.
+int te_storage_materialize(at::Tensor *t, int64_t *out_bytes) {
+  try {
+    auto storage = t->storage();
+    const size_t need = static_cast<size_t>(t->storage_offset() + t->numel()) * t->element_size();
+    if (storage.nbytes() < need) {
+      c10::Allocator *alloc = storage.allocator();
+      if (alloc == nullptr) alloc = c10::GetAllocator(t->device().type());
+      storage.set_data_ptr_noswap(alloc->allocate(need));
+      storage.set_nbytes(need);
+    }
+    *out_bytes = static_cast<int64_t>(storage.nbytes());
+    return 0;
+  } catch (const std::exception &e) {
+    set_error(e);
+    return -1;
+  }
+}
+
+// The bytes a tensor's storage holds now (0 once released).
+int64_t te_storage_bytes(at::Tensor *t) {
+  return t->has_storage() ? static_cast<int64_t>(t->storage().nbytes()) : 0;
+}
+
 // Drops the gradients of n tensors (torch's zero_grad(set_to_none=True)): the next backward
 // hands its fresh gradient over instead of adding into a zeroed buffer, and the memory is free
 // in between.

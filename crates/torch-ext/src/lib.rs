@@ -10,7 +10,7 @@ pub use grad_hooks::GradReadyHooks;
 pub mod linear_cross_entropy;
 pub use linear_cross_entropy::linear_cross_entropy;
 pub mod recompute;
-pub use recompute::{recompute, recompute_many};
+pub use recompute::{grad_mode_enabled, recompute, recompute_many};
 
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
@@ -48,6 +48,9 @@ extern "C" {
         out: *mut f64,
     ) -> c_int;
     fn te_grad_norms(grads: *const *mut c_void, n: c_int, out: *mut f32) -> c_int;
+    fn te_storage_release(t: *mut c_void) -> c_int;
+    fn te_storage_materialize(t: *mut c_void, out_bytes: *mut i64) -> c_int;
+    fn te_storage_bytes(t: *mut c_void) -> i64;
     fn te_clip_with_norms(
         grads: *const *mut c_void,
         n: c_int,
@@ -155,6 +158,33 @@ pub fn clip_grad_norm(grads: &[&Tensor], max_norm: Option<f64>) -> Result<f64, S
         return Err(last_error());
     }
     Ok(out)
+}
+
+/// Frees the memory of `t`'s storage; the tensor (shape, dtype, autograd identity, every
+/// handle on it) stays, and must not be read until `materialize_storage` (`run.shard = "full"`).
+pub fn release_storage(t: &Tensor) -> Result<(), String> {
+    // SAFETY: a live tensor handle.
+    if unsafe { te_storage_release(t.as_ptr() as *mut c_void) } != 0 {
+        return Err(last_error());
+    }
+    Ok(())
+}
+
+/// Gives a released storage uninitialised memory again (nothing when it has its memory);
+/// returns the bytes it holds.
+pub fn materialize_storage(t: &Tensor) -> Result<i64, String> {
+    let mut bytes = 0i64;
+    // SAFETY: a live tensor handle; `bytes` is a valid i64.
+    if unsafe { te_storage_materialize(t.as_ptr() as *mut c_void, &mut bytes) } != 0 {
+        return Err(last_error());
+    }
+    Ok(bytes)
+}
+
+/// The bytes `t`'s storage holds now (0 once released).
+pub fn storage_bytes(t: &Tensor) -> i64 {
+    // SAFETY: a live tensor handle.
+    unsafe { te_storage_bytes(t.as_ptr() as *mut c_void) }
 }
 
 /// The L2 norm of each of `grads` (float32), the per-tensor norms `clip_grad_norm` forms its
@@ -499,8 +529,32 @@ pub fn deterministic_enabled() -> bool {
 }
 
 #[cfg(test)]
-mod clip_tests {
+mod tests {
     use super::*;
+
+    /// A released parameter keeps its identity; materialised and filled it computes again, and
+    /// its gradient flows as before.
+    #[test]
+    fn a_released_storage_comes_back_under_the_same_tensor() {
+        let w = Tensor::from_slice(&[1.0f32, 2.0, 3.0]).set_requires_grad(true);
+        let view = w.shallow_clone();
+        assert_eq!(storage_bytes(&w), 12);
+        release_storage(&w).expect("release");
+        assert_eq!(storage_bytes(&view), 0);
+        assert_eq!(w.size(), vec![3]);
+        assert_eq!(materialize_storage(&view).expect("materialize"), 12);
+        tch::no_grad(|| {
+            let mut v = view.shallow_clone();
+            let _ = v.copy_(&Tensor::from_slice(&[4.0f32, 5.0, 6.0]));
+        });
+        let loss = (&w * &w).sum(tch::Kind::Float);
+        loss.backward();
+        assert_eq!(
+            Vec::<f32>::try_from(w.grad()).expect("grad"),
+            vec![8.0, 10.0, 12.0]
+        );
+        assert_eq!(materialize_storage(&w).expect("again"), 12);
+    }
 
     /// The norms of two halves of the gradients, put together, clip bitwise as the whole list
     /// does (what `run.shard = "gradients"` relies on).

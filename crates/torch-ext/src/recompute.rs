@@ -64,6 +64,13 @@ pub fn recompute(x: &Tensor, f: impl Fn(&Tensor) -> Tensor + 'static) -> Result<
     recompute_many(&[x], move |xs: &[Tensor]| f(&xs[0]))
 }
 
+/// Whether libtorch's grad mode is on in this thread (off inside a recomputed function's first
+/// run, on when the backward pass runs it again).
+pub fn grad_mode_enabled() -> bool {
+    // SAFETY: a plain query of libtorch's thread-local grad mode.
+    unsafe { te_grad_mode_enabled() != 0 }
+}
+
 /// `recompute` of a function of several tensors; the gradients of those that require one.
 pub fn recompute_many(
     xs: &[&Tensor],

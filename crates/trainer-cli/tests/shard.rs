@@ -120,6 +120,78 @@ fn sharded_runs_train_the_unsharded_curve() {
     }
 }
 
+fn held_param_bytes(w: &std::path::Path, out: &str) -> f64 {
+    num(&read_summary(&w.join(out)), "held_param_bytes")
+}
+
+/// `run.shard = "full"`: each block's weights live on their owner only and are gathered around
+/// each use; the curve is the unsharded one (with block recomputation, which "full" needs), rank
+/// 0 holds fewer weights, and its checkpoints (the model whole) continue in one process.
+#[test]
+fn full_sharding_trains_the_unsharded_curve_and_holds_a_share_of_the_blocks() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, RECIPE, &tiny_recipe("unused"));
+    let common = [
+        "train.max_steps=10",
+        "train.grad_accum=2",
+        "train.clip_grad_norm=0.5",
+        "run.bucket_mb=0.01",
+        "train.recompute=\"block\"",
+        "train.checkpoint_every=5",
+    ];
+    for (nproc, precision) in [(2, "fp32"), (4, "fp32"), (2, "bf16-mixed")] {
+        let p = format!("run.precision=\"{precision}\"");
+        let mut set = common.to_vec();
+        set.push(&p);
+        let plain_dir = format!("block-{nproc}-{precision}");
+        let plain = launch(w, nproc, &plain_dir, &set);
+        set.push("run.shard=\"full\"");
+        let full_dir = format!("full-{nproc}-{precision}");
+        let full = launch(w, nproc, &full_dir, &set);
+        let what = format!("full, {nproc} processes, {precision}");
+        assert_close(&curve(&full), &curve(&plain), 1e-5, &what);
+        let (whole, held) = (
+            held_param_bytes(w, &plain_dir),
+            held_param_bytes(w, &full_dir),
+        );
+        assert!(
+            held > 0.0 && held < 0.9 * whole,
+            "{what}: held {held} of {whole}"
+        );
+    }
+    // The checkpoint of step 5 (written with every block gathered) continues in one process.
+    let ckpt = w.join("full-2-fp32/checkpoints/step-00000005");
+    let ckpt = ckpt.to_str().expect("utf-8");
+    let mut args = vec!["run", RECIPE, "--set", "run.out_dir=one", "--resume", ckpt];
+    for s in &common {
+        args.extend(["--set", s]);
+    }
+    trainer(w, &args).assert_success();
+    let one = curve(&read_metrics(&w.join("one/metrics.jsonl")));
+    let two = curve(&read_metrics(&w.join("full-2-fp32/metrics.jsonl")));
+    let after_5: Curve = two.into_iter().filter(|r| r.1 > 5).collect();
+    assert_close(
+        &one,
+        &after_5,
+        1e-5,
+        "full checkpoint continued in one process",
+    );
+    // Without block recomputation: one line.
+    trainer(
+        w,
+        &[
+            "validate",
+            RECIPE,
+            "--set",
+            "run.shard=\"full\"",
+            "--set",
+            "train.recompute=\"none\"",
+        ],
+    )
+    .assert_one_error(&["run.shard", "recompute"]);
+}
+
 #[test]
 fn a_stopped_sharded_run_resumes_bitwise_and_its_checkpoints_reshard() {
     let work = workdir();

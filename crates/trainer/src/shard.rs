@@ -54,25 +54,14 @@ impl Owners {
                 (owner as usize, p.name.as_str(), &p.tensor)
             })
             .collect();
-        let mut groups: Vec<(usize, Vec<Tensor>)> = Vec::new();
-        for r in 0..world {
-            let theirs: Vec<&Tensor> = owned
-                .iter()
-                .filter(|(o, _, _)| *o == r)
-                .map(|(_, _, t)| *t)
-                .collect();
-            if theirs.is_empty() {
-                return Err(Error::Recipe(format!(
-                    "run.shard: {} trainable tensors cannot give each of {world} ranks a share \
-                     (rank {r} would own none); use fewer processes or run.shard = \"none\"",
-                    owned.len()
-                )));
-            }
-            for kind in kinds(&theirs) {
-                let part = theirs.iter().filter(|t| t.kind() == kind);
-                groups.push((r, part.map(|t| t.shallow_clone()).collect()));
-            }
+        if let Some(r) = (0..world).find(|r| owned.iter().all(|(o, _, _)| o != r)) {
+            return Err(Error::Recipe(format!(
+                "run.shard: {} trainable tensors cannot give each of {world} ranks a share \
+                 (rank {r} would own none); use fewer processes or run.shard = \"none\"",
+                owned.len()
+            )));
         }
+        let groups = groups_of(owned.iter().map(|(o, _, t)| (*o, *t)), world);
         let mine = owned
             .iter()
             .filter(|(o, _, _)| *o == rank)
@@ -154,6 +143,226 @@ impl Owners {
         tch::no_grad(|| torch_ext::clip_with_norms(&refs, &all, max_norm))
             .map_err(|e| Error::Torch(format!("clip_grad_norm: {e}")))
     }
+}
+
+/// `run.shard = "full"`: after `deal`, the owners broadcast only the parameters every rank keeps
+/// whole (outside the blocks); a block's weights are gathered from their owners when used.
+impl Owners {
+    pub fn broadcast_only(
+        &mut self,
+        keep_whole: &std::collections::HashSet<String>,
+        store: &ParamStore,
+    ) {
+        let world = self.owner.iter().max().map_or(1, |m| m + 1);
+        let kept = store
+            .trainable()
+            .zip(&self.owner)
+            .filter(|(p, _)| keep_whole.contains(&p.name))
+            .map(|(p, &o)| (o, &p.tensor));
+        self.groups = groups_of(kept, world);
+    }
+
+    /// The owning rank of the trainable parameter `name`.
+    pub fn owner_of(&self, store: &ParamStore, name: &str) -> Option<usize> {
+        store
+            .trainable()
+            .position(|p| p.name == name)
+            .map(|i| self.owner[i])
+    }
+}
+
+/// `run.shard = "full"` (ZeRO stage 3 / FSDP on whole tensors): each block's weights live whole
+/// on their owners only; the other ranks' copies have no memory (`torch_ext::release_storage`)
+/// until the block runs, when every rank gives them memory again and each owner broadcasts its
+/// tensors of the block (`gather`). Parameters outside the blocks (embedding, final norm, head)
+/// stay whole everywhere, as with `"gradients"`.
+pub struct BlockShards {
+    dp: DataParallel,
+    rank: usize,
+    /// Per block: (owner, that owner's tensors of one dtype) in registration order.
+    blocks: Vec<Vec<(usize, Vec<Tensor>)>>,
+    /// The blocks whose weights this rank holds whole now (besides its own).
+    live: std::cell::RefCell<std::collections::BTreeSet<usize>>,
+    /// Between `gather_all` and `release_all` every block is whole and the model's gathers and
+    /// releases do nothing (an evaluation, in which ranks may run different numbers of
+    /// batches, and a checkpoint's model file).
+    pinned: std::cell::Cell<bool>,
+    /// The first collective that failed inside the model's forward or backward pass.
+    error: std::cell::RefCell<Option<Error>>,
+}
+
+impl BlockShards {
+    /// The blocks of `store` (trainable parameters named `...layers.I...` or `...h.I...`),
+    /// `n_blocks` of them, each dealt as `owners` says; `dp` a handle on the run's group.
+    /// Every parameter outside the blocks is left whole. Does not release anything yet.
+    pub fn new(
+        dp: DataParallel,
+        store: &ParamStore,
+        owners: &Owners,
+        n_blocks: usize,
+    ) -> Result<BlockShards> {
+        let mut blocks: Vec<Vec<(usize, Vec<Tensor>)>> =
+            (0..n_blocks).map(|_| Vec::new()).collect();
+        for (p, &owner) in store.trainable().zip(&owners.owner) {
+            let Some(i) = block_of(&p.name) else { continue };
+            let Some(groups) = blocks.get_mut(i) else {
+                return Err(Error::Recipe(format!(
+                    "run.shard = \"full\": {} names block {i} of a model of {n_blocks}",
+                    p.name
+                )));
+            };
+            let kind = p.tensor.kind();
+            match groups
+                .iter_mut()
+                .find(|(o, t)| *o == owner && t[0].kind() == kind)
+            {
+                Some((_, t)) => t.push(p.tensor.shallow_clone()),
+                None => groups.push((owner, vec![p.tensor.shallow_clone()])),
+            }
+        }
+        if let Some(i) = blocks.iter().position(Vec::is_empty) {
+            return Err(Error::Recipe(format!(
+                "run.shard = \"full\": block {i} has no trainable parameters to shard"
+            )));
+        }
+        Ok(BlockShards {
+            rank: dp.world.rank,
+            dp,
+            blocks,
+            live: Default::default(),
+            pinned: Default::default(),
+            error: Default::default(),
+        })
+    }
+
+    /// The names of the trainable parameters outside the blocks (kept whole on every rank).
+    pub fn outside_blocks(store: &ParamStore) -> std::collections::HashSet<String> {
+        store
+            .trainable()
+            .filter(|p| block_of(&p.name).is_none())
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
+    /// Lets go of every block this rank does not own.
+    pub fn release_all(&self) -> Result<()> {
+        self.pinned.set(false);
+        for i in 0..self.blocks.len() {
+            self.release_block(i)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every block whole on every rank until `release_all` (an evaluation, a
+    /// checkpoint's model file); the model's own gathers and releases wait till then.
+    pub fn gather_all(&self) -> Result<()> {
+        for i in 0..self.blocks.len() {
+            self.gather_block(i)?;
+        }
+        self.pinned.set(true);
+        Ok(())
+    }
+
+    /// The first collective error met inside a forward or backward pass, if any.
+    pub fn take_error(&self) -> Result<()> {
+        match self.error.borrow_mut().take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn gather_block(&self, i: usize) -> Result<()> {
+        if !self.live.borrow_mut().insert(i) {
+            return Ok(());
+        }
+        for (owner, tensors) in &self.blocks[i] {
+            if *owner != self.rank {
+                for t in tensors {
+                    torch_ext::materialize_storage(t).map_err(Error::Torch)?;
+                }
+            }
+            self.dp
+                .broadcast_flat(tensors, *owner, "gathering a block's weights")?;
+        }
+        Ok(())
+    }
+
+    fn release_block(&self, i: usize) -> Result<()> {
+        self.live.borrow_mut().remove(&i);
+        for (owner, tensors) in &self.blocks[i] {
+            if *owner != self.rank {
+                for t in tensors {
+                    torch_ext::release_storage(t).map_err(Error::Torch)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the first error (later ones follow from it).
+    fn keep(&self, r: Result<()>) {
+        if let Err(e) = r {
+            self.error.borrow_mut().get_or_insert(e);
+        }
+    }
+}
+
+impl crate::models::transformer::BlockWeights for BlockShards {
+    fn gather(&self, block: usize) {
+        if self.pinned.get() {
+            return;
+        }
+        let others: Vec<usize> = self
+            .live
+            .borrow()
+            .iter()
+            .copied()
+            .filter(|&b| b != block)
+            .collect();
+        for b in others {
+            self.keep(self.release_block(b));
+        }
+        self.keep(self.gather_block(block));
+    }
+
+    fn release(&self, block: usize) {
+        if self.pinned.get() {
+            return;
+        }
+        self.keep(self.release_block(block));
+    }
+}
+
+/// The block a parameter belongs to: the number after a `layers` or `h` segment of its name
+/// (`model.layers.3.mlp.up_proj.weight`, `transformer.h.0.attn.c_attn.weight`).
+fn block_of(name: &str) -> Option<usize> {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts
+        .windows(2)
+        .find(|w| matches!(w[0], "layers" | "h"))
+        .and_then(|w| w[1].parse().ok())
+}
+
+/// Each owner's tensors of one dtype, in registration order: what it broadcasts (one flat
+/// buffer each).
+fn groups_of<'a>(
+    owned: impl Iterator<Item = (usize, &'a Tensor)>,
+    world: usize,
+) -> Vec<(usize, Vec<Tensor>)> {
+    let owned: Vec<(usize, &Tensor)> = owned.collect();
+    let mut groups = Vec::new();
+    for r in 0..world {
+        let theirs: Vec<&Tensor> = owned
+            .iter()
+            .filter(|(o, _)| *o == r)
+            .map(|(_, t)| *t)
+            .collect();
+        for kind in kinds(&theirs) {
+            let part = theirs.iter().filter(|t| t.kind() == kind);
+            groups.push((r, part.map(|t| t.shallow_clone()).collect()));
+        }
+    }
+    groups
 }
 
 /// The distinct dtypes of `tensors`, in order of first appearance.

@@ -186,7 +186,11 @@ pub struct RunConfig {
     /// which updates it and broadcasts the new values; the gradients are still averaged whole.
     /// `"gradients"` (ZeRO stage 2, on whole tensors): as `"optimizer"`, and each parameter's
     /// gradient is reduced onto its owner only (while the backward pass goes on) and dropped by
-    /// the other ranks; the gradient norm for clipping is gathered from the owners.
+    /// the other ranks; the gradient norm for clipping is gathered from the owners. `"full"`
+    /// (ZeRO stage 3 / FSDP, on whole tensors): as `"gradients"`, and each transformer block's
+    /// weights live on their owners only, broadcast to every rank just before the block runs
+    /// and freed after it (in the backward pass, once its gradients are formed); needs
+    /// `train.recompute = "block"`; the embedding, final norm and head stay whole everywhere.
     /// AdamW (32- or 8-bit states) and SGD; each rank writes its share of the optimizer state
     /// to a checkpoint file of its own (with an index), which resumes at any world size and in
     /// any shard mode. One process: no effect.
@@ -206,6 +210,9 @@ pub enum Shard {
     Optimizer,
     /// Its gradient too, reduced onto that rank only (ZeRO stage 2, whole tensors).
     Gradients,
+    /// And each block's weights, held whole by their owner only and gathered around each use
+    /// (ZeRO stage 3 / FSDP, whole tensors; needs `train.recompute = "block"`).
+    Full,
 }
 
 impl Shard {
@@ -219,6 +226,7 @@ impl Shard {
             Shard::None => "none",
             Shard::Optimizer => "optimizer",
             Shard::Gradients => "gradients",
+            Shard::Full => "full",
         }
     }
 }
@@ -506,7 +514,31 @@ impl Recipe {
             format!(
                 "\"{mode}\" cannot be combined with ReLoRA (its merges reset every parameter's state)"
             ),
-        )
+        )?;
+        if self.run.shard != Shard::Full {
+            return Ok(());
+        }
+        check(
+            self.train.recompute == Recompute::Block,
+            "run.shard",
+            "\"full\" needs train.recompute = \"block\" (each block's weights are gathered again \
+             for its recomputation in the backward pass)",
+        )?;
+        let unsupported = [
+            (self.peft.is_some(), "[peft] adapters"),
+            (
+                self.prune.is_some(),
+                "[prune] (its masks touch every weight)",
+            ),
+            (self.distill.is_some(), "[distill]"),
+        ];
+        match unsupported.iter().find(|(on, _)| *on) {
+            Some((_, what)) => Err(Invalid {
+                key: "run.shard".to_string(),
+                msg: format!("\"full\" cannot be combined with {what} yet"),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// `optim.layerwise`: each parameter is updated inside the backward pass, so nothing may

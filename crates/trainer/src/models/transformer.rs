@@ -529,6 +529,18 @@ pub struct Transformer {
     rope_local: Option<(Tensor, Tensor)>,
     /// `train.recompute`: what training recomputes in the backward pass (`set_recompute`).
     recompute: Recompute,
+    /// `run.shard = "full"`: the blocks' weights, gathered around each use (`set_block_weights`).
+    block_weights: Option<std::rc::Rc<dyn BlockWeights>>,
+}
+
+/// `run.shard = "full"` (`shard.rs`): each block's weights live whole on their owners only and
+/// are gathered onto every rank just before the block runs. `gather(i)` first lets go of any
+/// other block it holds, then makes block `i` whole; `release(i)` lets go of block `i` (after a
+/// forward pass that keeps no graph). Collective errors are kept by the implementation for the
+/// training loop to report; the memory is always there, so the model never reads a freed one.
+pub trait BlockWeights {
+    fn gather(&self, block: usize);
+    fn release(&self, block: usize);
 }
 
 impl Transformer {
@@ -647,6 +659,7 @@ impl Transformer {
             rope,
             rope_local,
             recompute: Recompute::None,
+            block_weights: None,
         })
     }
 
@@ -738,6 +751,7 @@ impl Transformer {
             rope: None,
             rope_local: None,
             recompute: Recompute::None,
+            block_weights: None,
         }
     }
 
@@ -802,6 +816,7 @@ impl Transformer {
             rope,
             rope_local: None,
             recompute: Recompute::None,
+            block_weights: None,
         }
     }
 
@@ -908,7 +923,13 @@ impl Transformer {
             x = if self.recompute == Recompute::Block && train {
                 self.recomputed_block(i, &x, &masks, (b, t))
             } else {
-                self.block_forward(i, x, &masks, (b, t), p_drop, train, &mut moe_layers)
+                // Training without recomputation is refused with sharded block weights: this
+                // is a forward pass whose graph is not kept (evaluation, generation).
+                let w = self.block_weights.as_ref();
+                w.inspect(|w| w.gather(i));
+                let y = self.block_forward(i, x, &masks, (b, t), p_drop, train, &mut moe_layers);
+                w.inspect(|w| w.release(i));
+                y
             };
             keep(i as i64 + 1, &x);
         }
@@ -973,10 +994,25 @@ impl Transformer {
             // again during the backward pass of its loss, both while the caller holds the model
             // (`Lm` owns it for the whole run), and it is not moved in between.
             let model = unsafe { &*model };
-            model.block_forward(i, x.shallow_clone(), &masks, bt, 0.0, true, &mut Vec::new())
+            // Sharded block weights: gathered for the run without a graph (forward) and let go
+            // after it; gathered again for the run in the backward pass, whose graph needs them
+            // until the block's gradients are formed (let go when the next block is gathered).
+            let weights = model.block_weights.as_ref();
+            weights.inspect(|w| w.gather(i));
+            let y =
+                model.block_forward(i, x.shallow_clone(), &masks, bt, 0.0, true, &mut Vec::new());
+            if !torch_ext::grad_mode_enabled() {
+                weights.inspect(|w| w.release(i));
+            }
+            y
         };
         torch_ext::recompute(x, block)
             .unwrap_or_else(|e| panic!("block {i}, recomputed in the backward pass: {e}"))
+    }
+
+    /// `run.shard = "full"`: the blocks' weights are gathered around each use (`BlockWeights`).
+    pub fn set_block_weights(&mut self, weights: std::rc::Rc<dyn BlockWeights>) {
+        self.block_weights = Some(weights);
     }
 
     /// `train.recompute`: `Block` (`recomputed_block`), `Selective` (`attention_core` and

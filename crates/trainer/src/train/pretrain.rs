@@ -20,6 +20,7 @@ use crate::data::sft::{SampleRows, SampleSet, SftSummary};
 use crate::data::source::{self, Span};
 use crate::data::SourceConfig;
 use crate::device;
+use crate::dist::DataParallel;
 use crate::dist::OverlappedGrads;
 use crate::distill::{LmDistiller, StepSums};
 use crate::error::{Error, Result};
@@ -36,7 +37,7 @@ use crate::peft::lora::Lora;
 use crate::peft::relora::Relora;
 use crate::prune::Pruner;
 use crate::schedule::Schedule;
-use crate::shard::Owners;
+use crate::shard::{BlockShards, Owners};
 use crate::signals::StopFlag;
 use serde::Serialize;
 use serde_json::json;
@@ -71,6 +72,10 @@ pub struct Summary {
     /// (with `run.shard = "gradients"`, about 1/world of `grad_bytes`; with layer-wise updates,
     /// none); 0 when this start took no step.
     pub held_grad_bytes: i64,
+    /// The bytes of weights this rank held when it took its last optimizer step, measured from
+    /// the tensors' storage (with `run.shard = "full"`, its own blocks' weights and those kept
+    /// whole; else all of them); 0 when this start took no step.
+    pub held_param_bytes: i64,
     #[serde(flatten)]
     pub footprint: harness::Footprint,
     pub model_tflops_per_s: f64,
@@ -156,6 +161,7 @@ pub fn run_from(
     if run.world.is_main() {
         keep_tokenizer_files(recipe, &run.run_dir)?;
     }
+    lm.shard_blocks(recipe, &run)?;
     lm.log_start(recipe, &run, total_steps);
     run.reset_peak_memory();
 
@@ -198,7 +204,16 @@ pub fn run_from(
         if state.step % recipe.train.log_every == 0 || done {
             log_step(recipe, &lm, &data, &mut run, &state, out.log, stage)?;
         }
-        if recipe.train.eval_every.is_some_and(|e| state.step % e == 0) || done {
+        let eval_due = recipe.train.eval_every.is_some_and(|e| state.step % e == 0) || done;
+        // run.shard = "full": every block whole on every rank for an evaluation (whose ranks
+        // may run different numbers of batches) and a checkpoint's model file.
+        let checkpoint_due = run.checkpoint_due(&state, done, out.stop_all);
+        let shards = lm
+            .block_shards
+            .clone()
+            .filter(|_| eval_due || checkpoint_due);
+        shards.as_ref().map(|b| b.gather_all()).transpose()?;
+        if eval_due {
             evals.run(&lm.model, recipe, &mut run, &mut state, stage)?;
         }
         let (params, optimizer) = (&lm.params, &lm.optimizer);
@@ -207,6 +222,7 @@ pub fn run_from(
         {
             return Ok(outcome);
         }
+        shards.as_ref().map(|b| b.release_all()).transpose()?;
     }
     run.progress.finish();
     let mixture = data.report();
@@ -280,6 +296,10 @@ struct Lm {
     owners: Option<Owners>,
     /// The bytes of gradients held at the last optimizer step (the summary's `held_grad_bytes`).
     held_grad_bytes: i64,
+    /// `run.shard = "full"`: the blocks' weights, gathered around each use (`shard.rs`).
+    block_shards: Option<std::rc::Rc<BlockShards>>,
+    /// The bytes of weights held at the last optimizer step (`held_param_bytes`).
+    held_param_bytes: i64,
 }
 
 /// One step's hyperparameters, set before the backward pass (layer-wise updates use them inside
@@ -379,7 +399,7 @@ fn training_need(recipe: &Recipe, cfg: &TransformerConfig, setup: &Setup) -> Mem
     let (grad_share, state_share) = match recipe.run.shard {
         Shard::None => (1, 1),
         Shard::Optimizer => (1, world),
-        Shard::Gradients => (world, world),
+        Shard::Gradients | Shard::Full => (world, world),
     };
     let gradients = if recipe.optim.layerwise() {
         0
@@ -446,7 +466,11 @@ impl Lm {
         if recipe.run.precision == Precision::Bf16 {
             params.set_kind(Kind::BFloat16);
         }
-        let owners = shard_owners(recipe, setup, &params)?;
+        let mut owners = shard_owners(recipe, setup, &params)?;
+        if let Some(o) = owners.as_mut().filter(|_| recipe.run.shard == Shard::Full) {
+            // Only the weights every rank keeps whole are broadcast after an update.
+            o.broadcast_only(&BlockShards::outside_blocks(&params), &params);
+        }
         let optimizer = match &owners {
             Some(o) => Optimizer::build_owned(&recipe.optim, &params, &|n| o.owns(n))?,
             None => Optimizer::build(&recipe.optim, &params)?,
@@ -464,6 +488,8 @@ impl Lm {
             pruner: None,
             owners,
             held_grad_bytes: 0,
+            block_shards: None,
+            held_param_bytes: 0,
         };
         Ok((lm, init))
     }
@@ -509,11 +535,37 @@ impl Lm {
         Ok(state)
     }
 
-    /// `run.shard = "gradients"` over several ranks: who owns which gradient.
+    /// `run.shard = "gradients"` or `"full"` over several ranks: who owns which gradient.
     fn sharded_gradients(&self, recipe: &Recipe) -> Option<&Owners> {
         self.owners
             .as_ref()
-            .filter(|_| recipe.run.shard == Shard::Gradients)
+            .filter(|_| matches!(recipe.run.shard, Shard::Gradients | Shard::Full))
+    }
+
+    /// `run.shard = "full"` over several ranks, once every rank holds rank 0's weights: each
+    /// block's weights are let go of by the ranks that do not own them, and the model gathers
+    /// them around each use.
+    fn shard_blocks(&mut self, recipe: &Recipe, run: &Run) -> Result<()> {
+        let Some(owners) = self
+            .owners
+            .as_ref()
+            .filter(|_| recipe.run.shard == Shard::Full)
+        else {
+            return Ok(());
+        };
+        let c = &recipe.run;
+        let dp = DataParallel::init(
+            run.world.clone(),
+            run.device,
+            Duration::from_secs_f64(c.collective_timeout_s),
+            ((c.bucket_mb * (1 << 20) as f64) as i64).max(1),
+        )?;
+        let blocks = self.cfg.n_layers.max(0) as usize;
+        let shards = std::rc::Rc::new(BlockShards::new(dp, &self.params, owners, blocks)?);
+        shards.release_all()?;
+        self.model.set_block_weights(shards.clone());
+        self.block_shards = Some(shards);
+        Ok(())
     }
 
     /// The owning rank of each trainable parameter when gradients are reduced onto their
@@ -600,6 +652,11 @@ impl Lm {
         step: i64,
     ) -> Result<StepOut> {
         let sums = self.backward(recipe, run, batches, overlap, hyper.lr)?;
+        if let Some(b) = &self.block_shards {
+            // A gather that failed inside the passes, and the block the backward pass ended on.
+            b.take_error()?;
+            b.release_all()?;
+        }
         // Several ranks: average the gradients, sum the loss and agree on stopping (a signal to
         // any rank stops all of them after this step, with one checkpoint).
         let (mut global_loss_sum, mut global_unweighted_sum, mut stop_all) = (None, None, false);
@@ -634,6 +691,11 @@ impl Lm {
             "lower optim.lr or set train.clip_grad_norm",
         )?;
         self.held_grad_bytes = held_grad_bytes(&self.params);
+        self.held_param_bytes = self
+            .params
+            .iter()
+            .map(|p| torch_ext::storage_bytes(&p.tensor))
+            .sum();
         if self.layerwise.is_none() {
             self.optimizer.step(hyper.lr)?;
         }
@@ -844,6 +906,7 @@ impl Lm {
             sizes: harness::Sizes::of(&self.params),
             grad_bytes: grad_bytes(&self.params),
             held_grad_bytes: self.held_grad_bytes,
+            held_param_bytes: self.held_param_bytes,
             footprint,
             model_tflops_per_s: tflops,
             mfu: recipe.run.peak_tflops.map(|p| tflops / p),
