@@ -207,9 +207,22 @@ fn adapters_have_peft_names_shapes_and_init_and_start_from_the_base_model() {
             ],
         ),
     ] {
-        let (base, _, _) = build(&cfg, None);
+        let (base, base_store, _) = build(&cfg, None);
         let p = peft(PeftKind::Lora, &target);
         let (model, store, lora) = build(&cfg, Some(&p));
+        // The base weights copied over: other tests draw from torch's global generator on
+        // parallel threads, so the same seed alone need not give the same weights.
+        let copied = tch::no_grad(|| {
+            let mut n = 0;
+            for bp in base_store.iter() {
+                if let Some(t) = store.get(&bp.name) {
+                    t.shallow_clone().copy_(&bp.tensor);
+                    n += 1;
+                }
+            }
+            n
+        });
+        assert_eq!(copied, base_store.iter().count(), "every base weight by name");
         let lora = lora.expect("lora");
         for (module, fan_in, fan_out) in expect {
             assert!(
