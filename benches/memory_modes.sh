@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Per-rank memory of the memory-saving modes, measured (issue 15's table): the same model
 # (benches/configs/cpu_llama.toml unless RECIPE says otherwise) trained a few steps with
-# run.shard none/optimizer/gradients at 1, 2 and 4 processes, and train.recompute none/selective/block with the
+# run.shard none/optimizer/gradients at 1, 2 and 4 processes, full (with block recomputation, next
+# to none with block recomputation) at 2 and 4, and train.recompute none/selective/block with the
 # chunked or whole loss in one process. Prints rank 0's parameter, gradient and optimizer-state
 # bytes (summary.json, counted from the tensors; the gradients as held at the last update) and its peak memory (CPU: peak resident set;
 # CUDA: the allocator's peak), with tokens/s, as a Markdown table; rows in $WORK/rows.jsonl.
@@ -35,7 +36,9 @@ CASES=()
 for n in $NPROCS; do
   CASES+=("shard none|$n|run.shard=\"none\"")
   [[ "$n" != 1 ]] && CASES+=("shard optimizer|$n|run.shard=\"optimizer\""
-                            "shard gradients|$n|run.shard=\"gradients\"")
+                            "shard gradients|$n|run.shard=\"gradients\""
+                            "shard none, recompute block|$n|run.shard=\"none\" train.recompute=\"block\""
+                            "shard full, recompute block|$n|run.shard=\"full\" train.recompute=\"block\"")
 done
 CASES+=("recompute none, loss chunk 0|1|train.recompute=\"none\" train.loss_chunk_tokens=0"
         "recompute none, loss chunk 4096|1|train.recompute=\"none\""
@@ -58,7 +61,7 @@ for case in "${CASES[@]}"; do
   "$PY" - "$dir/summary.json" "$label" "$nproc" >> "$ROWS" <<'PYEOF'
 import json, sys
 s = json.load(open(sys.argv[1]))
-keep = ["params", "param_bytes", "held_grad_bytes", "optimizer_state_bytes", "peak_memory_bytes",
+keep = ["params", "param_bytes", "held_param_bytes", "held_grad_bytes", "optimizer_state_bytes", "peak_memory_bytes",
         "peak_memory_kind", "tokens_per_s", "final_train_loss"]
 print(json.dumps({"case": sys.argv[2], "nproc": int(sys.argv[3]), **{k: s.get(k) for k in keep}}))
 PYEOF
@@ -67,11 +70,11 @@ done
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 mib = lambda b: "-" if b is None else f"{b / 2**20:.1f} MiB"
-print("| case | processes | params | grads held at the update | optimizer state | grad + optimizer bytes/param | peak memory (rank 0) | tokens/s | final loss |")
+print("| case | processes | params held at the update | grads held at the update | optimizer state | bytes/param (params + grads + optimizer) | peak memory (rank 0) | tokens/s | final loss |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for r in rows:
-    per = (r["held_grad_bytes"] + r["optimizer_state_bytes"]) / r["params"]
-    print(f"| {r['case']} | {r['nproc']} | {mib(r['param_bytes'])} | {mib(r['held_grad_bytes'])} | "
+    per = (r["held_param_bytes"] + r["held_grad_bytes"] + r["optimizer_state_bytes"]) / r["params"]
+    print(f"| {r['case']} | {r['nproc']} | {mib(r['held_param_bytes'])} | {mib(r['held_grad_bytes'])} | "
           f"{mib(r['optimizer_state_bytes'])} | {per:.2f} | {mib(r['peak_memory_bytes'])} ({r['peak_memory_kind']}) | "
           f"{r['tokens_per_s']:,.0f} | {r['final_train_loss']:.6f} |")
 PYEOF
