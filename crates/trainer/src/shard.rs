@@ -183,10 +183,6 @@ pub struct BlockShards {
     blocks: Vec<Vec<(usize, Vec<Tensor>)>>,
     /// The blocks whose weights this rank holds whole now (besides its own).
     live: std::cell::RefCell<std::collections::BTreeSet<usize>>,
-    /// Between `gather_all` and `release_all` every block is whole and the model's gathers and
-    /// releases do nothing (an evaluation, in which ranks may run different numbers of
-    /// batches, and a checkpoint's model file).
-    pinned: std::cell::Cell<bool>,
     /// The first collective that failed inside the model's forward or backward pass.
     error: std::cell::RefCell<Option<Error>>,
 }
@@ -230,7 +226,6 @@ impl BlockShards {
             dp,
             blocks,
             live: Default::default(),
-            pinned: Default::default(),
             error: Default::default(),
         })
     }
@@ -246,21 +241,38 @@ impl BlockShards {
 
     /// Lets go of every block this rank does not own.
     pub fn release_all(&self) -> Result<()> {
-        self.pinned.set(false);
         for i in 0..self.blocks.len() {
             self.release_block(i)?;
         }
         Ok(())
     }
 
-    /// Makes every block whole on every rank until `release_all` (an evaluation, a
-    /// checkpoint's model file); the model's own gathers and releases wait till then.
-    pub fn gather_all(&self) -> Result<()> {
-        for i in 0..self.blocks.len() {
-            self.gather_block(i)?;
+    /// Every tensor of `store` as a host copy on rank 0, in order (nothing on the other
+    /// ranks), for a checkpoint's model file: the blocks gathered one at a time (every rank
+    /// takes part), so that no rank holds every block at once.
+    pub fn model_on_main(&self, store: &ParamStore) -> Result<Vec<(String, Tensor)>> {
+        let main = self.rank == 0;
+        let mut out = Vec::new();
+        let mut current: Option<usize> = None;
+        for p in store.iter() {
+            let block = block_of(&p.name).filter(|_| p.trainable);
+            if block.is_some() && block != current {
+                if let Some(done) = current {
+                    self.release_block(done)?;
+                }
+                if let Some(i) = block {
+                    self.gather_block(i)?;
+                }
+                current = block;
+            }
+            if main {
+                out.push((p.name.clone(), crate::checkpoint::host_tensor(&p.tensor, true)));
+            }
         }
-        self.pinned.set(true);
-        Ok(())
+        if let Some(done) = current {
+            self.release_block(done)?;
+        }
+        Ok(out)
     }
 
     /// The first collective error met inside a forward or backward pass, if any.
@@ -309,9 +321,6 @@ impl BlockShards {
 
 impl crate::models::transformer::BlockWeights for BlockShards {
     fn gather(&self, block: usize) {
-        if self.pinned.get() {
-            return;
-        }
         let others: Vec<usize> = self
             .live
             .borrow()
@@ -326,9 +335,6 @@ impl crate::models::transformer::BlockWeights for BlockShards {
     }
 
     fn release(&self, block: usize) {
-        if self.pinned.get() {
-            return;
-        }
         self.keep(self.release_block(block));
     }
 }

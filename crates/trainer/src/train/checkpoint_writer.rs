@@ -32,7 +32,15 @@ pub struct CheckpointWriter {
     timeout: Duration,
     /// The checkpoint being written in the background.
     pending: Option<JoinHandle<Result<()>>>,
+    /// Where the model file's tensors come from when the weights are not whole on rank 0
+    /// (`run.shard = "full"`: gathered a block at a time, every rank taking part); else
+    /// `checkpoint::model_tensors`.
+    model_source: Option<ModelSource>,
 }
+
+/// The model's tensors as host copies on rank 0 (nothing on the other ranks); called on every
+/// rank.
+pub type ModelSource = Box<dyn Fn(&ParamStore) -> Result<Vec<(String, Tensor)>>>;
 
 /// What one checkpoint writes besides the masks, on the host.
 struct Contents {
@@ -53,7 +61,13 @@ impl CheckpointWriter {
             keep,
             timeout,
             pending: None,
+            model_source: None,
         }
+    }
+
+    /// `run.shard = "full"`: the model file's tensors come from `source` (see `ModelSource`).
+    pub fn set_model_source(&mut self, source: ModelSource) {
+        self.model_source = Some(source);
     }
 
     /// Writes the checkpoint of `state` and returns its directory: complete on return when
@@ -83,11 +97,16 @@ impl CheckpointWriter {
         if main {
             checkpoint::write_masks(&tmp, params)?;
         }
+        let model = match &self.model_source {
+            Some(source) => Some(source(params)?),
+            None => None,
+        };
         let contents = Contents {
             run_dir: run_dir.to_path_buf(),
             tmp,
             state: state.clone(),
-            model: main.then(|| checkpoint::model_tensors(params, background)),
+            model: main
+                .then(|| model.unwrap_or_else(|| checkpoint::model_tensors(params, background))),
             optimizer: optimizer
                 .state_tensors()
                 .into_iter()

@@ -279,6 +279,12 @@ impl<'a> Run<'a> {
         })
     }
 
+    /// `run.shard = "full"`: where the checkpoints' model file comes from
+    /// (`CheckpointWriter::set_model_source`).
+    pub fn set_model_source(&mut self, source: super::checkpoint_writer::ModelSource) {
+        self.writer.set_model_source(source);
+    }
+
     /// Peak memory counts from here (CUDA; the CPU's peak resident set cannot be reset).
     pub fn reset_peak_memory(&self) {
         if let Device::Cuda(i) = self.device {

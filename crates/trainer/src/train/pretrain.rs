@@ -161,7 +161,7 @@ pub fn run_from(
     if run.world.is_main() {
         keep_tokenizer_files(recipe, &run.run_dir)?;
     }
-    lm.shard_blocks(recipe, &run)?;
+    lm.shard_blocks(recipe, &mut run)?;
     lm.log_start(recipe, &run, total_steps);
     run.reset_peak_memory();
 
@@ -204,16 +204,7 @@ pub fn run_from(
         if state.step % recipe.train.log_every == 0 || done {
             log_step(recipe, &lm, &data, &mut run, &state, out.log, stage)?;
         }
-        let eval_due = recipe.train.eval_every.is_some_and(|e| state.step % e == 0) || done;
-        // run.shard = "full": every block whole on every rank for an evaluation (whose ranks
-        // may run different numbers of batches) and a checkpoint's model file.
-        let checkpoint_due = run.checkpoint_due(&state, done, out.stop_all);
-        let shards = lm
-            .block_shards
-            .clone()
-            .filter(|_| eval_due || checkpoint_due);
-        shards.as_ref().map(|b| b.gather_all()).transpose()?;
-        if eval_due {
+        if recipe.train.eval_every.is_some_and(|e| state.step % e == 0) || done {
             evals.run(&lm.model, recipe, &mut run, &mut state, stage)?;
         }
         let (params, optimizer) = (&lm.params, &lm.optimizer);
@@ -222,7 +213,6 @@ pub fn run_from(
         {
             return Ok(outcome);
         }
-        shards.as_ref().map(|b| b.release_all()).transpose()?;
     }
     run.progress.finish();
     let mixture = data.report();
@@ -545,7 +535,7 @@ impl Lm {
     /// `run.shard = "full"` over several ranks, once every rank holds rank 0's weights: each
     /// block's weights are let go of by the ranks that do not own them, and the model gathers
     /// them around each use.
-    fn shard_blocks(&mut self, recipe: &Recipe, run: &Run) -> Result<()> {
+    fn shard_blocks(&mut self, recipe: &Recipe, run: &mut Run) -> Result<()> {
         let Some(owners) = self
             .owners
             .as_ref()
@@ -564,6 +554,8 @@ impl Lm {
         let shards = std::rc::Rc::new(BlockShards::new(dp, &self.params, owners, blocks)?);
         shards.release_all()?;
         self.model.set_block_weights(shards.clone());
+        let source = shards.clone();
+        run.set_model_source(Box::new(move |store| source.model_on_main(store)));
         self.block_shards = Some(shards);
         Ok(())
     }
@@ -1739,7 +1731,9 @@ pub(crate) fn evaluate(
 /// The sum of the mean losses of this rank's validation batches: batch `i` of the
 /// `recipe.train.eval_batches` fixed batches of `span` when `i % world == rank`. Summed over the
 /// ranks and divided by the number of batches, it is the validation loss, and each of N
-/// processes evaluates 1/N of the batches.
+/// processes evaluates 1/N of the batches. With sharded block weights (`run.shard = "full"`,
+/// whose forward pass gathers them from every rank) every rank runs the same number of forward
+/// passes: a rank left without a batch in the last round runs one again, uncounted.
 fn evaluate_part(
     model: &Transformer,
     span: &ValidData,
@@ -1751,10 +1745,16 @@ fn evaluate_part(
 ) -> Result<f64> {
     let n = recipe.train.eval_batches as usize;
     let bs = recipe.train.batch_size as usize;
+    let rounds = match recipe.run.shard == Shard::Full && world > 1 {
+        true => n.div_ceil(world),
+        false => (n + world - 1 - rank.min(n)) / world, // batches rank, rank + world, ... < n
+    };
     tch::no_grad(|| {
         let mut total = 0.0;
-        for i in (rank..n).step_by(world) {
-            let b = span.batch(recipe.data.seq_len as usize, bs, n, i);
+        for round in 0..rounds {
+            let i = round * world + rank;
+            let counted = i < n;
+            let b = span.batch(recipe.data.seq_len as usize, bs, n, if counted { i } else { 0 });
             let packing = packing_of(&b, &|t: &Tensor| t.shallow_clone(), device);
             let (loss, _) = forward_loss(
                 model,
@@ -1766,7 +1766,9 @@ fn evaluate_part(
                 precision,
                 recipe.train.loss_chunk_tokens,
             )?;
-            total += loss.double_value(&[]);
+            if counted {
+                total += loss.double_value(&[]);
+            }
         }
         Ok(total)
     })
