@@ -266,7 +266,10 @@ impl BlockShards {
                 current = block;
             }
             if main {
-                out.push((p.name.clone(), crate::checkpoint::host_tensor(&p.tensor, true)));
+                out.push((
+                    p.name.clone(),
+                    crate::checkpoint::host_tensor(&p.tensor, true),
+                ));
             }
         }
         if let Some(done) = current {

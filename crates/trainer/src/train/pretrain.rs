@@ -1754,7 +1754,12 @@ fn evaluate_part(
         for round in 0..rounds {
             let i = round * world + rank;
             let counted = i < n;
-            let b = span.batch(recipe.data.seq_len as usize, bs, n, if counted { i } else { 0 });
+            let b = span.batch(
+                recipe.data.seq_len as usize,
+                bs,
+                n,
+                if counted { i } else { 0 },
+            );
             let packing = packing_of(&b, &|t: &Tensor| t.shallow_clone(), device);
             let (loss, _) = forward_loss(
                 model,

@@ -222,7 +222,11 @@ fn adapters_have_peft_names_shapes_and_init_and_start_from_the_base_model() {
             }
             n
         });
-        assert_eq!(copied, base_store.iter().count(), "every base weight by name");
+        assert_eq!(
+            copied,
+            base_store.iter().count(),
+            "every base weight by name"
+        );
         let lora = lora.expect("lora");
         for (module, fan_in, fan_out) in expect {
             assert!(
