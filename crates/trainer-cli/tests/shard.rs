@@ -51,20 +51,24 @@ fn assert_close(got: &Curve, want: &Curve, rel: f64, what: &str) {
     }
 }
 
+/// What every shard mode is compared at: processes and precision, 10 steps with gradient
+/// accumulation, clipping and several gradient buckets per step.
+const MATRIX: [(usize, &str); 3] = [(2, "fp32"), (4, "fp32"), (2, "bf16-mixed")];
+const COMMON: [&str; 4] = [
+    "train.max_steps=10",
+    "train.grad_accum=2",
+    "train.clip_grad_norm=0.5",
+    "run.bucket_mb=0.01",
+];
+
 #[test]
 fn sharded_runs_train_the_unsharded_curve() {
     let work = workdir();
     let w = work.path();
     write_recipe(w, RECIPE, &tiny_recipe("unused"));
-    let common = [
-        "train.max_steps=10",
-        "train.grad_accum=2",
-        "train.clip_grad_norm=0.5",
-        "run.bucket_mb=0.01",
-    ];
-    for (nproc, precision) in [(2, "fp32"), (4, "fp32"), (2, "bf16-mixed")] {
+    for (nproc, precision) in MATRIX {
         let p = format!("run.precision=\"{precision}\"");
-        let mut set = common.to_vec();
+        let mut set = COMMON.to_vec();
         set.push(&p);
         let plain = launch(w, nproc, &format!("none-{nproc}-{precision}"), &set);
         let mut with = set.clone();
@@ -132,17 +136,11 @@ fn full_sharding_trains_the_unsharded_curve_and_holds_a_share_of_the_blocks() {
     let work = workdir();
     let w = work.path();
     write_recipe(w, RECIPE, &tiny_recipe("unused"));
-    let common = [
-        "train.max_steps=10",
-        "train.grad_accum=2",
-        "train.clip_grad_norm=0.5",
-        "run.bucket_mb=0.01",
-        "train.recompute=\"block\"",
-        "train.checkpoint_every=5",
-    ];
-    for (nproc, precision) in [(2, "fp32"), (4, "fp32"), (2, "bf16-mixed")] {
+    let mut common = COMMON.to_vec();
+    common.extend(["train.recompute=\"block\"", "train.checkpoint_every=5"]);
+    for (nproc, precision) in MATRIX {
         let p = format!("run.precision=\"{precision}\"");
-        let mut set = common.to_vec();
+        let mut set = common.clone();
         set.push(&p);
         let plain_dir = format!("block-{nproc}-{precision}");
         let plain = launch(w, nproc, &plain_dir, &set);
