@@ -9,9 +9,11 @@
 #   2. the GPT-2-small-sized Llama of benches/gpu_llama.toml, bf16-mixed, 30 steps each:
 #      train.loss_chunk_tokens 0 (whole logits) / 4096 (default) / 1024, and train.recompute
 #      "block" with the default chunk: tokens/s, the allocator's peak memory and the final loss;
-#   3. `trainer launch --nproc 1` through NCCL with run.shard = "optimizer" against the plain
-#      single process (deterministic = true on both): the same metrics expected (a group of one
-#      owns everything; this checks the NCCL broadcast and gather paths run on CUDA).
+#   3. `trainer launch --nproc 1` through NCCL with run.shard = "optimizer", "gradients" and
+#      "full" (with block recomputation) against the plain single process (deterministic = true on
+#      all): the same metrics expected (a group of one owns everything; this checks that the NCCL
+#      broadcast, reduce, clipping and per-rank checkpoint paths run on CUDA). One GPU cannot
+#      show the memory "full" saves: NCCL needs a GPU per rank.
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"
@@ -50,17 +52,28 @@ for case in "chunk0|train.loss_chunk_tokens=0" "chunk4096|train.loss_chunk_token
     summary "$name" "runs/$name"
 done
 
-echo "== 3. run.shard = \"optimizer\" through NCCL (one rank) against one plain process"
-small=(--set train.max_steps=20 --set run.deterministic=true --set train.eval_every=10)
-"$BIN" run "$HERE/gpu_llama.toml" "${common[@]}" "${small[@]}" --set run.out_dir=runs/plain \
-    > "$OUT/plain.log" 2>&1 || { echo "plain failed"; tail -5 "$OUT/plain.log"; }
-"$BIN" launch --nproc 1 "$HERE/gpu_llama.toml" "${common[@]}" "${small[@]}" --set run.out_dir=runs/shard1 \
-    --set 'run.shard="optimizer"' > "$OUT/shard1.log" 2>&1 || { echo "shard1 failed"; tail -5 "$OUT/shard1.log"; }
-"$PY" - runs/plain/metrics.jsonl runs/shard1/metrics.jsonl <<'PY' 2>&1 | tee "$OUT/shard-nccl.txt"
+echo "== 3. run.shard through NCCL (one rank) against one plain process"
+small=(--set train.max_steps=20 --set run.deterministic=true --set train.eval_every=10 --set train.checkpoint_every=10)
+compare() { # plain-dir sharded-dir name
+"$PY" - "$1/metrics.jsonl" "$2/metrics.jsonl" "$3" <<'PY' 2>&1 | tee -a "$OUT/shard-nccl.txt"
 import json, sys
 def curve(p):
     return [(r.get("split"), r["step"], r["loss"]) for r in map(json.loads, open(p)) if "loss" in r]
 a, b = curve(sys.argv[1]), curve(sys.argv[2])
 worst = max((abs(x[2] - y[2]) / abs(x[2]) for x, y in zip(a, b)), default=float("nan"))
-print(f"rows {len(a)} vs {len(b)}; bitwise equal: {a == b}; max relative difference {worst:.3e}")
+print(f"{sys.argv[3]}: rows {len(a)} vs {len(b)}; bitwise equal: {a == b}; max relative difference {worst:.3e}")
 PY
+}
+for recompute in none block; do
+    "$BIN" run "$HERE/gpu_llama.toml" "${common[@]}" "${small[@]}" --set run.out_dir=runs/plain-$recompute \
+        --set "train.recompute=\"$recompute\"" > "$OUT/plain-$recompute.log" 2>&1 \
+        || { echo "plain-$recompute failed"; tail -5 "$OUT/plain-$recompute.log"; }
+done
+for mode in optimizer gradients full; do
+    recompute=none; [[ $mode == full ]] && recompute=block
+    "$BIN" launch --nproc 1 "$HERE/gpu_llama.toml" "${common[@]}" "${small[@]}" --set run.out_dir=runs/shard-$mode \
+        --set "run.shard=\"$mode\"" --set "train.recompute=\"$recompute\"" > "$OUT/shard-$mode.log" 2>&1 \
+        || { echo "shard-$mode failed"; tail -5 "$OUT/shard-$mode.log"; }
+    compare "runs/plain-$recompute" "runs/shard-$mode" "$mode (recompute $recompute)"
+    ls "runs/shard-$mode/checkpoints/step-00000020" >> "$OUT/shard-nccl.txt" 2>&1
+done
