@@ -175,6 +175,14 @@ fn full_sharding_trains_the_unsharded_curve_and_holds_a_share_of_the_blocks() {
         1e-5,
         "full checkpoint continued in one process",
     );
+    // Stopped by SIGTERM and resumed: bitwise the uninterrupted curve.
+    let set = [
+        "run.shard=\"full\"",
+        "train.recompute=\"block\"",
+        "train.max_steps=40",
+    ];
+    let uninterrupted = curve(&launch(w, 2, "full-40", &set));
+    assert_eq!(stopped_and_resumed(w, "full-stopped", &set), uninterrupted);
     // Without block recomputation: one line.
     trainer(
         w,
@@ -188,6 +196,29 @@ fn full_sharding_trains_the_unsharded_curve_and_holds_a_share_of_the_blocks() {
         ],
     )
     .assert_one_error(&["run.shard", "recompute"]);
+}
+
+/// A 2-rank run with `set`, stopped by SIGTERM to the launcher (forwarded to both ranks) after
+/// step 3: a checkpoint, exit 75; then `--resume auto` to the end. The curve of both starts.
+fn stopped_and_resumed(w: &std::path::Path, out: &str, set: &[&str]) -> Curve {
+    let out_dir = format!("run.out_dir={out}");
+    let mut args = vec!["launch", "--nproc", "2", RECIPE, "--set", &out_dir];
+    for s in set {
+        args.extend(["--set", s]);
+    }
+    let mut running = spawn(w, &args);
+    wait_for_step(&mut running, &w.join(out).join("metrics.jsonl"), 3);
+    send_signal(running.pid(), "TERM");
+    let stopped = running.wait(TIMEOUT);
+    assert_eq!(
+        stopped.code,
+        Some(EXIT_INTERRUPTED),
+        "{}",
+        stopped.describe()
+    );
+    args.extend(["--resume", "auto"]);
+    trainer(w, &args).assert_success();
+    curve(&read_metrics(&w.join(out).join("metrics.jsonl")))
 }
 
 #[test]
@@ -230,45 +261,7 @@ fn a_stopped_sharded_run_resumes_bitwise_and_its_checkpoints_reshard() {
         );
     }
 
-    // SIGTERM to the launcher (forwarded to both ranks): a gathered checkpoint, exit 75, and
-    // `--resume auto` continues with bitwise the uninterrupted losses.
-    let mut running = spawn(
-        w,
-        &[
-            "launch",
-            "--nproc",
-            "2",
-            RECIPE,
-            "--set",
-            "run.out_dir=stopped",
-            "--set",
-            shard,
-            "--set",
-            "train.max_steps=60",
-        ],
-    );
-    wait_for_step(&mut running, &w.join("stopped/metrics.jsonl"), 3);
-    send_signal(running.pid(), "TERM");
-    let out = running.wait(TIMEOUT);
-    assert_eq!(out.code, Some(EXIT_INTERRUPTED), "{}", out.describe());
-    let resumed = {
-        let args = [
-            "launch",
-            "--nproc",
-            "2",
-            RECIPE,
-            "--set",
-            "run.out_dir=stopped",
-            "--set",
-            shard,
-            "--set",
-            "train.max_steps=60",
-            "--resume",
-            "auto",
-        ];
-        trainer(w, &args).assert_success();
-        curve(&read_metrics(&w.join("stopped/metrics.jsonl")))
-    };
+    let resumed = stopped_and_resumed(w, "stopped", &[shard, "train.max_steps=60"]);
     assert_eq!(resumed, whole, "stopped and resumed vs uninterrupted");
 
     // The checkpoint of step 30, written whole by 2 sharded ranks, continues under 4 sharded
