@@ -13,6 +13,10 @@
 //! pass; the norm for clipping is formed from the owners' per-tensor norms
 //! (`Owners::clip_grad_norm`).
 //!
+//! `run.shard = "full"` (ZeRO stage 3 on whole tensors, `BlockShards`): as `"gradients"`, and a
+//! transformer block's weights have memory only on their owner, gathered onto every rank around
+//! each use of the block.
+//!
 //! Owners are contiguous runs of parameters in registration order, balanced by element count:
 //! parameter `i` (starting at element `s`, of `n` elements, of `N` in all) belongs to rank
 //! `floor((s + n/2) * world / N)`.
@@ -161,14 +165,6 @@ impl Owners {
             .map(|(p, &o)| (o, &p.tensor));
         self.groups = groups_of(kept, world);
     }
-
-    /// The owning rank of the trainable parameter `name`.
-    pub fn owner_of(&self, store: &ParamStore, name: &str) -> Option<usize> {
-        store
-            .trainable()
-            .position(|p| p.name == name)
-            .map(|i| self.owner[i])
-    }
 }
 
 /// `run.shard = "full"` (ZeRO stage 3 / FSDP on whole tensors): each block's weights live whole
@@ -197,30 +193,27 @@ impl BlockShards {
         owners: &Owners,
         n_blocks: usize,
     ) -> Result<BlockShards> {
-        let mut blocks: Vec<Vec<(usize, Vec<Tensor>)>> =
-            (0..n_blocks).map(|_| Vec::new()).collect();
+        let world = dp.world.size;
+        let mut members: Vec<Vec<(usize, &Tensor)>> = (0..n_blocks).map(|_| Vec::new()).collect();
         for (p, &owner) in store.trainable().zip(&owners.owner) {
             let Some(i) = block_of(&p.name) else { continue };
-            let Some(groups) = blocks.get_mut(i) else {
+            let Some(block) = members.get_mut(i) else {
                 return Err(Error::Recipe(format!(
                     "run.shard = \"full\": {} names block {i} of a model of {n_blocks}",
                     p.name
                 )));
             };
-            let kind = p.tensor.kind();
-            match groups
-                .iter_mut()
-                .find(|(o, t)| *o == owner && t[0].kind() == kind)
-            {
-                Some((_, t)) => t.push(p.tensor.shallow_clone()),
-                None => groups.push((owner, vec![p.tensor.shallow_clone()])),
-            }
+            block.push((owner, &p.tensor));
         }
-        if let Some(i) = blocks.iter().position(Vec::is_empty) {
+        if let Some(i) = members.iter().position(Vec::is_empty) {
             return Err(Error::Recipe(format!(
                 "run.shard = \"full\": block {i} has no trainable parameters to shard"
             )));
         }
+        let blocks = members
+            .into_iter()
+            .map(|m| groups_of(m.into_iter(), world))
+            .collect();
         Ok(BlockShards {
             rank: dp.world.rank,
             dp,
@@ -256,13 +249,11 @@ impl BlockShards {
         let mut current: Option<usize> = None;
         for p in store.iter() {
             let block = block_of(&p.name).filter(|_| p.trainable);
-            if block.is_some() && block != current {
+            if let Some(i) = block.filter(|_| block != current) {
                 if let Some(done) = current {
                     self.release_block(done)?;
                 }
-                if let Some(i) = block {
-                    self.gather_block(i)?;
-                }
+                self.gather_block(i)?;
                 current = block;
             }
             if main {

@@ -145,11 +145,7 @@ pub fn finish(
 ) -> Result<PathBuf> {
     let final_dir = step_dir(run_dir, state.step);
     let parent = checkpoints_dir(run_dir);
-    let model_file = tmp.join(MODEL_FILE);
-    Tensor::write_safetensors(&model, &model_file).map_err(|e| Error::Checkpoint {
-        path: model_file.clone(),
-        msg: crate::error::first_line(&e.to_string()),
-    })?;
+    crate::models::params::write_safetensors(&model, &tmp.join(MODEL_FILE))?;
     drop(model);
     optimizer_shards::write_index(tmp)?;
     let json = serde_json::to_string_pretty(state).unwrap_or_default();

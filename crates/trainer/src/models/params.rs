@@ -233,12 +233,9 @@ impl ParamStore {
         let named: Vec<(&str, Tensor)> = self
             .params
             .iter()
-            .map(|p| (p.name.as_str(), p.tensor.detach().to_device(Device::Cpu)))
+            .map(|p| (p.name.as_str(), p.tensor.detach()))
             .collect();
-        Tensor::write_safetensors(&named, path).map_err(|e| Error::Checkpoint {
-            path: path.to_path_buf(),
-            msg: crate::error::first_line(&e.to_string()),
-        })
+        write_safetensors(&named, path)
     }
 
     /// Loads every parameter from a safetensors file, mapped and copied one tensor at a time
@@ -306,12 +303,9 @@ impl ParamStore {
         let named: Vec<(&str, Tensor)> = self
             .masks
             .iter()
-            .map(|m| (m.name.as_str(), m.pruned.to_device(Device::Cpu)))
+            .map(|m| (m.name.as_str(), m.pruned.shallow_clone()))
             .collect();
-        Tensor::write_safetensors(&named, path).map_err(|e| Error::Checkpoint {
-            path: path.to_path_buf(),
-            msg: crate::error::first_line(&e.to_string()),
-        })
+        write_safetensors(&named, path)
     }
 
     /// Loads masks written by `save_masks` when `path` exists (a checkpoint of a pruned model);
@@ -337,6 +331,20 @@ pub fn bytes_of(t: &Tensor) -> i64 {
 /// Reads a whole safetensors file into memory; a missing, truncated or corrupt file is one clear
 /// error. For small files (optimizer state, masks, adapters); model weights go through
 /// `mapped::open`, which copies one tensor at a time.
+/// Writes named tensors (moved to the host first where they are not there) as a safetensors
+/// file; a failure is a checkpoint error naming `path`. Every writer of a checkpoint's files
+/// goes through it.
+pub fn write_safetensors<S: AsRef<str>>(named: &[(S, Tensor)], path: &Path) -> Result<()> {
+    let host: Vec<(&str, Tensor)> = named
+        .iter()
+        .map(|(n, t)| (n.as_ref(), t.to_device(Device::Cpu)))
+        .collect();
+    Tensor::write_safetensors(&host, path).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg: crate::error::first_line(&e.to_string()),
+    })
+}
+
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     if !path.is_file() {
         return Err(Error::Checkpoint {

@@ -318,17 +318,11 @@ impl Optimizer {
     }
 }
 
-/// Writes named optimizer state (`Optimizer::state_tensors`, or every rank's gathered) as
+/// Writes named optimizer state (`Optimizer::state_tensors`, or one rank's share) as
 /// safetensors: the checkpoint's optimizer file, which `Optimizer::load` reads.
 pub fn write_state(named: Vec<(String, Tensor)>, path: &Path) -> Result<()> {
-    let named: Vec<(String, Tensor)> = named
-        .into_iter()
-        .map(|(n, t)| (n, t.detach().to_device(tch::Device::Cpu)))
-        .collect();
-    Tensor::write_safetensors(&named, path).map_err(|e| Error::Checkpoint {
-        path: path.to_path_buf(),
-        msg: crate::error::first_line(&e.to_string()),
-    })
+    let named: Vec<(String, Tensor)> = named.into_iter().map(|(n, t)| (n, t.detach())).collect();
+    crate::models::params::write_safetensors(&named, path)
 }
 
 /// Zeroes all but the `keep_fraction` largest entries of `t` by magnitude, in place: the
