@@ -362,6 +362,15 @@ c10::intrusive_ptr<c10d::Work> start_reduce_sum(TeGroup *g, const at::Tensor &t,
   return g->backend->reduce(one, opts);
 }
 
+// Starts a broadcast of one tensor from rank root, bounded by the group's timeout.
+c10::intrusive_ptr<c10d::Work> start_broadcast(TeGroup *g, const at::Tensor &t, int root) {
+  std::vector<at::Tensor> one{t};
+  c10d::BroadcastOptions opts;
+  opts.rootRank = root;
+  opts.timeout = g->timeout;
+  return g->backend->broadcast(one, opts);
+}
+
 // Starts a sum all-reduce of one tensor, bounded by the group's timeout.
 c10::intrusive_ptr<c10d::Work> start_allreduce_sum(TeGroup *g, const at::Tensor &t) {
   std::vector<at::Tensor> one{t};
@@ -449,13 +458,7 @@ int te_pg_broadcast(void *group, at::Tensor **tensors, int n, int root) {
   return guarded([&] {
     auto *g = static_cast<TeGroup *>(group);
     std::vector<c10::intrusive_ptr<c10d::Work>> works;
-    for (int i = 0; i < n; i++) {
-      std::vector<at::Tensor> one{*tensors[i]};
-      c10d::BroadcastOptions opts;
-      opts.rootRank = root;
-      opts.timeout = g->timeout;
-      works.push_back(g->backend->broadcast(one, opts));
-    }
+    for (int i = 0; i < n; i++) works.push_back(start_broadcast(g, *tensors[i], root));
     wait_all(works, g->timeout);
   });
 }
@@ -486,6 +489,15 @@ void *te_pg_reduce_sum_start(void *group, at::Tensor *tensor, int root) {
   return guarded_ptr([&]() -> void * {
     auto *g = static_cast<TeGroup *>(group);
     return new c10::intrusive_ptr<c10d::Work>(start_reduce_sum(g, *tensor, root));
+  });
+}
+
+// Starts a broadcast of one tensor from rank root and returns its work handle without waiting
+// (run.shard = "full": the next block's weights are fetched while this one computes).
+void *te_pg_broadcast_start(void *group, at::Tensor *tensor, int root) {
+  return guarded_ptr([&]() -> void * {
+    auto *g = static_cast<TeGroup *>(group);
+    return new c10::intrusive_ptr<c10d::Work>(start_broadcast(g, *tensor, root));
   });
 }
 

@@ -325,6 +325,7 @@ extern "C" {
     fn te_pg_allreduce_sum(group: *mut c_void, tensors: *const *mut c_void, n: c_int) -> c_int;
     fn te_pg_allreduce_sum_start(group: *mut c_void, tensor: *mut c_void) -> *mut c_void;
     fn te_pg_reduce_sum_start(group: *mut c_void, tensor: *mut c_void, root: c_int) -> *mut c_void;
+    fn te_pg_broadcast_start(group: *mut c_void, tensor: *mut c_void, root: c_int) -> *mut c_void;
     fn te_work_wait(group: *mut c_void, work: *mut c_void) -> c_int;
     fn te_work_free(work: *mut c_void);
     fn te_pg_barrier(group: *mut c_void) -> c_int;
@@ -463,6 +464,20 @@ impl ProcessGroup {
         Ok(Work(work))
     }
 
+    /// Starts a broadcast of `tensor` from rank `root` and returns without waiting; every rank's
+    /// copy holds `root`'s values once `Work::wait` returns, and the tensor must stay alive and
+    /// untouched until then.
+    pub fn broadcast_start(&self, tensor: &Tensor, root: usize) -> Result<Work, String> {
+        // SAFETY: live group and tensor handles for the duration of the call.
+        let work = unsafe {
+            te_pg_broadcast_start(self.handle, tensor.as_ptr() as *mut c_void, root as c_int)
+        };
+        if work.is_null() {
+            return Err(last_error());
+        }
+        Ok(Work(work))
+    }
+
     /// Waits for a collective started on this group (bounded by the group's timeout).
     pub fn wait(&self, work: Work) -> Result<(), String> {
         // SAFETY: live group handle and a work handle from this group.
@@ -482,7 +497,8 @@ impl ProcessGroup {
     }
 }
 
-/// A collective started with `ProcessGroup::all_reduce_sum_start` or `reduce_sum_start`.
+/// A collective started with `ProcessGroup::all_reduce_sum_start`, `reduce_sum_start` or
+/// `broadcast_start`.
 pub struct Work(*mut c_void);
 
 // SAFETY: a c10d work handle may be waited for from any thread (DDP waits for work started in

@@ -1,5 +1,5 @@
 //! c10d through the shim: a Gloo group of two ranks (two threads of this process) sums,
-//! reduces onto one rank and broadcasts tensors.
+//! reduces onto one rank and broadcasts tensors (waiting at once, or started and waited for).
 
 use std::time::Duration;
 use tch::Tensor;
@@ -29,11 +29,16 @@ fn gloo_all_reduce_and_broadcast_across_two_ranks() {
             let z = Tensor::from_slice(&[2.0f32 * (r as f32 + 1.0)]);
             let work = g.reduce_sum_start(&z, 1)?;
             g.wait(work)?;
+            // Started, then waited for, from rank 1 (run.shard = "full"'s prefetch).
+            let c = Tensor::from_slice(&[r as f32 * 10.0 + 3.0, -1.0 - r as f32]);
+            let work = g.broadcast_start(&c, 1)?;
+            g.wait(work)?;
             g.barrier()?;
             let values = |t: Tensor| Vec::<f32>::try_from(t).map_err(|e| e.to_string());
             let sum = values(x)?;
             let mut rest = values(y)?;
             rest.extend(values(b)?);
+            rest.extend(values(c)?);
             if r == 1 {
                 rest.extend(values(z)?);
             }
@@ -44,11 +49,12 @@ fn gloo_all_reduce_and_broadcast_across_two_ranks() {
     for (r, h) in [a, b].into_iter().enumerate() {
         let (sum, rest) = h.join().expect("rank thread").expect("collectives");
         assert_eq!(sum, vec![3.0, 30.0]);
-        // 5 + 6 summed; rank 0's 7 broadcast; 2 + 4 reduced onto rank 1.
+        // 5 + 6 summed; rank 0's 7 broadcast; rank 1's [13, -2] broadcast; 2 + 4 reduced onto
+        // rank 1.
         let want: &[f32] = if r == 1 {
-            &[11.0, 7.0, 6.0]
+            &[11.0, 7.0, 13.0, -2.0, 6.0]
         } else {
-            &[11.0, 7.0]
+            &[11.0, 7.0, 13.0, -2.0]
         };
         assert_eq!(rest, want);
     }
@@ -75,6 +81,8 @@ fn nccl_group_of_one_reduces_on_the_gpu() {
     let x = Tensor::from_slice(&[1.5f32, -2.0]).to_device(tch::Device::Cuda(0));
     g.all_reduce_sum(&[&x]).expect("all-reduce");
     g.broadcast(&[&x], 0).expect("broadcast");
+    let work = g.broadcast_start(&x, 0).expect("started broadcast");
+    g.wait(work).expect("waited broadcast");
     let v = Vec::<f32>::try_from(x.to_device(tch::Device::Cpu)).expect("values");
     assert_eq!(v, vec![1.5, -2.0]);
 }

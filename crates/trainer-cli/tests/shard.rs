@@ -158,6 +158,27 @@ fn full_sharding_trains_the_unsharded_curve_and_holds_a_share_of_the_blocks() {
             "{what}: held {held} of {whole}"
         );
     }
+    // The block that runs next fetched ahead (run.shard_prefetch, on by default) or only when
+    // it runs: the same values. Ahead, each pass of the two blocks gathers its second block
+    // from the fetch started while the first computed: 2 of 4 gathers in the first
+    // micro-batch of a step, 2 of 3 in the second (block 0 is still whole from the backward
+    // pass before); evaluations 1 of 2, checkpoints none.
+    let gathers = |out: &str| {
+        let summary = read_summary(&w.join(out));
+        let g = &summary["block_gathers"];
+        (num(g, "total"), num(g, "prefetched"))
+    };
+    let mut set = common.clone();
+    set.extend(["run.shard=\"full\"", "run.shard_prefetch=false"]);
+    let unfetched = launch(w, 2, "full-2-unfetched", &set);
+    let fetched = read_metrics(&w.join("full-2-fp32/metrics.jsonl"));
+    assert_eq!(curve(&unfetched), curve(&fetched));
+    let (total, ahead) = gathers("full-2-fp32");
+    assert!(
+        ahead > 0.4 * total && ahead < 0.6 * total,
+        "{ahead} of {total} fetched ahead"
+    );
+    assert_eq!(gathers("full-2-unfetched"), (total, 0.0));
     // The checkpoint of step 5 (written with every block gathered) continues in one process.
     let ckpt = w.join("full-2-fp32/checkpoints/step-00000005");
     let ckpt = ckpt.to_str().expect("utf-8");

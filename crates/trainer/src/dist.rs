@@ -392,6 +392,56 @@ impl DataParallel {
         Ok(())
     }
 
+    /// `broadcast_flat` started and not waited for: `tensors` are packed now (on `root`) and
+    /// take `root`'s values in `finish_broadcast`, which every rank must call, in the order the
+    /// broadcasts were started. Until then the flat buffer holds a copy of them.
+    pub fn start_broadcast_flat(
+        &self,
+        tensors: &[Tensor],
+        root: usize,
+        what: &str,
+    ) -> Result<PendingBroadcast> {
+        let mut pending = PendingBroadcast {
+            root,
+            buf: None,
+            work: None,
+            tensors: tensors.iter().map(Tensor::shallow_clone).collect(),
+        };
+        if !self.world.is_distributed() || tensors.is_empty() {
+            return Ok(pending);
+        }
+        let n: i64 = tensors.iter().map(|t| t.numel() as i64).sum();
+        let buf = Tensor::empty([n], (tensors[0].kind(), tensors[0].device()));
+        if self.world.rank == root {
+            pack(&buf, tensors);
+        }
+        pending.work = Some(self.with_group(what, |g| g.broadcast_start(&buf, root))?);
+        pending.buf = Some(buf);
+        Ok(pending)
+    }
+
+    /// Waits for a broadcast from `start_broadcast_flat` and copies the values into its
+    /// tensors (which must have memory by now).
+    pub fn finish_broadcast(&self, pending: PendingBroadcast, what: &str) -> Result<()> {
+        self.settle_broadcast(pending, what, true)
+    }
+
+    /// Waits for a broadcast from `start_broadcast_flat` and drops its values.
+    pub fn wait_broadcast(&self, pending: PendingBroadcast, what: &str) -> Result<()> {
+        self.settle_broadcast(pending, what, false)
+    }
+
+    fn settle_broadcast(&self, pending: PendingBroadcast, what: &str, keep: bool) -> Result<()> {
+        let (Some(buf), Some(work)) = (pending.buf, pending.work) else {
+            return Ok(());
+        };
+        self.collective(what, |g| g.wait(work))?;
+        if keep && self.world.rank != pending.root {
+            unpack(&buf, &pending.tensors);
+        }
+        Ok(())
+    }
+
     /// The training device (where NCCL's tensors must be).
     pub fn device(&self) -> Device {
         self.device
@@ -753,6 +803,15 @@ fn unpack_mean(buf: &Tensor, grads: &[impl std::borrow::Borrow<Tensor>], world_s
         let _ = buf.shallow_clone().g_mul_scalar_(1.0 / world_size as f64);
     });
     unpack(buf, grads);
+}
+
+/// A broadcast of packed tensors in flight (`DataParallel::start_broadcast_flat`).
+pub struct PendingBroadcast {
+    root: usize,
+    /// The flat buffer the collective fills (`None` outside a process group).
+    buf: Option<Tensor>,
+    work: Option<torch_ext::Work>,
+    tensors: Vec<Tensor>,
 }
 
 /// Copies the flat buffer `buf` back into `tensors`, the inverse of `pack`.

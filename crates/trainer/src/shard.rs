@@ -21,7 +21,7 @@
 //! parameter `i` (starting at element `s`, of `n` elements, of `N` in all) belongs to rank
 //! `floor((s + n/2) * world / N)`.
 
-use crate::dist::DataParallel;
+use crate::dist::{DataParallel, PendingBroadcast};
 use crate::error::{Error, Result};
 use crate::models::params::ParamStore;
 use tch::{Kind, Tensor};
@@ -179,19 +179,26 @@ pub struct BlockShards {
     blocks: Vec<Vec<(usize, Vec<Tensor>)>>,
     /// The blocks whose weights this rank holds whole now (besides its own).
     live: std::cell::RefCell<std::collections::BTreeSet<usize>>,
+    /// The block being fetched while another computes, and its broadcasts (one per group).
+    prefetch: std::cell::RefCell<Option<(usize, Vec<PendingBroadcast>)>>,
+    /// `run.shard_prefetch`: whether the block that runs next is fetched ahead.
+    prefetch_on: bool,
+    counts: std::cell::Cell<GatherCounts>,
     /// The first collective that failed inside the model's forward or backward pass.
     error: std::cell::RefCell<Option<Error>>,
 }
 
 impl BlockShards {
     /// The blocks of `store` (trainable parameters named `...layers.I...` or `...h.I...`),
-    /// `n_blocks` of them, each dealt as `owners` says; `dp` a handle on the run's group.
-    /// Every parameter outside the blocks is left whole. Does not release anything yet.
+    /// `n_blocks` of them, each dealt as `owners` says; `dp` a handle on the run's group;
+    /// `prefetch_on`: fetch the block that runs next ahead (`run.shard_prefetch`). Every
+    /// parameter outside the blocks is left whole. Does not release anything yet.
     pub fn new(
         dp: DataParallel,
         store: &ParamStore,
         owners: &Owners,
         n_blocks: usize,
+        prefetch_on: bool,
     ) -> Result<BlockShards> {
         let world = dp.world.size;
         let mut members: Vec<Vec<(usize, &Tensor)>> = (0..n_blocks).map(|_| Vec::new()).collect();
@@ -219,6 +226,9 @@ impl BlockShards {
             dp,
             blocks,
             live: Default::default(),
+            prefetch: Default::default(),
+            prefetch_on,
+            counts: Default::default(),
             error: Default::default(),
         })
     }
@@ -232,8 +242,9 @@ impl BlockShards {
             .collect()
     }
 
-    /// Lets go of every block this rank does not own.
+    /// Lets go of every block this rank does not own (and of a fetch still in flight).
     pub fn release_all(&self) -> Result<()> {
+        self.drop_prefetch()?;
         for i in 0..self.blocks.len() {
             self.release_block(i)?;
         }
@@ -244,6 +255,7 @@ impl BlockShards {
     /// ranks), for a checkpoint's model file: the blocks gathered one at a time (every rank
     /// takes part), so that no rank holds every block at once.
     pub fn model_on_main(&self, store: &ParamStore) -> Result<Vec<(String, Tensor)>> {
+        self.drop_prefetch()?;
         let main = self.rank == 0;
         let mut out = Vec::new();
         let mut current: Option<usize> = None;
@@ -269,6 +281,11 @@ impl BlockShards {
         Ok(out)
     }
 
+    /// How many times a block was gathered, and how many of them had been fetched ahead.
+    pub fn gather_counts(&self) -> GatherCounts {
+        self.counts.get()
+    }
+
     /// The first collective error met inside a forward or backward pass, if any.
     pub fn take_error(&self) -> Result<()> {
         match self.error.borrow_mut().take() {
@@ -277,18 +294,70 @@ impl BlockShards {
         }
     }
 
+    /// Makes block `i` whole on this rank: from its fetch in flight if that is block `i`,
+    /// otherwise by broadcasts from its owners (a fetch of another block is waited for first
+    /// and its values dropped: every rank waits for the collectives it started, in order).
     fn gather_block(&self, i: usize) -> Result<()> {
-        if !self.live.borrow_mut().insert(i) {
+        if self.live.borrow().contains(&i) {
             return Ok(());
         }
+        let fetched = match self.prefetch.borrow_mut().take() {
+            Some((b, pending)) if b == i => Some(pending),
+            Some((_, pending)) => {
+                self.wait_dropping(pending)?;
+                None
+            }
+            None => None,
+        };
+        self.live.borrow_mut().insert(i);
+        let mut counts = self.counts.get();
+        counts.total += 1;
+        counts.prefetched += i64::from(fetched.is_some());
+        self.counts.set(counts);
         for (owner, tensors) in &self.blocks[i] {
             if *owner != self.rank {
                 for t in tensors {
                     torch_ext::materialize_storage(t).map_err(Error::Torch)?;
                 }
             }
-            self.dp
-                .broadcast_flat(tensors, *owner, "gathering a block's weights")?;
+            if fetched.is_none() {
+                self.dp.broadcast_flat(tensors, *owner, GATHERING)?;
+            }
+        }
+        if let Some(pending) = fetched {
+            for p in pending {
+                self.dp.finish_broadcast(p, GATHERING)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts fetching block `i` (its owners' broadcasts into flat buffers), unless it is whole
+    /// here already or a fetch is in flight.
+    fn start_prefetch(&self, i: usize) -> Result<()> {
+        let busy = self.live.borrow().contains(&i) || self.prefetch.borrow().is_some();
+        if busy || !self.prefetch_on {
+            return Ok(());
+        }
+        let mut pending = Vec::new();
+        for (owner, tensors) in &self.blocks[i] {
+            pending.push(self.dp.start_broadcast_flat(tensors, *owner, GATHERING)?);
+        }
+        *self.prefetch.borrow_mut() = Some((i, pending));
+        Ok(())
+    }
+
+    /// Waits for a fetch still in flight and drops what it brought.
+    fn drop_prefetch(&self) -> Result<()> {
+        match self.prefetch.borrow_mut().take() {
+            Some((_, pending)) => self.wait_dropping(pending),
+            None => Ok(()),
+        }
+    }
+
+    fn wait_dropping(&self, pending: Vec<PendingBroadcast>) -> Result<()> {
+        for p in pending {
+            self.dp.wait_broadcast(p, GATHERING)?;
         }
         Ok(())
     }
@@ -313,8 +382,19 @@ impl BlockShards {
     }
 }
 
+/// `run.shard = "full"`: the gathers of blocks since the start, for summary.json.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct GatherCounts {
+    /// Blocks made whole on this rank (forward, backward, evaluation, checkpoints).
+    pub total: i64,
+    /// Of those, the ones fetched while the block before them computed (`run.shard_prefetch`).
+    pub prefetched: i64,
+}
+
+const GATHERING: &str = "gathering a block's weights";
+
 impl crate::models::transformer::BlockWeights for BlockShards {
-    fn gather(&self, block: usize) {
+    fn gather(&self, block: usize, next: Option<usize>) {
         let others: Vec<usize> = self
             .live
             .borrow()
@@ -326,6 +406,9 @@ impl crate::models::transformer::BlockWeights for BlockShards {
             self.keep(self.release_block(b));
         }
         self.keep(self.gather_block(block));
+        if let Some(n) = next {
+            self.keep(self.start_prefetch(n));
+        }
     }
 
     fn release(&self, block: usize) {

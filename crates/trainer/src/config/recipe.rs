@@ -9,7 +9,7 @@
 use crate::data::DataConfig;
 use crate::device::Precision;
 use crate::distill::DistillConfig;
-use crate::models::config::validate_moe;
+use crate::models::config::{is_true, validate_moe, yes};
 pub use crate::models::transformer::Recompute;
 use crate::models::{ModelConfig, MoeConfig};
 use crate::optim::OptimConfig;
@@ -197,6 +197,14 @@ pub struct RunConfig {
     #[serde(default, skip_serializing_if = "Shard::is_none")]
     #[schemars(!skip_serializing_if)]
     pub shard: Shard,
+    /// With `shard = "full"`: fetch the weights of the block that runs next (the following one
+    /// in the forward pass, the one before in the backward pass) while the current block
+    /// computes, so that communication overlaps computation, at the cost of one more block's
+    /// weights in memory. `false`: each block is gathered only when it runs. Same values either
+    /// way.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    #[schemars(!skip_serializing_if)]
+    pub shard_prefetch: bool,
 }
 
 /// `run.shard`: what of the training state is divided among the ranks.

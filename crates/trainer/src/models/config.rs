@@ -322,10 +322,11 @@ pub struct Gpt2Config {
     pub tie_embeddings: bool,
 }
 
-fn yes() -> bool {
+/// serde's default for a switch that is on unless a recipe turns it off.
+pub(crate) fn yes() -> bool {
     true
 }
-fn is_true(v: &bool) -> bool {
+pub(crate) fn is_true(v: &bool) -> bool {
     *v
 }
 

@@ -534,12 +534,14 @@ pub struct Transformer {
 }
 
 /// `run.shard = "full"` (`shard.rs`): each block's weights live whole on their owners only and
-/// are gathered onto every rank just before the block runs. `gather(i)` first lets go of any
-/// other block it holds, then makes block `i` whole; `release(i)` lets go of block `i` (after a
-/// forward pass that keeps no graph). Collective errors are kept by the implementation for the
-/// training loop to report; the memory is always there, so the model never reads a freed one.
+/// are gathered onto every rank just before the block runs. `gather(i, next)` first lets go of
+/// any other block it holds, then makes block `i` whole, and starts fetching block `next` (the
+/// one the pass runs after `i`: `i + 1` going forward, `i - 1` in the backward pass) while `i`
+/// computes; `release(i)` lets go of block `i` (after a forward pass that keeps no graph).
+/// Collective errors are kept by the implementation for the training loop to report; the memory
+/// is always there, so the model never reads a freed one.
 pub trait BlockWeights {
-    fn gather(&self, block: usize);
+    fn gather(&self, block: usize, next: Option<usize>);
     fn release(&self, block: usize);
 }
 
@@ -926,7 +928,7 @@ impl Transformer {
                 // Training without recomputation is refused with sharded block weights: this
                 // is a forward pass whose graph is not kept (evaluation, generation).
                 let w = self.block_weights.as_ref();
-                w.inspect(|w| w.gather(i));
+                w.inspect(|w| w.gather(i, self.block_after(i, false)));
                 let y = self.block_forward(i, x, &masks, (b, t), p_drop, train, &mut moe_layers);
                 w.inspect(|w| w.release(i));
                 y
@@ -998,16 +1000,27 @@ impl Transformer {
             // after it; gathered again for the run in the backward pass, whose graph needs them
             // until the block's gradients are formed (let go when the next block is gathered).
             let weights = model.block_weights.as_ref();
-            weights.inspect(|w| w.gather(i));
+            let backward = torch_ext::grad_mode_enabled();
+            weights.inspect(|w| w.gather(i, model.block_after(i, backward)));
             let y =
                 model.block_forward(i, x.shallow_clone(), &masks, bt, 0.0, true, &mut Vec::new());
-            if !torch_ext::grad_mode_enabled() {
+            if !backward {
                 weights.inspect(|w| w.release(i));
             }
             y
         };
         torch_ext::recompute(x, block)
             .unwrap_or_else(|e| panic!("block {i}, recomputed in the backward pass: {e}"))
+    }
+
+    /// The block a pass runs after block `i`: the next one going forward, the one before in the
+    /// backward pass (whose recomputations run from the last block to the first).
+    fn block_after(&self, i: usize, backward: bool) -> Option<usize> {
+        if backward {
+            i.checked_sub(1)
+        } else {
+            Some(i + 1).filter(|&n| n < self.blocks.len())
+        }
     }
 
     /// `run.shard = "full"`: the blocks' weights are gathered around each use (`BlockWeights`).

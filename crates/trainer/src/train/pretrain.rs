@@ -37,7 +37,7 @@ use crate::peft::lora::Lora;
 use crate::peft::relora::Relora;
 use crate::prune::Pruner;
 use crate::schedule::Schedule;
-use crate::shard::{BlockShards, Owners};
+use crate::shard::{BlockShards, GatherCounts, Owners};
 use crate::signals::StopFlag;
 use serde::Serialize;
 use serde_json::json;
@@ -76,6 +76,10 @@ pub struct Summary {
     /// the tensors' storage (with `run.shard = "full"`, its own blocks' weights and those kept
     /// whole; else all of them); 0 when this start took no step.
     pub held_param_bytes: i64,
+    /// `run.shard = "full"`: the blocks this rank gathered in this start, and how many of them
+    /// were fetched ahead while the block before computed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_gathers: Option<GatherCounts>,
     #[serde(flatten)]
     pub footprint: harness::Footprint,
     pub model_tflops_per_s: f64,
@@ -551,7 +555,8 @@ impl Lm {
             ((c.bucket_mb * (1 << 20) as f64) as i64).max(1),
         )?;
         let blocks = self.cfg.n_layers.max(0) as usize;
-        let shards = std::rc::Rc::new(BlockShards::new(dp, &self.params, owners, blocks)?);
+        let shards = BlockShards::new(dp, &self.params, owners, blocks, c.shard_prefetch)?;
+        let shards = std::rc::Rc::new(shards);
         shards.release_all()?;
         self.model.set_block_weights(shards.clone());
         let source = shards.clone();
@@ -899,6 +904,7 @@ impl Lm {
             grad_bytes: grad_bytes(&self.params),
             held_grad_bytes: self.held_grad_bytes,
             held_param_bytes: self.held_param_bytes,
+            block_gathers: self.block_shards.as_ref().map(|b| b.gather_counts()),
             footprint,
             model_tflops_per_s: tflops,
             mfu: recipe.run.peak_tflops.map(|p| tflops / p),
