@@ -196,6 +196,20 @@ fn full_sharding_trains_the_unsharded_curve_and_holds_a_share_of_the_blocks() {
         1e-5,
         "full checkpoint continued in one process",
     );
+    // Started from those weights ([init] from) in pure bf16: each rank copies in only the
+    // blocks it holds (the others' get memory at their first gather); the unsharded curve.
+    let from = format!("init.from=\"{ckpt}\"");
+    let mut set = common.clone();
+    set.extend([from.as_str(), "run.precision=\"bf16\""]);
+    let plain = launch(w, 2, "from-block", &set);
+    set.push("run.shard=\"full\"");
+    let full = launch(w, 2, "from-full", &set);
+    assert_close(
+        &curve(&full),
+        &curve(&plain),
+        1e-5,
+        "full from a checkpoint, bf16",
+    );
     // Stopped by SIGTERM and resumed: bitwise the uninterrupted curve.
     let set = [
         "run.shard=\"full\"",

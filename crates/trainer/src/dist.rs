@@ -335,8 +335,9 @@ impl DataParallel {
     }
 
     /// A training loop's start: joins the group, gives every rank rank 0's parameters and
-    /// buffers, and checks that all ranks are at the same `step` (resumed from the same
-    /// checkpoint of `run_dir`).
+    /// buffers (all but those sharded under `run.shard = "full"`, which live on one rank), and
+    /// checks that all ranks are at the same `step` (resumed from the same checkpoint of
+    /// `run_dir`).
     pub fn start(
         world: &World,
         device: Device,
@@ -349,7 +350,8 @@ impl DataParallel {
         let bucket_bytes = ((run.bucket_mb * (1 << 20) as f64) as i64).max(1);
         let dp = DataParallel::init(world.clone(), device, timeout, bucket_bytes)?;
         if world.is_distributed() {
-            dp.broadcast_from_main(&params.iter().map(|p| &p.tensor).collect::<Vec<_>>())?;
+            let whole = params.iter().filter(|p| !p.sharded).map(|p| &p.tensor);
+            dp.broadcast_from_main(&whole.collect::<Vec<_>>())?;
             let mut steps = [step as f64];
             dp.sum(&mut steps)?;
             if steps[0] != (step * world.size as i64) as f64 {

@@ -23,7 +23,7 @@
 
 use crate::dist::{DataParallel, PendingBroadcast};
 use crate::error::{Error, Result};
-use crate::models::params::ParamStore;
+use crate::models::params::{is_released, ParamStore, ShardRule};
 use tch::{Kind, Tensor};
 
 /// Which rank owns each trainable parameter.
@@ -42,20 +42,22 @@ impl Owners {
     /// Deals the trainable parameters of `store` out to `world` ranks. A rank left without any
     /// parameter is refused in one line (fewer parameter tensors than ranks).
     pub fn deal(store: &ParamStore, rank: usize, world: usize) -> Result<Owners> {
-        let total: i64 = store
-            .trainable()
-            .map(|p| p.tensor.numel() as i64)
-            .sum::<i64>()
-            .max(1);
-        let mut start = 0i64;
+        let total: i64 = store.trainable().map(|p| p.tensor.numel() as i64).sum();
+        Self::deal_over(store, rank, world, total as i128)
+    }
+
+    /// `deal`, balanced over `total` elements given beforehand (`run.shard = "full"`: the count
+    /// `blocks_dealt_as_added` dealt the model's blocks by while it was built; the same owners).
+    pub fn deal_over(store: &ParamStore, rank: usize, world: usize, total: i128) -> Result<Owners> {
+        let mut deal = Dealing::new(world, total);
         let owned: Vec<(usize, &str, &Tensor)> = store
             .trainable()
             .map(|p| {
-                let n = p.tensor.numel() as i64;
-                let mid = (start + n / 2) as i128;
-                start += n;
-                let owner = ((mid * world as i128) / total as i128).min(world as i128 - 1);
-                (owner as usize, p.name.as_str(), &p.tensor)
+                (
+                    deal.next(p.tensor.numel() as i64),
+                    p.name.as_str(),
+                    &p.tensor,
+                )
             })
             .collect();
         if let Some(r) = (0..world).find(|r| owned.iter().all(|(o, _, _)| o != r)) {
@@ -98,6 +100,59 @@ impl Owners {
             dp.broadcast_flat(tensors, *root, "broadcasting the updated parameters")?;
         }
         Ok(())
+    }
+}
+
+/// Owners in registration order: the parameter starting at element `s` of `total`, with `n`
+/// elements, goes to rank `floor((s + n/2) * world / total)` (the last rank at most).
+struct Dealing {
+    world: i128,
+    total: i128,
+    start: i128,
+}
+
+impl Dealing {
+    fn new(world: usize, total: i128) -> Dealing {
+        Dealing {
+            world: world as i128,
+            total: total.max(1),
+            start: 0,
+        }
+    }
+
+    fn next(&mut self, n: i64) -> usize {
+        let mid = self.start + i128::from(n / 2);
+        self.start += i128::from(n);
+        ((mid * self.world) / self.total).min(self.world - 1) as usize
+    }
+}
+
+/// `run.shard = "full"`, while the model is built (`ParamStore::shard_as_added`): each block's
+/// tensors are dealt as `Owners::deal_over(.., total)` will deal them, and this rank keeps only
+/// its own; every tensor outside the blocks stays whole.
+pub fn blocks_dealt_as_added(rank: usize, world: usize, total: i128) -> ShardRule {
+    let mut deal = Dealing::new(world, total);
+    Box::new(move |name, numel| {
+        let owner = deal.next(numel);
+        block_of(name).map(|_| owner == rank)
+    })
+}
+
+impl Owners {
+    /// After the model was built under `blocks_dealt_as_added`: an error unless this rank
+    /// holds exactly the block tensors it owns (the model registered other tensors than it was
+    /// dealt for).
+    pub fn check_held_blocks(&self, store: &ParamStore) -> Result<()> {
+        let wrong = store
+            .trainable()
+            .find(|p| p.sharded && is_released(&p.tensor) == self.owns(&p.name));
+        match wrong {
+            Some(p) => Err(Error::Torch(format!(
+                "run.shard = \"full\": {} was dealt to another rank while the model was built",
+                p.name
+            ))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -490,5 +545,34 @@ mod tests {
             .expect("too many ranks")
             .to_string();
         assert!(e.contains("run.shard") && e.contains("7 ranks"), "{e}");
+    }
+
+    /// The blocks dealt while the model is built are those `deal_over` deals afterwards: each
+    /// rank holds exactly its own block tensors, and the tensors outside the blocks whole.
+    #[test]
+    fn blocks_dealt_as_added_are_the_owners_dealt_after() {
+        let mut sizes = vec![("model.embed_tokens.weight".to_string(), 40)];
+        for l in 0..4 {
+            for (m, n) in [("up_proj", 30), ("down_proj", 30), ("norm", 5)] {
+                sizes.push((format!("model.layers.{l}.{m}.weight"), n));
+            }
+        }
+        sizes.push(("lm_head.weight".to_string(), 40));
+        let total: i128 = sizes.iter().map(|(_, n)| *n as i128).sum();
+        for rank in 0..3 {
+            let mut store = ParamStore::new(Device::Cpu);
+            store.shard_as_added(blocks_dealt_as_added(rank, 3, total));
+            for (name, n) in &sizes {
+                let _ = store.zeros(name, &[*n]);
+            }
+            store.stop_sharding_as_added().expect("freed");
+            let owners = Owners::deal_over(&store, rank, 3, total).expect("three ranks");
+            owners.check_held_blocks(&store).expect("held as dealt");
+            for p in store.iter() {
+                let whole = block_of(&p.name).is_none();
+                assert_eq!(p.sharded, !whole, "{}", p.name);
+                assert_eq!(is_released(&p.tensor), !whole && !owners.owns(&p.name));
+            }
+        }
     }
 }

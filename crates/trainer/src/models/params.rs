@@ -46,7 +46,15 @@ pub struct Param {
     /// Added by a method beside the model's own weights (`add_extra`: LoRA factors,
     /// distillation projections): trained and checkpointed, left out of a model export.
     pub extra: bool,
+    /// Its values live on one rank only (`run.shard = "full"`, `shard_as_added`): every rank
+    /// knows its shape, the others hold no memory for it.
+    pub sharded: bool,
 }
+
+/// `ParamStore::shard_as_added`: for each trainable tensor as it is registered (name, element
+/// count), `None` when every rank keeps it whole, `Some(true)` when it is sharded and this rank
+/// holds it, `Some(false)` when it is sharded and held elsewhere (its memory is freed at once).
+pub type ShardRule = Box<dyn FnMut(&str, i64) -> Option<bool>>;
 
 pub struct ParamStore {
     device: Device,
@@ -56,6 +64,10 @@ pub struct ParamStore {
     /// weights stay exactly zero through training; checkpoints carry the masks beside the
     /// weights (`masks.safetensors`).
     masks: Vec<Mask>,
+    /// While the model is built for `run.shard = "full"`: which tensors this rank holds.
+    shard_rule: Option<ShardRule>,
+    /// The first failure to free a tensor's memory under `shard_rule`.
+    shard_error: Option<String>,
 }
 
 /// A pruning mask and a handle on the weight it applies to (so that the per-step `apply_masks`
@@ -72,6 +84,8 @@ impl ParamStore {
             device,
             params: Vec::new(),
             masks: Vec::new(),
+            shard_rule: None,
+            shard_error: None,
         }
     }
 
@@ -88,13 +102,38 @@ impl ParamStore {
         );
         let tensor = init.to_device(self.device).detach().set_requires_grad(true);
         let handle = tensor.shallow_clone();
+        let rule = self.shard_rule.as_mut();
+        let held = rule.and_then(|r| r(name, tensor.numel() as i64));
+        if held == Some(false) {
+            if let Err(e) = torch_ext::release_storage(&tensor) {
+                self.shard_error.get_or_insert(e);
+            }
+        }
         self.params.push(Param {
             name: name.to_string(),
             tensor,
             trainable: true,
             extra: false,
+            sharded: held.is_some(),
         });
         handle
+    }
+
+    /// `run.shard = "full"`, before the model is built: each trainable tensor registered from
+    /// now on is first given its values (the seeded draws stay those of an unsharded run), then
+    /// kept or freed as `rule` says (see `ShardRule`), so that a rank never holds the whole
+    /// model. `stop_sharding_as_added` ends it.
+    pub fn shard_as_added(&mut self, rule: ShardRule) {
+        self.shard_rule = Some(rule);
+    }
+
+    /// Ends `shard_as_added`; an error if a tensor's memory could not be freed.
+    pub fn stop_sharding_as_added(&mut self) -> Result<()> {
+        self.shard_rule = None;
+        match self.shard_error.take() {
+            Some(e) => Err(Error::Torch(format!("freeing a sharded weight: {e}"))),
+            None => Ok(()),
+        }
     }
 
     /// Registers a trainable parameter that a method adds beside the model's own weights
@@ -122,6 +161,7 @@ impl ParamStore {
             tensor,
             trainable: false,
             extra: false,
+            sharded: false,
         });
         handle
     }
@@ -203,6 +243,14 @@ impl ParamStore {
                     p.tensor.kind(),
                     Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
                 ) {
+                    continue;
+                }
+                if is_released(&p.tensor) {
+                    // Held by another rank (`run.shard = "full"`): a new dtype, still no memory.
+                    let empty = Tensor::empty(p.tensor.size(), (kind, p.tensor.device()));
+                    p.tensor.set_data(&empty);
+                    // Failing leaves memory the next gather overwrites: nothing read is wrong.
+                    let _ = torch_ext::release_storage(&p.tensor);
                     continue;
                 }
                 let converted = p.tensor.to_kind(kind);
@@ -515,12 +563,19 @@ pub fn copy_named<'a, S: Source>(
         return Err(err(format!("unexpected tensor {extra} (not in the model)")));
     }
     tch::no_grad(|| -> Result<()> {
-        for (target, src) in pairs {
+        // A tensor another rank holds (`run.shard = "full"`) is checked above, not copied.
+        for (target, src) in pairs.into_iter().filter(|(t, _)| !is_released(t)) {
             let mut t = target.shallow_clone();
             src.copy_to(&mut t)?;
         }
         Ok(())
     })
+}
+
+/// Whether `t` has no memory for its elements (`torch_ext::release_storage`): a weight another
+/// rank holds under `run.shard = "full"`.
+pub fn is_released(t: &Tensor) -> bool {
+    t.numel() > 0 && torch_ext::storage_bytes(t) == 0
 }
 
 /// Embedding tables (token and position): excluded from weight decay unless asked.

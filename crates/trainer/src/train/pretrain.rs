@@ -326,9 +326,32 @@ struct StepOut {
     stop_all: bool,
 }
 
+/// `run.shard = "full"` over several ranks, before the model is built: its blocks are dealt
+/// out as they are registered and this rank keeps only its own (`shard::blocks_dealt_as_added`),
+/// balanced over the model's parameter count from its config; that count, for `shard_owners`.
+fn deal_blocks_as_built(
+    recipe: &Recipe,
+    setup: &Setup,
+    cfg: &TransformerConfig,
+    params: &mut ParamStore,
+) -> Option<i128> {
+    if recipe.run.shard != Shard::Full || !setup.world.is_distributed() {
+        return None;
+    }
+    let (rank, world, total) = (setup.world.rank, setup.world.size, cfg.param_count());
+    params.shard_as_added(crate::shard::blocks_dealt_as_added(rank, world, total));
+    Some(total)
+}
+
 /// `run.shard = "optimizer"` or `"gradients"` over several ranks: which rank owns which
-/// parameter's optimizer state (and gradient). One process: nothing to divide (a warning).
-fn shard_owners(recipe: &Recipe, setup: &Setup, params: &ParamStore) -> Result<Option<Owners>> {
+/// parameter's optimizer state (and gradient); `"full"`: dealt over the count the blocks were
+/// dealt by as the model was built (`dealt_over`). One process: nothing to divide (a warning).
+fn shard_owners(
+    recipe: &Recipe,
+    setup: &Setup,
+    params: &ParamStore,
+    dealt_over: Option<i128>,
+) -> Result<Option<Owners>> {
     if recipe.run.shard == Shard::None {
         return Ok(None);
     }
@@ -339,7 +362,15 @@ fn shard_owners(recipe: &Recipe, setup: &Setup, params: &ParamStore) -> Result<O
         );
         return Ok(None);
     }
-    Owners::deal(params, setup.world.rank, setup.world.size).map(Some)
+    let (rank, world) = (setup.world.rank, setup.world.size);
+    match dealt_over {
+        Some(total) => {
+            let owners = Owners::deal_over(params, rank, world, total)?;
+            owners.check_held_blocks(params)?;
+            Ok(Some(owners))
+        }
+        None => Owners::deal(params, rank, world).map(Some),
+    }
 }
 
 /// `train.recompute`, refused for models whose recomputed parts would not repeat themselves
@@ -441,7 +472,9 @@ impl Lm {
             "training",
         )?;
         let mut params = ParamStore::new(setup.device);
+        let dealt_over = deal_blocks_as_built(recipe, setup, &cfg, &mut params);
         let mut model = Transformer::new(&cfg, &mut params)?;
+        params.stop_sharding_as_added()?;
         model.set_recompute(recompute_mode(recipe, &cfg)?);
         let init = init_weights(recipe, &cfg, setup, &mut params, &model)?;
         let base_params: Vec<String> = params.trainable().map(|p| p.name.clone()).collect();
@@ -460,7 +493,7 @@ impl Lm {
         if recipe.run.precision == Precision::Bf16 {
             params.set_kind(Kind::BFloat16);
         }
-        let mut owners = shard_owners(recipe, setup, &params)?;
+        let mut owners = shard_owners(recipe, setup, &params, dealt_over)?;
         if let Some(o) = owners.as_mut().filter(|_| recipe.run.shard == Shard::Full) {
             // Only the weights every rank keeps whole are broadcast after an update.
             o.broadcast_only(&BlockShards::outside_blocks(&params), &params);

@@ -249,3 +249,57 @@ fn old_substring_patterns_that_now_select_other_weights_are_refused() {
             .unwrap_or_else(|e| panic!("{pattern:?}: {e}"));
     }
 }
+
+/// `run.shard = "full"` builds the model under a rule that frees the tensors other ranks hold:
+/// they keep their shape and seeded draws (the next tensor's values are those of a store built
+/// without the rule), change dtype without memory, and a load checks but skips them.
+#[test]
+fn tensors_held_elsewhere_are_freed_as_added_converted_and_skipped_by_loads() {
+    let build = |rule: Option<ShardRule>| {
+        tch::manual_seed(7);
+        let mut s = ParamStore::new(Device::Cpu);
+        if let Some(rule) = rule {
+            s.shard_as_added(rule);
+        }
+        let _ = s.normal("model.embed_tokens.weight", &[4, 3], 1.0);
+        let _ = s.normal("model.layers.0.mlp.up_proj.weight", &[5, 3], 1.0);
+        let _ = s.normal("model.layers.1.mlp.up_proj.weight", &[5, 3], 1.0);
+        s.stop_sharding_as_added().expect("freed");
+        s
+    };
+    let whole = build(None);
+    // Rank 0 of two: keeps layer 0, frees layer 1; the embedding is not sharded.
+    let mut sharded = build(Some(Box::new(|name: &str, _| {
+        name.contains("layers.").then(|| name.contains("layers.0."))
+    })));
+    let flags: Vec<(bool, bool)> = sharded
+        .iter()
+        .map(|p| (p.sharded, is_released(&p.tensor)))
+        .collect();
+    assert_eq!(flags, vec![(false, false), (true, false), (true, true)]);
+    let value = |s: &ParamStore, n: &str| Vec::<f32>::try_from(s.get(n).expect(n).reshape([-1]));
+    let held = "model.layers.0.mlp.up_proj.weight";
+    assert_eq!(value(&sharded, held).ok(), value(&whole, held).ok());
+    // A load copies what this rank holds and leaves the freed tensor without memory.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("model.safetensors");
+    tch::no_grad(|| {
+        for p in whole.iter() {
+            let _ = p.tensor.shallow_clone().fill_(2.0);
+        }
+    });
+    whole.save(&file).expect("saved");
+    sharded.load(&file).expect("loaded");
+    assert_eq!(value(&sharded, held).ok(), Some(vec![2.0; 15]));
+    let freed = sharded
+        .get("model.layers.1.mlp.up_proj.weight")
+        .expect("layer 1");
+    assert!(is_released(freed));
+    sharded.set_kind(Kind::BFloat16);
+    let freed = sharded
+        .get("model.layers.1.mlp.up_proj.weight")
+        .expect("layer 1");
+    assert_eq!((freed.kind(), freed.size()), (Kind::BFloat16, vec![5, 3]));
+    assert!(is_released(freed));
+    assert_eq!(sharded.get(held).expect("held").kind(), Kind::BFloat16);
+}
