@@ -11,7 +11,9 @@
 #   DEVICE=cuda RECIPE=benches/gpu_llama.toml NPROCS="1" benches/memory_modes.sh device-bin/trainer
 #
 # Environment: RECIPE, DEVICE (cpu), VOCAB (8192), STEPS (6), BATCH (8), THREADS (1 per process
-# on the CPU), NPROCS ("1 2 4"), PYTHON (python3), WORK (/tmp/trainer-memory-modes).
+# on the CPU), NPROCS ("1 2 4"), PYTHON (python3), WORK (/tmp/trainer-memory-modes), EXTRA
+# (space-separated --set overrides for every case, e.g. a larger model), ONLY (a grep -E pattern:
+# run only the cases whose label matches).
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 BIN="${1:-target/release/trainer}"
@@ -38,7 +40,8 @@ for n in $NPROCS; do
   [[ "$n" != 1 ]] && CASES+=("shard optimizer|$n|run.shard=\"optimizer\""
                             "shard gradients|$n|run.shard=\"gradients\""
                             "shard none, recompute block|$n|run.shard=\"none\" train.recompute=\"block\""
-                            "shard full, recompute block|$n|run.shard=\"full\" train.recompute=\"block\"")
+                            "shard full, recompute block|$n|run.shard=\"full\" train.recompute=\"block\""
+                            "shard full, recompute block, no prefetch|$n|run.shard=\"full\" train.recompute=\"block\" run.shard_prefetch=false")
 done
 CASES+=("recompute none, loss chunk 0|1|train.recompute=\"none\" train.loss_chunk_tokens=0"
         "recompute none, loss chunk 4096|1|train.recompute=\"none\""
@@ -48,6 +51,8 @@ CASES+=("recompute none, loss chunk 0|1|train.recompute=\"none\" train.loss_chun
 i=0
 for case in "${CASES[@]}"; do
   IFS='|' read -r label nproc extra <<< "$case"
+  [[ -n "${ONLY:-}" ]] && ! grep -qE "$ONLY" <<< "$label" && continue
+  extra="$extra ${EXTRA:-}"
   i=$((i + 1)); dir="$WORK/case-$i"; rm -rf "$dir"
   args=("$RECIPE" --set "run.out_dir=\"$dir\"" --set "data.train={kind=\"tokens\", path=\"$TOKENS\", dtype=\"uint16\"}"
         --set "model.vocab_size=$VOCAB" --set "run.device=\"$DEVICE\"" --set "run.threads=$THREADS"

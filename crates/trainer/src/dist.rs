@@ -628,6 +628,9 @@ struct OverlapStep {
     started: std::collections::VecDeque<(torch_ext::Work, Tensor)>,
     /// How many buckets have been waited for and unpacked.
     waited: usize,
+    /// The step's last backward pass: a bucket's sum becomes its mean when it is unpacked
+    /// (earlier passes, with owners, leave the owner the sum; `backward_accumulating`).
+    last: bool,
     error: Option<Error>,
 }
 
@@ -673,8 +676,44 @@ impl OverlappedGrads {
 
     /// Runs the step's last backward pass, starting each bucket's all-reduce as soon as it can.
     pub fn backward<R>(&self, dp: &DataParallel, backward: impl FnOnce() -> R) -> R {
+        self.run_backward(dp, true, backward)
+    }
+
+    /// Whether the backward passes before a step's last one can reduce too
+    /// (`backward_accumulating`): with owners.
+    pub fn can_reduce_every_micro_batch(&self) -> bool {
+        self.owners.is_some()
+    }
+
+    /// With owners (`run.shard = "gradients"` or `"full"`) and `run.reduce_every_micro_batch`,
+    /// a backward pass before the step's last one: its buckets are reduced onto their owners as in the last pass and `settle`
+    /// waits for them, so that between micro-batches no rank keeps the gradients of parameters
+    /// it does not own. An owner's gradient is then the sum over the ranks of everything reduced
+    /// so far, to which its next backward pass adds its own; the last pass's reduction adds the
+    /// other ranks' and divides by the world size once: the mean of every rank's micro-batches
+    /// (summed in another order than a whole all-reduce, so equal to rounding). Costs one
+    /// reduction of the gradients per micro-batch instead of per step.
+    pub fn backward_accumulating<R>(&self, dp: &DataParallel, backward: impl FnOnce() -> R) -> R {
+        self.run_backward(dp, false, backward)
+    }
+
+    /// After `backward_accumulating`: waits for the buckets it started (a bucket it could not
+    /// start keeps this pass's gradients on every rank; a later reduction takes them along).
+    pub fn settle(&self, dp: &DataParallel) -> Result<()> {
+        let mut st = self.step.lock().unwrap_or_else(PoisonError::into_inner);
+        while !st.started.is_empty() {
+            self.wait_oldest(dp, &mut st)?;
+        }
+        match st.error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn run_backward<R>(&self, dp: &DataParallel, last: bool, backward: impl FnOnce() -> R) -> R {
         *self.step.lock().unwrap_or_else(PoisonError::into_inner) = OverlapStep {
             ready: vec![false; self.params.len()],
+            last,
             ..OverlapStep::default()
         };
         self.hooks.backward(
@@ -716,7 +755,10 @@ impl OverlappedGrads {
         st.waited += 1;
         dp.wait(work)?;
         if self.owner(b).is_none_or(|o| o == dp.world.rank) {
-            unpack_mean(&buf, &self.grads(b), dp.world.size);
+            match st.last {
+                true => unpack_mean(&buf, &self.grads(b), dp.world.size),
+                false => unpack(&buf, &self.grads(b)),
+            }
         }
         Ok(())
     }

@@ -205,6 +205,17 @@ pub struct RunConfig {
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     #[schemars(!skip_serializing_if)]
     pub shard_prefetch: bool,
+    /// With `shard = "gradients"` or `"full"` and `train.grad_accum` > 1: reduce every
+    /// micro-batch's gradients onto their owners as its backward pass goes on (as DeepSpeed's
+    /// ZeRO stage 2 and FSDP do), so that no rank holds the gradients of parameters it does not
+    /// own between micro-batches; costs one reduction per micro-batch instead of one per step,
+    /// and sums in another order than an unsharded run (over the ranks first, then the
+    /// micro-batches), which bf16-mixed training shows as a 1e-5 drift of the loss after ten
+    /// steps. `false`: the earlier micro-batches accumulate whole gradients on every rank and
+    /// only the last one's backward pass reduces.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[schemars(!skip_serializing_if)]
+    pub reduce_every_micro_batch: bool,
 }
 
 /// `run.shard`: what of the training state is divided among the ranks.
@@ -496,6 +507,12 @@ impl Recipe {
     /// needs only that parameter and its own state, and nothing that touches every parameter's
     /// state.
     fn validate_shard(&self) -> Result<(), Invalid> {
+        check(
+            !self.run.reduce_every_micro_batch
+                || matches!(self.run.shard, Shard::Gradients | Shard::Full),
+            "run.reduce_every_micro_batch",
+            "reduces gradients onto their owners: it needs run.shard = \"gradients\" or \"full\"",
+        )?;
         if self.run.shard == Shard::None {
             return Ok(());
         }

@@ -72,6 +72,10 @@ pub struct Summary {
     /// (with `run.shard = "gradients"`, about 1/world of `grad_bytes`; with layer-wise updates,
     /// none); 0 when this start took no step.
     pub held_grad_bytes: i64,
+    /// The most bytes of gradients this rank held between two micro-batches of a step or at an
+    /// update, measured (with `run.shard = "gradients"` and gradient accumulation, whole
+    /// gradients unless `run.reduce_every_micro_batch`).
+    pub peak_held_grad_bytes: i64,
     /// The bytes of weights this rank held when it took its last optimizer step, measured from
     /// the tensors' storage (with `run.shard = "full"`, its own blocks' weights and those kept
     /// whole; else all of them); 0 when this start took no step.
@@ -290,6 +294,8 @@ struct Lm {
     owners: Option<Owners>,
     /// The bytes of gradients held at the last optimizer step (the summary's `held_grad_bytes`).
     held_grad_bytes: i64,
+    /// The most held between micro-batches or at an update (`peak_held_grad_bytes`).
+    peak_held_grad_bytes: i64,
     /// `run.shard = "full"`: the blocks' weights, gathered around each use (`shard.rs`).
     block_shards: Option<std::rc::Rc<BlockShards>>,
     /// The bytes of weights held at the last optimizer step (`held_param_bytes`).
@@ -324,6 +330,25 @@ struct StepLog {
 struct StepOut {
     log: StepLog,
     stop_all: bool,
+}
+
+/// `run.reduce_every_micro_batch` reduces in the backward pass onto the owners
+/// (`OverlappedGrads`), which MoE models and distillation do not use: their gradients are
+/// averaged after the backward pass.
+fn check_reduce_every_micro_batch(recipe: &Recipe, cfg: &TransformerConfig) -> Result<()> {
+    let other = match (&recipe.distill, &cfg.moe) {
+        _ if !recipe.run.reduce_every_micro_batch => None,
+        (Some(_), _) => Some("[distill]"),
+        (_, Some(_)) => Some("MoE layers"),
+        _ => None,
+    };
+    match other {
+        Some(what) => Err(Error::Recipe(format!(
+            "run.reduce_every_micro_batch: with {what} the gradients are averaged after the \
+             backward pass, not reduced onto their owners during it; set it to false"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// `run.shard = "full"` over several ranks, before the model is built: its blocks are dealt
@@ -476,6 +501,7 @@ impl Lm {
         let mut model = Transformer::new(&cfg, &mut params)?;
         params.stop_sharding_as_added()?;
         model.set_recompute(recompute_mode(recipe, &cfg)?);
+        check_reduce_every_micro_batch(recipe, &cfg)?;
         let init = init_weights(recipe, &cfg, setup, &mut params, &model)?;
         let base_params: Vec<String> = params.trainable().map(|p| p.name.clone()).collect();
         let relora = apply_peft(recipe, setup, &base_params, &mut model, &mut params)?;
@@ -515,6 +541,7 @@ impl Lm {
             pruner: None,
             owners,
             held_grad_bytes: 0,
+            peak_held_grad_bytes: 0,
             block_shards: None,
             held_param_bytes: 0,
         };
@@ -721,6 +748,7 @@ impl Lm {
             "lower optim.lr or set train.clip_grad_norm",
         )?;
         self.held_grad_bytes = held_grad_bytes(&self.params);
+        self.peak_held_grad_bytes = self.peak_held_grad_bytes.max(self.held_grad_bytes);
         self.held_param_bytes = self
             .params
             .iter()
@@ -827,10 +855,20 @@ impl Lm {
                     &mut sums.layerwise_norm_sq,
                 )?,
                 (None, Some(o)) if last => o.backward(&run.dp, || scaled.f_backward())?,
+                // run.reduce_every_micro_batch: every micro-batch's gradients are reduced onto
+                // their owners (`check_reduce_every_micro_batch`).
+                (None, Some(o)) if recipe.run.reduce_every_micro_batch => {
+                    o.backward_accumulating(&run.dp, || scaled.f_backward())?;
+                    o.settle(&run.dp)?;
+                }
                 _ => scaled.f_backward()?,
             }
             sums.loss += logged.to_kind(Kind::Float);
             sums.moe_stats = out.moe_layers;
+            if !last {
+                let held = held_grad_bytes(&self.params);
+                self.peak_held_grad_bytes = self.peak_held_grad_bytes.max(held);
+            }
         }
         Ok(sums)
     }
@@ -936,6 +974,7 @@ impl Lm {
             sizes: harness::Sizes::of(&self.params),
             grad_bytes: grad_bytes(&self.params),
             held_grad_bytes: self.held_grad_bytes,
+            peak_held_grad_bytes: self.peak_held_grad_bytes,
             held_param_bytes: self.held_param_bytes,
             block_gathers: self.block_shards.as_ref().map(|b| b.gather_counts()),
             footprint,
