@@ -203,16 +203,31 @@ fn full_sharding_trains_the_unsharded_curve_and_holds_a_share_of_the_blocks() {
             held_param_bytes(w, &plain_dir),
             held_param_bytes(w, &full_dir),
         );
+        // About 1/N: the embedding, the blocks and the head are all dealt out (the final norm
+        // stays whole); whole tensors round a share up.
         assert!(
-            held > 0.0 && held < 0.9 * whole,
+            held > 0.0 && held < 1.3 / nproc as f64 * whole,
             "{what}: held {held} of {whole}"
         );
     }
-    // The block that runs next fetched ahead (run.shard_prefetch, on by default) or only when
-    // it runs: the same values. Ahead, each pass of the two blocks gathers its second block
-    // from the fetch started while the first computed: 2 of 4 gathers in the first
-    // micro-batch of a step, 2 of 3 in the second (block 0 is still whole from the backward
-    // pass before); evaluations 1 of 2, checkpoints none.
+    // Tied embeddings (the head is the embedding, gathered again for the loss) and the whole
+    // logits' loss (the head's weight stays gathered for the backward pass): the same curve.
+    let mut set = common.clone();
+    set.extend(["model.tie_embeddings=true", "train.loss_chunk_tokens=0"]);
+    let plain = launch(w, 2, "tied-block", &set);
+    set.push("run.shard=\"full\"");
+    let full = launch(w, 2, "tied-full", &set);
+    assert_close(
+        &curve(&full),
+        &curve(&plain),
+        1e-5,
+        "full, tied, whole logits",
+    );
+    // The piece that runs next fetched ahead (run.shard_prefetch, on by default) or only when
+    // it runs: the same values. Ahead, a micro-batch gathers the embedding, both blocks and the
+    // head going forward and both blocks again in backward, all but the embedding from the
+    // fetch started while the piece before computed (5 of 6); an evaluation 3 of 4; a
+    // checkpoint none.
     let gathers = |out: &str| {
         let summary = read_summary(&w.join(out));
         let g = &summary["block_gathers"];
@@ -225,7 +240,7 @@ fn full_sharding_trains_the_unsharded_curve_and_holds_a_share_of_the_blocks() {
     assert_eq!(curve(&unfetched), curve(&fetched));
     let (total, ahead) = gathers("full-2-fp32");
     assert!(
-        ahead > 0.4 * total && ahead < 0.6 * total,
+        ahead > 0.7 * total && ahead < 0.9 * total,
         "{ahead} of {total} fetched ahead"
     );
     assert_eq!(gathers("full-2-unfetched"), (total, 0.0));

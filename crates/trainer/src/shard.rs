@@ -13,9 +13,11 @@
 //! pass; the norm for clipping is formed from the owners' per-tensor norms
 //! (`Owners::clip_grad_norm`).
 //!
-//! `run.shard = "full"` (ZeRO stage 3 on whole tensors, `BlockShards`): as `"gradients"`, and a
-//! transformer block's weights have memory only on their owner, gathered onto every rank around
-//! each use of the block.
+//! `run.shard = "full"` (ZeRO stage 3 on whole tensors, `BlockShards`): as `"gradients"`, and the
+//! weights of the token embedding, of each transformer block and of the head have memory only
+//! on their owner, gathered onto every rank around each use (the next one fetched while the
+//! current one computes); the model is built that way (`blocks_dealt_as_added`), so no rank
+//! ever holds all of it.
 //!
 //! Owners are contiguous runs of parameters in registration order, balanced by element count:
 //! parameter `i` (starting at element `s`, of `n` elements, of `N` in all) belongs to rank
@@ -24,6 +26,9 @@
 use crate::dist::{DataParallel, PendingBroadcast};
 use crate::error::{Error, Result};
 use crate::models::params::{is_released, ParamStore, ShardRule};
+use crate::models::transformer::Piece;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
 
 /// Which rank owns each trainable parameter.
@@ -127,14 +132,15 @@ impl Dealing {
     }
 }
 
-/// `run.shard = "full"`, while the model is built (`ParamStore::shard_as_added`): each block's
-/// tensors are dealt as `Owners::deal_over(.., total)` will deal them, and this rank keeps only
-/// its own; every tensor outside the blocks stays whole.
+/// `run.shard = "full"`, while the model is built (`ParamStore::shard_as_added`): the tensors of
+/// each piece (`Piece::of`: the embedding, the blocks, the head) are dealt as
+/// `Owners::deal_over(.., total)` will deal them, and this rank keeps only its own; every other
+/// tensor stays whole.
 pub fn blocks_dealt_as_added(rank: usize, world: usize, total: i128) -> ShardRule {
     let mut deal = Dealing::new(world, total);
     Box::new(move |name, numel| {
         let owner = deal.next(numel);
-        block_of(name).map(|_| owner == rank)
+        Piece::of(name).map(|_| owner == rank)
     })
 }
 
@@ -205,7 +211,7 @@ impl Owners {
 }
 
 /// `run.shard = "full"`: after `deal`, the owners broadcast only the parameters every rank keeps
-/// whole (outside the blocks); a block's weights are gathered from their owners when used.
+/// whole (outside the pieces); a piece's weights are gathered from their owners when used.
 impl Owners {
     pub fn broadcast_only(
         &mut self,
@@ -222,32 +228,34 @@ impl Owners {
     }
 }
 
-/// `run.shard = "full"` (ZeRO stage 3 / FSDP on whole tensors): each block's weights live whole
-/// on their owners only; the other ranks' copies have no memory (`torch_ext::release_storage`)
-/// until the block runs, when every rank gives them memory again and each owner broadcasts its
-/// tensors of the block (`gather`). Parameters outside the blocks (embedding, final norm, head)
-/// stay whole everywhere, as with `"gradients"`.
+/// `run.shard = "full"` (ZeRO stage 3 / FSDP on whole tensors): the weights of each piece of the
+/// model (the token embedding, each block, the head: `Piece`) live whole on their owners only;
+/// the other ranks' copies have no memory (`torch_ext::release_storage`) until the piece runs,
+/// when every rank gives them memory again and each owner broadcasts its tensors of the piece
+/// (`gather`). The final norm and learned positions stay whole everywhere, as with
+/// `"gradients"`.
 pub struct BlockShards {
     dp: DataParallel,
     rank: usize,
-    /// Per block: (owner, that owner's tensors of one dtype) in registration order.
-    blocks: Vec<Vec<(usize, Vec<Tensor>)>>,
-    /// The blocks whose weights this rank holds whole now (besides its own).
-    live: std::cell::RefCell<std::collections::BTreeSet<usize>>,
-    /// The block being fetched while another computes, and its broadcasts (one per group).
-    prefetch: std::cell::RefCell<Option<(usize, Vec<PendingBroadcast>)>>,
-    /// `run.shard_prefetch`: whether the block that runs next is fetched ahead.
+    /// Per piece: (owner, that owner's tensors of one dtype) in registration order. A tied head
+    /// has no entry: it is the embedding (`resolve`).
+    pieces: BTreeMap<Piece, Vec<(usize, Vec<Tensor>)>>,
+    /// The pieces whose weights this rank holds whole now (besides its own).
+    live: RefCell<std::collections::BTreeSet<Piece>>,
+    /// The piece being fetched while another computes, and its broadcasts (one per group).
+    prefetch: RefCell<Option<(Piece, Vec<PendingBroadcast>)>>,
+    /// `run.shard_prefetch`: whether the piece that runs next is fetched ahead.
     prefetch_on: bool,
     counts: std::cell::Cell<GatherCounts>,
     /// The first collective that failed inside the model's forward or backward pass.
-    error: std::cell::RefCell<Option<Error>>,
+    error: RefCell<Option<Error>>,
 }
 
 impl BlockShards {
-    /// The blocks of `store` (trainable parameters named `...layers.I...` or `...h.I...`),
-    /// `n_blocks` of them, each dealt as `owners` says; `dp` a handle on the run's group;
-    /// `prefetch_on`: fetch the block that runs next ahead (`run.shard_prefetch`). Every
-    /// parameter outside the blocks is left whole. Does not release anything yet.
+    /// The pieces of `store` (`Piece::of` its trainable parameters' names): the embedding,
+    /// `n_blocks` blocks and the head unless tied, each dealt as `owners` says; `dp` a handle on
+    /// the run's group; `prefetch_on`: fetch the piece that runs next ahead
+    /// (`run.shard_prefetch`). Every other parameter is left whole. Releases nothing yet.
     pub fn new(
         dp: DataParallel,
         store: &ParamStore,
@@ -256,30 +264,33 @@ impl BlockShards {
         prefetch_on: bool,
     ) -> Result<BlockShards> {
         let world = dp.world.size;
-        let mut members: Vec<Vec<(usize, &Tensor)>> = (0..n_blocks).map(|_| Vec::new()).collect();
+        let mut members: BTreeMap<Piece, Vec<(usize, &Tensor)>> = BTreeMap::new();
         for (p, &owner) in store.trainable().zip(&owners.owner) {
-            let Some(i) = block_of(&p.name) else { continue };
-            let Some(block) = members.get_mut(i) else {
+            let Some(piece) = Piece::of(&p.name) else {
+                continue;
+            };
+            if matches!(piece, Piece::Block(i) if i >= n_blocks) {
                 return Err(Error::Recipe(format!(
-                    "run.shard = \"full\": {} names block {i} of a model of {n_blocks}",
+                    "run.shard = \"full\": {} names a block past the model's {n_blocks}",
                     p.name
                 )));
-            };
-            block.push((owner, &p.tensor));
+            }
+            members.entry(piece).or_default().push((owner, &p.tensor));
         }
-        if let Some(i) = members.iter().position(Vec::is_empty) {
+        let expected = (0..n_blocks).map(Piece::Block).chain([Piece::Embedding]);
+        if let Some(missing) = expected.into_iter().find(|p| !members.contains_key(p)) {
             return Err(Error::Recipe(format!(
-                "run.shard = \"full\": block {i} has no trainable parameters to shard"
+                "run.shard = \"full\": {missing:?} has no trainable parameters to shard"
             )));
         }
-        let blocks = members
+        let pieces = members
             .into_iter()
-            .map(|m| groups_of(m.into_iter(), world))
+            .map(|(piece, m)| (piece, groups_of(m.into_iter(), world)))
             .collect();
         Ok(BlockShards {
             rank: dp.world.rank,
             dp,
-            blocks,
+            pieces,
             live: Default::default(),
             prefetch: Default::default(),
             prefetch_on,
@@ -288,40 +299,40 @@ impl BlockShards {
         })
     }
 
-    /// The names of the trainable parameters outside the blocks (kept whole on every rank).
-    pub fn outside_blocks(store: &ParamStore) -> std::collections::HashSet<String> {
+    /// The names of the trainable parameters outside the pieces (kept whole on every rank).
+    pub fn outside_pieces(store: &ParamStore) -> std::collections::HashSet<String> {
         store
             .trainable()
-            .filter(|p| block_of(&p.name).is_none())
+            .filter(|p| Piece::of(&p.name).is_none())
             .map(|p| p.name.clone())
             .collect()
     }
 
-    /// Lets go of every block this rank does not own (and of a fetch still in flight).
+    /// Lets go of every piece this rank does not own (and of a fetch still in flight).
     pub fn release_all(&self) -> Result<()> {
         self.drop_prefetch()?;
-        for i in 0..self.blocks.len() {
-            self.release_block(i)?;
+        for piece in self.pieces.keys() {
+            self.release_piece(*piece)?;
         }
         Ok(())
     }
 
     /// Every tensor of `store` as a host copy on rank 0, in order (nothing on the other
-    /// ranks), for a checkpoint's model file: the blocks gathered one at a time (every rank
-    /// takes part), so that no rank holds every block at once.
+    /// ranks), for a checkpoint's model file: the pieces gathered one at a time (every rank
+    /// takes part), so that no rank holds every piece at once.
     pub fn model_on_main(&self, store: &ParamStore) -> Result<Vec<(String, Tensor)>> {
         self.drop_prefetch()?;
         let main = self.rank == 0;
         let mut out = Vec::new();
-        let mut current: Option<usize> = None;
+        let mut current: Option<Piece> = None;
         for p in store.iter() {
-            let block = block_of(&p.name).filter(|_| p.trainable);
-            if let Some(i) = block.filter(|_| block != current) {
+            let piece = Piece::of(&p.name).filter(|_| p.trainable);
+            if let Some(now) = piece.filter(|_| piece != current) {
                 if let Some(done) = current {
-                    self.release_block(done)?;
+                    self.release_piece(done)?;
                 }
-                self.gather_block(i)?;
-                current = block;
+                self.gather_piece(now)?;
+                current = piece;
             }
             if main {
                 out.push((
@@ -331,12 +342,12 @@ impl BlockShards {
             }
         }
         if let Some(done) = current {
-            self.release_block(done)?;
+            self.release_piece(done)?;
         }
         Ok(out)
     }
 
-    /// How many times a block was gathered, and how many of them had been fetched ahead.
+    /// How many times a piece was gathered, and how many of them had been fetched ahead.
     pub fn gather_counts(&self) -> GatherCounts {
         self.counts.get()
     }
@@ -349,27 +360,40 @@ impl BlockShards {
         }
     }
 
-    /// Makes block `i` whole on this rank: from its fetch in flight if that is block `i`,
-    /// otherwise by broadcasts from its owners (a fetch of another block is waited for first
+    /// The piece whose tensors `piece` uses: a tied head is the embedding.
+    fn resolve(&self, piece: Piece) -> Piece {
+        match piece {
+            Piece::Head if !self.pieces.contains_key(&Piece::Head) => Piece::Embedding,
+            _ => piece,
+        }
+    }
+
+    /// The groups of `piece` (nothing for one this model does not have).
+    fn groups(&self, piece: Piece) -> &[(usize, Vec<Tensor>)] {
+        self.pieces.get(&piece).map_or(&[], Vec::as_slice)
+    }
+
+    /// Makes `piece` whole on this rank: from its fetch in flight if that is `piece`,
+    /// otherwise by broadcasts from its owners (a fetch of another piece is waited for first
     /// and its values dropped: every rank waits for the collectives it started, in order).
-    fn gather_block(&self, i: usize) -> Result<()> {
-        if self.live.borrow().contains(&i) {
+    fn gather_piece(&self, piece: Piece) -> Result<()> {
+        if self.live.borrow().contains(&piece) {
             return Ok(());
         }
         let fetched = match self.prefetch.borrow_mut().take() {
-            Some((b, pending)) if b == i => Some(pending),
+            Some((p, pending)) if p == piece => Some(pending),
             Some((_, pending)) => {
                 self.wait_dropping(pending)?;
                 None
             }
             None => None,
         };
-        self.live.borrow_mut().insert(i);
+        self.live.borrow_mut().insert(piece);
         let mut counts = self.counts.get();
         counts.total += 1;
         counts.prefetched += i64::from(fetched.is_some());
         self.counts.set(counts);
-        for (owner, tensors) in &self.blocks[i] {
+        for (owner, tensors) in self.groups(piece) {
             if *owner != self.rank {
                 for t in tensors {
                     torch_ext::materialize_storage(t).map_err(Error::Torch)?;
@@ -387,18 +411,18 @@ impl BlockShards {
         Ok(())
     }
 
-    /// Starts fetching block `i` (its owners' broadcasts into flat buffers), unless it is whole
+    /// Starts fetching `piece` (its owners' broadcasts into flat buffers), unless it is whole
     /// here already or a fetch is in flight.
-    fn start_prefetch(&self, i: usize) -> Result<()> {
-        let busy = self.live.borrow().contains(&i) || self.prefetch.borrow().is_some();
+    fn start_prefetch(&self, piece: Piece) -> Result<()> {
+        let busy = self.live.borrow().contains(&piece) || self.prefetch.borrow().is_some();
         if busy || !self.prefetch_on {
             return Ok(());
         }
         let mut pending = Vec::new();
-        for (owner, tensors) in &self.blocks[i] {
+        for (owner, tensors) in self.groups(piece) {
             pending.push(self.dp.start_broadcast_flat(tensors, *owner, GATHERING)?);
         }
-        *self.prefetch.borrow_mut() = Some((i, pending));
+        *self.prefetch.borrow_mut() = Some((piece, pending));
         Ok(())
     }
 
@@ -417,9 +441,9 @@ impl BlockShards {
         Ok(())
     }
 
-    fn release_block(&self, i: usize) -> Result<()> {
-        self.live.borrow_mut().remove(&i);
-        for (owner, tensors) in &self.blocks[i] {
+    fn release_piece(&self, piece: Piece) -> Result<()> {
+        self.live.borrow_mut().remove(&piece);
+        for (owner, tensors) in self.groups(piece) {
             if *owner != self.rank {
                 for t in tensors {
                     torch_ext::release_storage(t).map_err(Error::Torch)?;
@@ -437,48 +461,39 @@ impl BlockShards {
     }
 }
 
-/// `run.shard = "full"`: the gathers of blocks since the start, for summary.json.
+/// `run.shard = "full"`: the gathers of pieces since the start, for summary.json.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct GatherCounts {
-    /// Blocks made whole on this rank (forward, backward, evaluation, checkpoints).
+    /// Pieces made whole on this rank (forward, backward, evaluation, checkpoints).
     pub total: i64,
-    /// Of those, the ones fetched while the block before them computed (`run.shard_prefetch`).
+    /// Of those, the ones fetched while the piece before them computed (`run.shard_prefetch`).
     pub prefetched: i64,
 }
 
-const GATHERING: &str = "gathering a block's weights";
+const GATHERING: &str = "gathering sharded weights";
 
 impl crate::models::transformer::BlockWeights for BlockShards {
-    fn gather(&self, block: usize, next: Option<usize>) {
-        let others: Vec<usize> = self
+    fn gather(&self, piece: Piece, next: Option<Piece>) {
+        let piece = self.resolve(piece);
+        let others: Vec<Piece> = self
             .live
             .borrow()
             .iter()
             .copied()
-            .filter(|&b| b != block)
+            .filter(|&p| p != piece)
             .collect();
-        for b in others {
-            self.keep(self.release_block(b));
+        for p in others {
+            self.keep(self.release_piece(p));
         }
-        self.keep(self.gather_block(block));
-        if let Some(n) = next {
+        self.keep(self.gather_piece(piece));
+        if let Some(n) = next.map(|n| self.resolve(n)).filter(|&n| n != piece) {
             self.keep(self.start_prefetch(n));
         }
     }
 
-    fn release(&self, block: usize) {
-        self.keep(self.release_block(block));
+    fn release(&self, piece: Piece) {
+        self.keep(self.release_piece(self.resolve(piece)));
     }
-}
-
-/// The block a parameter belongs to: the number after a `layers` or `h` segment of its name
-/// (`model.layers.3.mlp.up_proj.weight`, `transformer.h.0.attn.c_attn.weight`).
-fn block_of(name: &str) -> Option<usize> {
-    let parts: Vec<&str> = name.split('.').collect();
-    parts
-        .windows(2)
-        .find(|w| matches!(w[0], "layers" | "h"))
-        .and_then(|w| w[1].parse().ok())
 }
 
 /// Each owner's tensors of one dtype, in registration order: what it broadcasts (one flat
@@ -569,7 +584,7 @@ mod tests {
             let owners = Owners::deal_over(&store, rank, 3, total).expect("three ranks");
             owners.check_held_blocks(&store).expect("held as dealt");
             for p in store.iter() {
-                let whole = block_of(&p.name).is_none();
+                let whole = Piece::of(&p.name).is_none();
                 assert_eq!(p.sharded, !whole, "{}", p.name);
                 assert_eq!(is_released(&p.tensor), !whole && !owners.owns(&p.name));
             }

@@ -187,21 +187,22 @@ pub struct RunConfig {
     /// `"gradients"` (ZeRO stage 2, on whole tensors): as `"optimizer"`, and each parameter's
     /// gradient is reduced onto its owner only (while the backward pass goes on) and dropped by
     /// the other ranks; the gradient norm for clipping is gathered from the owners. `"full"`
-    /// (ZeRO stage 3 / FSDP, on whole tensors): as `"gradients"`, and each transformer block's
-    /// weights live on their owners only, broadcast to every rank just before the block runs
-    /// and freed after it (in the backward pass, once its gradients are formed); needs
-    /// `train.recompute = "block"`; the embedding, final norm and head stay whole everywhere.
+    /// (ZeRO stage 3 / FSDP, on whole tensors): as `"gradients"`, and the weights of the token
+    /// embedding, of each transformer block and of the head live on their owners only,
+    /// broadcast to every rank just before they are used and freed after (in the backward pass,
+    /// once their gradients are formed); needs `train.recompute = "block"`; the final norm and
+    /// learned positions stay whole everywhere.
     /// AdamW (32- or 8-bit states) and SGD; each rank writes its share of the optimizer state
     /// to a checkpoint file of its own (with an index), which resumes at any world size and in
     /// any shard mode. One process: no effect.
     #[serde(default, skip_serializing_if = "Shard::is_none")]
     #[schemars(!skip_serializing_if)]
     pub shard: Shard,
-    /// With `shard = "full"`: fetch the weights of the block that runs next (the following one
-    /// in the forward pass, the one before in the backward pass) while the current block
-    /// computes, so that communication overlaps computation, at the cost of one more block's
-    /// weights in memory. `false`: each block is gathered only when it runs. Same values either
-    /// way.
+    /// With `shard = "full"`: fetch the weights of the piece that runs next (the following block
+    /// in the forward pass, the head after the last, the block before in the backward pass)
+    /// while the current one computes, so that communication overlaps computation, at the cost
+    /// of one more piece's weights in memory. `false`: each piece is gathered only when it runs.
+    /// Same values either way.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     #[schemars(!skip_serializing_if)]
     pub shard_prefetch: bool,

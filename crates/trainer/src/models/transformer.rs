@@ -533,16 +533,48 @@ pub struct Transformer {
     block_weights: Option<std::rc::Rc<dyn BlockWeights>>,
 }
 
-/// `run.shard = "full"` (`shard.rs`): each block's weights live whole on their owners only and
-/// are gathered onto every rank just before the block runs. `gather(i, next)` first lets go of
-/// any other block it holds, then makes block `i` whole, and starts fetching block `next` (the
-/// one the pass runs after `i`: `i + 1` going forward, `i - 1` in the backward pass) while `i`
-/// computes; `release(i)` lets go of block `i` (after a forward pass that keeps no graph).
-/// Collective errors are kept by the implementation for the training loop to report; the memory
-/// is always there, so the model never reads a freed one.
+/// `run.shard = "full"` (`shard.rs`): each piece's weights live whole on their owners only and
+/// are gathered onto every rank just before the piece runs. `gather(p, next)` first lets go of
+/// any other piece it holds, then makes piece `p` whole, and starts fetching piece `next` (the
+/// one the pass runs after `p`: the following block going forward, the one before in the
+/// backward pass) while `p` computes; `release(p)` lets go of piece `p` (after a pass that keeps
+/// no graph needing its weights). Collective errors are kept by the implementation for the
+/// training loop to report; the memory is always there, so the model never reads a freed one.
 pub trait BlockWeights {
-    fn gather(&self, block: usize, next: Option<usize>);
-    fn release(&self, block: usize);
+    fn gather(&self, piece: Piece, next: Option<Piece>);
+    fn release(&self, piece: Piece);
+}
+
+/// The parts of the model whose weights `run.shard = "full"` gathers around each use: the
+/// token embedding, each block, and the output head (the embedding again when tied). The final
+/// norm and learned positions stay whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Piece {
+    Embedding,
+    Block(usize),
+    Head,
+}
+
+impl Piece {
+    /// The piece the parameter `name` belongs to (by its Hugging Face key): a block's
+    /// (`model.layers.3.mlp.up_proj.weight`, `transformer.h.0.attn.c_attn.weight`), the token
+    /// embedding's, the head's; `None` for the rest.
+    pub fn of(name: &str) -> Option<Piece> {
+        match name {
+            "model.embed_tokens.weight" | "transformer.wte.weight" | "gpt_neox.embed_in.weight" => {
+                Some(Piece::Embedding)
+            }
+            "lm_head.weight" => Some(Piece::Head),
+            _ => {
+                let parts: Vec<&str> = name.split('.').collect();
+                parts
+                    .windows(2)
+                    .find(|w| matches!(w[0], "layers" | "h"))
+                    .and_then(|w| w[1].parse().ok())
+                    .map(Piece::Block)
+            }
+        }
+    }
 }
 
 impl Transformer {
@@ -850,8 +882,7 @@ impl Transformer {
     /// the output projection alone, so that a caller can run it on a few positions at a time
     /// (distillation's chunked losses).
     pub fn lm_head(&self, hidden: &Tensor) -> Tensor {
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = hidden.linear(head, None::<&Tensor>);
+        let logits = self.with_head(false, |head| hidden.linear(head, None::<&Tensor>));
         let logits = match &self.config.variant.multipliers {
             Some(m) => logits / m.logits_scaling,
             None => logits,
@@ -887,7 +918,12 @@ impl Transformer {
         };
         let (b, t) = idx.size2().expect("token ids are [batch, time]");
         let p_drop = if train { c.dropout } else { 0.0 };
+        // Sharded weights: the lookup's backward pass needs only the ids, so the table is let go
+        // of at once.
+        let w = self.block_weights.as_ref();
+        w.inspect(|w| w.gather(Piece::Embedding, Some(Piece::Block(0))));
         let mut x = Tensor::embedding(&self.embed, idx, -1, false, false); // [b, t, d]
+        w.inspect(|w| w.release(Piece::Embedding));
         if let Some(m) = &c.variant.multipliers {
             x = x * m.embedding;
         }
@@ -928,9 +964,9 @@ impl Transformer {
                 // Training without recomputation is refused with sharded block weights: this
                 // is a forward pass whose graph is not kept (evaluation, generation).
                 let w = self.block_weights.as_ref();
-                w.inspect(|w| w.gather(i, self.block_after(i, false)));
+                w.inspect(|w| w.gather(Piece::Block(i), self.piece_after(i, false)));
                 let y = self.block_forward(i, x, &masks, (b, t), p_drop, train, &mut moe_layers);
-                w.inspect(|w| w.release(i));
+                w.inspect(|w| w.release(Piece::Block(i)));
                 y
             };
             keep(i as i64 + 1, &x);
@@ -1001,11 +1037,11 @@ impl Transformer {
             // until the block's gradients are formed (let go when the next block is gathered).
             let weights = model.block_weights.as_ref();
             let backward = torch_ext::grad_mode_enabled();
-            weights.inspect(|w| w.gather(i, model.block_after(i, backward)));
+            weights.inspect(|w| w.gather(Piece::Block(i), model.piece_after(i, backward)));
             let y =
                 model.block_forward(i, x.shallow_clone(), &masks, bt, 0.0, true, &mut Vec::new());
             if !backward {
-                weights.inspect(|w| w.release(i));
+                weights.inspect(|w| w.release(Piece::Block(i)));
             }
             y
         };
@@ -1013,14 +1049,34 @@ impl Transformer {
             .unwrap_or_else(|e| panic!("block {i}, recomputed in the backward pass: {e}"))
     }
 
-    /// The block a pass runs after block `i`: the next one going forward, the one before in the
-    /// backward pass (whose recomputations run from the last block to the first).
-    fn block_after(&self, i: usize, backward: bool) -> Option<usize> {
-        if backward {
-            i.checked_sub(1)
-        } else {
-            Some(i + 1).filter(|&n| n < self.blocks.len())
+    /// The piece a pass runs after block `i`: the next block going forward (the head after the
+    /// last), the one before in the backward pass (whose recomputations run from the last block
+    /// to the first; the embedding's gradient needs no weights).
+    fn piece_after(&self, i: usize, backward: bool) -> Option<Piece> {
+        match (backward, i + 1 < self.blocks.len()) {
+            (true, _) => i.checked_sub(1).map(Piece::Block),
+            (false, true) => Some(Piece::Block(i + 1)),
+            (false, false) => Some(Piece::Head),
         }
+    }
+
+    /// Runs `f` on the output head's weight, gathered first with sharded weights; `f` keeps no
+    /// graph needing the weight when `frees` (the chunked loss forms its gradients at once), or
+    /// in a pass without a graph: the weight is let go of after `f`. Otherwise the backward
+    /// pass needs it, and the gather of the last block for its recomputation lets go of it.
+    fn with_head<T>(&self, frees: bool, f: impl FnOnce(&Tensor) -> T) -> T {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let Some(w) = self.block_weights.as_ref() else {
+            return f(head);
+        };
+        let graph = torch_ext::grad_mode_enabled();
+        let last = self.blocks.len().checked_sub(1).map(Piece::Block);
+        w.gather(Piece::Head, last.filter(|_| graph));
+        let out = f(head);
+        if frees || !graph {
+            w.release(Piece::Head);
+        }
+        out
     }
 
     /// `run.shard = "full"`: the blocks' weights are gathered around each use (`BlockWeights`).
@@ -1385,7 +1441,6 @@ impl Transformer {
         if self.config.variant.logits_softcap.is_some() {
             return Ok(Transformer::loss(&self.lm_head(hidden), targets));
         }
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let scale = self
             .config
             .variant
@@ -1393,14 +1448,16 @@ impl Transformer {
             .as_ref()
             .map_or(1.0, |m| m.logits_scaling);
         let d = hidden.size()[hidden.dim() - 1];
-        torch_ext::linear_cross_entropy(
-            &hidden.reshape([-1, d]),
-            head,
-            &targets.reshape([-1]),
-            scale,
-            chunk,
-            -100,
-        )
+        self.with_head(true, |head| {
+            torch_ext::linear_cross_entropy(
+                &hidden.reshape([-1, d]),
+                head,
+                &targets.reshape([-1]),
+                scale,
+                chunk,
+                -100,
+            )
+        })
         .map_err(|e| crate::error::Error::Torch(format!("chunked loss: {e}")))
     }
 

@@ -475,8 +475,13 @@ fn training_need(recipe: &Recipe, cfg: &TransformerConfig, setup: &Setup) -> Mem
             .unwrap_or(1),
         _ => 1,
     };
+    // "full": each rank keeps its share of the weights (plus a few pieces gathered at a time).
+    let weight_share = match recipe.run.shard {
+        Shard::Full => world,
+        _ => 1,
+    };
     MemoryNeed {
-        weights: params * weight_bytes,
+        weights: params * weight_bytes / weight_share,
         gradients,
         optimizer_state: trained * recipe.optim.state_bytes_per_param(weight_bytes) / state_share,
         logits,
@@ -522,7 +527,7 @@ impl Lm {
         let mut owners = shard_owners(recipe, setup, &params, dealt_over)?;
         if let Some(o) = owners.as_mut().filter(|_| recipe.run.shard == Shard::Full) {
             // Only the weights every rank keeps whole are broadcast after an update.
-            o.broadcast_only(&BlockShards::outside_blocks(&params), &params);
+            o.broadcast_only(&BlockShards::outside_pieces(&params), &params);
         }
         let optimizer = match &owners {
             Some(o) => Optimizer::build_owned(&recipe.optim, &params, &|n| o.owns(n))?,
