@@ -210,19 +210,21 @@ fn full_sharding_trains_the_unsharded_curve_and_holds_a_share_of_the_blocks() {
             "{what}: held {held} of {whole}"
         );
     }
-    // Tied embeddings (the head is the embedding, gathered again for the loss) and the whole
-    // logits' loss (the head's weight stays gathered for the backward pass): the same curve.
-    let mut set = common.clone();
-    set.extend(["model.tie_embeddings=true", "train.loss_chunk_tokens=0"]);
-    let plain = launch(w, 2, "tied-block", &set);
-    set.push("run.shard=\"full\"");
-    let full = launch(w, 2, "tied-full", &set);
-    assert_close(
-        &curve(&full),
-        &curve(&plain),
-        1e-5,
-        "full, tied, whole logits",
-    );
+    // Tied embeddings (the head is the embedding, gathered again for the loss), with the
+    // chunked loss (let go of after it) and the whole logits' loss (the head's weight stays
+    // gathered for the backward pass): the same curves.
+    for (chunk, out) in [
+        ("train.loss_chunk_tokens=64", "chunked"),
+        ("train.loss_chunk_tokens=0", "whole"),
+    ] {
+        let mut set = common.clone();
+        set.extend(["model.tie_embeddings=true", chunk]);
+        let plain = launch(w, 2, &format!("tied-block-{out}"), &set);
+        set.push("run.shard=\"full\"");
+        let full = launch(w, 2, &format!("tied-full-{out}"), &set);
+        let what = format!("full, tied embeddings, {chunk}");
+        assert_close(&curve(&full), &curve(&plain), 1e-5, &what);
+    }
     // The piece that runs next fetched ahead (run.shard_prefetch, on by default) or only when
     // it runs: the same values. Ahead, a micro-batch gathers the embedding, both blocks and the
     // head going forward and both blocks again in backward, all but the embedding from the
