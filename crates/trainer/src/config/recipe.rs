@@ -519,9 +519,6 @@ impl Recipe {
         }
         let mode = self.run.shard.as_str();
         let why = match &self.optim {
-            OptimConfig::GaloreAdamw { .. } => {
-                Some("GaLore-AdamW (its projections are not sharded yet)")
-            }
             OptimConfig::Gsm { .. } => Some("GSM (it ranks every parameter's saliency at once)"),
             _ if self.optim.layerwise() => {
                 Some("optim.layerwise (updates inside the backward pass)")
@@ -531,7 +528,7 @@ impl Recipe {
         if let Some(why) = why {
             return Err(Invalid {
                 key: "run.shard".to_string(),
-                msg: format!("\"{mode}\" works with AdamW and SGD, not with {why}"),
+                msg: format!("\"{mode}\" works with AdamW, GaLore-AdamW and SGD, not with {why}"),
             });
         }
         check(

@@ -152,6 +152,29 @@ impl GaloreAdamW {
         eps: f64,
         weight_decay: f64,
     ) -> Result<GaloreAdamW> {
+        Self::new_owned(
+            params,
+            &|_| true,
+            target,
+            projection,
+            betas,
+            eps,
+            weight_decay,
+        )
+    }
+
+    /// `new` for a rank's share (`run.shard`): `target` selects among all of `params` and every
+    /// projected weight is checked, as in one process, but only those `owns` names get state
+    /// here (a weight's projection needs only that weight: whole-tensor shares keep it exact).
+    pub fn new_owned(
+        params: Vec<(String, Tensor, bool)>,
+        owns: &dyn Fn(&str) -> bool,
+        target: &[String],
+        projection: Projection,
+        betas: [f64; 2],
+        eps: f64,
+        weight_decay: f64,
+    ) -> Result<GaloreAdamW> {
         let recipe_err = |key: &str, msg: String| Error::Recipe(format!("optim.{key}: {msg}"));
         let Projection {
             rank,
@@ -200,20 +223,29 @@ impl GaloreAdamW {
             .map(str::to_string)
             .collect()
         };
+        for (name, param, _) in params.iter().filter(|(n, _, _)| projected.contains(n)) {
+            let size = param.size();
+            let smaller = size[0].min(size[1]);
+            if rank > smaller {
+                return Err(recipe_err(
+                    "rank",
+                    format!(
+                        "{rank} exceeds the smaller dimension of {name} {size:?} \
+                         (expected rank <= {smaller})"
+                    ),
+                ));
+            }
+        }
+        if projected.is_empty() {
+            return Err(Error::Recipe(
+                "optim.target: no 2-D trainable weight to project with galore_adamw (embeddings \
+                 and lm_head are left out unless optim.target names them)"
+                    .into(),
+            ));
+        }
         let mut slots = Vec::with_capacity(params.len());
-        for (name, param, decay) in params {
+        for (name, param, decay) in params.into_iter().filter(|(n, _, _)| owns(n)) {
             let projector = if projected.contains(&name) {
-                let size = param.size();
-                let smaller = size[0].min(size[1]);
-                if rank > smaller {
-                    return Err(recipe_err(
-                        "rank",
-                        format!(
-                            "{rank} exceeds the smaller dimension of {name} {size:?} \
-                             (expected rank <= {smaller})"
-                        ),
-                    ));
-                }
                 Some(Projector::new(&param, rank))
             } else {
                 None
@@ -238,13 +270,6 @@ impl GaloreAdamW {
                 exp_avg,
                 exp_avg_sq,
             });
-        }
-        if !slots.iter().any(|s| s.projector.is_some()) {
-            return Err(Error::Recipe(
-                "optim.target: no 2-D trainable weight to project with galore_adamw (embeddings \
-                 and lm_head are left out unless optim.target names them)"
-                    .into(),
-            ));
         }
         Ok(GaloreAdamW {
             betas,

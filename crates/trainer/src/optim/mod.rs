@@ -57,7 +57,7 @@ impl Optimizer {
         store: &ParamStore,
         owns: &dyn Fn(&str) -> bool,
     ) -> Result<Optimizer> {
-        let groups = |decay_embeddings: bool| -> Vec<(String, Tensor, bool)> {
+        let groups_of = |decay_embeddings: bool, owns: &dyn Fn(&str) -> bool| {
             store
                 .trainable()
                 .filter(|p| owns(&p.name))
@@ -66,8 +66,9 @@ impl Optimizer {
                         !is_norm_or_bias(&p.name) && (decay_embeddings || !is_embedding(&p.name));
                     (p.name.clone(), p.tensor.shallow_clone(), decay)
                 })
-                .collect()
+                .collect::<Vec<(String, Tensor, bool)>>()
         };
+        let groups = |decay_embeddings: bool| groups_of(decay_embeddings, owns);
         Ok(match cfg {
             OptimConfig::Adamw {
                 betas,
@@ -109,8 +110,10 @@ impl Optimizer {
                 state_bits,
                 ..
             } => Optimizer::GaloreAdamW({
-                let o = GaloreAdamW::new(
-                    groups(false),
+                // `target` selects among all the weights; this rank keeps state for its own.
+                let o = GaloreAdamW::new_owned(
+                    groups_of(false, &|_| true),
+                    owns,
                     target,
                     galore::Projection {
                         rank: *rank,
