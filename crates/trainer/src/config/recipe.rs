@@ -192,9 +192,9 @@ pub struct RunConfig {
     /// broadcast to every rank just before they are used and freed after (in the backward pass,
     /// once their gradients are formed); needs `train.recompute = "block"`; the final norm and
     /// learned positions stay whole everywhere.
-    /// AdamW (32- or 8-bit states) and SGD; each rank writes its share of the optimizer state
-    /// to a checkpoint file of its own (with an index), which resumes at any world size and in
-    /// any shard mode. One process: no effect.
+    /// AdamW and GaLore-AdamW (32- or 8-bit states) and SGD; each rank writes its share of the
+    /// optimizer state to a checkpoint file of its own (with an index), which resumes at any
+    /// world size and in any shard mode. One process: no effect.
     #[serde(default, skip_serializing_if = "Shard::is_none")]
     #[schemars(!skip_serializing_if)]
     pub shard: Shard,
