@@ -210,6 +210,15 @@ fn full_sharding_trains_the_unsharded_curve_and_holds_a_share_of_the_blocks() {
             "{what}: held {held} of {whole}"
         );
     }
+    // GPT-2 (`transformer.wte`, tied, learned positions kept whole): the same curve.
+    let gpt2 =
+        "model={kind=\"gpt2\", vocab_size=256, d_model=32, n_layers=2, n_heads=4, max_seq_len=16}";
+    let mut set = common.clone();
+    set.push(gpt2);
+    let plain = launch(w, 2, "gpt2-block", &set);
+    set.push("run.shard=\"full\"");
+    let full = launch(w, 2, "gpt2-full", &set);
+    assert_close(&curve(&full), &curve(&plain), 1e-5, "full, GPT-2");
     // Tied embeddings (the head is the embedding, gathered again for the loss), with the
     // chunked loss (let go of after it) and the whole logits' loss (the head's weight stays
     // gathered for the backward pass): the same curves.

@@ -1721,6 +1721,36 @@ mod tests {
             Transformer::new(&config, &mut store).expect("builds");
             let built: i128 = store.iter().map(|p| p.tensor.numel() as i128).sum();
             assert_eq!(config.param_count(), built, "{model:?}");
+            assert_pieces(&config, &store);
+        }
+    }
+
+    /// `run.shard = "full"` finds every piece of every family by name: one embedding, the head
+    /// unless tied, every block; only the final norm and learned positions are left whole.
+    fn assert_pieces(config: &TransformerConfig, store: &ParamStore) {
+        let pieces: Vec<(String, Option<Piece>)> = store
+            .trainable()
+            .map(|p| (p.name.clone(), Piece::of(&p.name)))
+            .collect();
+        let count = |want: Piece| pieces.iter().filter(|(_, p)| *p == Some(want)).count();
+        assert_eq!(count(Piece::Embedding), 1, "{pieces:?}");
+        assert_eq!(
+            count(Piece::Head),
+            usize::from(!config.tie_embeddings),
+            "{pieces:?}"
+        );
+        for i in 0..config.n_layers as usize {
+            assert!(count(Piece::Block(i)) > 0, "block {i}: {pieces:?}");
+        }
+        for (name, _) in pieces.iter().filter(|(_, p)| p.is_none()) {
+            let whole = [
+                "norm.weight",
+                "norm.bias",
+                "ln_f.",
+                "wpe.",
+                "final_layer_norm.",
+            ];
+            assert!(whole.iter().any(|w| name.contains(w)), "{name} left whole");
         }
     }
 
