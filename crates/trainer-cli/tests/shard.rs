@@ -160,6 +160,16 @@ fn reducing_every_micro_batch_keeps_a_share_of_the_gradients_between_micro_batch
             assert!((0.7..1.3).contains(&ratio), "{what}: {ratio}");
         }
     }
+    // "gradients" reducing every micro-batch, stopped by SIGTERM and resumed: bitwise the
+    // uninterrupted curve.
+    let mut set = COMMON.to_vec();
+    set.extend([
+        "run.shard=\"gradients\"",
+        "run.reduce_every_micro_batch=true",
+        "train.max_steps=40",
+    ]);
+    let uninterrupted = curve(&launch(w, 2, "grad-40", &set));
+    assert_eq!(stopped_and_resumed(w, "grad-stopped", &set), uninterrupted);
     trainer(
         w,
         &[
@@ -271,6 +281,32 @@ fn full_sharding_trains_the_unsharded_curve_and_holds_a_share_of_the_blocks() {
         &after_5,
         1e-5,
         "full checkpoint continued in one process",
+    );
+    // The 4-rank "full" checkpoint of step 5 continues under 2 "optimizer" ranks (the issue's
+    // resharding example): the 4-rank curve within 1e-5.
+    let ckpt4 = w.join("full-4-fp32/checkpoints/step-00000005");
+    let ckpt4 = ckpt4.to_str().expect("utf-8");
+    let mut args = vec![
+        "launch",
+        "--nproc",
+        "2",
+        RECIPE,
+        "--set",
+        "run.out_dir=two-opt",
+    ];
+    args.extend(["--resume", ckpt4, "--set", "run.shard=\"optimizer\""]);
+    for s in &common {
+        args.extend(["--set", s]);
+    }
+    trainer(w, &args).assert_success();
+    let two = curve(&read_metrics(&w.join("two-opt/metrics.jsonl")));
+    let four = curve(&read_metrics(&w.join("full-4-fp32/metrics.jsonl")));
+    let after_5: Curve = four.into_iter().filter(|r| r.1 > 5).collect();
+    assert_close(
+        &two,
+        &after_5,
+        1e-5,
+        "4 full ranks' checkpoint under 2 optimizer ranks",
     );
     // Started from those weights ([init] from) in pure bf16: each rank copies in only the
     // blocks it holds (the others' get memory at their first gather); the unsharded curve.
