@@ -541,6 +541,89 @@ fn galore_is_sharded_on_whole_tensors() {
     }
 }
 
+/// `optim.master_weights` with bf16 weights: the update runs on fp32 master copies (with fp32
+/// moments) held only for each rank's share, so a rank holds 2 + 2 bytes of weight and gradient
+/// per parameter and 12/N of masters and moments. In one process the curve stays much closer
+/// to fp32's than pure bf16's does; sharded it is the unsharded curve ("optimizer" bitwise,
+/// "gradients" within 1e-5); stopped by SIGTERM, it resumes bitwise (the masters are in the
+/// rank files); refused without bf16 weights.
+#[test]
+fn bf16_weights_with_fp32_masters_track_fp32_shard_and_resume() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, RECIPE, &tiny_recipe("unused"));
+    let valid = |out: &str| num(&read_summary(&w.join(out)), "final_valid_loss");
+    let one = |out: &str, precision: &str, masters: bool| {
+        let optim = format!("optim={{kind=\"adamw\", lr=3e-4, master_weights={masters}}}");
+        let precision = format!("run.precision=\"{precision}\"");
+        let out_dir = format!("run.out_dir={out}");
+        let args = [
+            "run", RECIPE, "--set", &out_dir, "--set", &precision, "--set", &optim,
+        ];
+        trainer(w, &[&args[..], &["--set", "train.max_steps=60"]].concat()).assert_success();
+        valid(out)
+    };
+    let fp32 = one("fp32", "fp32", false);
+    let bf16 = one("bf16", "bf16", false);
+    let mastered = one("masters", "bf16", true);
+    assert!(
+        (mastered - fp32).abs() < 0.25 * (bf16 - fp32).abs(),
+        "valid losses: fp32 {fp32}, bf16 {bf16}, bf16 with fp32 masters {mastered}"
+    );
+    let summary = read_summary(&w.join("masters"));
+    let params = num(&summary, "params");
+    assert_eq!(num(&summary, "param_bytes"), 2.0 * params);
+    assert_eq!(num(&summary, "optimizer_state_bytes"), 12.0 * params);
+
+    let mut set = COMMON.to_vec();
+    set.extend([
+        "run.precision=\"bf16\"",
+        "optim={kind=\"adamw\", lr=3e-3, master_weights=true}",
+    ]);
+    let plain = curve(&launch(w, 2, "m-none", &set));
+    for (mode, bitwise) in [("optimizer", true), ("gradients", false)] {
+        let shard = format!("run.shard=\"{mode}\"");
+        let mut with = set.clone();
+        with.push(&shard);
+        let out = format!("m-{mode}");
+        let sharded = curve(&launch(w, 2, &out, &with));
+        match bitwise {
+            true => assert_eq!(sharded, plain, "{mode}"),
+            false => assert_close(&sharded, &plain, 1e-5, mode),
+        }
+        let state = num(&read_summary(&w.join(&out)), "optimizer_state_bytes");
+        let ratio = state / (12.0 * params) * 2.0;
+        assert!(
+            (0.7..1.3).contains(&ratio),
+            "{mode}: state {state} of {params} parameters"
+        );
+    }
+    // "full" (each rank's masters for the pieces it owns): the block-recomputed curve.
+    let mut blocks = set.clone();
+    blocks.push("train.recompute=\"block\"");
+    let plain = curve(&launch(w, 2, "m-block", &blocks));
+    blocks.push("run.shard=\"full\"");
+    assert_close(
+        &curve(&launch(w, 2, "m-full", &blocks)),
+        &plain,
+        1e-5,
+        "full",
+    );
+    set.extend(["run.shard=\"optimizer\"", "train.max_steps=40"]);
+    let uninterrupted = curve(&launch(w, 2, "m-40", &set));
+    assert_eq!(stopped_and_resumed(w, "m-stopped", &set), uninterrupted);
+    trainer(
+        w,
+        &[
+            "validate",
+            RECIPE,
+            "--set",
+            "optim={kind=\"adamw\", lr=1e-3, master_weights=true}",
+        ],
+    )
+    .assert_one_error(&["optim.master_weights", "bf16"]);
+}
+
 #[test]
 fn what_sharding_cannot_serve_is_refused_and_one_process_is_told() {
     let work = workdir();

@@ -714,6 +714,7 @@ fn state_bytes_of_a_tiny_llama_are_below_adamw() {
         fused: Some(false),
         state_bits: 32,
         layerwise: false,
+        master_weights: false,
     };
     let adamw_bytes = Optimizer::build(&adamw, &store)
         .expect("adamw")

@@ -455,6 +455,7 @@ impl Recipe {
         self.validate_train()?;
         self.validate_layerwise()?;
         self.validate_shard()?;
+        self.validate_master_weights()?;
         if let Some(p) = &self.peft {
             p.validate()?;
         }
@@ -562,6 +563,38 @@ impl Recipe {
             }),
             None => Ok(()),
         }
+    }
+
+    /// `optim.master_weights`: fp32 copies of bf16 weights, which nothing else may change
+    /// behind the optimizer's back.
+    fn validate_master_weights(&self) -> Result<(), Invalid> {
+        if !self.optim.master_weights() {
+            return Ok(());
+        }
+        let key = "optim.master_weights";
+        check(
+            self.run.precision == Precision::Bf16,
+            key,
+            format!(
+                "keeps fp32 copies of bf16 weights; with run.precision = \"{}\" the weights are \
+                 fp32 already (set run.precision = \"bf16\")",
+                self.run.precision.as_str()
+            ),
+        )?;
+        check(
+            !self
+                .peft
+                .as_ref()
+                .is_some_and(|p| p.kind == PeftKind::Relora),
+            key,
+            "cannot be combined with ReLoRA (its merges and restarts change the weights, not the \
+             masters)",
+        )?;
+        check(
+            self.prune.is_none(),
+            key,
+            "cannot be combined with [prune] (its masks zero the weights, not the masters)",
+        )
     }
 
     /// `optim.layerwise`: each parameter is updated inside the backward pass, so nothing may

@@ -9,11 +9,13 @@
 //! p   <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 //! ```
 //!
-//! The moments are owned here as named tensors so that they save, load and reset.
+//! The moments are owned here as named tensors so that they save, load and reset. With fp32
+//! master weights (`with_fp32_masters`, for bf16 weights) the update runs on the master copy
+//! with the gradient in fp32, and the weight takes the rounded result.
 
 use super::moment::Moment;
 use super::{grad_of, StateTensors};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 pub struct AdamW {
     pub betas: [f64; 2],
@@ -30,9 +32,34 @@ pub struct AdamW {
 struct Slot {
     name: String,
     param: Tensor,
+    /// The fp32 copy the update runs on (`with_fp32_masters`); the param is its rounding.
+    master: Option<Tensor>,
     decay: bool,
     exp_avg: Moment,
     exp_avg_sq: Moment,
+}
+
+impl Slot {
+    /// What the update changes: the master copy, or the weight itself.
+    fn target(&self) -> &Tensor {
+        self.master.as_ref().unwrap_or(&self.param)
+    }
+
+    /// The gradient in the target's dtype, when there is one.
+    fn grad(&self) -> Option<Tensor> {
+        let g = grad_of(&self.param)?;
+        Some(match &self.master {
+            Some(m) if m.kind() != g.kind() => g.to_kind(m.kind()),
+            _ => g,
+        })
+    }
+
+    /// After an update of the master copy: the weight takes its rounded value.
+    fn round_into_param(&self) {
+        if let Some(m) = &self.master {
+            tch::no_grad(|| self.param.shallow_clone().copy_(m));
+        }
+    }
 }
 
 impl AdamW {
@@ -51,6 +78,7 @@ impl AdamW {
                 Slot {
                     name,
                     param,
+                    master: None,
                     decay,
                     exp_avg,
                     exp_avg_sq,
@@ -67,14 +95,27 @@ impl AdamW {
         }
     }
 
+    /// Keeps an fp32 master copy of every parameter (taken now: call it while the weights are
+    /// still fp32, before they are cast to bf16) and fp32 moments; the parameters' own dtype is
+    /// then only what the model computes with. Call before `with_8bit_states`.
+    pub fn with_fp32_masters(mut self) -> AdamW {
+        for s in &mut self.slots {
+            let master = tch::no_grad(|| s.param.detach().to_kind(Kind::Float).copy());
+            s.exp_avg = Moment::Full(master.zeros_like());
+            s.exp_avg_sq = Moment::Full(master.zeros_like());
+            s.master = Some(master);
+        }
+        self
+    }
+
     /// Keeps the moments 8-bit block-wise quantised (`moment.rs`); they are dequantised, updated
     /// and quantised again at every step (not with the fused kernel).
     pub fn with_8bit_states(mut self) -> AdamW {
         for s in &mut self.slots {
-            let shape = s.param.size();
-            let device = s.param.device();
-            s.exp_avg = Moment::zeros(&shape, s.param.kind(), device, true, true);
-            s.exp_avg_sq = Moment::zeros(&shape, s.param.kind(), device, true, false);
+            let target = s.target();
+            let (shape, kind, device) = (target.size(), target.kind(), target.device());
+            s.exp_avg = Moment::zeros(&shape, kind, device, true, true);
+            s.exp_avg_sq = Moment::zeros(&shape, kind, device, true, false);
         }
         self.fused = false;
         self
@@ -122,9 +163,9 @@ impl AdamW {
         let weight_decay = self.weight_decay;
         let eps = self.eps;
         let s = &mut self.slots[i];
-        let Some(g) = grad_of(&s.param) else { return };
+        let Some(g) = s.grad() else { return };
         tch::no_grad(|| {
-            let mut p = s.param.shallow_clone();
+            let mut p = s.target().shallow_clone();
             if s.decay && weight_decay != 0.0 {
                 let _ = p.g_mul_scalar_(1.0 - lr * weight_decay);
             }
@@ -137,6 +178,7 @@ impl AdamW {
             s.exp_avg.store(&m);
             s.exp_avg_sq.store(&v);
         });
+        s.round_into_param();
     }
 
     fn step_fused(&mut self, lr: f64) -> crate::Result<()> {
@@ -156,9 +198,7 @@ impl AdamW {
         decay: bool,
         lr: f64,
     ) -> crate::Result<()> {
-        let live: Vec<(&Slot, Tensor)> = slots
-            .filter_map(|s| grad_of(&s.param).map(|g| (s, g)))
-            .collect();
+        let live: Vec<(&Slot, Tensor)> = slots.filter_map(|s| s.grad().map(|g| (s, g))).collect();
         let Some((first, _)) = live.first() else {
             return Ok(());
         };
@@ -167,7 +207,7 @@ impl AdamW {
             (self.step + 1) as f64,
             (tch::Kind::Float, first.param.device()),
         );
-        let params: Vec<&Tensor> = live.iter().map(|(s, _)| &s.param).collect();
+        let params: Vec<&Tensor> = live.iter().map(|(s, _)| s.target()).collect();
         let grads: Vec<&Tensor> = live.iter().map(|(_, g)| g).collect();
         let m: Vec<&Tensor> = live
             .iter()
@@ -181,7 +221,11 @@ impl AdamW {
         tch::no_grad(|| {
             torch_ext::fused_adamw(&params, &grads, &m, &v, &step, lr, self.betas, wd, self.eps)
         })
-        .map_err(|e| crate::Error::Torch(format!("fused AdamW: {e}")))
+        .map_err(|e| crate::Error::Torch(format!("fused AdamW: {e}")))?;
+        for (s, _) in &live {
+            s.round_into_param();
+        }
+        Ok(())
     }
 
     /// Resets the moments of the parameters named in `names` (ReLoRA's optimizer reset): keeps
@@ -198,11 +242,14 @@ impl AdamW {
         Ok(n)
     }
 
-    /// Number of bytes of optimizer state.
+    /// Number of bytes of optimizer state (fp32 master copies included).
     pub fn state_bytes(&self) -> i64 {
         self.slots
             .iter()
-            .map(|s| s.exp_avg.bytes() + s.exp_avg_sq.bytes())
+            .map(|s| {
+                let master = s.master.as_ref().map_or(0, crate::models::params::bytes_of);
+                s.exp_avg.bytes() + s.exp_avg_sq.bytes() + master
+            })
             .sum()
     }
 }
@@ -223,11 +270,87 @@ impl StateTensors for AdamW {
         for s in &self.slots {
             out.extend(s.exp_avg.named("exp_avg", &s.name));
             out.extend(s.exp_avg_sq.named("exp_avg_sq", &s.name));
+            if let Some(m) = &s.master {
+                out.push((format!("master.{}", s.name), m.shallow_clone()));
+            }
         }
         out
     }
 
+    /// Called after the state tensors were loaded: the weights take their masters' rounding
+    /// (they are that already in a checkpoint written after a step).
     fn set_step(&mut self, step: i64) {
         self.step = step;
+        for s in &self.slots {
+            s.round_into_param();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// Gives `p` the gradient `g` (exactly representable in `p`'s dtype).
+    fn set_grad(p: &Tensor, g: &Tensor) {
+        torch_ext::grads_to_none(&[p]).expect("grad dropped");
+        (p.to_kind(Kind::Float) * g).sum(Kind::Float).backward();
+    }
+
+    /// With fp32 masters, a bf16 weight's update is fp32 AdamW's on the master (bitwise, fused
+    /// or not) and the weight is the master rounded to bf16; the masters are saved as state.
+    #[test]
+    fn fp32_masters_update_as_fp32_adamw_and_round_into_bf16_weights() {
+        for fused in [false, true] {
+            tch::manual_seed(3);
+            let init = Tensor::randn([4, 8], (Kind::Float, Device::Cpu));
+            let w32 = init.copy().set_requires_grad(true);
+            let w16 = init.copy().set_requires_grad(true);
+            let mut reference = AdamW::new(
+                vec![("w".into(), w32.shallow_clone(), true)],
+                [0.9, 0.95],
+                1e-8,
+                0.1,
+            );
+            let mut mastered = AdamW::new(
+                vec![("w".into(), w16.shallow_clone(), true)],
+                [0.9, 0.95],
+                1e-8,
+                0.1,
+            )
+            .with_fp32_masters();
+            (reference.fused, mastered.fused) = (fused, fused);
+            // The model's weight becomes bf16 after the masters were taken (`ParamStore::set_kind`).
+            tch::no_grad(|| {
+                let mut w = w16.shallow_clone();
+                w.set_data(&w16.to_kind(Kind::BFloat16));
+            });
+            for _ in 0..5 {
+                let g = Tensor::randn([4, 8], (Kind::Float, Device::Cpu))
+                    .to_kind(Kind::BFloat16)
+                    .to_kind(Kind::Float);
+                set_grad(&w32, &g);
+                set_grad(&w16, &g);
+                reference.step(1e-2).expect("step");
+                mastered.step(1e-2).expect("step");
+            }
+            let state = mastered.state_tensors();
+            let master = &state
+                .iter()
+                .find(|(n, _)| n == "master.w")
+                .expect("saved")
+                .1;
+            assert!(
+                master.equal(&w32),
+                "fused {fused}: master is fp32 AdamW's weight"
+            );
+            assert_eq!(w16.kind(), Kind::BFloat16);
+            assert!(
+                w16.equal(&w32.to_kind(Kind::BFloat16)),
+                "fused {fused}: rounded"
+            );
+            assert_eq!(mastered.state_bytes(), 3 * 4 * 32);
+        }
     }
 }

@@ -45,6 +45,15 @@ pub enum OptimConfig {
         #[serde(default, skip_serializing_if = "is_false")]
         #[schemars(!skip_serializing_if)]
         layerwise: bool,
+        /// With `run.precision = "bf16"`: keep an fp32 master copy of each weight this rank
+        /// updates (its own share with `run.shard`), and fp32 moments: the update is computed in
+        /// fp32 from the bf16 gradient and rounded into the bf16 weight, so that updates smaller
+        /// than bf16's resolution are not lost. The masters start from the weights before they
+        /// are cast to bf16 and are saved with the optimizer state. Without it, bf16 keeps
+        /// weights, gradients and moments in bf16.
+        #[serde(default, skip_serializing_if = "is_false")]
+        #[schemars(!skip_serializing_if)]
+        master_weights: bool,
     },
     /// SGD with momentum and optional Nesterov (torch.optim.SGD's update).
     Sgd {
@@ -194,6 +203,12 @@ impl OptimConfig {
     /// built: counted as none (a lower bound).
     pub fn state_bytes_per_param(&self, weight_bytes: u128) -> u128 {
         match self {
+            // fp32 master copies: 4 bytes, and the moments in fp32 (or 8-bit).
+            OptimConfig::Adamw {
+                master_weights: true,
+                state_bits,
+                ..
+            } => 4 + if *state_bits == 8 { 2 } else { 8 },
             OptimConfig::Adamw { state_bits: 8, .. } => 2,
             OptimConfig::Adamw { .. } => 2 * weight_bytes,
             OptimConfig::Sgd { momentum, .. } | OptimConfig::Gsm { momentum, .. } => {
@@ -205,6 +220,17 @@ impl OptimConfig {
             }
             OptimConfig::GaloreAdamw { .. } => 0,
         }
+    }
+
+    /// `master_weights = true` (AdamW): fp32 master copies of bf16 weights.
+    pub fn master_weights(&self) -> bool {
+        matches!(
+            self,
+            OptimConfig::Adamw {
+                master_weights: true,
+                ..
+            }
+        )
     }
 
     /// `layerwise = true` (AdamW and GaLore-AdamW).

@@ -77,10 +77,14 @@ impl Optimizer {
                 decay_embeddings,
                 fused,
                 state_bits,
+                master_weights,
                 ..
             } => {
                 let mut o = AdamW::new(groups(*decay_embeddings), *betas, *eps, *weight_decay);
                 o.fused = fused.unwrap_or(true);
+                if *master_weights {
+                    o = o.with_fp32_masters();
+                }
                 if *state_bits == 8 {
                     o = o.with_8bit_states();
                 }

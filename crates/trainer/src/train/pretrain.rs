@@ -521,7 +521,11 @@ impl Lm {
             )?),
             None => None,
         };
-        if recipe.run.precision == Precision::Bf16 {
+        // bf16 weights: cast now, or with fp32 master copies once the optimizer took them from
+        // the fp32 values (`optim.master_weights`).
+        let bf16 = recipe.run.precision == Precision::Bf16;
+        let masters = recipe.optim.master_weights();
+        if bf16 && !masters {
             params.set_kind(Kind::BFloat16);
         }
         let mut owners = shard_owners(recipe, setup, &params, dealt_over)?;
@@ -533,6 +537,9 @@ impl Lm {
             Some(o) => Optimizer::build_owned(&recipe.optim, &params, &|n| o.owns(n))?,
             None => Optimizer::build(&recipe.optim, &params)?,
         };
+        if bf16 && masters {
+            params.set_kind(Kind::BFloat16);
+        }
         let layerwise = layerwise_hooks(recipe, setup, &optimizer)?;
         let lm = Lm {
             cfg,

@@ -293,6 +293,7 @@ fn only_adapters_train_and_get_gradients() {
             fused: Some(false),
             state_bits: 32,
             layerwise: false,
+            master_weights: false,
         },
         &store,
     )
@@ -393,6 +394,7 @@ fn lora_fa_trains_b_only_and_leaves_a_unchanged() {
             fused: None,
             state_bits: 32,
             layerwise: false,
+            master_weights: false,
         },
         &store,
     )

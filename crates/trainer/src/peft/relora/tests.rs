@@ -69,6 +69,7 @@ fn build(p: &PeftConfig) -> (Transformer, ParamStore, Lora, Optimizer) {
             fused: Some(false),
             state_bits: 32,
             layerwise: false,
+            master_weights: false,
         },
         &store,
     )
@@ -225,6 +226,7 @@ fn optimizer_reset_zeroes_or_prunes_exactly_the_adapter_moments() {
             fused: Some(true),
             state_bits: 32,
             layerwise: false,
+            master_weights: false,
         };
         let mut opt = Optimizer::build(&adam, &store).expect("optimizer");
         drop(rng);
