@@ -8,7 +8,8 @@
 #   1. trainer info (fails unless CUDA is seen);
 #   2. the GPT-2-small-sized Llama of benches/gpu_llama.toml, bf16-mixed, 30 steps each:
 #      train.loss_chunk_tokens 0 (whole logits) / 4096 (default) / 1024, and train.recompute
-#      "block" with the default chunk: tokens/s, the allocator's peak memory and the final loss;
+#      "block" with the default chunk, and bf16 weights without and with fp32 master copies
+#      (optim.master_weights): tokens/s, the allocator's peak memory and the final loss;
 #   3. `trainer launch --nproc 1` through NCCL with run.shard = "optimizer", "gradients" and
 #      "full" (with block recomputation) against the plain single process (deterministic = true on
 #      all): the same metrics expected (a group of one owns everything; this checks that the NCCL
@@ -45,9 +46,11 @@ echo "|---|---:|---:|---:|" | tee -a "$OUT/table.md"
 
 echo "== 2. chunked loss and block recomputation"
 for case in "chunk0|train.loss_chunk_tokens=0" "chunk4096|train.loss_chunk_tokens=4096" \
-            "chunk1024|train.loss_chunk_tokens=1024" "recompute-block|train.recompute=\"block\""; do
-    IFS='|' read -r name set <<< "$case"
-    "$BIN" run "$HERE/gpu_llama.toml" "${common[@]}" --set "run.out_dir=runs/$name" --set "$set" \
+            "chunk1024|train.loss_chunk_tokens=1024" "recompute-block|train.recompute=\"block\"" \
+            "bf16|run.precision=\"bf16\"" "bf16-masters|run.precision=\"bf16\" optim.master_weights=true"; do
+    IFS='|' read -r name sets <<< "$case"
+    args=(); for s in $sets; do args+=(--set "$s"); done
+    "$BIN" run "$HERE/gpu_llama.toml" "${common[@]}" --set "run.out_dir=runs/$name" "${args[@]}" \
         > "$OUT/$name.log" 2>&1 || { echo "$name failed"; tail -5 "$OUT/$name.log"; }
     summary "$name" "runs/$name"
 done
