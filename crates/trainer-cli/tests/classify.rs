@@ -183,6 +183,10 @@ fn classify_recipe_errors_are_one_line() {
     write_recipe(w, "c.toml", &base);
     trainer(w, &["validate", "c.toml", "--set", "model.depth=21"])
         .assert_one_error(&["--set model.depth=21: model.depth: cifar_resnet depth must be 6n+2"]);
+    // fp32 master copies of bf16 weights: language models only.
+    let masters = "optim={kind=\"adamw\", lr=1e-3, master_weights=true}";
+    trainer(w, &["validate", "c.toml", "--set", masters])
+        .assert_one_error(&["optim.master_weights", "language-model"]);
 
     // A truncated CIFAR file: named, with what was expected.
     let cifar = w.join("cifar");

@@ -125,6 +125,12 @@ impl ClassifyRecipe {
             "run.precision",
             "classify runs in fp32 or bf16-mixed (BatchNorm statistics stay fp32)",
         )?;
+        check(
+            !self.optim.master_weights(),
+            "optim.master_weights",
+            "fp32 copies of bf16 weights are for language-model recipes (classify keeps fp32 \
+             weights)",
+        )?;
         self.validate_model()?;
         self.validate_data()?;
         validate_optim_schedule(&self.optim, &self.schedule)?;
