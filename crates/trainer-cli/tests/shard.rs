@@ -268,12 +268,7 @@ fn full_sharding_trains_the_unsharded_curve_and_holds_a_share_of_the_blocks() {
     // The checkpoint of step 5 (written with every block gathered) continues in one process.
     let ckpt = w.join("full-2-fp32/checkpoints/step-00000005");
     let ckpt = ckpt.to_str().expect("utf-8");
-    let mut args = vec!["run", RECIPE, "--set", "run.out_dir=one", "--resume", ckpt];
-    for s in &common {
-        args.extend(["--set", s]);
-    }
-    trainer(w, &args).assert_success();
-    let one = curve(&read_metrics(&w.join("one/metrics.jsonl")));
+    let one = continued(w, None, "one", ckpt, &common);
     let two = curve(&read_metrics(&w.join("full-2-fp32/metrics.jsonl")));
     let after_5: Curve = two.into_iter().filter(|r| r.1 > 5).collect();
     assert_close(
@@ -286,20 +281,9 @@ fn full_sharding_trains_the_unsharded_curve_and_holds_a_share_of_the_blocks() {
     // resharding example): the 4-rank curve within 1e-5.
     let ckpt4 = w.join("full-4-fp32/checkpoints/step-00000005");
     let ckpt4 = ckpt4.to_str().expect("utf-8");
-    let mut args = vec![
-        "launch",
-        "--nproc",
-        "2",
-        RECIPE,
-        "--set",
-        "run.out_dir=two-opt",
-    ];
-    args.extend(["--resume", ckpt4, "--set", "run.shard=\"optimizer\""]);
-    for s in &common {
-        args.extend(["--set", s]);
-    }
-    trainer(w, &args).assert_success();
-    let two = curve(&read_metrics(&w.join("two-opt/metrics.jsonl")));
+    let mut set = common.clone();
+    set.push("run.shard=\"optimizer\"");
+    let two = continued(w, Some(2), "two-opt", ckpt4, &set);
     let four = curve(&read_metrics(&w.join("full-4-fp32/metrics.jsonl")));
     let after_5: Curve = four.into_iter().filter(|r| r.1 > 5).collect();
     assert_close(
@@ -343,6 +327,29 @@ fn full_sharding_trains_the_unsharded_curve_and_holds_a_share_of_the_blocks() {
         ],
     )
     .assert_one_error(&["run.shard", "recompute"]);
+}
+
+/// `set` continued from the checkpoint `ckpt` into `out` by `nproc` processes (`trainer
+/// launch`), or by one plain process (`None`: `trainer run`); the curve of the continuation.
+fn continued(
+    w: &std::path::Path,
+    nproc: Option<usize>,
+    out: &str,
+    ckpt: &str,
+    set: &[&str],
+) -> Curve {
+    let n = nproc.unwrap_or(1).to_string();
+    let out_dir = format!("run.out_dir={out}");
+    let mut args = match nproc {
+        Some(_) => vec!["launch", "--nproc", &n],
+        None => vec!["run"],
+    };
+    args.extend([RECIPE, "--set", &out_dir, "--resume", ckpt]);
+    for s in set {
+        args.extend(["--set", s]);
+    }
+    trainer(w, &args).assert_success();
+    curve(&read_metrics(&w.join(out).join("metrics.jsonl")))
 }
 
 /// A 2-rank run with `set`, stopped by SIGTERM to the launcher (forwarded to both ranks) after
@@ -418,15 +425,8 @@ fn a_stopped_sharded_run_resumes_bitwise_and_its_checkpoints_reshard() {
     let ckpt = ckpt.to_str().expect("utf-8");
     let after_30: Vec<_> = whole.iter().filter(|r| r.1 > 30).cloned().collect();
     let cont = |nproc: usize, out: &str, extra: &[&str]| {
-        let n = nproc.to_string();
-        let out_dir = format!("run.out_dir={out}");
-        let mut args = vec!["launch", "--nproc", &n, RECIPE, "--set", &out_dir];
-        args.extend(["--set", "train.max_steps=60", "--resume", ckpt]);
-        for s in extra {
-            args.extend(["--set", s]);
-        }
-        trainer(w, &args).assert_success();
-        curve(&read_metrics(&w.join(out).join("metrics.jsonl")))
+        let set = [&["train.max_steps=60"], extra].concat();
+        continued(w, Some(nproc), out, ckpt, &set)
     };
     assert_eq!(cont(2, "two-unsharded", &[]), after_30);
     // Written as one optimizer file per rank and their index, no whole file.
@@ -522,15 +522,7 @@ fn galore_is_sharded_on_whole_tensors() {
         let ckpt = w.join(format!("galore-{bits}-full/checkpoints/step-00000005"));
         assert!(ckpt.join("optimizer.index.json").is_file());
         let ckpt = ckpt.to_str().expect("utf-8");
-        let out_dir = format!("run.out_dir=galore-{bits}-one");
-        let mut args = vec!["run", RECIPE, "--set", &out_dir, "--resume", ckpt];
-        for s in &set {
-            args.extend(["--set", s]);
-        }
-        trainer(w, &args).assert_success();
-        let one = curve(&read_metrics(
-            &w.join(format!("galore-{bits}-one/metrics.jsonl")),
-        ));
+        let one = continued(w, None, &format!("galore-{bits}-one"), ckpt, &set);
         let after_5: Curve = plain.iter().filter(|r| r.1 > 5).cloned().collect();
         assert_close(
             &one,
