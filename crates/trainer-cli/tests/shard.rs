@@ -182,6 +182,25 @@ fn reducing_every_micro_batch_keeps_a_share_of_the_gradients_between_micro_batch
         ],
     )
     .assert_one_error(&["run.reduce_every_micro_batch", "gradients"]);
+    // MoE layers average their gradients after the backward pass: refused before anything is
+    // written.
+    trainer(
+        w,
+        &[
+            "run",
+            RECIPE,
+            "--set",
+            "run.out_dir=moe",
+            "--set",
+            "model.moe={n_experts=4, top_k=2}",
+            "--set",
+            "run.shard=\"gradients\"",
+            "--set",
+            "run.reduce_every_micro_batch=true",
+        ],
+    )
+    .assert_one_error(&["run.reduce_every_micro_batch", "MoE"]);
+    assert!(!w.join("moe").exists());
 }
 
 fn held_param_bytes(w: &std::path::Path, out: &str) -> f64 {
@@ -251,7 +270,7 @@ fn full_sharding_trains_the_unsharded_curve_and_holds_a_share_of_the_blocks() {
     // checkpoint none.
     let gathers = |out: &str| {
         let summary = read_summary(&w.join(out));
-        let g = &summary["block_gathers"];
+        let g = &summary["piece_gathers"];
         (num(g, "total"), num(g, "prefetched"))
     };
     let mut set = common.clone();

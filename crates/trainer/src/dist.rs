@@ -381,17 +381,22 @@ impl DataParallel {
     }
 
     /// Overwrites `tensors` (of one dtype and device) with rank `root`'s values in one
-    /// collective: packed into a flat buffer, broadcast, unpacked.
+    /// collective: packed into a flat buffer on `root`, broadcast, unpacked on the others.
     pub fn broadcast_flat(&self, tensors: &[Tensor], root: usize, what: &str) -> Result<()> {
-        if !self.world.is_distributed() || tensors.is_empty() {
-            return Ok(());
+        let pending = self.start_broadcast_flat(tensors, root, what)?;
+        self.finish_broadcast(pending, what)
+    }
+
+    /// Another handle on the same joined group (no bucket buffers of its own): for a part of
+    /// the run that issues its own collectives in the same order on every rank.
+    pub fn view(&self) -> DataParallel {
+        DataParallel {
+            world: self.world.clone(),
+            device: self.device,
+            timeout: self.timeout,
+            bucket_bytes: self.bucket_bytes,
+            buckets: Default::default(),
         }
-        let n: i64 = tensors.iter().map(|t| t.numel() as i64).sum();
-        let buf = Tensor::empty([n], (tensors[0].kind(), tensors[0].device()));
-        pack(&buf, tensors);
-        self.broadcast_from(&[&buf], root, what)?;
-        unpack(&buf, tensors);
-        Ok(())
     }
 
     /// `broadcast_flat` started and not waited for: `tensors` are packed now (on `root`) and
@@ -679,16 +684,10 @@ impl OverlappedGrads {
         self.run_backward(dp, true, backward)
     }
 
-    /// Whether the backward passes before a step's last one can reduce too
-    /// (`backward_accumulating`): with owners.
-    pub fn can_reduce_every_micro_batch(&self) -> bool {
-        self.owners.is_some()
-    }
-
     /// With owners (`run.shard = "gradients"` or `"full"`) and `run.reduce_every_micro_batch`,
-    /// a backward pass before the step's last one: its buckets are reduced onto their owners as in the last pass and `settle`
-    /// waits for them, so that between micro-batches no rank keeps the gradients of parameters
-    /// it does not own. An owner's gradient is then the sum over the ranks of everything reduced
+    /// a backward pass before the step's last one: its buckets are reduced onto their owners as
+    /// in the last pass and `settle` waits for them, so that between micro-batches no rank keeps
+    /// the gradients of parameters it does not own. An owner's gradient is then the sum over the ranks of everything reduced
     /// so far, to which its next backward pass adds its own; the last pass's reduction adds the
     /// other ranks' and divides by the world size once: the mean of every rank's micro-batches
     /// (summed in another order than a whole all-reduce, so equal to rounding). Costs one

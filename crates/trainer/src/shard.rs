@@ -13,10 +13,10 @@
 //! pass; the norm for clipping is formed from the owners' per-tensor norms
 //! (`Owners::clip_grad_norm`).
 //!
-//! `run.shard = "full"` (ZeRO stage 3 on whole tensors, `BlockShards`): as `"gradients"`, and the
+//! `run.shard = "full"` (ZeRO stage 3 on whole tensors, `PieceShards`): as `"gradients"`, and the
 //! weights of the token embedding, of each transformer block and of the head have memory only
 //! on their owner, gathered onto every rank around each use (the next one fetched while the
-//! current one computes); the model is built that way (`blocks_dealt_as_added`), so no rank
+//! current one computes); the model is built that way (`pieces_dealt_as_added`), so no rank
 //! ever holds all of it.
 //!
 //! Owners are contiguous runs of parameters in registration order, balanced by element count:
@@ -39,7 +39,8 @@ pub struct Owners {
     /// The names of the parameters this rank owns.
     mine: std::collections::HashSet<String>,
     /// Every owner's parameters of one dtype, in registration order: what it broadcasts after
-    /// each step (one flat buffer each).
+    /// each step (one flat buffer each). Not the sharded ones (`Param::sharded`, `"full"`),
+    /// whose values live on their owner only and are gathered where they are used.
     groups: Vec<(usize, Vec<Tensor>)>,
 }
 
@@ -52,7 +53,7 @@ impl Owners {
     }
 
     /// `deal`, balanced over `total` elements given beforehand (`run.shard = "full"`: the count
-    /// `blocks_dealt_as_added` dealt the model's blocks by while it was built; the same owners).
+    /// `pieces_dealt_as_added` dealt the model's blocks by while it was built; the same owners).
     pub fn deal_over(store: &ParamStore, rank: usize, world: usize, total: i128) -> Result<Owners> {
         let mut deal = Dealing::new(world, total);
         let owned: Vec<(usize, &str, &Tensor)> = store
@@ -72,7 +73,8 @@ impl Owners {
                 owned.len()
             )));
         }
-        let groups = groups_of(owned.iter().map(|(o, _, t)| (*o, *t)), world);
+        let whole = store.trainable().zip(&owned).filter(|(p, _)| !p.sharded);
+        let groups = groups_of(whole.map(|(_, (o, _, t))| (*o, *t)), world);
         let mine = owned
             .iter()
             .filter(|(o, _, _)| *o == rank)
@@ -136,7 +138,7 @@ impl Dealing {
 /// each piece (`Piece::of`: the embedding, the blocks, the head) are dealt as
 /// `Owners::deal_over(.., total)` will deal them, and this rank keeps only its own; every other
 /// tensor stays whole.
-pub fn blocks_dealt_as_added(rank: usize, world: usize, total: i128) -> ShardRule {
+pub fn pieces_dealt_as_added(rank: usize, world: usize, total: i128) -> ShardRule {
     let mut deal = Dealing::new(world, total);
     Box::new(move |name, numel| {
         let owner = deal.next(numel);
@@ -145,10 +147,10 @@ pub fn blocks_dealt_as_added(rank: usize, world: usize, total: i128) -> ShardRul
 }
 
 impl Owners {
-    /// After the model was built under `blocks_dealt_as_added`: an error unless this rank
+    /// After the model was built under `pieces_dealt_as_added`: an error unless this rank
     /// holds exactly the block tensors it owns (the model registered other tensors than it was
     /// dealt for).
-    pub fn check_held_blocks(&self, store: &ParamStore) -> Result<()> {
+    pub fn check_held_pieces(&self, store: &ParamStore) -> Result<()> {
         let wrong = store
             .trainable()
             .find(|p| p.sharded && is_released(&p.tensor) == self.owns(&p.name));
@@ -210,31 +212,13 @@ impl Owners {
     }
 }
 
-/// `run.shard = "full"`: after `deal`, the owners broadcast only the parameters every rank keeps
-/// whole (outside the pieces); a piece's weights are gathered from their owners when used.
-impl Owners {
-    pub fn broadcast_only(
-        &mut self,
-        keep_whole: &std::collections::HashSet<String>,
-        store: &ParamStore,
-    ) {
-        let world = self.owner.iter().max().map_or(1, |m| m + 1);
-        let kept = store
-            .trainable()
-            .zip(&self.owner)
-            .filter(|(p, _)| keep_whole.contains(&p.name))
-            .map(|(p, &o)| (o, &p.tensor));
-        self.groups = groups_of(kept, world);
-    }
-}
-
 /// `run.shard = "full"` (ZeRO stage 3 / FSDP on whole tensors): the weights of each piece of the
 /// model (the token embedding, each block, the head: `Piece`) live whole on their owners only;
 /// the other ranks' copies have no memory (`torch_ext::release_storage`) until the piece runs,
 /// when every rank gives them memory again and each owner broadcasts its tensors of the piece
 /// (`gather`). The final norm and learned positions stay whole everywhere, as with
 /// `"gradients"`.
-pub struct BlockShards {
+pub struct PieceShards {
     dp: DataParallel,
     rank: usize,
     /// Per piece: (owner, that owner's tensors of one dtype) in registration order. A tied head
@@ -251,7 +235,7 @@ pub struct BlockShards {
     error: RefCell<Option<Error>>,
 }
 
-impl BlockShards {
+impl PieceShards {
     /// The pieces of `store` (`Piece::of` its trainable parameters' names): the embedding,
     /// `n_blocks` blocks and the head unless tied, each dealt as `owners` says; `dp` a handle on
     /// the run's group; `prefetch_on`: fetch the piece that runs next ahead
@@ -262,7 +246,7 @@ impl BlockShards {
         owners: &Owners,
         n_blocks: usize,
         prefetch_on: bool,
-    ) -> Result<BlockShards> {
+    ) -> Result<PieceShards> {
         let world = dp.world.size;
         let mut members: BTreeMap<Piece, Vec<(usize, &Tensor)>> = BTreeMap::new();
         for (p, &owner) in store.trainable().zip(&owners.owner) {
@@ -287,7 +271,7 @@ impl BlockShards {
             .into_iter()
             .map(|(piece, m)| (piece, groups_of(m.into_iter(), world)))
             .collect();
-        Ok(BlockShards {
+        Ok(PieceShards {
             rank: dp.world.rank,
             dp,
             pieces,
@@ -297,15 +281,6 @@ impl BlockShards {
             counts: Default::default(),
             error: Default::default(),
         })
-    }
-
-    /// The names of the trainable parameters outside the pieces (kept whole on every rank).
-    pub fn outside_pieces(store: &ParamStore) -> std::collections::HashSet<String> {
-        store
-            .trainable()
-            .filter(|p| Piece::of(&p.name).is_none())
-            .map(|p| p.name.clone())
-            .collect()
     }
 
     /// Lets go of every piece this rank does not own (and of a fetch still in flight).
@@ -472,7 +447,7 @@ pub struct GatherCounts {
 
 const GATHERING: &str = "gathering sharded weights";
 
-impl crate::models::transformer::BlockWeights for BlockShards {
+impl crate::models::transformer::PieceWeights for PieceShards {
     fn gather(&self, piece: Piece, next: Option<Piece>) {
         let piece = self.resolve(piece);
         let others: Vec<Piece> = self
@@ -563,9 +538,9 @@ mod tests {
     }
 
     /// The blocks dealt while the model is built are those `deal_over` deals afterwards: each
-    /// rank holds exactly its own block tensors, and the tensors outside the blocks whole.
+    /// rank holds exactly its own pieces' tensors, and the tensors outside the pieces whole.
     #[test]
-    fn blocks_dealt_as_added_are_the_owners_dealt_after() {
+    fn pieces_dealt_as_added_are_the_owners_dealt_after() {
         let mut sizes = vec![("model.embed_tokens.weight".to_string(), 40)];
         for l in 0..4 {
             for (m, n) in [("up_proj", 30), ("down_proj", 30), ("norm", 5)] {
@@ -576,13 +551,13 @@ mod tests {
         let total: i128 = sizes.iter().map(|(_, n)| *n as i128).sum();
         for rank in 0..3 {
             let mut store = ParamStore::new(Device::Cpu);
-            store.shard_as_added(blocks_dealt_as_added(rank, 3, total));
+            store.shard_as_added(pieces_dealt_as_added(rank, 3, total));
             for (name, n) in &sizes {
                 let _ = store.zeros(name, &[*n]);
             }
             store.stop_sharding_as_added().expect("freed");
             let owners = Owners::deal_over(&store, rank, 3, total).expect("three ranks");
-            owners.check_held_blocks(&store).expect("held as dealt");
+            owners.check_held_pieces(&store).expect("held as dealt");
             for p in store.iter() {
                 let whole = Piece::of(&p.name).is_none();
                 assert_eq!(p.sharded, !whole, "{}", p.name);

@@ -376,9 +376,6 @@ pub fn bytes_of(t: &Tensor) -> i64 {
     t.numel() as i64 * t.kind().elt_size_in_bytes() as i64
 }
 
-/// Reads a whole safetensors file into memory; a missing, truncated or corrupt file is one clear
-/// error. For small files (optimizer state, masks, adapters); model weights go through
-/// `mapped::open`, which copies one tensor at a time.
 /// Writes named tensors (moved to the host first where they are not there) as a safetensors
 /// file; a failure is a checkpoint error naming `path`. Every writer of a checkpoint's files
 /// goes through it.
@@ -393,6 +390,9 @@ pub fn write_safetensors<S: AsRef<str>>(named: &[(S, Tensor)], path: &Path) -> R
     })
 }
 
+/// Reads a whole safetensors file into memory; a missing, truncated or corrupt file is one clear
+/// error. For small files (optimizer state, masks, adapters); model weights go through
+/// `mapped::open`, which copies one tensor at a time.
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     if !path.is_file() {
         return Err(Error::Checkpoint {

@@ -529,8 +529,8 @@ pub struct Transformer {
     rope_local: Option<(Tensor, Tensor)>,
     /// `train.recompute`: what training recomputes in the backward pass (`set_recompute`).
     recompute: Recompute,
-    /// `run.shard = "full"`: the blocks' weights, gathered around each use (`set_block_weights`).
-    block_weights: Option<std::rc::Rc<dyn BlockWeights>>,
+    /// `run.shard = "full"`: the pieces' weights, gathered around each use (`set_piece_weights`).
+    piece_weights: Option<std::rc::Rc<dyn PieceWeights>>,
 }
 
 /// `run.shard = "full"` (`shard.rs`): each piece's weights live whole on their owners only and
@@ -540,7 +540,7 @@ pub struct Transformer {
 /// backward pass) while `p` computes; `release(p)` lets go of piece `p` (after a pass that keeps
 /// no graph needing its weights). Collective errors are kept by the implementation for the
 /// training loop to report; the memory is always there, so the model never reads a freed one.
-pub trait BlockWeights {
+pub trait PieceWeights {
     fn gather(&self, piece: Piece, next: Option<Piece>);
     fn release(&self, piece: Piece);
 }
@@ -693,7 +693,7 @@ impl Transformer {
             rope,
             rope_local,
             recompute: Recompute::None,
-            block_weights: None,
+            piece_weights: None,
         })
     }
 
@@ -785,7 +785,7 @@ impl Transformer {
             rope: None,
             rope_local: None,
             recompute: Recompute::None,
-            block_weights: None,
+            piece_weights: None,
         }
     }
 
@@ -850,7 +850,7 @@ impl Transformer {
             rope,
             rope_local: None,
             recompute: Recompute::None,
-            block_weights: None,
+            piece_weights: None,
         }
     }
 
@@ -920,7 +920,7 @@ impl Transformer {
         let p_drop = if train { c.dropout } else { 0.0 };
         // Sharded weights: the lookup's backward pass needs only the ids, so the table is let go
         // of at once.
-        let w = self.block_weights.as_ref();
+        let w = self.piece_weights.as_ref();
         w.inspect(|w| w.gather(Piece::Embedding, Some(Piece::Block(0))));
         let mut x = Tensor::embedding(&self.embed, idx, -1, false, false); // [b, t, d]
         w.inspect(|w| w.release(Piece::Embedding));
@@ -963,7 +963,7 @@ impl Transformer {
             } else {
                 // Training without recomputation is refused with sharded block weights: this
                 // is a forward pass whose graph is not kept (evaluation, generation).
-                let w = self.block_weights.as_ref();
+                let w = self.piece_weights.as_ref();
                 w.inspect(|w| w.gather(Piece::Block(i), self.piece_after(i, false)));
                 let y = self.block_forward(i, x, &masks, (b, t), p_drop, train, &mut moe_layers);
                 w.inspect(|w| w.release(Piece::Block(i)));
@@ -1035,7 +1035,7 @@ impl Transformer {
             // Sharded block weights: gathered for the run without a graph (forward) and let go
             // after it; gathered again for the run in the backward pass, whose graph needs them
             // until the block's gradients are formed (let go when the next block is gathered).
-            let weights = model.block_weights.as_ref();
+            let weights = model.piece_weights.as_ref();
             let backward = torch_ext::grad_mode_enabled();
             weights.inspect(|w| w.gather(Piece::Block(i), model.piece_after(i, backward)));
             let y =
@@ -1066,7 +1066,7 @@ impl Transformer {
     /// pass needs it, and the gather of the last block for its recomputation lets go of it.
     fn with_head<T>(&self, frees: bool, f: impl FnOnce(&Tensor) -> T) -> T {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let Some(w) = self.block_weights.as_ref() else {
+        let Some(w) = self.piece_weights.as_ref() else {
             return f(head);
         };
         let graph = torch_ext::grad_mode_enabled();
@@ -1079,9 +1079,9 @@ impl Transformer {
         out
     }
 
-    /// `run.shard = "full"`: the blocks' weights are gathered around each use (`BlockWeights`).
-    pub fn set_block_weights(&mut self, weights: std::rc::Rc<dyn BlockWeights>) {
-        self.block_weights = Some(weights);
+    /// `run.shard = "full"`: the pieces' weights are gathered around each use (`PieceWeights`).
+    pub fn set_piece_weights(&mut self, weights: std::rc::Rc<dyn PieceWeights>) {
+        self.piece_weights = Some(weights);
     }
 
     /// `train.recompute`: `Block` (`recomputed_block`), `Selective` (`attention_core` and

@@ -39,6 +39,14 @@ struct Slot {
     exp_avg_sq: Moment,
 }
 
+/// With fp32 masters, the most elements one fused call converts the gradients of (64 MiB of
+/// fp32 copies); a larger tensor is a call of its own. (Small in the unit tests, which step
+/// several runs of slots.)
+#[cfg(not(test))]
+const MASTER_CHUNK: usize = 1 << 24;
+#[cfg(test)]
+const MASTER_CHUNK: usize = 40;
+
 impl Slot {
     /// What the update changes: the master copy, or the weight itself.
     fn target(&self) -> &Tensor {
@@ -190,39 +198,59 @@ impl AdamW {
         Ok(())
     }
 
-    /// One `at::_fused_adamw_` call at step `self.step + 1` over the `slots` that have a
-    /// gradient, all decayed (`decay`) or none.
+    /// `at::_fused_adamw_` at step `self.step + 1` over the `slots` that have a gradient, all
+    /// decayed (`decay`) or none: one call, or with fp32 masters one call per run of slots of
+    /// at most `MASTER_CHUNK` elements, so that the fp32 copies of their bf16 gradients never
+    /// exist for the whole group at once.
     fn fused_update<'a>(
         &self,
         slots: impl Iterator<Item = &'a Slot>,
         decay: bool,
         lr: f64,
     ) -> crate::Result<()> {
-        let live: Vec<(&Slot, Tensor)> = slots.filter_map(|s| s.grad().map(|g| (s, g))).collect();
-        let Some((first, _)) = live.first() else {
-            return Ok(());
+        let live: Vec<&Slot> = slots.filter(|s| grad_of(&s.param).is_some()).collect();
+        let limit = match live.iter().any(|s| s.master.is_some()) {
+            true => MASTER_CHUNK,
+            false => usize::MAX,
         };
+        let mut start = 0;
+        while start < live.len() {
+            let (mut end, mut elements) = (start + 1, live[start].param.numel());
+            while end < live.len() && elements + live[end].param.numel() <= limit {
+                elements += live[end].param.numel();
+                end += 1;
+            }
+            self.fused_call(&live[start..end], decay, lr)?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// One `at::_fused_adamw_` call over `live` (slots with a gradient), then the weights of
+    /// those with masters take their rounding.
+    fn fused_call(&self, live: &[&Slot], decay: bool, lr: f64) -> crate::Result<()> {
         let step = Tensor::full(
             [],
             (self.step + 1) as f64,
-            (tch::Kind::Float, first.param.device()),
+            (tch::Kind::Float, live[0].param.device()),
         );
-        let params: Vec<&Tensor> = live.iter().map(|(s, _)| s.target()).collect();
-        let grads: Vec<&Tensor> = live.iter().map(|(_, g)| g).collect();
+        let grads: Vec<Tensor> = live.iter().filter_map(|s| s.grad()).collect();
+        let grads: Vec<&Tensor> = grads.iter().collect();
+        let params: Vec<&Tensor> = live.iter().map(|s| s.target()).collect();
         let m: Vec<&Tensor> = live
             .iter()
-            .map(|(s, _)| full(&s.exp_avg))
+            .map(|s| full(&s.exp_avg))
             .collect::<crate::Result<_>>()?;
         let v: Vec<&Tensor> = live
             .iter()
-            .map(|(s, _)| full(&s.exp_avg_sq))
+            .map(|s| full(&s.exp_avg_sq))
             .collect::<crate::Result<_>>()?;
         let wd = if decay { self.weight_decay } else { 0.0 };
         tch::no_grad(|| {
             torch_ext::fused_adamw(&params, &grads, &m, &v, &step, lr, self.betas, wd, self.eps)
         })
         .map_err(|e| crate::Error::Torch(format!("fused AdamW: {e}")))?;
-        for (s, _) in &live {
+        for s in live {
             s.round_into_param();
         }
         Ok(())
@@ -302,55 +330,63 @@ mod tests {
     /// or not) and the weight is the master rounded to bf16; the masters are saved as state.
     #[test]
     fn fp32_masters_update_as_fp32_adamw_and_round_into_bf16_weights() {
+        // Three weights: with the unit tests' MASTER_CHUNK of 40 elements the fused path steps
+        // them in three calls.
+        let shapes: [&[i64]; 3] = [&[4, 8], &[3, 8], &[5]];
         for fused in [false, true] {
             tch::manual_seed(3);
-            let init = Tensor::randn([4, 8], (Kind::Float, Device::Cpu));
-            let w32 = init.copy().set_requires_grad(true);
-            let w16 = init.copy().set_requires_grad(true);
-            let mut reference = AdamW::new(
-                vec![("w".into(), w32.shallow_clone(), true)],
-                [0.9, 0.95],
-                1e-8,
-                0.1,
-            );
-            let mut mastered = AdamW::new(
-                vec![("w".into(), w16.shallow_clone(), true)],
-                [0.9, 0.95],
-                1e-8,
-                0.1,
-            )
-            .with_fp32_masters();
+            let inits: Vec<Tensor> = shapes
+                .iter()
+                .map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu)))
+                .collect();
+            let leaves = |inits: &[Tensor]| -> Vec<Tensor> {
+                inits
+                    .iter()
+                    .map(|t| t.copy().set_requires_grad(true))
+                    .collect()
+            };
+            let (w32, w16) = (leaves(&inits), leaves(&inits));
+            let named = |ws: &[Tensor]| -> Vec<(String, Tensor, bool)> {
+                let n = ws.iter().enumerate();
+                n.map(|(i, w)| (format!("w{i}"), w.shallow_clone(), i != 2))
+                    .collect()
+            };
+            let mut reference = AdamW::new(named(&w32), [0.9, 0.95], 1e-8, 0.1);
+            let mut mastered = AdamW::new(named(&w16), [0.9, 0.95], 1e-8, 0.1).with_fp32_masters();
             (reference.fused, mastered.fused) = (fused, fused);
-            // The model's weight becomes bf16 after the masters were taken (`ParamStore::set_kind`).
+            // The model's weights become bf16 after the masters were taken (`ParamStore::set_kind`).
             tch::no_grad(|| {
-                let mut w = w16.shallow_clone();
-                w.set_data(&w16.to_kind(Kind::BFloat16));
+                for w in &w16 {
+                    let mut w = w.shallow_clone();
+                    w.set_data(&w.to_kind(Kind::BFloat16));
+                }
             });
             for _ in 0..5 {
-                let g = Tensor::randn([4, 8], (Kind::Float, Device::Cpu))
-                    .to_kind(Kind::BFloat16)
-                    .to_kind(Kind::Float);
-                set_grad(&w32, &g);
-                set_grad(&w16, &g);
+                for (a, b) in w32.iter().zip(&w16) {
+                    let g = Tensor::randn(a.size(), (Kind::Float, Device::Cpu))
+                        .to_kind(Kind::BFloat16)
+                        .to_kind(Kind::Float);
+                    set_grad(a, &g);
+                    set_grad(b, &g);
+                }
                 reference.step(1e-2).expect("step");
                 mastered.step(1e-2).expect("step");
             }
             let state = mastered.state_tensors();
-            let master = &state
-                .iter()
-                .find(|(n, _)| n == "master.w")
-                .expect("saved")
-                .1;
-            assert!(
-                master.equal(&w32),
-                "fused {fused}: master is fp32 AdamW's weight"
-            );
-            assert_eq!(w16.kind(), Kind::BFloat16);
-            assert!(
-                w16.equal(&w32.to_kind(Kind::BFloat16)),
-                "fused {fused}: rounded"
-            );
-            assert_eq!(mastered.state_bytes(), 3 * 4 * 32);
+            for (i, (a, b)) in w32.iter().zip(&w16).enumerate() {
+                let name = format!("master.w{i}");
+                let master = &state.iter().find(|(n, _)| *n == name).expect("saved").1;
+                assert!(
+                    master.equal(a),
+                    "fused {fused}: {name} is fp32 AdamW's weight"
+                );
+                assert_eq!(b.kind(), Kind::BFloat16);
+                assert!(
+                    b.equal(&a.to_kind(Kind::BFloat16)),
+                    "fused {fused}: w{i} rounded"
+                );
+            }
+            assert_eq!(mastered.state_bytes(), 3 * 4 * (32 + 24 + 5));
         }
     }
 }

@@ -369,23 +369,6 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// `checkpoint_or_stop` writes a checkpoint after this step.
-    pub fn checkpoint_due(&self, state: &TrainState, done: bool, stop_all: bool) -> bool {
-        self.checkpoint_every.is_some_and(|c| state.step % c == 0)
-            || done
-            || self.stopping(stop_all)
-    }
-
-    /// Whether the run stops after this step: a signal to this process, or on several ranks
-    /// to any of them (`stop_all`).
-    fn stopping(&self, stop_all: bool) -> bool {
-        if self.world.is_distributed() {
-            stop_all
-        } else {
-            self.stop.requested()
-        }
-    }
-
     /// The tail of every step: a checkpoint when `train.checkpoint_every` says so, at the end
     /// (`done`) and when stopping (`stop_all`: the ranks' summed stop votes, on several ranks);
     /// then, when a signal stops the run before its end, the outcome to return.
@@ -397,8 +380,12 @@ impl<'a> Run<'a> {
         done: bool,
         stop_all: bool,
     ) -> Result<Option<Outcome<S>>> {
-        let stopping = self.stopping(stop_all);
-        if self.checkpoint_due(state, done, stop_all) {
+        let stopping = if self.world.is_distributed() {
+            stop_all
+        } else {
+            self.stop.requested()
+        };
+        if self.checkpoint_every.is_some_and(|c| state.step % c == 0) || done || stopping {
             state.train_seconds = self.clock.train_seconds();
             let dir = self.writer.save(
                 &self.dp,

@@ -20,7 +20,6 @@ use crate::data::sft::{SampleRows, SampleSet, SftSummary};
 use crate::data::source::{self, Span};
 use crate::data::SourceConfig;
 use crate::device;
-use crate::dist::DataParallel;
 use crate::dist::OverlappedGrads;
 use crate::distill::{LmDistiller, StepSums};
 use crate::error::{Error, Result};
@@ -37,7 +36,7 @@ use crate::peft::lora::Lora;
 use crate::peft::relora::Relora;
 use crate::prune::Pruner;
 use crate::schedule::Schedule;
-use crate::shard::{BlockShards, GatherCounts, Owners};
+use crate::shard::{GatherCounts, Owners, PieceShards};
 use crate::signals::StopFlag;
 use serde::Serialize;
 use serde_json::json;
@@ -77,13 +76,13 @@ pub struct Summary {
     /// gradients unless `run.reduce_every_micro_batch`).
     pub peak_held_grad_bytes: i64,
     /// The bytes of weights this rank held when it took its last optimizer step, measured from
-    /// the tensors' storage (with `run.shard = "full"`, its own blocks' weights and those kept
+    /// the tensors' storage (with `run.shard = "full"`, its own pieces' weights and those kept
     /// whole; else all of them); 0 when this start took no step.
     pub held_param_bytes: i64,
-    /// `run.shard = "full"`: the blocks this rank gathered in this start, and how many of them
-    /// were fetched ahead while the block before computed.
+    /// `run.shard = "full"`: the pieces this rank gathered in this start, and how many of them
+    /// were fetched ahead while the piece before computed.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub block_gathers: Option<GatherCounts>,
+    pub piece_gathers: Option<GatherCounts>,
     #[serde(flatten)]
     pub footprint: harness::Footprint,
     pub model_tflops_per_s: f64,
@@ -169,7 +168,7 @@ pub fn run_from(
     if run.world.is_main() {
         keep_tokenizer_files(recipe, &run.run_dir)?;
     }
-    lm.shard_blocks(recipe, &mut run)?;
+    lm.shard_pieces(recipe, &mut run)?;
     lm.log_start(recipe, &run, total_steps);
     run.reset_peak_memory();
 
@@ -296,8 +295,8 @@ struct Lm {
     held_grad_bytes: i64,
     /// The most held between micro-batches or at an update (`peak_held_grad_bytes`).
     peak_held_grad_bytes: i64,
-    /// `run.shard = "full"`: the blocks' weights, gathered around each use (`shard.rs`).
-    block_shards: Option<std::rc::Rc<BlockShards>>,
+    /// `run.shard = "full"`: the pieces' weights, gathered around each use (`shard.rs`).
+    piece_shards: Option<std::rc::Rc<PieceShards>>,
     /// The bytes of weights held at the last optimizer step (`held_param_bytes`).
     held_param_bytes: i64,
 }
@@ -351,10 +350,10 @@ fn check_reduce_every_micro_batch(recipe: &Recipe, cfg: &TransformerConfig) -> R
     }
 }
 
-/// `run.shard = "full"` over several ranks, before the model is built: its blocks are dealt
-/// out as they are registered and this rank keeps only its own (`shard::blocks_dealt_as_added`),
+/// `run.shard = "full"` over several ranks, before the model is built: its pieces are dealt
+/// out as they are registered and this rank keeps only its own (`shard::pieces_dealt_as_added`),
 /// balanced over the model's parameter count from its config; that count, for `shard_owners`.
-fn deal_blocks_as_built(
+fn deal_pieces_as_built(
     recipe: &Recipe,
     setup: &Setup,
     cfg: &TransformerConfig,
@@ -364,12 +363,12 @@ fn deal_blocks_as_built(
         return None;
     }
     let (rank, world, total) = (setup.world.rank, setup.world.size, cfg.param_count());
-    params.shard_as_added(crate::shard::blocks_dealt_as_added(rank, world, total));
+    params.shard_as_added(crate::shard::pieces_dealt_as_added(rank, world, total));
     Some(total)
 }
 
 /// `run.shard = "optimizer"` or `"gradients"` over several ranks: which rank owns which
-/// parameter's optimizer state (and gradient); `"full"`: dealt over the count the blocks were
+/// parameter's optimizer state (and gradient); `"full"`: dealt over the count the pieces were
 /// dealt by as the model was built (`dealt_over`). One process: nothing to divide (a warning).
 fn shard_owners(
     recipe: &Recipe,
@@ -391,7 +390,7 @@ fn shard_owners(
     match dealt_over {
         Some(total) => {
             let owners = Owners::deal_over(params, rank, world, total)?;
-            owners.check_held_blocks(params)?;
+            owners.check_held_pieces(params)?;
             Ok(Some(owners))
         }
         None => Owners::deal(params, rank, world).map(Some),
@@ -502,7 +501,7 @@ impl Lm {
             "training",
         )?;
         let mut params = ParamStore::new(setup.device);
-        let dealt_over = deal_blocks_as_built(recipe, setup, &cfg, &mut params);
+        let dealt_over = deal_pieces_as_built(recipe, setup, &cfg, &mut params);
         let mut model = Transformer::new(&cfg, &mut params)?;
         params.stop_sharding_as_added()?;
         model.set_recompute(recompute_mode(recipe, &cfg)?);
@@ -528,11 +527,7 @@ impl Lm {
         if bf16 && !masters {
             params.set_kind(Kind::BFloat16);
         }
-        let mut owners = shard_owners(recipe, setup, &params, dealt_over)?;
-        if let Some(o) = owners.as_mut().filter(|_| recipe.run.shard == Shard::Full) {
-            // Only the weights every rank keeps whole are broadcast after an update.
-            o.broadcast_only(&BlockShards::outside_pieces(&params), &params);
-        }
+        let owners = shard_owners(recipe, setup, &params, dealt_over)?;
         let optimizer = match &owners {
             Some(o) => Optimizer::build_owned(&recipe.optim, &params, &|n| o.owns(n))?,
             None => Optimizer::build(&recipe.optim, &params)?,
@@ -554,7 +549,7 @@ impl Lm {
             owners,
             held_grad_bytes: 0,
             peak_held_grad_bytes: 0,
-            block_shards: None,
+            piece_shards: None,
             held_param_bytes: 0,
         };
         Ok((lm, init))
@@ -608,10 +603,10 @@ impl Lm {
             .filter(|_| matches!(recipe.run.shard, Shard::Gradients | Shard::Full))
     }
 
-    /// `run.shard = "full"` over several ranks, once every rank holds rank 0's weights: each
-    /// block's weights are let go of by the ranks that do not own them, and the model gathers
-    /// them around each use.
-    fn shard_blocks(&mut self, recipe: &Recipe, run: &mut Run) -> Result<()> {
+    /// `run.shard = "full"` over several ranks, once the group is joined: the model gathers its
+    /// pieces' weights (freed on the ranks that do not own them as it was built) around each
+    /// use, and checkpoints gather them for the model file.
+    fn shard_pieces(&mut self, recipe: &Recipe, run: &mut Run) -> Result<()> {
         let Some(owners) = self
             .owners
             .as_ref()
@@ -619,21 +614,14 @@ impl Lm {
         else {
             return Ok(());
         };
-        let c = &recipe.run;
-        let dp = DataParallel::init(
-            run.world.clone(),
-            run.device,
-            Duration::from_secs_f64(c.collective_timeout_s),
-            ((c.bucket_mb * (1 << 20) as f64) as i64).max(1),
-        )?;
         let blocks = self.cfg.n_layers.max(0) as usize;
-        let shards = BlockShards::new(dp, &self.params, owners, blocks, c.shard_prefetch)?;
+        let prefetch = recipe.run.shard_prefetch;
+        let shards = PieceShards::new(run.dp.view(), &self.params, owners, blocks, prefetch)?;
         let shards = std::rc::Rc::new(shards);
-        shards.release_all()?;
-        self.model.set_block_weights(shards.clone());
+        self.model.set_piece_weights(shards.clone());
         let source = shards.clone();
         run.set_model_source(Box::new(move |store| source.model_on_main(store)));
-        self.block_shards = Some(shards);
+        self.piece_shards = Some(shards);
         Ok(())
     }
 
@@ -721,7 +709,7 @@ impl Lm {
         step: i64,
     ) -> Result<StepOut> {
         let sums = self.backward(recipe, run, batches, overlap, hyper.lr)?;
-        if let Some(b) = &self.block_shards {
+        if let Some(b) = &self.piece_shards {
             // A gather that failed inside the passes, and the block the backward pass ended on.
             b.take_error()?;
             b.release_all()?;
@@ -988,7 +976,7 @@ impl Lm {
             held_grad_bytes: self.held_grad_bytes,
             peak_held_grad_bytes: self.peak_held_grad_bytes,
             held_param_bytes: self.held_param_bytes,
-            block_gathers: self.block_shards.as_ref().map(|b| b.gather_counts()),
+            piece_gathers: self.piece_shards.as_ref().map(|b| b.gather_counts()),
             footprint,
             model_tflops_per_s: tflops,
             mfu: recipe.run.peak_tflops.map(|p| tflops / p),
