@@ -267,7 +267,7 @@ fn full_sharding_trains_the_unsharded_curve_and_holds_a_share_of_the_blocks() {
     // it runs: the same values. Ahead, a micro-batch gathers the embedding, both blocks and the
     // head going forward and both blocks again in backward, all but the embedding from the
     // fetch started while the piece before computed (5 of 6); an evaluation 3 of 4; a
-    // checkpoint none.
+    // checkpoint none (`checkpoint::model_parts`: each rank writes its own weights).
     let gathers = |out: &str| {
         let summary = read_summary(&w.join(out));
         let g = &summary["piece_gathers"];
@@ -284,7 +284,29 @@ fn full_sharding_trains_the_unsharded_curve_and_holds_a_share_of_the_blocks() {
         "{ahead} of {total} fetched ahead"
     );
     assert_eq!(gathers("full-2-unfetched"), (total, 0.0));
-    // The checkpoint of step 5 (written with every block gathered) continues in one process.
+    // Checkpoints gather nothing (the same gathers with only the last one as with one more):
+    // every rank writes the weights it holds into the one model file. Written in the background, the same curve, gathers and files byte for byte.
+    let mut set = common.clone();
+    set.extend(["run.shard=\"full\"", "train.checkpoint_every=100"]);
+    launch(w, 2, "full-2-no-checkpoints", &set);
+    assert_eq!(gathers("full-2-no-checkpoints"), (total, ahead));
+    let mut set = common.clone();
+    set.extend(["run.shard=\"full\"", "train.async_checkpoints=true"]);
+    let in_background = launch(w, 2, "full-2-background", &set);
+    assert_eq!(curve(&in_background), curve(&fetched));
+    assert_eq!(gathers("full-2-background"), (total, ahead));
+    for f in [
+        "model.safetensors",
+        "optimizer-rank00000-of-00002.safetensors",
+        "optimizer-rank00001-of-00002.safetensors",
+    ] {
+        let read = |run: &str| std::fs::read(w.join(run).join("checkpoints/step-00000005").join(f));
+        assert!(
+            read("full-2-fp32").expect("sync") == read("full-2-background").expect("async"),
+            "{f}"
+        );
+    }
+    // The checkpoint of step 5 (its model file written by both ranks) continues in one process.
     let ckpt = w.join("full-2-fp32/checkpoints/step-00000005");
     let ckpt = ckpt.to_str().expect("utf-8");
     let one = continued(w, None, "one", ckpt, &common);

@@ -292,34 +292,20 @@ impl PieceShards {
         Ok(())
     }
 
-    /// Every tensor of `store` as a host copy on rank 0, in order (nothing on the other
-    /// ranks), for a checkpoint's model file: the pieces gathered one at a time (every rank
-    /// takes part), so that no rank holds every piece at once.
-    pub fn model_on_main(&self, store: &ParamStore) -> Result<Vec<(String, Tensor)>> {
-        self.drop_prefetch()?;
+    /// The tensors of `store` this rank writes into a checkpoint's model file
+    /// (`checkpoint::model_parts`): the piece tensors it owns, and on rank 0 every tensor kept
+    /// whole. Nothing is gathered: the pieces of other ranks are let go of first.
+    pub fn model_part(&self, store: &ParamStore) -> Result<Vec<(String, Tensor)>> {
+        self.release_all()?;
         let main = self.rank == 0;
-        let mut out = Vec::new();
-        let mut current: Option<Piece> = None;
-        for p in store.iter() {
-            let piece = Piece::of(&p.name).filter(|_| p.trainable);
-            if let Some(now) = piece.filter(|_| piece != current) {
-                if let Some(done) = current {
-                    self.release_piece(done)?;
-                }
-                self.gather_piece(now)?;
-                current = piece;
-            }
-            if main {
-                out.push((
-                    p.name.clone(),
-                    crate::checkpoint::host_tensor(&p.tensor, true),
-                ));
-            }
-        }
-        if let Some(done) = current {
-            self.release_piece(done)?;
-        }
-        Ok(out)
+        Ok(store
+            .iter()
+            .filter(|p| match p.sharded {
+                true => !is_released(&p.tensor),
+                false => main,
+            })
+            .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
+            .collect())
     }
 
     /// How many times a piece was gathered, and how many of them had been fetched ahead.

@@ -1,6 +1,7 @@
 //! Checkpoints: `checkpoints/step-NNNNNNNN/{model.safetensors, optimizer.safetensors, state.json}`
 //! (and `masks.safetensors` for a pruned model; a sharded run writes its optimizer state as one
-//! file per rank with an index instead, `optimizer_shards.rs`).
+//! file per rank with an index instead, `optimizer_shards.rs`, and with `run.shard = "full"`
+//! every rank writes its weights into the one model file, `model_parts.rs`).
 //!
 //! A checkpoint is written into a temporary directory (`.tmp-step-NNNNNNNN-PID`) and renamed into
 //! place once every file is complete and synced, so a reader never sees half of one; `state.json`
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
+pub mod model_parts;
 pub mod optimizer_shards;
 
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -86,7 +88,13 @@ pub fn save(
     crate::optim::write_state(optimizer_state, &tmp.join(OPTIMIZER_FILE))?;
     sync_file(&tmp.join(OPTIMIZER_FILE))?;
     write_masks(&tmp, params)?;
-    finish(run_dir, &tmp, state, model_tensors(params, false), keep)
+    finish(
+        run_dir,
+        &tmp,
+        state,
+        Some(model_tensors(params, false)),
+        keep,
+    )
 }
 
 /// The model's tensors as a checkpoint writes them, on the host: views of those already there,
@@ -134,19 +142,21 @@ pub fn begin(run_dir: &Path, step: i64, pid: u32) -> Result<PathBuf> {
 }
 
 /// The rest of `save` once the optimizer state (one file, or every rank's, whose index is
-/// written here) and the masks are in `tmp`: the model (`model_tensors`) and the state, the
-/// checksums, then the rename into place and the pruning of old checkpoints.
+/// written here) and the masks are in `tmp`: the model (`model_tensors`; None: the ranks
+/// wrote it there already, `model_parts`) and the state, the checksums, then the rename into
+/// place and the pruning of old checkpoints.
 pub fn finish(
     run_dir: &Path,
     tmp: &Path,
     state: &TrainState,
-    model: Vec<(String, Tensor)>,
+    model: Option<Vec<(String, Tensor)>>,
     keep: usize,
 ) -> Result<PathBuf> {
     let final_dir = step_dir(run_dir, state.step);
     let parent = checkpoints_dir(run_dir);
-    crate::models::params::write_safetensors(&model, &tmp.join(MODEL_FILE))?;
-    drop(model);
+    if let Some(model) = model {
+        crate::models::params::write_safetensors(&model, &tmp.join(MODEL_FILE))?;
+    }
     optimizer_shards::write_index(tmp)?;
     let json = serde_json::to_string_pretty(state).unwrap_or_default();
     write_synced(&tmp.join(STATE_FILE), json.as_bytes())?;

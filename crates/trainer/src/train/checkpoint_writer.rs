@@ -9,13 +9,19 @@
 //! a sharded run, rank 0's thread waits for a marker file from each other rank's thread (the
 //! threads run no collectives, which would interleave with the training loop's) before it adds
 //! the model and the index and renames the directory into place.
+//!
+//! With `run.shard = "full"` no rank holds the whole model: rank 0 creates the model file with its
+//! header and every rank writes the weights it holds into it (`checkpoint::model_parts`), beside
+//! its share of the optimizer state.
 
+use crate::checkpoint::model_parts::ModelLayout;
 use crate::checkpoint::{self, optimizer_shards, TrainState};
 use crate::dist::DataParallel;
 use crate::error::{Error, Result};
 use crate::models::params::ParamStore;
 use crate::optim::Optimizer;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tch::Tensor;
@@ -32,23 +38,31 @@ pub struct CheckpointWriter {
     timeout: Duration,
     /// The checkpoint being written in the background.
     pending: Option<JoinHandle<Result<()>>>,
-    /// Where the model file's tensors come from when the weights are not whole on rank 0
-    /// (`run.shard = "full"`: gathered a block at a time, every rank taking part); else
-    /// `checkpoint::model_tensors`.
-    model_source: Option<ModelSource>,
+    /// `run.shard = "full"`: the tensors this rank writes into the model file, which every rank
+    /// writes its part of; else rank 0 writes it whole (`checkpoint::model_tensors`).
+    model_part: Option<ModelPart>,
 }
 
-/// The model's tensors as host copies on rank 0 (nothing on the other ranks); called on every
-/// rank.
-pub type ModelSource = Box<dyn Fn(&ParamStore) -> Result<Vec<(String, Tensor)>>>;
+/// The tensors of the model file this rank writes (those it holds the values of); called on
+/// every rank.
+pub type ModelPart = Box<dyn Fn(&ParamStore) -> Result<Vec<(String, Tensor)>>>;
+
+/// The model's tensors one process writes.
+enum ModelTensors {
+    /// None (a rank other than 0 without `run.shard = "full"`).
+    None,
+    /// All of them, into a new file (rank 0).
+    Whole(Vec<(String, Tensor)>),
+    /// This rank's part of the file rank 0 created with this layout.
+    Part(Arc<ModelLayout>, Vec<(String, Tensor)>),
+}
 
 /// What one checkpoint writes besides the masks, on the host.
 struct Contents {
     run_dir: PathBuf,
     tmp: PathBuf,
     state: TrainState,
-    /// The model (rank 0 only).
-    model: Option<Vec<(String, Tensor)>>,
+    model: ModelTensors,
     optimizer: Vec<(String, Tensor)>,
     keep: usize,
 }
@@ -61,13 +75,13 @@ impl CheckpointWriter {
             keep,
             timeout,
             pending: None,
-            model_source: None,
+            model_part: None,
         }
     }
 
-    /// `run.shard = "full"`: the model file's tensors come from `source` (see `ModelSource`).
-    pub fn set_model_source(&mut self, source: ModelSource) {
-        self.model_source = Some(source);
+    /// `run.shard = "full"`: every rank writes `part` of the model file (see `ModelPart`).
+    pub fn set_model_part(&mut self, part: ModelPart) {
+        self.model_part = Some(part);
     }
 
     /// Writes the checkpoint of `state` and returns its directory: complete on return when
@@ -93,20 +107,27 @@ impl CheckpointWriter {
             }
             return Ok(step_dir);
         }
-        let tmp = self.prepare(dp, run_dir, state.step)?;
+        let layout = match self.model_part {
+            Some(_) => Some(Arc::new(ModelLayout::of(params)?)),
+            None => None,
+        };
+        let tmp = self.prepare(dp, run_dir, state.step, layout.as_deref())?;
         if main {
             checkpoint::write_masks(&tmp, params)?;
         }
-        let model = match &self.model_source {
-            Some(source) => Some(source(params)?),
-            None => None,
+        let model = match (&self.model_part, layout) {
+            (Some(part), Some(layout)) => ModelTensors::Part(
+                layout.clone(),
+                self.part(dp, &layout, part, params, background)?,
+            ),
+            _ if main => ModelTensors::Whole(checkpoint::model_tensors(params, background)),
+            _ => ModelTensors::None,
         };
         let contents = Contents {
             run_dir: run_dir.to_path_buf(),
             tmp,
             state: state.clone(),
-            model: main
-                .then(|| model.unwrap_or_else(|| checkpoint::model_tensors(params, background))),
+            model,
             optimizer: optimizer
                 .state_tensors()
                 .into_iter()
@@ -149,9 +170,43 @@ impl CheckpointWriter {
         }
     }
 
+    /// This rank's part of the model file as host tensors (copies with `background`); an error
+    /// on every rank unless the ranks' parts fill the file exactly (a tensor held by no rank,
+    /// or by two).
+    fn part(
+        &self,
+        dp: &DataParallel,
+        layout: &ModelLayout,
+        part: &ModelPart,
+        params: &ParamStore,
+        background: bool,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let part: Vec<(String, Tensor)> = part(params)?
+            .into_iter()
+            .map(|(n, t)| (n, checkpoint::host_tensor(&t, background)))
+            .collect();
+        let mut bytes = [layout.part_bytes(&part) as f64];
+        dp.sum(&mut bytes)?;
+        if bytes[0] != layout.data_bytes() as f64 {
+            return Err(Error::Torch(format!(
+                "checkpoint: the ranks hold {} of the model file's {} bytes",
+                bytes[0],
+                layout.data_bytes()
+            )));
+        }
+        Ok(part)
+    }
+
     /// The temporary directory the checkpoint of `step` is written into, created by rank 0 (its
-    /// process id names it on every rank); sharded, every rank returns once it exists.
-    fn prepare(&self, dp: &DataParallel, run_dir: &Path, step: i64) -> Result<PathBuf> {
+    /// process id names it on every rank), with the model file of `layout` in it if given;
+    /// sharded, every rank returns once it exists.
+    fn prepare(
+        &self,
+        dp: &DataParallel,
+        run_dir: &Path,
+        step: i64,
+        layout: Option<&ModelLayout>,
+    ) -> Result<PathBuf> {
         let mut pid = [if dp.world.is_main() {
             f64::from(std::process::id())
         } else {
@@ -162,7 +217,10 @@ impl CheckpointWriter {
         }
         let pid = pid[0] as u32;
         if dp.world.is_main() {
-            checkpoint::begin(run_dir, step, pid)?;
+            let tmp = checkpoint::begin(run_dir, step, pid)?;
+            if let Some(layout) = layout {
+                layout.create(&tmp.join(checkpoint::MODEL_FILE))?;
+            }
         }
         if self.sharded {
             dp.barrier()?;
@@ -180,14 +238,19 @@ impl Contents {
         self.finish()
     }
 
-    /// This rank's share of the optimizer state.
+    /// This rank's share of the optimizer state, and its part of the model file if it writes
+    /// one.
     fn write_share(&self, rank: usize, world: usize) -> Result<()> {
         let share: Vec<(String, Tensor)> = self
             .optimizer
             .iter()
             .map(|(n, t)| (n.clone(), t.shallow_clone()))
             .collect();
-        optimizer_shards::write_share(&self.tmp, rank, world, share)
+        optimizer_shards::write_share(&self.tmp, rank, world, share)?;
+        if let ModelTensors::Part(layout, part) = &self.model {
+            layout.write_part(&self.tmp.join(checkpoint::MODEL_FILE), part)?;
+        }
+        Ok(())
     }
 
     /// An asynchronous sharded checkpoint: this rank's share; then rank 0 waits for every
@@ -204,7 +267,15 @@ impl Contents {
     /// Rank 0, once the optimizer state is in place: the model, the index and the rest, then
     /// the rename into place.
     fn finish(self) -> Result<()> {
-        let model = self.model.unwrap_or_default();
+        let model = match self.model {
+            ModelTensors::Whole(model) => Some(model),
+            ModelTensors::Part(..) => None, // every rank wrote its part already
+            ModelTensors::None => {
+                return Err(Error::Torch(
+                    "checkpoint: rank 0 has no model to write".into(),
+                ))
+            }
+        };
         checkpoint::finish(&self.run_dir, &self.tmp, &self.state, model, self.keep)?;
         Ok(())
     }

@@ -279,10 +279,10 @@ impl<'a> Run<'a> {
         })
     }
 
-    /// `run.shard = "full"`: where the checkpoints' model file comes from
-    /// (`CheckpointWriter::set_model_source`).
-    pub fn set_model_source(&mut self, source: super::checkpoint_writer::ModelSource) {
-        self.writer.set_model_source(source);
+    /// `run.shard = "full"`: what each rank writes of the checkpoints' model file
+    /// (`CheckpointWriter::set_model_part`).
+    pub fn set_model_part(&mut self, part: super::checkpoint_writer::ModelPart) {
+        self.writer.set_model_part(part);
     }
 
     /// Peak memory counts from here (CUDA; the CPU's peak resident set cannot be reset).

@@ -620,7 +620,7 @@ impl Lm {
         let shards = std::rc::Rc::new(shards);
         self.model.set_piece_weights(shards.clone());
         let source = shards.clone();
-        run.set_model_source(Box::new(move |store| source.model_on_main(store)));
+        run.set_model_part(Box::new(move |store| source.model_part(store)));
         self.piece_shards = Some(shards);
         Ok(())
     }
