@@ -182,6 +182,22 @@ fn reducing_every_micro_batch_keeps_a_share_of_the_gradients_between_micro_batch
         ],
     )
     .assert_one_error(&["run.reduce_every_micro_batch", "gradients"]);
+    // Flags that would change nothing: refused by name.
+    let validate = |set: &[&str]| {
+        let mut args = vec!["validate", RECIPE];
+        for s in set {
+            args.extend(["--set", *s]);
+        }
+        trainer(w, &args)
+    };
+    validate(&[
+        "run.shard=\"gradients\"",
+        "run.reduce_every_micro_batch=true",
+        "train.grad_accum=1",
+    ])
+    .assert_one_error(&["run.reduce_every_micro_batch", "grad_accum = 1"]);
+    validate(&["run.shard=\"gradients\"", "run.shard_prefetch=false"])
+        .assert_one_error(&["run.shard_prefetch", "\"full\""]);
     // MoE layers average their gradients after the backward pass: refused before anything is
     // written.
     trainer(
@@ -197,6 +213,8 @@ fn reducing_every_micro_batch_keeps_a_share_of_the_gradients_between_micro_batch
             "run.shard=\"gradients\"",
             "--set",
             "run.reduce_every_micro_batch=true",
+            "--set",
+            "train.grad_accum=2",
         ],
     )
     .assert_one_error(&["run.reduce_every_micro_batch", "MoE"]);

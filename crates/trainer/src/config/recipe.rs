@@ -515,6 +515,18 @@ impl Recipe {
             "run.reduce_every_micro_batch",
             "reduces gradients onto their owners: it needs run.shard = \"gradients\" or \"full\"",
         )?;
+        check(
+            !self.run.reduce_every_micro_batch || self.train.grad_accum > 1,
+            "run.reduce_every_micro_batch",
+            "with train.grad_accum = 1 a step has one micro-batch, which is reduced as it goes \
+             without it; leave it out",
+        )?;
+        check(
+            self.run.shard_prefetch || self.run.shard == Shard::Full,
+            "run.shard_prefetch",
+            "fetches the weights of run.shard = \"full\" ahead; without it there is nothing to \
+             fetch: leave it out",
+        )?;
         if self.run.shard == Shard::None {
             return Ok(());
         }
