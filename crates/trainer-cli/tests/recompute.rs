@@ -162,6 +162,30 @@ fn what_a_second_run_would_not_repeat_is_refused() {
         recompute = \"block\"\n";
     write_recipe(w, "gpt2.toml", gpt2);
     trainer(w, &["run", "gpt2.toml"]).assert_one_error(&["train.recompute", "dropout"]);
+    // LoRA's dropout inside a recomputed block; "selective" runs no projection again.
+    let lora = format!(
+        "{}\n[peft]\nkind = \"lora\"\nrank = 2\ndropout = 0.1\ntarget = [\"q_proj\", \"v_proj\"]\n",
+        tiny_recipe("lora")
+    );
+    write_recipe(w, "lora.toml", &lora);
+    trainer(
+        w,
+        &["run", "lora.toml", "--set", "train.recompute=\"block\""],
+    )
+    .assert_one_error(&["train.recompute", "peft.dropout"]);
+    assert!(!w.join("lora").exists(), "a refused start writes nothing");
+    trainer(
+        w,
+        &[
+            "run",
+            "lora.toml",
+            "--set",
+            "train.recompute=\"selective\"",
+            "--set",
+            "train.max_steps=6",
+        ],
+    )
+    .assert_success();
     trainer(
         w,
         &["validate", "moe.toml", "--set", "train.recompute=\"all\""],

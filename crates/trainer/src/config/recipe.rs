@@ -344,7 +344,8 @@ pub struct TrainConfig {
     /// backward pass (about one more forward pass of compute for a fraction of the activation
     /// memory); `"selective"` recomputes only the attention core (scores, softmax, weighted
     /// sum) and the gated MLP's activation, keeping the projections' outputs. The losses and
-    /// gradients are those of `"none"`. Not with dropout; `"block"` not with MoE layers.
+    /// gradients are those of `"none"`. Not with the model's dropout; `"block"` not with LoRA's
+    /// dropout (`peft.dropout`) or MoE layers.
     #[serde(default, skip_serializing_if = "Recompute::is_none")]
     #[schemars(!skip_serializing_if)]
     pub recompute: Recompute,

@@ -412,6 +412,17 @@ fn recompute_mode(recipe: &Recipe, cfg: &TransformerConfig) -> Result<Recompute>
              the model's dropout to 0",
             cfg.dropout
         ))
+    } else if let Some(p) = recipe.peft.as_ref().filter(|p| p.dropout > 0.0) {
+        // Selective recomputation runs no projection again; a block does, adapters included.
+        match mode {
+            Recompute::Block => Some(format!(
+                "LoRA's dropout (peft.dropout = {}) would draw other masks when a block runs \
+                 again in the backward pass; set peft.dropout = 0 or train.recompute = \
+                 \"selective\"",
+                p.dropout
+            )),
+            _ => None,
+        }
     } else if cfg.moe.is_some() && mode == Recompute::Block {
         Some(
             "MoE layers' routing statistics and router losses come from the first run of a \
