@@ -57,7 +57,7 @@ unsafe extern "C" fn drop_ctx(ctx: *mut c_void) {
 }
 
 /// `f(x)`, recomputed in the backward pass instead of keeping its activations. Without grad
-/// mode, or when `x` does not require a gradient, `f(x)` plainly. `f` must give the same
+/// mode, `f(x)` plainly. `f` must give the same
 /// result when run again: no dropout or other random draws, no side effects. It is kept until
 /// the backward pass has run (the tensors it captured with it).
 pub fn recompute(x: &Tensor, f: impl Fn(&Tensor) -> Tensor + 'static) -> Result<Tensor, String> {
@@ -78,10 +78,22 @@ pub fn recompute_many(
 ) -> Result<Tensor, String> {
     // SAFETY: a plain query of libtorch's thread-local grad mode.
     let grad_mode = unsafe { te_grad_mode_enabled() } != 0;
-    if !grad_mode || !xs.iter().any(|x| x.requires_grad()) {
+    if !grad_mode {
         let owned: Vec<Tensor> = xs.iter().map(|x| x.shallow_clone()).collect();
         return Ok(f(&owned));
     }
+    // `f`'s parameters may need gradients when no input does (trained blocks above a frozen
+    // embedding, LoRA adapters): autograd records the function only for an input that requires
+    // a gradient, so the inputs are then passed as leaves that do (the same memory; their
+    // gradients are formed and dropped). Run plainly instead, `f` would keep its activations
+    // and the tensors it uses past this call.
+    let leaves: Vec<Tensor>;
+    let xs: Vec<&Tensor> = if xs.iter().any(|x| x.requires_grad()) {
+        xs.to_vec()
+    } else {
+        leaves = xs.iter().map(|x| x.detach().set_requires_grad(true)).collect();
+        leaves.iter().collect()
+    };
     let boxed: Box<BoxedFn> = Box::new(Box::new(f));
     let ctx = Box::into_raw(boxed) as *mut c_void;
     let handles: Vec<*const c_void> = xs.iter().map(|x| x.as_ptr() as *const c_void).collect();
@@ -168,6 +180,36 @@ mod tests {
         y.square().sum(Kind::Float).backward();
         assert!(a.grad().equal(&ga) && b.grad().equal(&gb));
         assert!(!c.grad().defined());
+    }
+
+    /// An input that needs no gradient (a frozen embedding's output) into a function whose
+    /// parameter does: the function is recomputed in the backward pass (it runs twice), and the
+    /// parameter's gradient is that of the plain graph, bitwise.
+    #[test]
+    fn parameters_get_gradients_when_the_input_needs_none() {
+        tch::manual_seed(5);
+        let opts = (Kind::Float, Device::Cpu);
+        let w = Tensor::randn([6, 6], opts).set_requires_grad(true);
+        let x = Tensor::randn([3, 6], opts); // no gradient
+        let runs = std::rc::Rc::new(std::cell::Cell::new(0));
+        let f = || {
+            let (w, runs) = (w.shallow_clone(), runs.clone());
+            move |x: &Tensor| {
+                runs.set(runs.get() + 1);
+                x.linear(&w, None::<&Tensor>).tanh()
+            }
+        };
+        let plain = f()(&x).square().sum(Kind::Float);
+        plain.backward();
+        let gw = w.grad().copy();
+        let _ = w.grad().zero_();
+        runs.set(0);
+        let y = recompute(&x, f()).expect("recompute");
+        assert!(y.requires_grad());
+        y.square().sum(Kind::Float).backward();
+        assert_eq!(runs.get(), 2, "run again in the backward pass");
+        assert!(w.grad().equal(&gw));
+        assert!(!x.grad().defined());
     }
 
     #[test]

@@ -350,7 +350,7 @@ impl DataParallel {
         let bucket_bytes = ((run.bucket_mb * (1 << 20) as f64) as i64).max(1);
         let dp = DataParallel::init(world.clone(), device, timeout, bucket_bytes)?;
         if world.is_distributed() {
-            let whole = params.iter().filter(|p| !p.sharded).map(|p| &p.tensor);
+            let whole = params.iter().filter(|p| !p.is_sharded()).map(|p| &p.tensor);
             dp.broadcast_from_main(&whole.collect::<Vec<_>>())?;
             let mut steps = [step as f64];
             dp.sum(&mut steps)?;

@@ -25,7 +25,7 @@
 
 use crate::dist::{DataParallel, PendingBroadcast};
 use crate::error::{Error, Result};
-use crate::models::params::{is_released, ParamStore, ShardRule};
+use crate::models::params::{is_released, Param, ParamStore, ShardRule};
 use crate::models::transformer::Piece;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -52,9 +52,23 @@ impl Owners {
         Self::deal_over(store, rank, world, total as i128)
     }
 
-    /// `deal`, balanced over `total` elements given beforehand (`run.shard = "full"`: the count
-    /// `pieces_dealt_as_added` dealt the model's blocks by while it was built; the same owners).
-    pub fn deal_over(store: &ParamStore, rank: usize, world: usize, total: i128) -> Result<Owners> {
+    /// `run.shard = "full"`, after the model was built under `pieces_dealt_as_added`: a sharded
+    /// parameter is owned by the rank that holds it (`Param::held_by`); the others kept whole
+    /// (the final norm, adapters) are dealt as `deal` deals, over their own elements.
+    pub fn deal_full(store: &ParamStore, rank: usize, world: usize) -> Result<Owners> {
+        let numel = |p: &Param| p.tensor.numel() as i64;
+        let whole = store.trainable().filter(|p| !p.is_sharded());
+        let mut deal = Dealing::new(world, whole.map(|p| numel(p) as i128).sum());
+        let owned = store
+            .trainable()
+            .map(|p| (p.held_by.unwrap_or_else(|| deal.next(numel(p))), p))
+            .map(|(o, p)| (o, p.name.as_str(), &p.tensor))
+            .collect();
+        Self::from_dealt(store, rank, world, owned)
+    }
+
+    /// `deal`, balanced over `total` elements given beforehand.
+    fn deal_over(store: &ParamStore, rank: usize, world: usize, total: i128) -> Result<Owners> {
         let mut deal = Dealing::new(world, total);
         let owned: Vec<(usize, &str, &Tensor)> = store
             .trainable()
@@ -66,6 +80,17 @@ impl Owners {
                 )
             })
             .collect();
+        Self::from_dealt(store, rank, world, owned)
+    }
+
+    /// The owners of the trainable parameters of `store` as dealt (owner, name, tensor), in
+    /// registration order; a rank left without any is refused in one line.
+    fn from_dealt(
+        store: &ParamStore,
+        rank: usize,
+        world: usize,
+        owned: Vec<(usize, &str, &Tensor)>,
+    ) -> Result<Owners> {
         if let Some(r) = (0..world).find(|r| owned.iter().all(|(o, _, _)| o != r)) {
             return Err(Error::Recipe(format!(
                 "run.shard: {} trainable tensors cannot give each of {world} ranks a share \
@@ -73,7 +98,7 @@ impl Owners {
                 owned.len()
             )));
         }
-        let whole = store.trainable().zip(&owned).filter(|(p, _)| !p.sharded);
+        let whole = store.trainable().zip(&owned).filter(|(p, _)| !p.is_sharded());
         let groups = groups_of(whole.map(|(_, (o, _, t))| (*o, *t)), world);
         let mine = owned
             .iter()
@@ -135,32 +160,31 @@ impl Dealing {
 }
 
 /// `run.shard = "full"`, while the model is built (`ParamStore::shard_as_added`): the tensors of
-/// each piece (`Piece::of`: the embedding, the blocks, the head) are dealt as
-/// `Owners::deal_over(.., total)` will deal them, and this rank keeps only its own; every other
-/// tensor stays whole.
-pub fn pieces_dealt_as_added(rank: usize, world: usize, total: i128) -> ShardRule {
+/// each piece (`Piece::of`: the embedding, the blocks, the head) are dealt out in registration
+/// order, balanced over the model's `total` elements as `Owners::deal` balances (the tensors
+/// outside the pieces count, and stay whole); each is held by its rank only.
+pub fn pieces_dealt_as_added(world: usize, total: i128) -> ShardRule {
     let mut deal = Dealing::new(world, total);
     Box::new(move |name, numel| {
-        let owner = deal.next(numel);
-        Piece::of(name).map(|_| owner == rank)
+        let holder = deal.next(numel);
+        Piece::of(name).map(|_| holder)
     })
 }
 
-impl Owners {
-    /// After the model was built under `pieces_dealt_as_added`: an error unless this rank
-    /// holds exactly the block tensors it owns (the model registered other tensors than it was
-    /// dealt for).
-    pub fn check_held_pieces(&self, store: &ParamStore) -> Result<()> {
-        let wrong = store
-            .trainable()
-            .find(|p| p.sharded && is_released(&p.tensor) == self.owns(&p.name));
-        match wrong {
-            Some(p) => Err(Error::Torch(format!(
-                "run.shard = \"full\": {} was dealt to another rank while the model was built",
-                p.name
-            ))),
-            None => Ok(()),
-        }
+/// After the model was built under `pieces_dealt_as_added` (and its weights loaded): an error
+/// unless this rank has memory for exactly the sharded tensors it holds.
+pub fn check_held_pieces(store: &ParamStore, rank: usize) -> Result<()> {
+    let wrong = store
+        .iter()
+        .find(|p| p.held_by.is_some_and(|h| is_released(&p.tensor) == (h == rank)));
+    match wrong {
+        Some(p) => Err(Error::Torch(format!(
+            "run.shard = \"full\": this rank {} {}, which was dealt to rank {}",
+            if is_released(&p.tensor) { "has no memory for" } else { "holds" },
+            p.name,
+            p.held_by.unwrap_or_default()
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -236,21 +260,21 @@ pub struct PieceShards {
 }
 
 impl PieceShards {
-    /// The pieces of `store` (`Piece::of` its trainable parameters' names): the embedding,
-    /// `n_blocks` blocks and the head unless tied, each dealt as `owners` says; `dp` a handle on
-    /// the run's group; `prefetch_on`: fetch the piece that runs next ahead
-    /// (`run.shard_prefetch`). Every other parameter is left whole. Releases nothing yet.
+    /// The pieces of `store` (`Piece::of` the names of its sharded tensors, trained or frozen):
+    /// the embedding, `n_blocks` blocks and the head unless tied, each tensor held by its
+    /// `Param::held_by`; `dp` a handle on the run's group; `prefetch_on`: fetch the piece that
+    /// runs next ahead (`run.shard_prefetch`). Every other parameter is left whole. Releases
+    /// nothing yet.
     pub fn new(
         dp: DataParallel,
         store: &ParamStore,
-        owners: &Owners,
         n_blocks: usize,
         prefetch_on: bool,
     ) -> Result<PieceShards> {
         let world = dp.world.size;
         let mut members: BTreeMap<Piece, Vec<(usize, &Tensor)>> = BTreeMap::new();
-        for (p, &owner) in store.trainable().zip(&owners.owner) {
-            let Some(piece) = Piece::of(&p.name) else {
+        for p in store.iter() {
+            let (Some(owner), Some(piece)) = (p.held_by, Piece::of(&p.name)) else {
                 continue;
             };
             if matches!(piece, Piece::Block(i) if i >= n_blocks) {
@@ -300,9 +324,9 @@ impl PieceShards {
         let main = self.rank == 0;
         Ok(store
             .iter()
-            .filter(|p| match p.sharded {
-                true => !is_released(&p.tensor),
-                false => main,
+            .filter(|p| match p.held_by {
+                Some(holder) => holder == self.rank,
+                None => main,
             })
             .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
             .collect())
@@ -537,18 +561,39 @@ mod tests {
         let total: i128 = sizes.iter().map(|(_, n)| *n as i128).sum();
         for rank in 0..3 {
             let mut store = ParamStore::new(Device::Cpu);
-            store.shard_as_added(pieces_dealt_as_added(rank, 3, total));
+            store.shard_as_added(rank, pieces_dealt_as_added(3, total));
             for (name, n) in &sizes {
                 let _ = store.zeros(name, &[*n]);
             }
             store.stop_sharding_as_added().expect("freed");
-            let owners = Owners::deal_over(&store, rank, 3, total).expect("three ranks");
-            owners.check_held_pieces(&store).expect("held as dealt");
+            check_held_pieces(&store, rank).expect("held as dealt");
+            let owners = Owners::deal_full(&store, rank, 3).expect("three ranks");
+            let dealt = Owners::deal_over(&store, rank, 3, total).expect("three ranks");
             for p in store.iter() {
                 let whole = Piece::of(&p.name).is_none();
-                assert_eq!(p.sharded, !whole, "{}", p.name);
+                assert_eq!(p.is_sharded(), !whole, "{}", p.name);
                 assert_eq!(is_released(&p.tensor), !whole && !owners.owns(&p.name));
+                // The pieces are held where an unsharded dealing over the same count puts them.
+                if !whole {
+                    assert_eq!(owners.owns(&p.name), dealt.owns(&p.name), "{}", p.name);
+                }
+            }
+            // The whole tensors (the norms) are dealt among themselves: some rank owns each.
+            if rank == 0 {
+                assert!(owners.owns("model.layers.0.norm.weight"));
             }
         }
+        // A frozen sharded tensor (a LoRA base weight) is still held where it was dealt; a rank
+        // given memory for another's tensor is refused by name.
+        let mut store = ParamStore::new(Device::Cpu);
+        store.shard_as_added(1, pieces_dealt_as_added(3, total));
+        for (name, n) in &sizes {
+            let _ = store.zeros(name, &[*n]);
+        }
+        store.stop_sharding_as_added().expect("freed");
+        store.freeze("model.embed_tokens.weight");
+        check_held_pieces(&store, 1).expect("frozen, held as dealt");
+        let e = check_held_pieces(&store, 0).unwrap_err().to_string();
+        assert!(e.contains("model.embed_tokens.weight"), "{e}");
     }
 }

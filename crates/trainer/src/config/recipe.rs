@@ -562,7 +562,6 @@ impl Recipe {
              for its recomputation in the backward pass)",
         )?;
         let unsupported = [
-            (self.peft.is_some(), "[peft] adapters"),
             (
                 self.prune.is_some(),
                 "[prune] (its masks touch every weight)",

@@ -46,15 +46,21 @@ pub struct Param {
     /// Added by a method beside the model's own weights (`add_extra`: LoRA factors,
     /// distillation projections): trained and checkpointed, left out of a model export.
     pub extra: bool,
-    /// Its values live on one rank only (`run.shard = "full"`, `shard_as_added`): every rank
-    /// knows its shape, the others hold no memory for it.
-    pub sharded: bool,
+    /// The one rank its values live on (`run.shard = "full"`, `shard_as_added`): every rank
+    /// knows its shape, the others hold no memory for it. None: whole on every rank.
+    pub held_by: Option<usize>,
 }
 
-/// `ParamStore::shard_as_added`: for each trainable tensor as it is registered (name, element
-/// count), `None` when every rank keeps it whole, `Some(true)` when it is sharded and this rank
-/// holds it, `Some(false)` when it is sharded and held elsewhere (its memory is freed at once).
-pub type ShardRule = Box<dyn FnMut(&str, i64) -> Option<bool>>;
+impl Param {
+    /// Whether its values live on one rank only (`held_by`).
+    pub fn is_sharded(&self) -> bool {
+        self.held_by.is_some()
+    }
+}
+
+/// `ParamStore::shard_as_added`: for each tensor as it is registered (name, element count),
+/// the rank that holds it, or `None` when every rank keeps it whole.
+pub type ShardRule = Box<dyn FnMut(&str, i64) -> Option<usize>>;
 
 pub struct ParamStore {
     device: Device,
@@ -64,8 +70,9 @@ pub struct ParamStore {
     /// weights stay exactly zero through training; checkpoints carry the masks beside the
     /// weights (`masks.safetensors`).
     masks: Vec<Mask>,
-    /// While the model is built for `run.shard = "full"`: which tensors this rank holds.
-    shard_rule: Option<ShardRule>,
+    /// While the model is built for `run.shard = "full"`: this rank, and which rank holds each
+    /// tensor.
+    shard_rule: Option<(usize, ShardRule)>,
     /// The first failure to free a tensor's memory under `shard_rule`.
     shard_error: Option<String>,
 }
@@ -103,8 +110,11 @@ impl ParamStore {
         let tensor = init.to_device(self.device).detach().set_requires_grad(true);
         let handle = tensor.shallow_clone();
         let rule = self.shard_rule.as_mut();
-        let held = rule.and_then(|r| r(name, tensor.numel() as i64));
-        if held == Some(false) {
+        let (rank, held_by) = match rule {
+            Some((rank, r)) => (*rank, r(name, tensor.numel() as i64)),
+            None => (0, None),
+        };
+        if held_by.is_some_and(|h| h != rank) {
             if let Err(e) = torch_ext::release_storage(&tensor) {
                 self.shard_error.get_or_insert(e);
             }
@@ -114,17 +124,17 @@ impl ParamStore {
             tensor,
             trainable: true,
             extra: false,
-            sharded: held.is_some(),
+            held_by,
         });
         handle
     }
 
     /// `run.shard = "full"`, before the model is built: each trainable tensor registered from
     /// now on is first given its values (the seeded draws stay those of an unsharded run), then
-    /// kept or freed as `rule` says (see `ShardRule`), so that a rank never holds the whole
-    /// model. `stop_sharding_as_added` ends it.
-    pub fn shard_as_added(&mut self, rule: ShardRule) {
-        self.shard_rule = Some(rule);
+    /// kept by this rank (`rank`) or freed as `rule` says (see `ShardRule`), so that a rank
+    /// never holds the whole model. `stop_sharding_as_added` ends it.
+    pub fn shard_as_added(&mut self, rank: usize, rule: ShardRule) {
+        self.shard_rule = Some((rank, rule));
     }
 
     /// Ends `shard_as_added`; an error if a tensor's memory could not be freed.
@@ -161,7 +171,7 @@ impl ParamStore {
             tensor,
             trainable: false,
             extra: false,
-            sharded: false,
+            held_by: None,
         });
         handle
     }

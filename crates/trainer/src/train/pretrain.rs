@@ -352,29 +352,30 @@ fn check_reduce_every_micro_batch(recipe: &Recipe, cfg: &TransformerConfig) -> R
 
 /// `run.shard = "full"` over several ranks, before the model is built: its pieces are dealt
 /// out as they are registered and this rank keeps only its own (`shard::pieces_dealt_as_added`),
-/// balanced over the model's parameter count from its config; that count, for `shard_owners`.
+/// balanced over the model's parameter count from its config; whether it did.
 fn deal_pieces_as_built(
     recipe: &Recipe,
     setup: &Setup,
     cfg: &TransformerConfig,
     params: &mut ParamStore,
-) -> Option<i128> {
+) -> bool {
     if recipe.run.shard != Shard::Full || !setup.world.is_distributed() {
-        return None;
+        return false;
     }
     let (rank, world, total) = (setup.world.rank, setup.world.size, cfg.param_count());
-    params.shard_as_added(crate::shard::pieces_dealt_as_added(rank, world, total));
-    Some(total)
+    params.shard_as_added(rank, crate::shard::pieces_dealt_as_added(world, total));
+    true
 }
 
 /// `run.shard = "optimizer"` or `"gradients"` over several ranks: which rank owns which
-/// parameter's optimizer state (and gradient); `"full"`: dealt over the count the pieces were
-/// dealt by as the model was built (`dealt_over`). One process: nothing to divide (a warning).
+/// parameter's optimizer state (and gradient); `"full"` (`pieces_dealt`: the model was built
+/// with its pieces dealt out): the holder of each sharded parameter owns it. One process:
+/// nothing to divide (a warning).
 fn shard_owners(
     recipe: &Recipe,
     setup: &Setup,
     params: &ParamStore,
-    dealt_over: Option<i128>,
+    pieces_dealt: bool,
 ) -> Result<Option<Owners>> {
     if recipe.run.shard == Shard::None {
         return Ok(None);
@@ -387,14 +388,11 @@ fn shard_owners(
         return Ok(None);
     }
     let (rank, world) = (setup.world.rank, setup.world.size);
-    match dealt_over {
-        Some(total) => {
-            let owners = Owners::deal_over(params, rank, world, total)?;
-            owners.check_held_pieces(params)?;
-            Ok(Some(owners))
-        }
-        None => Owners::deal(params, rank, world).map(Some),
+    if pieces_dealt {
+        crate::shard::check_held_pieces(params, rank)?;
+        return Owners::deal_full(params, rank, world).map(Some);
     }
+    Owners::deal(params, rank, world).map(Some)
 }
 
 /// `train.recompute`, refused for models whose recomputed parts would not repeat themselves
@@ -512,7 +510,7 @@ impl Lm {
             "training",
         )?;
         let mut params = ParamStore::new(setup.device);
-        let dealt_over = deal_pieces_as_built(recipe, setup, &cfg, &mut params);
+        let pieces_dealt = deal_pieces_as_built(recipe, setup, &cfg, &mut params);
         let mut model = Transformer::new(&cfg, &mut params)?;
         params.stop_sharding_as_added()?;
         model.set_recompute(recompute_mode(recipe, &cfg)?);
@@ -538,7 +536,7 @@ impl Lm {
         if bf16 && !masters {
             params.set_kind(Kind::BFloat16);
         }
-        let owners = shard_owners(recipe, setup, &params, dealt_over)?;
+        let owners = shard_owners(recipe, setup, &params, pieces_dealt)?;
         let optimizer = match &owners {
             Some(o) => Optimizer::build_owned(&recipe.optim, &params, &|n| o.owns(n))?,
             None => Optimizer::build(&recipe.optim, &params)?,
@@ -615,19 +613,15 @@ impl Lm {
     }
 
     /// `run.shard = "full"` over several ranks, once the group is joined: the model gathers its
-    /// pieces' weights (freed on the ranks that do not own them as it was built) around each
-    /// use, and checkpoints gather them for the model file.
+    /// pieces' weights (freed on the ranks that do not hold them as it was built) around each
+    /// use, and every rank writes those it holds into the checkpoints' model file.
     fn shard_pieces(&mut self, recipe: &Recipe, run: &mut Run) -> Result<()> {
-        let Some(owners) = self
-            .owners
-            .as_ref()
-            .filter(|_| recipe.run.shard == Shard::Full)
-        else {
+        if self.owners.is_none() || recipe.run.shard != Shard::Full {
             return Ok(());
-        };
+        }
         let blocks = self.cfg.n_layers.max(0) as usize;
         let prefetch = recipe.run.shard_prefetch;
-        let shards = PieceShards::new(run.dp.view(), &self.params, owners, blocks, prefetch)?;
+        let shards = PieceShards::new(run.dp.view(), &self.params, blocks, prefetch)?;
         let shards = std::rc::Rc::new(shards);
         self.model.set_piece_weights(shards.clone());
         let source = shards.clone();

@@ -259,7 +259,7 @@ fn tensors_held_elsewhere_are_freed_as_added_converted_and_skipped_by_loads() {
         tch::manual_seed(7);
         let mut s = ParamStore::new(Device::Cpu);
         if let Some(rule) = rule {
-            s.shard_as_added(rule);
+            s.shard_as_added(0, rule);
         }
         let _ = s.normal("model.embed_tokens.weight", &[4, 3], 1.0);
         let _ = s.normal("model.layers.0.mlp.up_proj.weight", &[5, 3], 1.0);
@@ -270,13 +270,14 @@ fn tensors_held_elsewhere_are_freed_as_added_converted_and_skipped_by_loads() {
     let whole = build(None);
     // Rank 0 of two: keeps layer 0, frees layer 1; the embedding is not sharded.
     let mut sharded = build(Some(Box::new(|name: &str, _| {
-        name.contains("layers.").then(|| name.contains("layers.0."))
+        name.contains("layers.")
+            .then(|| usize::from(!name.contains("layers.0.")))
     })));
-    let flags: Vec<(bool, bool)> = sharded
+    let flags: Vec<(Option<usize>, bool)> = sharded
         .iter()
-        .map(|p| (p.sharded, is_released(&p.tensor)))
+        .map(|p| (p.held_by, is_released(&p.tensor)))
         .collect();
-    assert_eq!(flags, vec![(false, false), (true, false), (true, true)]);
+    assert_eq!(flags, vec![(None, false), (Some(0), false), (Some(1), true)]);
     let value = |s: &ParamStore, n: &str| Vec::<f32>::try_from(s.get(n).expect(n).reshape([-1]));
     let held = "model.layers.0.mlp.up_proj.weight";
     assert_eq!(value(&sharded, held).ok(), value(&whole, held).ok());
