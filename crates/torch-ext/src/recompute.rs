@@ -91,7 +91,10 @@ pub fn recompute_many(
     let xs: Vec<&Tensor> = if xs.iter().any(|x| x.requires_grad()) {
         xs.to_vec()
     } else {
-        leaves = xs.iter().map(|x| x.detach().set_requires_grad(true)).collect();
+        leaves = xs
+            .iter()
+            .map(|x| x.detach().set_requires_grad(true))
+            .collect();
         leaves.iter().collect()
     };
     let boxed: Box<BoxedFn> = Box::new(Box::new(f));

@@ -98,7 +98,10 @@ impl Owners {
                 owned.len()
             )));
         }
-        let whole = store.trainable().zip(&owned).filter(|(p, _)| !p.is_sharded());
+        let whole = store
+            .trainable()
+            .zip(&owned)
+            .filter(|(p, _)| !p.is_sharded());
         let groups = groups_of(whole.map(|(_, (o, _, t))| (*o, *t)), world);
         let mine = owned
             .iter()
@@ -174,13 +177,18 @@ pub fn pieces_dealt_as_added(world: usize, total: i128) -> ShardRule {
 /// After the model was built under `pieces_dealt_as_added` (and its weights loaded): an error
 /// unless this rank has memory for exactly the sharded tensors it holds.
 pub fn check_held_pieces(store: &ParamStore, rank: usize) -> Result<()> {
-    let wrong = store
-        .iter()
-        .find(|p| p.held_by.is_some_and(|h| is_released(&p.tensor) == (h == rank)));
+    let wrong = store.iter().find(|p| {
+        p.held_by
+            .is_some_and(|h| is_released(&p.tensor) == (h == rank))
+    });
     match wrong {
         Some(p) => Err(Error::Torch(format!(
             "run.shard = \"full\": this rank {} {}, which was dealt to rank {}",
-            if is_released(&p.tensor) { "has no memory for" } else { "holds" },
+            if is_released(&p.tensor) {
+                "has no memory for"
+            } else {
+                "holds"
+            },
             p.name,
             p.held_by.unwrap_or_default()
         ))),

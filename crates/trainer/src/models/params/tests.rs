@@ -277,7 +277,10 @@ fn tensors_held_elsewhere_are_freed_as_added_converted_and_skipped_by_loads() {
         .iter()
         .map(|p| (p.held_by, is_released(&p.tensor)))
         .collect();
-    assert_eq!(flags, vec![(None, false), (Some(0), false), (Some(1), true)]);
+    assert_eq!(
+        flags,
+        vec![(None, false), (Some(0), false), (Some(1), true)]
+    );
     let value = |s: &ParamStore, n: &str| Vec::<f32>::try_from(s.get(n).expect(n).reshape([-1]));
     let held = "model.layers.0.mlp.up_proj.weight";
     assert_eq!(value(&sharded, held).ok(), value(&whole, held).ok());
