@@ -14,7 +14,8 @@
 #      "full" (with block recomputation) against the plain single process (deterministic = true on
 #      all): the same metrics expected (a group of one owns everything; this checks that the NCCL
 #      broadcast, reduce, clipping and per-rank checkpoint paths run on CUDA). One GPU cannot
-#      show the memory "full" saves: NCCL needs a GPU per rank.
+#      show the memory "full" saves: NCCL needs a GPU per rank. Then a plain run writing its
+#      checkpoints in the background (pinned host copies): the same curve and files.
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"
@@ -79,4 +80,14 @@ for mode in optimizer gradients full; do
         || { echo "shard-$mode failed"; tail -5 "$OUT/shard-$mode.log"; }
     compare "runs/plain-$recompute" "runs/shard-$mode" "$mode (recompute $recompute)"
     ls "runs/shard-$mode/checkpoints/step-00000020" >> "$OUT/shard-nccl.txt" 2>&1
+done
+# Checkpoints written in the background (train.async_checkpoints) from pinned host copies of the
+# GPU tensors: the same curve, and the step-10 files byte for byte those written at once.
+"$BIN" run "$HERE/gpu_llama.toml" "${common[@]}" "${small[@]}" --set run.out_dir=runs/plain-async \
+    --set train.async_checkpoints=true > "$OUT/plain-async.log" 2>&1 \
+    || { echo "plain-async failed"; tail -5 "$OUT/plain-async.log"; }
+compare runs/plain-none runs/plain-async "async checkpoints (pinned host copies)"
+for f in model.safetensors optimizer.safetensors; do
+    cmp "runs/plain-none/checkpoints/step-00000010/$f" "runs/plain-async/checkpoints/step-00000010/$f" \
+        && echo "async checkpoint $f: byte for byte" | tee -a "$OUT/shard-nccl.txt"
 done

@@ -106,11 +106,24 @@ pub fn model_tensors(params: &ParamStore, copy: bool) -> Vec<(String, Tensor)> {
         .collect()
 }
 
-/// `t` on the host, detached: a view where it already is there unless `copy`.
+/// `t` on the host, detached: a view where it already is there unless `copy`. A device
+/// tensor's copy for an asynchronous save (`copy`) lands in pinned (page-locked) host memory,
+/// which the device copies into at full speed (pageable memory if pinning fails).
 pub fn host_tensor(t: &Tensor, copy: bool) -> Tensor {
     let t = t.detach();
     match t.device() {
         tch::Device::Cpu if copy => t.copy(),
+        tch::Device::Cpu => t,
+        device if copy => {
+            let host = Tensor::empty(t.size(), (t.kind(), tch::Device::Cpu));
+            match host.f_pin_memory(device) {
+                Ok(mut pinned) => {
+                    pinned.copy_(&t);
+                    pinned
+                }
+                Err(_) => t.to_device(tch::Device::Cpu),
+            }
+        }
         _ => t.to_device(tch::Device::Cpu),
     }
 }
