@@ -594,52 +594,66 @@ fn a_stopped_sharded_run_resumes_bitwise_and_its_checkpoints_reshard() {
     assert_eq!(files(&bad), before);
 }
 
-/// GaLore-AdamW sharded on whole tensors: each weight's projection (its SVD) and low-rank
-/// moments live on its owner, which computes the update one process would ("optimizer":
-/// bitwise the unsharded curve; "gradients" and "full" within 1e-5), with 32- and 8-bit
-/// states; a sharded checkpoint, projections included, continues in one process.
+/// The other optimizers that shard on whole tensors: GaLore-AdamW (each weight's projection, its
+/// SVD, and low-rank moments live on its owner) with 32- and 8-bit states, AdamW with 8-bit
+/// states (blocks never straddle two owners) and SGD with momentum. Each owner computes the
+/// update one process would ("optimizer": bitwise the unsharded curve; "gradients" and "full"
+/// within 1e-5); a 2-rank "full" checkpoint (its state in two files and an index) continues in
+/// one process. 8-bit AdamW under "gradients", stopped by SIGTERM, resumes bitwise.
 #[test]
-fn galore_is_sharded_on_whole_tensors() {
+fn every_sharding_optimizer_trains_and_continues_on_whole_tensors() {
     let work = workdir();
     let w = work.path();
     write_recipe(w, RECIPE, &tiny_recipe("unused"));
-    for bits in [32, 8] {
-        let optim = format!(
-            "optim={{kind=\"galore_adamw\", lr=3e-3, rank=4, update_proj_gap=3, state_bits={bits}}}"
-        );
+    let optimizers = [
+        (
+            "galore-32",
+            "optim={kind=\"galore_adamw\", lr=3e-3, rank=4, update_proj_gap=3}",
+        ),
+        (
+            "galore-8",
+            "optim={kind=\"galore_adamw\", lr=3e-3, rank=4, update_proj_gap=3, state_bits=8}",
+        ),
+        ("adamw-8", "optim={kind=\"adamw\", lr=3e-3, state_bits=8}"),
+        ("sgd", "optim={kind=\"sgd\", lr=3e-2, momentum=0.9}"),
+    ];
+    for (label, optim) in optimizers {
         let mut set = COMMON.to_vec();
         set.extend([
-            optim.as_str(),
+            optim,
             "train.recompute=\"block\"",
             "train.checkpoint_every=5",
         ]);
-        let plain = curve(&launch(w, 2, &format!("galore-{bits}-none"), &set));
+        let plain = curve(&launch(w, 2, &format!("{label}-none"), &set));
         for mode in ["optimizer", "gradients", "full"] {
             let shard = format!("run.shard=\"{mode}\"");
             let mut with = set.clone();
             with.push(&shard);
-            let out = format!("galore-{bits}-{mode}");
+            let out = format!("{label}-{mode}");
             let sharded = curve(&launch(w, 2, &out, &with));
-            let what = format!("GaLore {bits}-bit, {mode}");
+            let what = format!("{label}, {mode}");
             match mode {
                 "optimizer" => assert_eq!(sharded, plain, "{what}"),
                 _ => assert_close(&sharded, &plain, 1e-5, &what),
             }
         }
-        // The 2-rank "full" checkpoint of step 5 (two optimizer files and an index, the
-        // projections among them) continues in one process.
-        let ckpt = w.join(format!("galore-{bits}-full/checkpoints/step-00000005"));
+        let ckpt = w.join(format!("{label}-full/checkpoints/step-00000005"));
         assert!(ckpt.join("optimizer.index.json").is_file());
         let ckpt = ckpt.to_str().expect("utf-8");
-        let one = continued(w, None, &format!("galore-{bits}-one"), ckpt, &set);
+        let one = continued(w, None, &format!("{label}-one"), ckpt, &set);
         let after_5: Curve = plain.iter().filter(|r| r.1 > 5).cloned().collect();
-        assert_close(
-            &one,
-            &after_5,
-            1e-5,
-            &format!("GaLore {bits}-bit, continued"),
-        );
+        assert_close(&one, &after_5, 1e-5, &format!("{label}, continued"));
     }
+    let set = [
+        "optim={kind=\"adamw\", lr=3e-3, state_bits=8}",
+        "run.shard=\"gradients\"",
+        "train.max_steps=40",
+    ];
+    let uninterrupted = curve(&launch(w, 2, "adamw-8-40", &set));
+    assert_eq!(
+        stopped_and_resumed(w, "adamw-8-stopped", &set),
+        uninterrupted
+    );
 }
 
 /// `optim.master_weights` with bf16 weights: the update runs on fp32 master copies (with fp32
