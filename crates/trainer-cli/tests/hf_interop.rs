@@ -706,14 +706,9 @@ fn hub_cache_ids_resolve_offline() {
     );
 }
 
-/// configs/from_hf/: continual pretraining from a Llama-3.2-shaped and a Qwen2.5-shaped
-/// checkpoint (made locally by its make_checkpoints.py) runs end to end, and the result exports
-/// to what transformers loads with the trainer's loss.
-#[test]
-fn continual_pretraining_from_llama32_and_qwen25_shapes() {
-    let dir = workdir();
-    let cwd = dir.path();
-    let data = write_data(cwd);
+/// The Llama-3.2- and Qwen2.5-shaped checkpoints of configs/from_hf/make_checkpoints.py, made
+/// by transformers into `cwd/runs/hf`.
+fn make_shaped_checkpoints(cwd: &Path) {
     let made = Command::new(python())
         .arg(repo_root().join("configs/from_hf/make_checkpoints.py"))
         .arg(cwd.join("runs/hf"))
@@ -724,6 +719,36 @@ fn continual_pretraining_from_llama32_and_qwen25_shapes() {
         "{}",
         String::from_utf8_lossy(&made.stderr)
     );
+}
+
+/// `trainer export RUN --to hf` loads in transformers with the trainer's own loss on `data`
+/// (within 1e-5).
+fn exports_what_transformers_loads(cwd: &Path, run: &str, data: &str) {
+    let export = format!("{run}-hf");
+    trainer(cwd, &["export", run, "--to", "hf", &export]).assert_success();
+    let ours = trainer_eval(cwd, run, data);
+    let theirs = loss_of(&py(&[
+        "eval",
+        cwd.join(&export).to_str().expect("utf-8"),
+        cwd.join(data).to_str().expect("utf-8"),
+        "32",
+        "4",
+    ]));
+    assert!(
+        (ours - theirs).abs() / theirs < 1e-5,
+        "{run}: trainer {ours} vs transformers {theirs}"
+    );
+}
+
+/// configs/from_hf/: continual pretraining from a Llama-3.2-shaped and a Qwen2.5-shaped
+/// checkpoint (made locally by its make_checkpoints.py) runs end to end, and the result exports
+/// to what transformers loads with the trainer's loss.
+#[test]
+fn continual_pretraining_from_llama32_and_qwen25_shapes() {
+    let dir = workdir();
+    let cwd = dir.path();
+    let data = write_data(cwd);
+    make_shaped_checkpoints(cwd);
     for (shape, family) in [
         ("llama3.2", "type = \"llama3\""),
         ("qwen2.5", "family = \"qwen2\""),
@@ -753,21 +778,7 @@ fn continual_pretraining_from_llama32_and_qwen25_shapes() {
             ],
         )
         .assert_success();
-        let run = format!("runs/from-{shape}");
-        let export = format!("runs/from-{shape}-hf");
-        trainer(cwd, &["export", &run, "--to", "hf", &export]).assert_success();
-        let ours = trainer_eval(cwd, &run, &data);
-        let theirs = loss_of(&py(&[
-            "eval",
-            cwd.join(&export).to_str().expect("utf-8"),
-            cwd.join(&data).to_str().expect("utf-8"),
-            "32",
-            "4",
-        ]));
-        assert!(
-            (ours - theirs).abs() / theirs < 1e-5,
-            "{shape}: trainer {ours} vs transformers {theirs}"
-        );
+        exports_what_transformers_loads(cwd, &format!("runs/from-{shape}"), &data);
     }
 }
 
@@ -781,16 +792,7 @@ fn full_sharding_from_hf_checkpoints_exports_what_transformers_loads() {
     let dir = workdir();
     let cwd = dir.path();
     let data = write_data(cwd);
-    let made = Command::new(python())
-        .arg(repo_root().join("configs/from_hf/make_checkpoints.py"))
-        .arg(cwd.join("runs/hf"))
-        .output()
-        .expect("python (run scripts/test)");
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    make_shaped_checkpoints(cwd);
     for shape in ["llama3.2", "qwen2.5"] {
         let recipe = repo_root().join(format!("configs/from_hf/{shape}.toml"));
         let recipe = recipe.to_str().expect("utf-8");
@@ -823,21 +825,7 @@ fn full_sharding_from_hf_checkpoints_exports_what_transformers_loads() {
             assert_eq!((&a.0, a.1), (&b.0, b.1), "{shape}");
             assert!((a.2 - b.2).abs() / b.2 < 1e-5, "{shape}: {a:?} vs {b:?}");
         }
-        let run = format!("runs/{shape}-full");
-        let export = format!("runs/{shape}-full-hf");
-        trainer(cwd, &["export", &run, "--to", "hf", &export]).assert_success();
-        let ours = trainer_eval(cwd, &run, &data);
-        let theirs = loss_of(&py(&[
-            "eval",
-            cwd.join(&export).to_str().expect("utf-8"),
-            cwd.join(&data).to_str().expect("utf-8"),
-            "32",
-            "4",
-        ]));
-        assert!(
-            (ours - theirs).abs() / theirs < 1e-5,
-            "{shape}: trainer {ours} vs transformers {theirs}"
-        );
+        exports_what_transformers_loads(cwd, &format!("runs/{shape}-full"), &data);
     }
 }
 

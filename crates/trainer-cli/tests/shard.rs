@@ -239,23 +239,8 @@ fn full_sharding_trains_the_unsharded_curve_and_holds_a_share_of_the_blocks() {
         let p = format!("run.precision=\"{precision}\"");
         let mut set = common.clone();
         set.push(&p);
-        let plain_dir = format!("block-{nproc}-{precision}");
-        let plain = launch(w, nproc, &plain_dir, &set);
-        set.push("run.shard=\"full\"");
-        let full_dir = format!("full-{nproc}-{precision}");
-        let full = launch(w, nproc, &full_dir, &set);
         let what = format!("full, {nproc} processes, {precision}");
-        assert_close(&curve(&full), &curve(&plain), 1e-5, &what);
-        let (whole, held) = (
-            held_param_bytes(w, &plain_dir),
-            held_param_bytes(w, &full_dir),
-        );
-        // About 1/N: the embedding, the blocks and the head are all dealt out (the final norm
-        // stays whole); whole tensors round a share up.
-        assert!(
-            held > 0.0 && held < 1.3 / nproc as f64 * whole,
-            "{what}: held {held} of {whole}"
-        );
+        full_against_block(w, nproc, &set, &format!("{nproc}-{precision}"), &what);
     }
     // GPT-2 (`transformer.wte`, tied, learned positions kept whole): the same curve.
     let gpt2 =
@@ -407,34 +392,42 @@ fn lora_trains_on_a_fully_sharded_base() {
         let peft = peft(kind);
         let mut set = common.clone();
         set.push(&peft);
-        let plain_dir = format!("{kind}-{nproc}-block");
-        let plain = launch(w, nproc, &plain_dir, &set);
-        set.push("run.shard=\"full\"");
-        let full_dir = format!("{kind}-{nproc}-full");
-        let full = launch(w, nproc, &full_dir, &set);
         let what = format!("{kind} on a full-sharded base, {nproc} processes");
-        assert_close(&curve(&full), &curve(&plain), 1e-5, &what);
-        let (whole, held) = (
-            held_param_bytes(w, &plain_dir),
-            held_param_bytes(w, &full_dir),
-        );
-        assert!(
-            held > 0.0 && held < 1.3 / nproc as f64 * whole,
-            "{what}: held {held} of {whole}"
-        );
+        full_against_block(w, nproc, &set, &format!("{kind}-{nproc}"), &what);
     }
     let peft = peft("lora");
     let mut set = common.clone();
     set.push(&peft);
-    let ckpt = w.join("lora-2-full/checkpoints/step-00000005");
+    let ckpt = w.join("full-lora-2/checkpoints/step-00000005");
     let one = continued(w, None, "lora-one", ckpt.to_str().expect("utf-8"), &set);
-    let two = curve(&read_metrics(&w.join("lora-2-full/metrics.jsonl")));
+    let two = curve(&read_metrics(&w.join("full-lora-2/metrics.jsonl")));
     let after_5: Curve = two.into_iter().filter(|r| r.1 > 5).collect();
     assert_close(
         &one,
         &after_5,
         1e-5,
         "LoRA full checkpoint continued in one process",
+    );
+}
+
+/// `set` run by `nproc` processes unsharded (into `block-LABEL`) and with `run.shard = "full"`
+/// (`full-LABEL`): the same curve within 1e-5, and rank 0 of the full run held about 1/N of
+/// the weights (the embedding, the blocks and the head are dealt out, the final norm stays
+/// whole; whole tensors round a share up).
+fn full_against_block(w: &std::path::Path, nproc: usize, set: &[&str], label: &str, what: &str) {
+    let (plain_dir, full_dir) = (format!("block-{label}"), format!("full-{label}"));
+    let plain = launch(w, nproc, &plain_dir, set);
+    let mut set = set.to_vec();
+    set.push("run.shard=\"full\"");
+    let full = launch(w, nproc, &full_dir, &set);
+    assert_close(&curve(&full), &curve(&plain), 1e-5, what);
+    let (whole, held) = (
+        held_param_bytes(w, &plain_dir),
+        held_param_bytes(w, &full_dir),
+    );
+    assert!(
+        held > 0.0 && held < 1.3 / nproc as f64 * whole,
+        "{what}: held {held} of {whole}"
     );
 }
 

@@ -601,7 +601,9 @@ mod tests {
         store.stop_sharding_as_added().expect("freed");
         store.freeze("model.embed_tokens.weight");
         check_held_pieces(&store, 1).expect("frozen, held as dealt");
-        let e = check_held_pieces(&store, 0).unwrap_err().to_string();
+        let e = check_held_pieces(&store, 0)
+            .expect_err("refused")
+            .to_string();
         assert!(e.contains("model.embed_tokens.weight"), "{e}");
     }
 }
