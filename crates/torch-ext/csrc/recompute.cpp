@@ -17,6 +17,8 @@
 // Returns f(inputs[0..n]) as a heap at::Tensor (whose ownership passes to the caller), or null.
 typedef at::Tensor *(*te_recompute_call)(void *ctx, const at::Tensor *const *inputs, int n);
 typedef void (*te_recompute_drop)(void *ctx);
+// Runs before a WithPrelude function's backward pass; 0 on success.
+typedef int (*te_prelude_call)(void *ctx);
 
 namespace {
 
@@ -110,6 +112,51 @@ struct Recompute : public torch::autograd::Function<Recompute> {
   }
 };
 
+// A function of some tensors whose graph is kept from the forward pass, as without
+// recomputation, but whose backward pass first calls `before` (a Rust callback: sharded weights
+// the forward pass let go of are gathered again, into the same storage the graph saved), then
+// backpropagates through the kept graph. The function runs with a graph on detached leaves of
+// the inputs; the output and the leaves are kept in the context until the backward pass.
+
+struct WithPrelude : public torch::autograd::Function<WithPrelude> {
+  static at::Tensor forward(AutogradContext *ctx, at::TensorList list, int64_t call,
+                            int64_t fn_ctx, int64_t drop, int64_t before) {
+    variable_list leaves;
+    for (const auto &x : list.vec()) leaves.push_back(x.detach().requires_grad_(x.requires_grad()));
+    at::Tensor y;
+    {
+      at::AutoGradMode grad(true);
+      y = call_rust(call, fn_ctx, leaves);
+    }
+    ctx->saved_data["y"] = y;
+    ctx->saved_data["leaves"] = c10::List<at::Tensor>(leaves);
+    ctx->saved_data["ctx"] = fn_ctx;
+    ctx->saved_data["drop"] = drop;
+    ctx->saved_data["before"] = before;
+    return y.detach();
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grad_out) {
+    const auto fn_ctx = ctx->saved_data["ctx"].toInt();
+    const auto drop = reinterpret_cast<te_recompute_drop>(ctx->saved_data["drop"].toInt());
+    const auto before = reinterpret_cast<te_prelude_call>(ctx->saved_data["before"].toInt());
+    const int failed = before(reinterpret_cast<void *>(fn_ctx));
+    const at::Tensor y = ctx->saved_data["y"].toTensor();
+    const variable_list leaves = ctx->saved_data["leaves"].toTensorList().vec();
+    ctx->saved_data.erase("y");
+    if (failed != 0) {
+      drop(reinterpret_cast<void *>(fn_ctx));
+      throw std::runtime_error("the prelude of a backward pass failed (it panicked)");
+    }
+    if (y.requires_grad()) torch::autograd::backward({y}, {grad_out[0]});
+    drop(reinterpret_cast<void *>(fn_ctx));
+    variable_list grads;
+    for (const auto &x : leaves) grads.push_back(x.requires_grad() ? x.grad() : at::Tensor());
+    grads.insert(grads.end(), {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()});
+    return grads;
+  }
+};
+
 thread_local std::string recompute_error;
 
 }  // namespace
@@ -130,6 +177,24 @@ void *te_recompute(const at::Tensor *const *xs, int n, te_recompute_call call, v
     for (int i = 0; i < n; i++) inputs.push_back(*xs[i]);
     auto y = Recompute::apply(at::TensorList(inputs), reinterpret_cast<int64_t>(call),
                               reinterpret_cast<int64_t>(ctx), reinterpret_cast<int64_t>(drop));
+    return new at::Tensor(std::move(y));
+  } catch (const std::exception &e) {
+    recompute_error = e.what();
+    return nullptr;
+  }
+}
+
+// y = f(xs[0..n]) with its graph kept and `before` called first in its backward pass (see
+// WithPrelude). Returns a heap at::Tensor owned by the caller, or null with the message in
+// te_recompute_error(); on null, ctx was not kept and the caller frees it.
+void *te_with_prelude(const at::Tensor *const *xs, int n, te_recompute_call call, void *ctx,
+                      te_recompute_drop drop, te_prelude_call before) {
+  try {
+    variable_list inputs;
+    for (int i = 0; i < n; i++) inputs.push_back(*xs[i]);
+    auto y = WithPrelude::apply(at::TensorList(inputs), reinterpret_cast<int64_t>(call),
+                                reinterpret_cast<int64_t>(ctx), reinterpret_cast<int64_t>(drop),
+                                reinterpret_cast<int64_t>(before));
     return new at::Tensor(std::move(y));
   } catch (const std::exception &e) {
     recompute_error = e.what();

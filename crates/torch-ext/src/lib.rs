@@ -10,7 +10,7 @@ pub use grad_hooks::GradReadyHooks;
 pub mod linear_cross_entropy;
 pub use linear_cross_entropy::linear_cross_entropy;
 pub mod recompute;
-pub use recompute::{grad_mode_enabled, recompute, recompute_many};
+pub use recompute::{grad_mode_enabled, recompute, recompute_many, with_backward_prelude};
 
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};

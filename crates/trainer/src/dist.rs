@@ -857,14 +857,17 @@ pub struct PendingBroadcast {
     tensors: Vec<Tensor>,
 }
 
-/// Copies the flat buffer `buf` back into `tensors`, the inverse of `pack`.
+/// Copies the flat buffer `buf` back into `tensors`, the inverse of `pack`. Through `data()`
+/// (the same memory, a version counter of its own): a sharded weight gathered again for the
+/// backward pass refills the storage a kept graph saved it in, which must not count as a change
+/// of the saved tensor (`Transformer::gathered_block`).
 fn unpack(buf: &Tensor, tensors: &[impl std::borrow::Borrow<Tensor>]) {
     tch::no_grad(|| {
         let mut offset = 0;
         for t in tensors {
-            let mut t = t.borrow().shallow_clone();
+            let t = t.borrow();
             let n = t.numel() as i64;
-            t.copy_(&buf.narrow(0, offset, n).view_as(&t));
+            t.data().copy_(&buf.narrow(0, offset, n).view_as(t));
             offset += n;
         }
     });

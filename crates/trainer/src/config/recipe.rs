@@ -556,11 +556,13 @@ impl Recipe {
             return Ok(());
         }
         check(
-            self.train.recompute == Recompute::Block,
+            self.train.recompute == Recompute::Block || self.run.precision != Precision::Bf16Mixed,
             "run.shard",
-            "\"full\" needs train.recompute = \"block\" (each block's weights are gathered again \
-             for its recomputation in the backward pass)",
+            "\"full\" with run.precision = \"bf16-mixed\" needs train.recompute = \"block\": \
+             without it autocast's bf16 copies of every block's weights stay alive until the \
+             backward pass",
         )?;
+
         let unsupported = [
             (
                 self.prune.is_some(),

@@ -960,9 +960,10 @@ impl Transformer {
         for i in 0..self.blocks.len() {
             x = if self.recompute == Recompute::Block && train {
                 self.recomputed_block(i, &x, &masks, (b, t))
+            } else if self.piece_weights.is_some() && torch_ext::grad_mode_enabled() {
+                self.gathered_block(i, &x, &masks, (b, t), p_drop, train)
             } else {
-                // Training without recomputation is refused with sharded block weights: this
-                // is a forward pass whose graph is not kept (evaluation, generation).
+                // A forward pass without a graph (evaluation, generation), or weights whole.
                 let w = self.piece_weights.as_ref();
                 w.inspect(|w| w.gather(Piece::Block(i), self.piece_after(i, false)));
                 let y = self.block_forward(i, x, &masks, (b, t), p_drop, train, &mut moe_layers);
@@ -1047,6 +1048,45 @@ impl Transformer {
         };
         torch_ext::recompute(x, block)
             .unwrap_or_else(|e| panic!("block {i}, recomputed in the backward pass: {e}"))
+    }
+
+    /// `block_forward` with sharded block weights and its graph kept (no block recomputation):
+    /// the weights are gathered for the forward pass and let go of after it, leaving the graph's
+    /// saved weights without memory; when the backward pass reaches the block they are gathered
+    /// again into the same storage (`torch_ext::with_backward_prelude`), and let go of when the
+    /// next block is gathered. The recipe check refuses what would keep other copies of the
+    /// weights alive in the graph (bf16-mixed's autocast copies) and MoE layers.
+    fn gathered_block(
+        &self,
+        i: usize,
+        x: &Tensor,
+        masks: &AttnMasks,
+        bt: (i64, i64),
+        p_drop: f64,
+        train: bool,
+    ) -> Tensor {
+        let model: *const Transformer = self;
+        let masks = masks.shallow_clone();
+        let block = move |x: &Tensor| {
+            // SAFETY: the model outlives the step: the closure runs during this forward pass
+            // and the prelude during the backward pass of its loss, both while the caller holds
+            // the model (`Lm` owns it for the whole run), and it is not moved in between.
+            let model = unsafe { &*model };
+            let weights = model.piece_weights.as_ref();
+            weights.inspect(|w| w.gather(Piece::Block(i), model.piece_after(i, false)));
+            let mut moe = Vec::new();
+            let y = model.block_forward(i, x.shallow_clone(), &masks, bt, p_drop, train, &mut moe);
+            weights.inspect(|w| w.release(Piece::Block(i)));
+            y
+        };
+        let prelude = move || {
+            // SAFETY: as above.
+            let model = unsafe { &*model };
+            let weights = model.piece_weights.as_ref();
+            weights.inspect(|w| w.gather(Piece::Block(i), model.piece_after(i, true)));
+        };
+        torch_ext::with_backward_prelude(x, block, prelude)
+            .unwrap_or_else(|e| panic!("block {i}, its weights gathered again: {e}"))
     }
 
     /// The piece a pass runs after block `i`: the next block going forward (the head after the

@@ -331,6 +331,20 @@ struct StepOut {
     stop_all: bool,
 }
 
+/// `run.shard = "full"` gathers each block's weights inside the block's own pass, which does not
+/// carry MoE layers' routing statistics and router losses out (and block recomputation, which
+/// would, refuses MoE layers already).
+fn check_full_shard(recipe: &Recipe, cfg: &TransformerConfig) -> Result<()> {
+    if recipe.run.shard == Shard::Full && cfg.moe.is_some() {
+        return Err(Error::Recipe(
+            "run.shard = \"full\" cannot be used with MoE layers yet (their router losses and \
+             statistics would be lost in the sharded blocks' passes); use \"gradients\""
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// `run.reduce_every_micro_batch` reduces in the backward pass onto the owners
 /// (`OverlappedGrads`), which MoE models and distillation do not use: their gradients are
 /// averaged after the backward pass.
@@ -515,6 +529,7 @@ impl Lm {
         params.stop_sharding_as_added()?;
         model.set_recompute(recompute_mode(recipe, &cfg)?);
         check_reduce_every_micro_batch(recipe, &cfg)?;
+        check_full_shard(recipe, &cfg)?;
         let init = init_weights(recipe, &cfg, setup, &mut params, &model)?;
         let base_params: Vec<String> = params.trainable().map(|p| p.name.clone()).collect();
         let relora = apply_peft(recipe, setup, &base_params, &mut model, &mut params)?;
