@@ -190,7 +190,9 @@ pub struct RunConfig {
     /// (ZeRO stage 3 / FSDP, on whole tensors): as `"gradients"`, and the weights of the token
     /// embedding, of each transformer block and of the head live on their owners only,
     /// broadcast to every rank just before they are used and freed after (in the backward pass,
-    /// once their gradients are formed); needs `train.recompute = "block"`; the final norm and
+    /// once their gradients are formed; without block recomputation the backward pass gathers
+    /// them again into the storage the kept graph saved); bf16-mixed needs
+    /// `train.recompute = "block"`; LoRA's frozen base is sharded too; the final norm and
     /// learned positions stay whole everywhere.
     /// AdamW and GaLore-AdamW (32- or 8-bit states) and SGD; each rank writes its share of the
     /// optimizer state to a checkpoint file of its own (with an index), which resumes at any
