@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Per-rank memory of the memory-saving modes, measured (issue 15's table): the same model
 # (benches/configs/cpu_llama.toml unless RECIPE says otherwise) trained a few steps with
-# run.shard none/optimizer/gradients at 1, 2 and 4 processes, full (with block recomputation, next
-# to none with block recomputation) at 2 and 4, and train.recompute none/selective/block with the
+# run.shard none/optimizer/gradients at 1, 2 and 4 processes, full (without and with block
+# recomputation, next to none with block recomputation) at 2 and 4, and train.recompute none/selective/block with the
 # chunked or whole loss in one process. Prints rank 0's parameter, gradient and optimizer-state
 # bytes (summary.json, counted from the tensors; the gradients as held at the last update) and its peak memory (CPU: peak resident set;
 # CUDA: the allocator's peak), with tokens/s, as a Markdown table; rows in $WORK/rows.jsonl.
@@ -40,6 +40,7 @@ for n in $NPROCS; do
   [[ "$n" != 1 ]] && CASES+=("shard optimizer|$n|run.shard=\"optimizer\""
                             "shard gradients|$n|run.shard=\"gradients\""
                             "shard none, recompute block|$n|run.shard=\"none\" train.recompute=\"block\""
+                            "shard full|$n|run.shard=\"full\""
                             "shard full, recompute block|$n|run.shard=\"full\" train.recompute=\"block\""
                             "shard full, recompute block, no prefetch|$n|run.shard=\"full\" train.recompute=\"block\" run.shard_prefetch=false")
 done
