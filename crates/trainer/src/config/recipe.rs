@@ -233,7 +233,7 @@ pub enum Shard {
     /// Its gradient too, reduced onto that rank only (ZeRO stage 2, whole tensors).
     Gradients,
     /// And each block's weights, held whole by their owner only and gathered around each use
-    /// (ZeRO stage 3 / FSDP, whole tensors; needs `train.recompute = "block"`).
+    /// (ZeRO stage 3 / FSDP, whole tensors; bf16-mixed needs `train.recompute = "block"`).
     Full,
 }
 
