@@ -15,9 +15,10 @@
 //!
 //! `run.shard = "full"` (ZeRO stage 3 on whole tensors, `PieceShards`): as `"gradients"`, and the
 //! weights of the token embedding, of each transformer block and of the head have memory only
-//! on their owner, gathered onto every rank around each use (the next one fetched while the
-//! current one computes); the model is built that way (`pieces_dealt_as_added`), so no rank
-//! ever holds all of it.
+//! on their holder (`Param::held_by`; LoRA's frozen base too), gathered onto every rank around
+//! each use (the next one fetched while the current one computes); the model is built that way
+//! (`pieces_dealt_as_added`), so no rank ever holds all of it. A sharded parameter is owned by
+//! its holder (`Owners::deal_full`).
 //!
 //! Owners are contiguous runs of parameters in registration order, balanced by element count:
 //! parameter `i` (starting at element `s`, of `n` elements, of `N` in all) belongs to rank
