@@ -14,7 +14,8 @@
 #      "full" (with block recomputation) against the plain single process (deterministic = true on
 #      all): the same metrics expected (a group of one owns everything; this checks that the NCCL
 #      broadcast, reduce, clipping and per-rank checkpoint paths run on CUDA). One GPU cannot
-#      show the memory "full" saves: NCCL needs a GPU per rank. Then a plain run writing its
+#      show the memory "full" saves: NCCL needs a GPU per rank. Then "full" without block
+#      recomputation in pure bf16 against the plain bf16 run, and a plain run writing its
 #      checkpoints in the background (pinned host copies): the same curve and files.
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -81,6 +82,15 @@ for mode in optimizer gradients full; do
     compare "runs/plain-$recompute" "runs/shard-$mode" "$mode (recompute $recompute)"
     ls "runs/shard-$mode/checkpoints/step-00000020" >> "$OUT/shard-nccl.txt" 2>&1
 done
+# "full" without block recomputation (the kept graphs refilled in the backward pass, the
+# prelude's gathers on the autograd device thread), in pure bf16 (bf16-mixed refuses it).
+for run in "plain-bf16|none" "shard-full-bf16|full"; do
+    IFS='|' read -r name mode <<< "$run"
+    "$BIN" launch --nproc 1 "$HERE/gpu_llama.toml" "${common[@]}" "${small[@]}" --set run.out_dir=runs/$name \
+        --set 'run.precision="bf16"' --set "run.shard=\"$mode\"" --set 'train.recompute="none"' \
+        > "$OUT/$name.log" 2>&1 || { echo "$name failed"; tail -5 "$OUT/$name.log"; }
+done
+compare runs/plain-bf16 runs/shard-full-bf16 "full, bf16, no recomputation"
 # Checkpoints written in the background (train.async_checkpoints) from pinned host copies of the
 # GPU tensors: the same curve, and the step-10 files byte for byte those written at once.
 "$BIN" run "$HERE/gpu_llama.toml" "${common[@]}" "${small[@]}" --set run.out_dir=runs/plain-async \
