@@ -14,6 +14,16 @@ use serde_json::Value;
 
 const RECIPE: &str = "tiny.toml";
 
+/// `trainer run RECIPE --set run.out_dir=OUT [--set K=V]...` in one process, as it ends.
+fn one_process(w: &std::path::Path, out: &str, set: &[&str]) -> Out {
+    let out_dir = format!("run.out_dir={out}");
+    let mut args = vec!["run", RECIPE, "--set", &out_dir];
+    for s in set {
+        args.extend(["--set", s]);
+    }
+    trainer(w, &args)
+}
+
 /// `trainer launch --nproc N RECIPE --set run.out_dir=OUT [--set K=V]...`, to the end.
 fn launch(w: &std::path::Path, nproc: usize, out: &str, set: &[&str]) -> Vec<Value> {
     let n = nproc.to_string();
@@ -200,20 +210,13 @@ fn reducing_every_micro_batch_keeps_a_share_of_the_gradients_between_micro_batch
         .assert_one_error(&["run.shard_prefetch", "\"full\""]);
     // MoE layers average their gradients after the backward pass: refused before anything is
     // written.
-    trainer(
+    one_process(
         w,
+        "moe",
         &[
-            "run",
-            RECIPE,
-            "--set",
-            "run.out_dir=moe",
-            "--set",
             "model.moe={n_experts=4, top_k=2}",
-            "--set",
             "run.shard=\"gradients\"",
-            "--set",
             "run.reduce_every_micro_batch=true",
-            "--set",
             "train.grad_accum=2",
         ],
     )
@@ -411,18 +414,10 @@ fn full_sharding_without_recomputation_keeps_each_blocks_graph() {
         ],
     )
     .assert_one_error(&["run.shard", "bf16-mixed", "recompute"]);
-    trainer(
+    one_process(
         w,
-        &[
-            "run",
-            RECIPE,
-            "--set",
-            "run.out_dir=moe",
-            "--set",
-            "model.moe={n_experts=4, top_k=2}",
-            "--set",
-            "run.shard=\"full\"",
-        ],
+        "moe",
+        &["model.moe={n_experts=4, top_k=2}", "run.shard=\"full\""],
     )
     .assert_one_error(&["run.shard", "MoE"]);
     assert!(!w.join("moe").exists());
