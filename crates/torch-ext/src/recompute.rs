@@ -107,12 +107,13 @@ unsafe extern "C" fn run_prelude(ctx: *mut c_void) -> c_int {
     }
 }
 
-/// `f(x)`, recomputed in the backward pass instead of keeping its activations. Without grad
-/// mode, `f(x)` plainly. `f` must give the same
-/// result when run again: no dropout or other random draws, no side effects. It is kept until
-/// the backward pass has run (the tensors it captured with it).
+/// `f(x)`, recomputed in the backward pass instead of keeping its activations; `f` may use
+/// parameters of its own (a transformer block), which get their gradients even when `x` needs
+/// none. Without grad mode, `f(x)` plainly. `f` must give the same result when run again: no
+/// dropout or other random draws, no side effects. It is kept until the backward pass has run
+/// (the tensors it captured with it).
 pub fn recompute(x: &Tensor, f: impl Fn(&Tensor) -> Tensor + 'static) -> Result<Tensor, String> {
-    recompute_many(&[x], move |xs: &[Tensor]| f(&xs[0]))
+    recompute_inner(&[x], move |xs: &[Tensor]| f(&xs[0]), true)
 }
 
 /// Whether libtorch's grad mode is on in this thread (off inside a recomputed function's first
@@ -122,12 +123,25 @@ pub fn grad_mode_enabled() -> bool {
     unsafe { te_grad_mode_enabled() != 0 }
 }
 
-/// `recompute` of a function of several tensors; the gradients of those that require one.
+/// `recompute` of a function of several tensors and nothing else (no parameters of its own:
+/// attention's core, a gated activation); the gradients of those that require one. When none
+/// does, `f` plainly (it has nothing to keep a graph for).
 pub fn recompute_many(
     xs: &[&Tensor],
     f: impl Fn(&[Tensor]) -> Tensor + 'static,
 ) -> Result<Tensor, String> {
-    if !grad_mode_enabled() {
+    recompute_inner(xs, f, false)
+}
+
+/// `recompute_many`, or with `has_params` for a function with parameters of its own
+/// (`recorded_inputs`).
+fn recompute_inner(
+    xs: &[&Tensor],
+    f: impl Fn(&[Tensor]) -> Tensor + 'static,
+    has_params: bool,
+) -> Result<Tensor, String> {
+    let needed = has_params || xs.iter().any(|x| x.requires_grad());
+    if !grad_mode_enabled() || !needed {
         let owned: Vec<Tensor> = xs.iter().map(|x| x.shallow_clone()).collect();
         return Ok(f(&owned));
     }
@@ -371,6 +385,18 @@ mod tests {
             .f_backward()
             .expect_err("the prelude failed");
         assert!(e.to_string().contains("prelude"), "{e}");
+    }
+
+    /// A function of its inputs only, none of which needs a gradient: nothing to recompute for,
+    /// it runs plainly (no graph).
+    #[test]
+    fn a_parameterless_function_of_inputs_without_gradients_runs_plainly() {
+        let (a, b) = (
+            Tensor::ones([3], (Kind::Float, Device::Cpu)),
+            Tensor::ones([3], (Kind::Float, Device::Cpu)),
+        );
+        let y = recompute_many(&[&a, &b], |xs: &[Tensor]| &xs[0] * &xs[1]).expect("plain");
+        assert!(!y.requires_grad());
     }
 
     #[test]
