@@ -1090,8 +1090,9 @@ impl Transformer {
     }
 
     /// The piece a pass runs after block `i`: the next block going forward (the head after the
-    /// last), the one before in the backward pass (whose recomputations run from the last block
-    /// to the first; the embedding's gradient needs no weights).
+    /// last), the one before in the backward pass (whose recomputations, or gathers before a
+    /// kept graph's gradients, run from the last block to the first; the embedding's gradient
+    /// needs no weights).
     fn piece_after(&self, i: usize, backward: bool) -> Option<Piece> {
         match (backward, i + 1 < self.blocks.len()) {
             (true, _) => i.checked_sub(1).map(Piece::Block),
@@ -1103,7 +1104,8 @@ impl Transformer {
     /// Runs `f` on the output head's weight, gathered first with sharded weights; `f` keeps no
     /// graph needing the weight when `frees` (the chunked loss forms its gradients at once), or
     /// in a pass without a graph: the weight is let go of after `f`. Otherwise the backward
-    /// pass needs it, and the gather of the last block for its recomputation lets go of it.
+    /// pass needs it, and the backward pass's gather of the last block (for its recomputation,
+    /// or before its kept graph's gradients) lets go of it.
     fn with_head<T>(&self, frees: bool, f: impl FnOnce(&Tensor) -> T) -> T {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let Some(w) = self.piece_weights.as_ref() else {
