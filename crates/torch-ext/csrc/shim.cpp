@@ -212,6 +212,18 @@ int te_storage_materialize(at::Tensor *t, int64_t *out_bytes) {
   }
 }
 
+// An uninitialised host tensor of t's shape and dtype in pinned (page-locked) memory, which a
+// device copies into at full speed (an asynchronous checkpoint's copy of a GPU tensor); null
+// with the error set where no pinned allocator exists (a build or machine without CUDA).
+void *te_empty_pinned_like(at::Tensor *t) {
+  try {
+    return new at::Tensor(at::empty(t->sizes(), t->options().device(at::kCPU).pinned_memory(true)));
+  } catch (const std::exception &e) {
+    set_error(e);
+    return nullptr;
+  }
+}
+
 // The bytes a tensor's storage holds now (0 once released).
 int64_t te_storage_bytes(at::Tensor *t) {
   return t->has_storage() ? static_cast<int64_t>(t->storage().nbytes()) : 0;

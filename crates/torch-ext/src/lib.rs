@@ -51,6 +51,7 @@ extern "C" {
     fn te_storage_release(t: *mut c_void) -> c_int;
     fn te_storage_materialize(t: *mut c_void, out_bytes: *mut i64) -> c_int;
     fn te_storage_bytes(t: *mut c_void) -> i64;
+    fn te_empty_pinned_like(t: *mut c_void) -> *mut c_void;
     fn te_clip_with_norms(
         grads: *const *mut c_void,
         n: c_int,
@@ -179,6 +180,17 @@ pub fn materialize_storage(t: &Tensor) -> Result<i64, String> {
         return Err(last_error());
     }
     Ok(bytes)
+}
+
+/// An uninitialised host tensor of `t`'s shape and dtype in pinned (page-locked) memory; an
+/// error where there is no pinned allocator (no CUDA).
+pub fn empty_pinned_like(t: &Tensor) -> Result<Tensor, String> {
+    // SAFETY: a live tensor handle; a non-null result is a heap at::Tensor we now own.
+    let ptr = unsafe { te_empty_pinned_like(t.as_ptr() as *mut c_void) };
+    if ptr.is_null() {
+        return Err(last_error());
+    }
+    Ok(unsafe { Tensor::from_ptr(ptr as *mut torch_sys::C_tensor) })
 }
 
 /// The bytes `t`'s storage holds now (0 once released).
@@ -547,6 +559,23 @@ pub fn deterministic_enabled() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pinned host memory: the shape and dtype of the tensor with CUDA; without it an error,
+    /// not a crash (the checkpoint copy then falls back to pageable memory).
+    #[test]
+    fn pinned_host_memory_is_an_error_without_cuda() {
+        let t = Tensor::zeros([3, 2], (tch::Kind::BFloat16, tch::Device::Cpu));
+        match empty_pinned_like(&t) {
+            Ok(p) => {
+                assert!(tch::Cuda::is_available());
+                assert_eq!(
+                    (p.size(), p.kind(), p.device()),
+                    (t.size(), t.kind(), tch::Device::Cpu)
+                );
+            }
+            Err(e) => assert!(!tch::Cuda::is_available(), "{e}"),
+        }
+    }
 
     /// A released parameter keeps its identity; materialised and filled it computes again, and
     /// its gradient flows as before.

@@ -114,16 +114,13 @@ pub fn host_tensor(t: &Tensor, copy: bool) -> Tensor {
     match t.device() {
         tch::Device::Cpu if copy => t.copy(),
         tch::Device::Cpu => t,
-        device if copy => {
-            let host = Tensor::empty(t.size(), (t.kind(), tch::Device::Cpu));
-            match host.f_pin_memory(device) {
-                Ok(mut pinned) => {
-                    pinned.copy_(&t);
-                    pinned
-                }
-                Err(_) => t.to_device(tch::Device::Cpu),
+        _ if copy => match torch_ext::empty_pinned_like(&t) {
+            Ok(mut pinned) => {
+                pinned.copy_(&t);
+                pinned
             }
-        }
+            Err(_) => t.to_device(tch::Device::Cpu),
+        },
         _ => t.to_device(tch::Device::Cpu),
     }
 }
