@@ -687,11 +687,11 @@ impl OverlappedGrads {
     /// With owners (`run.shard = "gradients"` or `"full"`) and `run.reduce_every_micro_batch`,
     /// a backward pass before the step's last one: its buckets are reduced onto their owners as
     /// in the last pass and `settle` waits for them, so that between micro-batches no rank keeps
-    /// the gradients of parameters it does not own. An owner's gradient is then the sum over the ranks of everything reduced
-    /// so far, to which its next backward pass adds its own; the last pass's reduction adds the
-    /// other ranks' and divides by the world size once: the mean of every rank's micro-batches
-    /// (summed in another order than a whole all-reduce, so equal to rounding). Costs one
-    /// reduction of the gradients per micro-batch instead of per step.
+    /// the gradients of parameters it does not own. An owner's gradient is then the sum over
+    /// the ranks of everything reduced so far, to which its next backward pass adds its own; the
+    /// last pass's reduction adds the other ranks' and divides by the world size once: the mean
+    /// of every rank's micro-batches (summed in another order than a whole all-reduce, so equal
+    /// to rounding). Costs one reduction of the gradients per micro-batch instead of per step.
     pub fn backward_accumulating<R>(&self, dp: &DataParallel, backward: impl FnOnce() -> R) -> R {
         self.run_backward(dp, false, backward)
     }
@@ -860,7 +860,7 @@ pub struct PendingBroadcast {
 /// Copies the flat buffer `buf` back into `tensors`, the inverse of `pack`. Through `data()`
 /// (the same memory, a version counter of its own): a sharded weight gathered again for the
 /// backward pass refills the storage a kept graph saved it in, which must not count as a change
-/// of the saved tensor (`Transformer::gathered_block`).
+/// of the saved tensor (`Transformer::block_with_weights`).
 fn unpack(buf: &Tensor, tensors: &[impl std::borrow::Borrow<Tensor>]) {
     tch::no_grad(|| {
         let mut offset = 0;

@@ -26,7 +26,7 @@
 
 use crate::dist::{DataParallel, PendingBroadcast};
 use crate::error::{Error, Result};
-use crate::models::params::{is_released, Param, ParamStore, ShardRule};
+use crate::models::params::{Param, ParamStore, ShardRule};
 use crate::models::transformer::Piece;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -49,8 +49,13 @@ impl Owners {
     /// Deals the trainable parameters of `store` out to `world` ranks. A rank left without any
     /// parameter is refused in one line (fewer parameter tensors than ranks).
     pub fn deal(store: &ParamStore, rank: usize, world: usize) -> Result<Owners> {
-        let total: i64 = store.trainable().map(|p| p.tensor.numel() as i64).sum();
-        Self::deal_over(store, rank, world, total as i128)
+        let numel = |p: &Param| p.tensor.numel() as i64;
+        let mut deal = Dealing::new(world, store.trainable().map(|p| numel(p) as i128).sum());
+        let owned = store
+            .trainable()
+            .map(|p| (deal.next(numel(p)), p.name.as_str(), &p.tensor))
+            .collect();
+        Self::from_dealt(store, rank, world, owned)
     }
 
     /// `run.shard = "full"`, after the model was built under `pieces_dealt_as_added`: a sharded
@@ -64,22 +69,6 @@ impl Owners {
             .trainable()
             .map(|p| (p.held_by.unwrap_or_else(|| deal.next(numel(p))), p))
             .map(|(o, p)| (o, p.name.as_str(), &p.tensor))
-            .collect();
-        Self::from_dealt(store, rank, world, owned)
-    }
-
-    /// `deal`, balanced over `total` elements given beforehand.
-    fn deal_over(store: &ParamStore, rank: usize, world: usize, total: i128) -> Result<Owners> {
-        let mut deal = Dealing::new(world, total);
-        let owned: Vec<(usize, &str, &Tensor)> = store
-            .trainable()
-            .map(|p| {
-                (
-                    deal.next(p.tensor.numel() as i64),
-                    p.name.as_str(),
-                    &p.tensor,
-                )
-            })
             .collect();
         Self::from_dealt(store, rank, world, owned)
     }
@@ -173,28 +162,6 @@ pub fn pieces_dealt_as_added(world: usize, total: i128) -> ShardRule {
         let holder = deal.next(numel);
         Piece::of(name).map(|_| holder)
     })
-}
-
-/// After the model was built under `pieces_dealt_as_added` (and its weights loaded): an error
-/// unless this rank has memory for exactly the sharded tensors it holds.
-pub fn check_held_pieces(store: &ParamStore, rank: usize) -> Result<()> {
-    let wrong = store.iter().find(|p| {
-        p.held_by
-            .is_some_and(|h| is_released(&p.tensor) == (h == rank))
-    });
-    match wrong {
-        Some(p) => Err(Error::Torch(format!(
-            "run.shard = \"full\": this rank {} {}, which was dealt to rank {}",
-            if is_released(&p.tensor) {
-                "has no memory for"
-            } else {
-                "holds"
-            },
-            p.name,
-            p.held_by.unwrap_or_default()
-        ))),
-        None => Ok(()),
-    }
 }
 
 /// `run.shard = "gradients"`, the gradients after their reduction onto the owners.
@@ -297,7 +264,7 @@ impl PieceShards {
         let expected = (0..n_blocks).map(Piece::Block).chain([Piece::Embedding]);
         if let Some(missing) = expected.into_iter().find(|p| !members.contains_key(p)) {
             return Err(Error::Recipe(format!(
-                "run.shard = \"full\": {missing:?} has no trainable parameters to shard"
+                "run.shard = \"full\": {missing:?} has no parameters to shard"
             )));
         }
         let pieces = members
@@ -526,6 +493,7 @@ fn kinds(tensors: &[&Tensor]) -> Vec<Kind> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::params::is_released;
     use tch::Device;
 
     #[test]
@@ -556,10 +524,12 @@ mod tests {
         assert!(e.contains("run.shard") && e.contains("7 ranks"), "{e}");
     }
 
-    /// The blocks dealt while the model is built are those `deal_over` deals afterwards: each
-    /// rank holds exactly its own pieces' tensors, and the tensors outside the pieces whole.
+    /// Built under `pieces_dealt_as_added`, every rank records the same holder for each piece
+    /// tensor, keeps memory for exactly those it holds and owns them for the update; the pieces
+    /// are spread over every rank; the tensors outside the pieces stay whole and are dealt among
+    /// themselves. A frozen piece tensor (a LoRA base weight) keeps its holder, owned by none.
     #[test]
-    fn pieces_dealt_as_added_are_the_owners_dealt_after() {
+    fn pieces_dealt_as_added_are_held_and_owned_by_one_rank_each() {
         let mut sizes = vec![("model.embed_tokens.weight".to_string(), 40)];
         for l in 0..4 {
             for (m, n) in [("up_proj", 30), ("down_proj", 30), ("norm", 5)] {
@@ -568,43 +538,36 @@ mod tests {
         }
         sizes.push(("lm_head.weight".to_string(), 40));
         let total: i128 = sizes.iter().map(|(_, n)| *n as i128).sum();
-        for rank in 0..3 {
+        let build = |rank: usize| {
             let mut store = ParamStore::new(Device::Cpu);
             store.shard_as_added(rank, pieces_dealt_as_added(3, total));
             for (name, n) in &sizes {
                 let _ = store.zeros(name, &[*n]);
             }
             store.stop_sharding_as_added().expect("freed");
-            check_held_pieces(&store, rank).expect("held as dealt");
+            store
+        };
+        let holders =
+            |s: &ParamStore| -> Vec<Option<usize>> { s.iter().map(|p| p.held_by).collect() };
+        let first = holders(&build(0));
+        for rank in 0..3 {
+            let mut store = build(rank);
+            assert_eq!(holders(&store), first, "rank {rank}");
+            store.freeze("model.embed_tokens.weight");
             let owners = Owners::deal_full(&store, rank, 3).expect("three ranks");
-            let dealt = Owners::deal_over(&store, rank, 3, total).expect("three ranks");
             for p in store.iter() {
-                let whole = Piece::of(&p.name).is_none();
-                assert_eq!(p.is_sharded(), !whole, "{}", p.name);
-                assert_eq!(is_released(&p.tensor), !whole && !owners.owns(&p.name));
-                // The pieces are held where an unsharded dealing over the same count puts them.
-                if !whole {
-                    assert_eq!(owners.owns(&p.name), dealt.owns(&p.name), "{}", p.name);
+                let piece = Piece::of(&p.name).is_some();
+                assert_eq!(p.is_sharded(), piece, "{}", p.name);
+                let here = p.held_by == Some(rank);
+                assert_eq!(is_released(&p.tensor), piece && !here, "{}", p.name);
+                if piece {
+                    assert_eq!(owners.owns(&p.name), here && p.trainable, "{}", p.name);
                 }
             }
-            // The whole tensors (the norms) are dealt among themselves: some rank owns each.
+            assert!(first.contains(&Some(rank)), "rank {rank} holds a piece");
             if rank == 0 {
                 assert!(owners.owns("model.layers.0.norm.weight"));
             }
         }
-        // A frozen sharded tensor (a LoRA base weight) is still held where it was dealt; a rank
-        // given memory for another's tensor is refused by name.
-        let mut store = ParamStore::new(Device::Cpu);
-        store.shard_as_added(1, pieces_dealt_as_added(3, total));
-        for (name, n) in &sizes {
-            let _ = store.zeros(name, &[*n]);
-        }
-        store.stop_sharding_as_added().expect("freed");
-        store.freeze("model.embed_tokens.weight");
-        check_held_pieces(&store, 1).expect("frozen, held as dealt");
-        let e = check_held_pieces(&store, 0)
-            .expect_err("refused")
-            .to_string();
-        assert!(e.contains("model.embed_tokens.weight"), "{e}");
     }
 }

@@ -958,10 +958,10 @@ impl Transformer {
         });
         let masks = AttnMasks::new(band, packing, t, idx.device());
         for i in 0..self.blocks.len() {
-            x = if self.recompute == Recompute::Block && train {
-                self.recomputed_block(i, &x, &masks, (b, t))
-            } else if self.piece_weights.is_some() && torch_ext::grad_mode_enabled() {
-                self.gathered_block(i, &x, &masks, (b, t), p_drop, train)
+            let recompute = self.recompute == Recompute::Block && train;
+            let sharded = self.piece_weights.is_some() && torch_ext::grad_mode_enabled();
+            x = if recompute || sharded {
+                self.block_with_weights(i, &x, &masks, (b, t), p_drop, train, recompute)
             } else {
                 // A forward pass without a graph (evaluation, generation), or weights whole.
                 let w = self.piece_weights.as_ref();
@@ -1022,41 +1022,18 @@ impl Transformer {
         }
     }
 
-    /// `block_forward` in training whose activations are not kept: only its input is, and the
-    /// backward pass runs the block again (`torch_ext::recompute`). The recipe check refuses
-    /// what a second run would not repeat (dropout's draws, MoE routers' statistics).
-    fn recomputed_block(&self, i: usize, x: &Tensor, masks: &AttnMasks, bt: (i64, i64)) -> Tensor {
-        let model: *const Transformer = self;
-        let masks = masks.shallow_clone();
-        let block = move |x: &Tensor| {
-            // SAFETY: the model outlives the step: the closure runs during this forward and
-            // again during the backward pass of its loss, both while the caller holds the model
-            // (`Lm` owns it for the whole run), and it is not moved in between.
-            let model = unsafe { &*model };
-            // Sharded block weights: gathered for the run without a graph (forward) and let go
-            // after it; gathered again for the run in the backward pass, whose graph needs them
-            // until the block's gradients are formed (let go when the next block is gathered).
-            let weights = model.piece_weights.as_ref();
-            let backward = torch_ext::grad_mode_enabled();
-            weights.inspect(|w| w.gather(Piece::Block(i), model.piece_after(i, backward)));
-            let y =
-                model.block_forward(i, x.shallow_clone(), &masks, bt, 0.0, true, &mut Vec::new());
-            if !backward {
-                weights.inspect(|w| w.release(Piece::Block(i)));
-            }
-            y
-        };
-        torch_ext::recompute(x, block)
-            .unwrap_or_else(|e| panic!("block {i}, recomputed in the backward pass: {e}"))
-    }
-
-    /// `block_forward` with sharded block weights and its graph kept (no block recomputation):
-    /// the weights are gathered for the forward pass and let go of after it, leaving the graph's
-    /// saved weights without memory; when the backward pass reaches the block they are gathered
-    /// again into the same storage (`torch_ext::with_backward_prelude`), and let go of when the
-    /// next block is gathered. The recipe check refuses what would keep other copies of the
-    /// weights alive in the graph (bf16-mixed's autocast copies) and MoE layers.
-    fn gathered_block(
+    /// `block_forward` in training, either recomputed (`recompute`: only the block's input is
+    /// kept and the backward pass runs the block again, `torch_ext::recompute`) or, with sharded
+    /// block weights, with its graph kept (`torch_ext::with_backward_prelude`). Sharded weights
+    /// are gathered for every run of the block and let go of after it, except the recomputation
+    /// in the backward pass, whose graph needs them until the block's gradients are formed (let
+    /// go when the next block is gathered); a kept graph's saved weights, let go of after the
+    /// forward pass, are gathered again into the same storage when the backward pass reaches
+    /// the block. The recipe checks refuse what a second run would not repeat (dropout's draws,
+    /// MoE routers' statistics) and what would keep other copies of the weights alive in a kept
+    /// graph (bf16-mixed's autocast copies).
+    #[allow(clippy::too_many_arguments)]
+    fn block_with_weights(
         &self,
         i: usize,
         x: &Tensor,
@@ -1064,29 +1041,38 @@ impl Transformer {
         bt: (i64, i64),
         p_drop: f64,
         train: bool,
+        recompute: bool,
     ) -> Tensor {
         let model: *const Transformer = self;
         let masks = masks.shallow_clone();
         let block = move |x: &Tensor| {
             // SAFETY: the model outlives the step: the closure runs during this forward pass
-            // and the prelude during the backward pass of its loss, both while the caller holds
-            // the model (`Lm` owns it for the whole run), and it is not moved in between.
+            // (and again, or the prelude runs, during the backward pass of its loss), always
+            // while the caller holds the model (`Lm` owns it for the whole run), and it is not
+            // moved in between.
             let model = unsafe { &*model };
             let weights = model.piece_weights.as_ref();
-            weights.inspect(|w| w.gather(Piece::Block(i), model.piece_after(i, false)));
+            let recomputing = recompute && torch_ext::grad_mode_enabled();
+            weights.inspect(|w| w.gather(Piece::Block(i), model.piece_after(i, recomputing)));
             let mut moe = Vec::new();
             let y = model.block_forward(i, x.shallow_clone(), &masks, bt, p_drop, train, &mut moe);
-            weights.inspect(|w| w.release(Piece::Block(i)));
+            if !recomputing {
+                weights.inspect(|w| w.release(Piece::Block(i)));
+            }
             y
         };
-        let prelude = move || {
-            // SAFETY: as above.
-            let model = unsafe { &*model };
-            let weights = model.piece_weights.as_ref();
-            weights.inspect(|w| w.gather(Piece::Block(i), model.piece_after(i, true)));
+        let result = if recompute {
+            torch_ext::recompute(x, block)
+        } else {
+            let prelude = move || {
+                // SAFETY: as above.
+                let model = unsafe { &*model };
+                let weights = model.piece_weights.as_ref();
+                weights.inspect(|w| w.gather(Piece::Block(i), model.piece_after(i, true)));
+            };
+            torch_ext::with_backward_prelude(x, block, prelude)
         };
-        torch_ext::with_backward_prelude(x, block, prelude)
-            .unwrap_or_else(|e| panic!("block {i}, its weights gathered again: {e}"))
+        result.unwrap_or_else(|e| panic!("block {i}, its weights for the backward pass: {e}"))
     }
 
     /// The piece a pass runs after block `i`: the next block going forward (the head after the
@@ -1126,7 +1112,7 @@ impl Transformer {
         self.piece_weights = Some(weights);
     }
 
-    /// `train.recompute`: `Block` (`recomputed_block`), `Selective` (`attention_core` and
+    /// `train.recompute`: `Block` (`block_with_weights`), `Selective` (`attention_core` and
     /// `gated`), or `None`.
     pub fn set_recompute(&mut self, mode: Recompute) {
         self.recompute = mode;
@@ -1270,7 +1256,7 @@ impl Transformer {
             let model: *const Transformer = self;
             let band = band.map(Tensor::shallow_clone);
             let core = move |xs: &[Tensor]| {
-                // SAFETY: as in `recomputed_block`: the model outlives the step's backward pass.
+                // SAFETY: as in `block_with_weights`: the model outlives the step's backward pass.
                 let model = unsafe { &*model };
                 model.attention_core(&xs[0], &xs[1], &xs[2], band.as_ref(), layer, 0.0, true)
             };
@@ -1325,7 +1311,7 @@ impl Transformer {
         }
         let model: *const Transformer = self;
         let product = move |xs: &[Tensor]| {
-            // SAFETY: as in `recomputed_block`: the model outlives the step's backward pass.
+            // SAFETY: as in `block_with_weights`: the model outlives the step's backward pass.
             let model = unsafe { &*model };
             model.gate_activation(xs[0].shallow_clone()) * &xs[1]
         };

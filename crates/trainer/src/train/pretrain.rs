@@ -403,7 +403,6 @@ fn shard_owners(
     }
     let (rank, world) = (setup.world.rank, setup.world.size);
     if pieces_dealt {
-        crate::shard::check_held_pieces(params, rank)?;
         return Owners::deal_full(params, rank, world).map(Some);
     }
     Owners::deal(params, rank, world).map(Some)
@@ -418,23 +417,20 @@ fn recompute_mode(recipe: &Recipe, cfg: &TransformerConfig) -> Result<Recompute>
         Recompute::Block => "block",
         Recompute::Selective => "selective",
     };
+    let lora_dropout = recipe.peft.as_ref().map_or(0.0, |p| p.dropout);
     let why = if cfg.dropout > 0.0 {
         Some(format!(
             "dropout ({}) would draw other masks when it runs again in the backward pass; set \
              the model's dropout to 0",
             cfg.dropout
         ))
-    } else if let Some(p) = recipe.peft.as_ref().filter(|p| p.dropout > 0.0) {
+    } else if mode == Recompute::Block && lora_dropout > 0.0 {
         // Selective recomputation runs no projection again; a block does, adapters included.
-        match mode {
-            Recompute::Block => Some(format!(
-                "LoRA's dropout (peft.dropout = {}) would draw other masks when a block runs \
-                 again in the backward pass; set peft.dropout = 0 or train.recompute = \
-                 \"selective\"",
-                p.dropout
-            )),
-            _ => None,
-        }
+        Some(format!(
+            "LoRA's dropout (peft.dropout = {lora_dropout}) would draw other masks when a block \
+             runs again in the backward pass; set peft.dropout = 0 or train.recompute = \
+             \"selective\""
+        ))
     } else if cfg.moe.is_some() && mode == Recompute::Block {
         Some(
             "MoE layers' routing statistics and router losses come from the first run of a \
