@@ -513,6 +513,31 @@ void *te_pg_broadcast_start(void *group, at::Tensor *tensor, int root) {
   });
 }
 
+// Starts a sum reduce-scatter (c10d's _reduce_scatter_base, torch's reduce_scatter_tensor):
+// `input`, world times the length of `output`, is summed over the ranks and rank r receives the
+// r-th slice of the sum in `output` (run.shard_layout = "flat": each rank's slice of a bucket).
+void *te_pg_reduce_scatter_sum_start(void *group, at::Tensor *output, at::Tensor *input) {
+  return guarded_ptr([&]() -> void * {
+    auto *g = static_cast<TeGroup *>(group);
+    c10d::ReduceScatterOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    opts.timeout = g->timeout;
+    return new c10::intrusive_ptr<c10d::Work>(g->backend->_reduce_scatter_base(*output, *input, opts));
+  });
+}
+
+// Starts an all-gather into one flat tensor (c10d's _allgather_base, torch's
+// all_gather_into_tensor): `output`, world times the length of `input`, receives rank r's
+// `input` as its r-th slice (the updated slices of a bucket's parameters).
+void *te_pg_all_gather_start(void *group, at::Tensor *output, at::Tensor *input) {
+  return guarded_ptr([&]() -> void * {
+    auto *g = static_cast<TeGroup *>(group);
+    c10d::AllgatherOptions opts;
+    opts.timeout = g->timeout;
+    return new c10::intrusive_ptr<c10d::Work>(g->backend->_allgather_base(*output, *input, opts));
+  });
+}
+
 // Waits for a started collective (the group's timeout bounds it).
 int te_work_wait(void *group, void *work) {
   return guarded([&] {

@@ -338,6 +338,8 @@ extern "C" {
     fn te_pg_allreduce_sum_start(group: *mut c_void, tensor: *mut c_void) -> *mut c_void;
     fn te_pg_reduce_sum_start(group: *mut c_void, tensor: *mut c_void, root: c_int) -> *mut c_void;
     fn te_pg_broadcast_start(group: *mut c_void, tensor: *mut c_void, root: c_int) -> *mut c_void;
+    fn te_pg_reduce_scatter_sum_start(group: *mut c_void, output: *mut c_void, input: *mut c_void) -> *mut c_void;
+    fn te_pg_all_gather_start(group: *mut c_void, output: *mut c_void, input: *mut c_void) -> *mut c_void;
     fn te_work_wait(group: *mut c_void, work: *mut c_void) -> c_int;
     fn te_work_free(work: *mut c_void);
     fn te_pg_barrier(group: *mut c_void) -> c_int;
@@ -490,6 +492,42 @@ impl ProcessGroup {
         Ok(Work(work))
     }
 
+    /// Starts a sum reduce-scatter and returns without waiting: `input` (world times as long
+    /// as `output`) is summed over the ranks, and this rank's `output` receives slice `rank` of
+    /// the sum. Both must stay alive and untouched until `Work::wait` returns.
+    pub fn reduce_scatter_sum_start(&self, output: &Tensor, input: &Tensor) -> Result<Work, String> {
+        // SAFETY: live group and tensor handles for the duration of the call.
+        let work = unsafe {
+            te_pg_reduce_scatter_sum_start(
+                self.handle,
+                output.as_ptr() as *mut c_void,
+                input.as_ptr() as *mut c_void,
+            )
+        };
+        if work.is_null() {
+            return Err(last_error());
+        }
+        Ok(Work(work))
+    }
+
+    /// Starts an all-gather and returns without waiting: `output` (world times as long as
+    /// `input`) receives every rank's `input`, rank r's as slice r. Both must stay alive and
+    /// untouched until `Work::wait` returns.
+    pub fn all_gather_start(&self, output: &Tensor, input: &Tensor) -> Result<Work, String> {
+        // SAFETY: live group and tensor handles for the duration of the call.
+        let work = unsafe {
+            te_pg_all_gather_start(
+                self.handle,
+                output.as_ptr() as *mut c_void,
+                input.as_ptr() as *mut c_void,
+            )
+        };
+        if work.is_null() {
+            return Err(last_error());
+        }
+        Ok(Work(work))
+    }
+
     /// Waits for a collective started on this group (bounded by the group's timeout).
     pub fn wait(&self, work: Work) -> Result<(), String> {
         // SAFETY: live group handle and a work handle from this group.
@@ -509,8 +547,7 @@ impl ProcessGroup {
     }
 }
 
-/// A collective started with `ProcessGroup::all_reduce_sum_start`, `reduce_sum_start` or
-/// `broadcast_start`.
+/// A collective started with one of `ProcessGroup`'s `*_start` methods.
 pub struct Work(*mut c_void);
 
 // SAFETY: a c10d work handle may be waited for from any thread (DDP waits for work started in

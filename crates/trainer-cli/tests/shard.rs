@@ -84,6 +84,7 @@ fn sharded_runs_train_the_unsharded_curve() {
         let mut with = set.clone();
         with.push("run.shard=\"gradients\"");
         let grads = launch(w, nproc, &format!("grad-{nproc}-{precision}"), &with);
+        flat_slices_train_the_curve(w, nproc, precision, &set, &plain);
         set.push("run.shard=\"optimizer\"");
         let sharded = launch(w, nproc, &format!("opt-{nproc}-{precision}"), &set);
         assert_eq!(
@@ -131,6 +132,37 @@ fn sharded_runs_train_the_unsharded_curve() {
             held_grad_bytes(w, &format!("opt-{nproc}-{precision}")),
             whole_grads
         );
+    }
+}
+
+/// `run.shard_layout = "flat"` under `set` (`MATRIX`, `COMMON`): with "optimizer" and
+/// "gradients" the curve is the unsharded one (`plain`) within 1e-5 (the reduce-scatter adds in
+/// another order); a rank holds 1/N of the optimizer state to the element (padding aside, where
+/// whole tensors leave rank 0 the embedding), and with "gradients" 1/N of the gradients at the
+/// update ("optimizer" keeps the whole gradients besides its slices).
+fn flat_slices_train_the_curve(
+    w: &std::path::Path,
+    nproc: usize,
+    precision: &str,
+    set: &[&str],
+    plain: &[Value],
+) {
+    let whole_dir = format!("none-{nproc}-{precision}");
+    let (whole_state, whole_grads) = (state_bytes(w, &whole_dir), held_grad_bytes(w, &whole_dir));
+    for mode in ["optimizer", "gradients"] {
+        let out = format!("flat-{mode}-{nproc}-{precision}");
+        let shard = format!("run.shard=\"{mode}\"");
+        let with = [set, &[&shard, "run.shard_layout=\"flat\""]].concat();
+        let flat = launch(w, nproc, &out, &with);
+        assert_close(&curve(&flat), &curve(plain), 1e-5, &out);
+        let state = state_bytes(w, &out) * nproc as f64 / whole_state;
+        assert!((0.99..1.02).contains(&state), "{out}: state {state} of 1/N");
+        let grads = held_grad_bytes(w, &out) * nproc as f64 / whole_grads;
+        let want = match mode {
+            "gradients" => 1.0,
+            _ => nproc as f64 + 1.0,
+        };
+        assert!((grads - want).abs() < 0.02, "{out}: gradients {grads} of 1/N");
     }
 }
 
@@ -830,4 +862,81 @@ fn what_sharding_cannot_serve_is_refused_and_one_process_is_told() {
         "{}",
         out.describe()
     );
+}
+
+/// `run.shard_layout = "flat"`: a 2-rank run stopped by SIGTERM resumes bitwise; its checkpoint
+/// (each rank's state as named slices, `exp_avg.NAME@OFFSET+LEN`, in its own file) continues
+/// under 4 flat ranks, 2 ranks on whole tensors and one process on the same curve, and exports;
+/// bf16 weights with fp32 masters kept per slice, and SGD with momentum, train the unsharded
+/// curve.
+#[test]
+fn flat_slices_resume_reshard_and_serve_masters_and_sgd() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, RECIPE, &tiny_recipe("unused"));
+    let flat = ["run.shard=\"gradients\"", "run.shard_layout=\"flat\""];
+    let set = [&flat[..], &["train.max_steps=20", "train.checkpoint_every=10", "run.bucket_mb=0.01"]].concat();
+    let whole = curve(&launch(w, 2, "flat", &set));
+    assert_eq!(stopped_and_resumed(w, "flat-stopped", &set), whole);
+
+    let ckpt = w.join("flat/checkpoints/step-00000010");
+    let index = std::fs::read_to_string(ckpt.join("optimizer.index.json")).expect("index");
+    assert!(index.contains("exp_avg.") && index.contains('@'), "{index}");
+    let ckpt = ckpt.to_str().expect("utf-8");
+    let after_10: Curve = whole.iter().filter(|r| r.1 > 10).cloned().collect();
+    let steps = ["train.max_steps=20", "run.bucket_mb=0.01"];
+    let four = [&steps[..], &["run.shard=\"optimizer\"", "run.shard_layout=\"flat\""]].concat();
+    let tensors = [&steps[..], &["run.shard=\"optimizer\""]].concat();
+    for (nproc, out, extra) in [
+        (Some(4), "four-flat", &four),
+        (Some(2), "two-tensors", &tensors),
+        (None, "one", &steps.to_vec()),
+    ] {
+        assert_close(&continued(w, nproc, out, ckpt, extra), &after_10, 1e-5, out);
+    }
+    trainer(w, &["export", ckpt, "--to", "hf", "exported"]).assert_success();
+    assert!(w.join("exported/model.safetensors").is_file());
+
+    for (label, extra) in [
+        ("masters", ["run.precision=\"bf16\"", "optim={kind=\"adamw\", lr=3e-3, master_weights=true}"]),
+        ("sgd", ["run.precision=\"fp32\"", "optim={kind=\"sgd\", lr=3e-2, momentum=0.9}"]),
+    ] {
+        let base = [&COMMON[..], &extra[..]].concat();
+        let plain = curve(&launch(w, 2, &format!("{label}-none"), &base));
+        let with = [&base[..], &flat[..]].concat();
+        let sliced = curve(&launch(w, 2, &format!("{label}-flat"), &with));
+        assert_close(&sliced, &plain, 1e-5, label);
+    }
+}
+
+/// What flat slices cannot serve is refused in one line, by name: optimizers that need more
+/// than an element (GaLore, 8-bit states), the modes it does not divide, reductions per
+/// micro-batch, and MoE layers (whose idle experts get no gradient), in one process too.
+#[test]
+fn what_flat_slices_cannot_serve_is_refused() {
+    let work = workdir();
+    let w = work.path();
+    write_recipe(w, RECIPE, &tiny_recipe("run"));
+    let flat = "run.shard_layout=\"flat\"";
+    for (sets, needle) in [
+        (vec!["run.shard=\"gradients\"", "optim={kind=\"galore_adamw\", lr=1e-3, rank=4}"], "GaLore"),
+        (vec!["run.shard=\"optimizer\"", "optim={kind=\"adamw\", lr=1e-3, state_bits=8}"], "8-bit"),
+        (vec!["run.shard=\"full\""], "not \"full\""),
+        (vec![], "not \"none\""),
+        (
+            vec!["run.shard=\"gradients\"", "run.reduce_every_micro_batch=true", "train.grad_accum=2"],
+            "run.reduce_every_micro_batch",
+        ),
+    ] {
+        let mut args = vec!["validate", RECIPE, "--set", flat];
+        for s in &sets {
+            args.extend(["--set", s]);
+        }
+        trainer(w, &args).assert_one_error(&["run.shard_layout", needle]);
+    }
+    let args = [
+        "run", RECIPE, "--set", flat, "--set", "run.shard=\"gradients\"", "--set",
+        "model.moe={n_experts=4, top_k=2}", "--set", "train.max_steps=6",
+    ];
+    trainer(w, &args).assert_one_error(&["run.shard_layout", "MoE"]);
 }

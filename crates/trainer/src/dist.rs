@@ -35,6 +35,13 @@ pub struct Collectives {
     pub bucket_mb: f64,
 }
 
+impl Collectives {
+    /// `bucket_mb` in bytes (at least one).
+    pub fn bucket_bytes(&self) -> i64 {
+        ((self.bucket_mb * (1 << 20) as f64) as i64).max(1)
+    }
+}
+
 /// This process's place among the processes of a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct World {
@@ -245,7 +252,7 @@ pub struct DataParallel {
     /// Bounds every collective (for the error message; the group enforces it).
     timeout: Duration,
     /// Gradients are averaged in flat buckets of about this many bytes (`run.bucket_mb`).
-    bucket_bytes: i64,
+    pub(crate) bucket_bytes: i64,
     /// Reused flat buffers, one per bucket, on the training device.
     buckets: std::cell::RefCell<Vec<Tensor>>,
 }
@@ -347,7 +354,7 @@ impl DataParallel {
         run_dir: &std::path::Path,
     ) -> Result<DataParallel> {
         let timeout = Duration::from_secs_f64(run.timeout_s);
-        let bucket_bytes = ((run.bucket_mb * (1 << 20) as f64) as i64).max(1);
+        let bucket_bytes = run.bucket_bytes();
         let dp = DataParallel::init(world.clone(), device, timeout, bucket_bytes)?;
         if world.is_distributed() {
             let whole = params.iter().filter(|p| !p.is_sharded()).map(|p| &p.tensor);
@@ -527,8 +534,33 @@ impl DataParallel {
         })
     }
 
-    /// Waits for a collective from `start_sum` or `start_reduce`.
-    fn wait(&self, work: torch_ext::Work) -> Result<()> {
+    /// Starts the sum reduce-scatter of `input` (world times as long as `output`): `output`
+    /// receives this rank's slice of the sum (`run.shard_layout = "flat"`).
+    pub(crate) fn start_reduce_scatter(
+        &self,
+        output: &Tensor,
+        input: &Tensor,
+    ) -> Result<torch_ext::Work> {
+        self.with_group("reduce-scattering the gradients", |g| {
+            g.reduce_scatter_sum_start(output, input)
+        })
+    }
+
+    /// Starts the all-gather of every rank's `input` into `output` (`run.shard_layout =
+    /// "flat"`: the updated slices of the parameters).
+    pub(crate) fn start_all_gather(
+        &self,
+        output: &Tensor,
+        input: &Tensor,
+    ) -> Result<torch_ext::Work> {
+        self.with_group("gathering the updated parameters", |g| {
+            g.all_gather_start(output, input)
+        })
+    }
+
+    /// Waits for a collective from `start_sum`, `start_reduce`, `start_reduce_scatter` or
+    /// `start_all_gather`.
+    pub(crate) fn wait(&self, work: torch_ext::Work) -> Result<()> {
         self.collective("averaging the gradients", |g| g.wait(work))
     }
 
@@ -610,9 +642,13 @@ fn rendezvous_error(world: &World, timeout: Duration, e: &str) -> Error {
 pub struct OverlappedGrads {
     hooks: torch_ext::GradReadyHooks,
     params: Vec<Tensor>,
+    /// The parameters' names (for errors), in `params`' order.
+    names: Vec<String>,
     buckets: Vec<Vec<usize>>,
     /// `run.shard = "gradients"`: the owning rank of each parameter (in `params`' order).
     owners: Option<Vec<usize>>,
+    /// `run.shard_layout = "flat"`: each bucket reduce-scattered into this rank's slice.
+    scatter: Option<ScatterInto>,
     /// Without owners: one flat buffer per bucket, kept from step to step.
     buffers: Vec<Tensor>,
     step: Mutex<OverlapStep>,
@@ -622,6 +658,18 @@ pub struct OverlappedGrads {
 
 /// With owners: how many started buckets may be in flight when another starts.
 const IN_FLIGHT: usize = 2;
+
+/// `run.shard_layout = "flat"` (`flat_shard.rs`): the buckets of `OverlappedGrads`, each
+/// reduce-scattered into this rank's slice of it, padded to a multiple of the world size.
+pub struct ScatterInto {
+    /// The trainable parameters of each bucket, as indices in reverse registration order.
+    pub buckets: Vec<Vec<usize>>,
+    /// Per bucket: this rank's slice of the averaged gradient (the world's slices together,
+    /// the bucket and its zero padding).
+    pub slices: Vec<Tensor>,
+    /// `run.shard = "gradients"`: drop each bucket's gradients once packed.
+    pub drop_grads: bool,
+}
 
 /// What one step's backward pass has done so far.
 #[derive(Default)]
@@ -643,24 +691,32 @@ impl OverlappedGrads {
     /// Hooks on the trainable parameters of `store`, in `dp`'s bucket size. `owners`: with
     /// `run.shard = "gradients"`, the rank owning each trainable parameter, in registration
     /// order.
+    /// `scatter`: with `run.shard_layout = "flat"`, the buckets and this rank's slices of them
+    /// (`owners` then None).
     pub fn new(
         dp: &DataParallel,
         store: &crate::models::params::ParamStore,
         owners: Option<Vec<usize>>,
+        scatter: Option<ScatterInto>,
     ) -> Result<OverlappedGrads> {
         let mut params: Vec<Tensor> = store
             .trainable()
             .map(|p| p.tensor.shallow_clone())
             .collect();
         params.reverse();
+        let mut names: Vec<String> = store.trainable().map(|p| p.name.clone()).collect();
+        names.reverse();
         let owners = owners.map(|mut o| {
             o.reverse();
             o
         });
-        let buckets = bucket_groups(&params, dp.bucket_bytes, owners.as_deref());
-        let buffers = match owners {
-            Some(_) => Vec::new(),
-            None => buckets
+        let buckets = match &scatter {
+            Some(s) => s.buckets.clone(),
+            None => bucket_groups(&params, dp.bucket_bytes, owners.as_deref()),
+        };
+        let buffers = match owners.is_some() || scatter.is_some() {
+            true => Vec::new(),
+            false => buckets
                 .iter()
                 .map(|idx| flat_buffer(&params, idx))
                 .collect(),
@@ -671,8 +727,10 @@ impl OverlappedGrads {
         Ok(OverlappedGrads {
             hooks,
             params,
+            names,
             buckets,
             owners,
+            scatter,
             buffers,
             step: Mutex::new(OverlapStep::default()),
             logged: Default::default(),
@@ -738,7 +796,8 @@ impl OverlappedGrads {
 
     /// With owners: waits for the oldest started buckets until fewer than `IN_FLIGHT` are.
     fn make_room(&self, dp: &DataParallel, st: &mut OverlapStep) -> Result<()> {
-        while self.owners.is_some() && st.started.len() >= IN_FLIGHT {
+        let made_for_the_step = self.owners.is_some() || self.scatter.is_some();
+        while made_for_the_step && st.started.len() >= IN_FLIGHT {
             self.wait_oldest(dp, st)?;
         }
         Ok(())
@@ -753,6 +812,11 @@ impl OverlappedGrads {
         let b = st.waited;
         st.waited += 1;
         dp.wait(work)?;
+        if let Some(s) = &self.scatter {
+            let slice = s.slices[b].shallow_clone();
+            let _ = tch::no_grad(|| slice.data().g_mul_scalar_(1.0 / dp.world.size as f64));
+            return Ok(());
+        }
         if self.owner(b).is_none_or(|o| o == dp.world.rank) {
             match st.last {
                 true => unpack_mean(&buf, &self.grads(b), dp.world.size),
@@ -778,6 +842,9 @@ impl OverlappedGrads {
     /// Copies bucket `b`'s gradients into its buffer and starts its all-reduce, or with owners
     /// its reduce onto the owner (a rank that does not own it drops its gradients at once).
     fn start(&self, dp: &DataParallel, b: usize) -> Result<(torch_ext::Work, Tensor)> {
+        if let Some(s) = &self.scatter {
+            return self.start_scatter(dp, s, b);
+        }
         let Some(owner) = self.owner(b) else {
             pack(&self.buffers[b], &self.grads(b));
             let work = dp.start_sum(&self.buffers[b])?;
@@ -790,6 +857,26 @@ impl OverlappedGrads {
             torch_ext::grads_to_none(&theirs).map_err(Error::Torch)?;
         }
         Ok((dp.start_reduce(&buf, owner)?, buf))
+    }
+
+    /// `run.shard_layout = "flat"`: copies bucket `b`'s gradients into a buffer padded with
+    /// zeros to the world's slices and starts its reduce-scatter into this rank's slice (with
+    /// `drop_grads`, the gradients are dropped at once).
+    fn start_scatter(
+        &self,
+        dp: &DataParallel,
+        s: &ScatterInto,
+        b: usize,
+    ) -> Result<(torch_ext::Work, Tensor)> {
+        let slice = &s.slices[b];
+        let padded = slice.numel() as i64 * dp.world.size as i64;
+        let buf = Tensor::zeros([padded], (slice.kind(), slice.device()));
+        pack(&buf, &self.grads(b));
+        if s.drop_grads {
+            let mine: Vec<&Tensor> = self.buckets[b].iter().map(|&i| &self.params[i]).collect();
+            torch_ext::grads_to_none(&mine).map_err(Error::Torch)?;
+        }
+        Ok((dp.start_reduce_scatter(slice, &buf)?, buf))
     }
 
     /// After the step's backward passes: waits for the started collectives and replaces those
@@ -810,12 +897,33 @@ impl OverlappedGrads {
         if let Some(e) = st.error {
             return Err(e);
         }
+        if self.scatter.is_some() {
+            if let Some(b) = self.buckets.get(started) {
+                return Err(self.no_gradient(b, &st.ready));
+            }
+            return dp.sum(scalars);
+        }
         let rest: Vec<&Tensor> = self.buckets[started..]
             .iter()
             .flatten()
             .map(|&i| &self.params[i])
             .collect();
         dp.reduce_step(&rest, scalars)
+    }
+}
+
+impl OverlappedGrads {
+    /// `run.shard_layout = "flat"`: a bucket was not sent during the backward pass because a
+    /// parameter of `bucket` got no gradient; its slices would take a zero gradient (and the
+    /// optimizer update an unsharded run skips), so the step stops instead.
+    fn no_gradient(&self, bucket: &[usize], ready: &[bool]) -> Error {
+        let missing = bucket.iter().find(|&&i| !ready.get(i).copied().unwrap_or(false));
+        let which = missing.map_or("a parameter", |&i| self.names[i].as_str());
+        Error::Recipe(format!(
+            "run.shard_layout = \"flat\": {which} got no gradient in this step; flat slices \
+             need every trainable parameter trained at every step: use run.shard_layout = \
+             \"tensors\""
+        ))
     }
 }
 
@@ -827,7 +935,7 @@ fn flat_buffer(params: &[Tensor], idx: &[usize]) -> Tensor {
 }
 
 /// Copies `grads` one after the other into the flat buffer `buf`.
-fn pack(buf: &Tensor, grads: &[impl std::borrow::Borrow<Tensor>]) {
+pub(crate) fn pack(buf: &Tensor, grads: &[impl std::borrow::Borrow<Tensor>]) {
     tch::no_grad(|| {
         let mut offset = 0;
         for g in grads {
@@ -861,7 +969,7 @@ pub struct PendingBroadcast {
 /// (the same memory, a version counter of its own): a sharded weight gathered again for the
 /// backward pass refills the storage a kept graph saved it in, which must not count as a change
 /// of the saved tensor (`Transformer::block_with_weights`).
-fn unpack(buf: &Tensor, tensors: &[impl std::borrow::Borrow<Tensor>]) {
+pub(crate) fn unpack(buf: &Tensor, tensors: &[impl std::borrow::Borrow<Tensor>]) {
     tch::no_grad(|| {
         let mut offset = 0;
         for t in tensors {
@@ -875,7 +983,7 @@ fn unpack(buf: &Tensor, tensors: &[impl std::borrow::Borrow<Tensor>]) {
 
 /// Splits the gradients (in order) into groups of one dtype and device (and one owner, with
 /// `owners`) of at most `cap` bytes each (a single larger tensor is a group of its own).
-fn bucket_groups(grads: &[Tensor], cap: i64, owners: Option<&[usize]>) -> Vec<Vec<usize>> {
+pub(crate) fn bucket_groups(grads: &[Tensor], cap: i64, owners: Option<&[usize]>) -> Vec<Vec<usize>> {
     let owner = |i: usize| owners.map_or(0, |o| o[i]);
     let mut groups: Vec<Vec<usize>> = Vec::new();
     let mut bytes = 0i64;

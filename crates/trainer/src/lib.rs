@@ -14,7 +14,8 @@
 //! - methods, each with its `config.rs`: `distill/` (teacher, losses), `checkpoint/` (the
 //!   on-disk layout, atomic writes, checksums; it saves optimizer state), `peft/` (LoRA,
 //!   ReLoRA), `prune/`, `optim/` (optimizers that own their state), `dist.rs` (c10d data
-//!   parallelism).
+//!   parallelism), `shard.rs` and `flat_shard.rs` (the training state divided among ranks:
+//!   whole tensors, or equal slices of flat buckets).
 //! - `models/`: `transformer.rs` (the decoders: Llama and its Hugging Face variants, GPT-2,
 //!   GPT-NeoX), `moe.rs`, `rope.rs`, `resnet.rs`, `config.rs` for `[model]`, `hf/` (one
 //!   config.json reader and writer per family), `params.rs` (the parameter store and the one
@@ -30,6 +31,7 @@ pub mod device;
 pub mod dist;
 pub mod distill;
 pub mod error;
+pub mod flat_shard;
 pub mod load;
 pub mod memory;
 pub mod metrics;

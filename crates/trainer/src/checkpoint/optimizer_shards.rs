@@ -70,8 +70,8 @@ pub fn write_index(dir: &Path) -> Result<()> {
     super::write_synced(&dir.join(INDEX_FILE), json.as_bytes())
 }
 
-/// The optimizer state of checkpoint `dir`: all of it, or with `wanted` only those tensors (a
-/// rank's share; each must be there). Reads `optimizer.safetensors`, or the rank files that
+/// The optimizer state of checkpoint `dir`: all of it, or with `wanted` only those tensors and
+/// the saved slices of them (a rank's share; each must be there). Reads `optimizer.safetensors`, or the rank files that
 /// hold what is wanted through the index. Returns the tensors and the path to name in errors.
 pub fn read(
     dir: &Path,
@@ -82,7 +82,7 @@ pub fn read(
     if whole.is_file() || !index_path.is_file() {
         let mut loaded = read_safetensors(&whole)?;
         if let Some(w) = wanted {
-            loaded.retain(|(n, _)| w.contains(n));
+            loaded.retain(|(n, _)| w.contains(base(n)));
         }
         return Ok((loaded, whole));
     }
@@ -120,7 +120,7 @@ pub fn read(
         let listed: BTreeSet<&String> = index
             .weight_map
             .iter()
-            .filter(|(n, file)| *file == f && wanted.is_none_or(|w| w.contains(*n)))
+            .filter(|(n, file)| *file == f && wanted.is_none_or(|w| w.contains(base(n))))
             .map(|(n, _)| n)
             .collect();
         // Nothing this rank needs here (the step counter, which every file holds, aside)?
@@ -129,7 +129,7 @@ pub fn read(
             continue;
         }
         let mut loaded = read_safetensors(&path)?;
-        loaded.retain(|(n, _)| wanted.is_none_or(|w| w.contains(n)));
+        loaded.retain(|(n, _)| wanted.is_none_or(|w| w.contains(base(n))));
         let held: BTreeSet<&String> = loaded.iter().map(|(n, _)| n).collect();
         let missing: Vec<&&String> = listed
             .iter()
@@ -148,6 +148,12 @@ pub fn read(
         }
     }
     Ok((out, index_path))
+}
+
+/// The tensor a saved state tensor belongs to: itself, or the whole of which it is a slice
+/// (`run.shard_layout = "flat"`, `optim::slices`).
+fn base(name: &str) -> &str {
+    crate::optim::slices::split_name(name).0
 }
 
 fn read_index(path: &Path) -> Result<Index> {

@@ -219,6 +219,38 @@ pub struct RunConfig {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     #[schemars(!skip_serializing_if)]
     pub reduce_every_micro_batch: bool,
+    /// With `shard = "optimizer"` or `"gradients"`: how the training state is divided.
+    /// `"tensors"`: whole tensors, each owned by one rank (see `shard`). `"flat"` (Megatron's
+    /// distributed optimizer): the trainable parameters are laid out in the gradient buckets
+    /// (`bucket_mb`), each padded to a multiple of the world size and cut into equal slices;
+    /// rank r holds the optimizer state (and fp32 master weights) of slice r of every bucket,
+    /// each bucket's gradients are reduce-scattered into those slices while the backward pass
+    /// goes on, and the updated slices are all-gathered after the step. Balanced to the element
+    /// (a rank holds 1/world of the state, however large the embedding); sums in another order
+    /// than an unsharded run (equal to rounding). `"gradients"` drops each bucket's whole
+    /// gradients once they are sent, `"optimizer"` keeps them until the step ends. AdamW
+    /// (32-bit states) and SGD only; every trainable parameter must get a gradient at every
+    /// step (no MoE, no `[distill]`, no `[prune]`).
+    #[serde(default, skip_serializing_if = "ShardLayout::is_tensors")]
+    #[schemars(!skip_serializing_if)]
+    pub shard_layout: ShardLayout,
+}
+
+/// `run.shard_layout`: whole tensors per rank, or equal slices of flat buckets.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardLayout {
+    /// Each trainable tensor owned whole by one rank.
+    #[default]
+    Tensors,
+    /// Equal slices of the flat gradient buckets (ZeRO stages 1 and 2 as Megatron lays them out).
+    Flat,
+}
+
+impl ShardLayout {
+    fn is_tensors(&self) -> bool {
+        *self == ShardLayout::Tensors
+    }
 }
 
 /// `run.shard`: what of the training state is divided among the ranks.
@@ -530,6 +562,7 @@ impl Recipe {
             "fetches the weights of run.shard = \"full\" ahead; without it there is nothing to \
              fetch: leave it out",
         )?;
+        self.validate_shard_layout()?;
         if self.run.shard == Shard::None {
             return Ok(());
         }
@@ -576,6 +609,45 @@ impl Recipe {
             Some((_, what)) => Err(Invalid {
                 key: "run.shard".to_string(),
                 msg: format!("\"full\" cannot be combined with {what} yet"),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// `run.shard_layout = "flat"`: with `"optimizer"` or `"gradients"`, an optimizer that
+    /// updates element by element, every parameter trained at every step.
+    fn validate_shard_layout(&self) -> Result<(), Invalid> {
+        if self.run.shard_layout == ShardLayout::Tensors {
+            return Ok(());
+        }
+        let key = "run.shard_layout";
+        check(
+            matches!(self.run.shard, Shard::Optimizer | Shard::Gradients),
+            key,
+            format!(
+                "\"flat\" divides the state of run.shard = \"optimizer\" or \"gradients\", not \
+                 \"{}\"",
+                self.run.shard.as_str()
+            ),
+        )?;
+        let sliceable = match &self.optim {
+            OptimConfig::Adamw { state_bits, .. } => *state_bits == 32,
+            OptimConfig::Sgd { .. } => true,
+            _ => false,
+        };
+        check(sliceable, key, crate::optim::SLICED_OPTIMIZERS)?;
+        let unsupported = [
+            (
+                self.run.reduce_every_micro_batch,
+                "run.reduce_every_micro_batch",
+            ),
+            (self.distill.is_some(), "[distill]"),
+            (self.prune.is_some(), "[prune]"),
+        ];
+        match unsupported.iter().find(|(on, _)| *on) {
+            Some((_, what)) => Err(Invalid {
+                key: key.to_string(),
+                msg: format!("\"flat\" cannot be combined with {what} yet"),
             }),
             None => Ok(()),
         }

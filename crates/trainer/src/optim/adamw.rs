@@ -14,6 +14,7 @@
 //! with the gradient in fp32, and the weight takes the rounded result.
 
 use super::moment::Moment;
+use super::slices::Slice;
 use super::{grad_of, StateTensors};
 use tch::{Kind, Tensor};
 
@@ -32,6 +33,8 @@ pub struct AdamW {
 struct Slot {
     name: String,
     param: Tensor,
+    /// `run.shard_layout = "flat"`: the slice of `param` this slot updates, and its gradient.
+    slice: Option<Slice>,
     /// The fp32 copy the update runs on (`with_fp32_masters`); the param is its rounding.
     master: Option<Tensor>,
     decay: bool,
@@ -48,14 +51,41 @@ const MASTER_CHUNK: usize = 1 << 24;
 const MASTER_CHUNK: usize = 40;
 
 impl Slot {
-    /// What the update changes: the master copy, or the weight itself.
-    fn target(&self) -> &Tensor {
-        self.master.as_ref().unwrap_or(&self.param)
+    /// The weights this slot updates: the parameter, or its slice.
+    fn values(&self) -> Tensor {
+        match &self.slice {
+            Some(s) => s.of(&self.param),
+            None => self.param.shallow_clone(),
+        }
+    }
+
+    /// What the update changes: the master copy, or the weights themselves.
+    fn target(&self) -> Tensor {
+        match &self.master {
+            Some(m) => m.shallow_clone(),
+            None => self.values(),
+        }
+    }
+
+    /// The name of this slot's state tensors (`Slice::state_name` for a slice).
+    fn state_name(&self) -> String {
+        match &self.slice {
+            Some(s) => s.state_name(&self.name),
+            None => self.name.clone(),
+        }
+    }
+
+    /// The gradient of the values (the slice's, or the parameter's when it has one).
+    fn raw_grad(&self) -> Option<Tensor> {
+        match &self.slice {
+            Some(s) => Some(s.grad.shallow_clone()),
+            None => grad_of(&self.param),
+        }
     }
 
     /// The gradient in the target's dtype, when there is one.
     fn grad(&self) -> Option<Tensor> {
-        let g = grad_of(&self.param)?;
+        let g = self.raw_grad()?;
         Some(match &self.master {
             Some(m) if m.kind() != g.kind() => g.to_kind(m.kind()),
             _ => g,
@@ -65,7 +95,7 @@ impl Slot {
     /// After an update of the master copy: the weight takes its rounded value.
     fn round_into_param(&self) {
         if let Some(m) = &self.master {
-            tch::no_grad(|| self.param.shallow_clone().copy_(m));
+            tch::no_grad(|| self.values().copy_(m));
         }
     }
 }
@@ -78,19 +108,35 @@ impl AdamW {
         eps: f64,
         weight_decay: f64,
     ) -> AdamW {
+        let params = params.into_iter().map(|(n, p, d)| (n, p, d, None));
+        AdamW::over_slices(params.collect(), betas, eps, weight_decay)
+    }
+
+    /// `new` over (name, tensor, decay?, slice) (`run.shard_layout = "flat"`): a slot with a
+    /// slice updates only that slice of its parameter, from the slice's gradient, with state
+    /// of the slice's length.
+    pub fn over_slices(
+        params: Vec<(String, Tensor, bool, Option<Slice>)>,
+        betas: [f64; 2],
+        eps: f64,
+        weight_decay: f64,
+    ) -> AdamW {
         let slots = params
             .into_iter()
-            .map(|(name, param, decay)| {
-                let exp_avg = Moment::Full(param.zeros_like().detach());
-                let exp_avg_sq = Moment::Full(param.zeros_like().detach());
-                Slot {
+            .map(|(name, param, decay, slice)| {
+                let mut slot = Slot {
                     name,
                     param,
+                    slice,
                     master: None,
                     decay,
-                    exp_avg,
-                    exp_avg_sq,
-                }
+                    exp_avg: Moment::Full(Tensor::new()),
+                    exp_avg_sq: Moment::Full(Tensor::new()),
+                };
+                let values = tch::no_grad(|| slot.values().detach());
+                slot.exp_avg = Moment::Full(values.zeros_like());
+                slot.exp_avg_sq = Moment::Full(values.zeros_like());
+                slot
             })
             .collect();
         AdamW {
@@ -108,7 +154,7 @@ impl AdamW {
     /// then only what the model computes with. Call before `with_8bit_states`.
     pub fn with_fp32_masters(mut self) -> AdamW {
         for s in &mut self.slots {
-            let master = tch::no_grad(|| s.param.detach().to_kind(Kind::Float).copy());
+            let master = tch::no_grad(|| s.values().detach().to_kind(Kind::Float).copy());
             s.exp_avg = Moment::Full(master.zeros_like());
             s.exp_avg_sq = Moment::Full(master.zeros_like());
             s.master = Some(master);
@@ -208,16 +254,16 @@ impl AdamW {
         decay: bool,
         lr: f64,
     ) -> crate::Result<()> {
-        let live: Vec<&Slot> = slots.filter(|s| grad_of(&s.param).is_some()).collect();
+        let live: Vec<&Slot> = slots.filter(|s| s.raw_grad().is_some()).collect();
         let limit = match live.iter().any(|s| s.master.is_some()) {
             true => MASTER_CHUNK,
             false => usize::MAX,
         };
         let mut start = 0;
         while start < live.len() {
-            let (mut end, mut elements) = (start + 1, live[start].param.numel());
-            while end < live.len() && elements + live[end].param.numel() <= limit {
-                elements += live[end].param.numel();
+            let (mut end, mut elements) = (start + 1, live[start].target().numel());
+            while end < live.len() && elements + live[end].target().numel() <= limit {
+                elements += live[end].target().numel();
                 end += 1;
             }
             self.fused_call(&live[start..end], decay, lr)?;
@@ -236,7 +282,8 @@ impl AdamW {
         );
         let grads: Vec<Tensor> = live.iter().filter_map(|s| s.grad()).collect();
         let grads: Vec<&Tensor> = grads.iter().collect();
-        let params: Vec<&Tensor> = live.iter().map(|s| s.target()).collect();
+        let targets: Vec<Tensor> = live.iter().map(|s| s.target()).collect();
+        let params: Vec<&Tensor> = targets.iter().collect();
         let m: Vec<&Tensor> = live
             .iter()
             .map(|s| full(&s.exp_avg))
@@ -296,10 +343,11 @@ impl StateTensors for AdamW {
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![("step".to_string(), Tensor::from(self.step))];
         for s in &self.slots {
-            out.extend(s.exp_avg.named("exp_avg", &s.name));
-            out.extend(s.exp_avg_sq.named("exp_avg_sq", &s.name));
+            let name = s.state_name();
+            out.extend(s.exp_avg.named("exp_avg", &name));
+            out.extend(s.exp_avg_sq.named("exp_avg_sq", &name));
             if let Some(m) = &s.master {
-                out.push((format!("master.{}", s.name), m.shallow_clone()));
+                out.push((format!("master.{name}"), m.shallow_clone()));
             }
         }
         out
@@ -387,6 +435,44 @@ mod tests {
                 );
             }
             assert_eq!(mastered.state_bytes(), 3 * 4 * (32 + 24 + 5));
+        }
+    }
+
+    /// Slices of a weight (`over_slices`, as `run.shard_layout = "flat"` cuts them, at offsets
+    /// that do not fall on vector boundaries) update their part of it as whole-tensor AdamW
+    /// does, from the matching slices of the gradient: fused or not, with fp32 masters or not.
+    #[test]
+    fn slices_update_as_the_whole_tensor_does() {
+        for (fused, masters) in [(false, false), (true, false), (false, true), (true, true)] {
+            tch::manual_seed(5);
+            let init = Tensor::randn([6, 7], (Kind::Float, Device::Cpu));
+            let whole = init.copy().set_requires_grad(true);
+            let sliced = init.copy().set_requires_grad(true);
+            let grads = Tensor::zeros([42], (Kind::Float, Device::Cpu));
+            let cuts: Vec<(String, Tensor, bool, Option<Slice>)> = [(0, 10), (10, 25), (35, 7)]
+                .iter()
+                .map(|&(offset, len)| {
+                    let grad = grads.narrow(0, offset, len);
+                    let slice = Slice { offset, len, grad };
+                    ("w".to_string(), sliced.shallow_clone(), true, Some(slice))
+                })
+                .collect();
+            let mut a = AdamW::new(vec![("w".into(), whole.shallow_clone(), true)], [0.9, 0.95], 1e-8, 0.1);
+            let mut b = AdamW::over_slices(cuts, [0.9, 0.95], 1e-8, 0.1);
+            if masters {
+                (a, b) = (a.with_fp32_masters(), b.with_fp32_masters());
+            }
+            (a.fused, b.fused) = (fused, fused);
+            for _ in 0..4 {
+                let g = Tensor::randn([6, 7], (Kind::Float, Device::Cpu));
+                set_grad(&whole, &g);
+                tch::no_grad(|| grads.shallow_clone().copy_(&g.reshape([-1])));
+                a.step(1e-2).expect("step");
+                b.step(1e-2).expect("step");
+            }
+            assert!(whole.equal(&sliced), "fused {fused}, masters {masters}");
+            let names: Vec<String> = b.state_tensors().into_iter().map(|(n, _)| n).collect();
+            assert!(names.contains(&"exp_avg.w@10+25".to_string()), "{names:?}");
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod galore;
 pub mod gsm;
 pub mod moment;
 pub mod sgd;
+pub mod slices;
 
 use crate::error::{Error, Result};
 use crate::models::params::{copy_named, read_safetensors, select_prunable, ParamStore};
@@ -22,6 +23,7 @@ pub use config::OptimConfig;
 pub use galore::GaloreAdamW;
 pub use gsm::Gsm;
 pub use sgd::Sgd;
+pub use slices::Slice;
 
 /// Named state tensors of an optimizer; `step` is a scalar int64 tensor.
 pub trait StateTensors {
@@ -62,8 +64,7 @@ impl Optimizer {
                 .trainable()
                 .filter(|p| owns(&p.name))
                 .map(|p| {
-                    let decay =
-                        !is_norm_or_bias(&p.name) && (decay_embeddings || !is_embedding(&p.name));
+                    let decay = decays(&p.name, decay_embeddings);
                     (p.name.clone(), p.tensor.shallow_clone(), decay)
                 })
                 .collect::<Vec<(String, Tensor, bool)>>()
@@ -152,6 +153,62 @@ impl Optimizer {
                     *weight_decay,
                 ))
             }
+        })
+    }
+
+    /// `run.shard_layout = "flat"`: AdamW (32-bit states) or SGD over this rank's `slices` of
+    /// the trainable parameters of `store` (parameter name, slice), in that order. The
+    /// optimizers whose update needs more than the elements of a slice are refused.
+    pub fn build_sliced(
+        cfg: &OptimConfig,
+        store: &ParamStore,
+        slices: Vec<(String, Slice)>,
+    ) -> Result<Optimizer> {
+        let named = |decay_embeddings: bool, slices: Vec<(String, Slice)>| {
+            slices
+                .into_iter()
+                .map(|(name, slice)| {
+                    let param = store.get(&name).map(Tensor::shallow_clone).ok_or_else(|| {
+                        Error::Torch(format!("a slice of {name}, which is not a parameter"))
+                    })?;
+                    let decay = decays(&name, decay_embeddings);
+                    Ok((name, param, decay, Some(slice)))
+                })
+                .collect::<Result<Vec<_>>>()
+        };
+        Ok(match cfg {
+            OptimConfig::Adamw {
+                betas,
+                eps,
+                weight_decay,
+                decay_embeddings,
+                fused,
+                state_bits: 32,
+                master_weights,
+                ..
+            } => {
+                let slots = named(*decay_embeddings, slices)?;
+                let mut o = AdamW::over_slices(slots, *betas, *eps, *weight_decay);
+                o.fused = fused.unwrap_or(true);
+                if *master_weights {
+                    o = o.with_fp32_masters();
+                }
+                Optimizer::AdamW(o)
+            }
+            OptimConfig::Sgd {
+                momentum,
+                dampening,
+                nesterov,
+                weight_decay,
+                ..
+            } => Optimizer::Sgd(Sgd::over_slices(
+                named(true, slices)?,
+                *momentum,
+                *dampening,
+                *nesterov,
+                *weight_decay,
+            )),
+            _ => return Err(Error::Recipe(SLICED_OPTIMIZERS.into())),
         })
     }
 
@@ -288,18 +345,20 @@ impl Optimizer {
         self.load_named(read_safetensors(path)?, path)
     }
 
-    /// The names of this optimizer's state tensors (the step counter's too): what a rank of a
-    /// sharded run takes from a checkpoint (`run.shard`).
+    /// The names of the tensors whose saved state this optimizer needs (the step counter's
+    /// too; a slice's tensor by its whole name, `slices::split_name`): what a rank of a sharded
+    /// run takes from a checkpoint (`run.shard`).
     pub fn state_names(&self) -> std::collections::BTreeSet<String> {
         self.state()
             .state_tensors()
             .into_iter()
-            .map(|(n, _)| n)
+            .map(|(n, _)| slices::split_name(&n).0.to_string())
             .collect()
     }
 
     /// Loads named state read from `path` (for errors): every tensor of this optimizer must be
-    /// there, with its shape, and nothing else.
+    /// there, with its shape, and nothing else; state saved whole or in slices is cut or pieced
+    /// together into this optimizer's (`slices::assemble`).
     pub fn load_named(&mut self, loaded: Vec<(String, Tensor)>, path: &Path) -> Result<()> {
         let step = loaded
             .iter()
@@ -312,6 +371,7 @@ impl Optimizer {
         let targets = self.state().state_tensors();
         let loaded: Vec<(String, Tensor)> =
             loaded.into_iter().filter(|(n, _)| n != "step").collect();
+        let loaded = slices::assemble(loaded, &targets, path)?;
         copy_named(
             &mut targets
                 .iter()
@@ -324,6 +384,18 @@ impl Optimizer {
         Ok(())
     }
 }
+
+/// Whether parameter `name` is weight-decayed: never norm weights and biases, embeddings only
+/// with `decay_embeddings`.
+fn decays(name: &str, decay_embeddings: bool) -> bool {
+    !is_norm_or_bias(name) && (decay_embeddings || !is_embedding(name))
+}
+
+/// Why `run.shard_layout = "flat"` refuses an optimizer.
+pub const SLICED_OPTIMIZERS: &str = "run.shard_layout = \"flat\" works with AdamW (32-bit \
+     states) and SGD, whose update of an element needs only that element: GaLore projects whole \
+     matrices, 8-bit states are quantised in blocks that would straddle slices, GSM ranks every \
+     parameter at once; use run.shard_layout = \"tensors\"";
 
 /// Writes named optimizer state (`Optimizer::state_tensors`, or one rank's share) as
 /// safetensors: the checkpoint's optimizer file, which `Optimizer::load` reads.

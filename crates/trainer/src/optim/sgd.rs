@@ -9,6 +9,7 @@
 //! p   <- p - lr * d
 //! ```
 
+use super::slices::Slice;
 use super::{grad_of, StateTensors};
 use tch::Tensor;
 
@@ -24,8 +25,28 @@ pub struct Sgd {
 struct Slot {
     name: String,
     param: Tensor,
+    /// `run.shard_layout = "flat"`: the slice of `param` this slot updates, and its gradient.
+    slice: Option<Slice>,
     decay: bool,
     momentum_buffer: Tensor,
+}
+
+impl Slot {
+    /// The weights this slot updates: the parameter, or its slice.
+    fn values(&self) -> Tensor {
+        match &self.slice {
+            Some(s) => s.of(&self.param),
+            None => self.param.shallow_clone(),
+        }
+    }
+
+    /// The gradient of the values (the slice's, or the parameter's when it has one).
+    fn grad(&self) -> Option<Tensor> {
+        match &self.slice {
+            Some(s) => Some(s.grad.shallow_clone()),
+            None => grad_of(&self.param),
+        }
+    }
 }
 
 impl Sgd {
@@ -36,16 +57,31 @@ impl Sgd {
         nesterov: bool,
         weight_decay: f64,
     ) -> Sgd {
+        let params = params.into_iter().map(|(n, p, d)| (n, p, d, None));
+        Sgd::over_slices(params.collect(), momentum, dampening, nesterov, weight_decay)
+    }
+
+    /// `new` over (name, tensor, decay?, slice) (`run.shard_layout = "flat"`): a slot with a
+    /// slice updates only that slice of its parameter, from the slice's gradient.
+    pub fn over_slices(
+        params: Vec<(String, Tensor, bool, Option<Slice>)>,
+        momentum: f64,
+        dampening: f64,
+        nesterov: bool,
+        weight_decay: f64,
+    ) -> Sgd {
         let slots = params
             .into_iter()
-            .map(|(name, param, decay)| {
-                let momentum_buffer = param.zeros_like().detach();
-                Slot {
+            .map(|(name, param, decay, slice)| {
+                let mut slot = Slot {
                     name,
                     param,
+                    slice,
                     decay,
-                    momentum_buffer,
-                }
+                    momentum_buffer: Tensor::new(),
+                };
+                slot.momentum_buffer = tch::no_grad(|| slot.values().detach().zeros_like());
+                slot
             })
             .collect();
         Sgd {
@@ -63,9 +99,10 @@ impl Sgd {
         self.step += 1;
         tch::no_grad(|| {
             for s in &mut self.slots {
-                let Some(g) = grad_of(&s.param) else { continue };
+                let Some(g) = s.grad() else { continue };
+                let mut p = s.values();
                 let mut d = if s.decay && self.weight_decay != 0.0 {
-                    &g + &s.param * self.weight_decay
+                    &g + &p * self.weight_decay
                 } else {
                     g
                 };
@@ -82,7 +119,6 @@ impl Sgd {
                         s.momentum_buffer.shallow_clone()
                     };
                 }
-                let mut p = s.param.shallow_clone();
                 let _ = p.g_sub_(&(d * lr));
             }
         });
@@ -104,8 +140,12 @@ impl StateTensors for Sgd {
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![("step".to_string(), Tensor::from(self.step))];
         for s in &self.slots {
+            let name = match &s.slice {
+                Some(slice) => slice.state_name(&s.name),
+                None => s.name.clone(),
+            };
             out.push((
-                format!("momentum_buffer.{}", s.name),
+                format!("momentum_buffer.{name}"),
                 s.momentum_buffer.shallow_clone(),
             ));
         }

@@ -166,7 +166,7 @@ pub fn run(
     // Several processes: the gradients are averaged while the backward pass goes on (every rank
     // uses every parameter; not with a distillation teacher, as for language models).
     let overlap = if run.world.is_distributed() && net.distiller.is_none() {
-        Some(OverlappedGrads::new(&run.dp, &net.params, None)?)
+        Some(OverlappedGrads::new(&run.dp, &net.params, None, None)?)
     } else {
         None
     };

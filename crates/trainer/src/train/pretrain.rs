@@ -10,7 +10,9 @@
 
 use super::harness::{self, Run, RunSummary, Sections, Setup};
 use crate::checkpoint::{self, TrainState};
-use crate::config::{self, InitLoad, Precision, Recipe, Recompute, Shard, WeightDecaySchedule};
+use crate::config::{
+    self, InitLoad, Precision, Recipe, Recompute, Shard, ShardLayout, WeightDecaySchedule,
+};
 use crate::data::loader::{stream_seed, Batch, Prefetcher};
 use crate::data::mixture::MixSource;
 use crate::data::mixture::{Mixture, MixtureReport};
@@ -36,6 +38,7 @@ use crate::peft::lora::Lora;
 use crate::peft::relora::Relora;
 use crate::prune::Pruner;
 use crate::schedule::Schedule;
+use crate::flat_shard::FlatShards;
 use crate::shard::{GatherCounts, Owners, PieceShards};
 use crate::signals::StopFlag;
 use serde::Serialize;
@@ -184,6 +187,7 @@ pub fn run_from(
                 &run.dp,
                 &lm.params,
                 lm.gradient_owners(recipe),
+                lm.flat.as_ref().map(|f| f.scatter_into(recipe.run.shard == Shard::Gradients)),
             )?)
         } else {
             None
@@ -291,6 +295,9 @@ struct Lm {
     /// `run.shard = "optimizer"` or `"gradients"` over several ranks: the parameters whose
     /// optimizer state (and gradient) this rank holds and updates (`shard.rs`).
     owners: Option<Owners>,
+    /// `run.shard_layout = "flat"` over several ranks: this rank's slices of the flat buckets,
+    /// whose state it holds and updates (`flat_shard.rs`; `owners` is None then).
+    flat: Option<FlatShards>,
     /// The bytes of gradients held at the last optimizer step (the summary's `held_grad_bytes`).
     held_grad_bytes: i64,
     /// The most held between micro-batches or at an update (`peak_held_grad_bytes`).
@@ -406,6 +413,38 @@ fn shard_owners(
         return Owners::deal_full(params, rank, world).map(Some);
     }
     Owners::deal(params, rank, world).map(Some)
+}
+
+/// `run.shard_layout = "flat"` over several ranks: the flat buckets' slices, of gradients in
+/// the dtype the weights will train in. MoE layers are refused (ranks' routers leave different
+/// experts without gradients; in one process too, as the recipe would fail on more). One
+/// process: nothing to divide (`shard_owners` says so).
+fn flat_layout(
+    recipe: &Recipe,
+    setup: &Setup,
+    params: &ParamStore,
+    model: &Transformer,
+) -> Result<Option<FlatShards>> {
+    if recipe.run.shard_layout != ShardLayout::Flat {
+        return Ok(None);
+    }
+    if !model.moe_layers().is_empty() {
+        return Err(Error::Recipe(
+            "run.shard_layout = \"flat\" cannot be used with MoE layers (ranks' routers leave \
+             different experts without gradients); use run.shard_layout = \"tensors\""
+                .into(),
+        ));
+    }
+    if !setup.world.is_distributed() {
+        return Ok(None);
+    }
+    let grad_kind = match recipe.run.precision {
+        Precision::Bf16 => Kind::BFloat16,
+        _ => Kind::Float,
+    };
+    let (rank, world) = (setup.world.rank, setup.world.size);
+    let bucket_bytes = recipe.run.collectives().bucket_bytes();
+    FlatShards::new(params, rank, world, bucket_bytes, grad_kind).map(Some)
 }
 
 /// `train.recompute`, refused for models whose recomputed parts would not repeat themselves
@@ -547,10 +586,15 @@ impl Lm {
         if bf16 && !masters {
             params.set_kind(Kind::BFloat16);
         }
-        let owners = shard_owners(recipe, setup, &params, pieces_dealt)?;
-        let optimizer = match &owners {
-            Some(o) => Optimizer::build_owned(&recipe.optim, &params, &|n| o.owns(n))?,
-            None => Optimizer::build(&recipe.optim, &params)?,
+        let flat = flat_layout(recipe, setup, &params, &model)?;
+        let owners = match flat {
+            Some(_) => None,
+            None => shard_owners(recipe, setup, &params, pieces_dealt)?,
+        };
+        let optimizer = match (&flat, &owners) {
+            (Some(f), _) => Optimizer::build_sliced(&recipe.optim, &params, f.slices())?,
+            (None, Some(o)) => Optimizer::build_owned(&recipe.optim, &params, &|n| o.owns(n))?,
+            (None, None) => Optimizer::build(&recipe.optim, &params)?,
         };
         if bf16 && masters {
             params.set_kind(Kind::BFloat16);
@@ -567,6 +611,7 @@ impl Lm {
             layerwise,
             pruner: None,
             owners,
+            flat,
             held_grad_bytes: 0,
             peak_held_grad_bytes: 0,
             piece_shards: None,
@@ -586,7 +631,7 @@ impl Lm {
     ) -> Result<TrainState> {
         let seed = recipe.run.seed;
         if let Some(dir) = &setup.resume_dir {
-            let part = self.owners.is_some();
+            let part = self.owners.is_some() || self.flat.is_some();
             let state =
                 harness::load_resume(dir, seed, &mut self.params, &mut self.optimizer, part)?;
             if let Some((r, _)) = &self.relora {
@@ -599,7 +644,7 @@ impl Lm {
         let Some((dir, step)) = &init.full else {
             return Ok(harness::fresh_state(seed));
         };
-        let part = self.owners.is_some();
+        let part = self.owners.is_some() || self.flat.is_some();
         let mut state = checkpoint::load(dir, &mut self.params, &mut self.optimizer, part)?;
         state.seed = seed;
         state.train_seconds = 0.0;
@@ -753,9 +798,12 @@ impl Lm {
                 self.optimizer.finish_step();
                 sums.layerwise_norm_sq.double_value(&[]).sqrt()
             }
-            None => match self.sharded_gradients(recipe) {
-                Some(o) => o.clip_grad_norm(&run.dp, &self.params, recipe.train.clip_grad_norm)?,
-                None => clip_grad_norm(&self.params, recipe.train.clip_grad_norm)?,
+            None => match (&self.flat, self.sharded_gradients(recipe)) {
+                (Some(f), _) => f.clip_grad_norm(&run.dp, recipe.train.clip_grad_norm)?,
+                (None, Some(o)) => {
+                    o.clip_grad_norm(&run.dp, &self.params, recipe.train.clip_grad_norm)?
+                }
+                (None, None) => clip_grad_norm(&self.params, recipe.train.clip_grad_norm)?,
             },
         };
         harness::check_grad_norm(
@@ -763,7 +811,8 @@ impl Lm {
             step + 1,
             "lower optim.lr or set train.clip_grad_norm",
         )?;
-        self.held_grad_bytes = held_grad_bytes(&self.params);
+        self.held_grad_bytes =
+            held_grad_bytes(&self.params) + self.flat.as_ref().map_or(0, FlatShards::grad_bytes);
         self.peak_held_grad_bytes = self.peak_held_grad_bytes.max(self.held_grad_bytes);
         self.held_param_bytes = self
             .params
@@ -775,6 +824,9 @@ impl Lm {
         }
         if let Some(owners) = &self.owners {
             owners.broadcast_updates(&run.dp)?;
+        }
+        if let Some(flat) = &self.flat {
+            flat.gather_updates(&run.dp)?;
         }
         self.params.apply_masks();
         self.params.zero_grad();
