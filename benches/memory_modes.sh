@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Per-rank memory of the memory-saving modes, measured (issue 15's table): the same model
 # (benches/configs/cpu_llama.toml unless RECIPE says otherwise) trained a few steps with
-# run.shard none/optimizer/gradients at 1, 2 and 4 processes, full (without and with block
+# run.shard none/optimizer/gradients at 1, 2 and 4 processes (optimizer and gradients on whole
+# tensors and with run.shard_layout = "flat"), full (without and with block
 # recomputation, next to none with block recomputation) at 2 and 4, and train.recompute none/selective/block with the
 # chunked or whole loss in one process. Prints rank 0's parameter, gradient and optimizer-state
 # bytes (summary.json, counted from the tensors; the gradients as held at the last update) and its peak memory (CPU: peak resident set;
@@ -39,6 +40,8 @@ for n in $NPROCS; do
   CASES+=("shard none|$n|run.shard=\"none\"")
   [[ "$n" != 1 ]] && CASES+=("shard optimizer|$n|run.shard=\"optimizer\""
                             "shard gradients|$n|run.shard=\"gradients\""
+                            "shard optimizer, flat|$n|run.shard=\"optimizer\" run.shard_layout=\"flat\""
+                            "shard gradients, flat|$n|run.shard=\"gradients\" run.shard_layout=\"flat\""
                             "shard none, recompute block|$n|run.shard=\"none\" train.recompute=\"block\""
                             "shard full|$n|run.shard=\"full\""
                             "shard full, recompute block|$n|run.shard=\"full\" train.recompute=\"block\""

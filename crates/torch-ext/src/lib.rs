@@ -338,8 +338,16 @@ extern "C" {
     fn te_pg_allreduce_sum_start(group: *mut c_void, tensor: *mut c_void) -> *mut c_void;
     fn te_pg_reduce_sum_start(group: *mut c_void, tensor: *mut c_void, root: c_int) -> *mut c_void;
     fn te_pg_broadcast_start(group: *mut c_void, tensor: *mut c_void, root: c_int) -> *mut c_void;
-    fn te_pg_reduce_scatter_sum_start(group: *mut c_void, output: *mut c_void, input: *mut c_void) -> *mut c_void;
-    fn te_pg_all_gather_start(group: *mut c_void, output: *mut c_void, input: *mut c_void) -> *mut c_void;
+    fn te_pg_reduce_scatter_sum_start(
+        group: *mut c_void,
+        output: *mut c_void,
+        input: *mut c_void,
+    ) -> *mut c_void;
+    fn te_pg_all_gather_start(
+        group: *mut c_void,
+        output: *mut c_void,
+        input: *mut c_void,
+    ) -> *mut c_void;
     fn te_work_wait(group: *mut c_void, work: *mut c_void) -> c_int;
     fn te_work_free(work: *mut c_void);
     fn te_pg_barrier(group: *mut c_void) -> c_int;
@@ -495,7 +503,11 @@ impl ProcessGroup {
     /// Starts a sum reduce-scatter and returns without waiting: `input` (world times as long
     /// as `output`) is summed over the ranks, and this rank's `output` receives slice `rank` of
     /// the sum. Both must stay alive and untouched until `Work::wait` returns.
-    pub fn reduce_scatter_sum_start(&self, output: &Tensor, input: &Tensor) -> Result<Work, String> {
+    pub fn reduce_scatter_sum_start(
+        &self,
+        output: &Tensor,
+        input: &Tensor,
+    ) -> Result<Work, String> {
         // SAFETY: live group and tensor handles for the duration of the call.
         let work = unsafe {
             te_pg_reduce_scatter_sum_start(

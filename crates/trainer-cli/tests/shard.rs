@@ -48,7 +48,12 @@ type Curve = Vec<(String, i64, f64, Option<f64>)>;
 
 /// `got` follows `want` step for step, each loss and gradient norm within `rel` of it.
 fn assert_close(got: &Curve, want: &Curve, rel: f64, what: &str) {
-    let close = |a: f64, b: f64| ((a - b) / b).abs() < rel;
+    assert_close_norms_within(got, want, rel, rel, what);
+}
+
+/// `assert_close` with the gradient norms within `norm_rel`.
+fn assert_close_norms_within(got: &Curve, want: &Curve, rel: f64, norm_rel: f64, what: &str) {
+    let close = |a: f64, b: f64, rel: f64| ((a - b) / b).abs() < rel;
     assert_eq!(got.len(), want.len(), "{what}");
     for (a, b) in got.iter().zip(want) {
         assert_eq!(
@@ -56,8 +61,8 @@ fn assert_close(got: &Curve, want: &Curve, rel: f64, what: &str) {
             (&b.0, b.1, b.3.is_some()),
             "{what}"
         );
-        let norms = a.3.zip(b.3).is_none_or(|(x, y)| close(x, y));
-        assert!(close(a.2, b.2) && norms, "{what}: {a:?} vs {b:?}");
+        let norms = a.3.zip(b.3).is_none_or(|(x, y)| close(x, y, norm_rel));
+        assert!(close(a.2, b.2, rel) && norms, "{what}: {a:?} vs {b:?}");
     }
 }
 
@@ -136,10 +141,15 @@ fn sharded_runs_train_the_unsharded_curve() {
 }
 
 /// `run.shard_layout = "flat"` under `set` (`MATRIX`, `COMMON`): with "optimizer" and
-/// "gradients" the curve is the unsharded one (`plain`) within 1e-5 (the reduce-scatter adds in
-/// another order); a rank holds 1/N of the optimizer state to the element (padding aside, where
-/// whole tensors leave rank 0 the embedding), and with "gradients" 1/N of the gradients at the
-/// update ("optimizer" keeps the whole gradients besides its slices).
+/// "gradients" the curve is the unsharded run's (`plain`) within 1e-5 in fp32. Not bitwise: the
+/// clipping norm of a parameter cut between two ranks' slices is summed from the slices, which
+/// rounds its last bit differently from torch's kernel over the whole tensor. bf16 autocast
+/// amplifies that last-bit difference of the clip coefficient (1.6e-5 of the loss, 4e-4 of the
+/// norm in ten steps: asserted within 1e-4 and 1e-3); without clipping the bf16-mixed curve is
+/// the unsharded one bitwise (2 ranks; the losses, the logged norms still differ in their last
+/// bit), which shows the reduce-scatter, the updates of the slices and the all-gather exact. A rank holds 1/N of the optimizer state to the element
+/// (padding aside, where whole tensors leave rank 0 the embedding), and with "gradients" 1/N of
+/// the gradients at the update ("optimizer" keeps the whole gradients besides its slices).
 fn flat_slices_train_the_curve(
     w: &std::path::Path,
     nproc: usize,
@@ -149,12 +159,15 @@ fn flat_slices_train_the_curve(
 ) {
     let whole_dir = format!("none-{nproc}-{precision}");
     let (whole_state, whole_grads) = (state_bytes(w, &whole_dir), held_grad_bytes(w, &whole_dir));
+    let flat = "run.shard_layout=\"flat\"";
     for mode in ["optimizer", "gradients"] {
         let out = format!("flat-{mode}-{nproc}-{precision}");
         let shard = format!("run.shard=\"{mode}\"");
-        let with = [set, &[&shard, "run.shard_layout=\"flat\""]].concat();
-        let flat = launch(w, nproc, &out, &with);
-        assert_close(&curve(&flat), &curve(plain), 1e-5, &out);
+        let sliced = curve(&launch(w, nproc, &out, &[set, &[&shard, flat]].concat()));
+        match precision {
+            "fp32" => assert_close(&sliced, &curve(plain), 1e-5, &out),
+            _ => assert_close_norms_within(&sliced, &curve(plain), 1e-4, 1e-3, &out),
+        }
         let state = state_bytes(w, &out) * nproc as f64 / whole_state;
         assert!((0.99..1.02).contains(&state), "{out}: state {state} of 1/N");
         let grads = held_grad_bytes(w, &out) * nproc as f64 / whole_grads;
@@ -162,7 +175,25 @@ fn flat_slices_train_the_curve(
             "gradients" => 1.0,
             _ => nproc as f64 + 1.0,
         };
-        assert!((grads - want).abs() < 0.02, "{out}: gradients {grads} of 1/N");
+        assert!(
+            (grads - want).abs() < 0.02,
+            "{out}: gradients {grads} of 1/N"
+        );
+    }
+    if precision != "fp32" {
+        let unclipped = [set, &["train.clip_grad_norm=1e9"]].concat();
+        let label = format!("{nproc}-{precision}-unclipped");
+        let plain = launch(w, nproc, &format!("none-{label}"), &unclipped);
+        let with = [&unclipped[..], &["run.shard=\"gradients\"", flat]].concat();
+        let sliced = launch(w, nproc, &format!("flat-{label}"), &with);
+        // The losses bitwise (the logged norms still differ in their last bit).
+        let losses = |rows: &[Value]| -> Vec<(String, i64, f64)> {
+            curve(rows)
+                .into_iter()
+                .map(|(k, s, l, _)| (k, s, l))
+                .collect()
+        };
+        assert_eq!(losses(&sliced), losses(&plain), "{label}");
     }
 }
 
@@ -875,7 +906,15 @@ fn flat_slices_resume_reshard_and_serve_masters_and_sgd() {
     let w = work.path();
     write_recipe(w, RECIPE, &tiny_recipe("unused"));
     let flat = ["run.shard=\"gradients\"", "run.shard_layout=\"flat\""];
-    let set = [&flat[..], &["train.max_steps=20", "train.checkpoint_every=10", "run.bucket_mb=0.01"]].concat();
+    let set = [
+        &flat[..],
+        &[
+            "train.max_steps=20",
+            "train.checkpoint_every=10",
+            "run.bucket_mb=0.01",
+        ],
+    ]
+    .concat();
     let whole = curve(&launch(w, 2, "flat", &set));
     assert_eq!(stopped_and_resumed(w, "flat-stopped", &set), whole);
 
@@ -885,7 +924,11 @@ fn flat_slices_resume_reshard_and_serve_masters_and_sgd() {
     let ckpt = ckpt.to_str().expect("utf-8");
     let after_10: Curve = whole.iter().filter(|r| r.1 > 10).cloned().collect();
     let steps = ["train.max_steps=20", "run.bucket_mb=0.01"];
-    let four = [&steps[..], &["run.shard=\"optimizer\"", "run.shard_layout=\"flat\""]].concat();
+    let four = [
+        &steps[..],
+        &["run.shard=\"optimizer\"", "run.shard_layout=\"flat\""],
+    ]
+    .concat();
     let tensors = [&steps[..], &["run.shard=\"optimizer\""]].concat();
     for (nproc, out, extra) in [
         (Some(4), "four-flat", &four),
@@ -898,8 +941,20 @@ fn flat_slices_resume_reshard_and_serve_masters_and_sgd() {
     assert!(w.join("exported/model.safetensors").is_file());
 
     for (label, extra) in [
-        ("masters", ["run.precision=\"bf16\"", "optim={kind=\"adamw\", lr=3e-3, master_weights=true}"]),
-        ("sgd", ["run.precision=\"fp32\"", "optim={kind=\"sgd\", lr=3e-2, momentum=0.9}"]),
+        (
+            "masters",
+            [
+                "run.precision=\"bf16\"",
+                "optim={kind=\"adamw\", lr=3e-3, master_weights=true}",
+            ],
+        ),
+        (
+            "sgd",
+            [
+                "run.precision=\"fp32\"",
+                "optim={kind=\"sgd\", lr=3e-2, momentum=0.9}",
+            ],
+        ),
     ] {
         let base = [&COMMON[..], &extra[..]].concat();
         let plain = curve(&launch(w, 2, &format!("{label}-none"), &base));
@@ -919,12 +974,28 @@ fn what_flat_slices_cannot_serve_is_refused() {
     write_recipe(w, RECIPE, &tiny_recipe("run"));
     let flat = "run.shard_layout=\"flat\"";
     for (sets, needle) in [
-        (vec!["run.shard=\"gradients\"", "optim={kind=\"galore_adamw\", lr=1e-3, rank=4}"], "GaLore"),
-        (vec!["run.shard=\"optimizer\"", "optim={kind=\"adamw\", lr=1e-3, state_bits=8}"], "8-bit"),
+        (
+            vec![
+                "run.shard=\"gradients\"",
+                "optim={kind=\"galore_adamw\", lr=1e-3, rank=4}",
+            ],
+            "GaLore",
+        ),
+        (
+            vec![
+                "run.shard=\"optimizer\"",
+                "optim={kind=\"adamw\", lr=1e-3, state_bits=8}",
+            ],
+            "8-bit",
+        ),
         (vec!["run.shard=\"full\""], "not \"full\""),
         (vec![], "not \"none\""),
         (
-            vec!["run.shard=\"gradients\"", "run.reduce_every_micro_batch=true", "train.grad_accum=2"],
+            vec![
+                "run.shard=\"gradients\"",
+                "run.reduce_every_micro_batch=true",
+                "train.grad_accum=2",
+            ],
             "run.reduce_every_micro_batch",
         ),
     ] {
@@ -935,8 +1006,16 @@ fn what_flat_slices_cannot_serve_is_refused() {
         trainer(w, &args).assert_one_error(&["run.shard_layout", needle]);
     }
     let args = [
-        "run", RECIPE, "--set", flat, "--set", "run.shard=\"gradients\"", "--set",
-        "model.moe={n_experts=4, top_k=2}", "--set", "train.max_steps=6",
+        "run",
+        RECIPE,
+        "--set",
+        flat,
+        "--set",
+        "run.shard=\"gradients\"",
+        "--set",
+        "model.moe={n_experts=4, top_k=2}",
+        "--set",
+        "train.max_steps=6",
     ];
     trainer(w, &args).assert_one_error(&["run.shard_layout", "MoE"]);
 }

@@ -917,7 +917,9 @@ impl OverlappedGrads {
     /// parameter of `bucket` got no gradient; its slices would take a zero gradient (and the
     /// optimizer update an unsharded run skips), so the step stops instead.
     fn no_gradient(&self, bucket: &[usize], ready: &[bool]) -> Error {
-        let missing = bucket.iter().find(|&&i| !ready.get(i).copied().unwrap_or(false));
+        let missing = bucket
+            .iter()
+            .find(|&&i| !ready.get(i).copied().unwrap_or(false));
         let which = missing.map_or("a parameter", |&i| self.names[i].as_str());
         Error::Recipe(format!(
             "run.shard_layout = \"flat\": {which} got no gradient in this step; flat slices \
@@ -983,7 +985,11 @@ pub(crate) fn unpack(buf: &Tensor, tensors: &[impl std::borrow::Borrow<Tensor>])
 
 /// Splits the gradients (in order) into groups of one dtype and device (and one owner, with
 /// `owners`) of at most `cap` bytes each (a single larger tensor is a group of its own).
-pub(crate) fn bucket_groups(grads: &[Tensor], cap: i64, owners: Option<&[usize]>) -> Vec<Vec<usize>> {
+pub(crate) fn bucket_groups(
+    grads: &[Tensor],
+    cap: i64,
+    owners: Option<&[usize]>,
+) -> Vec<Vec<usize>> {
     let owner = |i: usize| owners.map_or(0, |o| o[i]);
     let mut groups: Vec<Vec<usize>> = Vec::new();
     let mut bytes = 0i64;

@@ -112,7 +112,11 @@ impl FlatShards {
     pub fn scatter_into(&self, drop_grads: bool) -> ScatterInto {
         ScatterInto {
             buckets: self.buckets.iter().map(|b| b.members.clone()).collect(),
-            slices: self.buckets.iter().map(|b| b.grad.shallow_clone()).collect(),
+            slices: self
+                .buckets
+                .iter()
+                .map(|b| b.grad.shallow_clone())
+                .collect(),
             drop_grads,
         }
     }
@@ -143,31 +147,46 @@ impl FlatShards {
     }
 
     /// The global gradient norm (and with `max_norm`, this rank's slices clipped by it), formed
-    /// as an unsharded run forms it: from each parameter's norm, in the gradients' dtype (bf16
-    /// gradients have bf16 norms there). Each parameter's sum of squares is summed in float64
-    /// over its slices and the ranks; its square root, rounded to the gradients' dtype, is the
-    /// parameter's norm on every rank.
+    /// as an unsharded run forms it, from each parameter's norm in the gradients' dtype. A
+    /// parameter whose gradient lies whole in one rank's slice has its norm computed there by
+    /// the same kernel (bitwise the unsharded one); one cut between ranks has its sum of squares
+    /// summed in float64 over its slices and the ranks, its square root rounded to the
+    /// gradients' dtype (equal to rounding).
     pub fn clip_grad_norm(&self, dp: &DataParallel, max_norm: Option<f64>) -> Result<f64> {
-        let torch = |e: tch::TchError| Error::Torch(format!("clip_grad_norm: {e}"));
-        let grads: Vec<Tensor> = self
-            .mine()
+        let mine: Vec<&Piece> = self.mine().collect();
+        let grads: Vec<Tensor> = mine
+            .iter()
             .map(|p| self.buckets[p.bucket].grad.narrow(0, p.at, p.len))
             .collect();
-        let squares: Vec<Tensor> = grads
-            .iter()
-            .map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double))
-            .collect();
-        let device = self.buckets[0].grad.device();
-        let members: Vec<i64> = self.mine().map(|p| p.member as i64).collect();
-        let per_param = Tensor::zeros([self.params.len() as i64], (Kind::Double, device))
-            .f_index_add(0, &Tensor::from_slice(&members).to_device(device), &Tensor::stack(&squares, 0))
-            .map_err(torch)?;
-        let mut sums = Vec::<f64>::try_from(per_param.to_device(tch::Device::Cpu))
-            .map_err(|e| Error::Torch(e.to_string()))?;
-        dp.sum(&mut sums)?;
+        let whole = |p: &Piece| p.len == self.params[p.member].1.numel() as i64;
+        // Per parameter: its squared norm (whole here) or this rank's sum of squares of it.
+        let mut table = vec![0.0f64; self.params.len()];
+        let (whole_idx, cut_idx): (Vec<usize>, Vec<usize>) =
+            (0..mine.len()).partition(|&i| whole(mine[i]));
+        let whole_grads: Vec<&Tensor> = whole_idx.iter().map(|&i| &grads[i]).collect();
+        let norms = torch_ext::grad_norms(&whole_grads).map_err(Error::Torch)?;
+        for (&i, n) in whole_idx.iter().zip(norms) {
+            table[mine[i].member] = f64::from(n) * f64::from(n);
+        }
+        if !cut_idx.is_empty() {
+            let squares: Vec<Tensor> = cut_idx
+                .iter()
+                .map(|&i| grads[i].to_kind(Kind::Double).square().sum(Kind::Double))
+                .collect();
+            let squares = Tensor::stack(&squares, 0).to_device(tch::Device::Cpu);
+            let squares = Vec::<f64>::try_from(squares).map_err(|e| Error::Torch(e.to_string()))?;
+            for (&i, q) in cut_idx.iter().zip(squares) {
+                table[mine[i].member] += q;
+            }
+        }
+        dp.sum(&mut table)?;
+        // A whole parameter's entry is one rank's exact square of an f32: its root is exact.
         let kind = self.buckets[0].grad.kind();
-        let norms = Tensor::from_slice(&sums).sqrt().to_kind(kind).to_kind(Kind::Float);
-        let norms = Vec::<f32>::try_from(norms).map_err(|e| Error::Torch(e.to_string()))?;
+        let norms = Tensor::from_slice(&table).sqrt().to_kind(Kind::Float);
+        let norms = norms.to_kind(kind).to_kind(Kind::Float);
+        let mut norms = Vec::<f32>::try_from(norms).map_err(|e| Error::Torch(e.to_string()))?;
+        // In registration order, as the unsharded run lists them (the total's rounding).
+        norms.reverse();
         let refs: Vec<&Tensor> = grads.iter().collect();
         tch::no_grad(|| torch_ext::clip_with_norms(&refs, &norms, max_norm))
             .map_err(|e| Error::Torch(format!("clip_grad_norm: {e}")))
@@ -224,7 +243,10 @@ fn pieces_of(buckets: &[Bucket], tensors: &[Tensor], world: usize) -> Vec<Piece>
     let mut pieces = Vec::new();
     for (b, bucket) in buckets.iter().enumerate() {
         for rank in 0..world {
-            let (lo, hi) = (rank as i64 * bucket.slice_len, (rank as i64 + 1) * bucket.slice_len);
+            let (lo, hi) = (
+                rank as i64 * bucket.slice_len,
+                (rank as i64 + 1) * bucket.slice_len,
+            );
             let mut start = 0;
             for &member in &bucket.members {
                 let n = tensors[member].numel() as i64;
@@ -255,7 +277,8 @@ mod tests {
         let mut store = ParamStore::new(Device::Cpu);
         for (i, s) in shapes.iter().enumerate() {
             let numel: i64 = s.iter().product();
-            let t = Tensor::arange(numel, (Kind::Float, Device::Cpu)).reshape(*s) + 100.0 * i as f64;
+            let t =
+                Tensor::arange(numel, (Kind::Float, Device::Cpu)).reshape(*s) + 100.0 * i as f64;
             store.add(&format!("w{i}"), t);
         }
         store
@@ -278,14 +301,21 @@ mod tests {
                 let slots: i64 = s.buckets.iter().map(|b| b.slice_len).sum();
                 assert!(per_rank <= slots, "world {world}");
                 for (name, sl) in s.slices() {
-                    seen.entry(name).or_default().extend(sl.offset..sl.offset + sl.len);
+                    seen.entry(name)
+                        .or_default()
+                        .extend(sl.offset..sl.offset + sl.len);
                     assert_eq!(sl.grad.numel() as i64, sl.len);
                 }
             }
             for p in store.trainable() {
                 let mut got = seen.remove(&p.name).unwrap_or_default();
                 got.sort();
-                assert_eq!(got, (0..p.tensor.numel() as i64).collect::<Vec<_>>(), "{}", p.name);
+                assert_eq!(
+                    got,
+                    (0..p.tensor.numel() as i64).collect::<Vec<_>>(),
+                    "{}",
+                    p.name
+                );
             }
         }
     }
@@ -294,7 +324,9 @@ mod tests {
     #[test]
     fn a_rank_without_elements_is_refused() {
         let store = store(&[&[2]]);
-        let e = FlatShards::new(&store, 0, 4, 1 << 20, Kind::Float).err().expect("refused");
+        let e = FlatShards::new(&store, 0, 4, 1 << 20, Kind::Float)
+            .err()
+            .expect("refused");
         assert!(e.to_string().contains("leave rank 2 of 4 no slice"), "{e}");
     }
 
@@ -304,15 +336,29 @@ mod tests {
     fn slice_gradients_are_the_packed_buckets_slices() {
         let store = store(&[&[3, 5], &[7]]);
         let world = 3;
-        let mut tensors: Vec<Tensor> = store.trainable().map(|p| p.tensor.shallow_clone()).collect();
+        let mut tensors: Vec<Tensor> = store
+            .trainable()
+            .map(|p| p.tensor.shallow_clone())
+            .collect();
         tensors.reverse();
-        let flat = Tensor::cat(&tensors.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(), 0);
+        let flat = Tensor::cat(
+            &tensors.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(),
+            0,
+        );
         for r in 0..world {
             let s = FlatShards::new(&store, r, world, 1 << 20, Kind::Float).expect("layout");
             let b = &s.buckets[0];
             // Stand-in for the reduce-scatter: this rank's slice of the padded bucket.
-            let padded = Tensor::cat(&[flat.shallow_clone(), Tensor::zeros([b.slice_len * 3 - b.len], tch::kind::FLOAT_CPU)], 0);
-            b.grad.shallow_clone().copy_(&padded.narrow(0, r as i64 * b.slice_len, b.slice_len));
+            let padded = Tensor::cat(
+                &[
+                    flat.shallow_clone(),
+                    Tensor::zeros([b.slice_len * 3 - b.len], tch::kind::FLOAT_CPU),
+                ],
+                0,
+            );
+            b.grad
+                .shallow_clone()
+                .copy_(&padded.narrow(0, r as i64 * b.slice_len, b.slice_len));
             for (name, sl) in s.slices() {
                 let p = store.get(&name).expect("param");
                 assert!(sl.grad.equal(&sl.of(p)), "{name}@{}", sl.offset);

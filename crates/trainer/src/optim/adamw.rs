@@ -457,7 +457,12 @@ mod tests {
                     ("w".to_string(), sliced.shallow_clone(), true, Some(slice))
                 })
                 .collect();
-            let mut a = AdamW::new(vec![("w".into(), whole.shallow_clone(), true)], [0.9, 0.95], 1e-8, 0.1);
+            let mut a = AdamW::new(
+                vec![("w".into(), whole.shallow_clone(), true)],
+                [0.9, 0.95],
+                1e-8,
+                0.1,
+            );
             let mut b = AdamW::over_slices(cuts, [0.9, 0.95], 1e-8, 0.1);
             if masters {
                 (a, b) = (a.with_fp32_masters(), b.with_fp32_masters());

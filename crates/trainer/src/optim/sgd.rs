@@ -58,7 +58,13 @@ impl Sgd {
         weight_decay: f64,
     ) -> Sgd {
         let params = params.into_iter().map(|(n, p, d)| (n, p, d, None));
-        Sgd::over_slices(params.collect(), momentum, dampening, nesterov, weight_decay)
+        Sgd::over_slices(
+            params.collect(),
+            momentum,
+            dampening,
+            nesterov,
+            weight_decay,
+        )
     }
 
     /// `new` over (name, tensor, decay?, slice) (`run.shard_layout = "flat"`): a slot with a

@@ -75,7 +75,9 @@ pub fn assemble(
     let have: BTreeSet<String> = kept.iter().map(|(n, _)| n.clone()).collect();
     for (name, target) in targets.iter().filter(|(n, _)| !have.contains(n)) {
         let (base, range) = split_name(name);
-        let Some(from) = pieces.get(base) else { continue };
+        let Some(from) = pieces.get(base) else {
+            continue;
+        };
         let (offset, len) = range.unwrap_or((0, target.numel() as i64));
         let values = cut(from, offset, len).map_err(|msg| Error::Checkpoint {
             path: path.to_path_buf(),
@@ -92,7 +94,10 @@ fn cut(pieces: &[(i64, Tensor)], offset: i64, len: i64) -> std::result::Result<T
     let out = Tensor::zeros([len], (first.kind(), first.device()));
     let mut covered = 0;
     for (start, values) in pieces {
-        let (lo, hi) = (offset.max(*start), (offset + len).min(start + values.numel() as i64));
+        let (lo, hi) = (
+            offset.max(*start),
+            (offset + len).min(start + values.numel() as i64),
+        );
         if lo >= hi {
             continue;
         }
@@ -142,8 +147,14 @@ mod tests {
         let whole = range(12).reshape([3, 4]);
         // Whole -> two slices.
         let targets = vec![
-            ("m.w@0+5".to_string(), Tensor::zeros([5], tch::kind::FLOAT_CPU)),
-            ("m.w@5+7".to_string(), Tensor::zeros([7], tch::kind::FLOAT_CPU)),
+            (
+                "m.w@0+5".to_string(),
+                Tensor::zeros([5], tch::kind::FLOAT_CPU),
+            ),
+            (
+                "m.w@5+7".to_string(),
+                Tensor::zeros([7], tch::kind::FLOAT_CPU),
+            ),
         ];
         let got = assemble(vec![("m.w".into(), whole.copy())], &targets, p).expect("cut");
         assert_eq!(got.len(), 2);
@@ -154,22 +165,56 @@ mod tests {
             ("m.w@5+7".to_string(), range(12).narrow(0, 5, 7)),
             ("step".to_string(), Tensor::from(3i64)),
         ];
-        let back = assemble(saved.iter().map(|(n, t)| (n.clone(), t.copy())).collect(), &[("m.w".into(), whole.zeros_like())], p)
-            .expect("piece");
+        let back = assemble(
+            saved.iter().map(|(n, t)| (n.clone(), t.copy())).collect(),
+            &[("m.w".into(), whole.zeros_like())],
+            p,
+        )
+        .expect("piece");
         let w = &back.iter().find(|(n, _)| n == "m.w").expect("whole").1;
         assert!(w.equal(&whole));
-        assert!(back.iter().any(|(n, _)| n == "step"), "other state passes through");
-        let other = [("m.w@4+6".to_string(), Tensor::zeros([6], tch::kind::FLOAT_CPU))];
-        let mid = assemble(saved.iter().map(|(n, t)| (n.clone(), t.copy())).collect(), &other, p).expect("resplit");
-        assert!(mid.iter().find(|(n, _)| n == "m.w@4+6").expect("slice").1.equal(&range(12).narrow(0, 4, 6)));
+        assert!(
+            back.iter().any(|(n, _)| n == "step"),
+            "other state passes through"
+        );
+        let other = [(
+            "m.w@4+6".to_string(),
+            Tensor::zeros([6], tch::kind::FLOAT_CPU),
+        )];
+        let mid = assemble(
+            saved.iter().map(|(n, t)| (n.clone(), t.copy())).collect(),
+            &other,
+            p,
+        )
+        .expect("resplit");
+        assert!(mid
+            .iter()
+            .find(|(n, _)| n == "m.w@4+6")
+            .expect("slice")
+            .1
+            .equal(&range(12).narrow(0, 4, 6)));
         // The same layout: a rank's own slice as saved, another rank's left out.
-        let own = [("m.w@0+5".to_string(), Tensor::zeros([5], tch::kind::FLOAT_CPU))];
-        let mine = assemble(saved.iter().map(|(n, t)| (n.clone(), t.copy())).collect(), &own, p).expect("own");
+        let own = [(
+            "m.w@0+5".to_string(),
+            Tensor::zeros([5], tch::kind::FLOAT_CPU),
+        )];
+        let mine = assemble(
+            saved.iter().map(|(n, t)| (n.clone(), t.copy())).collect(),
+            &own,
+            p,
+        )
+        .expect("own");
         let names: Vec<&str> = mine.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["m.w@0+5", "step"]);
         // A gap.
         let gap = vec![("m.w@0+5".to_string(), range(5))];
-        let e = assemble(gap, &[("m.w".into(), whole.zeros_like())], p).err().expect("gap").to_string();
-        assert!(e.contains("m.w: the saved slices cover 5 of elements 0..12") && !e.contains('\n'), "{e}");
+        let e = assemble(gap, &[("m.w".into(), whole.zeros_like())], p)
+            .err()
+            .expect("gap")
+            .to_string();
+        assert!(
+            e.contains("m.w: the saved slices cover 5 of elements 0..12") && !e.contains('\n'),
+            "{e}"
+        );
     }
 }

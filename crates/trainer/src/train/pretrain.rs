@@ -25,6 +25,7 @@ use crate::device;
 use crate::dist::OverlappedGrads;
 use crate::distill::{LmDistiller, StepSums};
 use crate::error::{Error, Result};
+use crate::flat_shard::FlatShards;
 use crate::load::ModelSource;
 use crate::memory::MemoryNeed;
 use crate::metrics::progress::format_duration;
@@ -38,7 +39,6 @@ use crate::peft::lora::Lora;
 use crate::peft::relora::Relora;
 use crate::prune::Pruner;
 use crate::schedule::Schedule;
-use crate::flat_shard::FlatShards;
 use crate::shard::{GatherCounts, Owners, PieceShards};
 use crate::signals::StopFlag;
 use serde::Serialize;
@@ -187,7 +187,9 @@ pub fn run_from(
                 &run.dp,
                 &lm.params,
                 lm.gradient_owners(recipe),
-                lm.flat.as_ref().map(|f| f.scatter_into(recipe.run.shard == Shard::Gradients)),
+                lm.flat
+                    .as_ref()
+                    .map(|f| f.scatter_into(recipe.run.shard == Shard::Gradients)),
             )?)
         } else {
             None
