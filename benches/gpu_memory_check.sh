@@ -10,8 +10,8 @@
 #      train.loss_chunk_tokens 0 (whole logits) / 4096 (default) / 1024, and train.recompute
 #      "block" with the default chunk, and bf16 weights without and with fp32 master copies
 #      (optim.master_weights): tokens/s, the allocator's peak memory and the final loss;
-#   3. `trainer launch --nproc 1` through NCCL with run.shard = "optimizer", "gradients" and
-#      "full" (with block recomputation) against the plain single process (deterministic = true on
+#   3. `trainer launch --nproc 1` through NCCL with run.shard = "optimizer", "gradients" (on
+#      whole tensors and with run.shard_layout = "flat") and "full" (with block recomputation) against the plain single process (deterministic = true on
 #      all): the same metrics expected (a group of one owns everything; this checks that the NCCL
 #      broadcast, reduce, clipping and per-rank checkpoint paths run on CUDA). One GPU cannot
 #      show the memory "full" saves: NCCL needs a GPU per rank. Then "full" without block
@@ -74,10 +74,13 @@ for recompute in none block; do
         --set "train.recompute=\"$recompute\"" > "$OUT/plain-$recompute.log" 2>&1 \
         || { echo "plain-$recompute failed"; tail -5 "$OUT/plain-$recompute.log"; }
 done
-for mode in optimizer gradients full; do
+for mode in optimizer gradients full optimizer-flat gradients-flat; do
     recompute=none; [[ $mode == full ]] && recompute=block
+    # run.shard_layout = "flat": the NCCL reduce-scatter and all-gather of the buckets' slices.
+    layout=tensors; [[ $mode == *-flat ]] && layout=flat
     "$BIN" launch --nproc 1 "$HERE/gpu_llama.toml" "${common[@]}" "${small[@]}" --set run.out_dir=runs/shard-$mode \
-        --set "run.shard=\"$mode\"" --set "train.recompute=\"$recompute\"" > "$OUT/shard-$mode.log" 2>&1 \
+        --set "run.shard=\"${mode%-flat}\"" --set "run.shard_layout=\"$layout\"" \
+        --set "train.recompute=\"$recompute\"" > "$OUT/shard-$mode.log" 2>&1 \
         || { echo "shard-$mode failed"; tail -5 "$OUT/shard-$mode.log"; }
     compare "runs/plain-$recompute" "runs/shard-$mode" "$mode (recompute $recompute)"
     ls "runs/shard-$mode/checkpoints/step-00000020" >> "$OUT/shard-nccl.txt" 2>&1

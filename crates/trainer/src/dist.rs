@@ -252,7 +252,7 @@ pub struct DataParallel {
     /// Bounds every collective (for the error message; the group enforces it).
     timeout: Duration,
     /// Gradients are averaged in flat buckets of about this many bytes (`run.bucket_mb`).
-    pub(crate) bucket_bytes: i64,
+    bucket_bytes: i64,
     /// Reused flat buffers, one per bucket, on the training device.
     buckets: std::cell::RefCell<Vec<Tensor>>,
 }
@@ -870,8 +870,11 @@ impl OverlappedGrads {
     ) -> Result<(torch_ext::Work, Tensor)> {
         let slice = &s.slices[b];
         let padded = slice.numel() as i64 * dp.world.size as i64;
-        let buf = Tensor::zeros([padded], (slice.kind(), slice.device()));
-        pack(&buf, &self.grads(b));
+        let grads = self.grads(b);
+        let len: i64 = grads.iter().map(|g| g.numel() as i64).sum();
+        let buf = Tensor::empty([padded], (slice.kind(), slice.device()));
+        let _ = buf.narrow(0, len, padded - len).zero_();
+        pack(&buf, &grads);
         if s.drop_grads {
             let mine: Vec<&Tensor> = self.buckets[b].iter().map(|&i| &self.params[i]).collect();
             torch_ext::grads_to_none(&mine).map_err(Error::Torch)?;

@@ -147,47 +147,30 @@ impl FlatShards {
     }
 
     /// The global gradient norm (and with `max_norm`, this rank's slices clipped by it), formed
-    /// as an unsharded run forms it, from each parameter's norm in the gradients' dtype. A
-    /// parameter whose gradient lies whole in one rank's slice has its norm computed there by
-    /// the same kernel (bitwise the unsharded one); one cut between ranks has its sum of squares
-    /// summed in float64 over its slices and the ranks, its square root rounded to the
-    /// gradients' dtype (equal to rounding).
+    /// as an unsharded run forms it, from each parameter's norm in the gradients' dtype: each
+    /// piece's norm from torch's kernel, a parameter's squared norm the float64 sum of its
+    /// pieces' squares over the ranks. A parameter whose gradient lies whole in one slice thus
+    /// has bitwise the unsharded run's norm (the square root of an f32's exact square); one cut
+    /// between ranks may differ in its last bit.
     pub fn clip_grad_norm(&self, dp: &DataParallel, max_norm: Option<f64>) -> Result<f64> {
         let mine: Vec<&Piece> = self.mine().collect();
         let grads: Vec<Tensor> = mine
             .iter()
             .map(|p| self.buckets[p.bucket].grad.narrow(0, p.at, p.len))
             .collect();
-        let whole = |p: &Piece| p.len == self.params[p.member].1.numel() as i64;
-        // Per parameter: its squared norm (whole here) or this rank's sum of squares of it.
-        let mut table = vec![0.0f64; self.params.len()];
-        let (whole_idx, cut_idx): (Vec<usize>, Vec<usize>) =
-            (0..mine.len()).partition(|&i| whole(mine[i]));
-        let whole_grads: Vec<&Tensor> = whole_idx.iter().map(|&i| &grads[i]).collect();
-        let norms = torch_ext::grad_norms(&whole_grads).map_err(Error::Torch)?;
-        for (&i, n) in whole_idx.iter().zip(norms) {
-            table[mine[i].member] = f64::from(n) * f64::from(n);
+        let refs: Vec<&Tensor> = grads.iter().collect();
+        let norms = torch_ext::grad_norms(&refs).map_err(Error::Torch)?;
+        let mut squares = vec![0.0f64; self.params.len()];
+        for (p, n) in mine.iter().zip(norms) {
+            squares[p.member] += f64::from(n) * f64::from(n);
         }
-        if !cut_idx.is_empty() {
-            let squares: Vec<Tensor> = cut_idx
-                .iter()
-                .map(|&i| grads[i].to_kind(Kind::Double).square().sum(Kind::Double))
-                .collect();
-            let squares = Tensor::stack(&squares, 0).to_device(tch::Device::Cpu);
-            let squares = Vec::<f64>::try_from(squares).map_err(|e| Error::Torch(e.to_string()))?;
-            for (&i, q) in cut_idx.iter().zip(squares) {
-                table[mine[i].member] += q;
-            }
-        }
-        dp.sum(&mut table)?;
-        // A whole parameter's entry is one rank's exact square of an f32: its root is exact.
+        dp.sum(&mut squares)?;
         let kind = self.buckets[0].grad.kind();
-        let norms = Tensor::from_slice(&table).sqrt().to_kind(Kind::Float);
+        let norms = Tensor::from_slice(&squares).sqrt().to_kind(Kind::Float);
         let norms = norms.to_kind(kind).to_kind(Kind::Float);
         let mut norms = Vec::<f32>::try_from(norms).map_err(|e| Error::Torch(e.to_string()))?;
         // In registration order, as the unsharded run lists them (the total's rounding).
         norms.reverse();
-        let refs: Vec<&Tensor> = grads.iter().collect();
         tch::no_grad(|| torch_ext::clip_with_norms(&refs, &norms, max_norm))
             .map_err(|e| Error::Torch(format!("clip_grad_norm: {e}")))
     }
