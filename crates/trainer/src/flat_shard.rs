@@ -147,21 +147,30 @@ impl FlatShards {
     }
 
     /// The global gradient norm (and with `max_norm`, this rank's slices clipped by it), formed
-    /// as an unsharded run forms it, from each parameter's norm in the gradients' dtype: each
-    /// piece's norm from torch's kernel, a parameter's squared norm the float64 sum of its
-    /// pieces' squares over the ranks. A parameter whose gradient lies whole in one slice thus
-    /// has bitwise the unsharded run's norm (the square root of an f32's exact square); one cut
-    /// between ranks may differ in its last bit.
+    /// as an unsharded run forms it, from each parameter's norm in the gradients' dtype. A
+    /// parameter whose gradient lies whole in one slice has its norm from torch's kernel there,
+    /// bitwise the unsharded run's (the square root of an f32's exact square is that f32). A
+    /// parameter cut between slices has the float64 sum of its pieces' squared fp32 norms over
+    /// the ranks, its root rounded to the gradients' dtype: it may differ in its last bit.
     pub fn clip_grad_norm(&self, dp: &DataParallel, max_norm: Option<f64>) -> Result<f64> {
         let mine: Vec<&Piece> = self.mine().collect();
         let grads: Vec<Tensor> = mine
             .iter()
             .map(|p| self.buckets[p.bucket].grad.narrow(0, p.at, p.len))
             .collect();
-        let refs: Vec<&Tensor> = grads.iter().collect();
-        let norms = torch_ext::grad_norms(&refs).map_err(Error::Torch)?;
+        let whole = |p: &Piece| p.len == self.params[p.member].1.numel() as i64;
+        // A cut piece's norm in fp32 (a bf16 kernel would round each piece's norm).
+        let measured: Vec<Tensor> = grads
+            .iter()
+            .zip(&mine)
+            .map(|(g, p)| match whole(p) || g.kind() == Kind::Float {
+                true => g.shallow_clone(),
+                false => g.to_kind(Kind::Float),
+            })
+            .collect();
+        let norms = torch_ext::grad_norms(&measured.iter().collect::<Vec<_>>());
         let mut squares = vec![0.0f64; self.params.len()];
-        for (p, n) in mine.iter().zip(norms) {
+        for (p, n) in mine.iter().zip(norms.map_err(Error::Torch)?) {
             squares[p.member] += f64::from(n) * f64::from(n);
         }
         dp.sum(&mut squares)?;
@@ -171,6 +180,7 @@ impl FlatShards {
         let mut norms = Vec::<f32>::try_from(norms).map_err(|e| Error::Torch(e.to_string()))?;
         // In registration order, as the unsharded run lists them (the total's rounding).
         norms.reverse();
+        let refs: Vec<&Tensor> = grads.iter().collect();
         tch::no_grad(|| torch_ext::clip_with_norms(&refs, &norms, max_norm))
             .map_err(|e| Error::Torch(format!("clip_grad_norm: {e}")))
     }
@@ -262,7 +272,7 @@ mod tests {
             let numel: i64 = s.iter().product();
             let t =
                 Tensor::arange(numel, (Kind::Float, Device::Cpu)).reshape(*s) + 100.0 * i as f64;
-            store.add(&format!("w{i}"), t);
+            let _ = store.add(&format!("w{i}"), t);
         }
         store
     }

@@ -160,7 +160,7 @@ mod tests {
         assert_eq!(got.len(), 2);
         assert!(got[1].1.equal(&range(12).narrow(0, 5, 7)));
         // Slices -> whole, and -> slices of another split.
-        let saved = vec![
+        let saved = [
             ("m.w@0+5".to_string(), range(12).narrow(0, 0, 5)),
             ("m.w@5+7".to_string(), range(12).narrow(0, 5, 7)),
             ("step".to_string(), Tensor::from(3i64)),
@@ -209,8 +209,7 @@ mod tests {
         // A gap.
         let gap = vec![("m.w@0+5".to_string(), range(5))];
         let e = assemble(gap, &[("m.w".into(), whole.zeros_like())], p)
-            .err()
-            .expect("gap")
+            .expect_err("gap")
             .to_string();
         assert!(
             e.contains("m.w: the saved slices cover 5 of elements 0..12") && !e.contains('\n'),
