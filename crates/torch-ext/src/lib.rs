@@ -508,27 +508,26 @@ impl ProcessGroup {
         output: &Tensor,
         input: &Tensor,
     ) -> Result<Work, String> {
-        // SAFETY: live group and tensor handles for the duration of the call.
-        let work = unsafe {
-            te_pg_reduce_scatter_sum_start(
-                self.handle,
-                output.as_ptr() as *mut c_void,
-                input.as_ptr() as *mut c_void,
-            )
-        };
-        if work.is_null() {
-            return Err(last_error());
-        }
-        Ok(Work(work))
+        self.start_into(te_pg_reduce_scatter_sum_start, output, input)
     }
 
     /// Starts an all-gather and returns without waiting: `output` (world times as long as
     /// `input`) receives every rank's `input`, rank r's as slice r. Both must stay alive and
     /// untouched until `Work::wait` returns.
     pub fn all_gather_start(&self, output: &Tensor, input: &Tensor) -> Result<Work, String> {
+        self.start_into(te_pg_all_gather_start, output, input)
+    }
+
+    /// Starts the shim's collective `start` from `input` into `output`.
+    fn start_into(
+        &self,
+        start: unsafe extern "C" fn(*mut c_void, *mut c_void, *mut c_void) -> *mut c_void,
+        output: &Tensor,
+        input: &Tensor,
+    ) -> Result<Work, String> {
         // SAFETY: live group and tensor handles for the duration of the call.
         let work = unsafe {
-            te_pg_all_gather_start(
+            start(
                 self.handle,
                 output.as_ptr() as *mut c_void,
                 input.as_ptr() as *mut c_void,

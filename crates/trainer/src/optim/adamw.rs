@@ -14,8 +14,8 @@
 //! with the gradient in fp32, and the weight takes the rounded result.
 
 use super::moment::Moment;
-use super::slices::Slice;
-use super::{grad_of, StateTensors};
+use super::slices::{Slice, Weights};
+use super::StateTensors;
 use tch::{Kind, Tensor};
 
 pub struct AdamW {
@@ -32,9 +32,8 @@ pub struct AdamW {
 
 struct Slot {
     name: String,
-    param: Tensor,
-    /// `run.shard_layout = "flat"`: the slice of `param` this slot updates, and its gradient.
-    slice: Option<Slice>,
+    /// The parameter, or with `run.shard_layout = "flat"` the slice of it, that this slot updates.
+    weights: Weights,
     /// The fp32 copy the update runs on (`with_fp32_masters`); the param is its rounding.
     master: Option<Tensor>,
     decay: bool,
@@ -51,41 +50,17 @@ const MASTER_CHUNK: usize = 1 << 24;
 const MASTER_CHUNK: usize = 40;
 
 impl Slot {
-    /// The weights this slot updates: the parameter, or its slice.
-    fn values(&self) -> Tensor {
-        match &self.slice {
-            Some(s) => s.of(&self.param),
-            None => self.param.shallow_clone(),
-        }
-    }
-
     /// What the update changes: the master copy, or the weights themselves.
     fn target(&self) -> Tensor {
         match &self.master {
             Some(m) => m.shallow_clone(),
-            None => self.values(),
-        }
-    }
-
-    /// The name of this slot's state tensors (`Slice::state_name` for a slice).
-    fn state_name(&self) -> String {
-        match &self.slice {
-            Some(s) => s.state_name(&self.name),
-            None => self.name.clone(),
-        }
-    }
-
-    /// The gradient of the values (the slice's, or the parameter's when it has one).
-    fn raw_grad(&self) -> Option<Tensor> {
-        match &self.slice {
-            Some(s) => Some(s.grad.shallow_clone()),
-            None => grad_of(&self.param),
+            None => self.weights.values(),
         }
     }
 
     /// The gradient in the target's dtype, when there is one.
     fn grad(&self) -> Option<Tensor> {
-        let g = self.raw_grad()?;
+        let g = self.weights.grad()?;
         Some(match &self.master {
             Some(m) if m.kind() != g.kind() => g.to_kind(m.kind()),
             _ => g,
@@ -95,7 +70,7 @@ impl Slot {
     /// After an update of the master copy: the weight takes its rounded value.
     fn round_into_param(&self) {
         if let Some(m) = &self.master {
-            tch::no_grad(|| self.values().copy_(m));
+            tch::no_grad(|| self.weights.values().copy_(m));
         }
     }
 }
@@ -126,14 +101,13 @@ impl AdamW {
             .map(|(name, param, decay, slice)| {
                 let mut slot = Slot {
                     name,
-                    param,
-                    slice,
+                    weights: Weights { param, slice },
                     master: None,
                     decay,
                     exp_avg: Moment::Full(Tensor::new()),
                     exp_avg_sq: Moment::Full(Tensor::new()),
                 };
-                let values = tch::no_grad(|| slot.values().detach());
+                let values = tch::no_grad(|| slot.weights.values().detach());
                 slot.exp_avg = Moment::Full(values.zeros_like());
                 slot.exp_avg_sq = Moment::Full(values.zeros_like());
                 slot
@@ -154,7 +128,7 @@ impl AdamW {
     /// then only what the model computes with. Call before `with_8bit_states`.
     pub fn with_fp32_masters(mut self) -> AdamW {
         for s in &mut self.slots {
-            let master = tch::no_grad(|| s.values().detach().to_kind(Kind::Float).copy());
+            let master = tch::no_grad(|| s.weights.values().detach().to_kind(Kind::Float).copy());
             s.exp_avg = Moment::Full(master.zeros_like());
             s.exp_avg_sq = Moment::Full(master.zeros_like());
             s.master = Some(master);
@@ -188,7 +162,8 @@ impl AdamW {
 
     /// The parameters in slot order (the index `step_param` takes).
     pub fn params(&self) -> Vec<Tensor> {
-        self.slots.iter().map(|s| s.param.shallow_clone()).collect()
+        let params = self.slots.iter().map(|s| s.weights.param.shallow_clone());
+        params.collect()
     }
 
     /// Updates parameter `i` alone from its gradient, as `step` would (layer-wise updates, during
@@ -254,7 +229,7 @@ impl AdamW {
         decay: bool,
         lr: f64,
     ) -> crate::Result<()> {
-        let live: Vec<&Slot> = slots.filter(|s| s.raw_grad().is_some()).collect();
+        let live: Vec<&Slot> = slots.filter(|s| s.weights.grad().is_some()).collect();
         let limit = match live.iter().any(|s| s.master.is_some()) {
             true => MASTER_CHUNK,
             false => usize::MAX,
@@ -278,7 +253,7 @@ impl AdamW {
         let step = Tensor::full(
             [],
             (self.step + 1) as f64,
-            (tch::Kind::Float, live[0].param.device()),
+            (tch::Kind::Float, live[0].weights.param.device()),
         );
         let grads: Vec<Tensor> = live.iter().filter_map(|s| s.grad()).collect();
         let grads: Vec<&Tensor> = grads.iter().collect();
@@ -343,7 +318,7 @@ impl StateTensors for AdamW {
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![("step".to_string(), Tensor::from(self.step))];
         for s in &self.slots {
-            let name = s.state_name();
+            let name = s.weights.state_name(&s.name);
             out.extend(s.exp_avg.named("exp_avg", &name));
             out.extend(s.exp_avg_sq.named("exp_avg_sq", &name));
             if let Some(m) = &s.master {

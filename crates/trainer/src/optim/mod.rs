@@ -69,41 +69,12 @@ impl Optimizer {
                 })
                 .collect::<Vec<(String, Tensor, bool)>>()
         };
-        let groups = |decay_embeddings: bool| groups_of(decay_embeddings, owns);
         Ok(match cfg {
-            OptimConfig::Adamw {
-                betas,
-                eps,
-                weight_decay,
-                decay_embeddings,
-                fused,
-                state_bits,
-                master_weights,
-                ..
-            } => {
-                let mut o = AdamW::new(groups(*decay_embeddings), *betas, *eps, *weight_decay);
-                o.fused = fused.unwrap_or(true);
-                if *master_weights {
-                    o = o.with_fp32_masters();
-                }
-                if *state_bits == 8 {
-                    o = o.with_8bit_states();
-                }
-                Optimizer::AdamW(o)
+            OptimConfig::Adamw { .. } | OptimConfig::Sgd { .. } => {
+                let groups = groups_of(decays_embeddings(cfg), owns).into_iter();
+                let whole = groups.map(|(n, p, d)| (n, p, d, None)).collect();
+                return Optimizer::elementwise(cfg, whole);
             }
-            OptimConfig::Sgd {
-                momentum,
-                dampening,
-                nesterov,
-                weight_decay,
-                ..
-            } => Optimizer::Sgd(Sgd::new(
-                groups(true),
-                *momentum,
-                *dampening,
-                *nesterov,
-                *weight_decay,
-            )),
             OptimConfig::GaloreAdamw {
                 betas,
                 eps,
@@ -117,7 +88,7 @@ impl Optimizer {
             } => Optimizer::GaloreAdamW({
                 // `target` selects among all the weights; this rank keeps state for its own.
                 let o = GaloreAdamW::new_owned(
-                    groups_of(false, &|_| true),
+                    groups_of(decays_embeddings(cfg), &|_| true),
                     owns,
                     target,
                     galore::Projection {
@@ -145,7 +116,7 @@ impl Optimizer {
             } => {
                 let names = select_prunable(store, prunable, "optim.prunable")?;
                 Optimizer::Gsm(Gsm::new(
-                    groups(true),
+                    groups_of(decays_embeddings(cfg), owns),
                     &names,
                     *density,
                     *momentum,
@@ -164,34 +135,50 @@ impl Optimizer {
         store: &ParamStore,
         slices: Vec<(String, Slice)>,
     ) -> Result<Optimizer> {
-        let named = |decay_embeddings: bool, slices: Vec<(String, Slice)>| {
-            slices
-                .into_iter()
-                .map(|(name, slice)| {
-                    let param = store.get(&name).map(Tensor::shallow_clone).ok_or_else(|| {
-                        Error::Torch(format!("a slice of {name}, which is not a parameter"))
-                    })?;
-                    let decay = decays(&name, decay_embeddings);
-                    Ok((name, param, decay, Some(slice)))
-                })
-                .collect::<Result<Vec<_>>>()
+        let sliceable = match cfg {
+            OptimConfig::Adamw { state_bits, .. } => *state_bits == 32,
+            OptimConfig::Sgd { .. } => true,
+            _ => false,
         };
+        if !sliceable {
+            return Err(Error::Recipe(SLICED_OPTIMIZERS.into()));
+        }
+        let sliced = slices
+            .into_iter()
+            .map(|(name, slice)| {
+                let param = store.get(&name).map(Tensor::shallow_clone).ok_or_else(|| {
+                    Error::Torch(format!("a slice of {name}, which is not a parameter"))
+                })?;
+                let decay = decays(&name, decays_embeddings(cfg));
+                Ok((name, param, decay, Some(slice)))
+            })
+            .collect::<Result<_>>()?;
+        Optimizer::elementwise(cfg, sliced)
+    }
+
+    /// AdamW or SGD, whose update of an element needs only that element, over `targets`:
+    /// (name, parameter, decayed?, the slice it updates or None for all of it).
+    fn elementwise(
+        cfg: &OptimConfig,
+        targets: Vec<(String, Tensor, bool, Option<Slice>)>,
+    ) -> Result<Optimizer> {
         Ok(match cfg {
             OptimConfig::Adamw {
                 betas,
                 eps,
                 weight_decay,
-                decay_embeddings,
                 fused,
-                state_bits: 32,
+                state_bits,
                 master_weights,
                 ..
             } => {
-                let slots = named(*decay_embeddings, slices)?;
-                let mut o = AdamW::over_slices(slots, *betas, *eps, *weight_decay);
+                let mut o = AdamW::over_slices(targets, *betas, *eps, *weight_decay);
                 o.fused = fused.unwrap_or(true);
                 if *master_weights {
                     o = o.with_fp32_masters();
+                }
+                if *state_bits == 8 {
+                    o = o.with_8bit_states();
                 }
                 Optimizer::AdamW(o)
             }
@@ -202,7 +189,7 @@ impl Optimizer {
                 weight_decay,
                 ..
             } => Optimizer::Sgd(Sgd::over_slices(
-                named(true, slices)?,
+                targets,
                 *momentum,
                 *dampening,
                 *nesterov,
@@ -389,6 +376,18 @@ impl Optimizer {
 /// with `decay_embeddings`.
 fn decays(name: &str, decay_embeddings: bool) -> bool {
     !is_norm_or_bias(name) && (decay_embeddings || !is_embedding(name))
+}
+
+/// Whether the optimizer of `cfg` decays the embeddings: AdamW's `decay_embeddings`; SGD and
+/// GSM decay every weight; GaLore-AdamW never the embeddings.
+fn decays_embeddings(cfg: &OptimConfig) -> bool {
+    match cfg {
+        OptimConfig::Adamw {
+            decay_embeddings, ..
+        } => *decay_embeddings,
+        OptimConfig::GaloreAdamw { .. } => false,
+        OptimConfig::Sgd { .. } | OptimConfig::Gsm { .. } => true,
+    }
 }
 
 /// Why `run.shard_layout = "flat"` refuses an optimizer.

@@ -9,8 +9,8 @@
 //! p   <- p - lr * d
 //! ```
 
-use super::slices::Slice;
-use super::{grad_of, StateTensors};
+use super::slices::{Slice, Weights};
+use super::StateTensors;
 use tch::Tensor;
 
 pub struct Sgd {
@@ -24,29 +24,10 @@ pub struct Sgd {
 
 struct Slot {
     name: String,
-    param: Tensor,
-    /// `run.shard_layout = "flat"`: the slice of `param` this slot updates, and its gradient.
-    slice: Option<Slice>,
+    /// The parameter, or with `run.shard_layout = "flat"` the slice of it, that this slot updates.
+    weights: Weights,
     decay: bool,
     momentum_buffer: Tensor,
-}
-
-impl Slot {
-    /// The weights this slot updates: the parameter, or its slice.
-    fn values(&self) -> Tensor {
-        match &self.slice {
-            Some(s) => s.of(&self.param),
-            None => self.param.shallow_clone(),
-        }
-    }
-
-    /// The gradient of the values (the slice's, or the parameter's when it has one).
-    fn grad(&self) -> Option<Tensor> {
-        match &self.slice {
-            Some(s) => Some(s.grad.shallow_clone()),
-            None => grad_of(&self.param),
-        }
-    }
 }
 
 impl Sgd {
@@ -79,15 +60,14 @@ impl Sgd {
         let slots = params
             .into_iter()
             .map(|(name, param, decay, slice)| {
-                let mut slot = Slot {
+                let weights = Weights { param, slice };
+                let momentum_buffer = tch::no_grad(|| weights.values().detach().zeros_like());
+                Slot {
                     name,
-                    param,
-                    slice,
+                    weights,
                     decay,
-                    momentum_buffer: Tensor::new(),
-                };
-                slot.momentum_buffer = tch::no_grad(|| slot.values().detach().zeros_like());
-                slot
+                    momentum_buffer,
+                }
             })
             .collect();
         Sgd {
@@ -105,8 +85,8 @@ impl Sgd {
         self.step += 1;
         tch::no_grad(|| {
             for s in &mut self.slots {
-                let Some(g) = s.grad() else { continue };
-                let mut p = s.values();
+                let Some(g) = s.weights.grad() else { continue };
+                let mut p = s.weights.values();
                 let mut d = if s.decay && self.weight_decay != 0.0 {
                     &g + &p * self.weight_decay
                 } else {
@@ -146,10 +126,7 @@ impl StateTensors for Sgd {
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![("step".to_string(), Tensor::from(self.step))];
         for s in &self.slots {
-            let name = match &s.slice {
-                Some(slice) => slice.state_name(&s.name),
-                None => s.name.clone(),
-            };
+            let name = s.weights.state_name(&s.name);
             out.push((
                 format!("momentum_buffer.{name}"),
                 s.momentum_buffer.shallow_clone(),

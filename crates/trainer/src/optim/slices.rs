@@ -31,6 +31,39 @@ impl Slice {
     }
 }
 
+/// What one optimizer slot updates: a whole parameter, or with `run.shard_layout = "flat"` a
+/// slice of it.
+pub struct Weights {
+    pub param: Tensor,
+    pub slice: Option<Slice>,
+}
+
+impl Weights {
+    /// The weights updated: the parameter, or its slice (a view).
+    pub fn values(&self) -> Tensor {
+        match &self.slice {
+            Some(s) => s.of(&self.param),
+            None => self.param.shallow_clone(),
+        }
+    }
+
+    /// Their gradient: the slice's, or the parameter's when it has one.
+    pub fn grad(&self) -> Option<Tensor> {
+        match &self.slice {
+            Some(s) => Some(s.grad.shallow_clone()),
+            None => super::grad_of(&self.param),
+        }
+    }
+
+    /// The name of their state tensors, for parameter `name` (`Slice::state_name` for a slice).
+    pub fn state_name(&self, name: &str) -> String {
+        match &self.slice {
+            Some(s) => s.state_name(name),
+            None => name.to_string(),
+        }
+    }
+}
+
 /// A state tensor's name without its slice (`exp_avg.w@8+4` -> `exp_avg.w`), and the slice's
 /// (offset, len) if it has one.
 pub fn split_name(name: &str) -> (&str, Option<(i64, i64)>) {
