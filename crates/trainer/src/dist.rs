@@ -667,8 +667,10 @@ pub struct ScatterInto {
     /// Per bucket: this rank's slice of the averaged gradient (the world's slices together,
     /// the bucket and its zero padding).
     pub slices: Vec<Tensor>,
-    /// `run.shard = "gradients"`: drop each bucket's gradients once packed.
-    pub drop_grads: bool,
+    /// `run.shard = "optimizer"`: per bucket, the whole padded bucket kept from step to step
+    /// (zero padding), of which `slices` are views: packed and reduce-scattered in place.
+    /// Else a buffer is made for each bucket as it is sent.
+    pub whole: Option<Vec<Tensor>>,
 }
 
 /// What one step's backward pass has done so far.
@@ -859,9 +861,9 @@ impl OverlappedGrads {
         Ok((dp.start_reduce(&buf, owner)?, buf))
     }
 
-    /// `run.shard_layout = "flat"`: copies bucket `b`'s gradients into a buffer padded with
-    /// zeros to the world's slices and starts its reduce-scatter into this rank's slice (with
-    /// `drop_grads`, the gradients are dropped at once).
+    /// `run.shard_layout = "flat"`: copies bucket `b`'s gradients into its whole buffer (or a
+    /// new one padded with zeros to the world's slices), drops them, and starts the buffer's
+    /// reduce-scatter into this rank's slice.
     fn start_scatter(
         &self,
         dp: &DataParallel,
@@ -869,16 +871,20 @@ impl OverlappedGrads {
         b: usize,
     ) -> Result<(torch_ext::Work, Tensor)> {
         let slice = &s.slices[b];
-        let padded = slice.numel() as i64 * dp.world.size as i64;
         let grads = self.grads(b);
-        let len: i64 = grads.iter().map(|g| g.numel() as i64).sum();
-        let buf = Tensor::empty([padded], (slice.kind(), slice.device()));
-        let _ = buf.narrow(0, len, padded - len).zero_();
+        let buf = match &s.whole {
+            Some(whole) => whole[b].shallow_clone(),
+            None => {
+                let padded = slice.numel() as i64 * dp.world.size as i64;
+                let len: i64 = grads.iter().map(|g| g.numel() as i64).sum();
+                let buf = Tensor::empty([padded], (slice.kind(), slice.device()));
+                let _ = buf.narrow(0, len, padded - len).zero_();
+                buf
+            }
+        };
         pack(&buf, &grads);
-        if s.drop_grads {
-            let mine: Vec<&Tensor> = self.buckets[b].iter().map(|&i| &self.params[i]).collect();
-            torch_ext::grads_to_none(&mine).map_err(Error::Torch)?;
-        }
+        let mine: Vec<&Tensor> = self.buckets[b].iter().map(|&i| &self.params[i]).collect();
+        torch_ext::grads_to_none(&mine).map_err(Error::Torch)?;
         Ok((dp.start_reduce_scatter(slice, &buf)?, buf))
     }
 

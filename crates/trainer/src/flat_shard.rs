@@ -8,7 +8,8 @@
 //! a length), for which it alone keeps optimizer state and fp32 master weights.
 //!
 //! A step: each bucket's gradients are reduce-scattered into the owners' slices as the
-//! backward pass completes them (`dist::OverlappedGrads` with `ScatterInto`); the global norm
+//! backward pass completes them (`dist::OverlappedGrads` with `ScatterInto`; with `"optimizer"`
+//! in place, in a whole buffer per bucket kept from step to step); the global norm
 //! for clipping is formed from every rank's per-slice norms (`clip_grad_norm`); each rank
 //! updates its slices in place (`optim::Slice`); then every bucket's updated slices are
 //! all-gathered into every rank's parameters (`gather_updates`). The checkpoint holds each
@@ -41,7 +42,10 @@ struct Bucket {
     /// Elements of each rank's slice: `len` rounded up to a multiple of the world size, divided
     /// by it.
     slice_len: i64,
-    /// This rank's slice of the averaged gradient.
+    /// `run.shard = "optimizer"`: the whole padded bucket, kept from step to step; the
+    /// gradients are packed into it and reduce-scattered in place.
+    whole: Option<Tensor>,
+    /// This rank's slice of the averaged gradient (a view into `whole` when there is one).
     grad: Tensor,
 }
 
@@ -61,13 +65,17 @@ impl FlatShards {
     /// The layout of the trainable parameters of `store` over `world` ranks, in buckets of about
     /// `bucket_bytes` (`run.bucket_mb`, as `dist::bucket_groups` forms them); `grad_kind`: the
     /// dtype the gradients will have (bf16 when the weights are cast after the optimizer took
-    /// its fp32 masters). A rank left without any element is refused in one line.
+    /// its fp32 masters); `whole_buckets`: `run.shard = "optimizer"`, whose gradients stay whole
+    /// on every rank (each bucket in a buffer of its own, the slices views into it), where
+    /// `"gradients"` keeps only the slices. A rank left without any element is refused in one
+    /// line.
     pub fn new(
         store: &ParamStore,
         rank: usize,
         world: usize,
         bucket_bytes: i64,
         grad_kind: Kind,
+        whole_buckets: bool,
     ) -> Result<FlatShards> {
         let mut params: Vec<(String, Tensor)> = store
             .trainable()
@@ -82,11 +90,17 @@ impl FlatShards {
             .map(|members| {
                 let len: i64 = members.iter().map(|&i| tensors[i].numel() as i64).sum();
                 let slice_len = (len + w - 1) / w;
-                let grad = Tensor::zeros([slice_len], (grad_kind, tensors[members[0]].device()));
+                let options = (grad_kind, tensors[members[0]].device());
+                let whole = whole_buckets.then(|| Tensor::zeros([slice_len * w], options));
+                let grad = match &whole {
+                    Some(t) => t.narrow(0, rank as i64 * slice_len, slice_len),
+                    None => Tensor::zeros([slice_len], options),
+                };
                 Bucket {
                     members,
                     len,
                     slice_len,
+                    whole,
                     grad,
                 }
             })
@@ -108,8 +122,9 @@ impl FlatShards {
         })
     }
 
-    /// What `OverlappedGrads` reduce-scatters into (`drop_grads`: `run.shard = "gradients"`).
-    pub fn scatter_into(&self, drop_grads: bool) -> ScatterInto {
+    /// What `OverlappedGrads` reduce-scatters into.
+    pub fn scatter_into(&self) -> ScatterInto {
+        let whole = |b: &Bucket| b.whole.as_ref().map(Tensor::shallow_clone);
         ScatterInto {
             buckets: self.buckets.iter().map(|b| b.members.clone()).collect(),
             slices: self
@@ -117,7 +132,7 @@ impl FlatShards {
                 .iter()
                 .map(|b| b.grad.shallow_clone())
                 .collect(),
-            drop_grads,
+            whole: self.buckets.iter().map(whole).collect(),
         }
     }
 
@@ -140,10 +155,12 @@ impl FlatShards {
         self.pieces.iter().filter(|p| p.rank == self.rank)
     }
 
-    /// Bytes of this rank's gradient slices (kept from step to step).
+    /// Bytes of this rank's gradient buffers, kept from step to step: its slices, or with whole
+    /// buckets those.
     pub fn grad_bytes(&self) -> i64 {
         let bytes = |t: &Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
-        self.buckets.iter().map(|b| bytes(&b.grad)).sum()
+        let kept = |b: &Bucket| b.whole.as_ref().map_or_else(|| bytes(&b.grad), bytes);
+        self.buckets.iter().map(kept).sum()
     }
 
     /// The global gradient norm (and with `max_norm`, this rank's slices clipped by it), formed
@@ -286,7 +303,7 @@ mod tests {
         for world in [1usize, 2, 3, 4] {
             // 64 bytes: the buckets hold 16 fp32 elements at most.
             let shards: Vec<FlatShards> = (0..world)
-                .map(|r| FlatShards::new(&store, r, world, 64, Kind::Float).expect("layout"))
+                .map(|r| FlatShards::new(&store, r, world, 64, Kind::Float, false).expect("layout"))
                 .collect();
             let mut seen = std::collections::BTreeMap::<String, Vec<i64>>::new();
             for s in &shards {
@@ -317,7 +334,7 @@ mod tests {
     #[test]
     fn a_rank_without_elements_is_refused() {
         let store = store(&[&[2]]);
-        let e = FlatShards::new(&store, 0, 4, 1 << 20, Kind::Float)
+        let e = FlatShards::new(&store, 0, 4, 1 << 20, Kind::Float, false)
             .err()
             .expect("refused");
         assert!(e.to_string().contains("leave rank 2 of 4 no slice"), "{e}");
@@ -339,7 +356,9 @@ mod tests {
             0,
         );
         for r in 0..world {
-            let s = FlatShards::new(&store, r, world, 1 << 20, Kind::Float).expect("layout");
+            // Rank 1's slices as views into whole buckets, the others' of their own.
+            let whole = r == 1;
+            let s = FlatShards::new(&store, r, world, 1 << 20, Kind::Float, whole).expect("layout");
             let b = &s.buckets[0];
             // Stand-in for the reduce-scatter: this rank's slice of the padded bucket.
             let padded = Tensor::cat(

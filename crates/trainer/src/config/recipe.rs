@@ -227,8 +227,11 @@ pub struct RunConfig {
     /// each bucket's gradients are reduce-scattered into those slices while the backward pass
     /// goes on, and the updated slices are all-gathered after the step. Balanced to the element
     /// (a rank holds 1/world of the state, however large the embedding); sums in another order
-    /// than an unsharded run (equal to rounding). `"gradients"` drops each bucket's whole
-    /// gradients once they are sent, `"optimizer"` keeps them until the step ends. AdamW
+    /// than an unsharded run (equal to rounding). `"gradients"` keeps only the slices (each
+    /// bucket packed into a buffer of the step and its gradients dropped as it is sent);
+    /// `"optimizer"` keeps every bucket whole in a buffer of its own, reduce-scattered in
+    /// place, the slices views into it (the gradients whole on every rank, as ZeRO stage 1).
+    /// AdamW
     /// (32-bit states) and SGD only; every trainable parameter must get a gradient at every
     /// step (no MoE, no `[distill]`, no `[prune]`).
     #[serde(default, skip_serializing_if = "ShardLayout::is_tensors")]

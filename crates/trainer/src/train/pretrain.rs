@@ -187,9 +187,7 @@ pub fn run_from(
                 &run.dp,
                 &lm.params,
                 lm.gradient_owners(recipe),
-                lm.flat
-                    .as_ref()
-                    .map(|f| f.scatter_into(recipe.run.shard == Shard::Gradients)),
+                lm.flat.as_ref().map(FlatShards::scatter_into),
             )?)
         } else {
             None
@@ -446,7 +444,8 @@ fn flat_layout(
     };
     let (rank, world) = (setup.world.rank, setup.world.size);
     let bucket_bytes = recipe.run.collectives().bucket_bytes();
-    FlatShards::new(params, rank, world, bucket_bytes, grad_kind).map(Some)
+    let whole_buckets = recipe.run.shard == Shard::Optimizer;
+    FlatShards::new(params, rank, world, bucket_bytes, grad_kind, whole_buckets).map(Some)
 }
 
 /// `train.recompute`, refused for models whose recomputed parts would not repeat themselves
