@@ -899,8 +899,8 @@ fn what_sharding_cannot_serve_is_refused_and_one_process_is_told() {
 /// `run.shard_layout = "flat"`: a 2-rank run stopped by SIGTERM resumes bitwise; its checkpoint
 /// (each rank's state as named slices, `exp_avg.NAME@OFFSET+LEN`, in its own file) continues
 /// under 4 flat ranks, 2 ranks on whole tensors and one process on the same curve, and exports;
-/// bf16 weights with fp32 masters kept per slice, and SGD with momentum, train the unsharded
-/// curve.
+/// bf16 weights with fp32 masters kept per slice, SGD with momentum, and LoRA (the adapters
+/// sliced, the frozen base whole), train the unsharded curve.
 #[test]
 fn flat_slices_resume_reshard_and_serve_masters_and_sgd() {
     let work = workdir();
@@ -954,6 +954,13 @@ fn flat_slices_resume_reshard_and_serve_masters_and_sgd() {
             [
                 "run.precision=\"fp32\"",
                 "optim={kind=\"sgd\", lr=3e-2, momentum=0.9}",
+            ],
+        ),
+        (
+            "lora",
+            [
+                "run.precision=\"fp32\"",
+                "peft={kind=\"lora\", rank=4, alpha=8, target=[\"q_proj\", \"v_proj\"]}",
             ],
         ),
     ] {
