@@ -636,6 +636,10 @@ fn rendezvous_error(world: &World, timeout: Duration, e: &str) -> Error {
 /// made for the step) are kept before the oldest is waited for, so that a rank never holds
 /// much more than its own gradients.
 ///
+/// With `ScatterInto` (`run.shard_layout = "flat"`, `flat_shard.rs`), each bucket is instead
+/// reduce-scattered into this rank's slice of it and its gradients dropped; every trainable
+/// parameter must then have a gradient at every step (`finish` stops the step otherwise).
+///
 /// Only for models in which every rank uses the same parameters at every step (not MoE, whose
 /// routing decides per rank which experts get gradients): otherwise ranks would start different
 /// buckets during backward.
