@@ -1160,4 +1160,39 @@ mod tests {
             vec![vec![0, 1, 2], vec![3, 4]]
         );
     }
+
+    /// `run.shard_layout = "flat"`: a trainable parameter without a gradient keeps its bucket
+    /// from being sent, and the step stops naming it instead of giving its slices a zero
+    /// gradient (which an unsharded run would not: AdamW skips a parameter without one).
+    #[test]
+    fn a_flat_bucket_with_a_parameter_without_gradient_stops_the_step_naming_it() {
+        let mut store = crate::models::params::ParamStore::new(Device::Cpu);
+        let used = store.add("used", Tensor::ones([3], (Kind::Float, Device::Cpu)));
+        let _ = store.add("unused", Tensor::ones([2], (Kind::Float, Device::Cpu)));
+        let dp = DataParallel::init(
+            World::single(),
+            Device::Cpu,
+            Duration::from_secs(5),
+            1 << 20,
+        )
+        .expect("one process");
+        // One bucket holding both (reverse registration order), slices for 2 ranks.
+        let scatter = ScatterInto {
+            buckets: vec![vec![0, 1]],
+            slices: vec![Tensor::zeros([3], (Kind::Float, Device::Cpu))],
+            whole: None,
+        };
+        let overlap = OverlappedGrads::new(&dp, &store, None, Some(scatter)).expect("hooks");
+        overlap
+            .backward(&dp, || (&used * 2.0).sum(Kind::Float).f_backward())
+            .expect("backward");
+        let e = overlap
+            .finish(&dp, &mut [])
+            .expect_err("stopped")
+            .to_string();
+        assert!(
+            e.contains("unused got no gradient") && e.contains("\"tensors\"") && !e.contains('\n'),
+            "{e}"
+        );
+    }
 }
