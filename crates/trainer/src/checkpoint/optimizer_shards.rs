@@ -71,8 +71,9 @@ pub fn write_index(dir: &Path) -> Result<()> {
 }
 
 /// The optimizer state of checkpoint `dir`: all of it, or with `wanted` only those tensors and
-/// the saved slices of them (a rank's share; each must be there). Reads `optimizer.safetensors`, or the rank files that
-/// hold what is wanted through the index. Returns the tensors and the path to name in errors.
+/// the saved slices of them (a rank's share; each must be there). Reads
+/// `optimizer.safetensors`, or the rank files that hold what is wanted through the index.
+/// Returns the tensors and the path to name in errors.
 pub fn read(
     dir: &Path,
     wanted: Option<&BTreeSet<String>>,

@@ -633,12 +633,11 @@ impl Recipe {
                 self.run.shard.as_str()
             ),
         )?;
-        let sliceable = match &self.optim {
-            OptimConfig::Adamw { state_bits, .. } => *state_bits == 32,
-            OptimConfig::Sgd { .. } => true,
-            _ => false,
-        };
-        check(sliceable, key, crate::optim::SLICED_OPTIMIZERS)?;
+        check(
+            crate::optim::updates_elementwise(&self.optim),
+            key,
+            crate::optim::SLICED_OPTIMIZERS,
+        )?;
         let unsupported = [
             (
                 self.run.reduce_every_micro_batch,

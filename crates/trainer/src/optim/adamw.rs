@@ -236,9 +236,9 @@ impl AdamW {
         };
         let mut start = 0;
         while start < live.len() {
-            let (mut end, mut elements) = (start + 1, live[start].target().numel());
-            while end < live.len() && elements + live[end].target().numel() <= limit {
-                elements += live[end].target().numel();
+            let (mut end, mut elements) = (start + 1, live[start].weights.numel());
+            while end < live.len() && elements + live[end].weights.numel() <= limit {
+                elements += live[end].weights.numel();
                 end += 1;
             }
             self.fused_call(&live[start..end], decay, lr)?;

@@ -135,12 +135,7 @@ impl Optimizer {
         store: &ParamStore,
         slices: Vec<(String, Slice)>,
     ) -> Result<Optimizer> {
-        let sliceable = match cfg {
-            OptimConfig::Adamw { state_bits, .. } => *state_bits == 32,
-            OptimConfig::Sgd { .. } => true,
-            _ => false,
-        };
-        if !sliceable {
+        if !updates_elementwise(cfg) {
             return Err(Error::Recipe(SLICED_OPTIMIZERS.into()));
         }
         let sliced = slices
@@ -387,6 +382,16 @@ fn decays_embeddings(cfg: &OptimConfig) -> bool {
         } => *decay_embeddings,
         OptimConfig::GaloreAdamw { .. } => false,
         OptimConfig::Sgd { .. } | OptimConfig::Gsm { .. } => true,
+    }
+}
+
+/// Whether the optimizer of `cfg` updates each element from that element alone (AdamW with
+/// 32-bit states, SGD): what `run.shard_layout = "flat"` can cut into slices.
+pub fn updates_elementwise(cfg: &OptimConfig) -> bool {
+    match cfg {
+        OptimConfig::Adamw { state_bits, .. } => *state_bits == 32,
+        OptimConfig::Sgd { .. } => true,
+        OptimConfig::GaloreAdamw { .. } | OptimConfig::Gsm { .. } => false,
     }
 }
 

@@ -47,6 +47,14 @@ impl Weights {
         }
     }
 
+    /// How many elements they are (no view made, unlike `values`).
+    pub fn numel(&self) -> usize {
+        match &self.slice {
+            Some(s) => s.len as usize,
+            None => self.param.numel(),
+        }
+    }
+
     /// Their gradient: the slice's, or the parameter's when it has one.
     pub fn grad(&self) -> Option<Tensor> {
         match &self.slice {
